@@ -1,0 +1,1 @@
+"""deep-detection: a gRPC server for instance-segmentation models."""

@@ -1,0 +1,161 @@
+"""The `deep-detection` command: serve, worker, frontend, client.
+
+`serve` runs everything; `worker` and `frontend` run one process each, for
+process managers (supervisord, systemd, Kubernetes) that want to own them.
+Configuration errors are printed as one line and exit with status 2 before
+any process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from dd.config import ConfigError, ServerConfig, discover_models, load_server_config
+
+BUILTIN_MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+def _server_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server settings (flags override --config)")
+    g.add_argument("--config", help="server settings file (JSON or YAML; keys as in dd.config.ServerConfig)")
+    g.add_argument("--host", help="address to bind (default 0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    g.add_argument("--frontends", type=int, help="frontend processes sharing the port (default: cores / 4)")
+    g.add_argument("--ring-slots", dest="ring_slots", type=int, help="shared-memory slots per frontend (default 16)")
+    g.add_argument("--slot-mb", dest="slot_mb", type=float,
+                   help="bytes per slot in MiB (default: fits the largest allowed RGB-D image)")
+    g.add_argument("--max-image-pixels", dest="max_image_pixels", type=int,
+                   help="largest image accepted, width x height (default 3840x2160)")
+    g.add_argument("--run-dir", dest="run_dir", help="private directory for sockets (default per user and port)")
+    g.add_argument("--log-dir", dest="log_dir", help="write one log file per process here (default stderr)")
+    g.add_argument("--max-message-mb", dest="max_message_mb", type=float, help="gRPC message limit (default 64)")
+    g.add_argument("--timeout", dest="default_timeout_s", type=float,
+                   help="deadline for requests that set none, seconds (default 30)")
+    g.add_argument("--grace", dest="grace_s", type=float, help="seconds to finish requests on SIGTERM (default 10)")
+    g.add_argument("--max-inflight-per-worker", dest="max_inflight_per_worker", type=int,
+                   help="credits per worker and frontend (default 2 x MAX_BATCH_SIZE)")
+    g.add_argument("--torch-threads", dest="torch_threads", type=int, help="CPU threads per worker (default: its cores)")
+    g.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument("--server-json", dest="server_json", help=argparse.SUPPRESS)
+    p.add_argument("--parent-pid", dest="parent_pid", type=int, help=argparse.SUPPRESS)
+
+
+_SERVER_KEYS = ("host", "port", "frontends", "ring_slots", "slot_mb", "max_image_pixels", "run_dir", "log_dir",
+                "max_message_mb", "default_timeout_s", "grace_s", "max_inflight_per_worker", "torch_threads",
+                "log_level")
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    if getattr(args, "server_json", None):
+        return load_server_config(None, json.loads(args.server_json))
+    return load_server_config(args.config, {k: getattr(args, k, None) for k in _SERVER_KEYS})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deep-detection", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve one model folder, a node_config.json, or a folder of model folders")
+    serve.add_argument("path", nargs="?", default=str(BUILTIN_MODELS),
+                       help=f"model folder, node_config.json or model repository (default: the built-in "
+                            f"demo models in {BUILTIN_MODELS})")
+    _server_flags(serve)
+
+    worker = sub.add_parser("worker", help="run one worker process (one engine instance)")
+    worker.add_argument("path", help="the same PATH as given to serve")
+    worker.add_argument("--model", required=True, help="which model of PATH this worker serves")
+    worker.add_argument("--index", type=int, default=0, help="instance number, unique per model (default 0)")
+    worker.add_argument("--gpu", type=int, default=None, help="GPU index; -1 for the CPU (default: GPU 0 if any)")
+    worker.add_argument("--cpus", help="cores to pin to, e.g. 0-7,16-23")
+    _server_flags(worker)
+
+    frontend = sub.add_parser("frontend", help="run one gRPC frontend process")
+    frontend.add_argument("path", help="the same PATH as given to serve")
+    _server_flags(frontend)
+
+    try:
+        from dd.client import cli as client_cli
+    except ImportError:
+        client_cli = None
+    if client_cli is not None:
+        client_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "client":
+        return args.func(args)
+    from dd.procutil import setup_logging
+
+    try:
+        server = _server_config(args)
+        models = discover_models(args.path)
+    except ConfigError as exc:
+        print(f"deep-detection: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+    if args.command == "serve":
+        from dd.ipc.endpoints import EndpointError
+        from dd.ipc.shm_ring import RingError
+        from dd.supervisor import Supervisor
+
+        setup_logging(server.log_level, "supervisor", server.log_dir)
+        try:
+            return Supervisor(Path(args.path).resolve(), models, server).run()
+        except (ConfigError, RingError, EndpointError) as exc:
+            print(f"deep-detection: {exc}", file=sys.stderr)
+            return 2
+
+    run_dir = server.resolved_run_dir()
+    if args.command == "worker":
+        match = [m for m in models if m.name == args.model]
+        if not match:
+            print(f"deep-detection: model {args.model!r} is not in {args.path}; it has "
+                  f"{', '.join(m.name for m in models)}", file=sys.stderr)
+            return 2
+        setup_logging(server.log_level, f"worker-{args.model}.{args.index}", server.log_dir)
+        from dd.ipc.endpoints import prepare_run_dir
+        from dd.worker.main import Worker, pin_process
+
+        cpus = _parse_cpus(args.cpus)
+        gpu = args.gpu
+        if gpu is None:
+            from dd.supervisor import visible_gpus
+
+            gpu = 0 if visible_gpus() else -1
+        device = pin_process(gpu, cpus)
+        _set_torch_threads(server.torch_threads or (len(cpus) if cpus else 0))
+        run_dir = prepare_run_dir(run_dir)
+        return Worker(match[0], server, args.index, run_dir, device, args.parent_pid).run()
+
+    if args.command == "frontend":
+        setup_logging(server.log_level, "frontend", server.log_dir)
+        from dd.ipc.endpoints import prepare_run_dir
+        from dd.frontend.server import run_frontend
+
+        return run_frontend(models, server, prepare_run_dir(run_dir), args.parent_pid)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _parse_cpus(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    from dd.supervisor import _parse_cpulist
+
+    return _parse_cpulist(text)
+
+
+def _set_torch_threads(n: int) -> None:
+    """Bounds intra-op threads before torch starts its pool (workers sharing a CPU must not oversubscribe)."""
+    if n > 0:
+        import os
+
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))
+        logging.getLogger("dd").debug("torch threads: %d", n)

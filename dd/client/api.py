@@ -1,0 +1,180 @@
+"""Client library: build requests from files, bytes or arrays; get typed results back.
+
+Masks stay COCO RLE until asked for (Instance.mask decodes on demand), so a
+client that needs only boxes pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Iterable, Iterator, Union
+
+import grpc
+import numpy as np
+
+from dd.proto.deep_detection.v1 import detector_pb2 as pb
+from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
+
+ImageLike = Union[str, Path, bytes, np.ndarray]
+
+_DTYPES = {np.dtype(np.uint8): pb.UINT8, np.dtype(np.uint16): pb.UINT16, np.dtype(np.float32): pb.FLOAT32}
+
+
+def to_image(value: ImageLike) -> pb.Image:
+    """A path or bytes are sent encoded (the server decodes); an array is sent raw (color must be RGB)."""
+    if isinstance(value, (str, Path)):
+        return pb.Image(data=Path(value).read_bytes(), encoding=pb.Image.ENCODED)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return pb.Image(data=bytes(value), encoding=pb.Image.ENCODED)
+    if isinstance(value, np.ndarray):
+        if value.dtype not in _DTYPES:
+            raise ValueError(f"raw images must be uint8, uint16 or float32, not {value.dtype}")
+        arr = np.ascontiguousarray(value)
+        return pb.Image(data=arr.tobytes(), encoding=pb.Image.RAW, shape=list(arr.shape), dtype=_DTYPES[arr.dtype])
+    raise TypeError(f"cannot send {type(value).__name__} as an image; give a path, bytes or a numpy array")
+
+
+def make_request(color: ImageLike, depth: ImageLike | None = None, *, model: str = "", score_threshold: float = 0.0,
+                 masks: bool = True, request_id: str = "") -> pb.DetectRequest:
+    req = pb.DetectRequest(model=model, color=to_image(color), score_threshold=score_threshold,
+                           mask_format=pb.RLE if masks else pb.NONE, request_id=request_id)
+    if depth is not None:
+        req.depth.CopyFrom(to_image(depth))
+    return req
+
+
+@dataclass
+class Instance:
+    class_id: int
+    class_name: str
+    score: float
+    box: tuple[float, float, float, float]
+    rle: dict | None = field(default=None, repr=False)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """The full-image boolean mask (H x W), decoded from RLE on first use."""
+        if self.rle is None:
+            return None
+        if "_decoded" not in self.__dict__:
+            from pycocotools import mask as mask_util
+
+            self.__dict__["_decoded"] = mask_util.decode(self.rle).astype(bool)
+        return self.__dict__["_decoded"]
+
+
+@dataclass
+class Result:
+    request_id: str
+    model: str
+    height: int
+    width: int
+    instances: list[Instance]
+    timing: dict[str, int]
+    worker: str = ""
+    error_code: int = 0
+    error_message: str = ""
+
+    @classmethod
+    def from_proto(cls, resp: pb.DetectResponse) -> "Result":
+        instances = []
+        for i in resp.instances:
+            rle = None
+            if i.mask.format == pb.RLE and i.mask.counts:
+                rle = {"size": [i.mask.height, i.mask.width], "counts": i.mask.counts}
+            instances.append(Instance(i.class_id, i.class_name, i.score, (i.box.x1, i.box.y1, i.box.x2, i.box.y2), rle))
+        t = resp.timing
+        timing = {"queued_us": t.queued_us, "decode_us": t.decode_us, "inference_us": t.inference_us,
+                  "postprocess_us": t.postprocess_us, "total_us": t.total_us, "batch_size": t.batch_size}
+        return cls(resp.request_id, resp.model, resp.height, resp.width, instances, timing, resp.worker,
+                   resp.error_code, resp.error_message)
+
+
+def _channel_options(max_message_mb: float) -> list[tuple[str, int]]:
+    n = int(max_message_mb * 2**20)
+    return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
+
+
+def _metadata(token: str | None) -> list[tuple[str, str]] | None:
+    return [("authorization", f"Bearer {token}")] if token else None
+
+
+class DetectorClient:
+    """Blocking client. One channel; safe to share between threads."""
+
+    def __init__(self, target: str = "localhost:50051", *, timeout: float = 30.0, max_message_mb: float = 64.0,
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None) -> None:
+        opts = _channel_options(max_message_mb)
+        self.channel = (grpc.secure_channel(target, credentials, opts) if credentials
+                        else grpc.insecure_channel(target, opts))
+        self.stub = pb_grpc.DetectorStub(self.channel)
+        self.timeout = timeout
+        self.metadata = _metadata(token)
+
+    def __enter__(self) -> "DetectorClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def detect(self, color: ImageLike, depth: ImageLike | None = None, *, timeout: float | None = None,
+               **kwargs: object) -> Result:
+        return self.detect_request(make_request(color, depth, **kwargs), timeout=timeout)  # type: ignore[arg-type]
+
+    def detect_request(self, request: pb.DetectRequest, timeout: float | None = None) -> Result:
+        resp = self.stub.Detect(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        return Result.from_proto(resp)
+
+    def detect_stream(self, requests: Iterable[pb.DetectRequest], timeout: float | None = None) -> Iterator[Result]:
+        for resp in self.stub.DetectStream(iter(requests), timeout=timeout, metadata=self.metadata):
+            yield Result.from_proto(resp)
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata).models)
+
+
+class AsyncDetectorClient:
+    """asyncio client, for many concurrent requests from one thread."""
+
+    def __init__(self, target: str = "localhost:50051", *, timeout: float = 30.0, max_message_mb: float = 64.0,
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None) -> None:
+        opts = _channel_options(max_message_mb)
+        self.channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
+                        else grpc.aio.insecure_channel(target, opts))
+        self.stub = pb_grpc.DetectorStub(self.channel)
+        self.timeout = timeout
+        self.metadata = _metadata(token)
+
+    async def __aenter__(self) -> "AsyncDetectorClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def detect(self, color: ImageLike, depth: ImageLike | None = None, *, timeout: float | None = None,
+                     **kwargs: object) -> Result:
+        return await self.detect_request(make_request(color, depth, **kwargs), timeout=timeout)  # type: ignore[arg-type]
+
+    async def detect_request(self, request: pb.DetectRequest, timeout: float | None = None) -> Result:
+        resp = await self.stub.Detect(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        return Result.from_proto(resp)
+
+    async def detect_stream(self, requests: AsyncIterator[pb.DetectRequest] | Iterable[pb.DetectRequest],
+                            timeout: float | None = None) -> AsyncIterator[Result]:
+        call = self.stub.DetectStream(requests, timeout=timeout, metadata=self.metadata)
+        async for resp in call:
+            yield Result.from_proto(resp)
+
+    async def list_models(self) -> list[pb.ModelInfo]:
+        resp = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
+        return list(resp.models)

@@ -1,0 +1,464 @@
+"""Model and server configuration: read, validated, with errors that say how to fix them.
+
+Every check runs before any process starts, so that a typo in a node_config.json
+is one clear line on the terminal and not a worker crash loop. This module is
+shared by the supervisor, the frontends and the workers; it imports no engine
+and no gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+NODE_CONFIG = "node_config.json"
+
+# DETECTION_TYPE values in the users' node_config.json files, and what they mean.
+DETECTION_TYPES: dict[str, tuple[str, str]] = {
+    "RGBDMaskRCNNTorchServicer": ("torchvision", "rgbd"),
+    "RGBMaskRCNNTorchServicer": ("torchvision", "rgb"),
+    "MaskRCNNTorchServicer": ("torchvision", "rgb"),
+    "RGBDMaskRCNNTensorRTServicer": ("tensorrt", "rgbd"),
+    "RGBMaskRCNNTensorRTServicer": ("tensorrt", "rgb"),
+    "MaskRCNNTensorRTServicer": ("tensorrt", "rgb"),
+    "RGBDNullServicer": ("null", "rgbd"),
+    "RGBNullServicer": ("null", "rgb"),
+}
+
+# Engines this release can run. Others are recognised (so the error is precise) but refused.
+AVAILABLE_ENGINES = ("torchvision", "null")
+KNOWN_ENGINES = AVAILABLE_ENGINES + ("tensorrt", "torchscript", "onnx", "detectron2")
+INPUT_KINDS = ("rgb", "rgbd")
+
+# Mask R-CNN architecture knobs; the defaults are torchvision's maskrcnn_resnet50_fpn.
+DEFAULT_ARCHITECTURE: dict[str, Any] = {
+    "backbone": "resnet50",
+    "fpn_channels": 256,
+    "box_head_dim": 1024,
+    "mask_head_channels": 256,
+    "mask_head_layers": 4,
+    "max_detections": 100,
+}
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who has to fix the file."""
+
+
+def _err(where: Path | str, key: str | None, problem: str) -> ConfigError:
+    loc = f"{where}" + (f": key {key!r}" if key else "")
+    return ConfigError(f"{loc}: {problem}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One servable model, resolved from its folder's node_config.json."""
+
+    name: str
+    folder: Path
+    config_path: Path
+    detection_type: str
+    engine: str
+    input_kind: str
+    weights: Path | None
+    config_file: Path | None
+    categories: tuple[str, ...]
+    min_size: int = 800
+    max_size: int = 1333
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    max_batch_size: int = 4
+    max_queue_delay_ms: float = 2.0
+    instances_per_device: int = 1
+    devices: tuple[str, ...] = ("auto",)
+    architecture: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
+    pixel_mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    pixel_std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    depth_mean_m: float = 2.0
+    depth_std_m: float = 1.0
+    depth_fill_m: float | None = None  # None: fill missing depth (0) with depth_mean_m
+    engine_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Classes including the background, as torchvision counts them."""
+        return len(self.categories) + 1
+
+    @property
+    def channels(self) -> int:
+        return 4 if self.input_kind == "rgbd" else 3
+
+    def to_json(self) -> str:
+        """Serialised form handed to a worker process on its command line."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in d.items():
+            if isinstance(v, Path):
+                d[k] = str(v)
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        d = json.loads(text)
+        for k in ("folder", "config_path", "weights", "config_file"):
+            if d.get(k) is not None:
+                d[k] = Path(d[k])
+        for k in ("categories", "devices", "pixel_mean", "pixel_std"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _get(raw: dict[str, Any], path: Path, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    if key not in raw or raw[key] is None:
+        return default
+    value = raw[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and kind is not bool:
+        raise _err(path, key, f"expected {getattr(kind, '__name__', kind)}, got a boolean")
+    if not isinstance(value, kind):
+        name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise _err(path, key, f"expected {name}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _positive_int(raw: dict[str, Any], path: Path, key: str, default: int, upper: int = 1 << 20) -> int:
+    value = _get(raw, path, key, int, default)
+    if not 1 <= value <= upper:
+        raise _err(path, key, f"must be an integer in [1, {upper}], got {value}")
+    return value
+
+
+def _read_categories(folder: Path, path: Path, raw: dict[str, Any]) -> tuple[str, ...]:
+    if "CATEGORIES" in raw:
+        cats = raw["CATEGORIES"]
+        if not isinstance(cats, list) or not cats or not all(isinstance(c, str) and c for c in cats):
+            raise _err(path, "CATEGORIES", "must be a non-empty list of category names")
+        return tuple(cats)
+    name = _get(raw, path, "CATEGORY_FILE", str, None)
+    if name is None:
+        raise _err(path, None, "needs CATEGORY_FILE (a text file, one category name a line) or CATEGORIES (a list)")
+    cat_path = folder / name
+    if not cat_path.is_file():
+        raise _err(path, "CATEGORY_FILE", f"file {cat_path} does not exist")
+    cats = tuple(line.strip() for line in cat_path.read_text().splitlines() if line.strip())
+    if not cats:
+        raise _err(path, "CATEGORY_FILE", f"{cat_path} lists no categories (one name a line)")
+    return cats
+
+
+def _read_detectron2_yaml(path: Path) -> dict[str, Any]:
+    """The few keys of a detectron2 config that decide the architecture and input size.
+
+    Users ship detectron2-style YAML files as CONFIG_FILE; we read what the
+    torchvision engine needs from them rather than asking for a second file.
+    """
+    try:
+        import yaml  # PyYAML, a declared dependency
+    except ImportError:  # pragma: no cover - declared in setup.cfg
+        return {}
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise _err(path, None, f"is not valid YAML: {exc}") from exc
+    if not isinstance(doc, dict):
+        return {}
+    out: dict[str, Any] = {}
+    model = doc.get("MODEL") or {}
+    depth = (model.get("RESNETS") or {}).get("DEPTH")
+    if depth in (18, 34, 50, 101):
+        out["backbone"] = f"resnet{depth}"
+    if isinstance(model.get("PIXEL_MEAN"), list) and isinstance(model.get("PIXEL_STD"), list):
+        out["pixel_mean_255"] = model["PIXEL_MEAN"]
+        out["pixel_std_255"] = model["PIXEL_STD"]
+    inp = doc.get("INPUT") or {}
+    if isinstance(inp.get("MIN_SIZE_TEST"), int):
+        out["min_size"] = inp["MIN_SIZE_TEST"]
+    if isinstance(inp.get("MAX_SIZE_TEST"), int):
+        out["max_size"] = inp["MAX_SIZE_TEST"]
+    return out
+
+
+def _engine_and_kind(raw: dict[str, Any], path: Path) -> tuple[str, str, str]:
+    dtype = _get(raw, path, "DETECTION_TYPE", str, None)
+    if dtype is None:
+        raise _err(path, "DETECTION_TYPE", f"is missing; one of: {', '.join(DETECTION_TYPES)}")
+    if dtype in DETECTION_TYPES:
+        engine, kind = DETECTION_TYPES[dtype]
+    else:
+        kind = "rgbd" if dtype.upper().startswith("RGBD") else "rgb"
+        engine = ""
+    engine = _get(raw, path, "ENGINE", str, engine)
+    kind = _get(raw, path, "INPUT_KIND", str, kind)
+    if not engine:
+        raise _err(path, "DETECTION_TYPE", f"unknown value {dtype!r}; one of: {', '.join(DETECTION_TYPES)} "
+                   f"(or set ENGINE to one of: {', '.join(AVAILABLE_ENGINES)})")
+    if engine not in KNOWN_ENGINES:
+        raise _err(path, "ENGINE", f"unknown engine {engine!r}; one of: {', '.join(AVAILABLE_ENGINES)}")
+    if engine not in AVAILABLE_ENGINES:
+        raise _err(path, "ENGINE" if "ENGINE" in raw else "DETECTION_TYPE",
+                   f"engine {engine!r} is not available in this release; available: {', '.join(AVAILABLE_ENGINES)}")
+    if kind not in INPUT_KINDS:
+        raise _err(path, "INPUT_KIND", f"must be one of {INPUT_KINDS}, got {kind!r}")
+    return dtype, engine, kind
+
+
+def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
+    """Reads a model folder (or its node_config.json) into a validated ModelConfig."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / NODE_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; a model folder holds a {NODE_CONFIG} beside its weights")
+    folder = path.parent.resolve()
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise _err(path, None, f"is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise _err(path, None, "must hold a JSON object")
+    dtype, engine, kind = _engine_and_kind(raw, path)
+
+    weights_name = _get(raw, path, "MODEL_WEIGHT", str, None)
+    weights = None
+    if weights_name:
+        weights = folder / weights_name
+        if not weights.is_file():
+            raise _err(path, "MODEL_WEIGHT", f"file {weights} does not exist")
+    elif engine != "null":
+        raise _err(path, "MODEL_WEIGHT", f"is missing; engine {engine!r} needs weights (a file in {folder})")
+
+    config_file = None
+    yaml_keys: dict[str, Any] = {}
+    cfg_name = _get(raw, path, "CONFIG_FILE", str, None)
+    if cfg_name:
+        config_file = folder / cfg_name
+        if not config_file.is_file():
+            raise _err(path, "CONFIG_FILE", f"file {config_file} does not exist")
+        if config_file.suffix in (".yaml", ".yml"):
+            yaml_keys = _read_detectron2_yaml(config_file)
+
+    categories = _read_categories(folder, path, raw)
+    min_size = _positive_int(raw, path, "MIN_SIZE", yaml_keys.get("min_size", 800), 8192)
+    max_size = _positive_int(raw, path, "MAX_SIZE", yaml_keys.get("max_size", max(1333, min_size)), 16384)
+    if max_size < min_size:
+        raise _err(path, "MAX_SIZE", f"({max_size}) must be at least MIN_SIZE ({min_size})")
+    score = _get(raw, path, "SCORE_THRESH_TEST", float, 0.5)
+    if not (0.0 <= score <= 1.0) or math.isnan(score):
+        raise _err(path, "SCORE_THRESH_TEST", f"must be in [0, 1], got {score}")
+    mask_thr = _get(raw, path, "MASK_THRESHOLD", float, 0.5)
+    if not (0.0 < mask_thr < 1.0):
+        raise _err(path, "MASK_THRESHOLD", f"must be in (0, 1), got {mask_thr}")
+    max_batch = _positive_int(raw, path, "MAX_BATCH_SIZE", 4, 256)
+    delay = _get(raw, path, "MAX_QUEUE_DELAY_MS", float, 2.0)
+    if not 0.0 <= delay <= 10_000:
+        raise _err(path, "MAX_QUEUE_DELAY_MS", f"must be in [0, 10000] milliseconds, got {delay}")
+    per_device = _positive_int(raw, path, "INSTANCES_PER_DEVICE", 1, 64)
+    devices = _parse_devices(raw.get("DEVICES", "auto"), path)
+
+    arch = dict(DEFAULT_ARCHITECTURE)
+    if "backbone" in yaml_keys:
+        arch["backbone"] = yaml_keys["backbone"]
+    user_arch = _get(raw, path, "ARCHITECTURE", dict, {})
+    unknown = set(user_arch) - set(DEFAULT_ARCHITECTURE)
+    if unknown:
+        raise _err(path, "ARCHITECTURE", f"unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_ARCHITECTURE)}")
+    arch.update(user_arch)
+    if arch["backbone"] not in BACKBONES:
+        raise _err(path, "ARCHITECTURE", f"backbone {arch['backbone']!r} is not one of {BACKBONES}")
+    for k in ("fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_layers", "max_detections"):
+        if not isinstance(arch[k], int) or isinstance(arch[k], bool) or arch[k] < 1:
+            raise _err(path, "ARCHITECTURE", f"{k} must be a positive integer, got {arch[k]!r}")
+
+    if "pixel_mean_255" in yaml_keys and "PIXEL_MEAN" not in raw:
+        mean = [v / 255.0 for v in yaml_keys["pixel_mean_255"]][:3]
+        std = [v / 255.0 for v in yaml_keys["pixel_std_255"]][:3]
+    else:
+        mean = list(_get(raw, path, "PIXEL_MEAN", list, [0.485, 0.456, 0.406]))
+        std = list(_get(raw, path, "PIXEL_STD", list, [0.229, 0.224, 0.225]))
+    for key, vals in (("PIXEL_MEAN", mean), ("PIXEL_STD", std)):
+        if len(vals) != 3 or not all(isinstance(v, (int, float)) for v in vals):
+            raise _err(path, key, "must be 3 numbers for R, G, B in [0, 1] (depth has DEPTH_MEAN/DEPTH_STD)")
+    if any(v <= 0 for v in std):
+        raise _err(path, "PIXEL_STD", "values must be positive")
+    depth_mean = _get(raw, path, "DEPTH_MEAN", float, 2.0)
+    depth_std = _get(raw, path, "DEPTH_STD", float, 1.0)
+    if depth_std <= 0:
+        raise _err(path, "DEPTH_STD", f"must be positive (metres), got {depth_std}")
+    depth_fill = _get(raw, path, "DEPTH_FILL", float, None)
+    options = _get(raw, path, "ENGINE_OPTIONS", dict, {})
+
+    return ModelConfig(
+        name=name or _default_name(folder),
+        folder=folder,
+        config_path=path.resolve(),
+        detection_type=dtype,
+        engine=engine,
+        input_kind=kind,
+        weights=weights,
+        config_file=config_file,
+        categories=categories,
+        min_size=min_size,
+        max_size=max_size,
+        score_threshold=score,
+        mask_threshold=mask_thr,
+        max_batch_size=max_batch,
+        max_queue_delay_ms=delay,
+        instances_per_device=per_device,
+        devices=devices,
+        architecture=arch,
+        pixel_mean=tuple(float(v) for v in mean),
+        pixel_std=tuple(float(v) for v in std),
+        depth_mean_m=depth_mean,
+        depth_std_m=depth_std,
+        depth_fill_m=depth_fill,
+        engine_options=options,
+    )
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def _default_name(folder: Path) -> str:
+    return folder.name
+
+
+def _parse_devices(value: Any, path: Path) -> tuple[str, ...]:
+    """DEVICES: "auto" (every GPU, else the CPU), "cpu", or a list of GPU indices."""
+    if value == "auto" or value == "cpu":
+        return (value,)
+    if isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return tuple(str(v) for v in value)
+    raise _err(path, "DEVICES", f'must be "auto", "cpu" or a list of GPU indices like [0, 1], got {value!r}')
+
+
+def discover_models(path: Path | str) -> list[ModelConfig]:
+    """Resolves what `serve PATH` was given: a node_config.json, a model folder, or a repository.
+
+    A repository is a folder of model folders; each subfolder's name is its model's name.
+    Models are returned sorted by name so that every process agrees on the order.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder; give a model folder, its {NODE_CONFIG}, "
+                          "or a folder of model folders")
+    if path.is_file() or (path / NODE_CONFIG).is_file():
+        models = [load_model_config(path)]
+    else:
+        subdirs = sorted(p for p in path.iterdir() if p.is_dir() and (p / NODE_CONFIG).is_file())
+        if not subdirs:
+            raise ConfigError(f"{path}: holds no {NODE_CONFIG} and no model folders with one")
+        models = [load_model_config(p, name=p.name) for p in subdirs]
+    for m in models:
+        if not _NAME_RE.match(m.name):
+            raise ConfigError(f"{m.folder}: model name {m.name!r} must be letters, digits, '_', '.', '-' "
+                              "(rename the folder)")
+    return models
+
+
+def default_model_name(models: Iterable[ModelConfig]) -> str:
+    """The model an empty DetectRequest.model means: the only one, else one named like the demo's default."""
+    models = list(models)
+    if len(models) == 1:
+        return models[0].name
+    for preferred in ("default", "demo-rgbd", "rgbd"):
+        for m in models:
+            if m.name == preferred:
+                return m.name
+    return models[0].name
+
+
+@dataclass
+class ServerConfig:
+    """Process-level settings, from flags and an optional JSON/YAML file (flags win)."""
+
+    host: str = "0.0.0.0"
+    port: int = 50051
+    frontends: int = 0  # 0: from the number of cores
+    ring_slots: int = 16
+    slot_mb: float = 0.0  # 0: large enough for the biggest image allowed (max_image_pixels, RGB-D)
+    max_image_pixels: int = 3840 * 2160
+    run_dir: str = ""  # "" : $XDG_RUNTIME_DIR or /tmp, per user and port
+    log_dir: str = ""  # "" : log to stderr
+    max_message_mb: float = 64.0
+    default_timeout_s: float = 30.0
+    grace_s: float = 10.0
+    max_inflight_per_worker: int = 0  # 0: 2 x MAX_BATCH_SIZE
+    torch_threads: int = 0  # 0: the cores the worker is pinned to
+    log_level: str = "INFO"
+
+    def resolved_frontends(self) -> int:
+        if self.frontends > 0:
+            return self.frontends
+        return max(1, min(8, (os.cpu_count() or 2) // 4))
+
+    def slot_bytes(self) -> int:
+        """One ring slot holds one color image (3 bytes a pixel) and one depth image (up to 4)."""
+        if self.slot_mb > 0:
+            return int(self.slot_mb * 1024 * 1024)
+        return self.max_image_pixels * (3 + 2) + 4096
+
+    def resolved_run_dir(self) -> Path:
+        if self.run_dir:
+            return Path(self.run_dir)
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+        return Path(base) / f"deep-detection-{os.getuid()}-{self.port}"
+
+    def validate(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port must be in [0, 65535], got {self.port}")
+        if self.frontends < 0:
+            problems.append("frontends must be >= 0 (0: from the cores)")
+        if not 1 <= self.ring_slots <= 4096:
+            problems.append(f"ring_slots must be in [1, 4096], got {self.ring_slots}")
+        if self.max_message_mb <= 0:
+            problems.append("max_message_mb must be positive")
+        if self.default_timeout_s <= 0 or self.grace_s < 0:
+            problems.append("default_timeout_s must be positive and grace_s non-negative")
+        if self.max_image_pixels < 1:
+            problems.append("max_image_pixels must be positive")
+        if problems:
+            raise ConfigError("server configuration: " + "; ".join(problems))
+
+
+def load_server_config(path: Path | str | None, overrides: dict[str, Any]) -> ServerConfig:
+    """File values first, then every override that is not None (the command-line flags)."""
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: server config file does not exist")
+        text = p.read_text()
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        except Exception as exc:  # noqa: BLE001 - parser errors differ by format
+            raise ConfigError(f"{p}: cannot parse: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p}: must hold a mapping of settings")
+        allowed = {f.name for f in fields(ServerConfig)}
+        unknown = set(values) - allowed
+        if unknown:
+            raise ConfigError(f"{p}: unknown settings {sorted(unknown)}; allowed: {sorted(allowed)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = ServerConfig()
+    for f in fields(ServerConfig):
+        if f.name in values:
+            want = type(getattr(cfg, f.name))
+            v = values[f.name]
+            try:
+                setattr(cfg, f.name, want(v))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"server setting {f.name}: expected {want.__name__}, got {v!r}") from exc
+    cfg.validate()
+    return cfg

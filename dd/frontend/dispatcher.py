@@ -1,0 +1,313 @@
+"""Dispatch to workers: least-loaded with credits, liveness by ping and socket events, one retry.
+
+One ZeroMQ DEALER per worker socket, so the frontend (not ZeroMQ's round
+robin) decides where each request goes: to the ready worker of the model with
+the fewest requests in flight from this frontend, and never past its credit
+limit (Mask R-CNN times vary with the image, so round robin would queue behind
+slow ones). Workers are found by listing the run directory, so they may come
+and go and be started by anything.
+
+A worker is declared dead when its socket disconnects or it misses pings for
+a second, or when it answers with a new incarnation. Its requests in flight
+are retried once on another worker of the model (after bumping the slot's
+generation so the dead worker's leftovers can never be taken for an answer),
+otherwise they fail with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from dd.ipc import endpoints, messages
+
+log = logging.getLogger("dd.frontend.dispatch")
+
+PING_INTERVAL_S = 0.2
+DEAD_AFTER_S = 1.0
+DISCOVERY_INTERVAL_S = 0.5
+
+
+class DispatchError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Reply:
+    code: str
+    message: str
+    body: bytes | None
+
+
+_WORKER_DIED = Reply("WORKER_DIED", "", None)
+
+
+@dataclass
+class WorkerLink:
+    model: str
+    index: int
+    path: Path
+    sock: zmq.asyncio.Socket
+    max_inflight: int
+    inflight: dict[int, asyncio.Future] = field(default_factory=dict)
+    incarnation: str = ""
+    ready: bool = False
+    connected: bool = False
+    last_pong: float = 0.0
+    error: str = ""
+    engine: str = ""
+    device: str = ""
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}.{self.index}"
+
+    @property
+    def usable(self) -> bool:
+        return self.ready and self.connected and len(self.inflight) < self.max_inflight
+
+
+class Dispatcher:
+    def __init__(self, run_dir: Path, max_inflight: Callable[[str], int],
+                 on_change: Callable[[], None] | None = None) -> None:
+        self.run_dir = run_dir
+        self._max_inflight = max_inflight
+        self._on_change = on_change or (lambda: None)
+        self.ctx = zmq.asyncio.Context()
+        self.identity = f"fe-{os.getpid()}".encode()
+        self.links: dict[Path, WorkerLink] = {}
+        self._changed = asyncio.Condition()
+        self._tasks: list[asyncio.Task] = []
+        self._ids = itertools.count(1)
+        self._rr = itertools.count()
+        self._closing = False
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        self._discover()
+        self._tasks.append(asyncio.create_task(self._discovery_loop(), name="discovery"))
+        self._tasks.append(asyncio.create_task(self._ping_loop(), name="ping"))
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in self._tasks:
+            t.cancel()
+        for link in self.links.values():
+            for t in link.tasks:
+                t.cancel()
+            for fut in link.inflight.values():
+                if not fut.done():
+                    fut.set_result(Reply("UNAVAILABLE", "frontend is shutting down", None))
+        await asyncio.gather(*self._tasks, *(t for l in self.links.values() for t in l.tasks), return_exceptions=True)
+        for link in self.links.values():
+            link.sock.close(linger=0)
+        self.ctx.term()
+
+    # -- state queries ---------------------------------------------------------------------
+    def ready_workers(self, model: str) -> int:
+        return sum(1 for l in self.links.values() if l.model == model and l.ready and l.connected)
+
+    def model_error(self, model: str) -> str:
+        """Why a model's workers are not ready, if they said (a load failure)."""
+        errors = [l.error for l in self.links.values() if l.model == model and l.error]
+        return errors[0] if errors else ""
+
+    def inflight(self) -> int:
+        return sum(len(l.inflight) for l in self.links.values())
+
+    # -- discovery and liveness ------------------------------------------------------------
+    def _discover(self) -> None:
+        for model, index, path in endpoints.list_worker_sockets(self.run_dir):
+            if path not in self.links:
+                self._connect(model, index, path)
+
+    def _connect(self, model: str, index: int, path: Path) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue requests for a worker that is not there
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        sock.connect(endpoints.ipc_address(path))
+        link = WorkerLink(model, index, path, sock, self._max_inflight(model))
+        link.tasks.append(asyncio.create_task(self._recv_loop(link), name=f"recv-{link.name}"))
+        link.tasks.append(asyncio.create_task(self._monitor_loop(link, monitor), name=f"monitor-{link.name}"))
+        self.links[path] = link
+        log.info("found worker %s at %s", link.name, path)
+
+    async def _discovery_loop(self) -> None:
+        while True:
+            await asyncio.sleep(DISCOVERY_INTERVAL_S)
+            self._discover()
+
+    async def _ping_loop(self) -> None:
+        while True:
+            now = time.time()
+            ping = messages.Ping(sent_at=now).SerializeToString()
+            for link in list(self.links.values()):
+                if link.connected:
+                    try:
+                        await link.sock.send_multipart([messages.PING, ping], flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+                if link.ready and now - link.last_pong > DEAD_AFTER_S:
+                    self._lost(link, "missed pings for a second")
+            await asyncio.sleep(PING_INTERVAL_S)
+
+    async def _monitor_loop(self, link: WorkerLink, monitor: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_CONNECTED:
+                    link.connected = True
+                    link.last_pong = time.time()
+                    await link.sock.send_multipart([messages.PING, messages.Ping(sent_at=time.time()).SerializeToString()])
+                elif event["event"] == zmq.EVENT_DISCONNECTED:
+                    link.connected = False
+                    self._lost(link, "its socket closed")
+        finally:
+            monitor.close(linger=0)
+
+    def _lost(self, link: WorkerLink, why: str) -> None:
+        """The worker behind `link` is gone: hand its requests back to their callers for a retry."""
+        was_ready = link.ready
+        link.ready = False
+        link.incarnation = ""
+        if link.inflight or was_ready:
+            log.warning("worker %s lost (%s); %d request(s) in flight go back for retry",
+                        link.name, why, len(link.inflight))
+        for fut in link.inflight.values():
+            if not fut.done():
+                fut.set_result(_WORKER_DIED)
+        link.inflight.clear()
+        self._changed_soon()
+
+    async def _recv_loop(self, link: WorkerLink) -> None:
+        while True:
+            frames = await link.sock.recv_multipart()
+            kind = frames[0]
+            if kind == messages.REPLY:
+                rep = messages.InferReply.FromString(frames[1])
+                fut = link.inflight.pop(rep.id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(Reply(rep.code, rep.message, frames[2] if len(frames) > 2 else None))
+                self._changed_soon()
+            elif kind == messages.PONG:
+                pong = messages.Pong.FromString(frames[1])
+                if link.incarnation and pong.incarnation != link.incarnation:
+                    self._lost(link, "it restarted")
+                changed = link.ready != pong.ready or link.error != pong.error
+                link.incarnation = pong.incarnation
+                link.ready = pong.ready
+                link.error = pong.error
+                link.engine = pong.engine
+                link.device = pong.device
+                link.last_pong = time.time()
+                if changed:
+                    log.info("worker %s %s", link.name, "ready" if pong.ready else f"not ready {pong.error}")
+                    self._changed_soon()
+
+    def _changed_soon(self) -> None:
+        asyncio.get_running_loop().create_task(self._notify())
+        self._on_change()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    # -- dispatch -------------------------------------------------------------------------
+    def _pick(self, model: str) -> WorkerLink | None:
+        best: WorkerLink | None = None
+        candidates = [l for l in self.links.values() if l.model == model and l.usable]
+        if not candidates:
+            return None
+        # Fewest in flight wins; rotate the start so ties spread evenly.
+        start = next(self._rr) % len(candidates)
+        for l in candidates[start:] + candidates[:start]:
+            if best is None or len(l.inflight) < len(best.inflight):
+                best = l
+        return best
+
+    async def _acquire(self, model: str, deadline: float) -> WorkerLink:
+        async with self._changed:
+            while True:
+                link = self._pick(model)
+                if link is not None:
+                    return link
+                left = deadline - time.time()
+                if left <= 0 or self._closing:
+                    break
+                err = self.model_error(model)
+                if err and self.ready_workers(model) == 0:
+                    raise DispatchError(grpc.StatusCode.UNAVAILABLE,
+                                        f"model {model!r} has no ready worker: it failed to load ({err})")
+                try:
+                    await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.25))
+                except asyncio.TimeoutError:
+                    pass
+        if self.ready_workers(model) == 0:
+            raise DispatchError(grpc.StatusCode.UNAVAILABLE,
+                                f"no worker of model {model!r} is ready (starting, restarting or stopped)")
+        raise DispatchError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            f"every worker of model {model!r} is busy and none freed up before the deadline")
+
+    async def submit(self, req: messages.InferRequest, deadline: float,
+                     rebind: Callable[[], int]) -> bytes:
+        """Sends the request to a worker and waits for its serialized response.
+
+        `rebind` bumps the slot's generation before a retry and returns the new
+        one, so the dead worker's copy of the request is void.
+        """
+        attempts = 0
+        while True:
+            link = await self._acquire(req.model, deadline)
+            attempts += 1
+            fut: asyncio.Future = asyncio.get_running_loop().create_future()
+            link.inflight[req.id] = fut
+            req.dispatched_at = time.time()
+            try:
+                await link.sock.send_multipart([messages.INFER, req.SerializeToString()], flags=zmq.NOBLOCK)
+            except zmq.Again:
+                link.inflight.pop(req.id, None)
+                link.connected = False
+                continue
+            try:
+                reply = await asyncio.wait_for(fut, timeout=max(0.0, deadline - time.time()))
+            except asyncio.TimeoutError:
+                raise DispatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    f"deadline exceeded waiting for worker {link.name}") from None
+            finally:
+                if link.inflight.get(req.id) is fut:
+                    del link.inflight[req.id]
+                    self._changed_soon()
+            if reply is _WORKER_DIED:
+                if attempts >= 2:
+                    raise DispatchError(grpc.StatusCode.UNAVAILABLE,
+                                        f"worker {link.name} died while serving this request, after one retry")
+                req.generation = rebind()
+                continue
+            if reply.code == "OK" and reply.body is not None:
+                return reply.body
+            code = getattr(grpc.StatusCode, reply.code, grpc.StatusCode.INTERNAL)
+            raise DispatchError(code, reply.message or reply.code)

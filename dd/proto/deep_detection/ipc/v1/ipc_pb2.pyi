@@ -1,0 +1,91 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ArrayRef(_message.Message):
+    __slots__ = ("offset", "shape", "dtype")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    dtype: str
+    def __init__(self, offset: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("id", "ring", "slot", "generation", "color", "depth", "has_depth", "score_threshold", "mask_format", "deadline", "received_at", "dispatched_at", "decode_us", "request_id", "model")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RING_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    COLOR_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    HAS_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MASK_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    DISPATCHED_AT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_US_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    ring: str
+    slot: int
+    generation: int
+    color: ArrayRef
+    depth: ArrayRef
+    has_depth: bool
+    score_threshold: float
+    mask_format: int
+    deadline: float
+    received_at: float
+    dispatched_at: float
+    decode_us: int
+    request_id: str
+    model: str
+    def __init__(self, id: _Optional[int] = ..., ring: _Optional[str] = ..., slot: _Optional[int] = ..., generation: _Optional[int] = ..., color: _Optional[_Union[ArrayRef, _Mapping]] = ..., depth: _Optional[_Union[ArrayRef, _Mapping]] = ..., has_depth: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., mask_format: _Optional[int] = ..., deadline: _Optional[float] = ..., received_at: _Optional[float] = ..., dispatched_at: _Optional[float] = ..., decode_us: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+
+class InferReply(_message.Message):
+    __slots__ = ("id", "code", "message")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    code: str
+    message: str
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Ping(_message.Message):
+    __slots__ = ("sent_at",)
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    sent_at: float
+    def __init__(self, sent_at: _Optional[float] = ...) -> None: ...
+
+class Pong(_message.Message):
+    __slots__ = ("sent_at", "incarnation", "pid", "model", "ready", "queued", "max_batch_size", "engine", "device", "error")
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    sent_at: float
+    incarnation: str
+    pid: int
+    model: str
+    ready: bool
+    queued: int
+    max_batch_size: int
+    engine: str
+    device: str
+    error: str
+    def __init__(self, sent_at: _Optional[float] = ..., incarnation: _Optional[str] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ..., ready: _Optional[bool] = ..., queued: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,270 @@
+"""`deep-detection serve`: starts the workers and the frontends, keeps them alive, stops them cleanly.
+
+The supervisor holds no request state. It plans one worker per engine instance
+(by default one per GPU, each pinned to the cores near its GPU; on a machine
+without GPUs one CPU worker per model), starts them, then the frontends,
+restarts any that die (with backoff), and on SIGTERM/SIGINT stops the
+frontends first (they finish what is in flight), then the workers, and
+removes the shared memory and sockets of the run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dd.config import ConfigError, ModelConfig, ServerConfig
+from dd.ipc import endpoints
+from dd.ipc.shm_ring import check_shm_capacity, remove_stale_segments, ring_size
+
+log = logging.getLogger("dd.supervisor")
+
+RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0, 30.0)
+STABLE_AFTER_S = 60.0
+
+
+def visible_gpus() -> list[dict[str, str]]:
+    """GPUs on this host, in PCI bus order, without initialising CUDA in the supervisor.
+
+    Each entry has the index CUDA will use (CUDA_DEVICE_ORDER=PCI_BUS_ID is set
+    for workers) and the bus id, from which the NUMA-local cores are read.
+    """
+    root = Path("/proc/driver/nvidia/gpus")
+    if not root.is_dir():
+        return []
+    bus_ids = sorted(p.name for p in root.iterdir())
+    gpus = [{"index": str(i), "bus_id": b} for i, b in enumerate(bus_ids)]
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        wanted = [v.strip() for v in env.split(",") if v.strip()]
+        gpus = [g for g in gpus if g["index"] in wanted]
+    return gpus
+
+
+def local_cpus(bus_id: str) -> list[int]:
+    """The cores on the GPU's NUMA node (from sysfs), or every core if unknown."""
+    path = Path("/sys/bus/pci/devices") / bus_id.lower() / "local_cpulist"
+    try:
+        return _parse_cpulist(path.read_text().strip())
+    except OSError:
+        return sorted(os.sched_getaffinity(0))
+
+
+def _parse_cpulist(text: str) -> list[int]:
+    cpus: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            cpus.extend(range(int(a), int(b) + 1))
+        elif part:
+            cpus.append(int(part))
+    return cpus
+
+
+@dataclass
+class Child:
+    """One supervised process and how to start it again."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+    started_at: float = 0.0
+    failures: int = 0
+    restart_at: float = 0.0
+    log_file: object | None = field(default=None, repr=False)
+
+
+@dataclass
+class WorkerPlan:
+    model: str
+    index: int
+    gpu: int | None
+    cpus: list[int]
+
+
+def plan_workers(models: list[ModelConfig], gpus: list[dict[str, str]]) -> list[WorkerPlan]:
+    plans: list[WorkerPlan] = []
+    all_cpus = sorted(os.sched_getaffinity(0))
+    for m in models:
+        if m.devices == ("cpu",) or (m.devices == ("auto",) and not gpus):
+            devices: list[int | None] = [None]
+        elif m.devices == ("auto",):
+            devices = [int(g["index"]) for g in gpus]
+        else:
+            known = {g["index"] for g in gpus}
+            missing = [d for d in m.devices if d not in known]
+            if missing:
+                raise ConfigError(f"{m.config_path}: key 'DEVICES': GPU(s) {missing} not present; "
+                                  f"this host has {sorted(known) or 'no GPUs'}")
+            devices = [int(d) for d in m.devices]
+        for dev in devices:
+            for _ in range(m.instances_per_device):
+                plans.append(WorkerPlan(m.name, len([p for p in plans if p.model == m.name]), dev, []))
+    # Cores: a GPU worker gets the cores near its GPU, shared with the other workers there;
+    # CPU workers split the cores between them so they do not fight over threads.
+    cpu_plans = [p for p in plans if p.gpu is None]
+    for k, p in enumerate(cpu_plans):
+        share = max(1, len(all_cpus) // max(1, len(cpu_plans)))
+        p.cpus = all_cpus[k * share:(k + 1) * share] or all_cpus
+    by_index = {int(g["index"]): g for g in gpus}
+    for p in plans:
+        if p.gpu is not None:
+            p.cpus = local_cpus(by_index[p.gpu]["bus_id"]) if p.gpu in by_index else all_cpus
+    return plans
+
+
+class Supervisor:
+    def __init__(self, models_path: Path, models: list[ModelConfig], server: ServerConfig) -> None:
+        self.models_path = models_path
+        self.models = models
+        self.cfg = server
+        self.run_dir = server.resolved_run_dir()
+        self.children: list[Child] = []
+        self._stop = False
+        self._lock_fd: int | None = None
+
+    def _base_argv(self, role: str) -> list[str]:
+        cfg = asdict(self.cfg)
+        cfg["run_dir"] = str(self.run_dir)
+        return [sys.executable, "-m", "dd", role, str(self.models_path), "--server-json", json.dumps(cfg),
+                "--parent-pid", str(os.getpid())]
+
+    def _prepare(self) -> None:
+        endpoints.prepare_run_dir(self.run_dir)
+        self.run_dir = self.run_dir.resolve()
+        self._lock_fd = os.open(self.run_dir / "supervisor.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another deep-detection server is running with run directory {self.run_dir} "
+                              f"(port {self.cfg.port}); stop it or choose another --port/--run-dir") from None
+        # What a crashed run left behind: its sockets and shared memory.
+        tag = endpoints.run_tag(self.run_dir)
+        removed = remove_stale_segments(tag, only_dead=False)
+        for _, _, path in endpoints.list_worker_sockets(self.run_dir):
+            path.unlink(missing_ok=True)
+        if removed:
+            log.warning("removed %d stale shared-memory segment(s) of a previous run: %s", len(removed), removed)
+        n_frontends = self.cfg.resolved_frontends()
+        check_shm_capacity(n_frontends * ring_size(self.cfg.ring_slots, self.cfg.slot_bytes()))
+
+    def _child(self, name: str, argv: list[str], env_extra: dict[str, str]) -> Child:
+        env = dict(os.environ)
+        env.update(env_extra)
+        return Child(name, argv, env)
+
+    def _spawn(self, child: Child) -> None:
+        stderr = None
+        if self.cfg.log_dir:
+            Path(self.cfg.log_dir).mkdir(parents=True, exist_ok=True)
+            if child.log_file is None:
+                child.log_file = open(Path(self.cfg.log_dir) / f"{child.name}.log", "ab")
+            stderr = child.log_file
+        child.proc = subprocess.Popen(child.argv, env=child.env, stdin=subprocess.DEVNULL, stderr=stderr,
+                                      stdout=stderr)
+        child.started_at = time.monotonic()
+        log.info("started %s (pid %d)", child.name, child.proc.pid)
+
+    def run(self) -> int:
+        self._prepare()
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        plans = plan_workers(self.models, visible_gpus())
+        for p in plans:
+            argv = self._base_argv("worker") + ["--model", p.model, "--index", str(p.index),
+                                                "--gpu", str(p.gpu if p.gpu is not None else -1)]
+            if p.cpus:
+                argv += ["--cpus", ",".join(map(str, p.cpus))]
+            self.children.append(self._child(f"worker-{p.model}.{p.index}", argv,
+                                             {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}))
+        for i in range(self.cfg.resolved_frontends()):
+            self.children.append(self._child(f"frontend-{i}", self._base_argv("frontend"), {}))
+        for c in self.children:
+            self._spawn(c)
+        log.info("serving %s on %s:%d with %d worker(s) and %d frontend(s); run directory %s",
+                 ", ".join(m.name for m in self.models), self.cfg.host, self.cfg.port, len(plans),
+                 self.cfg.resolved_frontends(), self.run_dir)
+        try:
+            while not self._stop:
+                self._watch()
+                time.sleep(0.1)
+        finally:
+            self._shutdown()
+        return 0
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if not self._stop:
+            log.info("%s received: stopping", signal.Signals(signum).name)
+        self._stop = True
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for c in self.children:
+            if c.proc is None:
+                if now >= c.restart_at:
+                    self._spawn(c)
+                continue
+            rc = c.proc.poll()
+            if rc is None:
+                continue
+            ran = now - c.started_at
+            c.failures = 1 if ran > STABLE_AFTER_S else c.failures + 1
+            delay = RESTART_BACKOFF_S[min(c.failures, len(RESTART_BACKOFF_S)) - 1]
+            log.warning("%s (pid %d) exited with %s after %.1f s; restarting in %.1f s",
+                        c.name, c.proc.pid, _describe_exit(rc), ran, delay)
+            c.proc = None
+            c.restart_at = now + delay
+
+    def _stop_group(self, children: list[Child], timeout: float) -> None:
+        for c in children:
+            if c.proc is not None and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + timeout
+        for c in children:
+            if c.proc is None:
+                continue
+            try:
+                c.proc.wait(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in time; killing it", c.name)
+                c.proc.kill()
+                c.proc.wait()
+
+    def _shutdown(self) -> None:
+        frontends = [c for c in self.children if c.name.startswith("frontend")]
+        workers = [c for c in self.children if c.name.startswith("worker")]
+        self._stop_group(frontends, self.cfg.grace_s + 5)
+        self._stop_group(workers, 15)
+        for c in self.children:
+            if c.log_file is not None:
+                c.log_file.close()
+        tag = endpoints.run_tag(self.run_dir)
+        remove_stale_segments(tag, only_dead=False)
+        for _, _, path in endpoints.list_worker_sockets(self.run_dir):
+            path.unlink(missing_ok=True)
+        (self.run_dir / "supervisor.lock").unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        try:
+            self.run_dir.rmdir()
+        except OSError:
+            pass  # not empty: something else lives there; leave it
+        log.info("stopped")
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"signal {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"signal {-rc}"
+    return f"code {rc}"

@@ -1,0 +1,1 @@
+"""Worker processes: one engine each, dynamic batching, results encoded and serialized here."""

@@ -1,0 +1,49 @@
+"""Turns an engine's Detections into the serialized DetectResponse the client receives.
+
+Built and serialized in the worker, so the frontend only forwards bytes. Masks
+become COCO compressed RLE through pycocotools, the format every COCO tool reads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pycocotools import mask as mask_util
+
+from dd.proto.deep_detection.v1 import detector_pb2 as pb
+from dd.worker.engines.base import Detections
+
+
+def rle_encode(masks: np.ndarray) -> list[bytes]:
+    """COCO compressed RLE of N x H x W boolean masks, one bytes string each.
+
+    pycocotools wants H x W x N in Fortran order; an N x W x H C-ordered array
+    is exactly that memory layout, so one transposing copy is all it costs.
+    """
+    if len(masks) == 0:
+        return []
+    fortran = np.ascontiguousarray(masks.transpose(0, 2, 1), dtype=np.uint8).transpose(2, 1, 0)
+    return [r["counts"] for r in mask_util.encode(fortran)]
+
+
+def build_response(det: Detections, categories: tuple[str, ...], *, request_id: str, model: str,
+                   height: int, width: int, mask_format: int, worker: str) -> pb.DetectResponse:
+    resp = pb.DetectResponse(request_id=request_id, model=model, height=height, width=width, worker=worker)
+    with_masks = mask_format == pb.RLE and det.masks is not None
+    counts = rle_encode(det.masks) if with_masks else []
+    boxes = det.boxes.tolist()
+    scores = det.scores.tolist()
+    labels = det.labels.tolist()
+    for i in range(len(scores)):
+        label = int(labels[i])
+        inst = resp.instances.add(class_id=label, score=scores[i],
+                                  class_name=categories[label - 1] if 0 < label <= len(categories) else str(label))
+        x1, y1, x2, y2 = boxes[i]
+        inst.box.x1, inst.box.y1, inst.box.x2, inst.box.y2 = x1, y1, x2, y2
+        if with_masks:
+            inst.mask.format = pb.RLE
+            inst.mask.height = height
+            inst.mask.width = width
+            inst.mask.counts = counts[i]
+        else:
+            inst.mask.format = pb.NONE
+    return resp

@@ -1,0 +1,70 @@
+"""The one interface every engine implements, and the data that crosses it.
+
+An engine loads one model and runs a batch of decoded images. It knows nothing
+about gRPC, ZeroMQ or shared memory: it gets numpy views (that may point into
+shared memory) and returns numpy results.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from dd.config import ModelConfig
+
+
+@dataclass
+class EngineInput:
+    """One decoded image. color: H x W x 3 uint8 RGB; depth: H x W uint16 mm or float32 m, or None."""
+
+    color: np.ndarray
+    depth: np.ndarray | None
+    score_threshold: float  # already resolved: the request's, or the model's own
+
+
+@dataclass
+class Detections:
+    """One image's instances, in the input image's pixels.
+
+    labels are 1-based category indices (0 is torchvision's background);
+    masks are full-image boolean masks, N x H x W, or None when not asked for.
+    """
+
+    boxes: np.ndarray  # N x 4 float32, x1 y1 x2 y2
+    scores: np.ndarray  # N float32
+    labels: np.ndarray  # N int64
+    masks: np.ndarray | None  # N x H x W bool
+
+
+class Engine(ABC):
+    """Load once, then infer batches. Implementations are not thread-safe: one thread calls infer."""
+
+    name: str = "engine"
+
+    def __init__(self, config: ModelConfig, device: str) -> None:
+        self.config = config
+        self.device = device
+
+    @property
+    def input_kind(self) -> str:
+        return self.config.input_kind
+
+    @abstractmethod
+    def load(self) -> None:
+        """Builds the model and reads the weights; may take seconds. Must warm up too."""
+
+    @abstractmethod
+    def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
+        """Runs one batch; returns one Detections per input, in order."""
+
+    def close(self) -> None:
+        """Releases device memory; called once at worker exit."""
+
+
+def depth_to_metres(depth: np.ndarray) -> np.ndarray:
+    """uint16 depth is millimetres (the users' PNGs); float32 depth is already metres."""
+    if depth.dtype == np.uint16:
+        return depth.astype(np.float32) * np.float32(0.001)
+    return depth.astype(np.float32, copy=False)

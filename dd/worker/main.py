@@ -1,0 +1,286 @@
+"""The worker process: owns one engine on one device, serves frontends over ZeroMQ.
+
+Two threads. The I/O thread owns the ROUTER socket: it answers pings at once
+(so a busy GPU never looks like a dead worker), checks each request (deadline,
+slot generation, array bounds) and queues it. The inference thread takes
+batches, runs the engine on views into the frontends' shared-memory rings,
+encodes and serializes the responses, and hands them back to the I/O thread
+over an inproc socket (ZeroMQ sockets are not shared between threads).
+
+The engine module, and with it torch, is imported only after
+CUDA_VISIBLE_DEVICES has been set, so each worker sees exactly its own GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from dd.config import ModelConfig, ServerConfig
+from dd.ipc import endpoints, messages
+from dd.ipc.shm_ring import RingError, ShmRing
+from dd.procutil import die_with_parent, parent_alive
+from dd.worker.batcher import Batcher
+
+log = logging.getLogger("dd.worker")
+
+_ALLOWED_DTYPES = {"uint8", "uint16", "float32"}
+
+
+@dataclass
+class Job:
+    identity: bytes
+    req: messages.InferRequest
+    ring: ShmRing
+    color: np.ndarray
+    depth: np.ndarray | None
+    arrived: float
+
+
+def pin_process(gpu: int | None, cpus: list[int] | None) -> str:
+    """Sets the GPU and CPU cores before the engine (and CUDA) is imported; returns the torch device."""
+    if gpu is not None and gpu >= 0:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    elif gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    if cpus:
+        import psutil
+
+        try:
+            psutil.Process().cpu_affinity(cpus)
+        except (ValueError, OSError) as exc:
+            log.warning("cannot pin to cores %s: %s", cpus, exc)
+    return "cuda:0" if gpu is not None and gpu >= 0 else "cpu"
+
+
+class Worker:
+    def __init__(self, model: ModelConfig, server: ServerConfig, index: int, run_dir: Path, device: str,
+                 parent_pid: int | None = None) -> None:
+        self.model = model
+        self.server = server
+        self.index = index
+        self.run_dir = run_dir
+        self.device = device
+        self.parent_pid = parent_pid
+        self.name = f"{model.name}.{index}"
+        self.incarnation = f"{os.getpid()}-{time.time_ns()}"
+        self.socket_path = endpoints.worker_socket(run_dir, model.name, index)
+        capacity = max(4 * model.max_batch_size, 64)
+        self.batcher: Batcher[Job] = Batcher(model.max_batch_size, model.max_queue_delay_ms / 1000.0, capacity)
+        self.rings: dict[str, ShmRing] = {}
+        self.ready = False
+        self.load_error = ""
+        self.stop = threading.Event()
+        self.ctx = zmq.Context()
+        self._reply_addr = f"inproc://replies-{id(self)}"
+
+    # -- I/O thread --------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        die_with_parent(self.parent_pid)
+        router = self.ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.SNDHWM, 0)
+        router.setsockopt(zmq.RCVHWM, 0)
+        self.socket_path.unlink(missing_ok=True)  # a previous incarnation's leftover
+        router.bind(endpoints.ipc_address(self.socket_path))
+        os.chmod(self.socket_path, 0o600)
+        replies = self.ctx.socket(zmq.PULL)
+        replies.bind(self._reply_addr)
+        infer_thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
+        infer_thread.start()
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(replies, zmq.POLLIN)
+        log.info("worker %s listening on %s (device %s)", self.name, self.socket_path, self.device)
+        try:
+            while not self.stop.is_set():
+                events = dict(poller.poll(200))
+                if replies in events:
+                    while True:
+                        try:
+                            router.send_multipart(replies.recv_multipart(zmq.NOBLOCK), copy=False)
+                        except zmq.Again:
+                            break
+                if router in events:
+                    while True:
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(router, frames)
+                if not parent_alive(self.parent_pid):
+                    log.warning("supervisor is gone; worker %s exits", self.name)
+                    break
+                if self.load_error and not infer_thread.is_alive():
+                    # Keep answering pings for a moment so frontends learn why, then exit for a restart.
+                    time.sleep(0.5)
+                    return 3
+        finally:
+            self.stop.set()
+            self.batcher.close()
+            infer_thread.join(timeout=self.server.grace_s + 5)
+            # Flush the replies the inference thread produced while stopping.
+            while True:
+                try:
+                    router.send_multipart(replies.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            router.close(linger=100)
+            replies.close(linger=0)
+            self.socket_path.unlink(missing_ok=True)
+            for ring in self.rings.values():
+                ring.close()
+            self.ctx.term()
+            log.info("worker %s stopped", self.name)
+        return 0
+
+    def _pong(self, ping: bytes) -> bytes:
+        p = messages.Ping.FromString(ping)
+        pong = messages.Pong(sent_at=p.sent_at, incarnation=self.incarnation, pid=os.getpid(),
+                             model=self.model.name, ready=self.ready, queued=len(self.batcher),
+                             max_batch_size=self.model.max_batch_size, engine=self.model.engine,
+                             device=self.device, error=self.load_error)
+        return pong.SerializeToString()
+
+    def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:
+        if len(frames) < 3:
+            return
+        identity, kind, payload = frames[0], frames[1], frames[2]
+        if kind == messages.PING:
+            router.send_multipart([identity, messages.PONG, self._pong(payload)])
+            return
+        if kind != messages.INFER:
+            log.warning("unknown message kind %r from %r", kind, identity)
+            return
+        req = messages.InferRequest.FromString(payload)
+        job, problem = self._accept(identity, req)
+        if job is None:
+            if problem is not None:
+                router.send_multipart([identity, messages.REPLY, _reply(req.id, *problem)])
+            return
+        if not self.batcher.put(job):
+            router.send_multipart([identity, messages.REPLY,
+                                   _reply(req.id, "RESOURCE_EXHAUSTED", f"worker {self.name} queue is full")])
+
+    def _accept(self, identity: bytes, req: messages.InferRequest) -> tuple[Job | None, tuple[str, str] | None]:
+        """A Job, or why not. (None, None) means drop silently: the frontend no longer waits for it."""
+        if not self.ready:
+            return None, ("UNAVAILABLE", f"worker {self.name} is not ready")
+        if req.deadline and time.time() > req.deadline:
+            return None, ("DEADLINE_EXCEEDED", "deadline passed before the worker got the request")
+        ring = self.rings.get(req.ring)
+        if ring is None:
+            try:
+                ring = ShmRing.attach(req.ring)
+            except (RingError, OSError) as exc:
+                log.warning("cannot attach ring %s: %s", req.ring, exc)
+                return None, None
+            self.rings[req.ring] = ring
+            self._forget_dead_rings()
+        if req.slot >= ring.slots or ring.generation(req.slot) != req.generation:
+            return None, None  # stale: the slot has moved on
+        try:
+            color = _view(ring, req.slot, req.color)
+            depth = _view(ring, req.slot, req.depth) if req.has_depth else None
+        except (RingError, ValueError) as exc:
+            return None, ("INVALID_ARGUMENT", f"bad array reference: {exc}")
+        return Job(identity, req, ring, color, depth, time.time()), None
+
+    def _forget_dead_rings(self) -> None:
+        """Unmaps the rings of frontends that have gone (their segment was removed)."""
+        for name in list(self.rings):
+            if not Path("/dev/shm", name).exists():
+                self.rings.pop(name).close()
+
+    # -- inference thread ----------------------------------------------------------------
+    def _inference_loop(self) -> None:
+        out = self.ctx.socket(zmq.PUSH)
+        out.setsockopt(zmq.LINGER, 1000)
+        out.connect(self._reply_addr)
+        try:
+            from dd.worker.engines import create_engine
+            from dd.worker.encode import build_response
+
+            t0 = time.perf_counter()
+            engine = create_engine(self.model, self.device)
+            engine.load()
+            log.info("worker %s loaded %s engine in %.1f s", self.name, engine.name, time.perf_counter() - t0)
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
+            log.exception("worker %s failed to load the model", self.name)
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            out.close()
+            return
+        self.ready = True
+        from dd.worker.engines.base import EngineInput
+
+        while True:
+            batch = self.batcher.get_batch(timeout=0.2)
+            if not batch:
+                if self.stop.is_set():
+                    break
+                continue
+            started = time.time()
+            live: list[Job] = []
+            for job in batch:
+                if job.req.deadline and started > job.req.deadline:
+                    out.send_multipart([job.identity, messages.REPLY,
+                                        _reply(job.req.id, "DEADLINE_EXCEEDED", "deadline passed while queued")])
+                elif job.ring.generation(job.req.slot) == job.req.generation:
+                    live.append(job)
+            if not live:
+                continue
+            inputs = []
+            for job in live:
+                thr = job.req.score_threshold if job.req.score_threshold > 0 else self.model.score_threshold
+                inputs.append(EngineInput(job.color, job.depth, thr))
+            want_masks = any(job.req.mask_format == 0 for job in live)
+            t_inf = time.perf_counter()
+            try:
+                results = engine.infer(inputs, want_masks=want_masks)
+            except Exception as exc:  # noqa: BLE001 - the engine failed this batch, the worker lives on
+                log.exception("engine failed on a batch of %d", len(live))
+                msg = f"engine error on this batch: {type(exc).__name__}: {exc}"
+                for job in live:
+                    out.send_multipart([job.identity, messages.REPLY, _reply(job.req.id, "INTERNAL", msg)])
+                continue
+            inference_us = int((time.perf_counter() - t_inf) * 1e6)
+            for job, det in zip(live, results):
+                t_post = time.perf_counter()
+                req = job.req
+                h, w = job.color.shape[:2]
+                resp = build_response(det, self.model.categories, request_id=req.request_id, model=self.model.name,
+                                      height=h, width=w, mask_format=req.mask_format, worker=self.name)
+                tm = resp.timing
+                tm.queued_us = max(0, int((started - req.dispatched_at) * 1e6))
+                tm.decode_us = req.decode_us
+                tm.inference_us = inference_us
+                tm.batch_size = len(live)
+                tm.postprocess_us = int((time.perf_counter() - t_post) * 1e6)
+                tm.total_us = max(0, int((time.time() - req.received_at) * 1e6))
+                body = resp.SerializeToString()
+                if job.ring.generation(req.slot) != req.generation:
+                    continue  # the frontend gave up on it meanwhile
+                out.send_multipart([job.identity, messages.REPLY, _reply(req.id, "OK", ""), body], copy=False)
+            del results, inputs, live, batch
+        engine.close()
+        out.close()
+
+
+def _view(ring: ShmRing, slot: int, ref: messages.ArrayRef) -> np.ndarray:
+    if ref.dtype not in _ALLOWED_DTYPES:
+        raise ValueError(f"dtype {ref.dtype!r} not allowed")
+    return ring.array(slot, int(ref.offset), tuple(int(s) for s in ref.shape), ref.dtype)
+
+
+def _reply(request_id: int, code: str, message: str) -> bytes:
+    return messages.InferReply(id=request_id, code=code, message=message).SerializeToString()

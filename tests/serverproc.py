@@ -1,0 +1,94 @@
+"""A real `deep-detection serve` in a subprocess, for tests: start, wait for health, stop, inspect."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from dd.ipc.endpoints import run_tag
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model_path: Path, *, frontends: int = 1, args: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.model_path = model_path
+        self.port = free_port()
+        self.run_dir = Path(tempfile.mkdtemp(prefix="ddt-", dir="/tmp"))
+        self.tag = run_tag(self.run_dir)
+        self.log_path = Path(tempfile.mkstemp(prefix="dd-serve-", suffix=".log")[1])
+        self.argv = [sys.executable, "-m", "dd", "serve", str(model_path), "--host", "127.0.0.1",
+                     "--port", str(self.port), "--frontends", str(frontends), "--run-dir", str(self.run_dir),
+                     "--slot-mb", "4", "--ring-slots", "8"] + (args or [])
+        self.env = dict(os.environ, **(env or {}))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "ServerProcess":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=REPO)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def health(self, service: str = "") -> int | None:
+        with grpc.insecure_channel(self.target) as ch:
+            try:
+                return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service),
+                                                            timeout=1.0).status
+            except grpc.RpcError:
+                return None
+
+    def wait_serving(self, timeout: float = 180.0) -> "ServerProcess":
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                return self
+            time.sleep(0.2)
+        raise TimeoutError(f"server not SERVING after {timeout} s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def segments(self) -> list[str]:
+        return sorted(p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"dd-{self.tag}-"))
+
+    def children(self) -> list[int]:
+        import psutil
+
+        try:
+            return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
