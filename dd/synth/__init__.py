@@ -1,0 +1,1 @@
+"""Synthetic RGB-D depalletizing data, so training and tests need no real recordings."""
