@@ -28,8 +28,8 @@ def rle_encode(masks: np.ndarray) -> list[bytes]:
 def build_response(det: Detections, categories: tuple[str, ...], *, request_id: str, model: str,
                    height: int, width: int, mask_format: int, worker: str) -> pb.DetectResponse:
     resp = pb.DetectResponse(request_id=request_id, model=model, height=height, width=width, worker=worker)
-    with_masks = mask_format == pb.RLE and det.masks is not None
-    counts = rle_encode(det.masks) if with_masks else []
+    with_masks = mask_format == pb.RLE and (det.masks is not None or det.rle is not None)
+    counts = (det.rle if det.rle is not None else rle_encode(det.masks)) if with_masks else []
     boxes = det.boxes.tolist()
     scores = det.scores.tolist()
     labels = det.labels.tolist()

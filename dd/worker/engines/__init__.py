@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 from dd.config import ModelConfig
-from dd.worker.engines.base import Engine
+from dd.worker.engines.base import Engine, EngineUnavailable
+
+log = logging.getLogger(__name__)
 
 _ENGINES = {
     "torchvision": ("dd.worker.engines.torchvision_maskrcnn", "TorchvisionMaskRCNN"),
+    "fast": ("dd.worker.engines.fast_maskrcnn", "FastMaskRCNN"),
     "null": ("dd.worker.engines.null", "NullEngine"),
 }
+# Where an engine cannot run on this machine, the one that computes the same answers instead.
+_FALLBACK = {"fast": "torchvision"}
 
 
 def create_engine(config: ModelConfig, device: str) -> Engine:
@@ -20,3 +26,20 @@ def create_engine(config: ModelConfig, device: str) -> Engine:
         raise ValueError(f"engine {config.engine!r} is not available; available: {', '.join(_ENGINES)}") from None
     module = importlib.import_module(module_name)
     return getattr(module, class_name)(config, device)
+
+
+def load_engine(config: ModelConfig, device: str) -> Engine:
+    """Creates and loads the configured engine, or its fallback (with a log line) where it cannot run."""
+    engine = create_engine(config, device)
+    try:
+        engine.load()
+        return engine
+    except EngineUnavailable as exc:
+        fallback = _FALLBACK.get(config.engine)
+        if fallback is None:
+            raise
+        log.warning("engine %r cannot run here (%s); falling back to %r", config.engine, exc, fallback)
+    module_name, class_name = _ENGINES[fallback]
+    engine = getattr(importlib.import_module(module_name), class_name)(config, device)
+    engine.load()
+    return engine

@@ -29,13 +29,20 @@ class Detections:
     """One image's instances, in the input image's pixels.
 
     labels are 1-based category indices (0 is torchvision's background);
-    masks are full-image boolean masks, N x H x W, or None when not asked for.
+    masks are full-image boolean masks, N x H x W, or None when not asked for;
+    an engine that encodes masks itself (cheaper than full-image masks) puts
+    their COCO compressed RLE strings in `rle` instead.
     """
 
     boxes: np.ndarray  # N x 4 float32, x1 y1 x2 y2
     scores: np.ndarray  # N float32
     labels: np.ndarray  # N int64
     masks: np.ndarray | None  # N x H x W bool
+    rle: list[bytes] | None = None
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot run here (e.g. no GPU); the worker falls back to the reference engine."""
 
 
 class Engine(ABC):

@@ -12,10 +12,36 @@ import logging
 import numpy as np
 import torch
 
+from torchvision.models.detection import MaskRCNN
+
+from dd.config import ModelConfig
 from dd.models.maskrcnn import build_maskrcnn, load_state_dict
 from dd.worker.engines.base import Detections, Engine, EngineInput, depth_to_metres
 
 log = logging.getLogger(__name__)
+
+
+def build_loaded_model(cfg: ModelConfig) -> MaskRCNN:
+    """The model a config describes, with its weights; shared by every engine that runs these weights."""
+    mean = list(cfg.pixel_mean)
+    std = list(cfg.pixel_std)
+    if cfg.input_kind == "rgbd":
+        mean.append(cfg.depth_mean_m)
+        std.append(cfg.depth_std_m)
+    model = build_maskrcnn(cfg.architecture, cfg.num_classes, cfg.channels, cfg.min_size, cfg.max_size,
+                           mean, std, cfg.score_threshold)
+    if cfg.weights is None:
+        raise ValueError(f"model {cfg.name}: engine {cfg.engine!r} needs MODEL_WEIGHT")
+    state = load_state_dict(cfg.weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{cfg.weights}: does not fit the architecture {cfg.architecture} with {cfg.num_classes - 1} "
+            f"categories and {cfg.channels} input channels (missing {len(missing)} keys, e.g. {missing[:3]}; "
+            f"unexpected {len(unexpected)}, e.g. {unexpected[:3]}). Check ARCHITECTURE, CATEGORY_FILE and "
+            "DETECTION_TYPE in node_config.json."
+        )
+    return model
 
 
 class TorchvisionMaskRCNN(Engine):
@@ -23,24 +49,7 @@ class TorchvisionMaskRCNN(Engine):
 
     def load(self) -> None:
         cfg = self.config
-        mean = list(cfg.pixel_mean)
-        std = list(cfg.pixel_std)
-        if cfg.input_kind == "rgbd":
-            mean.append(cfg.depth_mean_m)
-            std.append(cfg.depth_std_m)
-        self.model = build_maskrcnn(cfg.architecture, cfg.num_classes, cfg.channels, cfg.min_size, cfg.max_size,
-                                    mean, std, cfg.score_threshold)
-        if cfg.weights is None:
-            raise ValueError(f"model {cfg.name}: the torchvision engine needs MODEL_WEIGHT")
-        state = load_state_dict(cfg.weights)
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(
-                f"{cfg.weights}: does not fit the architecture {cfg.architecture} with {cfg.num_classes - 1} "
-                f"categories and {cfg.channels} input channels (missing {len(missing)} keys, e.g. {missing[:3]}; "
-                f"unexpected {len(unexpected)}, e.g. {unexpected[:3]}). Check ARCHITECTURE, CATEGORY_FILE and "
-                "DETECTION_TYPE in node_config.json."
-            )
+        self.model = build_loaded_model(cfg)
         self.torch_device = torch.device(self.device)
         self.model.eval().to(self.torch_device)
         self.fill = cfg.depth_fill_m if cfg.depth_fill_m is not None else cfg.depth_mean_m

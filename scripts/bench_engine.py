@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Engine benchmark: torchvision eager fp32, eager fp16 (autocast) and the fast path, side by side.
+
+One table, one run: R50-FPN Mask R-CNN with fixed random weights (91 classes,
+box score threshold 0 so every image keeps its maximum detections), 1280x720
+RGB inputs (synthetic scenes), shorter side 800 and 416, batch 1/4/8, 20 and
+100 detections; p50/p99 ms per batch and images/s, warm-up excluded.
+
+Eager rows time model(images) on the GPU, masks pasted to full-image tensors
+(as torchvision returns them), synchronised; the fast rows time the whole
+engine call, which also returns COCO RLE on the host: strictly more work.
+With --check, the fast path's answers are compared with eager fp32 on the
+same images (matched instances, box IoU, scores, mask IoU).
+
+    python scripts/bench_engine.py --json $OUT/engine.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
+from dd.models.model_folder import random_model_folder  # noqa: E402
+from dd.synth.scenes import generate_scene  # noqa: E402
+from dd.worker.engines.base import EngineInput  # noqa: E402
+from dd.worker.engines.fast_maskrcnn import FastMaskRCNN  # noqa: E402
+from dd.worker.engines.torchvision_maskrcnn import TorchvisionMaskRCNN  # noqa: E402
+
+
+def timeit(fn, seconds: float, min_iters: int = 10, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_iters or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 2000:
+            break
+    return times
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    tl = np.maximum(a[:, None, :2], b[None, :, :2])
+    br = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(br - tl, 0, None), axis=2)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter + 1e-9)
+
+
+def compare(ref, fast, h: int, w: int) -> dict[str, float]:
+    """Greedy matching of fast instances to reference ones: same class, best box IoU >= 0.98."""
+    from pycocotools import mask as mask_util
+
+    from dd.worker.encode import rle_encode
+
+    if len(ref.scores) == 0:
+        return {"ref": 0, "matched": 0}
+    ref_rle = rle_encode(ref.masks)
+    ious = box_iou(fast.boxes, ref.boxes) if len(fast.scores) else np.zeros((0, len(ref.scores)))
+    used: set[int] = set()
+    matched, score_diff, mask_ious, box_ious = 0, [], [], []
+    for i in range(len(fast.scores)):
+        order = np.argsort(-ious[i])
+        for j in order:
+            if ious[i, j] < 0.98:
+                break
+            if j in used or fast.labels[i] != ref.labels[j]:
+                continue
+            used.add(j)
+            matched += 1
+            box_ious.append(ious[i, j])
+            score_diff.append(abs(fast.scores[i] - ref.scores[j]))
+            a = {"size": [h, w], "counts": fast.rle[i]}
+            b = {"size": [h, w], "counts": ref_rle[j]}
+            mask_ious.append(float(mask_util.iou([a], [b], [0])[0, 0]))
+            break
+    return {"ref": len(ref.scores), "fast": len(fast.scores), "matched": matched,
+            "matched_frac": matched / len(ref.scores),
+            "min_box_iou": float(min(box_ious)) if box_ious else 0.0,
+            "max_score_diff": float(max(score_diff)) if score_diff else 0.0,
+            "min_mask_iou": float(min(mask_ious)) if mask_ious else 0.0,
+            "mean_mask_iou": float(np.mean(mask_ious)) if mask_ious else 0.0}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[800, 416])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--dets", type=int, nargs="+", default=[100, 20])
+    ap.add_argument("--engines", nargs="+", default=["eager-fp32", "eager-fp16", "fast"])
+    ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per row (after warm-up)")
+    ap.add_argument("--height", type=int, default=720)
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--check", action="store_true", help="compare fast vs eager fp32 answers")
+    ap.add_argument("--model", help="a model folder to use instead of random R50-FPN weights (for --check)")
+    ap.add_argument("--profile", help="write a torch.profiler table of the fast path (batch 1) here")
+    ap.add_argument("--json", help="write all rows here")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_engine.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = torch.cuda.get_device_name(0)
+    print(f"device: {dev}; torch {torch.__version__}", flush=True)
+    scenes = [generate_scene(1000 + k, args.width, args.height) for k in range(8)]
+    tmp = Path(tempfile.mkdtemp())
+    rows, checks, stages = [], [], {}
+    for size in args.sizes:
+        for dets in args.dets:
+            if args.model:
+                folder = Path(args.model)
+            else:
+                folder = tmp / f"r50-{size}-{dets}"
+                random_model_folder(folder, input_kind="rgb", seed=0, categories=[f"c{i}" for i in range(1, 91)],
+                                    architecture=dict(DEFAULT_ARCHITECTURE, max_detections=dets), min_size=size,
+                                    max_size=1333, score_threshold=0.0,
+                                    extra={"ENGINE_OPTIONS": {"warmup_sizes": [[args.height, args.width]]},
+                                           "MAX_BATCH_SIZE": max(args.batches)})
+            cfg = load_model_config(folder)
+            if args.model:
+                cfg = type(cfg)(**{**cfg.__dict__, "min_size": size, "max_size": 1333,
+                                   "architecture": dict(cfg.architecture, max_detections=dets)})
+            eager = TorchvisionMaskRCNN(cfg, "cuda:0")
+            eager.load()
+            eager.model.roi_heads.score_thresh = cfg.score_threshold
+            fast = FastMaskRCNN(cfg, "cuda:0")
+            fast.load()
+            for batch in args.batches:
+                inputs = [EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)
+                          for s in scenes[:batch]]
+                tensors = [torch.from_numpy(s.color).cuda().permute(2, 0, 1).float() / 255 for s in scenes[:batch]]
+                for name in args.engines:
+                    if name == "eager-fp32":
+                        fn = lambda: eager.model(tensors)  # noqa: E731
+                    elif name == "eager-fp16":
+                        def fn():
+                            with torch.autocast("cuda", dtype=torch.float16):
+                                return eager.model(tensors)
+                    elif name == "fast":
+                        fn = lambda: fast.infer(inputs)  # noqa: E731
+                    else:
+                        raise SystemExit(f"unknown engine {name}")
+                    with torch.inference_mode():
+                        t = timeit(fn, args.seconds)
+                        out = fn()
+                    n_det = len(out[0]["scores"]) if isinstance(out[0], dict) else len(out[0].scores)
+                    row = {"engine": name, "shorter_side": size, "detections": dets, "batch": batch,
+                           "kept": n_det, "p50_ms": float(np.percentile(t, 50)),
+                           "p99_ms": float(np.percentile(t, 99)), "iters": len(t),
+                           "images_per_s": batch * 1000.0 / float(np.mean(t))}
+                    rows.append(row)
+                    print(f"{name:>10} side {size:4d} dets {dets:3d} batch {batch}: p50 {row['p50_ms']:7.2f} ms  "
+                          f"p99 {row['p99_ms']:7.2f} ms  {row['images_per_s']:7.1f} img/s  (kept {n_det})",
+                          flush=True)
+            # Where the fast path's time goes, batch 1.
+            fast.stage_times = {}
+            one = [EngineInput(scenes[0].color, None if cfg.input_kind == "rgb" else scenes[0].depth,
+                               cfg.score_threshold)]
+            for _ in range(30):
+                fast.infer(one)
+            stages[f"{size}/{dets}"] = {k: float(np.median(v)) for k, v in fast.stage_times.items()}
+            fast.stage_times = None
+            if args.check:
+                eager.model.roi_heads.score_thresh = cfg.score_threshold
+                for s in scenes[:4]:
+                    item = EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)
+                    checks.append({"shorter_side": size, "detections": dets,
+                                   **compare(eager.infer([item])[0], fast.infer([item])[0], args.height, args.width)})
+            if args.profile and size == args.sizes[0] and dets == args.dets[0]:
+                from torch.profiler import ProfilerActivity, profile
+
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    for _ in range(10):
+                        fast.infer(one)
+                    torch.cuda.synchronize()
+                Path(args.profile).write_text(
+                    prof.key_averages().table(sort_by="cpu_time_total", row_limit=40) + "\n\n" +
+                    prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+            del eager, fast
+            torch.cuda.empty_cache()
+
+    print(f"\n## Engine latency, {dev}, {args.width}x{args.height} input\n")
+    print("| engine | shorter side | detections | batch | p50 ms/batch | p99 ms/batch | images/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['shorter_side']} | {r['detections']} | {r['batch']} | {r['p50_ms']:.1f} | "
+              f"{r['p99_ms']:.1f} | {r['images_per_s']:.0f} |")
+    print("\nfast path, batch 1, median ms per stage (synchronised between stages):")
+    for k, v in stages.items():
+        print(f"  {k}: " + ", ".join(f"{s} {t:.2f}" for s, t in v.items()))
+    if checks:
+        print("\nfast vs eager fp32 answers:")
+        for c in checks:
+            print("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in c.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": dev, "torch": torch.__version__, "rows": rows,
+                                               "stages": stages, "checks": checks}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
