@@ -98,23 +98,30 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor, height: int, wid
 
 
 def rle_from_transitions(inst: np.ndarray, flat: np.ndarray, count: int, height: int, width: int) -> list[bytes]:
-    """COCO compressed RLE strings from the change positions of `count` instances."""
+    """COCO compressed RLE strings from the change positions of `count` instances (no per-pixel work)."""
     total = height * width
+    # A run that reaches the image's last pixel needs no closing mark (COCO ends on the last run).
+    at_end = flat >= total
+    if at_end.any():
+        inst, flat = inst[~at_end], flat[~at_end]
+    if len(flat) > 1:
+        # A run ending at the bottom of one column and another starting at the top of the next
+        # give the same position twice: they are one run, so both marks cancel.
+        same = np.flatnonzero((flat[1:] == flat[:-1]) & (inst[1:] == inst[:-1]))
+        if len(same):
+            drop = np.zeros(len(flat), bool)
+            drop[same] = True
+            drop[same + 1] = True
+            inst, flat = inst[~drop], flat[~drop]
+    # Each instance's positions framed by 0 and H*W; run lengths are the differences inside a frame.
     bounds = np.searchsorted(inst, np.arange(count + 1))
-    objs = []
-    for n in range(count):
-        t = flat[bounds[n]:bounds[n + 1]]
-        if len(t) > 1:
-            # A run ending at the bottom of one column and another starting at the top of the
-            # next give the same position twice: they are one run, so both marks cancel.
-            same = np.flatnonzero(t[1:] == t[:-1])
-            if len(same):
-                drop = np.zeros(len(t), bool)
-                drop[same] = True
-                drop[same + 1] = True
-                t = t[~drop]
-        counts = np.diff(np.concatenate(([0], t, [total]))).astype(np.uint32)
-        objs.append({"size": [height, width], "counts": counts.tolist()})
+    framed = np.insert(flat, np.repeat(bounds, [1] + [2] * (count - 1) + [1]),
+                       np.tile(np.array([total, 0], dtype=flat.dtype), count + 1)[1:-1])
+    runs = np.diff(framed).astype(np.uint32)
+    # Drop the differences that straddle two frames (from one's H*W to the next one's 0).
+    starts = bounds + 2 * np.arange(count + 1)  # frame starts in `framed`
+    pieces = np.split(runs, starts[1:-1] - 1)
+    objs = [{"size": [height, width], "counts": p if n == 0 else p[1:]} for n, p in enumerate(pieces)]
     if not objs:
         return []
     return [r["counts"] for r in mask_util.frPyObjects(objs, height, width)]

@@ -1,0 +1,332 @@
+#!/usr/bin/env python3
+"""Serving benchmark: the same engine in-process, served by deep-detection, and by a plain gRPC server.
+
+One run, one table. Requests are 1280x720 RGB-D frames as JPEG + 16-bit PNG
+(synthetic scenes), the model a Mask R-CNN (R50-FPN by default, fixed random
+weights, threshold 0 so each image keeps its maximum detections) on the
+engine you name (fast on a GPU, torchvision otherwise).
+
+- in-process: decode the same bytes, run the engine, encode and serialize the
+  response in one process, as a script would (batch 1 for latency, the max
+  batch for throughput);
+- served: `deep-detection serve` on this machine, an asyncio gRPC client at
+  concurrency 1 and at saturation;
+- baseline: a single-process grpc server whose handler decodes and infers
+  (the usual way such a service is written), same client load.
+
+Also prints the frontend's decode cost per core, to show whether decoding
+limits throughput. Needs a GPU for meaningful numbers; runs anywhere.
+
+    python scripts/bench_serve.py --engine fast --json $OUT/serve.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
+from dd.models.model_folder import SMALL_ARCHITECTURE, random_model_folder  # noqa: E402
+from dd.synth.scenes import generate_scene  # noqa: E402
+
+
+def make_model(root: Path, engine: str, arch: str, batch: int, height: int, width: int, dets: int,
+               min_size: int) -> Path:
+    architecture = dict(DEFAULT_ARCHITECTURE if arch == "r50" else SMALL_ARCHITECTURE, max_detections=dets)
+    return random_model_folder(root / "bench", input_kind="rgbd", seed=0, architecture=architecture,
+                               min_size=min_size, max_size=1333, score_threshold=0.0,
+                               extra={"ENGINE": engine, "MAX_BATCH_SIZE": batch, "MAX_QUEUE_DELAY_MS": 0,
+                                      "ENGINE_OPTIONS": {"warmup_sizes": [[height, width]], "allow_cpu": True}})
+
+
+def encode_frames(n: int, height: int, width: int) -> list[tuple[bytes, bytes]]:
+    frames = []
+    for k in range(n):
+        s = generate_scene(5000 + k, width, height)
+        ok1, jpg = cv2.imencode(".jpg", cv2.cvtColor(s.color, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        ok2, png = cv2.imencode(".png", s.depth)
+        assert ok1 and ok2
+        frames.append((jpg.tobytes(), png.tobytes()))
+    return frames
+
+
+def decode(jpg: bytes, png: bytes) -> tuple[np.ndarray, np.ndarray]:
+    color = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    depth = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    return color, depth
+
+
+def stats(lat_ms: list[float], wall_s: float) -> dict[str, float]:
+    return {"p50_ms": float(np.percentile(lat_ms, 50)), "p99_ms": float(np.percentile(lat_ms, 99)),
+            "images_per_s": len(lat_ms) / wall_s, "n": len(lat_ms)}
+
+
+# -- in-process -------------------------------------------------------------------------------
+def run_in_process(folder: Path, device: str, frames: list[tuple[bytes, bytes]], batch: int, seconds: float) -> dict:
+    import torch
+
+    from dd.worker.encode import build_response
+    from dd.worker.engines import load_engine
+    from dd.worker.engines.base import EngineInput
+
+    cfg = load_model_config(folder)
+    engine = load_engine(cfg, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def once(k: int, n: int) -> None:
+        items = [EngineInput(*decode(*frames[(k + i) % len(frames)]), cfg.score_threshold) for i in range(n)]
+        for det, it in zip(engine.infer(items), items):
+            build_response(det, cfg.categories, request_id="x", model=cfg.name, height=it.color.shape[0],
+                           width=it.color.shape[1], mask_format=0, worker="in-process").SerializeToString()
+        sync()
+
+    out = {}
+    for n in sorted({1, batch}):
+        for k in range(3):
+            once(k, n)
+        lat, start, k = [], time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            once(k, n)
+            lat.append((time.perf_counter() - t0) * 1e3)
+            k += n
+        wall = time.perf_counter() - start
+        s = stats(lat, wall)
+        s["images_per_s"] = n * len(lat) / wall
+        out[f"batch{n}"] = s
+    engine.close()
+    return out
+
+
+# -- a plain single-process gRPC server (the baseline) -----------------------------------------------
+def baseline_server(folder: Path, device: str, port: int) -> None:
+    import grpc
+
+    from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
+    from dd.worker.encode import build_response
+    from dd.worker.engines import load_engine
+    from dd.worker.engines.base import EngineInput
+
+    cfg = load_model_config(folder)
+    engine = load_engine(cfg, device)
+    lock = threading.Lock()
+
+    class Servicer(pb_grpc.DetectorServicer):
+        def Detect(self, request, context):  # noqa: N802 - gRPC's name
+            color, depth = decode(request.color.data, request.depth.data)
+            with lock:
+                det = engine.infer([EngineInput(color, depth, cfg.score_threshold)])[0]
+            return build_response(det, cfg.categories, request_id=request.request_id, model=cfg.name,
+                                  height=color.shape[0], width=color.shape[1], mask_format=request.mask_format,
+                                  worker="baseline")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
+                         options=[("grpc.max_receive_message_length", 64 << 20)])
+    pb_grpc.add_DetectorServicer_to_server(Servicer(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print("baseline ready", flush=True)
+    server.wait_for_termination()
+
+
+# -- the client load -------------------------------------------------------------------------------
+async def load(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float) -> dict:
+    from dd.client import AsyncDetectorClient, make_request
+
+    reqs = [make_request(j, p, request_id=str(k)) for k, (j, p) in enumerate(frames)]
+    lat: list[float] = []
+    timings: list[dict] = []
+    errors = 0
+    async with AsyncDetectorClient(target, timeout=60) as client:
+        for r in reqs[:4]:
+            await client.detect_request(r)  # warm-up
+        stop_at = time.perf_counter() + seconds
+
+        async def worker(w: int) -> None:
+            nonlocal errors
+            k = w
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    res = await client.detect_request(reqs[k % len(reqs)])
+                    lat.append((time.perf_counter() - t0) * 1e3)
+                    timings.append(res.timing)
+                except Exception:  # noqa: BLE001 - counted, reported
+                    errors += 1
+                k += concurrency
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        wall = time.perf_counter() - start
+    out = stats(lat, wall) if lat else {"n": 0}
+    out["errors"] = errors
+    if timings and "total_us" in timings[0]:
+        for key in ("queued_us", "decode_us", "inference_us", "postprocess_us", "total_us", "batch_size"):
+            out[f"median_{key}"] = float(np.median([t[key] for t in timings]))
+    return out
+
+
+def wait_health(target: str, timeout: float = 300) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    end = time.time() + timeout
+    while time.time() < end:
+        with grpc.insecure_channel(target) as ch:
+            try:
+                st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if st == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{target} not serving after {timeout} s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def decode_per_core(frames: list[tuple[bytes, bytes]], seconds: float = 3.0) -> float:
+    """Frontend decode (JPEG color + PNG depth into a slot) on one core: images per second."""
+    from dd.frontend.decode import decode_into_slot
+    from dd.proto.deep_detection.v1 import detector_pb2 as pb
+
+    cv2.setNumThreads(1)
+    reqs = [pb.DetectRequest(color=pb.Image(data=j), depth=pb.Image(data=p)) for j, p in frames]
+    slot = memoryview(bytearray(16 << 20))
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        decode_into_slot(reqs[n % len(reqs)], True, slot, 1 << 24)
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engine", default="fast", help="fast (GPU) or torchvision")
+    ap.add_argument("--arch", default="r50", choices=["r50", "small"])
+    ap.add_argument("--device", default="cuda:0")
+    ap.add_argument("--batch", type=int, default=8, help="MAX_BATCH_SIZE, and the in-process throughput batch")
+    ap.add_argument("--detections", type=int, default=100)
+    ap.add_argument("--min-size", type=int, default=800, help="the model's shorter side")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--frontends", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--height", type=int, default=720)
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--json")
+    ap.add_argument("--baseline-server", nargs=3, metavar=("FOLDER", "DEVICE", "PORT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.baseline_server:
+        baseline_server(Path(args.baseline_server[0]), args.baseline_server[1], int(args.baseline_server[2]))
+        return 0
+
+    tmp = Path(tempfile.mkdtemp(prefix="ddbench-", dir="/tmp"))
+    folder = make_model(tmp, args.engine, args.arch, args.batch, args.height, args.width, args.detections,
+                        args.min_size)
+    frames = encode_frames(16, args.height, args.width)
+    kb = np.mean([len(j) + len(p) for j, p in frames]) / 1024
+    print(f"requests: {args.width}x{args.height} RGB-D, JPEG+PNG {kb:.0f} KiB each; model {args.arch} "
+          f"engine {args.engine} on {args.device}", flush=True)
+    results: dict = {"decode_images_per_s_per_core": decode_per_core(frames)}
+    print(f"frontend decode: {results['decode_images_per_s_per_core']:.0f} images/s per core", flush=True)
+
+    results["in_process"] = run_in_process(folder, args.device, frames, args.batch, args.seconds)
+    print("in-process:", results["in_process"], flush=True)
+
+    # deep-detection serve
+    port = free_port()
+    run_dir = tmp / "run"
+    log = open(tmp / "serve.log", "wb")
+    gpu = args.device.split(":")[1] if args.device.startswith("cuda") else ""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu) if gpu else dict(os.environ)
+    serve = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(folder), "--host", "127.0.0.1",
+                              "--port", str(port), "--frontends", str(args.frontends), "--run-dir", str(run_dir),
+                              "--slot-mb", "8", "--ring-slots", "64"], stdout=log, stderr=subprocess.STDOUT,
+                             env=env, cwd=REPO)
+    try:
+        wait_health(f"127.0.0.1:{port}")
+        results["served"] = {}
+        for c in args.concurrency:
+            results["served"][c] = asyncio.run(load(f"127.0.0.1:{port}", frames, c, args.seconds))
+            print(f"served c={c}:", results["served"][c], flush=True)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+        log.close()
+
+    # the plain single-process server
+    port = free_port()
+    base = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(folder), args.device, str(port)],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp / "baseline.log", "wb"), cwd=REPO)
+    try:
+        end = time.time() + 300
+        import grpc
+
+        while time.time() < end:
+            try:
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                    grpc.channel_ready_future(ch).result(timeout=1)
+                break
+            except grpc.FutureTimeoutError:
+                time.sleep(0.5)
+        results["baseline"] = {}
+        for c in args.concurrency:
+            results["baseline"][c] = asyncio.run(load(f"127.0.0.1:{port}", frames, c, args.seconds))
+            print(f"baseline c={c}:", results["baseline"][c], flush=True)
+    finally:
+        base.send_signal(signal.SIGTERM)
+        base.wait(30)
+
+    ip1 = results["in_process"]["batch1"]
+    ipb = results["in_process"][f"batch{args.batch}"]
+    c1, cs = args.concurrency[0], args.concurrency[-1]
+    print(f"\n## Serving, {args.width}x{args.height} RGB-D JPEG+PNG, {args.arch} {args.engine}, device {args.device}\n")
+    print("| path | concurrency | p50 ms | p99 ms | images/s |")
+    print("|---|---|---|---|---|")
+    print(f"| in-process, batch 1 | 1 | {ip1['p50_ms']:.1f} | {ip1['p99_ms']:.1f} | {ip1['images_per_s']:.1f} |")
+    print(f"| in-process, batch {args.batch} | - | {ipb['p50_ms']:.1f} (batch) | {ipb['p99_ms']:.1f} | "
+          f"{ipb['images_per_s']:.1f} |")
+    for name in ("served", "baseline"):
+        for c in args.concurrency:
+            r = results[name][c]
+            if r.get("n"):
+                print(f"| {name} | {c} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['images_per_s']:.1f} |"
+                      + (f" errors {r['errors']}" if r["errors"] else ""))
+    s1, ss = results["served"][c1], results["served"][cs]
+    print(f"\nserved p50 at concurrency {c1} minus in-process batch-1 p50: {s1['p50_ms'] - ip1['p50_ms']:+.2f} ms")
+    print(f"served throughput at concurrency {cs} / in-process batch {args.batch}: "
+          f"{ss['images_per_s'] / ipb['images_per_s']:.3f}")
+    b = results["baseline"][cs]
+    if b.get("n"):
+        print(f"served / baseline throughput at concurrency {cs}: {ss['images_per_s'] / b['images_per_s']:.2f}")
+    med = {k: v for k, v in ss.items() if k.startswith("median_")}
+    print(f"served at saturation, median server-side timing (us): {med}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
