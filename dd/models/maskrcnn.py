@@ -57,7 +57,9 @@ def _mobilenet_fpn(channels: int, fpn_channels: int) -> BackboneWithFPN:
     first = features[0][0]
     features[0][0] = _widen_first_conv(first, channels)
     stage_indices = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
-    returned = stage_indices[-3:]  # strides 8, 16, 32
+    # The outputs of the last three stage-starting blocks: output strides 16, 32 and 32 (a
+    # stage's first block downsamples). Coarse, but cheap on a CPU; cartons are large.
+    returned = stage_indices[-3:]
     return_layers = {str(idx): str(k) for k, idx in enumerate(returned)}
     in_channels = [features[idx].out_channels for idx in returned]
     return BackboneWithFPN(features, return_layers, in_channels, fpn_channels, extra_blocks=LastLevelMaxPool())

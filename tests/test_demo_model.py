@@ -1,0 +1,107 @@
+"""The shipped demo models: quality through a real server, and the one-core CPU latency bound.
+
+Why these tests exist: the README promises a new user a demo model that finds cartons and runs on a
+laptop CPU. Quality is checked the way users meet it (a real `deep-detection serve`, JPEG/PNG files,
+pycocotools) on held-out scenes, with a floor well under the published numbers so that only a real
+regression (wrong normalisation, stale weights, broken mask encoding) trips it. They fail on the
+placeholder random weights by design, until trained weights land (scripts/train_demo.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from tests.serverproc import ServerProcess
+
+REPO = Path(__file__).resolve().parent.parent
+#: DD_DEMO_MODELS checks freshly trained folders before they replace the shipped ones.
+MODELS = Path(os.environ.get("DD_DEMO_MODELS", REPO / "configs" / "models"))
+#: Mask AP50 floors on SCENES held-out scenes; the issue asks for >= 0.90 on 200 (RGB-D), so these
+#: leave room for the noise of a small sample, not for a worse model.
+FLOORS = {"demo-rgbd": 0.80, "demo-rgb": 0.60}
+SCENES = 20
+EVAL_SEED = 10_000_000  # held out: training seeds stay below
+LATENCY_BOUND_MS = 150.0
+LATENCY_MARGIN = 2.0  # shared CI cores are noisy; the bound itself is checked by train_demo.py's report
+PRESENT = [name for name in FLOORS if (MODELS / name / "node_config.json").is_file()]
+
+
+def _eval_demo() -> ModuleType:
+    """scripts/ is not a package; load the evaluator the published numbers come from, not a copy."""
+    spec = importlib.util.spec_from_file_location("eval_demo", REPO / "scripts" / "eval_demo.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("eval_demo", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo_server() -> Iterator[ServerProcess]:
+    """One server for every shipped demo model: the built-in repository, as `serve` with no arguments."""
+    srv = ServerProcess(MODELS, frontends=1).start()
+    try:
+        srv.wait_serving()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_demo_model_weights_are_small(name: str) -> None:
+    weights = MODELS / name / "model.pth"
+    assert weights.stat().st_size <= 15 * 1000 * 1000, f"{weights}: {weights.stat().st_size / 1e6:.1f} MB > 15 MB"
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_demo_model_mask_ap50_through_server(demo_server: ServerProcess, name: str) -> None:
+    result: dict[str, Any] = _eval_demo().evaluate(demo_server.target, name, count=SCENES, seed=EVAL_SEED,
+                                                   send="files", concurrency=2)
+    assert result["model"] == name
+    summary = ", ".join(f"{k} {result[k]:.3f}" for k in ("mask_AP", "mask_AP50", "mask_AP75", "box_AP", "box_AP50"))
+    assert result["mask_AP50"] >= FLOORS[name], (
+        f"{name}: mask AP50 {result['mask_AP50']:.3f} < {FLOORS[name]} on {SCENES} held-out scenes ({summary}); "
+        "placeholder weights fail this by design: train with scripts/train_demo.py")
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_demo_model_cpu_latency_one_core(name: str) -> None:
+    """In-process reference engine, one thread, 640x480 held-out scenes at the model's own threshold."""
+    from dd.config import load_model_config
+    from dd.synth.scenes import generate_scene
+    from dd.worker.engines.base import EngineInput
+    from dd.worker.engines.torchvision_maskrcnn import TorchvisionMaskRCNN
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_model_config(MODELS / name)
+        engine = TorchvisionMaskRCNN(cfg, "cpu")
+        engine.load()
+        scenes = [generate_scene(EVAL_SEED + k, 640, 480) for k in range(3)]
+        inputs = [EngineInput(s.color, s.depth if cfg.input_kind == "rgbd" else None, cfg.score_threshold)
+                  for s in scenes]
+        engine.infer([inputs[0]])
+        times = []
+        for k in range(5):
+            t = time.perf_counter()
+            engine.infer([inputs[k % len(inputs)]])
+            times.append((time.perf_counter() - t) * 1000.0)
+        engine.close()
+    finally:
+        torch.set_num_threads(threads)
+    median = statistics.median(times)
+    assert median <= LATENCY_BOUND_MS * LATENCY_MARGIN, (
+        f"{name}: {median:.0f} ms median per 640x480 image on one core (runs {np.round(times).tolist()}); "
+        f"bound {LATENCY_BOUND_MS:.0f} ms x {LATENCY_MARGIN} margin")
