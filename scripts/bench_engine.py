@@ -141,7 +141,7 @@ def main() -> int:
             for batch in args.batches:
                 inputs = [EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)
                           for s in scenes[:batch]]
-                tensors = [torch.from_numpy(s.color).cuda().permute(2, 0, 1).float() / 255 for s in scenes[:batch]]
+                tensors = [eager._tensor(x) for x in inputs]  # 3 or 4 channels, as the engine feeds the model
                 for name in args.engines:
                     if name == "eager-fp32":
                         fn = lambda: eager.model(tensors)  # noqa: E731
