@@ -40,13 +40,23 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
                    help="credits per worker and frontend (default 2 x MAX_BATCH_SIZE)")
     g.add_argument("--torch-threads", dest="torch_threads", type=int, help="CPU threads per worker (default: its cores)")
     g.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING (default INFO)")
+    g.add_argument("--max-pending", dest="max_pending", type=int,
+                   help="requests a frontend admits at once; more are refused with RESOURCE_EXHAUSTED (default 256)")
+    s = p.add_argument_group("security (default: plaintext, no authentication; see docs/operations.md)")
+    s.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain: serve TLS only (needs --tls-key)")
+    s.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", dest="tls_client_ca",
+                   help="PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    s.add_argument("--auth-token-file", dest="auth_token_file",
+                   help="file holding a bearer token every call must send as 'authorization: Bearer TOKEN' "
+                        "(the health service stays open)")
     p.add_argument("--server-json", dest="server_json", help=argparse.SUPPRESS)
     p.add_argument("--parent-pid", dest="parent_pid", type=int, help=argparse.SUPPRESS)
 
 
 _SERVER_KEYS = ("host", "port", "frontends", "ring_slots", "slot_mb", "max_image_pixels", "run_dir", "log_dir",
                 "max_message_mb", "default_timeout_s", "grace_s", "max_inflight_per_worker", "torch_threads",
-                "log_level")
+                "log_level", "max_pending", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -96,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = _server_config(args)
         models = discover_models(args.path)
+        if args.command in ("serve", "frontend") and not getattr(args, "server_json", None):
+            from dd.frontend.auth import check_security
+
+            check_security(server)
     except ConfigError as exc:
         print(f"deep-detection: configuration error: {exc}", file=sys.stderr)
         return 2

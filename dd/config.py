@@ -26,12 +26,14 @@ DETECTION_TYPES: dict[str, tuple[str, str]] = {
     "RGBDMaskRCNNTensorRTServicer": ("tensorrt", "rgbd"),
     "RGBMaskRCNNTensorRTServicer": ("tensorrt", "rgb"),
     "MaskRCNNTensorRTServicer": ("tensorrt", "rgb"),
+    "RGBDMaskRCNNFastServicer": ("fast", "rgbd"),
+    "RGBMaskRCNNFastServicer": ("fast", "rgb"),
     "RGBDNullServicer": ("null", "rgbd"),
     "RGBNullServicer": ("null", "rgb"),
 }
 
 # Engines this release can run. Others are recognised (so the error is precise) but refused.
-AVAILABLE_ENGINES = ("torchvision", "null")
+AVAILABLE_ENGINES = ("torchvision", "fast", "null")
 KNOWN_ENGINES = AVAILABLE_ENGINES + ("tensorrt", "torchscript", "onnx", "detectron2")
 INPUT_KINDS = ("rgb", "rgbd")
 
@@ -74,7 +76,7 @@ class ModelConfig:
     score_threshold: float = 0.5
     mask_threshold: float = 0.5
     max_batch_size: int = 4
-    max_queue_delay_ms: float = 2.0
+    max_queue_delay_ms: float = 0.0
     instances_per_device: int = 1
     devices: tuple[str, ...] = ("auto",)
     architecture: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
@@ -255,7 +257,9 @@ def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
     if not (0.0 < mask_thr < 1.0):
         raise _err(path, "MASK_THRESHOLD", f"must be in (0, 1), got {mask_thr}")
     max_batch = _positive_int(raw, path, "MAX_BATCH_SIZE", 4, 256)
-    delay = _get(raw, path, "MAX_QUEUE_DELAY_MS", float, 2.0)
+    # 0 by default, as in Triton: a busy engine batches what queued meanwhile, and an idle one
+    # should not make a lone request wait for company.
+    delay = _get(raw, path, "MAX_QUEUE_DELAY_MS", float, 0.0)
     if not 0.0 <= delay <= 10_000:
         raise _err(path, "MAX_QUEUE_DELAY_MS", f"must be in [0, 10000] milliseconds, got {delay}")
     per_device = _positive_int(raw, path, "INSTANCES_PER_DEVICE", 1, 64)
@@ -391,6 +395,16 @@ class ServerConfig:
     max_inflight_per_worker: int = 0  # 0: 2 x MAX_BATCH_SIZE
     torch_threads: int = 0  # 0: the cores the worker is pinned to
     log_level: str = "INFO"
+    # Requests one frontend admits at once (waiting for a slot, decoding, or at a worker). Beyond it
+    # a request is refused at once with RESOURCE_EXHAUSTED, so memory stays bounded under any load:
+    # at most about max_pending x the request size is held per frontend.
+    max_pending: int = 256
+    # Security (docs/operations.md). Paths to PEM files; relative paths in a config file are
+    # relative to that file. No TLS and no token by default.
+    tls_cert: str = ""  # certificate chain; with tls_key, the port speaks TLS only
+    tls_key: str = ""
+    tls_client_ca: str = ""  # CA bundle: clients must present a certificate it signed (mutual TLS)
+    auth_token_file: str = ""  # a file holding the bearer token every call but health must carry
 
     def resolved_frontends(self) -> int:
         if self.frontends > 0:
@@ -421,10 +435,40 @@ class ServerConfig:
             problems.append("max_message_mb must be positive")
         if self.default_timeout_s <= 0 or self.grace_s < 0:
             problems.append("default_timeout_s must be positive and grace_s non-negative")
-        if self.max_image_pixels < 1:
-            problems.append("max_image_pixels must be positive")
+        if self.max_image_pixels < 4:
+            problems.append("max_image_pixels must be at least 4 (2 x 2)")
+        if self.max_pending < 1:
+            problems.append("max_pending must be at least 1")
+        if self.max_inflight_per_worker < 0:
+            problems.append("max_inflight_per_worker must be >= 0 (0: 2 x MAX_BATCH_SIZE)")
+        problems += self._security_problems()
         if problems:
             raise ConfigError("server configuration: " + "; ".join(problems))
+
+    def _security_problems(self) -> list[str]:
+        problems = []
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key go together (--tls-cert and --tls-key): give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+        for key in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, key)
+            if not path:
+                continue
+            try:
+                head = Path(path).read_bytes()[:1 << 16]
+            except OSError as exc:
+                problems.append(f"{key}: cannot read {path} ({exc.strerror})")
+                continue
+            if b"-----BEGIN" not in head:
+                problems.append(f"{key}: {path} is not a PEM file (no '-----BEGIN' line)")
+        if self.auth_token_file and not Path(self.auth_token_file).is_file():
+            problems.append(f"auth_token_file: {self.auth_token_file} does not exist; put the token in a file "
+                            "readable only by the server's user (chmod 600)")
+        return problems
+
+
+_PATH_SETTINGS = ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
 
 
 def load_server_config(path: Path | str | None, overrides: dict[str, Any]) -> ServerConfig:
@@ -450,15 +494,39 @@ def load_server_config(path: Path | str | None, overrides: dict[str, Any]) -> Se
         unknown = set(values) - allowed
         if unknown:
             raise ConfigError(f"{p}: unknown settings {sorted(unknown)}; allowed: {sorted(allowed)}")
+        base = p.resolve().parent
+        for key in _PATH_SETTINGS:  # relative to the file that names them
+            if isinstance(values.get(key), str) and values[key] and not os.path.isabs(values[key]):
+                values[key] = str(base / values[key])
     values.update({k: v for k, v in overrides.items() if v is not None})
+    for key in _PATH_SETTINGS:  # absolute, so every child process reads the same file
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = os.path.abspath(values[key])
     cfg = ServerConfig()
     for f in fields(ServerConfig):
         if f.name in values:
-            want = type(getattr(cfg, f.name))
-            v = values[f.name]
-            try:
-                setattr(cfg, f.name, want(v))
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"server setting {f.name}: expected {want.__name__}, got {v!r}") from exc
+            setattr(cfg, f.name, _setting(f.name, type(getattr(cfg, f.name)), values[f.name]))
     cfg.validate()
     return cfg
+
+
+def _setting(name: str, want: type, v: Any) -> Any:
+    """One setting converted to its type, strictly: no booleans as numbers, no 2.5 as an integer, no NaN."""
+    bad = ConfigError(f"server setting {name}: expected {'a number' if want is float else want.__name__}, got {v!r}")
+    if isinstance(v, bool) or (want is not str and isinstance(v, (list, dict))):
+        raise bad
+    try:
+        if want is int:
+            if isinstance(v, float) and not v.is_integer():
+                raise bad
+            return int(v)
+        if want is float:
+            out = float(v)
+            if not math.isfinite(out):
+                raise bad
+            return out
+        if not isinstance(v, (str, int, float)):
+            raise bad
+        return str(v)
+    except (TypeError, ValueError, OverflowError):
+        raise bad from None

@@ -9,6 +9,8 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1
+# Set by the supervisor for each child: the name of its log file under --log-dir (NAME.log).
+LOG_NAME_ENV = "DD_LOG_NAME"
 
 
 def die_with_parent(parent_pid: int | None) -> None:
@@ -32,7 +34,13 @@ def parent_alive(parent_pid: int | None) -> bool:
 
 
 def setup_logging(level: str, name: str, log_dir: str = "") -> None:
-    """One line a record, prefixed by the process's role, to stderr or to LOG_DIR/NAME.log."""
+    """One line a record, prefixed by the process's role, to stderr or to LOG_DIR/NAME.log.
+
+    Under the supervisor NAME comes from DD_LOG_NAME (frontend-0, worker-MODEL.0, ...): the same
+    file the supervisor sends the child's stderr to, so tracebacks and native libraries' messages
+    land beside the log records of the process they came from.
+    """
+    name = os.environ.get(LOG_NAME_ENV) or name
     handler: logging.Handler
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)

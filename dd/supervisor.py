@@ -5,7 +5,12 @@ The supervisor holds no request state. It plans one worker per engine instance
 without GPUs one CPU worker per model), starts them, then the frontends,
 restarts any that die (with backoff), and on SIGTERM/SIGINT stops the
 frontends first (they finish what is in flight), then the workers, and
-removes the shared memory and sockets of the run.
+removes the shared memory and sockets of the run. A second SIGTERM/SIGINT
+stops at once (SIGKILL to the children).
+
+Its children die with it: each asks Linux for SIGTERM when its parent dies
+(PR_SET_PDEATHSIG) and also watches its parent pid, so a SIGKILLed supervisor
+leaves no worker holding a GPU; the next start removes what they left behind.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from pathlib import Path
 from dd.config import ConfigError, ModelConfig, ServerConfig
 from dd.ipc import endpoints
 from dd.ipc.shm_ring import check_shm_capacity, remove_stale_segments, ring_size
+from dd.procutil import LOG_NAME_ENV
 
 log = logging.getLogger("dd.supervisor")
 
 RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0, 30.0)
-STABLE_AFTER_S = 60.0
+# A process that ran this long was not crash-looping at start: its next restart is immediate again.
+# (At 60 s, a worker killed every half minute, say by the OOM killer, stayed down for 30 s at a time.)
+STABLE_AFTER_S = 10.0
 
 
 def visible_gpus() -> list[dict[str, str]]:
@@ -130,6 +138,7 @@ class Supervisor:
         self.run_dir = server.resolved_run_dir()
         self.children: list[Child] = []
         self._stop = False
+        self._force = False
         self._lock_fd: int | None = None
 
     def _base_argv(self, role: str) -> list[str]:
@@ -155,11 +164,20 @@ class Supervisor:
         if removed:
             log.warning("removed %d stale shared-memory segment(s) of a previous run: %s", len(removed), removed)
         n_frontends = self.cfg.resolved_frontends()
-        check_shm_capacity(n_frontends * ring_size(self.cfg.ring_slots, self.cfg.slot_bytes()))
+        try:
+            check_shm_capacity(n_frontends * ring_size(self.cfg.ring_slots, self.cfg.slot_bytes()))
+        except Exception:
+            self._release_run_dir()
+            raise
+        if not self.cfg.tls_cert and not self.cfg.auth_token_file and not _loopback(self.cfg.host):
+            log.warning("serving on %s:%d with no TLS and no token: anyone who can reach this port can use it "
+                        "(see docs/operations.md: --host 127.0.0.1, --tls-cert/--tls-key, --auth-token-file)",
+                        self.cfg.host, self.cfg.port)
 
     def _child(self, name: str, argv: list[str], env_extra: dict[str, str]) -> Child:
         env = dict(os.environ)
         env.update(env_extra)
+        env[LOG_NAME_ENV] = name  # one log file per process under --log-dir: NAME.log
         return Child(name, argv, env)
 
     def _spawn(self, child: Child) -> None:
@@ -203,7 +221,11 @@ class Supervisor:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if not self._stop:
-            log.info("%s received: stopping", signal.Signals(signum).name)
+            log.info("%s received: stopping (finishing requests in flight for up to %.0f s; "
+                     "send it again to stop at once)", signal.Signals(signum).name, self.cfg.grace_s)
+        elif not self._force:
+            log.warning("%s received again: stopping at once", signal.Signals(signum).name)
+            self._force = True
         self._stop = True
 
     def _watch(self) -> None:
@@ -227,17 +249,19 @@ class Supervisor:
     def _stop_group(self, children: list[Child], timeout: float) -> None:
         for c in children:
             if c.proc is not None and c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
+                c.proc.send_signal(signal.SIGKILL if self._force else signal.SIGTERM)
         end = time.monotonic() + timeout
-        for c in children:
-            if c.proc is None:
-                continue
-            try:
-                c.proc.wait(timeout=max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in time; killing it", c.name)
-                c.proc.kill()
-                c.proc.wait()
+        running = [c for c in children if c.proc is not None]
+        while running:
+            running = [c for c in running if c.proc.poll() is None]
+            if self._force or time.monotonic() >= end:
+                for c in running:
+                    if not self._force:
+                        log.warning("%s did not stop in time; killing it", c.name)
+                    c.proc.kill()
+                    c.proc.wait()
+                break
+            time.sleep(0.02)
 
     def _shutdown(self) -> None:
         frontends = [c for c in self.children if c.name.startswith("frontend")]
@@ -251,14 +275,22 @@ class Supervisor:
         remove_stale_segments(tag, only_dead=False)
         for _, _, path in endpoints.list_worker_sockets(self.run_dir):
             path.unlink(missing_ok=True)
+        self._release_run_dir()
+        log.info("stopped")
+
+    def _release_run_dir(self) -> None:
         (self.run_dir / "supervisor.lock").unlink(missing_ok=True)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
+            self._lock_fd = None
         try:
             self.run_dir.rmdir()
         except OSError:
             pass  # not empty: something else lives there; leave it
-        log.info("stopped")
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.") or host.startswith("unix:")
 
 
 def _describe_exit(rc: int) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -186,7 +187,11 @@ def test_sigterm_leaves_nothing_behind(model_repo: Path) -> None:
     srv = ServerProcess(model_repo / "null", frontends=2).start()
     try:
         srv.wait_serving(60)
-        assert len(srv.segments()) == 2  # one ring per frontend
+        # One ring per frontend; SERVING from one frontend does not mean the other is up yet.
+        end = time.monotonic() + 30
+        while len(srv.segments()) < 2 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert len(srv.segments()) == 2
         color, depth = scene(5)
         with DetectorClient(srv.target) as client:
             assert client.detect(color, depth).instances

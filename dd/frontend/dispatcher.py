@@ -7,11 +7,12 @@ limit (Mask R-CNN times vary with the image, so round robin would queue behind
 slow ones). Workers are found by listing the run directory, so they may come
 and go and be started by anything.
 
-A worker is declared dead when its socket disconnects or it misses pings for
-a second, or when it answers with a new incarnation. Its requests in flight
-are retried once on another worker of the model (after bumping the slot's
-generation so the dead worker's leftovers can never be taken for an answer),
-otherwise they fail with UNAVAILABLE.
+A worker is declared dead when its socket disconnects (a killed process: at
+once) or it misses pings for DEAD_AFTER_S (a hung or stopped one), or when it
+answers with a new incarnation. Its requests in flight are retried once on
+another worker of the model (after bumping the slot's generation so the dead
+worker's leftovers can never be taken for an answer), otherwise they fail with
+UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from dd.ipc import endpoints, messages
 log = logging.getLogger("dd.frontend.dispatch")
 
 PING_INTERVAL_S = 0.2
-DEAD_AFTER_S = 1.0
+# Pings are answered by the worker's I/O thread, never behind inference, so silence this long
+# means hung or stopped (SIGSTOP, swapping), not busy. Long enough not to fire on a loaded host.
+DEAD_AFTER_S = 2.0
 DISCOVERY_INTERVAL_S = 0.5
 
 
@@ -91,7 +94,11 @@ class Dispatcher:
         self.ctx = zmq.asyncio.Context()
         self.identity = f"fe-{os.getpid()}".encode()
         self.links: dict[Path, WorkerLink] = {}
-        self._changed = asyncio.Condition()
+        # Requests waiting for a credit: plain futures, woken synchronously. Not an asyncio.Condition:
+        # wait_for(cond.wait()) cancelled at the wrong moment (a client cancel, a deadline) leaves the
+        # condition's lock released twice or held forever, after which every request of this
+        # frontend blocks on the lock until its deadline (seen in scripts/soak.py).
+        self._waiters: set[asyncio.Future] = set()
         self._tasks: list[asyncio.Task] = []
         self._ids = itertools.count(1)
         self._rr = itertools.count()
@@ -172,7 +179,7 @@ class Dispatcher:
                     except zmq.Again:
                         pass
                 if link.ready and now - link.last_pong > DEAD_AFTER_S:
-                    self._lost(link, "missed pings for a second")
+                    self._lost(link, f"no answer to pings for {DEAD_AFTER_S:.0f} s")
             await asyncio.sleep(PING_INTERVAL_S)
 
     async def _monitor_loop(self, link: WorkerLink, monitor: zmq.asyncio.Socket) -> None:
@@ -206,35 +213,43 @@ class Dispatcher:
     async def _recv_loop(self, link: WorkerLink) -> None:
         while True:
             frames = await link.sock.recv_multipart()
-            kind = frames[0]
-            if kind == messages.REPLY:
-                rep = messages.InferReply.FromString(frames[1])
-                fut = link.inflight.pop(rep.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(Reply(rep.code, rep.message, frames[2] if len(frames) > 2 else None))
+            try:
+                self._on_message(link, frames)
+            except Exception:  # noqa: BLE001 - a malformed frame must not stop this loop
+                log.exception("bad message from worker %s (%d frame(s)); ignored", link.name, len(frames))
+
+    def _on_message(self, link: WorkerLink, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            raise ValueError("expected a kind and a payload frame")
+        kind = frames[0]
+        if kind == messages.REPLY:
+            rep = messages.InferReply.FromString(frames[1])
+            fut = link.inflight.pop(rep.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(Reply(rep.code, rep.message, frames[2] if len(frames) > 2 else None))
+            self._changed_soon()
+        elif kind == messages.PONG:
+            pong = messages.Pong.FromString(frames[1])
+            if link.incarnation and pong.incarnation != link.incarnation:
+                self._lost(link, "it restarted")
+            changed = link.ready != pong.ready or link.error != pong.error
+            link.incarnation = pong.incarnation
+            link.ready = pong.ready
+            link.error = pong.error
+            link.engine = pong.engine
+            link.device = pong.device
+            link.last_pong = time.time()
+            if changed:
+                log.info("worker %s %s", link.name, "ready" if pong.ready else f"not ready {pong.error}")
                 self._changed_soon()
-            elif kind == messages.PONG:
-                pong = messages.Pong.FromString(frames[1])
-                if link.incarnation and pong.incarnation != link.incarnation:
-                    self._lost(link, "it restarted")
-                changed = link.ready != pong.ready or link.error != pong.error
-                link.incarnation = pong.incarnation
-                link.ready = pong.ready
-                link.error = pong.error
-                link.engine = pong.engine
-                link.device = pong.device
-                link.last_pong = time.time()
-                if changed:
-                    log.info("worker %s %s", link.name, "ready" if pong.ready else f"not ready {pong.error}")
-                    self._changed_soon()
 
     def _changed_soon(self) -> None:
-        asyncio.get_running_loop().create_task(self._notify())
+        """A credit came free or a worker's state changed: every waiter looks again."""
+        waiters, self._waiters = self._waiters, set()
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
         self._on_change()
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
 
     # -- dispatch -------------------------------------------------------------------------
     def _pick(self, model: str) -> WorkerLink | None:
@@ -250,22 +265,25 @@ class Dispatcher:
         return best
 
     async def _acquire(self, model: str, deadline: float) -> WorkerLink:
-        async with self._changed:
-            while True:
-                link = self._pick(model)
-                if link is not None:
-                    return link
-                left = deadline - time.time()
-                if left <= 0 or self._closing:
-                    break
-                err = self.model_error(model)
-                if err and self.ready_workers(model) == 0:
-                    raise DispatchError(grpc.StatusCode.UNAVAILABLE,
-                                        f"model {model!r} has no ready worker: it failed to load ({err})")
-                try:
-                    await asyncio.wait_for(self._changed.wait(), timeout=min(left, 0.25))
-                except asyncio.TimeoutError:
-                    pass
+        loop = asyncio.get_running_loop()
+        while True:
+            link = self._pick(model)
+            if link is not None:
+                return link
+            left = deadline - time.time()
+            if left <= 0 or self._closing:
+                break
+            err = self.model_error(model)
+            if err and self.ready_workers(model) == 0:
+                raise DispatchError(grpc.StatusCode.UNAVAILABLE,
+                                    f"model {model!r} has no ready worker: it failed to load ({err})")
+            fut = loop.create_future()
+            self._waiters.add(fut)
+            try:
+                # asyncio.wait never cancels fut, and a cancelled caller leaves nothing behind.
+                await asyncio.wait((fut,), timeout=min(left, 0.25))
+            finally:
+                self._waiters.discard(fut)
         if self.ready_workers(model) == 0:
             raise DispatchError(grpc.StatusCode.UNAVAILABLE,
                                 f"no worker of model {model!r} is ready (starting, restarting or stopped)")
@@ -273,15 +291,20 @@ class Dispatcher:
                             f"every worker of model {model!r} is busy and none freed up before the deadline")
 
     async def submit(self, req: messages.InferRequest, deadline: float,
-                     rebind: Callable[[], int]) -> bytes:
+                     rebind: Callable[[], int], give_up_at: float | None = None) -> bytes:
         """Sends the request to a worker and waits for its serialized response.
 
-        `rebind` bumps the slot's generation before a retry and returns the new
-        one, so the dead worker's copy of the request is void.
+        Waits for a worker credit until `give_up_at` (default: the deadline),
+        then for the answer until the deadline. `rebind` bumps the slot's
+        generation before a retry and returns the new one, so the dead worker's
+        copy of the request is void.
         """
         attempts = 0
         while True:
-            link = await self._acquire(req.model, deadline)
+            link = await self._acquire(req.model, give_up_at or deadline)
+            if time.time() >= deadline:
+                raise DispatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                    "deadline exceeded before a worker could take the request")
             attempts += 1
             fut: asyncio.Future = asyncio.get_running_loop().create_future()
             link.inflight[req.id] = fut

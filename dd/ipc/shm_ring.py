@@ -10,6 +10,11 @@ bumps it whenever it hands the slot out again (or takes a request back from a
 worker it gave up on), and a worker checks it before trusting what it read, so
 a late message about an old request can never act on a new one.
 
+Each slot's state (free or in use) lives in the header too, not only in the
+frontend's memory, so that anything on the host that may read the segment (an
+operator, the soak script, the tests) can see how full a ring is and prove that
+no slot leaked: `ring_usage(tag)`.
+
 Segments are created with mode 0600 through /dev/shm directly rather than with
 multiprocessing.shared_memory: attaching with the latter registers the segment
 with Python's resource tracker, which unlinks it (and warns) when the *reader*
@@ -19,19 +24,29 @@ exits -- the 3.11 pitfall that would delete a frontend's ring under its feet.
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
+import re
 import shutil
 import struct
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 SHM_DIR = Path("/dev/shm")
-MAGIC = b"DDRING01"
-_HEADER = struct.Struct("<8sIIQQ")  # magic, version, slots, slot_bytes, data_offset
+MAGIC = b"DDRING02"
+VERSION = 2
+# magic, version, slots, slot_bytes, data_offset, creator pid; then `slots` uint64 generations
+# and `slots` uint8 states (FREE or IN_USE), then the page-aligned data area.
+_HEADER = struct.Struct("<8sIIQQQ")
 _PAGE = 4096
+FREE, IN_USE = 0, 1
+# Segment names this package creates: dd-<run tag>-<role>-<pid>. Anything else is refused on
+# attach, so a name in a control message can never point a worker at another file.
+_NAME_RE = re.compile(r"^dd-[0-9a-f]{10}-[a-z]{1,16}-[0-9]{1,10}$")
 
 
 class RingError(RuntimeError):
@@ -42,10 +57,18 @@ def _round_up(n: int, to: int = _PAGE) -> int:
     return (n + to - 1) // to * to
 
 
+def _data_offset(slots: int) -> int:
+    return _round_up(_HEADER.size + 9 * slots)
+
+
 def ring_size(slots: int, slot_bytes: int) -> int:
     """Bytes of /dev/shm a ring of this shape takes, header included."""
     slot_bytes = _round_up(slot_bytes)
-    return _round_up(_HEADER.size + 8 * slots) + slots * slot_bytes
+    return _data_offset(slots) + slots * slot_bytes
+
+
+def valid_segment_name(name: str) -> bool:
+    return bool(_NAME_RE.match(name))
 
 
 def check_shm_capacity(needed: int, shm_dir: Path = SHM_DIR) -> None:
@@ -72,15 +95,21 @@ class ShmRing:
         self.name = name
         self._mm = mm
         self.owner = owner
-        magic, version, slots, slot_bytes, data_offset = _HEADER.unpack_from(mm, 0)
-        if magic != MAGIC or version != 1:
-            raise RingError(f"shared memory segment {name!r} is not a deep-detection ring (bad header)")
+        magic, version, slots, slot_bytes, data_offset, pid = _HEADER.unpack_from(mm, 0)
+        if magic != MAGIC or version != VERSION:
+            raise RingError(f"shared memory segment {name!r} is not a deep-detection ring of this version "
+                            "(bad header); is an older server still running with the same run directory?")
+        if (slots < 1 or slot_bytes < 1 or data_offset != _data_offset(slots)
+                or data_offset + slots * slot_bytes > len(mm)):
+            raise RingError(f"shared memory segment {name!r} has an inconsistent header "
+                            f"({slots} slots of {slot_bytes} bytes in {len(mm)} bytes)")
         self.slots = slots
         self.slot_bytes = slot_bytes
+        self.creator_pid = pid
         self._data_offset = data_offset
         self.generations = np.frombuffer(mm, dtype=np.uint64, count=slots, offset=_HEADER.size)
+        self.states = np.frombuffer(mm, dtype=np.uint8, count=slots, offset=_HEADER.size + 8 * slots)
         self._free: deque[int] = deque(range(slots)) if owner else deque()
-        self._in_use = [False] * slots if owner else []
 
     # -- creation and attachment -------------------------------------------------
     @classmethod
@@ -93,6 +122,8 @@ class ShmRing:
         except FileExistsError as exc:
             raise RingError(f"shared memory segment {path} already exists; another server uses this name "
                             "or a crashed run left it (remove it if no deep-detection process runs)") from exc
+        except PermissionError as exc:
+            raise RingError(f"cannot create {path}: {exc.strerror}; /dev/shm must be writable") from exc
         try:
             os.fchmod(fd, 0o600)  # the umask must not widen it, nor narrow it for us
             os.ftruncate(fd, size)
@@ -102,37 +133,49 @@ class ShmRing:
             path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        data_offset = _round_up(_HEADER.size + 8 * slots)
-        _HEADER.pack_into(mm, 0, MAGIC, 1, slots, slot_bytes, data_offset)
+        _HEADER.pack_into(mm, 0, MAGIC, VERSION, slots, slot_bytes, _data_offset(slots), os.getpid())
         return cls(name, mm, owner=True)
 
     @classmethod
-    def attach(cls, name: str) -> "ShmRing":
+    def attach(cls, name: str, writable: bool = True) -> "ShmRing":
+        """Maps an existing ring. Workers map it writable (CUDA registers it as pinned memory);
+        observers (ring_usage) read only."""
+        if not valid_segment_name(name):
+            raise RingError(f"{name!r} is not a deep-detection ring name (dd-<run>-<role>-<pid>)")
         path = SHM_DIR / name
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW)
         except FileNotFoundError as exc:
             raise RingError(f"shared memory segment {name!r} does not exist (its frontend has stopped)") from exc
         try:
             size = os.fstat(fd).st_size
             if size < _HEADER.size:
                 raise RingError(f"shared memory segment {name!r} is too small to be a ring")
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
-        return cls(name, mm, owner=False)
+        try:
+            return cls(name, mm, owner=False)
+        except BaseException:
+            mm.close()
+            raise
 
     # -- slots ---------------------------------------------------------------------
     @property
     def free_slots(self) -> int:
         return len(self._free)
 
+    def in_use_slots(self) -> int:
+        """Slots handed out and not yet given back, as the header says (any process may ask)."""
+        return int(np.count_nonzero(self.states))
+
     def allocate(self) -> tuple[int, int] | None:
         """A free slot and its new generation, or None when the ring is full (O(1))."""
         if not self._free:
             return None
         slot = self._free.popleft()
-        self._in_use[slot] = True
+        self.states[slot] = IN_USE
         return slot, self.bump(slot)
 
     def bump(self, slot: int) -> int:
@@ -143,9 +186,9 @@ class ShmRing:
 
     def free(self, slot: int) -> None:
         """Gives a slot back. Freeing a free slot is a bug in the caller and raises."""
-        if not self._in_use[slot]:
+        if self.states[slot] != IN_USE:
             raise RingError(f"slot {slot} of ring {self.name} freed twice")
-        self._in_use[slot] = False
+        self.states[slot] = FREE
         self.bump(slot)
         self._free.append(slot)
 
@@ -161,7 +204,11 @@ class ShmRing:
     def array(self, slot: int, offset: int, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
         """A view of part of a slot as an array; no copy."""
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not 0 <= slot < self.slots:
+            raise RingError(f"slot {slot} out of range for ring {self.name} ({self.slots} slots)")
+        if any(s < 0 for s in shape):
+            raise RingError(f"array shape {list(shape)} has a negative dimension")
+        nbytes = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
         if offset < 0 or offset + nbytes > self.slot_bytes:
             raise RingError(f"array of {nbytes} bytes at offset {offset} does not fit a slot of {self.slot_bytes}")
         start = self._data_offset + slot * self.slot_bytes + offset
@@ -173,7 +220,9 @@ class ShmRing:
 
     # -- teardown -------------------------------------------------------------------
     def close(self) -> None:
-        self.generations = None  # type: ignore[assignment]  # drop the view before closing the map
+        # Drop the views before closing the map.
+        self.generations = None  # type: ignore[assignment]
+        self.states = None  # type: ignore[assignment]
         try:
             self._mm.close()
         except BufferError:
@@ -187,6 +236,45 @@ class ShmRing:
 def segment_name(tag: str, role: str, pid: int | None = None) -> str:
     """Segment names carry the run's tag and the creator's pid so stale ones can be found and removed."""
     return f"dd-{tag}-{role}-{pid if pid is not None else os.getpid()}"
+
+
+def run_segments(tag: str) -> list[str]:
+    """Names of the segments in /dev/shm that belong to the run with this tag."""
+    if not SHM_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHM_DIR.iterdir() if p.name.startswith(f"dd-{tag}-"))
+
+
+@dataclass
+class RingUsage:
+    name: str
+    pid: int
+    slots: int
+    in_use: int
+    bytes: int  # size of the segment in /dev/shm
+    generations: int  # sum of the slots' generations: grows by 2 for each request the ring served
+
+
+def ring_usage(tag: str) -> list[RingUsage]:
+    """How full each ring of a run is, read from the segments themselves (read-only).
+
+    This is how an operator, the soak script and the tests see that no slot
+    leaked: after the load stops, every ring's in_use must go back to 0.
+    From a shell: python -c "from dd.ipc.shm_ring import ring_usage; print(ring_usage('TAG'))"
+    where TAG is the run's tag (dd.ipc.endpoints.run_tag(run_dir), also in the segment names).
+    """
+    out = []
+    for name in run_segments(tag):
+        try:
+            ring = ShmRing.attach(name, writable=False)
+        except (RingError, OSError):
+            continue  # removed meanwhile, or not a ring of this version
+        try:
+            out.append(RingUsage(name, ring.creator_pid, ring.slots, ring.in_use_slots(), len(ring._mm),
+                                 int(ring.generations.sum())))
+        finally:
+            ring.close()
+    return out
 
 
 def remove_stale_segments(tag: str, only_dead: bool = True) -> list[str]:

@@ -9,6 +9,13 @@ over an inproc socket (ZeroMQ sockets are not shared between threads).
 
 The engine module, and with it torch, is imported only after
 CUDA_VISIBLE_DEVICES has been set, so each worker sees exactly its own GPU.
+
+One bad request must not cost more than itself: when the engine fails on a
+batch, the batch is run again one image at a time, so only the image that
+fails gets INTERNAL and its neighbours are served; an error while encoding one
+response fails that response. Should the inference thread die all the same,
+the process exits non-zero and the supervisor starts a fresh one, rather than
+answering pings while never serving.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
@@ -29,6 +37,9 @@ from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import RingError, ShmRing
 from dd.procutil import die_with_parent, parent_alive
 from dd.worker.batcher import Batcher
+
+if TYPE_CHECKING:  # the engine modules import torch: only after pinning, inside the inference thread
+    from dd.worker.engines.base import Detections, Engine
 
 log = logging.getLogger("dd.worker")
 
@@ -85,7 +96,9 @@ class Worker:
     # -- I/O thread --------------------------------------------------------------------
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
-        signal.signal(signal.SIGINT, lambda *_: self.stop.set())
+        # Supervised, Ctrl-C (SIGINT to the whole process group) is the supervisor's to handle: it
+        # stops the frontends first, so that what they have in flight here still gets answered.
+        signal.signal(signal.SIGINT, signal.SIG_IGN if self.parent_pid else (lambda *_: self.stop.set()))
         die_with_parent(self.parent_pid)
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
@@ -125,6 +138,9 @@ class Worker:
                     # Keep answering pings for a moment so frontends learn why, then exit for a restart.
                     time.sleep(0.5)
                     return 3
+                if not infer_thread.is_alive() and not self.stop.is_set():
+                    log.error("worker %s: the inference thread died; exiting for a restart", self.name)
+                    return 4
         finally:
             self.stop.set()
             self.batcher.close()
@@ -183,8 +199,9 @@ class Worker:
             try:
                 ring = ShmRing.attach(req.ring)
             except (RingError, OSError) as exc:
+                # Say so rather than drop it: the frontend (if alive) would wait until the deadline.
                 log.warning("cannot attach ring %s: %s", req.ring, exc)
-                return None, None
+                return None, ("INTERNAL", f"worker {self.name} cannot map the frontend's shared memory: {exc}")
             self.rings[req.ring] = ring
             self._forget_dead_rings()
         if req.slot >= ring.slots or ring.generation(req.slot) != req.generation:
@@ -193,7 +210,7 @@ class Worker:
             color = _view(ring, req.slot, req.color)
             depth = _view(ring, req.slot, req.depth) if req.has_depth else None
         except (RingError, ValueError) as exc:
-            return None, ("INVALID_ARGUMENT", f"bad array reference: {exc}")
+            return None, ("INTERNAL", f"bad array reference from the frontend: {exc}")
         return Job(identity, req, ring, color, depth, time.time()), None
 
     def _forget_dead_rings(self) -> None:
@@ -208,12 +225,10 @@ class Worker:
         out.setsockopt(zmq.LINGER, 1000)
         out.connect(self._reply_addr)
         try:
-            from dd.worker.engines import create_engine
-            from dd.worker.encode import build_response
+            from dd.worker.engines import load_engine
 
             t0 = time.perf_counter()
-            engine = create_engine(self.model, self.device)
-            engine.load()
+            engine = load_engine(self.model, self.device)
             log.info("worker %s loaded %s engine in %.1f s", self.name, engine.name, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
             log.exception("worker %s failed to load the model", self.name)
@@ -221,59 +236,92 @@ class Worker:
             out.close()
             return
         self.ready = True
-        from dd.worker.engines.base import EngineInput
-
         while True:
             batch = self.batcher.get_batch(timeout=0.2)
             if not batch:
                 if self.stop.is_set():
                     break
                 continue
-            started = time.time()
-            live: list[Job] = []
-            for job in batch:
-                if job.req.deadline and started > job.req.deadline:
-                    out.send_multipart([job.identity, messages.REPLY,
-                                        _reply(job.req.id, "DEADLINE_EXCEEDED", "deadline passed while queued")])
-                elif job.ring.generation(job.req.slot) == job.req.generation:
-                    live.append(job)
-            if not live:
-                continue
-            inputs = []
-            for job in live:
-                thr = job.req.score_threshold if job.req.score_threshold > 0 else self.model.score_threshold
-                inputs.append(EngineInput(job.color, job.depth, thr))
-            want_masks = any(job.req.mask_format == 0 for job in live)
-            t_inf = time.perf_counter()
             try:
-                results = engine.infer(inputs, want_masks=want_masks)
-            except Exception as exc:  # noqa: BLE001 - the engine failed this batch, the worker lives on
-                log.exception("engine failed on a batch of %d", len(live))
-                msg = f"engine error on this batch: {type(exc).__name__}: {exc}"
-                for job in live:
-                    out.send_multipart([job.identity, messages.REPLY, _reply(job.req.id, "INTERNAL", msg)])
-                continue
-            inference_us = int((time.perf_counter() - t_inf) * 1e6)
-            for job, det in zip(live, results):
-                t_post = time.perf_counter()
-                req = job.req
-                h, w = job.color.shape[:2]
-                resp = build_response(det, self.model.categories, request_id=req.request_id, model=self.model.name,
-                                      height=h, width=w, mask_format=req.mask_format, worker=self.name)
-                tm = resp.timing
-                tm.queued_us = max(0, int((started - req.dispatched_at) * 1e6))
-                tm.decode_us = req.decode_us
-                tm.inference_us = inference_us
-                tm.batch_size = len(live)
-                tm.postprocess_us = int((time.perf_counter() - t_post) * 1e6)
-                tm.total_us = max(0, int((time.time() - req.received_at) * 1e6))
-                body = resp.SerializeToString()
-                if job.ring.generation(req.slot) != req.generation:
-                    continue  # the frontend gave up on it meanwhile
-                out.send_multipart([job.identity, messages.REPLY, _reply(req.id, "OK", ""), body], copy=False)
-            del results, inputs, live, batch
+                self._run_batch(engine, batch, out)
+            except Exception:  # noqa: BLE001 - never let one batch end the loop
+                log.exception("worker %s: unexpected error serving a batch of %d", self.name, len(batch))
+                for job in batch:
+                    _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
+            del batch
         engine.close()
         out.close()
+
+    def _run_batch(self, engine: "Engine", batch: list[Job], out: zmq.Socket) -> None:
+        started = time.time()
+        live: list[Job] = []
+        for job in batch:
+            if job.req.deadline and started > job.req.deadline:
+                _send(out, job, "DEADLINE_EXCEEDED", "deadline passed while queued at the worker")
+            elif job.ring.generation(job.req.slot) == job.req.generation:
+                live.append(job)
+            # else: the frontend gave up on it (cancelled, retried elsewhere); nobody waits for it
+        if not live:
+            return
+        t_inf = time.perf_counter()
+        results = self._infer(engine, live)
+        inference_us = int((time.perf_counter() - t_inf) * 1e6)
+        for job, det in zip(live, results):
+            if isinstance(det, str):
+                _send(out, job, "INTERNAL", det)
+                continue
+            try:
+                body = self._response(job, det, started, inference_us, len(live))
+            except Exception as exc:  # noqa: BLE001 - fail this response, serve the rest
+                log.exception("worker %s: cannot encode the response to request %s", self.name, job.req.request_id)
+                _send(out, job, "INTERNAL", f"cannot encode the response: {type(exc).__name__}: {exc}")
+                continue
+            if job.ring.generation(job.req.slot) != job.req.generation:
+                continue  # the frontend gave up on it meanwhile (and may have reused the slot)
+            out.send_multipart([job.identity, messages.REPLY, _reply(job.req.id, "OK", ""), body], copy=False)
+
+    def _infer(self, engine: "Engine", live: list[Job]) -> list:
+        """One Detections per job, or for a job the engine failed on, the message to send instead."""
+        from dd.worker.engines.base import EngineInput
+
+        def inputs(jobs: list[Job]) -> list[EngineInput]:
+            return [EngineInput(j.color, j.depth, j.req.score_threshold if j.req.score_threshold > 0
+                                else self.model.score_threshold) for j in jobs]
+
+        want_masks = any(job.req.mask_format == 0 for job in live)
+        try:
+            results = engine.infer(inputs(live), want_masks=want_masks)
+            if len(results) != len(live):
+                raise RuntimeError(f"engine returned {len(results)} results for {len(live)} images")
+            return list(results)
+        except Exception as exc:  # noqa: BLE001 - the engine failed this batch, the worker lives on
+            if len(live) == 1:
+                log.exception("worker %s: engine failed on request %s", self.name, live[0].req.request_id)
+                return [f"engine error on this image: {type(exc).__name__}: {exc}"]
+            log.warning("worker %s: engine failed on a batch of %d (%s: %s); retrying one at a time",
+                        self.name, len(live), type(exc).__name__, exc)
+        return [self._infer(engine, [job])[0] for job in live]
+
+    def _response(self, job: Job, det: "Detections", started: float, inference_us: int, batch_size: int) -> bytes:
+        from dd.worker.encode import build_response
+
+        t_post = time.perf_counter()
+        req = job.req
+        h, w = job.color.shape[:2]
+        resp = build_response(det, self.model.categories, request_id=req.request_id, model=self.model.name,
+                              height=h, width=w, mask_format=req.mask_format, worker=self.name)
+        tm = resp.timing
+        tm.queued_us = max(0, int((started - req.dispatched_at) * 1e6))
+        tm.decode_us = req.decode_us
+        tm.inference_us = inference_us
+        tm.batch_size = batch_size
+        tm.postprocess_us = int((time.perf_counter() - t_post) * 1e6)
+        tm.total_us = max(0, int((time.time() - req.received_at) * 1e6))
+        return resp.SerializeToString()
+
+
+def _send(out: zmq.Socket, job: Job, code: str, message: str) -> None:
+    out.send_multipart([job.identity, messages.REPLY, _reply(job.req.id, code, message)])
 
 
 def _view(ring: ShmRing, slot: int, ref: messages.ArrayRef) -> np.ndarray:

@@ -1,0 +1,434 @@
+#!/usr/bin/env python3
+"""Soak test: minutes of mixed load on a real server while its workers are SIGKILLed now and then.
+
+    python scripts/soak.py --minutes 30                 # built-in null-engine models, 2 frontends
+    python scripts/soak.py --model configs/models/demo-rgbd --minutes 10 --kill-every 60
+
+It starts `deep-detection serve` itself (so it knows which processes to kill and
+to measure), offers a mix of requests from --concurrency clients (raw and PNG
+RGB-D, RGB, streams, corrupt images, calls cancelled mid-flight, deadlines too
+short to meet) and every --interval seconds prints the requests done, the
+statuses by kind, RSS and open file descriptors of every process, and
+/dev/shm usage. Answers of null-engine models are checked against their own
+request. It ends with one line:
+
+    VERDICT: PASS ...   or   VERDICT: FAIL: <every reason>
+
+FAIL means: a wrong answer, a status a request of its kind must never get, a
+killed worker that was not back and ready within --max-recovery seconds, a
+slot not given back after the load,
+a process whose RSS or open files kept growing, or an unclean stop. Exit
+status 0 on PASS, 1 on FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from dd.ipc.endpoints import run_tag  # noqa: E402
+from dd.ipc.shm_ring import ring_usage, run_segments  # noqa: E402
+from dd.proto.deep_detection.v1 import detector_pb2 as pb  # noqa: E402
+from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc  # noqa: E402
+from dd.worker.engines.null import null_detections  # noqa: E402
+
+# Statuses each kind of request may end with. Anything else is a failure.
+ALLOWED = {
+    "unary": {"OK", "UNAVAILABLE"},  # UNAVAILABLE: its worker was killed and the retry failed too
+    "png": {"OK", "UNAVAILABLE"},
+    "rgb": {"OK", "UNAVAILABLE"},
+    "stream": {"OK", "UNAVAILABLE"},
+    "corrupt": {"INVALID_ARGUMENT"},
+    "cancel": {"CANCELLED", "OK"},
+    "short-deadline": {"OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "UNAVAILABLE"},
+}
+MIX = [("unary", 55), ("png", 10), ("rgb", 10), ("stream", 10), ("corrupt", 5), ("cancel", 5),
+       ("short-deadline", 5)]
+RSS_GROWTH_LIMIT = 64 * 2**20
+FD_GROWTH_LIMIT = 16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def null_models(root: Path) -> Path:
+    """Two null-engine models: RGB-D with 2 workers, RGB with 1. Answers are a function of the pixels."""
+    for name, kind, per_device in (("rgbd", "RGBDNullServicer", 2), ("rgb", "RGBNullServicer", 1)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "categories.txt").write_text("a\nb\n")
+        (folder / "node_config.json").write_text(json.dumps({
+            "DETECTION_TYPE": kind, "CATEGORY_FILE": "categories.txt", "SCORE_THRESH_TEST": 0.0, "DEVICES": "cpu",
+            "MAX_BATCH_SIZE": 4, "INSTANCES_PER_DEVICE": per_device,
+            "ENGINE_OPTIONS": {"instances": 4, "cost_ms": 10}}))
+    return root
+
+
+class Case:
+    def __init__(self, rng: np.random.Generator, rid: str, depth: bool, png: bool, model: str) -> None:
+        h, w = int(rng.integers(16, 64)), int(rng.integers(16, 64))
+        self.color = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        self.depth = rng.integers(0, 4000, (h, w), dtype=np.uint16) if depth else None
+        if png:
+            color = pb.Image(data=cv2.imencode(".png", cv2.cvtColor(self.color, cv2.COLOR_RGB2BGR))[1].tobytes())
+        else:
+            color = pb.Image(data=self.color.tobytes(), encoding=pb.Image.RAW, shape=[h, w, 3], dtype=pb.UINT8)
+        self.request = pb.DetectRequest(model=model, request_id=rid, color=color, mask_format=pb.NONE)
+        if self.depth is not None:
+            self.request.depth.CopyFrom(pb.Image(data=self.depth.tobytes(), encoding=pb.Image.RAW, shape=[h, w],
+                                                 dtype=pb.UINT16))
+
+    def wrong(self, resp: pb.DetectResponse) -> bool:
+        if resp.request_id != self.request.request_id or (resp.height, resp.width) != self.color.shape[:2]:
+            return True
+        want = null_detections(self.color, self.depth, 4, 2, 0.0, want_masks=False)
+        got = np.asarray([i.score for i in resp.instances], np.float32)
+        return got.shape != want.scores.shape or not np.allclose(got, want.scores, atol=1e-6)
+
+
+class Soak:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="dd-soak-"))
+        self.model_path = Path(args.model) if args.model else null_models(self.tmp / "models")
+        self.port = free_port()
+        self.run_dir = self.tmp / "run"
+        self.tag = run_tag(self.run_dir)
+        self.check_answers = args.model is None
+        self.stats: Counter = Counter()  # (kind, status) in this interval
+        self.total: Counter = Counter()
+        self.wrong = 0
+        self.unexpected: Counter = Counter()
+        self.kills = 0
+        self.problems: list[str] = []
+        self.first: dict[int, tuple[str, int, int]] = {}  # pid: (name, rss, fds) at the first sample
+        self.last: dict[int, tuple[str, int, int]] = {}
+        self.peak: dict[int, int] = {}
+        self.reported_at = 0.0
+        self.recoveries: list[float] = []  # seconds from a kill to every worker ready again
+        self.interval_recoveries: list[float] = []
+
+    # -- the server ---------------------------------------------------------------------------
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "dd", "serve", str(self.model_path), "--host", "127.0.0.1", "--port",
+                str(self.port), "--run-dir", str(self.run_dir), "--frontends", str(self.args.frontends),
+                "--ring-slots", "16", "--slot-mb", "1", "--log-dir", str(self.tmp / "logs")]
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited with {self.proc.returncode}; logs in {self.tmp / 'logs'}")
+            models = self.list_models()
+            workers = sum(1 for name in self.processes().values() if name.startswith("worker"))
+            # Every worker ready (as seen by the frontend that answered), not just one per model.
+            if models and all(m.ready for m in models) and sum(m.ready_workers for m in models) == workers:
+                self.models = {m.name: m for m in models}
+                self.workers_planned = workers
+                return
+            time.sleep(0.2)
+        raise SystemExit("server not ready after 120 s")
+
+    def list_models(self) -> list:
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
+            try:
+                return list(pb_grpc.DetectorStub(ch).ListModels(pb.ListModelsRequest(), timeout=2).models)
+            except grpc.RpcError:
+                return []
+
+    def processes(self) -> dict[int, str]:
+        out = {self.proc.pid: "supervisor"}
+        try:
+            kids = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return out
+        for p in kids:
+            try:
+                argv = p.cmdline()
+                if p.status() == psutil.STATUS_ZOMBIE or len(argv) < 4:
+                    continue  # just died, or not yet exec'd
+            except psutil.NoSuchProcess:
+                continue
+            role = argv[3]
+            if role == "worker" and "--model" in argv and "--index" in argv:
+                role = f"worker-{argv[argv.index('--model') + 1]}.{argv[argv.index('--index') + 1]}"
+            elif role == "frontend":
+                role = f"frontend-{p.pid}"
+            out[p.pid] = role
+        return out
+
+    # -- load ----------------------------------------------------------------------------------
+    async def client(self, k: int, stop_at: float) -> None:
+        rng = np.random.default_rng(k)
+        prng = random.Random(k)
+        kinds, weights = zip(*MIX)
+        rgbd = "rgbd" if "rgbd" in self.models else next(iter(self.models))
+        rgb = "rgb" if "rgb" in self.models else rgbd
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as ch:
+            stub = pb_grpc.DetectorStub(ch)
+            n = 0
+            while time.monotonic() < stop_at:
+                kind = prng.choices(kinds, weights)[0]
+                n += 1
+                rid = f"c{k}-{n}"
+                status = await self.one(stub, kind, rid, rng, prng, rgbd, rgb)
+                self.stats[(kind, status)] += 1
+                if status not in ALLOWED[kind]:
+                    self.unexpected[(kind, status)] += 1
+
+    async def one(self, stub, kind: str, rid: str, rng, prng, rgbd: str, rgb: str) -> str:
+        depth = self.models[rgbd].input_kind == "rgbd"
+        try:
+            if kind == "stream":
+                cases = [Case(rng, f"{rid}.{i}", depth, False, rgbd) for i in range(5)]
+                by_id = {c.request.request_id: c for c in cases}
+                seen = 0
+                async for resp in stub.DetectStream(iter([c.request for c in cases]), timeout=30):
+                    seen += 1
+                    if resp.error_code:
+                        return grpc.StatusCode(_code(resp.error_code)).name
+                    self.check(by_id[resp.request_id], resp)
+                return "OK" if seen == len(cases) else "MISSING_RESPONSES"
+            if kind == "corrupt":
+                data = bytes(rng.integers(0, 256, int(rng.integers(1, 2000)), dtype=np.uint8))
+                await stub.Detect(pb.DetectRequest(model=rgbd, color=pb.Image(data=data)), timeout=30)
+                return "OK"
+            case = Case(rng, rid, depth if kind != "rgb" else self.models[rgb].input_kind == "rgbd",
+                        kind == "png", rgb if kind == "rgb" else rgbd)
+            if kind == "cancel":
+                call = stub.Detect(case.request, timeout=30)
+                await asyncio.sleep(prng.uniform(0, 0.02))
+                call.cancel()
+                try:
+                    self.check(case, await call)
+                    return "OK"
+                except asyncio.CancelledError:
+                    return "CANCELLED"
+            timeout = 0.02 if kind == "short-deadline" else 30
+            self.check(case, await stub.Detect(case.request, timeout=timeout))
+            return "OK"
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+
+    def check(self, case: Case, resp: pb.DetectResponse) -> None:
+        if self.check_answers and case.wrong(resp):
+            self.wrong += 1
+
+    # -- damage and measurement ------------------------------------------------------------------
+    async def ready_workers(self, stub) -> int:
+        try:
+            resp = await stub.ListModels(pb.ListModelsRequest(), timeout=2)
+        except grpc.aio.AioRpcError:
+            return -1
+        return sum(m.ready_workers for m in resp.models)
+
+    async def monitor(self, start: float, stop_at: float) -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}") as ch:
+            await self._monitor(pb_grpc.DetectorStub(ch), start, stop_at)
+
+    async def _monitor(self, stub, start: float, stop_at: float) -> None:
+        killed_at: float | None = None
+        # Half a period out of step with the reports, so that a report does not always catch a worker
+        # in the middle of its restart.
+        next_kill = start + self.args.kill_every / 2 if self.args.kill_every > 0 else float("inf")
+        next_report = start + self.args.interval
+        victims = 0
+        while time.monotonic() < stop_at:
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+            if killed_at is not None and await self.ready_workers(stub) == self.workers_planned:
+                self.recoveries.append(time.monotonic() - killed_at)
+                self.interval_recoveries.append(self.recoveries[-1])
+                killed_at = None
+            if now >= next_kill:
+                next_kill += self.args.kill_every
+                if killed_at is not None:
+                    self.problems.append(f"a killed worker was not back {now - killed_at:.1f} s later, "
+                                         "when the next kill was due")
+                workers = sorted((name, pid) for pid, name in self.processes().items() if name.startswith("worker"))
+                if workers:
+                    name, pid = workers[victims % len(workers)]
+                    victims += 1
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                        self.kills += 1
+                        killed_at = time.monotonic()
+                    except ProcessLookupError:
+                        pass
+            if now >= next_report:
+                next_report += self.args.interval
+                self.report(now - start)
+
+    def sample(self) -> dict[int, tuple[str, int, int]]:
+        out = {}
+        for pid, name in self.processes().items():
+            try:
+                p = psutil.Process(pid)
+                out[pid] = (name, p.memory_info().rss, p.num_fds())
+            except psutil.NoSuchProcess:
+                pass
+        for pid, v in out.items():
+            self.first.setdefault(pid, v)
+            self.peak[pid] = max(self.peak.get(pid, 0), v[1])
+        self.last = out
+        return out
+
+    def report(self, t: float) -> None:
+        elapsed = max(1e-3, t - self.reported_at)
+        self.reported_at = t
+        done = sum(self.stats.values())
+        by_status: Counter = Counter()
+        for (kind, status), n in self.stats.items():
+            by_status[status] += n
+        self.total.update(self.stats)
+        self.stats.clear()
+        procs = self.sample()
+        rings = ring_usage(self.tag)
+        shm = sum(r.bytes for r in rings)
+        statuses = " ".join(f"{s} {n}" for s, n in sorted(by_status.items()))
+        back = f" back<={max(self.interval_recoveries):.1f}s" if self.interval_recoveries else ""
+        self.interval_recoveries.clear()
+        mem = " ".join(f"{name}={rss / 2**20:.0f}M/{fds}fd" for name, rss, fds in sorted(procs.values()))
+        print(f"t={t:5.0f}s  done {done:5d} ({done / elapsed:5.0f}/s)  {statuses} | unexpected "
+              f"{sum(self.unexpected.values())} wrong {self.wrong} kills {self.kills}{back} | {mem} | /dev/shm "
+              f"{len(rings)} rings {shm / 2**20:.1f} MiB, {sum(r.in_use for r in rings)} slots in use", flush=True)
+
+    # -- the verdict ------------------------------------------------------------------------------
+    def verdict(self) -> bool:
+        p = self.problems
+        if self.wrong:
+            p.append(f"{self.wrong} wrong answer(s)")
+        for (kind, status), n in sorted(self.unexpected.items()):
+            p.append(f"{n} {kind} request(s) ended {status}")
+        slow = [r for r in self.recoveries if r > self.args.max_recovery]
+        if slow:
+            p.append(f"{len(slow)} of {len(self.recoveries)} killed workers took longer than "
+                     f"{self.args.max_recovery:.0f} s to be ready again (slowest {max(slow):.1f} s)")
+        # Every killed worker is back.
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            if sum(m.ready_workers for m in self.list_models()) == self.workers_planned:
+                break
+            time.sleep(0.2)
+        else:
+            p.append(f"workers not all back 30 s after the load: {self.list_models()}")
+        # Every slot back, at once.
+        end = time.monotonic() + 5
+        while sum(r.in_use for r in ring_usage(self.tag)) and time.monotonic() < end:
+            time.sleep(0.05)
+        in_use = sum(r.in_use for r in ring_usage(self.tag))
+        if in_use:
+            p.append(f"{in_use} ring slot(s) still in use after the load")
+        if len(run_segments(self.tag)) != self.args.frontends:
+            p.append(f"/dev/shm holds {run_segments(self.tag)}, expected one ring per frontend")
+        # Processes that lived through the run did not grow (the first sample is taken after warm-up).
+        final = self.sample()
+        for pid, (name, rss, fds) in final.items():
+            first = self.first.get(pid)
+            if first is None or first is final.get(pid):
+                continue
+            if self.peak[pid] - first[1] > RSS_GROWTH_LIMIT:
+                p.append(f"{name} (pid {pid}) RSS grew {first[1] >> 20} -> {self.peak[pid] >> 20} MiB")
+            if fds - first[2] > FD_GROWTH_LIMIT:
+                p.append(f"{name} (pid {pid}) open files grew {first[2]} -> {fds}")
+        return not p
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                rc = self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                rc = self.proc.wait()
+                self.problems.append("the server did not stop within 60 s of SIGTERM")
+            if rc != 0:
+                self.problems.append(f"the server exited with {rc} on SIGTERM")
+        if run_segments(self.tag):
+            self.problems.append(f"shared memory left after stop: {run_segments(self.tag)}")
+        if self.run_dir.exists():
+            self.problems.append(f"run directory left after stop: {sorted(os.listdir(self.run_dir))}")
+
+    async def run(self) -> None:
+        start = time.monotonic()
+        stop_at = start + self.args.seconds
+        clients = [asyncio.create_task(self.client(k, stop_at)) for k in range(self.args.concurrency)]
+        await self.monitor(start, stop_at)
+        await asyncio.gather(*clients)
+        if self.stats:
+            self.report(time.monotonic() - start)
+
+
+def _code(value: int) -> tuple:
+    for c in grpc.StatusCode:
+        if c.value[0] == value:
+            return c.value
+    return grpc.StatusCode.UNKNOWN.value
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="model folder or repository to serve (default: built-in null models, whose "
+                                    "answers are checked)")
+    ap.add_argument("--minutes", type=float, help="how long to run")
+    ap.add_argument("--seconds", type=float, default=60.0, help="how long to run, if --minutes is not given")
+    ap.add_argument("--interval", type=float, default=10.0, help="seconds between report lines")
+    ap.add_argument("--kill-every", type=float, default=15.0, help="SIGKILL a worker this often (0: never)")
+    ap.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
+    ap.add_argument("--frontends", type=int, default=2)
+    ap.add_argument("--keep", action="store_true", help="keep the logs and models even when the verdict is PASS")
+    ap.add_argument("--max-recovery", type=float, default=5.0,
+                    help="seconds a killed worker may take to be ready again (its model's load time + margin)")
+    args = ap.parse_args(argv)
+    if args.minutes:
+        args.seconds = args.minutes * 60
+    soak = Soak(args)
+    print(f"soak: {args.seconds:.0f} s, {args.concurrency} clients, a worker killed every {args.kill_every:.0f} s, "
+          f"logs in {soak.tmp / 'logs'}", flush=True)
+    ok = False
+    try:
+        soak.start()
+        asyncio.run(soak.run())
+        ok = soak.verdict()
+    finally:
+        soak.stop()
+    total = sum(soak.total.values())
+    by_status: Counter = Counter()
+    for (_, status), n in soak.total.items():
+        by_status[status] += n
+    summary = f"{total} requests ({', '.join(f'{s} {n}' for s, n in sorted(by_status.items()))}), {soak.kills} kills"
+    if soak.recoveries:
+        summary += f", workers back in {np.median(soak.recoveries):.1f} s (median), {max(soak.recoveries):.1f} s (max)"
+    if ok and not soak.problems:
+        print(f"VERDICT: PASS: {summary}, no wrong answers, no slot leaked, memory and files bounded, clean stop")
+        if not args.keep:
+            shutil.rmtree(soak.tmp, ignore_errors=True)
+        return 0
+    print(f"VERDICT: FAIL: {'; '.join(soak.problems)} ({summary}; logs in {soak.tmp / 'logs'})")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
