@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import cv2
@@ -41,6 +42,10 @@ _RAW_DTYPES = {pb.UINT8: np.uint8, pb.UINT16: np.uint16, pb.FLOAT32: np.float32}
 ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 _COLOR_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 _DEPTH_FLAGS = cv2.IMREAD_UNCHANGED  # keeps 16 bits; ignores EXIF orientation
+# A request's depth image decodes here while its color image decodes in the caller's thread:
+# the request waits for the slower of the two instead of their sum (a noisy 16-bit PNG can
+# cost as much as the JPEG). Bounded, like every pool here.
+_DEPTH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="depth-decode")
 
 
 class RequestError(Exception):
@@ -191,23 +196,23 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
         raise _invalid(f"image needs {end} bytes of shared memory but a ring slot holds {len(slot)}; "
                        "send a smaller image or ask the operator to raise --slot-mb / max_image_pixels")
 
-    # 2. Pixels.
-    dst = _slot_array(slot, 0, (h, w, 3), np.uint8)
-    if color_raw is not None:
-        np.copyto(dst, color_raw)
-    else:
-        bgr = _imdecode(color_img.data, _COLOR_FLAGS)
-        if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
-            raise _invalid("color: the image could not be decoded (corrupt or unsupported data)")
-        if bgr.shape[:2] != (h, w):
-            raise _invalid(f"color: decoded size {bgr.shape[1]}x{bgr.shape[0]} differs from its header's {w}x{h}")
-        cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=dst)
-    color = Placed(0, (h, w, 3), "uint8")
+    # 2. Pixels. The depth decode (into its own array) overlaps the color decode; only this
+    # thread writes into the slot, so the slot is untouched once this function returns or raises.
+    depth_future: Future | None = None
+    if needs_depth and depth_raw is None:
+        depth_future = _DEPTH_POOL.submit(_imdecode, depth_img.data, _DEPTH_FLAGS)
+    try:
+        color = _decode_color(color_img, color_raw, slot, h, w)
+    except BaseException:
+        if depth_future is not None:
+            depth_future.cancel()
+        raise
     if not needs_depth:
         return Decoded(color, None, h, w)
 
     if depth_raw is None:
-        depth_raw = _imdecode(depth_img.data, _DEPTH_FLAGS)
+        assert depth_future is not None
+        depth_raw = depth_future.result()
         if depth_raw is None:
             raise _invalid("depth: the image could not be decoded (corrupt or unsupported data)")
         if depth_raw.ndim != 2 or depth_raw.dtype != np.uint16:
@@ -222,6 +227,20 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     dst = _slot_array(slot, depth_offset, depth_raw.shape, depth_raw.dtype)
     np.copyto(dst, depth_raw)
     return Decoded(color, Placed(depth_offset, tuple(depth_raw.shape), depth_raw.dtype.name), h, w)
+
+
+def _decode_color(color_img: pb.Image, color_raw: np.ndarray | None, slot: memoryview, h: int, w: int) -> Placed:
+    dst = _slot_array(slot, 0, (h, w, 3), np.uint8)
+    if color_raw is not None:
+        np.copyto(dst, color_raw)
+    else:
+        bgr = _imdecode(color_img.data, _COLOR_FLAGS)
+        if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
+            raise _invalid("color: the image could not be decoded (corrupt or unsupported data)")
+        if bgr.shape[:2] != (h, w):
+            raise _invalid(f"color: decoded size {bgr.shape[1]}x{bgr.shape[0]} differs from its header's {w}x{h}")
+        cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=dst)
+    return Placed(0, (h, w, 3), "uint8")
 
 
 def _imdecode(data: bytes, flags: int) -> np.ndarray | None:
