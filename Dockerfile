@@ -1,6 +1,7 @@
 # deep-detection server image. Build: docker build -t deep-detection .
-# Run (GPUs, enough shared memory for the rings; the server checks at start):
-#   docker run --gpus all --shm-size=2g -p 50051:50051 deep-detection
+# Run (GPUs, enough shared memory for the rings: frontends x 633 MiB by default, see
+# docs/operations.md; the server checks at start):
+#   docker run --gpus all --shm-size=3g -p 50051:50051 deep-detection serve --frontends 4
 #   docker run ... -v /path/to/models:/models deep-detection serve /models
 FROM python:3.11-slim
 

@@ -193,10 +193,10 @@ class Supervisor:
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 
     def run(self) -> int:
+        plans = plan_workers(self.models, visible_gpus())  # may refuse DEVICES: before anything is created
         self._prepare()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        plans = plan_workers(self.models, visible_gpus())
         for p in plans:
             argv = self._base_argv("worker") + ["--model", p.model, "--index", str(p.index),
                                                 "--gpu", str(p.gpu if p.gpu is not None else -1)]

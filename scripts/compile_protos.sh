@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 out=dd/proto
 rm -rf "$out"
 mkdir -p "$out"
-python -m grpc_tools.protoc -Iprotos --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
+"${PYTHON:-python3}" -m grpc_tools.protoc -Iprotos --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
   $(cd protos && find . -name '*.proto' | sort | sed 's|^\./||')
 # Generated imports are absolute ("from deep_detection.v1 import ..."); make them
 # package-relative so the code lives inside `dd` without touching sys.path.

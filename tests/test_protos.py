@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import filecmp
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -15,7 +17,8 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
     work.mkdir()
     shutil.copytree(REPO / "protos", work / "protos")
     shutil.copytree(REPO / "scripts", work / "scripts")
-    subprocess.run(["bash", "scripts/compile_protos.sh"], cwd=work, check=True)
+    subprocess.run(["bash", "scripts/compile_protos.sh"], cwd=work, check=True,
+                   env={**os.environ, "PYTHON": sys.executable})
     fresh, current = work / "dd" / "proto", REPO / "dd" / "proto"
     fresh_files = sorted(p.relative_to(fresh) for p in fresh.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     current_files = sorted(p.relative_to(current) for p in current.rglob("*")

@@ -550,3 +550,65 @@ async def _open_loop(target: str, rate: float, seconds: float, timeout: float) -
     for c in chans:
         await c.close()
     return out
+
+
+def test_malformed_frames_do_not_kill_a_worker(tmp_path: Path) -> None:
+    """Garbage on a worker's socket (a buggy or hostile local peer) is dropped; the worker keeps serving."""
+    import zmq
+
+    from dd.ipc import endpoints, messages
+
+    null_model(tmp_path / "null")
+    with Server(tmp_path / "null") as srv:
+        srv.start().wait_serving(120)
+        pid = srv.worker("null", 0).pid
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoints.ipc_address(endpoints.worker_socket(srv.run_dir, "null", 0)))
+        for kind in (messages.INFER, messages.PING, b"?"):
+            sock.send_multipart([kind, b"\xff\xfe not a protobuf \x00" * 3])
+        sock.send_multipart([messages.PING, messages.Ping(sent_at=1.0).SerializeToString()])
+        assert sock.poll(5000), "the worker stopped answering after malformed frames"
+        kind, payload = sock.recv_multipart()
+        assert kind == messages.PONG and messages.Pong.FromString(payload).pid == pid
+        sock.close()
+        ctx.term()
+        outcomes = asyncio.run(run_cases(srv.target, [null_case(i) for i in range(4)], concurrency=4, timeout=30.0))
+        assert {o.code for o in outcomes} == {OK}
+        assert srv.worker("null", 0).pid == pid
+
+
+def test_a_model_that_fails_to_load_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """Weights that do not fit: the worker says why before it exits, so requests get UNAVAILABLE
+    with the load error at once instead of waiting for their deadline."""
+    import json
+    import time
+
+    import torch
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    torch.save({"not.a.maskrcnn.key": torch.zeros(1)}, folder / "model.pth")
+    (folder / "categories.txt").write_text("carton\n")
+    (folder / "node_config.json").write_text(json.dumps({
+        "DETECTION_TYPE": "RGBMaskRCNNTorchServicer", "MODEL_WEIGHT": "model.pth", "CATEGORY_FILE": "categories.txt",
+        "MIN_SIZE": 64, "MAX_SIZE": 96, "ARCHITECTURE": {"backbone": "resnet18", "fpn_channels": 16,
+                                                        "box_head_dim": 32, "mask_head_channels": 16}}))
+    case = null_case(0, depth=False)
+    with Server(folder) as srv:
+        srv.start()
+        deadline = time.monotonic() + 120
+        while True:
+            start = time.monotonic()
+            try:
+                detect(srv.target, case.request, timeout=30.0)
+                raise AssertionError("a model that cannot load must not answer")
+            except grpc.RpcError as err:
+                code, details, took = err.code(), err.details() or "", time.monotonic() - start
+            if code == grpc.StatusCode.UNAVAILABLE and "failed to load" in details:
+                break
+            assert time.monotonic() < deadline, f"never told why: {code} {details}"
+            time.sleep(0.5)
+    assert "does not fit the architecture" in details
+    assert took < 5.0, f"refused only after {took:.1f} s"

@@ -146,3 +146,13 @@ def test_in_use_count_matches_the_frontends_books(ops: list[bool]) -> None:
     finally:
         r.close()
         r.unlink()
+
+
+def test_close_with_a_live_view_keeps_the_header_usable(ring: ShmRing) -> None:
+    """A worker closes a dead frontend's ring while a queued request still holds a view of its
+    pixels; the generation check on that request must still work (it raised TypeError before)."""
+    slot, gen = ring.allocate()
+    pixels = ring.array(slot, 0, (10, 10), "uint8")  # a queued request's view
+    ring.close()
+    assert ring.generation(slot) == gen
+    del pixels

@@ -151,8 +151,9 @@ class Dispatcher:
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue requests for a worker that is not there
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
+        # Credits bound the requests; the high-water marks bound pings to a worker that stopped reading.
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
@@ -227,7 +228,7 @@ class Dispatcher:
             fut = link.inflight.pop(rep.id, None)
             if fut is not None and not fut.done():
                 fut.set_result(Reply(rep.code, rep.message, frames[2] if len(frames) > 2 else None))
-            self._changed_soon()
+            self._changed_soon(state=False)
         elif kind == messages.PONG:
             pong = messages.Pong.FromString(frames[1])
             if link.incarnation and pong.incarnation != link.incarnation:
@@ -243,13 +244,18 @@ class Dispatcher:
                 log.info("worker %s %s", link.name, "ready" if pong.ready else f"not ready {pong.error}")
                 self._changed_soon()
 
-    def _changed_soon(self) -> None:
-        """A credit came free or a worker's state changed: every waiter looks again."""
+    def _changed_soon(self, state: bool = True) -> None:
+        """A credit came free or a worker's state changed: every waiter looks again.
+
+        Only a change of a worker's state (ready, lost) reaches on_change (health):
+        a credit coming back, once per request, must not cost a health update.
+        """
         waiters, self._waiters = self._waiters, set()
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
-        self._on_change()
+        if state:
+            self._on_change()
 
     # -- dispatch -------------------------------------------------------------------------
     def _pick(self, model: str) -> WorkerLink | None:
@@ -305,16 +311,16 @@ class Dispatcher:
             if time.time() >= deadline:
                 raise DispatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                     "deadline exceeded before a worker could take the request")
-            attempts += 1
             fut: asyncio.Future = asyncio.get_running_loop().create_future()
             link.inflight[req.id] = fut
             req.dispatched_at = time.time()
             try:
                 await link.sock.send_multipart([messages.INFER, req.SerializeToString()], flags=zmq.NOBLOCK)
-            except zmq.Again:
+            except zmq.Again:  # never sent: not an attempt
                 link.inflight.pop(req.id, None)
                 link.connected = False
                 continue
+            attempts += 1
             try:
                 reply = await asyncio.wait_for(fut, timeout=max(0.0, deadline - time.time()))
             except asyncio.TimeoutError:
@@ -323,7 +329,7 @@ class Dispatcher:
             finally:
                 if link.inflight.get(req.id) is fut:
                     del link.inflight[req.id]
-                    self._changed_soon()
+                    self._changed_soon(state=False)
             if reply is _WORKER_DIED:
                 if attempts >= 2:
                     raise DispatchError(grpc.StatusCode.UNAVAILABLE,

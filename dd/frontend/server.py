@@ -208,6 +208,10 @@ class Frontend:
                             context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         """Requests are served concurrently (up to STREAM_WINDOW); responses go out as they finish.
 
+        The window counts a request from when it is read until its response has
+        been sent, so a client that reads slowly holds at most STREAM_WINDOW
+        finished responses here.
+
         A request that fails does not end the stream: its response carries
         error_code/error_message and its request_id, and the stream goes on.
         When the stream ends early (cancelled, deadline), its requests still
@@ -225,9 +229,7 @@ class Frontend:
                 body = _error_body(req, exc.code, exc.message)
             except Exception as exc:  # noqa: BLE001 - fail this request, not the stream
                 body = _error_body(req, *_internal(exc))
-            finally:
-                window.release()
-            done.put_nowait(body)
+            done.put_nowait(body)  # its window place is given back once the response is sent
 
         async def reader() -> None:
             nonlocal pending
@@ -253,6 +255,7 @@ class Frontend:
                     continue
                 pending -= 1
                 yield item
+                window.release()
         finally:
             read_task.cancel()
             for task in list(tasks):

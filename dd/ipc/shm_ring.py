@@ -214,20 +214,18 @@ class ShmRing:
         start = self._data_offset + slot * self.slot_bytes + offset
         return np.ndarray(shape, dtype=dtype, buffer=self._mm, offset=start)
 
-    def data_region(self) -> tuple[memoryview, int]:
-        """The whole data area, for registering it once as pinned memory with CUDA."""
-        return memoryview(self._mm)[self._data_offset:], self.slots * self.slot_bytes
-
     # -- teardown -------------------------------------------------------------------
     def close(self) -> None:
-        # Drop the views before closing the map.
+        # Drop our own views before closing the map.
+        generations, states = self.generations, self.states
         self.generations = None  # type: ignore[assignment]
         self.states = None  # type: ignore[assignment]
         try:
             self._mm.close()
         except BufferError:
-            # A numpy view is still alive somewhere; the map goes when it does.
-            pass
+            # Another view (a queued request's pixels, a pinned registration) is still alive: the
+            # map stays until it goes, and so must the header, for generation checks on it.
+            self.generations, self.states = generations, states
 
     def unlink(self) -> None:
         (SHM_DIR / self.name).unlink(missing_ok=True)

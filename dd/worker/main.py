@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
+from google.protobuf.message import DecodeError
 
 from dd.config import ModelConfig, ServerConfig
 from dd.ipc import endpoints, messages
@@ -84,7 +85,10 @@ class Worker:
         self.name = f"{model.name}.{index}"
         self.incarnation = f"{os.getpid()}-{time.time_ns()}"
         self.socket_path = endpoints.worker_socket(run_dir, model.name, index)
-        capacity = max(4 * model.max_batch_size, 64)
+        # Never the limit in practice: every frontend may hold its full credits here (and a credit
+        # comes back to a frontend whose request expired while it still waits in this queue).
+        credits = server.max_inflight_per_worker or 2 * model.max_batch_size
+        capacity = max(64, 2 * server.resolved_frontends() * credits)
         self.batcher: Batcher[Job] = Batcher(model.max_batch_size, model.max_queue_delay_ms / 1000.0, capacity)
         self.rings: dict[str, ShmRing] = {}
         self.ready = False
@@ -102,8 +106,9 @@ class Worker:
         die_with_parent(self.parent_pid)
         router = self.ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        router.setsockopt(zmq.SNDHWM, 0)
-        router.setsockopt(zmq.RCVHWM, 0)
+        # Credits bound the requests; the high-water marks bound pongs to a frontend that stopped reading.
+        router.setsockopt(zmq.SNDHWM, 10_000)
+        router.setsockopt(zmq.RCVHWM, 10_000)
         self.socket_path.unlink(missing_ok=True)  # a previous incarnation's leftover
         router.bind(endpoints.ipc_address(self.socket_path))
         os.chmod(self.socket_path, 0o600)
@@ -130,13 +135,23 @@ class Worker:
                             frames = router.recv_multipart(zmq.NOBLOCK)
                         except zmq.Again:
                             break
-                        self._handle(router, frames)
+                        try:
+                            self._handle(router, frames)
+                        except DecodeError:
+                            log.warning("malformed message from a frontend (%d frame(s)); dropped", len(frames))
                 if not parent_alive(self.parent_pid):
                     log.warning("supervisor is gone; worker %s exits", self.name)
                     break
                 if self.load_error and not infer_thread.is_alive():
                     # Keep answering pings for a moment so frontends learn why, then exit for a restart.
-                    time.sleep(0.5)
+                    until = time.monotonic() + 0.6
+                    while time.monotonic() < until:
+                        if router.poll(100):
+                            frames = router.recv_multipart()
+                            try:
+                                self._handle(router, frames)
+                            except DecodeError:
+                                pass
                     return 3
                 if not infer_thread.is_alive() and not self.stop.is_set():
                     log.error("worker %s: the inference thread died; exiting for a restart", self.name)

@@ -100,7 +100,7 @@ class FastMaskRCNN(Engine):
         self.fill = cfg.depth_fill_m if cfg.depth_fill_m is not None else cfg.depth_mean_m
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
         self._anchors: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        self._pinned: dict[int, mmap.mmap] = {}
+        self._pinned: dict[int, tuple[mmap.mmap, ctypes.c_char]] = {}
         # Set to a dict to collect per-stage wall times (synchronising between stages): benchmarks only.
         self.stage_times: dict[str, list[float]] | None = None
         self._t_last = 0.0
@@ -122,11 +122,15 @@ class FastMaskRCNN(Engine):
         if not isinstance(base, mmap.mmap) or id(base) in self._pinned:
             return
         try:
-            ptr = ctypes.addressof(ctypes.c_char.from_buffer(base))
-            err = torch.cuda.cudart().cudaHostRegister(ptr, len(base), 0)
+            # The ctypes view exports the mapping's buffer, so the worker cannot unmap a ring while
+            # it is registered (ShmRing.close then leaves the map to the last view). A dead
+            # frontend's ring thus stays mapped in this worker: one ring of memory per frontend
+            # restart, until the worker restarts. (An unregister hook is the better fix.)
+            view = ctypes.c_char.from_buffer(base)
+            err = torch.cuda.cudart().cudaHostRegister(ctypes.addressof(view), len(base), 0)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister returned {err}")
-            self._pinned[id(base)] = base
+            self._pinned[id(base)] = (base, view)
         except Exception as exc:  # noqa: BLE001 - pinning is an optimisation; never fail a request for it
             log.warning("cannot pin shared memory for faster copies: %s", exc)
             self.pin = False
@@ -336,9 +340,9 @@ class FastMaskRCNN(Engine):
         return out
 
     def close(self) -> None:
-        for base in self._pinned.values():
+        for _, view in self._pinned.values():
             try:
-                torch.cuda.cudart().cudaHostUnregister(ctypes.addressof(ctypes.c_char.from_buffer(base)))
+                torch.cuda.cudart().cudaHostUnregister(ctypes.addressof(view))
             except Exception:  # noqa: BLE001 - best effort at exit
                 pass
         self._pinned.clear()
