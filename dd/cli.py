@@ -9,6 +9,7 @@ any process starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -54,9 +55,7 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parent-pid", dest="parent_pid", type=int, help=argparse.SUPPRESS)
 
 
-_SERVER_KEYS = ("host", "port", "frontends", "ring_slots", "slot_mb", "max_image_pixels", "run_dir", "log_dir",
-                "max_message_mb", "default_timeout_s", "grace_s", "max_inflight_per_worker", "torch_threads",
-                "log_level", "max_pending", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file")
+_SERVER_KEYS = tuple(f.name for f in dataclasses.fields(ServerConfig))  # flags use the same names
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
@@ -161,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 def _parse_cpus(text: str | None) -> list[int] | None:
     if not text:
         return None
-    from dd.supervisor import _parse_cpulist
+    from dd.procutil import parse_cpulist
 
-    return _parse_cpulist(text)
+    return parse_cpulist(text)
 
 
 def _set_torch_threads(n: int) -> None:

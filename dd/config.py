@@ -298,7 +298,7 @@ def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
     options = _get(raw, path, "ENGINE_OPTIONS", dict, {})
 
     return ModelConfig(
-        name=name or _default_name(folder),
+        name=name or folder.name,
         folder=folder,
         config_path=path.resolve(),
         detection_type=dtype,
@@ -326,10 +326,6 @@ def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-def _default_name(folder: Path) -> str:
-    return folder.name
 
 
 def _parse_devices(value: Any, path: Path) -> tuple[str, ...]:

@@ -51,3 +51,15 @@ def setup_logging(level: str, name: str, log_dir: str = "") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def parse_cpulist(text: str) -> list[int]:
+    """Linux's cpulist format (\"0-3,8,10-11\"), as in sysfs local_cpulist and taskset."""
+    cpus: list[int] = []
+    for part in text.split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            cpus.extend(range(int(a), int(b) + 1))
+        elif part:
+            cpus.append(int(part))
+    return cpus

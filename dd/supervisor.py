@@ -29,7 +29,7 @@ from pathlib import Path
 from dd.config import ConfigError, ModelConfig, ServerConfig
 from dd.ipc import endpoints
 from dd.ipc.shm_ring import check_shm_capacity, remove_stale_segments, ring_size
-from dd.procutil import LOG_NAME_ENV
+from dd.procutil import LOG_NAME_ENV, parse_cpulist
 
 log = logging.getLogger("dd.supervisor")
 
@@ -61,20 +61,9 @@ def local_cpus(bus_id: str) -> list[int]:
     """The cores on the GPU's NUMA node (from sysfs), or every core if unknown."""
     path = Path("/sys/bus/pci/devices") / bus_id.lower() / "local_cpulist"
     try:
-        return _parse_cpulist(path.read_text().strip())
+        return parse_cpulist(path.read_text().strip())
     except OSError:
         return sorted(os.sched_getaffinity(0))
-
-
-def _parse_cpulist(text: str) -> list[int]:
-    cpus: list[int] = []
-    for part in text.split(","):
-        if "-" in part:
-            a, b = part.split("-")
-            cpus.extend(range(int(a), int(b) + 1))
-        elif part:
-            cpus.append(int(part))
-    return cpus
 
 
 @dataclass

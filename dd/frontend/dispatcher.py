@@ -137,9 +137,6 @@ class Dispatcher:
         errors = [l.error for l in self.links.values() if l.model == model and l.error]
         return errors[0] if errors else ""
 
-    def inflight(self) -> int:
-        return sum(len(l.inflight) for l in self.links.values())
-
     # -- discovery and liveness ------------------------------------------------------------
     def _discover(self) -> None:
         for model, index, path in endpoints.list_worker_sockets(self.run_dir):

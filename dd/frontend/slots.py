@@ -28,10 +28,6 @@ class SlotPool:
         self.ring = ring
         self._waiters: deque[asyncio.Future] = deque()
 
-    @property
-    def waiting(self) -> int:
-        return sum(1 for f in self._waiters if not f.done())
-
     async def acquire(self, give_up_at: float) -> tuple[int, int] | None:
         """(slot, generation), or None if no slot came free before time.time() reached give_up_at."""
         if not self._waiters:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 
@@ -39,7 +40,6 @@ def load_engine(config: ModelConfig, device: str) -> Engine:
         if fallback is None:
             raise
         log.warning("engine %r cannot run here (%s); falling back to %r", config.engine, exc, fallback)
-    module_name, class_name = _ENGINES[fallback]
-    engine = getattr(importlib.import_module(module_name), class_name)(config, device)
+    engine = create_engine(dataclasses.replace(config, engine=fallback), device)
     engine.load()
     return engine
