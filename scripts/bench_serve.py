@@ -18,6 +18,7 @@ Also prints the frontend's decode cost per core, to show whether decoding
 limits throughput. Needs a GPU for meaningful numbers; runs anywhere.
 
     python scripts/bench_serve.py --engine fast --json $OUT/serve.json
+    python scripts/bench_serve.py --engine fast --scale-workers 1 2 4 8   # multi-GPU scaling
 """
 
 from __future__ import annotations
@@ -47,12 +48,64 @@ from dd.synth.scenes import generate_scene  # noqa: E402
 
 
 def make_model(root: Path, engine: str, arch: str, batch: int, height: int, width: int, dets: int,
-               min_size: int) -> Path:
+               min_size: int, placement: dict | None = None, name: str = "bench") -> Path:
     architecture = dict(DEFAULT_ARCHITECTURE if arch == "r50" else SMALL_ARCHITECTURE, max_detections=dets)
-    return random_model_folder(root / "bench", input_kind="rgbd", seed=0, architecture=architecture,
+    return random_model_folder(root / name, input_kind="rgbd", seed=0, architecture=architecture,
                                min_size=min_size, max_size=1333, score_threshold=0.0,
                                extra={"ENGINE": engine, "MAX_BATCH_SIZE": batch, "MAX_QUEUE_DELAY_MS": 0,
-                                      "ENGINE_OPTIONS": {"warmup_sizes": [[height, width]], "allow_cpu": True}})
+                                      "ENGINE_OPTIONS": {"warmup_sizes": [[height, width]], "allow_cpu": True},
+                                      **(placement or {})})
+
+
+def serve_and_load(folder: Path, run_dir: Path, log_path: Path, frontends: int, env: dict[str, str],
+                   frames: list[tuple[bytes, bytes]], concurrencies: list[int], seconds: float) -> dict:
+    """`deep-detection serve FOLDER` on a free port, loaded at each concurrency in turn, then stopped."""
+    port = free_port()
+    log = open(log_path, "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(folder), "--host", "127.0.0.1",
+                              "--port", str(port), "--frontends", str(frontends), "--run-dir", str(run_dir),
+                              "--slot-mb", "8", "--ring-slots", "64"], stdout=log, stderr=subprocess.STDOUT,
+                             env=env, cwd=REPO)
+    out = {}
+    try:
+        wait_health(f"127.0.0.1:{port}")
+        for c in concurrencies:
+            out[c] = asyncio.run(load(f"127.0.0.1:{port}", frames, c, seconds))
+            print(f"served {folder.name} c={c}:", out[c], flush=True)
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+        log.close()
+    return out
+
+
+def gpu_count() -> int:
+    root = Path("/proc/driver/nvidia/gpus")
+    return len(list(root.iterdir())) if root.is_dir() else 0
+
+
+def scaling(args: argparse.Namespace, tmp: Path, frames: list[tuple[bytes, bytes]]) -> list[dict]:
+    """Throughput and latency with 1, 2, 4, 8 workers: one per GPU where there are that many GPUs.
+
+    Where there are fewer GPUs than workers (a CPU smoke test, or one GPU) the workers share
+    the devices (INSTANCES_PER_DEVICE), which measures the serving path, not GPU scaling.
+    """
+    gpus = gpu_count()
+    rows = []
+    for n in args.scale_workers:
+        if gpus >= n:
+            placement = {"DEVICES": list(range(n)), "INSTANCES_PER_DEVICE": 1}
+            where = f"{n} GPU(s), one worker each"
+        else:
+            placement = {"DEVICES": "auto", "INSTANCES_PER_DEVICE": n}
+            where = f"{n} workers sharing {'the CPU' if gpus == 0 else f'{gpus} GPU(s)'}"
+        folder = make_model(tmp, args.engine, args.arch, args.batch, args.height, args.width, args.detections,
+                            args.min_size, placement, name=f"scale{n}")
+        conc = 2 * args.batch * n
+        r = serve_and_load(folder, tmp / f"run{n}", tmp / f"serve{n}.log", args.frontends, dict(os.environ),
+                           frames, [conc], args.seconds)[conc]
+        rows.append({"workers": n, "where": where, "concurrency": conc, **r})
+    return rows
 
 
 def encode_frames(n: int, height: int, width: int) -> list[tuple[bytes, bytes]]:
@@ -235,6 +288,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--scale-workers", type=int, nargs="+",
+                    help="instead of the comparison, serve with each number of workers (e.g. 1 2 4 8; one per GPU "
+                         "where there are enough GPUs) and print throughput and latency side by side")
     ap.add_argument("--json")
     ap.add_argument("--baseline-server", nargs=3, metavar=("FOLDER", "DEVICE", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -255,26 +311,29 @@ def main() -> int:
     results["in_process"] = run_in_process(folder, args.device, frames, args.batch, args.seconds)
     print("in-process:", results["in_process"], flush=True)
 
+    if args.scale_workers:
+        rows = scaling(args, tmp, frames)
+        ref = results["in_process"][f"batch{args.batch}"]["images_per_s"]
+        one = rows[0]["images_per_s"] / rows[0]["workers"] if rows and rows[0].get("n") else 0.0
+        print(f"\n## Scaling, {args.width}x{args.height} RGB-D JPEG+PNG, {args.arch} {args.engine}; "
+              f"in-process reference {ref:.1f} images/s per device\n")
+        print("| workers | placement | concurrency | images/s | per worker / first row's | p50 ms | p99 ms |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r.get("n"):
+                eff = r["images_per_s"] / r["workers"] / one if one else 0.0
+                print(f"| {r['workers']} | {r['where']} | {r['concurrency']} | {r['images_per_s']:.1f} | "
+                      f"{eff:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+        results["scaling"] = rows
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+        return 0
+
     # deep-detection serve
-    port = free_port()
-    run_dir = tmp / "run"
-    log = open(tmp / "serve.log", "wb")
     gpu = args.device.split(":")[1] if args.device.startswith("cuda") else ""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu) if gpu else dict(os.environ)
-    serve = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(folder), "--host", "127.0.0.1",
-                              "--port", str(port), "--frontends", str(args.frontends), "--run-dir", str(run_dir),
-                              "--slot-mb", "8", "--ring-slots", "64"], stdout=log, stderr=subprocess.STDOUT,
-                             env=env, cwd=REPO)
-    try:
-        wait_health(f"127.0.0.1:{port}")
-        results["served"] = {}
-        for c in args.concurrency:
-            results["served"][c] = asyncio.run(load(f"127.0.0.1:{port}", frames, c, args.seconds))
-            print(f"served c={c}:", results["served"][c], flush=True)
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(60)
-        log.close()
+    results["served"] = serve_and_load(folder, tmp / "run", tmp / "serve.log", args.frontends, env, frames,
+                                       args.concurrency, args.seconds)
 
     # the plain single-process server
     port = free_port()
