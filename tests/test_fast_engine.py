@@ -8,6 +8,7 @@ paste_masks_in_image followed by pycocotools bit for bit.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -127,3 +128,30 @@ def test_fast_engine_falls_back_to_torchvision_without_gpu(models: Path, caplog:
         engine = load_engine(cfg, "cpu")
     assert isinstance(engine, TorchvisionMaskRCNN)
     assert "falling back" in caplog.text and "GPU" in caplog.text
+
+
+def test_served_fast_model_reports_the_engine_that_runs(models: Path, tmp_path: Path) -> None:
+    """A "fast" model on a machine without a GPU is served by the torchvision fallback, and
+    ListModels says so (it said "fast" before), while the answers stay the reference's."""
+    import shutil
+
+    from dd.client import DetectorClient
+    from tests.serverproc import ServerProcess
+
+    folder = tmp_path / "fastmodel"
+    shutil.copytree(models / "rgbd", folder)
+    cfg = json.loads((folder / "node_config.json").read_text())
+    cfg["ENGINE"] = "fast"
+    (folder / "node_config.json").write_text(json.dumps(cfg))
+    srv = ServerProcess(folder).start()
+    try:
+        srv.wait_serving(120)
+        with DetectorClient(srv.target) as client:
+            (info,) = client.list_models()
+            color, depth = scene(5)
+            result = client.detect(color, depth)
+    finally:
+        srv.stop()
+    assert info.engine == "torchvision" and info.ready
+    assert result.instances
+    assert "falling back to 'torchvision'" in srv.log()

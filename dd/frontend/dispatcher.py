@@ -132,6 +132,10 @@ class Dispatcher:
     def ready_workers(self, model: str) -> int:
         return sum(1 for l in self.links.values() if l.model == model and l.ready and l.connected)
 
+    def engines(self, model: str) -> set[str]:
+        """The engines the model's ready workers run (after any fallback)."""
+        return {l.engine for l in self.links.values() if l.model == model and l.ready and l.connected and l.engine}
+
     def model_error(self, model: str) -> str:
         """Why a model's workers are not ready, if they said (a load failure)."""
         errors = [l.error for l in self.links.values() if l.model == model and l.error]

@@ -190,7 +190,9 @@ class Frontend:
         resp = pb.ListModelsResponse()
         for name, m in self.models.items():
             n = self.dispatcher.ready_workers(name) if self.dispatcher else 0
-            resp.models.add(name=name, input_kind=m.input_kind, categories=list(m.categories), engine=m.engine,
+            running = self.dispatcher.engines(name) if self.dispatcher else set()
+            resp.models.add(name=name, input_kind=m.input_kind, categories=list(m.categories),
+                            engine=",".join(sorted(running)) or m.engine,
                             ready=n > 0, max_batch_size=m.max_batch_size, ready_workers=n,
                             is_default=name == self.default_model)
         return resp

@@ -92,6 +92,7 @@ class Worker:
         self.batcher: Batcher[Job] = Batcher(model.max_batch_size, model.max_queue_delay_ms / 1000.0, capacity)
         self.rings: dict[str, ShmRing] = {}
         self.ready = False
+        self.engine_name = model.engine
         self.load_error = ""
         self.stop = threading.Event()
         self.ctx = zmq.Context()
@@ -179,7 +180,7 @@ class Worker:
         p = messages.Ping.FromString(ping)
         pong = messages.Pong(sent_at=p.sent_at, incarnation=self.incarnation, pid=os.getpid(),
                              model=self.model.name, ready=self.ready, queued=len(self.batcher),
-                             max_batch_size=self.model.max_batch_size, engine=self.model.engine,
+                             max_batch_size=self.model.max_batch_size, engine=self.engine_name,
                              device=self.device, error=self.load_error)
         return pong.SerializeToString()
 
@@ -250,6 +251,7 @@ class Worker:
             self.load_error = f"{type(exc).__name__}: {exc}"
             out.close()
             return
+        self.engine_name = engine.name  # what runs, after any fallback (the fast engine without a GPU)
         self.ready = True
         while True:
             batch = self.batcher.get_batch(timeout=0.2)
