@@ -32,12 +32,8 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(model_repo: Path):
     """One server for the read-only tests: 2 frontends, 2 RGB-D workers, 1 RGB worker, 1 null worker."""
-    srv = ServerProcess(model_repo, frontends=2).start()
-    try:
-        srv.wait_serving()
+    with ServerProcess(model_repo, frontends=2) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def scene(seed: int, h: int = 240, w: int = 320) -> tuple[np.ndarray, np.ndarray]:

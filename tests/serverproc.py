@@ -82,6 +82,17 @@ class ServerProcess:
         self._log.close()
         return self.proc.returncode
 
+    def __enter__(self) -> "ServerProcess":
+        """Started and SERVING; stopped (SIGTERM) on leaving the block."""
+        try:
+            return self.start().wait_serving()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def segments(self) -> list[str]:
         return sorted(p.name for p in Path("/dev/shm").iterdir() if p.name.startswith(f"dd-{self.tag}-"))
 

@@ -50,12 +50,8 @@ def _eval_demo() -> ModuleType:
 @pytest.fixture(scope="module")
 def demo_server() -> Iterator[ServerProcess]:
     """One server for every shipped demo model: the built-in repository, as `serve` with no arguments."""
-    srv = ServerProcess(MODELS, frontends=1).start()
-    try:
-        srv.wait_serving()
+    with ServerProcess(MODELS, frontends=1) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("name", PRESENT)
