@@ -58,7 +58,8 @@ def make_model(root: Path, engine: str, arch: str, batch: int, height: int, widt
 
 
 def serve_and_load(folder: Path, run_dir: Path, log_path: Path, frontends: int, env: dict[str, str],
-                   frames: list[tuple[bytes, bytes]], concurrencies: list[int], seconds: float) -> dict:
+                   frames: list[tuple[bytes, bytes]], concurrencies: list[int], seconds: float,
+                   client_procs: int = 1) -> dict:
     """`deep-detection serve FOLDER` on a free port, loaded at each concurrency in turn, then stopped."""
     port = free_port()
     log = open(log_path, "wb")
@@ -70,7 +71,7 @@ def serve_and_load(folder: Path, run_dir: Path, log_path: Path, frontends: int, 
     try:
         wait_health(f"127.0.0.1:{port}")
         for c in concurrencies:
-            out[c] = asyncio.run(load(f"127.0.0.1:{port}", frames, c, seconds))
+            out[c] = load_from_processes(f"127.0.0.1:{port}", frames, c, seconds, client_procs)
             print(f"served {folder.name} c={c}:", out[c], flush=True)
     finally:
         serve.send_signal(signal.SIGTERM)
@@ -85,7 +86,8 @@ def gpu_count() -> int:
 
 
 def scaling(args: argparse.Namespace, tmp: Path, frames: list[tuple[bytes, bytes]]) -> list[dict]:
-    """Throughput and latency with 1, 2, 4, 8 workers: one per GPU where there are that many GPUs.
+    """Throughput and latency with 1, 2, 4, 8 workers (one per GPU where there are that many GPUs),
+    each loaded at the same rising concurrency per worker, so that rows compare like with like.
 
     Where there are fewer GPUs than workers (a CPU smoke test, or one GPU) the workers share
     the devices (INSTANCES_PER_DEVICE), which measures the serving path, not GPU scaling.
@@ -101,11 +103,31 @@ def scaling(args: argparse.Namespace, tmp: Path, frames: list[tuple[bytes, bytes
             where = f"{n} workers sharing {'the CPU' if gpus == 0 else f'{gpus} GPU(s)'}"
         folder = make_model(tmp, args.engine, args.arch, args.batch, args.height, args.width, args.detections,
                             args.min_size, placement, name=f"scale{n}")
-        conc = 2 * args.batch * n
-        r = serve_and_load(folder, tmp / f"run{n}", tmp / f"serve{n}.log", args.frontends, dict(os.environ),
-                           frames, [conc], args.seconds)[conc]
-        rows.append({"workers": n, "where": where, "concurrency": conc, **r})
+        concs = [c * n for c in args.per_worker_concurrency]
+        served = serve_and_load(folder, tmp / f"run{n}", tmp / f"serve{n}.log", args.frontends, dict(os.environ),
+                                frames, concs, args.seconds, args.client_procs)
+        for per, conc in zip(args.per_worker_concurrency, concs):
+            rows.append({"workers": n, "where": where, "per_worker": per, "concurrency": conc, **served[conc]})
     return rows
+
+
+def scaling_table(rows: list[dict]) -> list[str]:
+    """Markdown rows: each against the one-worker row at the same concurrency per worker."""
+    single = {r["per_worker"]: r for r in rows if r["workers"] == 1 and r.get("n")}
+    lines = ["| workers | placement | concurrency (per worker) | images/s | / (N x one worker's) | p50 ms | p99 ms "
+             "| p99 / one worker's | errors |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.get("n"):
+            lines.append(f"| {r['workers']} | {r['where']} | {r['concurrency']} ({r['per_worker']}) | no answers "
+                         f"| | | | | {r.get('errors', '')} |")
+            continue
+        one = single.get(r["per_worker"])
+        eff = r["images_per_s"] / (r["workers"] * one["images_per_s"]) if one else float("nan")
+        p99 = r["p99_ms"] / one["p99_ms"] if one else float("nan")
+        lines.append(f"| {r['workers']} | {r['where']} | {r['concurrency']} ({r['per_worker']}) | "
+                     f"{r['images_per_s']:.1f} | {eff:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {p99:.2f} | "
+                     f"{r['errors']} |")
+    return lines
 
 
 def encode_frames(n: int, height: int, width: int) -> list[tuple[bytes, bytes]]:
@@ -199,7 +221,9 @@ def baseline_server(folder: Path, device: str, port: int) -> None:
 
 
 # -- the client load -------------------------------------------------------------------------------
-async def load(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float) -> dict:
+async def load_raw(target: str, frames: list[tuple[bytes, bytes]], concurrency: int,
+                   seconds: float) -> tuple[list[float], list[dict], int, float]:
+    """Closed-loop load: latencies (ms), the servers' timing fields, errors, and the wall time."""
     from dd.client import AsyncDetectorClient, make_request
 
     reqs = [make_request(j, p, request_id=str(k)) for k, (j, p) in enumerate(frames)]
@@ -227,12 +251,41 @@ async def load(target: str, frames: list[tuple[bytes, bytes]], concurrency: int,
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         wall = time.perf_counter() - start
+    return lat, timings, errors, wall
+
+
+def summarize(lat: list[float], timings: list[dict], errors: int, wall: float) -> dict:
     out = stats(lat, wall) if lat else {"n": 0}
     out["errors"] = errors
     if timings and "total_us" in timings[0]:
         for key in ("queued_us", "decode_us", "inference_us", "postprocess_us", "total_us", "batch_size"):
             out[f"median_{key}"] = float(np.median([t[key] for t in timings]))
     return out
+
+
+async def load(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float) -> dict:
+    return summarize(*(await load_raw(target, frames, concurrency, seconds)))
+
+
+def _load_in_child(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float):
+    return asyncio.run(load_raw(target, frames, concurrency, seconds))
+
+
+def load_from_processes(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float,
+                        procs: int) -> dict:
+    """The same load split over several client processes, so that one Python client is not what
+    saturates first when many GPUs serve (one asyncio loop tops out at a few hundred requests/s)."""
+    procs = max(1, min(procs, concurrency))
+    if procs == 1:
+        return asyncio.run(load(target, frames, concurrency, seconds))
+    import multiprocessing
+
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    with futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_load_in_child, [target] * procs, [frames] * procs, shares, [seconds] * procs))
+    lat = [x for p in parts for x in p[0]]
+    timings = [x for p in parts for x in p[1]]
+    return summarize(lat, timings, sum(p[2] for p in parts), max(p[3] for p in parts))
 
 
 def wait_health(target: str, timeout: float = 300) -> None:
@@ -284,13 +337,17 @@ def main() -> int:
     ap.add_argument("--detections", type=int, default=100)
     ap.add_argument("--min-size", type=int, default=800, help="the model's shorter side")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--frontends", type=int, default=4)
+    ap.add_argument("--frontends", type=int, default=4, help="0: the server's default (from the cores)")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--scale-workers", type=int, nargs="+",
                     help="instead of the comparison, serve with each number of workers (e.g. 1 2 4 8; one per GPU "
                          "where there are enough GPUs) and print throughput and latency side by side")
+    ap.add_argument("--per-worker-concurrency", type=int, nargs="+", default=[1, 4, 16],
+                    help="with --scale-workers: concurrency per worker, each run for every worker count")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="client processes that share the load (use several for many GPUs)")
     ap.add_argument("--json")
     ap.add_argument("--baseline-server", nargs=3, metavar=("FOLDER", "DEVICE", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -314,16 +371,10 @@ def main() -> int:
     if args.scale_workers:
         rows = scaling(args, tmp, frames)
         ref = results["in_process"][f"batch{args.batch}"]["images_per_s"]
-        one = rows[0]["images_per_s"] / rows[0]["workers"] if rows and rows[0].get("n") else 0.0
-        print(f"\n## Scaling, {args.width}x{args.height} RGB-D JPEG+PNG, {args.arch} {args.engine}; "
-              f"in-process reference {ref:.1f} images/s per device\n")
-        print("| workers | placement | concurrency | images/s | per worker / first row's | p50 ms | p99 ms |")
-        print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            if r.get("n"):
-                eff = r["images_per_s"] / r["workers"] / one if one else 0.0
-                print(f"| {r['workers']} | {r['where']} | {r['concurrency']} | {r['images_per_s']:.1f} | "
-                      f"{eff:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+        print(f"\n## Scaling, {args.width}x{args.height} RGB-D JPEG+PNG, {args.arch} {args.engine}, "
+              f"{args.frontends or 'auto'} frontends, {args.client_procs} client processes; in-process "
+              f"reference {ref:.1f} images/s on one device\n")
+        print("\n".join(scaling_table(rows)), flush=True)
         results["scaling"] = rows
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1, default=str))
