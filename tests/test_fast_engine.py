@@ -45,6 +45,16 @@ def test_paste_and_rle_match_torchvision_and_pycocotools(height: int, width: int
     assert paste_and_encode(masks, boxes, height, width) == expected
 
 
+def test_paste_of_a_full_mask_on_an_image_sized_box_reaches_the_last_row() -> None:
+    """The expanded box starts above the image, so the canvas needs more rows than the image has
+    (a canvas clamped to the image's size cut the bottom rows off; this failed before)."""
+    height, width = 240, 320
+    masks = torch.full((2, 28, 28), 2.0)
+    boxes = torch.tensor([[0.0, 0.0, width, height], [10.0, 5.0, 300.0, 230.0]])
+    expected = rle_encode((paste_masks_in_image(masks[:, None], boxes, (height, width), padding=1)[:, 0] >= 0.5).numpy())
+    assert paste_and_encode(masks, boxes, height, width) == expected
+
+
 def _engines(folder: Path, **options: object) -> tuple[TorchvisionMaskRCNN, FastMaskRCNN]:
     cfg = load_model_config(folder)
     cfg = type(cfg)(**{**cfg.__dict__, "engine_options": {"allow_cpu": True, **options}})

@@ -71,9 +71,11 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor, height: int, wid
     ib = _expanded_int_boxes(boxes.float(), m)
     w = (ib[:, 2] - ib[:, 0] + 1).clamp(min=1)
     h = (ib[:, 3] - ib[:, 1] + 1).clamp(min=1)
-    # Canvas extent: the largest box, but never more than the image's size.
-    hm_w = torch.stack([h.max().clamp(max=height + 2), w.max().clamp(max=width + 2)]).cpu()
-    hm, wm = int(hm_w[0]), int(hm_w[1])
+    # Canvas extent: the largest box, down to the rows and columns that can still land in the image
+    # (an expanded box may start above or left of it, so that is not simply the image's size).
+    need_h = torch.minimum(h, height - ib[:, 1]).max().clamp(min=1)
+    need_w = torch.minimum(w, width - ib[:, 0]).max().clamp(min=1)
+    hm, wm = (int(v) for v in torch.stack([need_h, need_w]).cpu())
     insts, flats = [], []
     step = max(1, max_elements // max(1, hm * wm))
     for lo in range(0, n, step):
