@@ -101,7 +101,8 @@ def main() -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[800, 416])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--dets", type=int, nargs="+", default=[100, 20])
-    ap.add_argument("--engines", nargs="+", default=["eager-fp32", "eager-fp16", "fast"])
+    ap.add_argument("--engines", nargs="+", default=["eager-fp32", "eager-fp16", "fast"],
+                    help="eager-fp32, eager-fp16, fast (fixed shapes, one graph), fast-dynamic (op by op)")
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per row (after warm-up)")
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--width", type=int, default=1280)
@@ -136,8 +137,15 @@ def main() -> int:
             eager = TorchvisionMaskRCNN(cfg, "cuda:0")
             eager.load()
             eager.model.roi_heads.score_thresh = cfg.score_threshold
-            fast = FastMaskRCNN(cfg, "cuda:0")
-            fast.load()
+            fast = None
+            if "fast" in args.engines or args.check or args.profile:
+                fast = FastMaskRCNN(cfg, "cuda:0")
+                fast.load()
+            dynamic = None
+            if "fast-dynamic" in args.engines:
+                opts = dict(cfg.engine_options, fixed_shapes=False)
+                dynamic = FastMaskRCNN(type(cfg)(**{**cfg.__dict__, "engine_options": opts}), "cuda:0")
+                dynamic.load()
             for batch in args.batches:
                 inputs = [EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)
                           for s in scenes[:batch]]
@@ -151,6 +159,8 @@ def main() -> int:
                                 return eager.model(tensors)
                     elif name == "fast":
                         fn = lambda: fast.infer(inputs)  # noqa: E731
+                    elif name == "fast-dynamic":
+                        fn = lambda: dynamic.infer(inputs)  # noqa: E731
                     else:
                         raise SystemExit(f"unknown engine {name}")
                     with torch.inference_mode():
@@ -161,10 +171,19 @@ def main() -> int:
                            "kept": n_det, "p50_ms": float(np.percentile(t, 50)),
                            "p99_ms": float(np.percentile(t, 99)), "iters": len(t),
                            "images_per_s": batch * 1000.0 / float(np.mean(t))}
+                    if name.startswith("fast"):
+                        engine = fast if name == "fast" else dynamic
+                        row["redone_images"] = engine.redone_images
+                        engine.redone_images = 0
                     rows.append(row)
                     print(f"{name:>10} side {size:4d} dets {dets:3d} batch {batch}: p50 {row['p50_ms']:7.2f} ms  "
-                          f"p99 {row['p99_ms']:7.2f} ms  {row['images_per_s']:7.1f} img/s  (kept {n_det})",
+                          f"p99 {row['p99_ms']:7.2f} ms  {row['images_per_s']:7.1f} img/s  (kept {n_det}"
+                          f"{', redone ' + str(row['redone_images']) if 'redone_images' in row else ''})",
                           flush=True)
+            if fast is None:
+                del eager, dynamic
+                torch.cuda.empty_cache()
+                continue
             # Where the fast path's time goes, batch 1.
             fast.stage_times = {}
             one = [EngineInput(scenes[0].color, None if cfg.input_kind == "rgb" else scenes[0].depth,
@@ -189,15 +208,15 @@ def main() -> int:
                 Path(args.profile).write_text(
                     prof.key_averages().table(sort_by="cpu_time_total", row_limit=40) + "\n\n" +
                     prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
-            del eager, fast
+            del eager, fast, dynamic
             torch.cuda.empty_cache()
 
     print(f"\n## Engine latency, {dev}, {args.width}x{args.height} input\n")
-    print("| engine | shorter side | detections | batch | p50 ms/batch | p99 ms/batch | images/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| engine | shorter side | detections | batch | p50 ms/batch | p99 ms/batch | images/s | images redone |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['engine']} | {r['shorter_side']} | {r['detections']} | {r['batch']} | {r['p50_ms']:.1f} | "
-              f"{r['p99_ms']:.1f} | {r['images_per_s']:.0f} |")
+              f"{r['p99_ms']:.1f} | {r['images_per_s']:.0f} | {r.get('redone_images', '')} |")
     print("\nfast path, batch 1, median ms per stage (synchronised between stages):")
     for k, v in stages.items():
         print(f"  {k}: " + ", ".join(f"{s} {t:.2f}" for s, t in v.items()))

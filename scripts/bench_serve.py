@@ -43,12 +43,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
-from dd.models.model_folder import SMALL_ARCHITECTURE, random_model_folder  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
 
 
 def make_model(root: Path, engine: str, arch: str, batch: int, height: int, width: int, dets: int,
                min_size: int, placement: dict | None = None, name: str = "bench") -> Path:
+    from dd.models.model_folder import SMALL_ARCHITECTURE, random_model_folder  # torch: not in client processes
+
     architecture = dict(DEFAULT_ARCHITECTURE if arch == "r50" else SMALL_ARCHITECTURE, max_detections=dets)
     return random_model_folder(root / name, input_kind="rgbd", seed=0, architecture=architecture,
                                min_size=min_size, max_size=1333, score_threshold=0.0,
@@ -221,8 +222,8 @@ def baseline_server(folder: Path, device: str, port: int) -> None:
 
 
 # -- the client load -------------------------------------------------------------------------------
-async def load_raw(target: str, frames: list[tuple[bytes, bytes]], concurrency: int,
-                   seconds: float) -> tuple[list[float], list[dict], int, float]:
+async def load_raw(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float,
+                   start_at: float | None = None) -> tuple[list[float], list[dict], int, float]:
     """Closed-loop load: latencies (ms), the servers' timing fields, errors, and the wall time."""
     from dd.client import AsyncDetectorClient, make_request
 
@@ -233,6 +234,8 @@ async def load_raw(target: str, frames: list[tuple[bytes, bytes]], concurrency: 
     async with AsyncDetectorClient(target, timeout=60) as client:
         for r in reqs[:4]:
             await client.detect_request(r)  # warm-up
+        if start_at is not None:  # several client processes start loading together
+            await asyncio.sleep(max(0.0, start_at - time.time()))
         stop_at = time.perf_counter() + seconds
 
         async def worker(w: int) -> None:
@@ -267,8 +270,9 @@ async def load(target: str, frames: list[tuple[bytes, bytes]], concurrency: int,
     return summarize(*(await load_raw(target, frames, concurrency, seconds)))
 
 
-def _load_in_child(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float):
-    return asyncio.run(load_raw(target, frames, concurrency, seconds))
+def _load_in_child(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float,
+                   start_at: float):
+    return asyncio.run(load_raw(target, frames, concurrency, seconds, start_at))
 
 
 def load_from_processes(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float,
@@ -282,7 +286,9 @@ def load_from_processes(target: str, frames: list[tuple[bytes, bytes]], concurre
 
     shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
     with futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        parts = list(pool.map(_load_in_child, [target] * procs, [frames] * procs, shares, [seconds] * procs))
+        start_at = time.time() + 20.0  # after every process has started and warmed up
+        parts = list(pool.map(_load_in_child, [target] * procs, [frames] * procs, shares, [seconds] * procs,
+                              [start_at] * procs))
     lat = [x for p in parts for x in p[0]]
     timings = [x for p in parts for x in p[1]]
     return summarize(lat, timings, sum(p[2] for p in parts), max(p[3] for p in parts))

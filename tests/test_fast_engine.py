@@ -22,7 +22,7 @@ from dd.models.model_folder import random_model_folder
 from dd.worker.encode import rle_encode
 from dd.worker.engines import load_engine
 from dd.worker.engines.base import EngineInput
-from dd.worker.engines.fast_maskrcnn import FastMaskRCNN, resized_size
+from dd.worker.engines.fast_maskrcnn import FastMaskRCNN, batch_buckets, resized_size
 from dd.worker.engines.mask_rle import paste_and_encode
 from dd.worker.engines.torchvision_maskrcnn import TorchvisionMaskRCNN
 from tests.conftest import scene
@@ -165,3 +165,25 @@ def test_served_fast_model_reports_the_engine_that_runs(models: Path, tmp_path: 
     assert info.engine == "torchvision" and info.ready
     assert result.instances
     assert "falling back to 'torchvision'" in srv.log()
+
+
+@pytest.mark.parametrize("options", [{"fixed_shapes": False}, {"nms_iterations": 2}, {"batch_buckets": [1, 4]}],
+                         ids=["dynamic", "unsettled-nms-redone", "padded-bucket"])
+def test_fast_paths_match_reference(models: Path, options: dict) -> None:
+    """The dynamic path, an NMS that does not settle in its iterations (those images are redone),
+    and a batch of 3 padded to a bucket of 4 all give torchvision's answers."""
+    ref, fast = _engines(models / "rgbd", **options)
+    items = [EngineInput(*scene(k), 0.05) for k in range(3)]
+    for r, f in zip(ref.infer(items), fast.infer(items)):
+        _assert_same(r, f)
+    if "nms_iterations" in options:
+        assert fast.redone_images > 0
+    if "batch_buckets" in options:
+        assert fast.buckets == [1, 4] and (4, *items[0].color.shape[:2], torch.uint16) in fast._fixed_graphs
+
+
+def test_batch_buckets() -> None:
+    assert batch_buckets(8) == [1, 2, 4, 8]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(8, [3, 8, 16]) == [3, 8]

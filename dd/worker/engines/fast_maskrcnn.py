@@ -1,22 +1,33 @@
 """The fast GPU path for the same Mask R-CNN weights as the torchvision engine.
 
 Eager torchvision spends most of its time on the host: preprocessing image by
-image, hundreds of small kernels in the backbone launched one by one, and a
-Python loop that pastes every instance's mask into a full-image tensor, which
-pycocotools then scans pixel by pixel. Here:
+image, hundreds of small kernels launched one by one, host syncs after every
+filtering step, and a Python loop that pastes every instance's mask into a
+full-image tensor, which pycocotools then scans pixel by pixel. Here:
 
-- preprocessing runs on the GPU, for all images of a size at once, reading
-  the shared-memory slot through a pinned (page-locked) mapping;
-- backbone, FPN and RPN head run in fp16, channels-last, replayed from a CUDA
-  graph captured once per (batch, padded size), so they cost one launch;
-- proposal filtering and the box head reuse torchvision's modules (same
-  arithmetic, few host syncs), the heads under fp16 autocast;
-- the mask head runs on the final detections only, and masks are pasted and
-  run-length encoded for all instances together (mask_rle), so only the change
-  positions of each mask come back to the host.
+- the whole network, from the uint8 pixels to each detection's mask
+  probabilities, runs with fixed shapes (fixed_shapes.py: padded top-k lists
+  with validity masks, NMS as a batched fixed point), so it is captured once
+  per (batch bucket, input size) as one CUDA graph and replayed with one launch;
+  a batch is padded up to the next captured bucket (1, 2, 4, 8, ...), as vLLM
+  does, so no new graph is ever captured while serving;
+- preprocessing (convert, normalise, resize, pad) runs in that graph too, from
+  the shared-memory slot copied through a pinned (page-locked) mapping;
+- backbone, FPN and RPN head run in fp16, channels-last, the heads under fp16
+  autocast;
+- the host learns the counts once per batch; masks are pasted and run-length
+  encoded for all instances of the batch together (mask_rle), so only the
+  change positions of each mask come back.
+
+An image whose NMS did not settle within the graph's iterations, or whose
+class-wise NMS would have needed more than the top-k candidates, is redone on
+the dynamic path (the earlier, op-by-op version, kept for that and for
+`fixed_shapes: false`), so the answers are torchvision's either way.
 
 Falls back to the torchvision engine (with a log line) where it cannot run: no
 GPU. ENGINE_OPTIONS: fp16 (true), cuda_graphs (true), pin_memory (true),
+fixed_shapes (true), nms_iterations (24), fold_batchnorm (true; GPU only), pre_nms_topk (1024 with fixed shapes,
+4096 without), batch_buckets ([1, 2, 4, 8, ...] up to MAX_BATCH_SIZE),
 warmup_sizes ([[H, W], ...] input sizes to capture graphs for at load),
 allow_cpu (false; the CPU path exists for tests and has no graphs or fp16).
 """
@@ -28,6 +39,7 @@ import logging
 import math
 import mmap
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,7 +51,9 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
 from dd.worker.engines.base import Detections, Engine, EngineInput, EngineUnavailable
-from dd.worker.engines.mask_rle import paste_and_encode
+from dd.worker.engines.batchnorm_fold import fold_batchnorm
+from dd.worker.engines.fixed_shapes import FixedShapeHeads
+from dd.worker.engines.mask_rle import paste_and_encode, paste_transitions, rle_from_transitions
 from dd.worker.engines.torchvision_maskrcnn import build_loaded_model
 
 log = logging.getLogger(__name__)
@@ -53,6 +67,31 @@ def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int
 
 def padded(n: int, divisible: int = 32) -> int:
     return int(math.ceil(n / divisible) * divisible)
+
+
+def batch_buckets(max_batch: int, given: list[int] | None = None) -> list[int]:
+    """Batch sizes to capture graphs for: powers of two up to the model's maximum, and the maximum.
+
+    A batch is padded up to the next bucket: at most twice the images' backbone
+    work for the padding, in exchange for never capturing a graph (seconds of
+    stall) while requests wait.
+    """
+    if given:
+        sizes = {int(b) for b in given if 0 < int(b) <= max_batch}
+    else:
+        sizes = {1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch}
+    return sorted(sizes | {max_batch})
+
+
+@dataclass
+class _FixedGraph:
+    """Static inputs and outputs of the fixed-shape network for one (bucket, height, width, depth type)."""
+
+    color: torch.Tensor  # bucket x H x W x 3 uint8, on the device
+    depth: torch.Tensor | None  # bucket x H x W, uint16 (mm) or float32 (m)
+    threshold: torch.Tensor  # 0-d float32: the box score threshold of the batch
+    out: dict[str, torch.Tensor]
+    graph: torch.cuda.CUDAGraph | None  # None on the CPU: run eagerly
 
 
 def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
@@ -79,12 +118,15 @@ class FastMaskRCNN(Engine):
         self.fp16 = cuda and bool(opts.get("fp16", True))
         self.use_graphs = cuda and bool(opts.get("cuda_graphs", True))
         self.pin = cuda and bool(opts.get("pin_memory", True))
+        self.fixed = bool(opts.get("fixed_shapes", True))
         # Detection candidates (box x class) kept for NMS, by score. Exact whenever the survivors
-        # among them fill max_detections (checked per image; otherwise all candidates are used).
-        self.pre_nms_topk = int(opts.get("pre_nms_topk", 4096))
+        # among them fill max_detections (checked per image; otherwise the image is redone).
+        self.pre_nms_topk = int(opts.get("pre_nms_topk", 1024 if self.fixed else 4096))
         self.model = build_loaded_model(self.config).eval().to(self.dev)
         if cuda:
             torch.backends.cudnn.benchmark = True
+            if opts.get("fold_batchnorm", True):
+                log.debug("folded %d batch norms into convolutions", fold_batchnorm(self.model.backbone))
             self.model.backbone.to(memory_format=torch.channels_last)
         if self.fp16:
             self.model.backbone.half()
@@ -99,14 +141,23 @@ class FastMaskRCNN(Engine):
         self.std = torch.tensor(std, device=self.dev).view(1, -1, 1, 1)
         self.fill = cfg.depth_fill_m if cfg.depth_fill_m is not None else cfg.depth_mean_m
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
+        self.heads = FixedShapeHeads(self.model, int(opts.get("nms_iterations", 24)), self.pre_nms_topk)
+        self.buckets = batch_buckets(cfg.max_batch_size, opts.get("batch_buckets"))
+        self._fixed_graphs: dict[tuple[Any, ...], _FixedGraph] = {}
+        self._ratios: dict[tuple[int, ...], torch.Tensor] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs and self.fixed else None
+        # Images redone on the dynamic path (NMS not settled, or top-k too small): for benchmarks and logs.
+        self.redone_images = 0
         self._anchors: dict[tuple[int, ...], list[torch.Tensor]] = {}
         self._pinned: dict[int, tuple[mmap.mmap, ctypes.c_char]] = {}
         # Set to a dict to collect per-stage wall times (synchronising between stages): benchmarks only.
         self.stage_times: dict[str, list[float]] | None = None
         self._t_last = 0.0
         sizes = opts.get("warmup_sizes") or [[cfg.min_size, cfg.min_size]]
+        # Warm-up captures the graphs; without them (the CPU) one image proves the model runs.
+        batches = (self.buckets if self.fixed else sorted({1, cfg.max_batch_size})) if self.use_graphs else [1]
         for h, w in sizes:
-            for b in sorted({1, cfg.max_batch_size}):
+            for b in batches:
                 dummy = [EngineInput(np.zeros((h, w, 3), np.uint8),
                                      np.zeros((h, w), np.uint16) if cfg.input_kind == "rgbd" else None, 1.0)] * b
                 self.infer(dummy)
@@ -151,16 +202,25 @@ class FastMaskRCNN(Engine):
         for it in items:
             self._pin_source(it.color)
             colors.append(torch.from_numpy(it.color).to(self.dev, non_blocking=True))
-        x = torch.stack(colors).permute(0, 3, 1, 2).float().div_(255.0)  # B x 3 x H x W
+        depth = None
         if self.config.input_kind == "rgbd":
             depths = []
             for it in items:
                 if it.depth is None:
                     raise ValueError("RGB-D model needs depth")
                 self._pin_source(it.depth)
-                d = torch.from_numpy(it.depth).to(self.dev, non_blocking=True)
-                depths.append(d.float() * 0.001 if it.depth.dtype == np.uint16 else d.float())
-            d = torch.stack(depths)[:, None]
+                depths.append(torch.from_numpy(it.depth).to(self.dev, non_blocking=True))
+            depth = torch.stack(depths)
+        return self._normalize(torch.stack(colors), depth, rh, rw)
+
+    def _normalize(self, color: torch.Tensor, depth: torch.Tensor | None, rh: int, rw: int) -> torch.Tensor:
+        """uint8 B x H x W x 3 (+ depth B x H x W) -> the padded, normalised network input, on the device."""
+        x = color.permute(0, 3, 1, 2).float().div_(255.0)  # B x 3 x H x W
+        if self.config.input_kind == "rgbd":
+            assert depth is not None
+            d = depth.float()[:, None]
+            if depth.dtype == torch.uint16:
+                d = d * 0.001
             d = torch.where(d > 0, d, torch.full_like(d, self.fill))
             x = torch.cat([x, d], dim=1)
         x = (x - self.mean) / self.std
@@ -175,7 +235,7 @@ class FastMaskRCNN(Engine):
         return feats, objectness, deltas
 
     def _trunk_graphed(self, x: torch.Tensor):
-        if not self.use_graphs:
+        if not self.use_graphs or self.fixed:  # with fixed shapes this path only redoes rare images
             return self._trunk(x)
         key = tuple(x.shape)
         entry = self._graphs.get(key)
@@ -283,15 +343,139 @@ class FastMaskRCNN(Engine):
     def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
         self.model.roi_heads.score_thresh = min(x.score_threshold for x in batch)
         results: list[Detections | None] = [None] * len(batch)
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for i, item in enumerate(batch):
-            groups.setdefault(item.color.shape[:2], []).append(i)
-        for (h, w), idx in groups.items():
-            for i, det in zip(idx, self._infer_same_size([batch[i] for i in idx], h, w, want_masks)):
+            depth_type = None if item.depth is None else item.depth.dtype.str
+            groups.setdefault((*item.color.shape[:2], depth_type), []).append(i)
+        for (h, w, _), idx in groups.items():
+            items = [batch[i] for i in idx]
+            if self.fixed:
+                dets = []
+                for lo in range(0, len(items), self.buckets[-1]):
+                    dets += self._infer_fixed(items[lo:lo + self.buckets[-1]], h, w, want_masks)
+            else:
+                dets = self._infer_dynamic(items, h, w, want_masks)
+            for i, det in zip(idx, dets):
                 results[i] = det
         return results  # type: ignore[return-value]
 
-    def _infer_same_size(self, items: list[EngineInput], h: int, w: int, want_masks: bool) -> list[Detections]:
+    # -- the fixed-shape path: one graph from pixels to mask probabilities ----------------------
+    def _fixed_forward(self, color: torch.Tensor, depth: torch.Tensor | None, threshold: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        n, h, w = color.shape[:3]
+        rh, rw = resized_size(h, w, cfg.min_size, cfg.max_size)
+        x = self._normalize(color, depth, rh, rw)
+        feats, objectness, deltas = self._trunk(x)
+        anchors = self._anchors_for(ImageList(x, [(rh, rw)] * n), list(feats.values()))
+        props, props_valid, settled = self.heads.proposals([o.float() for o in objectness],
+                                                           [d.float() for d in deltas], anchors, n, rh, rw)
+        autocast = self.dev.type == "cuda" and self.fp16
+        # RoI pooling reads float32 features (what autocast does per call): converted once for both heads.
+        pool_feats = {k: feats[k].float() for k in self.model.roi_heads.box_roi_pool.featmap_names}
+        det = self.heads.detections(pool_feats, props, props_valid, rh, rw, threshold, autocast)
+        probs = self.heads.mask_probs(pool_feats, det["boxes"], det["labels"], rh, rw, autocast)
+        boxes = det["boxes"] * self._ratio(h, w, rh, rw)
+        exact = det["exact"] & settled
+        # Everything the host needs to know, in one tensor: one copy, one sync.
+        summary = torch.cat([boxes.flatten(1), det["scores"], det["labels"].float(), det["valid"].float(),
+                             exact.float()[:, None]], 1)
+        return {"summary": summary, "boxes": boxes, "probs": probs}
+
+    def _ratio(self, h: int, w: int, rh: int, rw: int) -> torch.Tensor:
+        """Back to input pixels with torchvision's arithmetic (float32 ratios of the sizes); made on
+        the first (uncaptured) call, since a capture cannot copy a constant to the device."""
+        key = (h, w, rh, rw)
+        if key not in self._ratios:
+            self._ratios[key] = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.dev) / torch.tensor(
+                [rw, rh, rw, rh], dtype=torch.float32, device=self.dev)
+        return self._ratios[key]
+
+    def _fixed_graph(self, bucket: int, h: int, w: int, depth_dtype: torch.dtype | None) -> _FixedGraph:
+        key = (bucket, h, w, depth_dtype)
+        entry = self._fixed_graphs.get(key)
+        if entry is not None:
+            return entry
+        color = torch.zeros(bucket, h, w, 3, dtype=torch.uint8, device=self.dev)
+        depth = None if depth_dtype is None else torch.zeros(bucket, h, w, dtype=depth_dtype, device=self.dev)
+        threshold = torch.zeros((), dtype=torch.float32, device=self.dev)
+        if not self.use_graphs:
+            entry = _FixedGraph(color, depth, threshold, {}, None)
+        else:
+            t0 = time.perf_counter()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # cudnn autotuning, lazy init, anchors and pooler scales outside the capture
+                    self._fixed_forward(color, depth, threshold)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._fixed_forward(color, depth, threshold)
+            entry = _FixedGraph(color, depth, threshold, out, graph)
+            log.info("captured the network for %d image(s) of %dx%d%s in %.1f s", bucket, w, h,
+                     "" if depth_dtype is None else f" + {depth_dtype} depth", time.perf_counter() - t0)
+        self._fixed_graphs[key] = entry
+        return entry
+
+    def _infer_fixed(self, items: list[EngineInput], h: int, w: int, want_masks: bool) -> list[Detections]:
+        n = len(items)
+        bucket = next(b for b in self.buckets if b >= n)
+        depth_dtype = None
+        if self.config.input_kind == "rgbd":
+            if any(it.depth is None for it in items):
+                raise ValueError("RGB-D model needs depth")
+            depth_dtype = torch.from_numpy(items[0].depth[:1, :1]).dtype  # type: ignore[index]
+        self._mark(None)
+        g = self._fixed_graph(bucket, h, w, depth_dtype)
+        for i, it in enumerate(items):
+            self._pin_source(it.color)
+            g.color[i].copy_(torch.from_numpy(it.color), non_blocking=True)
+            if g.depth is not None:
+                self._pin_source(it.depth)  # type: ignore[arg-type]
+                g.depth[i].copy_(torch.from_numpy(it.depth), non_blocking=True)  # type: ignore[arg-type]
+        g.threshold.fill_(min(it.score_threshold for it in items))
+        if g.graph is not None:
+            g.graph.replay()
+            out = g.out
+        else:  # the CPU (tests): the same padded bucket, run eagerly
+            out = self._fixed_forward(g.color, g.depth, g.threshold)
+        summary = out["summary"][:n].cpu().numpy()
+        self._mark("network (one graph)")
+        d = self.model.roi_heads.detections_per_img
+        results: list[Detections | None] = [None] * n
+        redo, picked, spans = [], [], []
+        for i, it in enumerate(items):
+            row = summary[i]
+            if row[-1] < 0.5:
+                redo.append(i)
+                continue
+            scores = row[4 * d:5 * d]
+            keep = np.flatnonzero((row[6 * d:7 * d] > 0.5) & (scores >= it.score_threshold))
+            results[i] = Detections(row[:4 * d].reshape(d, 4)[keep].copy(), scores[keep].copy(),
+                                    row[5 * d:6 * d][keep].astype(np.int64), None, [] if want_masks else None)
+            spans.append((i, sum(len(p) for p in picked), len(keep)))
+            picked.append(keep + i * d)
+        if want_masks and spans and sum(c for _, _, c in spans):
+            index = torch.from_numpy(np.concatenate(picked)).to(self.dev)
+            probs = out["probs"].flatten(0, 1)[index]
+            boxes = out["boxes"].flatten(0, 1)[index]
+            inst, flat = paste_transitions(probs, boxes, h, w, self.config.mask_threshold)
+            self._mark("paste (GPU, transitions to host)")
+            for i, start, count in spans:
+                lo, hi = np.searchsorted(inst, [start, start + count])
+                results[i].rle = rle_from_transitions(inst[lo:hi] - start, flat[lo:hi], count, h, w)  # type: ignore[union-attr]
+        self._mark("rle (host)")
+        if redo:
+            # Rare: NMS did not settle in the graph's iterations, or the top-k was too small.
+            self.redone_images += len(redo)
+            log.debug("%d image(s) redone on the dynamic path", len(redo))
+            for i, det in zip(redo, self._infer_dynamic([items[i] for i in redo], h, w, want_masks)):
+                results[i] = det
+        return results  # type: ignore[return-value]
+
+    # -- the dynamic path: op by op, torchvision's shapes ---------------------------------------
+    def _infer_dynamic(self, items: list[EngineInput], h: int, w: int, want_masks: bool) -> list[Detections]:
         cfg = self.config
         model = self.model
         rh, rw = resized_size(h, w, cfg.min_size, cfg.max_size)
@@ -347,6 +531,7 @@ class FastMaskRCNN(Engine):
                 pass
         self._pinned.clear()
         self._graphs.clear()
+        self._fixed_graphs.clear()
         del self.model
         if self.dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -1,0 +1,222 @@
+"""Mask R-CNN's post-processing with fixed shapes and no host synchronisation.
+
+torchvision's detection steps return as many boxes as survive each filter, so
+every step waits for the GPU to say how many (a host sync), and the Python
+around them launches a few hundred small kernels per image. None of that can
+be captured in a CUDA graph. The versions here keep every tensor at its upper
+bound (pre-NMS top-k, post-NMS top-n, max detections) with a validity mask, so
+backbone, RPN, box head, NMS and mask head replay as one graph and the host
+learns the counts once, at the end.
+
+Greedy NMS is computed as a fixed point: box i is kept iff no kept box before
+it (in descending score) overlaps it by more than the threshold. Iterating
+keep <- valid & not(any(keep[j] & overlap[j, i], j < i)) from keep = valid
+settles on the greedy answer (the fixed point is unique, since "before" is a
+strict order), usually within a few iterations; each is one batched
+matrix-vector product. Whether it settled is returned, and an image whose
+NMS did not settle, or whose class-wise NMS needed more than the top-k
+candidates, is redone by the caller on the exact dynamic path: the answers are
+torchvision's either way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops import roi_align
+from torchvision.ops.poolers import _setup_scales
+
+
+def box_iou_matrix(boxes: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU within each group: [..., K, 4] -> [..., K, K], with torchvision's nms arithmetic."""
+    area = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    lt = torch.maximum(boxes[..., :, None, :2], boxes[..., None, :, :2])
+    rb = torch.minimum(boxes[..., :, None, 2:], boxes[..., None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area[..., :, None] + area[..., None, :] - inter)
+
+
+def decode_boxes(coder: torch.nn.Module, rel_codes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """torchvision's BoxCoder.decode (same arithmetic, [N, K*4] codes against [N, 4] boxes -> [N, K, 4]),
+    without the device constant it creates per call: a host-to-device copy that a CUDA graph
+    capture refuses."""
+    rel_codes = rel_codes.reshape(boxes.shape[0], -1)
+    boxes = boxes.to(rel_codes.dtype)
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    ctr_x = boxes[:, 0] + 0.5 * widths
+    ctr_y = boxes[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = coder.weights
+    dx = rel_codes[:, 0::4] / wx
+    dy = rel_codes[:, 1::4] / wy
+    dw = torch.clamp(rel_codes[:, 2::4] / ww, max=coder.bbox_xform_clip)
+    dh = torch.clamp(rel_codes[:, 3::4] / wh, max=coder.bbox_xform_clip)
+    pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
+    pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
+    c_to_c_w = 0.5 * (torch.exp(dw) * widths[:, None])
+    c_to_c_h = 0.5 * (torch.exp(dh) * heights[:, None])
+    return torch.stack((pred_ctr_x - c_to_c_w, pred_ctr_y - c_to_c_h, pred_ctr_x + c_to_c_w,
+                        pred_ctr_y + c_to_c_h), dim=2)
+
+
+def top_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best along the last dimension, equal scores in index order.
+
+    torchvision's NMS visits boxes in a stable descending sort, so when scores
+    tie (saturated probabilities do) the earlier box wins; topk's order among
+    ties is unspecified, so it would keep a different box of a tied pair.
+    """
+    values, index = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], index[..., :k]
+
+
+def nms_fixed(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float, iterations: int,
+              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS for G groups of K boxes each, already in descending score order.
+
+    boxes [G, K, 4]; valid [G, K] (invalid boxes neither survive nor suppress);
+    labels [G, K] restricts suppression to boxes of the same label (class-wise NMS).
+    Returns keep [G, K] bool and settled [G] bool (keep is greedy NMS's answer
+    wherever settled is true).
+    """
+    k = boxes.shape[-2]
+    over = box_iou_matrix(boxes.float()) > iou_threshold
+    if labels is not None:
+        over &= labels[..., :, None] == labels[..., None, :]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(1)  # [j, i]: j before i
+    dtype = torch.float16 if boxes.is_cuda else torch.float32
+    suppress = (over & earlier & valid[..., :, None]).to(dtype)  # [G, j, i]
+    keep = valid
+    prev = keep
+    for _ in range(max(2, iterations)):
+        prev = keep
+        hit = torch.matmul(keep.to(dtype)[..., None, :], suppress)[..., 0, :] > 0
+        keep = valid & ~hit
+    return keep, (keep == prev).all(dim=-1)
+
+
+class FixedShapeHeads:
+    """The RPN filtering, box head, detection NMS and mask head of one torchvision MaskRCNN,
+    for a batch of equally sized images, with shapes that depend only on the batch and the size."""
+
+    def __init__(self, model: torch.nn.Module, nms_iterations: int = 24, pre_nms_topk: int = 1024) -> None:
+        self.model = model
+        self.iterations = nms_iterations
+        self.pre_nms_topk = pre_nms_topk
+
+    # -- RPN --------------------------------------------------------------------------------
+    def proposals(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
+                  n_images: int, rh: int, rw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """torchvision's filter_proposals: top-k per level, clip, drop small and low boxes, NMS per
+        level, best post_nms_top_n. Returns boxes [B, P, 4], valid [B, P], settled [B]."""
+        rpn = self.model.rpn
+        num_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
+        obj, dl = concat_box_prediction_layers(objectness, deltas)
+        boxes = decode_boxes(rpn.box_coder, dl, torch.cat(anchors)).view(n_images, -1, 4)
+        obj = obj.view(n_images, -1)
+        ks = [min(rpn.pre_nms_top_n(), n) for n in num_per_level]
+        kmax = max(ks)
+        lvl_boxes, lvl_scores, lvl_valid, start = [], [], [], 0
+        for n, k in zip(num_per_level, ks):
+            top_obj, top = obj[:, start:start + n].topk(k, dim=1)
+            b = boxes.gather(1, (top + start)[..., None].expand(-1, -1, 4))
+            pad = kmax - k
+            lvl_boxes.append(F.pad(b, (0, 0, 0, pad)))
+            lvl_scores.append(F.pad(top_obj.sigmoid(), (0, pad), value=-1.0))
+            lvl_valid.append(F.pad(torch.ones_like(top_obj, dtype=torch.bool), (0, pad), value=False))
+            start += n
+        cand = torch.stack(lvl_boxes, 1)  # B x L x kmax x 4, each level in descending score
+        scores = torch.stack(lvl_scores, 1)
+        valid = torch.stack(lvl_valid, 1)
+        x = cand[..., 0::2].clamp(0, rw)
+        y = cand[..., 1::2].clamp(0, rh)
+        cand = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
+        wh = cand[..., 2:] - cand[..., :2]
+        valid = valid & (wh >= rpn.min_size).all(-1) & (scores >= rpn.score_thresh)
+        n_levels = len(num_per_level)
+        keep, settled = nms_fixed(cand.reshape(-1, kmax, 4), valid.reshape(-1, kmax), rpn.nms_thresh,
+                                  self.iterations)
+        ranked = torch.where(keep.view(n_images, -1), scores.view(n_images, -1), float("-inf"))
+        best, idx = top_stable(ranked, rpn.post_nms_top_n())
+        props = cand.view(n_images, -1, 4).gather(1, idx[..., None].expand(-1, -1, 4))
+        return props, best > float("-inf"), settled.view(n_images, n_levels).all(1)
+
+    # -- RoI pooling ------------------------------------------------------------------------
+    @staticmethod
+    def roi_pool(pooler: torch.nn.Module, feats: dict[str, torch.Tensor], boxes: torch.Tensor,
+                 image_size: tuple[int, int]) -> torch.Tensor:
+        """MultiScaleRoIAlign for [B, N, 4] boxes. Every box is pooled from every level and the
+        right level picked per box: four times the (small) pooling work, but no boxes-per-level
+        counts, so no sync. Same arithmetic as torchvision's pooler under autocast when the
+        features come in float32 (autocast would convert each level again on every call)."""
+        levels = [feats[name] for name in pooler.featmap_names]
+        if pooler.scales is None or pooler.map_levels is None:
+            pooler.scales, pooler.map_levels = _setup_scales(levels, [image_size], pooler.canonical_scale,
+                                                             pooler.canonical_level)
+        b, n = boxes.shape[:2]
+        flat = boxes.reshape(-1, 4)
+        index = torch.arange(b, device=boxes.device, dtype=flat.dtype).repeat_interleave(n)[:, None]
+        rois = torch.cat([index, flat], 1)
+        which = pooler.map_levels([flat])
+        out = None
+        for lvl, (feat, scale) in enumerate(zip(levels, pooler.scales)):
+            pooled = roi_align(feat, rois, pooler.output_size, spatial_scale=scale,
+                               sampling_ratio=pooler.sampling_ratio, aligned=False)
+            out = pooled if out is None else torch.where((which == lvl)[:, None, None, None], pooled, out)
+        assert out is not None
+        return out
+
+    # -- box head and class-wise NMS --------------------------------------------------------
+    def detections(self, feats: dict[str, torch.Tensor], props: torch.Tensor, props_valid: torch.Tensor,
+                   rh: int, rw: int, score_thresh: torch.Tensor, autocast: bool) -> dict[str, torch.Tensor]:
+        """torchvision's box head and postprocess_detections, at most detections_per_img per image.
+
+        The class-wise NMS looks at the pre_nms_topk best (box, class) candidates
+        only: greedy NMS decides a box by the higher-scoring boxes of its class, so
+        the survivors among them are the overall survivors above the k-th score,
+        and the answer is torchvision's whenever they fill detections_per_img or
+        no valid candidate was left out ("exact"; the caller redoes other images)."""
+        heads = self.model.roi_heads
+        b, n = props.shape[:2]
+        pooled = self.roi_pool(heads.box_roi_pool, feats, props, (rh, rw))
+        with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+            bf = heads.box_head(pooled)
+            class_logits, box_regression = heads.box_predictor(bf)
+        class_logits, box_regression = class_logits.float(), box_regression.float()
+        n_classes = class_logits.shape[-1]
+        pred = decode_boxes(heads.box_coder, box_regression, props.reshape(-1, 4))  # B*N x C x 4
+        x = pred[..., 0::2].clamp(0, rw)
+        y = pred[..., 1::2].clamp(0, rh)
+        pred = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
+        boxes = pred.view(b, n, n_classes, 4)[:, :, 1:].reshape(b, -1, 4)
+        scores = F.softmax(class_logits, -1).view(b, n, n_classes)[:, :, 1:].reshape(b, -1)
+        labels = torch.arange(1, n_classes, device=props.device).repeat(n)
+        wh = boxes[..., 2:] - boxes[..., :2]
+        valid = ((scores > score_thresh) & (wh >= 1e-2).all(-1)
+                 & props_valid.repeat_interleave(n_classes - 1, dim=1))
+        masked = torch.where(valid, scores, -1.0)
+        d = heads.detections_per_img
+        k = min(max(self.pre_nms_topk, d), masked.shape[1])
+        top_s, top_i = top_stable(masked, k)
+        cand = boxes.gather(1, top_i[..., None].expand(-1, -1, 4))
+        cand_labels = labels[top_i]
+        keep, settled = nms_fixed(cand, valid.gather(1, top_i), heads.nms_thresh, self.iterations, cand_labels)
+        exact = settled & ((keep.sum(1) >= d) | (valid.sum(1) <= k))
+        best, idx = top_stable(torch.where(keep, top_s, float("-inf")), d)
+        return {"boxes": cand.gather(1, idx[..., None].expand(-1, -1, 4)), "scores": best,
+                "labels": cand_labels.gather(1, idx), "valid": best > float("-inf"), "exact": exact}
+
+    # -- mask head --------------------------------------------------------------------------
+    def mask_probs(self, feats: dict[str, torch.Tensor], boxes: torch.Tensor, labels: torch.Tensor,
+                   rh: int, rw: int, autocast: bool) -> torch.Tensor:
+        """Mask probabilities of each detection's own class: [B, D, M, M] (maskrcnn_inference)."""
+        heads = self.model.roi_heads
+        pooled = self.roi_pool(heads.mask_roi_pool, feats, boxes, (rh, rw))
+        with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
+            mf = heads.mask_head(pooled)
+            logits = heads.mask_predictor(mf)
+        logits = logits.float()
+        picked = logits.gather(1, labels.reshape(-1)[:, None, None, None].expand(-1, 1, *logits.shape[-2:]))
+        return picked.sigmoid().view(*boxes.shape[:2], *logits.shape[-2:])

@@ -1,0 +1,106 @@
+"""Fixed-shape NMS and RoI pooling against torchvision's own ops (CPU; the GPU runs the same code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, nms
+
+from dd.worker.engines.fixed_shapes import FixedShapeHeads, nms_fixed, top_stable
+
+
+def _clustered_boxes(g: torch.Generator, n: int, clusters: int = 12) -> torch.Tensor:
+    centres = torch.rand(clusters, 2, generator=g) * 200
+    which = torch.randint(0, clusters, (n,), generator=g)
+    c = centres[which] + torch.randn(n, 2, generator=g) * 6
+    wh = 20 + torch.rand(n, 2, generator=g) * 30
+    return torch.cat([c - wh / 2, c + wh / 2], 1)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_nms_fixed_is_greedy_nms(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    groups, k = 3, 300
+    boxes = torch.stack([_clustered_boxes(g, k) for _ in range(groups)])
+    scores = torch.rand(groups, k, generator=g)
+    scores, order = scores.sort(dim=1, descending=True)
+    boxes = boxes.gather(1, order[..., None].expand(-1, -1, 4))
+    valid = torch.rand(groups, k, generator=g) > 0.1
+    keep, settled = nms_fixed(boxes, valid, 0.5, iterations=50)
+    assert settled.all()
+    for i in range(groups):
+        idx = valid[i].nonzero()[:, 0]
+        expected = idx[nms(boxes[i][idx], scores[i][idx], 0.5)]
+        assert torch.equal(keep[i].nonzero()[:, 0], expected.sort().values)
+
+
+def test_nms_fixed_class_wise_is_batched_nms() -> None:
+    g = torch.Generator().manual_seed(7)
+    k = 400
+    boxes = _clustered_boxes(g, k)
+    scores, order = torch.rand(k, generator=g).sort(descending=True)
+    boxes = boxes[order]
+    labels = torch.randint(1, 4, (k,), generator=g)
+    keep, settled = nms_fixed(boxes[None], torch.ones(1, k, dtype=torch.bool), 0.5, 50, labels[None])
+    assert settled.all()
+    assert torch.equal(keep[0].nonzero()[:, 0], batched_nms(boxes, scores, labels, 0.5).sort().values)
+
+
+def test_nms_fixed_says_when_it_has_not_settled() -> None:
+    """A chain a > b > c where a suppresses b and b would suppress c: c survives, but only the
+    second iteration can know it; a third is needed to see that nothing changes."""
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [3, 0, 13, 10], [6.5, 0, 16.5, 10]]])
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    keep, settled = nms_fixed(boxes, valid, 0.4, iterations=2)
+    assert not settled.all()
+    keep, settled = nms_fixed(boxes, valid, 0.4, iterations=3)
+    assert settled.all() and keep.tolist() == [[True, False, True]]
+    assert nms(boxes[0], torch.tensor([3.0, 2, 1]), 0.4).tolist() == [0, 2]
+
+
+def test_top_stable_keeps_ties_in_index_order() -> None:
+    values, index = top_stable(torch.tensor([[0.5, 1.0, 1.0, 0.2, 1.0]]), 3)
+    assert index.tolist() == [[1, 2, 4]] and values.tolist() == [[1.0, 1.0, 1.0]]
+
+
+def test_fixed_roi_pool_matches_multiscale_roi_align() -> None:
+    g = torch.Generator().manual_seed(3)
+    pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    size = (256, 320)
+    feats = {str(i): torch.randn(2, 8, size[0] >> (i + 2), size[1] >> (i + 2), generator=g) for i in range(4)}
+    # boxes of every scale, so that all four levels are used
+    xy = torch.rand(2, 60, 2, generator=g) * 150
+    wh = 16 * 2 ** (torch.rand(2, 60, 1, generator=g) * 5) * (0.7 + 0.6 * torch.rand(2, 60, 2, generator=g))
+    boxes = torch.cat([xy, xy + wh], -1)
+    expected = pooler(feats, list(boxes.unbind(0)), [size, size])
+    assert pooler.map_levels(list(boxes.unbind(0))).unique().numel() == 4
+    got = FixedShapeHeads.roi_pool(MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), feats, boxes, size)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "mobilenet_v3_large"])
+def test_folding_batchnorm_keeps_the_backbone_function(arch: str) -> None:
+    from dd.config import DEFAULT_ARCHITECTURE
+    from dd.models.maskrcnn import build_maskrcnn
+    from dd.models.model_folder import SMALL_ARCHITECTURE
+    from dd.worker.engines.batchnorm_fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    spec = dict(DEFAULT_ARCHITECTURE if arch == "resnet50" else SMALL_ARCHITECTURE)
+    model = build_maskrcnn(spec, num_classes=3, channels=4, min_size=128, max_size=160,
+                           image_mean=[0.5] * 4, image_std=[0.25] * 4).eval()
+    for m in model.modules():  # non-trivial statistics, so that folding has something to do
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    x = torch.randn(1, 4, 128, 160)
+    with torch.inference_mode():
+        before = model.backbone(x)
+    n = fold_batchnorm(model.backbone)
+    assert n > 10 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules())
+    with torch.inference_mode():
+        after = model.backbone(x)
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=1e-3, atol=1e-3)
