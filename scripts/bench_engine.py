@@ -109,6 +109,8 @@ def main() -> int:
     ap.add_argument("--check", action="store_true", help="compare fast vs eager fp32 answers")
     ap.add_argument("--model", help="a model folder to use instead of random R50-FPN weights (for --check)")
     ap.add_argument("--profile", help="write a torch.profiler table of the fast path (batch 1) here")
+    ap.add_argument("--input-kind", default="rgb", choices=["rgb", "rgbd"], help="random model's input")
+    ap.add_argument("--fast-options", default="{}", help="ENGINE_OPTIONS for the fast engine, as JSON")
     ap.add_argument("--json", help="write all rows here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -125,10 +127,11 @@ def main() -> int:
                 folder = Path(args.model)
             else:
                 folder = tmp / f"r50-{size}-{dets}"
-                random_model_folder(folder, input_kind="rgb", seed=0, categories=[f"c{i}" for i in range(1, 91)],
+                random_model_folder(folder, input_kind=args.input_kind, seed=0, categories=[f"c{i}" for i in range(1, 91)],
                                     architecture=dict(DEFAULT_ARCHITECTURE, max_detections=dets), min_size=size,
                                     max_size=1333, score_threshold=0.0,
-                                    extra={"ENGINE_OPTIONS": {"warmup_sizes": [[args.height, args.width]]},
+                                    extra={"ENGINE_OPTIONS": {"warmup_sizes": [[args.height, args.width]],
+                                                              **json.loads(args.fast_options)},
                                            "MAX_BATCH_SIZE": max(args.batches)})
             cfg = load_model_config(folder)
             if args.model:

@@ -187,3 +187,18 @@ def test_batch_buckets() -> None:
     assert batch_buckets(6) == [1, 2, 4, 6]
     assert batch_buckets(1) == [1]
     assert batch_buckets(8, [3, 8, 16]) == [3, 8]
+
+
+def test_paste_in_size_ordered_chunks_matches_torchvision() -> None:
+    """Boxes of every size, chunked small: chunks go by size, answers come back in instance order."""
+    from dd.worker.engines.mask_rle import paste_transitions, rle_from_transitions
+
+    g = torch.Generator().manual_seed(5)
+    n, height, width = 60, 150, 210
+    masks = torch.rand(n, 28, 28, generator=g)
+    x0, y0 = torch.rand(n, generator=g) * width, torch.rand(n, generator=g) * height
+    size = 2 ** (torch.rand(n, generator=g) * 8)
+    boxes = torch.stack([x0, y0, (x0 + size).clamp(max=width), (y0 + 0.7 * size).clamp(max=height)], 1)
+    expected = rle_encode((paste_masks_in_image(masks[:, None], boxes, (height, width), padding=1)[:, 0] >= 0.5).numpy())
+    inst, flat = paste_transitions(masks, boxes, height, width, max_elements=1 << 16)
+    assert rle_from_transitions(inst, flat, n, height, width) == expected

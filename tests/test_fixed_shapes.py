@@ -104,3 +104,4 @@ def test_folding_batchnorm_keeps_the_backbone_function(arch: str) -> None:
         after = model.backbone(x)
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=1e-3, atol=1e-3)
+

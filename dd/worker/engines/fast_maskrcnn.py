@@ -26,7 +26,8 @@ the dynamic path (the earlier, op-by-op version, kept for that and for
 
 Falls back to the torchvision engine (with a log line) where it cannot run: no
 GPU. ENGINE_OPTIONS: fp16 (true), cuda_graphs (true), pin_memory (true),
-fixed_shapes (true), nms_iterations (24), fold_batchnorm (true; GPU only), pre_nms_topk (1024 with fixed shapes,
+fixed_shapes (true), nms_iterations (24), fold_batchnorm (true;
+GPU only), pre_nms_topk (1024 with fixed shapes,
 4096 without), batch_buckets ([1, 2, 4, 8, ...] up to MAX_BATCH_SIZE),
 warmup_sizes ([[H, W], ...] input sizes to capture graphs for at load),
 allow_cpu (false; the CPU path exists for tests and has no graphs or fp16).
@@ -161,6 +162,7 @@ class FastMaskRCNN(Engine):
                 dummy = [EngineInput(np.zeros((h, w, 3), np.uint8),
                                      np.zeros((h, w), np.uint16) if cfg.input_kind == "rgbd" else None, 1.0)] * b
                 self.infer(dummy)
+        self.redone_images = 0  # blank warm-up images tie everywhere and are redone; count real ones only
 
     # -- host memory ----------------------------------------------------------------------
     def _pin_source(self, arr: np.ndarray) -> None:

@@ -61,8 +61,11 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor, height: int, wid
     masks: N x M x M probabilities; boxes: N x 4 in image pixels (float).
     Returns (instance index, flat index x*H + y) pairs as two int64 arrays,
     sorted by instance, then by position. Resizing is separable, so it is two
-    small batched matrix products per chunk of instances; chunks keep the
-    canvas (instances x largest box) under `max_elements`.
+    small batched matrix products per chunk of instances. Instances are
+    chunked in order of size, each chunk on a canvas as large as its own
+    largest box and under `max_elements`: one large box does not make every
+    small one pay for its canvas (a batch of 8 images with 100 instances each
+    holds boxes of every size).
     """
     n, m = masks.shape[0], masks.shape[-1]
     if n == 0:
@@ -71,32 +74,46 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor, height: int, wid
     ib = _expanded_int_boxes(boxes.float(), m)
     w = (ib[:, 2] - ib[:, 0] + 1).clamp(min=1)
     h = (ib[:, 3] - ib[:, 1] + 1).clamp(min=1)
-    # Canvas extent: the largest box, down to the rows and columns that can still land in the image
-    # (an expanded box may start above or left of it, so that is not simply the image's size).
-    need_h = torch.minimum(h, height - ib[:, 1]).max().clamp(min=1)
-    need_w = torch.minimum(w, width - ib[:, 0]).max().clamp(min=1)
-    hm, wm = (int(v) for v in torch.stack([need_h, need_w]).cpu())
+    # The rows and columns of each box that can still land in the image (an expanded box may
+    # start above or left of it, so that is not simply the image's size). One sync for all.
+    need = torch.stack([torch.minimum(h, height - ib[:, 1]), torch.minimum(w, width - ib[:, 0])], 1)
+    need = need.clamp(min=1).cpu().numpy()
+    order = np.argsort(need[:, 0] * need[:, 1], kind="stable")
+    chunks, lo = [], 0
+    while lo < n:
+        hi, hm, wm = lo, 1, 1
+        while hi < n:
+            nh, nw = max(hm, int(need[order[hi], 0])), max(wm, int(need[order[hi], 1]))
+            if hi > lo and (hi - lo + 1) * nh * nw > max_elements:
+                break
+            hi, hm, wm = hi + 1, nh, nw
+        chunks.append((order[lo:hi], hm, wm))
+        lo = hi
     insts, flats = [], []
-    step = max(1, max_elements // max(1, hm * wm))
-    for lo in range(0, n, step):
-        hi = min(n, lo + step)
-        ry = _interp_matrix(h[lo:hi], hm, m + 2)  # c x Hm x (M+2)
-        rx = _interp_matrix(w[lo:hi], wm, m + 2)  # c x Wm x (M+2)
+    i = torch.arange(max(c[1] for c in chunks), device=masks.device)
+    j = torch.arange(max(c[2] for c in chunks), device=masks.device)
+    for members, hm, wm in chunks:
+        sel = torch.from_numpy(members).to(masks.device)
+        ry = _interp_matrix(h[sel], hm, m + 2)  # c x Hm x (M+2)
+        rx = _interp_matrix(w[sel], wm, m + 2)  # c x Wm x (M+2)
         # Column-major directly: (Wm x M+2) @ (M+2 x M+2)^T-side gives columns outer, rows inner.
-        cols = torch.bmm(torch.bmm(rx, padded[lo:hi].transpose(1, 2)), ry.transpose(1, 2))  # c x Wm x Hm
-        i = torch.arange(hm, device=masks.device)
-        j = torch.arange(wm, device=masks.device)
-        ys = ib[lo:hi, 1, None] + i[None, :]
-        xs = ib[lo:hi, 0, None] + j[None, :]
-        valid_y = (i[None, :] < h[lo:hi, None]) & (ys >= 0) & (ys < height)
-        valid_x = (j[None, :] < w[lo:hi, None]) & (xs >= 0) & (xs < width)
+        cols = torch.bmm(torch.bmm(rx, padded[sel].transpose(1, 2)), ry.transpose(1, 2))  # c x Wm x Hm
+        ys = ib[sel, 1, None] + i[None, :hm]
+        xs = ib[sel, 0, None] + j[None, :wm]
+        valid_y = (i[None, :hm] < h[sel, None]) & (ys >= 0) & (ys < height)
+        valid_x = (j[None, :wm] < w[sel, None]) & (xs >= 0) & (xs < width)
         binary = (cols >= threshold) & valid_x[:, :, None] & valid_y[:, None, :]
         edges = F.pad(binary.to(torch.int8), (1, 1))  # a zero row above and below each column
         change = edges[..., 1:] != edges[..., :-1]  # value changes at local row k
-        inst, c, k = change.nonzero(as_tuple=True)
-        flats.append((ib[lo + inst, 0] + c) * height + (ib[lo + inst, 1] + k))
-        insts.append(inst + lo)
-    return torch.cat(insts).cpu().numpy(), torch.cat(flats).cpu().numpy()
+        local, c, k = change.nonzero(as_tuple=True)
+        inst = sel[local]
+        flats.append((ib[inst, 0] + c) * height + (ib[inst, 1] + k))
+        insts.append(inst)
+    inst_all = torch.cat(insts).cpu().numpy()
+    flat_all = torch.cat(flats).cpu().numpy()
+    # Back to instance order (chunks went by size); within an instance positions are already ascending.
+    back = np.argsort(inst_all, kind="stable")
+    return inst_all[back], flat_all[back]
 
 
 def rle_from_transitions(inst: np.ndarray, flat: np.ndarray, count: int, height: int, width: int) -> list[bytes]:

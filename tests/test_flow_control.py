@@ -1,0 +1,159 @@
+"""What bounds the work in flight between a client, a frontend and a worker, on real processes:
+a DetectStream whose client reads slowly, a worker queue that must take whatever the frontends'
+credits allow, and the per-request path that must not touch health."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import grpc
+
+from dd.frontend.server import STREAM_WINDOW
+from dd.proto.deep_detection.v1 import detector_pb2 as pb
+from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
+from tests.faults import Server, answer_problem, codes, null_case, null_model, run_cases, wait_for
+
+
+def _served(srv: Server) -> int:
+    """Requests the frontends have read and finished with: each one's slot was taken and given back,
+    which bumps the slot's generation twice (dd.ipc.shm_ring.RingUsage.generations)."""
+    return sum(r.generations for r in srv.rings()) // 2
+
+
+def _settled(value, quiet_s: float, timeout: float) -> int:
+    """value() once it has not changed for quiet_s seconds."""
+    last, since, end = value(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < end, f"still changing after {timeout} s (last {last})"
+        time.sleep(0.05)
+        now = value()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_stream_window_bounds_what_a_slow_reader_leaves_on_the_frontend(tmp_path: Path) -> None:
+    """A client writes 4 x STREAM_WINDOW requests on one DetectStream and reads nothing: the frontend
+    stops reading the stream once STREAM_WINDOW responses are in flight or unsent, instead of serving
+    all of them and holding every finished response for the client. Once the client reads, all are
+    answered, each with its own answer.
+
+    Responses of ~37 KB and no BDP probing on the client keep gRPC's own buffering (one 64 KB
+    stream window) to a response or two, so what the frontend read is what it holds."""
+    n = 4 * STREAM_WINDOW
+    instances = 1000  # boxes only: about 37 KB a response, cheap for the null engine
+    null_model(tmp_path / "null", kind="rgb", instances=instances)
+    cases = [null_case(i, depth=False, instances=instances) for i in range(n)]
+    with Server(tmp_path / "null", ring_slots=8, slot_mb=0.0625) as srv:
+        srv.start().wait_serving(120)
+
+        async def scenario() -> tuple[int, list[pb.DetectResponse]]:
+            options = [("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 64 << 20)]
+            async with grpc.aio.insecure_channel(srv.target, options=options) as ch:
+                call = pb_grpc.DetectorStub(ch).DetectStream(timeout=60)
+
+                async def write_all() -> None:
+                    for case in cases:
+                        await call.write(case.request)
+                    await call.done_writing()
+
+                writer = asyncio.create_task(write_all())
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, wait_for, lambda: _served(srv) >= STREAM_WINDOW, 30,
+                                           "the frontend to serve a window's worth of the stream")
+                held = await loop.run_in_executor(None, _settled, lambda: _served(srv), 1.0, 30)
+                responses = [r async for r in call]
+                await writer
+                return held, responses
+
+        held, responses = asyncio.run(scenario())
+        assert _served(srv) == n
+    assert held <= STREAM_WINDOW + 4, (
+        f"the frontend read and served {held} of the {n} requests of a stream whose client read no response "
+        f"(window {STREAM_WINDOW}): it holds their finished responses instead of waiting for the client")
+    by_id = {r.request_id: r for r in responses}
+    assert len(responses) == n and len(by_id) == n
+    problems = [answer_problem(c, by_id[c.request.request_id]) for c in cases]
+    assert not any(problems), next(p for p in problems if p)
+
+
+def test_worker_queue_takes_everything_the_credits_allow(tmp_path: Path) -> None:
+    """With 96 credits per worker (--max-inflight-per-worker), a frontend may put 96 requests on one
+    worker at once; while its slow engine works through them, most wait in the worker's queue. The
+    queue must fit them: a worker that refuses work the frontend was allowed to send ("queue is full",
+    RESOURCE_EXHAUSTED) turns a configured limit into failed requests."""
+    credits = 96
+    null_model(tmp_path / "slow", kind="rgb", batch=4, cost_ms=100)
+    with Server(tmp_path / "slow", ring_slots=credits, slot_mb=0.0625,
+                args=["--max-inflight-per-worker", str(credits)]) as srv:
+        srv.start().wait_serving(120)
+        cases = [null_case(i, depth=False) for i in range(credits)]
+        outcomes = asyncio.run(run_cases(srv.target, cases, concurrency=credits, timeout=60.0))
+        wait_for(lambda: srv.slots_in_use() == 0, 10, "every ring slot to be free")
+    refused = [o for o in outcomes if o.code != grpc.StatusCode.OK]
+    assert not refused, f"{codes(outcomes)}, e.g. {refused[0].details!r}"
+    wrong = [o.problem for o in outcomes if o.problem]
+    assert not wrong, wrong[0]
+
+
+def test_health_is_updated_on_worker_state_changes_not_per_request(tmp_path: Path) -> None:
+    """The frontend updates gRPC health from the dispatcher's on_change hook. It must run when a worker's
+    state changes (here: becomes ready), and not once per request as credits come back: that cost two
+    health-servicer updates (and a task) per request for a status that had not changed.
+
+    A redundant update of an unchanged status cannot be seen through the Health service (Check answers
+    the same, Watch sends changes only), so this test drives the frontend's real Dispatcher, in this
+    process, against the real workers of a running server, through a ring of its own, and counts the
+    hook's calls."""
+    from dd.frontend.decode import decode_into_slot
+    from dd.frontend.dispatcher import Dispatcher
+    from dd.ipc import messages
+    from dd.ipc.shm_ring import ShmRing, segment_name
+
+    n = 40
+    null_model(tmp_path / "null", kind="rgb")
+    with Server(tmp_path / "null") as srv:
+        srv.start().wait_serving(120)
+
+        async def scenario() -> tuple[int, int, list[str | None]]:
+            calls: list[float] = []
+            dispatcher = Dispatcher(srv.run_dir, lambda model: 4, on_change=lambda: calls.append(time.monotonic()))
+            ring = ShmRing.create(segment_name(srv.tag, "test"), 2, 1 << 16)
+            try:
+                await dispatcher.start()
+                end = time.monotonic() + 30
+                while dispatcher.ready_workers("null") < 1:
+                    assert time.monotonic() < end, "the dispatcher never saw the worker ready"
+                    await asyncio.sleep(0.05)
+                at_ready = len(calls)
+                problems = []
+                for i in range(n):
+                    case = null_case(i, depth=False)
+                    slot, gen = ring.allocate()
+                    try:
+                        decoded = decode_into_slot(case.request, False, ring.slot_buffer(slot), 1 << 20)
+                        deadline = time.time() + 30
+                        req = messages.InferRequest(
+                            id=dispatcher.next_id(), ring=ring.name, slot=slot, generation=gen,
+                            color=messages.ArrayRef(offset=decoded.color.offset, shape=decoded.color.shape,
+                                                    dtype=decoded.color.dtype),
+                            has_depth=False, mask_format=pb.NONE, deadline=deadline, received_at=time.time(),
+                            request_id=case.request.request_id, model="null")
+                        body = await dispatcher.submit(req, deadline, rebind=lambda: ring.bump(slot))
+                        problems.append(answer_problem(case, pb.DetectResponse.FromString(body)))
+                    finally:
+                        ring.free(slot)
+                return at_ready, len(calls) - at_ready, problems
+            finally:
+                await dispatcher.close()
+                ring.close()
+                ring.unlink()
+
+        at_ready, per_requests, problems = asyncio.run(scenario())
+    assert not any(problems), next(p for p in problems if p)
+    assert at_ready >= 1, "on_change did not run when the worker became ready: health would never be SERVING"
+    assert per_requests <= 2, (
+        f"on_change (the frontend's health update) ran {per_requests} times during {n} requests while no worker "
+        "changed state: health is being updated per request")
