@@ -151,7 +151,8 @@ def main() -> int:
                 dynamic.load()
             for batch in args.batches:
                 inputs = [EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)
-                          for s in scenes[:batch]]
+                          for s in (scenes[k % len(scenes)] for k in range(batch))]
+                assert len(inputs) == batch
                 tensors = [eager._tensor(x) for x in inputs]  # 3 or 4 channels, as the engine feeds the model
                 for name in args.engines:
                     if name == "eager-fp32":
