@@ -444,7 +444,7 @@ class FastMaskRCNN(Engine):
             out = self._fixed_forward(g.color, g.depth, g.threshold)
         summary = out["summary"][:n].cpu().numpy()
         self._mark("network (one graph)")
-        d = self.model.roi_heads.detections_per_img
+        d = out["probs"].shape[1]  # detections per image: detections_per_img, or fewer candidates if that is all
         results: list[Detections | None] = [None] * n
         redo, picked, spans = [], [], []
         for i, it in enumerate(items):
@@ -470,8 +470,12 @@ class FastMaskRCNN(Engine):
         self._mark("rle (host)")
         if redo:
             # Rare: NMS did not settle in the graph's iterations, or the top-k was too small.
-            self.redone_images += len(redo)
-            log.debug("%d image(s) redone on the dynamic path", len(redo))
+            before, self.redone_images = self.redone_images, self.redone_images + len(redo)
+            if before == 0 or before // 1000 != self.redone_images // 1000:
+                log.warning("%d image(s) so far needed the slower op-by-op path (NMS not settled in %d "
+                            "iterations, or more than %d detection candidates needed); if that is frequent, "
+                            "raise ENGINE_OPTIONS nms_iterations or pre_nms_topk", self.redone_images,
+                            self.heads.iterations, self.pre_nms_topk)
             for i, det in zip(redo, self._infer_dynamic([items[i] for i in redo], h, w, want_masks)):
                 results[i] = det
         return results  # type: ignore[return-value]
