@@ -153,6 +153,17 @@ def test_frontend_sigkill_is_restarted_and_others_keep_serving(tmp_path: Path) -
         victim = srv.processes("frontend")[0]
         old_ring = [s for s in srv.segments() if s.endswith(f"-{victim.pid}")]
         assert old_ring
+        worker = srv.processes("worker")[0]
+
+        def worker_maps_old_ring() -> bool:
+            return any(old_ring[0] in m.path for m in worker.memory_maps(grouped=False))
+
+        for i in range(200):  # until the victim has sent the worker a request, so the worker maps its ring
+            if worker_maps_old_ring():
+                break
+            case = null_case(500 + i)
+            assert answer_problem(case, detect(srv.target, case.request)) is None
+        assert worker_maps_old_ring(), "no request reached the worker through the victim frontend"
         victim.kill()
         victim.wait(10)
         # Fresh connections only reach the living frontend until the new one listens.
@@ -171,6 +182,8 @@ def test_frontend_sigkill_is_restarted_and_others_keep_serving(tmp_path: Path) -
         after = {u.name: u.generations for u in srv.rings()}
         assert len(after) == 2 and all(after[n] > before.get(n, 0) for n in after), (before, after)
         assert srv.slots_in_use() == 0
+        # The worker let go of the dead frontend's ring (released from the engine, then unmapped).
+        wait_for(lambda: not worker_maps_old_ring(), 10, "the worker to unmap the dead frontend's ring")
 
 
 def test_supervisor_sigkill_children_exit_by_themselves(tmp_path: Path) -> None:

@@ -95,6 +95,7 @@ class ShmRing:
         self.name = name
         self._mm = mm
         self.owner = owner
+        self.retired = False  # a worker sets it once the ring's frontend is gone
         magic, version, slots, slot_bytes, data_offset, pid = _HEADER.unpack_from(mm, 0)
         if magic != MAGIC or version != VERSION:
             raise RingError(f"shared memory segment {name!r} is not a deep-detection ring of this version "
@@ -213,6 +214,11 @@ class ShmRing:
             raise RingError(f"array of {nbytes} bytes at offset {offset} does not fit a slot of {self.slot_bytes}")
         start = self._data_offset + slot * self.slot_bytes + offset
         return np.ndarray(shape, dtype=dtype, buffer=self._mm, offset=start)
+
+    @property
+    def mapping(self) -> mmap.mmap:
+        """The mapping the ring's arrays are views of (what an engine may have page-locked)."""
+        return self._mm
 
     # -- teardown -------------------------------------------------------------------
     def close(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -91,6 +92,7 @@ class Worker:
         capacity = max(64, 2 * server.resolved_frontends() * credits)
         self.batcher: Batcher[Job] = Batcher(model.max_batch_size, model.max_queue_delay_ms / 1000.0, capacity)
         self.rings: dict[str, ShmRing] = {}
+        self._retired: queue.SimpleQueue[ShmRing] = queue.SimpleQueue()
         self.ready = False
         self.engine_name = model.engine
         self.load_error = ""
@@ -230,10 +232,24 @@ class Worker:
         return Job(identity, req, ring, color, depth, time.time()), None
 
     def _forget_dead_rings(self) -> None:
-        """Unmaps the rings of frontends that have gone (their segment was removed)."""
+        """Retires the rings of frontends that have gone (their segment was removed): the inference
+        thread releases them from the engine (which may have page-locked them) and unmaps them,
+        between batches, and drops their requests still queued, which nobody waits for."""
         for name in list(self.rings):
             if not Path("/dev/shm", name).exists():
-                self.rings.pop(name).close()
+                ring = self.rings.pop(name)
+                ring.retired = True
+                self._retired.put(ring)
+
+    def _release_retired(self, engine: "Engine | None") -> None:
+        while True:
+            try:
+                ring = self._retired.get_nowait()
+            except queue.Empty:
+                return
+            if engine is not None:
+                engine.release_input_memory(ring.mapping)
+            ring.close()
 
     # -- inference thread ----------------------------------------------------------------
     def _inference_loop(self) -> None:
@@ -255,6 +271,7 @@ class Worker:
         self.ready = True
         while True:
             batch = self.batcher.get_batch(timeout=0.2)
+            self._release_retired(engine)
             if not batch:
                 if self.stop.is_set():
                     break
@@ -267,12 +284,15 @@ class Worker:
                     _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
             del batch
         engine.close()
+        self._release_retired(None)
         out.close()
 
     def _run_batch(self, engine: "Engine", batch: list[Job], out: zmq.Socket) -> None:
         started = time.time()
         live: list[Job] = []
         for job in batch:
+            if job.ring.retired:
+                continue  # its frontend is gone, and with it whoever asked
             if job.req.deadline and started > job.req.deadline:
                 _send(out, job, "DEADLINE_EXCEEDED", "deadline passed while queued at the worker")
             elif job.ring.generation(job.req.slot) == job.req.generation:

@@ -66,6 +66,11 @@ class Engine(ABC):
     def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
         """Runs one batch; returns one Detections per input, in order."""
 
+    def release_input_memory(self, mapping: object) -> None:
+        """No more inputs will come from this shared-memory mapping (its frontend is gone): drop
+        anything that refers to it, such as a page-lock registration, so that it can be unmapped.
+        Called by the thread that calls infer, between batches."""
+
     def close(self) -> None:
         """Releases device memory; called once at worker exit."""
 

@@ -176,9 +176,8 @@ class FastMaskRCNN(Engine):
             return
         try:
             # The ctypes view exports the mapping's buffer, so the worker cannot unmap a ring while
-            # it is registered (ShmRing.close then leaves the map to the last view). A dead
-            # frontend's ring thus stays mapped in this worker: one ring of memory per frontend
-            # restart, until the worker restarts. (An unregister hook is the better fix.)
+            # it is registered (ShmRing.close leaves the map to the last view); when the ring's
+            # frontend goes, the worker calls release_input_memory, which unregisters it.
             view = ctypes.c_char.from_buffer(base)
             err = torch.cuda.cudart().cudaHostRegister(ctypes.addressof(view), len(base), 0)
             if int(err) != 0:
@@ -187,6 +186,15 @@ class FastMaskRCNN(Engine):
         except Exception as exc:  # noqa: BLE001 - pinning is an optimisation; never fail a request for it
             log.warning("cannot pin shared memory for faster copies: %s", exc)
             self.pin = False
+
+    def release_input_memory(self, mapping: object) -> None:
+        entry = self._pinned.pop(id(mapping), None)
+        if entry is None or entry[0] is not mapping:
+            return
+        try:
+            torch.cuda.cudart().cudaHostUnregister(ctypes.addressof(entry[1]))
+        except Exception as exc:  # noqa: BLE001 - the mapping goes anyway with the process
+            log.warning("cannot unregister a released shared-memory mapping: %s", exc)
 
     # -- stages -----------------------------------------------------------------------------
     def _mark(self, stage: str | None) -> None:
