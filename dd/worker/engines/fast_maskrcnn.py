@@ -149,6 +149,7 @@ class FastMaskRCNN(Engine):
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs and self.fixed else None
         # Images redone on the dynamic path (NMS not settled, or top-k too small): for benchmarks and logs.
         self.redone_images = 0
+        self._loaded = False
         self._anchors: dict[tuple[int, ...], list[torch.Tensor]] = {}
         self._pinned: dict[int, tuple[mmap.mmap, ctypes.c_char]] = {}
         # Set to a dict to collect per-stage wall times (synchronising between stages): benchmarks only.
@@ -163,6 +164,7 @@ class FastMaskRCNN(Engine):
                                      np.zeros((h, w), np.uint16) if cfg.input_kind == "rgbd" else None, 1.0)] * b
                 self.infer(dummy)
         self.redone_images = 0  # blank warm-up images tie everywhere and are redone; count real ones only
+        self._loaded = True
 
     # -- host memory ----------------------------------------------------------------------
     def _pin_source(self, arr: np.ndarray) -> None:
@@ -423,8 +425,13 @@ class FastMaskRCNN(Engine):
             with torch.cuda.graph(graph, pool=self._pool):
                 out = self._fixed_forward(color, depth, threshold)
             entry = _FixedGraph(color, depth, threshold, out, graph)
-            log.info("captured the network for %d image(s) of %dx%d%s in %.1f s", bucket, w, h,
-                     "" if depth_dtype is None else f" + {depth_dtype} depth", time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            what = f"{bucket} image(s) of {w}x{h}" + ("" if depth_dtype is None else f" + {depth_dtype} depth")
+            if self._loaded:  # requests waited for this: say how to capture it at load instead
+                log.warning("captured the network for %s in %.1f s while serving; add [%d, %d] to ENGINE_OPTIONS "
+                            "warmup_sizes to capture it at load", what, took, h, w)
+            else:
+                log.info("captured the network for %s in %.1f s", what, took)
         self._fixed_graphs[key] = entry
         return entry
 
