@@ -190,9 +190,10 @@ class FastMaskRCNN(Engine):
             self.pin = False
 
     def release_input_memory(self, mapping: object) -> None:
-        entry = self._pinned.pop(id(mapping), None)
+        entry = self._pinned.get(id(mapping))
         if entry is None or entry[0] is not mapping:
             return
+        del self._pinned[id(mapping)]
         try:
             torch.cuda.cudart().cudaHostUnregister(ctypes.addressof(entry[1]))
         except Exception as exc:  # noqa: BLE001 - the mapping goes anyway with the process
