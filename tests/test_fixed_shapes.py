@@ -105,3 +105,17 @@ def test_folding_batchnorm_keeps_the_backbone_function(arch: str) -> None:
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=1e-3, atol=1e-3)
 
+
+
+def test_decode_boxes_is_boxcoders_decode() -> None:
+    from torchvision.models.detection._utils import BoxCoder
+
+    from dd.worker.engines.fixed_shapes import decode_boxes
+
+    g = torch.Generator().manual_seed(2)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    xy = torch.rand(50, 2, generator=g) * 300
+    boxes = torch.cat([xy, xy + 1 + torch.rand(50, 2, generator=g) * 100], 1)
+    codes = torch.randn(50, 3 * 4, generator=g) * 3  # 3 classes; large enough to hit the exp clip
+    expected = coder.decode(codes, [boxes])
+    assert torch.equal(decode_boxes(coder, codes, boxes), expected)
