@@ -204,3 +204,13 @@ def test_paste_in_size_ordered_chunks_matches_torchvision() -> None:
     expected = rle_encode((paste_masks_in_image(masks[:, None], boxes, (height, width), padding=1)[:, 0] >= 0.5).numpy())
     inst, flat = paste_transitions(masks, boxes, height, width, max_elements=1 << 16)
     assert rle_from_transitions(inst, flat, n, height, width) == expected
+
+
+def test_fast_batch_with_an_image_that_keeps_nothing(models: Path) -> None:
+    """Two images of one size, one with a threshold no score reaches: it gets no instances and an
+    empty mask list, the other its usual answer (encoding zero instances raised, failing the batch)."""
+    ref, fast = _engines(models / "rgbd")
+    items = [EngineInput(*scene(0), 0.05), EngineInput(*scene(1), 1.01)]
+    got = fast.infer(items)
+    assert len(got[1].scores) == 0 and got[1].rle == []
+    _assert_same(ref.infer(items[:1])[0], got[0])

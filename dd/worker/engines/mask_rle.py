@@ -2,9 +2,10 @@
 
 torchvision pastes each instance's 28x28 mask into a full-image tensor in a
 Python loop (a dozen kernels per instance) and pycocotools then scans every
-pixel of every full-image mask on the CPU. Here all instances are resampled
-together over a canvas as large as the largest box, thresholded, and
-only the positions where a column of a mask changes value leave the device.
+pixel of every full-image mask on the CPU. Here instances are resampled
+together, in chunks of similar size, each chunk over a canvas as large as its
+largest box, thresholded, and only the positions where a column of a mask
+changes value leave the device.
 COCO's column-major run lengths follow from those positions alone, so the
 work and the bytes moved scale with the boxes' size, not the image's.
 
@@ -118,6 +119,8 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor, height: int, wid
 
 def rle_from_transitions(inst: np.ndarray, flat: np.ndarray, count: int, height: int, width: int) -> list[bytes]:
     """COCO compressed RLE strings from the change positions of `count` instances (no per-pixel work)."""
+    if count == 0:
+        return []
     total = height * width
     # A run that reaches the image's last pixel needs no closing mark (COCO ends on the last run).
     at_end = flat >= total
@@ -141,8 +144,6 @@ def rle_from_transitions(inst: np.ndarray, flat: np.ndarray, count: int, height:
     starts = bounds + 2 * np.arange(count + 1)  # frame starts in `framed`
     pieces = np.split(runs, starts[1:-1] - 1)
     objs = [{"size": [height, width], "counts": p if n == 0 else p[1:]} for n, p in enumerate(pieces)]
-    if not objs:
-        return []
     return [r["counts"] for r in mask_util.frPyObjects(objs, height, width)]
 
 
