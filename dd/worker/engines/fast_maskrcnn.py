@@ -134,12 +134,9 @@ class FastMaskRCNN(Engine):
             self.model.rpn.head.half()
         self.dtype = torch.float16 if self.fp16 else torch.float32
         cfg = self.config
-        mean, std = list(cfg.pixel_mean), list(cfg.pixel_std)
-        if cfg.input_kind == "rgbd":
-            mean.append(cfg.depth_mean_m)
-            std.append(cfg.depth_std_m)
-        self.mean = torch.tensor(mean, device=self.dev).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=self.dev).view(1, -1, 1, 1)
+        # The normalisation torchvision's transform would apply (color, then depth for RGB-D).
+        self.mean = torch.tensor(self.model.transform.image_mean, device=self.dev).view(1, -1, 1, 1)
+        self.std = torch.tensor(self.model.transform.image_std, device=self.dev).view(1, -1, 1, 1)
         self.fill = cfg.depth_fill_m if cfg.depth_fill_m is not None else cfg.depth_mean_m
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
         self.heads = FixedShapeHeads(self.model, int(opts.get("nms_iterations", 24)), self.pre_nms_topk)
@@ -462,7 +459,7 @@ class FastMaskRCNN(Engine):
         self._mark("network (one graph)")
         d = out["probs"].shape[1]  # detections per image: detections_per_img, or fewer candidates if that is all
         results: list[Detections | None] = [None] * n
-        redo, picked, spans = [], [], []
+        redo, picked, spans, offset = [], [], [], 0
         for i, it in enumerate(items):
             row = summary[i]
             if row[-1] < 0.5:
@@ -472,9 +469,10 @@ class FastMaskRCNN(Engine):
             keep = np.flatnonzero((row[6 * d:7 * d] > 0.5) & (scores >= it.score_threshold))
             results[i] = Detections(row[:4 * d].reshape(d, 4)[keep].copy(), scores[keep].copy(),
                                     row[5 * d:6 * d][keep].astype(np.int64), None, [] if want_masks else None)
-            spans.append((i, sum(len(p) for p in picked), len(keep)))
+            spans.append((i, offset, len(keep)))
             picked.append(keep + i * d)
-        if want_masks and spans and sum(c for _, _, c in spans):
+            offset += len(keep)
+        if want_masks and offset:
             index = torch.from_numpy(np.concatenate(picked)).to(self.dev)
             probs = out["probs"].flatten(0, 1)[index]
             boxes = out["boxes"].flatten(0, 1)[index]
@@ -528,9 +526,7 @@ class FastMaskRCNN(Engine):
                 mask_logits = heads.mask_predictor(mf)
             probs = maskrcnn_inference(mask_logits.float(), det_labels)
         self._mark("mask head")
-        # Back to input pixels with torchvision's arithmetic (float32 ratios of the sizes).
-        ratio = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.dev) / torch.tensor(
-            [rw, rh, rw, rh], dtype=torch.float32, device=self.dev)
+        ratio = self._ratio(h, w, rh, rw)
         out = []
         for k, item in enumerate(items):
             keep = det_scores[k] >= item.score_threshold
