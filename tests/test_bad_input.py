@@ -3,6 +3,8 @@ keeps serving everyone else; and a property-based fuzz of validation and decodin
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import io
 import struct
 import time
@@ -172,6 +174,16 @@ def test_exif_orientation_is_ignored(server: Server) -> None:
     size no longer matched its header. Pixels are used as stored (what depth is registered to)."""
     resp = detect(server.target, pb.DetectRequest(model="rgb", color=img(exif_rotated_jpeg(40, 60))))
     assert (resp.width, resp.height) == (60, 40)
+
+
+def test_client_pictures_read_color_as_the_server_does(tmp_path: Path) -> None:
+    """The client draws the server's masks over its own decode of the file: both must ignore EXIF
+    orientation, or a phone's JPEG gets masks drawn on a rotated picture."""
+    from dd.client.viz import read_color
+
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(exif_rotated_jpeg(40, 60))
+    assert read_color(path).shape == (40, 60, 3)
 
 
 def test_accepted_formats_are_served(server: Server) -> None:

@@ -82,10 +82,8 @@ def _scale(width: int, height: int) -> tuple[float, int]:
 
 def _mask_of(inst: Instance, height: int, width: int) -> np.ndarray | None:
     m = inst.mask
-    if m is None:
-        return None
-    if m.shape != (height, width):  # the server saw another size (e.g. EXIF rotation); keep it usable
-        m = cv2.resize(m.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+    if m is None or m.shape != (height, width):
+        return None  # not this picture's mask (read_color decodes as the server does, so not expected)
     return m
 
 
@@ -215,8 +213,8 @@ def render(color: np.ndarray, instances: Sequence[Instance], depth: np.ndarray |
 
 
 def read_color(path: Path) -> np.ndarray:
-    """RGB uint8, decoded the way the server decodes it (OpenCV)."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """RGB uint8, decoded the way the server decodes it (OpenCV, EXIF orientation ignored)."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         raise OSError(f"{path}: not an image OpenCV can read")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
