@@ -86,12 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     frontend.add_argument("path", help="the same PATH as given to serve")
     _server_flags(frontend)
 
-    try:
-        from dd.client import cli as client_cli
-    except ImportError:
-        client_cli = None
-    if client_cli is not None:
-        client_cli.add_parser(sub)
+    from dd.client import cli as client_cli
+
+    client_cli.add_parser(sub)
     return parser
 
 

@@ -3,8 +3,10 @@
 
 One table, one run: R50-FPN Mask R-CNN with fixed random weights (91 classes,
 box score threshold 0 so every image keeps its maximum detections), 1280x720
-RGB inputs (synthetic scenes), shorter side 800 and 416, batch 1/4/8, 20 and
-100 detections; p50/p99 ms per batch and images/s, warm-up excluded.
+inputs (synthetic scenes; RGB, or RGB-D with --input-kind rgbd), shorter side
+800 and 416, batch 1/4/8, 20 and 100 detections; p50/p99 ms per batch and
+images/s, warm-up excluded. Engines: eager-fp32, eager-fp16, fast (one CUDA
+graph) and fast-dynamic (the fast engine's op-by-op path, fixed_shapes false).
 
 Eager rows time model(images) on the GPU, masks pasted to full-image tensors
 (as torchvision returns them), synchronised; the fast rows time the whole

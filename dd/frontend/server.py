@@ -295,9 +295,8 @@ class Frontend:
         give_up_at = deadline - min(GIVE_UP_MARGIN_S, 0.1 * max(timeout, 0.0))
         model = self._resolve_model(request.model)
         check_options(request)
-        if self.dispatcher.ready_workers(model.name) == 0 and self.dispatcher.model_error(model.name):
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {model.name!r} failed to load: "
-                               f"{self.dispatcher.model_error(model.name)}")
+        if self.dispatcher.ready_workers(model.name) == 0 and (error := self.dispatcher.model_error(model.name)):
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {model.name!r} failed to load: {error}")
         got = await self.slots.acquire(give_up_at)
         if got is None:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
