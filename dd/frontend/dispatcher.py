@@ -18,6 +18,7 @@ UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -98,7 +99,9 @@ class Dispatcher:
         # wait_for(cond.wait()) cancelled at the wrong moment (a client cancel, a deadline) leaves the
         # condition's lock released twice or held forever, after which every request of this
         # frontend blocks on the lock until its deadline (seen in scripts/soak.py).
-        self._waiters: set[asyncio.Future] = set()
+        # Requests waiting for a credit, per model, oldest first.
+        self._waiters: collections.defaultdict[str, collections.deque[asyncio.Future]] = \
+            collections.defaultdict(collections.deque)
         self._tasks: list[asyncio.Task] = []
         self._ids = itertools.count(1)
         self._rr = itertools.count()
@@ -229,7 +232,7 @@ class Dispatcher:
             fut = link.inflight.pop(rep.id, None)
             if fut is not None and not fut.done():
                 fut.set_result(Reply(rep.code, rep.message, frames[2] if len(frames) > 2 else None))
-            self._changed_soon(state=False)
+            self._credit_freed(link.model)
         elif kind == messages.PONG:
             pong = messages.Pong.FromString(frames[1])
             if link.incarnation and pong.incarnation != link.incarnation:
@@ -245,18 +248,24 @@ class Dispatcher:
                 log.info("worker %s %s", link.name, "ready" if pong.ready else f"not ready {pong.error}")
                 self._changed_soon()
 
-    def _changed_soon(self, state: bool = True) -> None:
-        """A credit came free or a worker's state changed: every waiter looks again.
+    def _changed_soon(self) -> None:
+        """A worker's state changed (ready, lost): every waiter looks again, and health is updated."""
+        waiters, self._waiters = self._waiters, collections.defaultdict(collections.deque)
+        for queue in waiters.values():
+            for fut in queue:
+                if not fut.done():
+                    fut.set_result(None)
+        self._on_change()
 
-        Only a change of a worker's state (ready, lost) reaches on_change (health):
-        a credit coming back, once per request, must not cost a health update.
-        """
-        waiters, self._waiters = self._waiters, set()
-        for fut in waiters:
+    def _credit_freed(self, model: str) -> None:
+        """One credit of `model` came back: its oldest waiter looks again (the others would find it
+        taken). Once per request, so no health update and no herd."""
+        queue = self._waiters.get(model)
+        while queue:
+            fut = queue.popleft()
             if not fut.done():
                 fut.set_result(None)
-        if state:
-            self._on_change()
+                return
 
     # -- dispatch -------------------------------------------------------------------------
     def _pick(self, model: str) -> WorkerLink | None:
@@ -285,12 +294,22 @@ class Dispatcher:
                 raise DispatchError(grpc.StatusCode.UNAVAILABLE,
                                     f"model {model!r} has no ready worker: it failed to load ({err})")
             fut = loop.create_future()
-            self._waiters.add(fut)
+            queue = self._waiters[model]
+            queue.append(fut)
             try:
-                # asyncio.wait never cancels fut, and a cancelled caller leaves nothing behind.
+                # asyncio.wait never cancels fut; the periodic look also covers a wake that was missed.
                 await asyncio.wait((fut,), timeout=min(left, 0.25))
+            except BaseException:
+                if fut.done():  # woken for a credit it will not take: pass it on
+                    self._credit_freed(model)
+                raise
             finally:
-                self._waiters.discard(fut)
+                if not fut.done():
+                    fut.cancel()
+                    try:
+                        queue.remove(fut)
+                    except ValueError:  # the queues were swapped out by a state change
+                        pass
         if self.ready_workers(model) == 0:
             raise DispatchError(grpc.StatusCode.UNAVAILABLE,
                                 f"no worker of model {model!r} is ready (starting, restarting or stopped)")
@@ -330,7 +349,7 @@ class Dispatcher:
             finally:
                 if link.inflight.get(req.id) is fut:
                     del link.inflight[req.id]
-                    self._changed_soon(state=False)
+                    self._credit_freed(link.model)
             if reply is _WORKER_DIED:
                 if attempts >= 2:
                     raise DispatchError(grpc.StatusCode.UNAVAILABLE,
