@@ -260,3 +260,31 @@ def test_nothing_from_a_request_is_unpickled_or_evaluated() -> None:
                                                  and kwargs["weights_only"].value is True):
                     problems.append(f"{where}: torch.load without weights_only=True")
     assert not problems, "\n".join(problems)
+
+
+def test_client_command_speaks_mutual_tls_and_sends_the_token(mtls_server: Server, pki: PKI,
+                                                              tmp_path: Path) -> None:
+    """`deep-detection client` against the locked-down server: with the security flags it is served;
+    without the token it says UNAUTHENTICATED and exits non-zero."""
+    import subprocess
+    import sys
+
+    import cv2
+    import numpy as np
+
+    color, depth = tmp_path / "c.png", tmp_path / "d.png"
+    cv2.imwrite(str(color), np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8))
+    cv2.imwrite(str(depth), np.full((24, 32), 1500, np.uint16))
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    tls = ["--tls-ca", pki.path("ca.pem"), "--tls-cert", pki.path("client.pem"), "--tls-key", pki.path("client.key")]
+
+    def client(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dd", "client", str(color), "--depth", str(depth),
+                               "--server", mtls_server.target, *extra], capture_output=True, text=True, timeout=120)
+
+    ok = client(*tls, "--token-file", str(token))
+    assert ok.returncode == 0, ok.stderr
+    assert "errors: 0" in ok.stdout + ok.stderr
+    refused = client(*tls)
+    assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr, refused.stderr

@@ -87,9 +87,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--concurrency", metavar="N", type=int, default=4,
                    help="requests in flight at once (default 4)")
     p.add_argument("--score-threshold", metavar="T", dest="score_threshold", type=float, default=0.0,
-                   help="keep instances scoring at least T, in (0, 1] (default: the model's own threshold)")
+                   help="keep instances scoring at least T, in [0, 1]; 0 (the default) means the model's own threshold")
     p.add_argument("--timeout", metavar="S", type=float, default=30.0,
                    help="deadline per request, seconds (default 30)")
+    sec = p.add_argument_group("security (for a server started with --tls-* or --auth-token-file)")
+    sec.add_argument("--tls-ca", metavar="PEM", help="speak TLS, trusting server certificates this CA bundle signed")
+    sec.add_argument("--tls-cert", metavar="PEM", help="this client's certificate, for mutual TLS (with --tls-key)")
+    sec.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    sec.add_argument("--token-file", metavar="FILE", help="send the bearer token this file holds")
     p.set_defaults(func=run)
     return p
 
@@ -179,6 +184,33 @@ def _target(server: str) -> str:
     return f"{server}:50051"  # a bare host name (or an IPv6 address, which then needs [brackets])
 
 
+def connection_security(args: argparse.Namespace) -> tuple[object | None, str | None]:
+    """(gRPC channel credentials or None, bearer token or None) from the security flags."""
+    import grpc
+
+    def read(flag: str, path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            raise ClientError(f"{flag} {path}: {exc.strerror or exc}") from exc
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ClientError("--tls-cert and --tls-key go together (the client certificate and its key)")
+    if args.tls_cert and not args.tls_ca:
+        raise ClientError("--tls-cert needs --tls-ca (the CA bundle that signed the server's certificate)")
+    creds = None
+    if args.tls_ca:
+        cert = read("--tls-cert", args.tls_cert) if args.tls_cert else None
+        key = read("--tls-key", args.tls_key) if args.tls_key else None
+        creds = grpc.ssl_channel_credentials(read("--tls-ca", args.tls_ca), key, cert)
+    token = None
+    if args.token_file:
+        token = read("--token-file", args.token_file).decode().strip()
+        if not token:
+            raise ClientError(f"--token-file {args.token_file}: the file is empty")
+    return creds, token
+
+
 async def _list_models(client: AsyncDetectorClient, target: str, timeout: float) -> list[pb.ModelInfo]:
     import grpc
 
@@ -248,7 +280,8 @@ async def _detect_all(args: argparse.Namespace, target: str) -> int:
     items = collect_items(path, depth_arg)  # local problems first: they need no server
     single = path.is_file()
 
-    async with AsyncDetectorClient(target, timeout=args.timeout) as client:
+    credentials, token = connection_security(args)
+    async with AsyncDetectorClient(target, timeout=args.timeout, credentials=credentials, token=token) as client:
         models = await _list_models(client, target, min(args.timeout, 15.0))
         model = pick_model(models, args.model, target)
         rgbd = model.input_kind == "rgbd"
@@ -383,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         return _usage("--concurrency must be at least 1")
     if not 0.0 <= args.score_threshold <= 1.0 or math.isnan(args.score_threshold):
-        return _usage("--score-threshold must be in (0, 1]; leave it out for the model's own threshold")
+        return _usage("--score-threshold must be in [0, 1] (0 or left out: the model's own threshold)")
     if not args.timeout > 0:
         return _usage("--timeout must be a positive number of seconds")
     from dd.client.coco import CocoError
