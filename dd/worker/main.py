@@ -38,6 +38,7 @@ from dd.config import ModelConfig, ServerConfig
 from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import RingError, ShmRing
 from dd.procutil import die_with_parent, parent_alive
+from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.worker.batcher import Batcher
 
 if TYPE_CHECKING:  # the engine modules import torch: only after pinning, inside the inference thread
@@ -133,15 +134,7 @@ class Worker:
                         except zmq.Again:
                             break
                 if router in events:
-                    while True:
-                        try:
-                            frames = router.recv_multipart(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        try:
-                            self._handle(router, frames)
-                        except DecodeError:
-                            log.warning("malformed message from a frontend (%d frame(s)); dropped", len(frames))
+                    self._drain(router)
                 if not parent_alive(self.parent_pid):
                     log.warning("supervisor is gone; worker %s exits", self.name)
                     break
@@ -150,11 +143,7 @@ class Worker:
                     until = time.monotonic() + 0.6
                     while time.monotonic() < until:
                         if router.poll(100):
-                            frames = router.recv_multipart()
-                            try:
-                                self._handle(router, frames)
-                            except DecodeError:
-                                pass
+                            self._drain(router)
                     return 3
                 if not infer_thread.is_alive() and not self.stop.is_set():
                     log.error("worker %s: the inference thread died; exiting for a restart", self.name)
@@ -230,6 +219,18 @@ class Worker:
         except (RingError, ValueError) as exc:
             return None, ("INTERNAL", f"bad array reference from the frontend: {exc}")
         return Job(identity, req, ring, color, depth, time.time()), None
+
+    def _drain(self, router: zmq.Socket) -> None:
+        """Handles every message waiting on the frontends' socket."""
+        while True:
+            try:
+                frames = router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._handle(router, frames)
+            except DecodeError:
+                log.warning("malformed message from a frontend (%d frame(s)); dropped", len(frames))
 
     def _forget_dead_rings(self) -> None:
         """Retires the rings of frontends that have gone (their segment was removed): the inference
@@ -325,7 +326,7 @@ class Worker:
             return [EngineInput(j.color, j.depth, j.req.score_threshold if j.req.score_threshold > 0
                                 else self.model.score_threshold) for j in jobs]
 
-        want_masks = any(job.req.mask_format == 0 for job in live)
+        want_masks = any(job.req.mask_format == pb.RLE for job in live)
         try:
             results = engine.infer(inputs(live), want_masks=want_masks)
             if len(results) != len(live):

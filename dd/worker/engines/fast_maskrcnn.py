@@ -99,7 +99,9 @@ def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     """NMS within each group, as one NMS call: groups are moved apart so they cannot overlap.
 
     torchvision's batched_nms switches to one NMS call per group above 20000
-    boxes on a GPU; with 90 classes that is 90 calls and 90 host syncs.
+    boxes on a GPU; with 90 classes that is 90 calls and 90 host syncs. This is
+    its coordinate trick (torchvision.ops.boxes._batched_nms_coordinate_trick),
+    which is private there, so it is not imported.
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
