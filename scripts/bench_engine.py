@@ -20,6 +20,7 @@ same images (matched instances, box IoU, scores, mask IoU).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -137,8 +138,8 @@ def main() -> int:
                                            "MAX_BATCH_SIZE": max(args.batches)})
             cfg = load_model_config(folder)
             if args.model:
-                cfg = type(cfg)(**{**cfg.__dict__, "min_size": size, "max_size": 1333,
-                                   "architecture": dict(cfg.architecture, max_detections=dets)})
+                cfg = dataclasses.replace(cfg, min_size=size, max_size=1333,
+                                          architecture=dict(cfg.architecture, max_detections=dets))
             eager = TorchvisionMaskRCNN(cfg, "cuda:0")
             eager.load()
             eager.model.roi_heads.score_thresh = cfg.score_threshold
@@ -149,7 +150,7 @@ def main() -> int:
             dynamic = None
             if "fast-dynamic" in args.engines:
                 opts = dict(cfg.engine_options, fixed_shapes=False)
-                dynamic = FastMaskRCNN(type(cfg)(**{**cfg.__dict__, "engine_options": opts}), "cuda:0")
+                dynamic = FastMaskRCNN(dataclasses.replace(cfg, engine_options=opts), "cuda:0")
                 dynamic.load()
             for batch in args.batches:
                 inputs = [EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)

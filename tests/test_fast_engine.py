@@ -8,6 +8,7 @@ paste_masks_in_image followed by pycocotools bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_paste_of_a_full_mask_on_an_image_sized_box_reaches_the_last_row() -> No
 
 def _engines(folder: Path, **options: object) -> tuple[TorchvisionMaskRCNN, FastMaskRCNN]:
     cfg = load_model_config(folder)
-    cfg = type(cfg)(**{**cfg.__dict__, "engine_options": {"allow_cpu": True, **options}})
+    cfg = dataclasses.replace(cfg, engine_options={"allow_cpu": True, **options})
     ref, fast = TorchvisionMaskRCNN(cfg, "cpu"), FastMaskRCNN(cfg, "cpu")
     ref.load()
     fast.load()
@@ -133,7 +134,7 @@ def test_resized_size_matches_torchvision_transform(models: Path) -> None:
 
 def test_fast_engine_falls_back_to_torchvision_without_gpu(models: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = load_model_config(models / "rgbd")
-    cfg = type(cfg)(**{**cfg.__dict__, "engine": "fast"})
+    cfg = dataclasses.replace(cfg, engine="fast")
     with caplog.at_level(logging.WARNING):
         engine = load_engine(cfg, "cpu")
     assert isinstance(engine, TorchvisionMaskRCNN)
