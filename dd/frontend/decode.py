@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -45,7 +46,7 @@ _DEPTH_FLAGS = cv2.IMREAD_UNCHANGED  # keeps 16 bits; ignores EXIF orientation
 # A request's depth image decodes here while its color image decodes in the caller's thread:
 # the request waits for the slower of the two instead of their sum (a noisy 16-bit PNG can
 # cost as much as the JPEG). Bounded, like every pool here.
-_DEPTH_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="depth-decode")
+_DEPTH_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="depth-decode")
 
 
 class RequestError(Exception):

@@ -284,18 +284,13 @@ def ring_usage(tag: str) -> list[RingUsage]:
 def remove_stale_segments(tag: str, only_dead: bool = True) -> list[str]:
     """Removes this run's segments whose creating process is gone (or all of them)."""
     removed = []
-    prefix = f"dd-{tag}-"
-    if not SHM_DIR.is_dir():
-        return removed
-    for entry in SHM_DIR.iterdir():
-        if not entry.name.startswith(prefix):
-            continue
-        pid_text = entry.name.rsplit("-", 1)[-1]
+    for name in run_segments(tag):
+        pid_text = name.rsplit("-", 1)[-1]
         if only_dead and pid_text.isdigit() and _pid_alive(int(pid_text)):
             continue
         try:
-            entry.unlink()
-            removed.append(entry.name)
+            (SHM_DIR / name).unlink()
+            removed.append(name)
         except FileNotFoundError:
             pass
     return removed
