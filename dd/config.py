@@ -88,6 +88,11 @@ class ModelConfig:
     engine_options: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def depth_fill(self) -> float:
+        """Metres that stand in for missing depth (0 in the image): DEPTH_FILL, else DEPTH_MEAN."""
+        return self.depth_fill_m if self.depth_fill_m is not None else self.depth_mean_m
+
+    @property
     def num_classes(self) -> int:
         """Classes including the background, as torchvision counts them."""
         return len(self.categories) + 1

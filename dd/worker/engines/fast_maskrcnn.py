@@ -139,7 +139,7 @@ class FastMaskRCNN(Engine):
         # The normalisation torchvision's transform would apply (color, then depth for RGB-D).
         self.mean = torch.tensor(self.model.transform.image_mean, device=self.dev).view(1, -1, 1, 1)
         self.std = torch.tensor(self.model.transform.image_std, device=self.dev).view(1, -1, 1, 1)
-        self.fill = cfg.depth_fill_m if cfg.depth_fill_m is not None else cfg.depth_mean_m
+        self.fill = cfg.depth_fill
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
         self.heads = FixedShapeHeads(self.model, int(opts.get("nms_iterations", 24)), self.pre_nms_topk)
         self.buckets = batch_buckets(cfg.max_batch_size, opts.get("batch_buckets"))

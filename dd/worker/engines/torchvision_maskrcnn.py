@@ -52,7 +52,7 @@ class TorchvisionMaskRCNN(Engine):
         self.model = build_loaded_model(cfg)
         self.torch_device = torch.device(self.device)
         self.model.eval().to(self.torch_device)
-        self.fill = cfg.depth_fill_m if cfg.depth_fill_m is not None else cfg.depth_mean_m
+        self.fill = cfg.depth_fill
         # Warm up, so that the first request does not pay for lazy initialisation.
         h, w = cfg.min_size, cfg.min_size
         dummy = EngineInput(np.zeros((h, w, 3), np.uint8),
