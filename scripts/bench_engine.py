@@ -111,7 +111,7 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--check", action="store_true", help="compare fast vs eager fp32 answers")
     ap.add_argument("--model", help="a model folder to use instead of random R50-FPN weights (for --check)")
-    ap.add_argument("--profile", help="write a torch.profiler table of the fast path (batch 1) here")
+    ap.add_argument("--profile", help="write torch.profiler tables of the fast path (batch 1 and the largest) here")
     ap.add_argument("--input-kind", default="rgb", choices=["rgb", "rgbd"], help="random model's input")
     ap.add_argument("--fast-options", default="{}", help="ENGINE_OPTIONS for the fast engine, as JSON")
     ap.add_argument("--json", help="write all rows here")
@@ -191,13 +191,16 @@ def main() -> int:
                 del eager, dynamic
                 torch.cuda.empty_cache()
                 continue
-            # Where the fast path's time goes, batch 1.
-            fast.stage_times = {}
-            one = [EngineInput(scenes[0].color, None if cfg.input_kind == "rgb" else scenes[0].depth,
-                               cfg.score_threshold)]
-            for _ in range(30):
-                fast.infer(one)
-            stages[f"{size}/{dets}"] = {k: float(np.median(v)) for k, v in fast.stage_times.items()}
+            # Where the fast path's time goes, at batch 1 and the largest batch.
+            def scene_inputs(batch: int) -> list[EngineInput]:
+                return [EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)
+                        for s in (scenes[k % len(scenes)] for k in range(batch))]
+
+            for batch in sorted({1, max(args.batches)}):
+                fast.stage_times = {}
+                for _ in range(20):
+                    fast.infer(scene_inputs(batch))
+                stages[f"{size}/{dets} batch {batch}"] = {k: float(np.median(v)) for k, v in fast.stage_times.items()}
             fast.stage_times = None
             if args.check:
                 eager.model.roi_heads.score_thresh = cfg.score_threshold
@@ -208,13 +211,17 @@ def main() -> int:
             if args.profile and size == args.sizes[0] and dets == args.dets[0]:
                 from torch.profiler import ProfilerActivity, profile
 
-                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                    for _ in range(10):
-                        fast.infer(one)
-                    torch.cuda.synchronize()
-                Path(args.profile).write_text(
-                    prof.key_averages().table(sort_by="cpu_time_total", row_limit=40) + "\n\n" +
-                    prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+                tables = []
+                for batch in sorted({1, max(args.batches)}):
+                    items = scene_inputs(batch)
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        for _ in range(10):
+                            fast.infer(items)
+                        torch.cuda.synchronize()
+                    tables.append(f"# batch {batch}, 10 calls\n\n"
+                                  + prof.key_averages().table(sort_by="cpu_time_total", row_limit=30) + "\n\n"
+                                  + prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+                Path(args.profile).write_text("\n\n".join(tables))
             del eager, fast, dynamic
             torch.cuda.empty_cache()
 
@@ -224,7 +231,7 @@ def main() -> int:
     for r in rows:
         print(f"| {r['engine']} | {r['shorter_side']} | {r['detections']} | {r['batch']} | {r['p50_ms']:.1f} | "
               f"{r['p99_ms']:.1f} | {r['images_per_s']:.0f} | {r.get('redone_images', '')} |")
-    print("\nfast path, batch 1, median ms per stage (synchronised between stages):")
+    print("\nfast path, median ms per stage (synchronised between stages):")
     for k, v in stages.items():
         print(f"  {k}: " + ", ".join(f"{s} {t:.2f}" for s, t in v.items()))
     if checks:

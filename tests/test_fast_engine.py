@@ -194,7 +194,7 @@ def test_batch_buckets() -> None:
 
 def test_paste_in_size_ordered_chunks_matches_torchvision() -> None:
     """Boxes of every size, chunked small: chunks go by size, answers come back in instance order."""
-    from dd.worker.engines.mask_rle import paste_transitions, rle_from_transitions
+    from dd.worker.engines.mask_rle import paste_transitions, rle_strings
 
     g = torch.Generator().manual_seed(5)
     n, height, width = 60, 150, 210
@@ -204,7 +204,7 @@ def test_paste_in_size_ordered_chunks_matches_torchvision() -> None:
     boxes = torch.stack([x0, y0, (x0 + size).clamp(max=width), (y0 + 0.7 * size).clamp(max=height)], 1)
     expected = rle_encode((paste_masks_in_image(masks[:, None], boxes, (height, width), padding=1)[:, 0] >= 0.5).numpy())
     inst, flat = paste_transitions(masks, boxes, height, width, max_elements=1 << 16)
-    assert rle_from_transitions(inst, flat, n, height, width) == expected
+    assert rle_strings(inst, flat, n, height, width) == expected
 
 
 def test_fast_batch_with_an_image_that_keeps_nothing(models: Path) -> None:
@@ -215,3 +215,30 @@ def test_fast_batch_with_an_image_that_keeps_nothing(models: Path) -> None:
     got = fast.infer(items)
     assert len(got[1].scores) == 0 and got[1].rle == []
     _assert_same(ref.infer(items[:1])[0], got[0])
+
+
+def test_rle_strings_are_pycocotools_strings() -> None:
+    """Long runs (several 5-bit groups), counts smaller than the one two before (negative deltas),
+    masks that start on the first pixel or end on the last, an empty and a full one."""
+    from pycocotools import mask as mask_util
+
+    from dd.worker.engines.mask_rle import rle_strings
+
+    rng = np.random.default_rng(0)
+    height, width = 1500, 2500
+    masks = np.zeros((6, height, width), np.uint8)
+    masks[1, :, :] = 1  # full
+    masks[2, :700, :3] = 1  # from the first pixel
+    masks[2, 900:, 2000:] = 1  # to the last
+    for k in (3, 4, 5):
+        for _ in range(40):  # rectangles of very different sizes
+            y, x = rng.integers(0, height), rng.integers(0, width)
+            hh, ww = rng.integers(1, 400), rng.integers(1, 800)
+            masks[k, y:y + hh, x:x + ww] ^= 1
+    flat = masks.transpose(0, 2, 1).reshape(len(masks), -1)  # COCO's column-major order
+    edges = np.diff(np.pad(flat, ((0, 0), (1, 1))).astype(np.int8), axis=1) != 0
+    inst, pos = np.nonzero(edges)
+    order = rng.permutation(len(inst))  # the engine gives them in no particular order
+    got = rle_strings(torch.from_numpy(inst[order]), torch.from_numpy(pos[order]), len(masks), height, width)
+    expected = [r["counts"] for r in mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))]
+    assert got == expected

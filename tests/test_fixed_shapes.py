@@ -66,16 +66,24 @@ def test_top_stable_keeps_ties_in_index_order() -> None:
 def test_fixed_roi_pool_matches_multiscale_roi_align() -> None:
     g = torch.Generator().manual_seed(3)
     pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    size = (256, 320)
+    size = (512, 640)
     feats = {str(i): torch.randn(2, 8, size[0] >> (i + 2), size[1] >> (i + 2), generator=g) for i in range(4)}
-    # boxes of every scale, so that all four levels are used
-    xy = torch.rand(2, 60, 2, generator=g) * 150
-    wh = 16 * 2 ** (torch.rand(2, 60, 1, generator=g) * 5) * (0.7 + 0.6 * torch.rand(2, 60, 2, generator=g))
+    # boxes of every scale, so that all four levels are used, clipped to the image as the heads' are;
+    # many reach its bottom or right edge, where roi_align clamps to a level's last row or column
+    xy = torch.rand(2, 60, 2, generator=g) * 300
+    wh = 16 * 2 ** (torch.rand(2, 60, 1, generator=g) * 6) * (0.7 + 0.6 * torch.rand(2, 60, 2, generator=g))
     boxes = torch.cat([xy, xy + wh], -1)
+    boxes[..., 0::2] = boxes[..., 0::2].clamp(0, size[1])
+    boxes[..., 1::2] = boxes[..., 1::2].clamp(0, size[0])
+    assert (boxes[..., 3] == size[0]).sum() > 5 and (boxes[..., 2] == size[1]).sum() > 5
     expected = pooler(feats, list(boxes.unbind(0)), [size, size])
     assert pooler.map_levels(list(boxes.unbind(0))).unique().numel() == 4
-    got = FixedShapeHeads.roi_pool(MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), feats, boxes, size)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    heads = FixedShapeHeads(torch.nn.Module())
+    got = heads.roi_pool(MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), feats, boxes, size)
+    # Same sample positions; at a level's edge the weights of a repeated row may round differently.
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    inside = heads.roi_pool(pooler, feats, boxes * 0.5, size)
+    torch.testing.assert_close(inside, pooler(feats, list((boxes * 0.5).unbind(0)), [size, size]), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ["resnet50", "mobilenet_v3_large"])

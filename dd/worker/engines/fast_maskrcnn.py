@@ -54,7 +54,7 @@ from torchvision.ops import boxes as box_ops
 from dd.worker.engines.base import Detections, Engine, EngineInput, EngineUnavailable
 from dd.worker.engines.batchnorm_fold import fold_batchnorm
 from dd.worker.engines.fixed_shapes import FixedShapeHeads
-from dd.worker.engines.mask_rle import paste_and_encode, paste_transitions, rle_from_transitions
+from dd.worker.engines.mask_rle import paste_and_encode
 from dd.worker.engines.torchvision_maskrcnn import build_loaded_model
 
 log = logging.getLogger(__name__)
@@ -383,16 +383,20 @@ class FastMaskRCNN(Engine):
         props, props_valid, settled = self.heads.proposals([o.float() for o in objectness],
                                                            [d.float() for d in deltas], anchors, n, rh, rw)
         autocast = self.dev.type == "cuda" and self.fp16
-        # RoI pooling reads float32 features (what autocast does per call): converted once for both heads.
-        pool_feats = {k: feats[k].float() for k in self.model.roi_heads.box_roi_pool.featmap_names}
-        det = self.heads.detections(pool_feats, props, props_valid, rh, rw, threshold, autocast)
-        probs = self.heads.mask_probs(pool_feats, det["boxes"], det["labels"], rh, rw, autocast)
+        # RoI pooling reads float32 features (what autocast does per call): converted once, into the
+        # one stacked tensor both heads pool from.
+        heads = self.model.roi_heads
+        names = heads.box_roi_pool.featmap_names
+        stack = (self.heads.level_stack([feats[k] for k in names])
+                 if names == heads.mask_roi_pool.featmap_names else None)
+        det = self.heads.detections(feats, props, props_valid, rh, rw, threshold, autocast, stack)
+        probs = self.heads.mask_probs(feats, det["boxes"], det["labels"], rh, rw, autocast, stack)
         boxes = det["boxes"] * self._ratio(h, w, rh, rw)
         exact = det["exact"] & settled
         # Everything the host needs to know, in one tensor: one copy, one sync.
         summary = torch.cat([boxes.flatten(1), det["scores"], det["labels"].float(), det["valid"].float(),
                              exact.float()[:, None]], 1)
-        return {"summary": summary, "boxes": boxes, "probs": probs}
+        return {"summary": summary, "probs": probs}
 
     def _ratio(self, h: int, w: int, rh: int, rw: int) -> torch.Tensor:
         """Back to input pixels with torchvision's arithmetic (float32 ratios of the sizes); made on
@@ -461,7 +465,7 @@ class FastMaskRCNN(Engine):
         self._mark("network (one graph)")
         d = out["probs"].shape[1]  # detections per image: detections_per_img, or fewer candidates if that is all
         results: list[Detections | None] = [None] * n
-        redo, picked, spans, offset = [], [], [], 0
+        redo, picked, picked_boxes, spans, offset = [], [], [], [], 0
         for i, it in enumerate(items):
             row = summary[i]
             if row[-1] < 0.5:
@@ -473,17 +477,16 @@ class FastMaskRCNN(Engine):
                                     row[5 * d:6 * d][keep].astype(np.int64), None, [] if want_masks else None)
             spans.append((i, offset, len(keep)))
             picked.append(keep + i * d)
+            picked_boxes.append(results[i].boxes)  # type: ignore[union-attr]
             offset += len(keep)
         if want_masks and offset:
             index = torch.from_numpy(np.concatenate(picked)).to(self.dev)
             probs = out["probs"].flatten(0, 1)[index]
-            boxes = out["boxes"].flatten(0, 1)[index]
-            inst, flat = paste_transitions(probs, boxes, h, w, self.config.mask_threshold)
-            self._mark("paste (GPU, transitions to host)")
+            # The boxes the device holds, as the host read them: the paste plans on the host, no sync.
+            rles = paste_and_encode(probs, np.concatenate(picked_boxes), h, w, self.config.mask_threshold)
             for i, start, count in spans:
-                lo, hi = np.searchsorted(inst, [start, start + count])
-                results[i].rle = rle_from_transitions(inst[lo:hi] - start, flat[lo:hi], count, h, w)  # type: ignore[union-attr]
-        self._mark("rle (host)")
+                results[i].rle = rles[start:start + count]  # type: ignore[union-attr]
+        self._mark("paste and RLE")
         if redo:
             # Rare: NMS did not settle in the graph's iterations, or the top-k was too small.
             before, self.redone_images = self.redone_images, self.redone_images + len(redo)

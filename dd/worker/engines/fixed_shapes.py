@@ -87,14 +87,17 @@ def nms_fixed(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float, it
         over &= labels[..., :, None] == labels[..., None, :]
     earlier = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(1)  # [j, i]: j before i
     dtype = torch.float16 if boxes.is_cuda else torch.float32
-    suppress = (over & earlier & valid[..., :, None]).to(dtype)  # [G, j, i]
-    keep = valid
-    prev = keep
+    suppress = (over & earlier & valid[..., :, None]).to(dtype).reshape(-1, k, k)  # [G, j, i]
+    # keep as 0/1 numbers: valid - (number of kept earlier boxes that overlap), floored at 0, is
+    # one matrix product with the subtraction fused (baddbmm) and a clamp per iteration. The
+    # counts are integers below 2048, exact in float16.
+    valid_f = valid.to(dtype).reshape(-1, 1, k)
+    keep_f = prev = valid_f
     for _ in range(max(2, iterations)):
-        prev = keep
-        hit = torch.matmul(keep.to(dtype)[..., None, :], suppress)[..., 0, :] > 0
-        keep = valid & ~hit
-    return keep, (keep == prev).all(dim=-1)
+        prev = keep_f
+        keep_f = torch.baddbmm(valid_f, keep_f, suppress, alpha=-1).clamp_(min=0)
+    keep = (keep_f > 0).view(valid.shape)
+    return keep, (keep_f == prev).all(dim=-1).view(valid.shape[:-1])
 
 
 class FixedShapeHeads:
@@ -105,6 +108,7 @@ class FixedShapeHeads:
         self.model = model
         self.iterations = nms_iterations
         self.pre_nms_topk = pre_nms_topk
+        self._scales: dict[tuple[object, ...], torch.Tensor] = {}
 
     # -- RPN --------------------------------------------------------------------------------
     def proposals(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
@@ -145,32 +149,64 @@ class FixedShapeHeads:
 
     # -- RoI pooling ------------------------------------------------------------------------
     @staticmethod
-    def roi_pool(pooler: torch.nn.Module, feats: dict[str, torch.Tensor], boxes: torch.Tensor,
-                 image_size: tuple[int, int]) -> torch.Tensor:
-        """MultiScaleRoIAlign for [B, N, 4] boxes. Every box is pooled from every level and the
-        right level picked per box: four times the (small) pooling work, but no boxes-per-level
-        counts, so no sync. Same arithmetic as torchvision's pooler under autocast when the
-        features come in float32 (autocast would convert each level again on every call)."""
+    def level_stack(levels: list[torch.Tensor]) -> torch.Tensor:
+        """The pyramid's levels as one float32 batch [L*B, C, H, W] that RoI Align can pool every box
+        from in one pass, each box from its own level (see roi_pool).
+
+        Each level sits at the top left of its images, followed by two rows and columns that repeat
+        its last ones: a sample between the last row and the level's edge then reads the last row,
+        as roi_align's clamp at a tensor's edge does; the second repeat is read with weight zero when
+        a sample falls on the edge exactly. Nothing beyond is ever read, so it is left unwritten.
+        Converting to float32 here is the one conversion the pooling needs (torchvision's pooler runs
+        in float32 under autocast), and it also makes the layout the contiguous one roi_align wants.
+        """
+        b, c = levels[0].shape[:2]
+        hmax = max(f.shape[-2] for f in levels) + 2
+        wmax = max(f.shape[-1] for f in levels) + 2
+        out = torch.empty(len(levels) * b, c, hmax, wmax, dtype=torch.float32, device=levels[0].device)
+        for lvl, feat in enumerate(levels):
+            h, w = feat.shape[-2:]
+            part = out[lvl * b:(lvl + 1) * b]
+            part[:, :, :h, :w] = feat
+            part[:, :, h:h + 2, :w] = part[:, :, h - 1:h, :w]
+            part[:, :, :h + 2, w:w + 2] = part[:, :, :h + 2, w - 1:w]
+        return out
+
+    def roi_pool(self, pooler: torch.nn.Module, feats: dict[str, torch.Tensor], boxes: torch.Tensor,
+                 image_size: tuple[int, int], stack: torch.Tensor | None = None) -> torch.Tensor:
+        """MultiScaleRoIAlign for [B, N, 4] boxes, as one roi_align call over level_stack.
+
+        torchvision pools each level's boxes separately, which needs the number of boxes per level
+        (a host sync). Here each box is scaled to its level by the caller (an exact power-of-two
+        scale, so the sample positions are torchvision's) and pointed at that level's images in the
+        stack. The pooled values match torchvision's up to the last bit of the bilinear weights at a
+        level's bottom and right edges."""
         levels = [feats[name] for name in pooler.featmap_names]
         if pooler.scales is None or pooler.map_levels is None:
             pooler.scales, pooler.map_levels = _setup_scales(levels, [image_size], pooler.canonical_scale,
                                                              pooler.canonical_level)
+        key = (tuple(pooler.scales), boxes.device)
+        scales = self._scales.get(key)
+        if scales is None:  # made on an uncaptured call: a capture cannot copy a constant to the device
+            scales = self._scales[key] = torch.tensor(pooler.scales, dtype=torch.float32, device=boxes.device)
+        if stack is None:
+            stack = self.level_stack(levels)
         b, n = boxes.shape[:2]
-        flat = boxes.reshape(-1, 4)
-        index = torch.arange(b, device=boxes.device, dtype=flat.dtype).repeat_interleave(n)[:, None]
-        rois = torch.cat([index, flat], 1)
+        # Clipped to the image (the heads' boxes already are): the stack holds nothing readable
+        # beyond a level's edge, where torchvision's per-level tensors would read zeros.
+        flat = boxes.reshape(-1, 4).float()
+        x, y = flat[:, 0::2].clamp(0, image_size[1]), flat[:, 1::2].clamp(0, image_size[0])
+        flat = torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
         which = pooler.map_levels([flat])
-        out = None
-        for lvl, (feat, scale) in enumerate(zip(levels, pooler.scales)):
-            pooled = roi_align(feat, rois, pooler.output_size, spatial_scale=scale,
-                               sampling_ratio=pooler.sampling_ratio, aligned=False)
-            out = pooled if out is None else torch.where((which == lvl)[:, None, None, None], pooled, out)
-        assert out is not None
-        return out
+        image = torch.arange(b, device=boxes.device).repeat_interleave(n)
+        rois = torch.cat([(which * b + image).to(flat.dtype)[:, None], flat * scales[which][:, None]], 1)
+        return roi_align(stack, rois, pooler.output_size, spatial_scale=1.0,
+                         sampling_ratio=pooler.sampling_ratio, aligned=False)
 
     # -- box head and class-wise NMS --------------------------------------------------------
     def detections(self, feats: dict[str, torch.Tensor], props: torch.Tensor, props_valid: torch.Tensor,
-                   rh: int, rw: int, score_thresh: torch.Tensor, autocast: bool) -> dict[str, torch.Tensor]:
+                   rh: int, rw: int, score_thresh: torch.Tensor, autocast: bool,
+                   stack: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """torchvision's box head and postprocess_detections, at most detections_per_img per image.
 
         The class-wise NMS looks at the pre_nms_topk best (box, class) candidates
@@ -180,7 +216,7 @@ class FixedShapeHeads:
         no valid candidate was left out ("exact"; the caller redoes other images)."""
         heads = self.model.roi_heads
         b, n = props.shape[:2]
-        pooled = self.roi_pool(heads.box_roi_pool, feats, props, (rh, rw))
+        pooled = self.roi_pool(heads.box_roi_pool, feats, props, (rh, rw), stack)
         with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             bf = heads.box_head(pooled)
             class_logits, box_regression = heads.box_predictor(bf)
@@ -210,10 +246,10 @@ class FixedShapeHeads:
 
     # -- mask head --------------------------------------------------------------------------
     def mask_probs(self, feats: dict[str, torch.Tensor], boxes: torch.Tensor, labels: torch.Tensor,
-                   rh: int, rw: int, autocast: bool) -> torch.Tensor:
+                   rh: int, rw: int, autocast: bool, stack: torch.Tensor | None = None) -> torch.Tensor:
         """Mask probabilities of each detection's own class: [B, D, M, M] (maskrcnn_inference)."""
         heads = self.model.roi_heads
-        pooled = self.roi_pool(heads.mask_roi_pool, feats, boxes, (rh, rw))
+        pooled = self.roi_pool(heads.mask_roi_pool, feats, boxes, (rh, rw), stack)
         with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             mf = heads.mask_head(pooled)
             logits = heads.mask_predictor(mf)

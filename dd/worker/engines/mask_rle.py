@@ -4,15 +4,17 @@ torchvision pastes each instance's 28x28 mask into a full-image tensor in a
 Python loop (a dozen kernels per instance) and pycocotools then scans every
 pixel of every full-image mask on the CPU. Here instances are resampled
 together, in chunks of similar size, each chunk over a canvas as large as its
-largest box, thresholded, and only the positions where a column of a mask
-changes value leave the device.
-COCO's column-major run lengths follow from those positions alone, so the
-work and the bytes moved scale with the boxes' size, not the image's.
+largest box, and thresholded; the positions where a column of a mask changes
+value give COCO's column-major run lengths, and those are written as COCO's
+compressed strings on the device too. Only the strings' characters leave the
+device, so the work and the bytes moved scale with the boxes' size, not the
+image's, and the host does nothing per pixel, run or instance but cut bytes.
 
 The sampling matches torchvision's paste_mask_in_image (pad by one pixel,
 expand the box by (M+2)/M, bilinear resize with align_corners=False, integer
 box corners), so the masks agree with the reference engine's; the resize is
 done as two batched matrix products, since bilinear resizing is separable.
+The strings are byte for byte pycocotools' (tests/test_fast_engine.py).
 """
 
 from __future__ import annotations
@@ -20,25 +22,31 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_util
 
 
-def _expanded_int_boxes(boxes: torch.Tensor, mask_size: int, padding: int = 1) -> torch.Tensor:
-    scale = float(mask_size + 2 * padding) / mask_size
-    w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
-    h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
-    x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
-    y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
-    out = torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], dim=1)
-    return out.to(torch.int64)  # truncation toward zero, as torchvision's .to(int64)
+def _expanded_int_boxes(boxes: np.ndarray, mask_size: int, padding: int = 1) -> np.ndarray:
+    """torchvision's expand_boxes then .to(int64), in the same float32 arithmetic, on the host:
+    the chunks are planned from these sizes without waiting for the device."""
+    boxes = boxes.astype(np.float32, copy=False)
+    scale = np.float32(float(mask_size + 2 * padding) / mask_size)
+    half = np.float32(0.5)
+    w_half = (boxes[:, 2] - boxes[:, 0]) * half * scale
+    h_half = (boxes[:, 3] - boxes[:, 1]) * half * scale
+    x_c = (boxes[:, 2] + boxes[:, 0]) * half
+    y_c = (boxes[:, 3] + boxes[:, 1]) * half
+    out = np.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], axis=1)
+    return out.astype(np.int64)  # truncation toward zero, as torchvision's .to(int64)
 
 
-def _interp_matrix(out_sizes: torch.Tensor, out_max: int, in_size: int) -> torch.Tensor:
+def _interp_matrix(out_sizes: torch.Tensor, out_max: int, in_size: int, start: torch.Tensor,
+                   limit: int) -> torch.Tensor:
     """Per instance, the (out_max x in_size) matrix of 1-D bilinear resizing to out_sizes[n] samples.
 
     Same arithmetic as F.interpolate(mode="bilinear", align_corners=False):
     source = (k + 0.5) * in / out - 0.5, clamped at 0, and the upper neighbour
-    clamped at the last input pixel. Rows past an instance's own size are zero.
+    clamped at the last input pixel. Rows past an instance's own size, and rows
+    that land outside the image (start + k outside [0, limit)), are zero, so
+    nothing there reaches the (positive) threshold.
     """
     n = out_sizes.shape[0]
     dev = out_sizes.device
@@ -48,37 +56,18 @@ def _interp_matrix(out_sizes: torch.Tensor, out_max: int, in_size: int) -> torch
     i0 = src.floor().long().clamp(max=in_size - 1)
     i1 = (i0 + 1).clamp(max=in_size - 1)
     lam = src - i0.float()
-    inside = (k < out_sizes[:, None]).float()
+    pos = start[:, None] + k.long()
+    inside = ((k < out_sizes[:, None]) & (pos >= 0) & (pos < limit)).float()
     mat = torch.zeros(n, out_max, in_size, device=dev)
     mat.scatter_add_(2, i0[..., None], ((1 - lam) * inside)[..., None])
     mat.scatter_add_(2, i1[..., None], (lam * inside)[..., None])
     return mat
 
 
-def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
-                      threshold: float = 0.5, max_elements: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
-    """Where each pasted mask changes value, in COCO's column-major pixel order.
-
-    masks: N x M x M probabilities; boxes: N x 4 in image pixels (float).
-    Returns (instance index, flat index x*H + y) pairs as two int64 arrays,
-    sorted by instance, then by position. Resizing is separable, so it is two
-    small batched matrix products per chunk of instances. Instances are
-    chunked in order of size, each chunk on a canvas as large as its own
-    largest box and under `max_elements`: one large box does not make every
-    small one pay for its canvas (a batch of 8 images with 100 instances each
-    holds boxes of every size).
-    """
-    n, m = masks.shape[0], masks.shape[-1]
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    padded = F.pad(masks.float(), (1, 1, 1, 1))  # N x (M+2) x (M+2)
-    ib = _expanded_int_boxes(boxes.float(), m)
-    w = (ib[:, 2] - ib[:, 0] + 1).clamp(min=1)
-    h = (ib[:, 3] - ib[:, 1] + 1).clamp(min=1)
-    # The rows and columns of each box that can still land in the image (an expanded box may
-    # start above or left of it, so that is not simply the image's size). One sync for all.
-    need = torch.stack([torch.minimum(h, height - ib[:, 1]), torch.minimum(w, width - ib[:, 0])], 1)
-    need = need.clamp(min=1).cpu().numpy()
+def _plan_chunks(need: np.ndarray, max_elements: int) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """The instances in order of canvas size, and that order cut into chunks of at most
+    max_elements canvas pixels: (first, end) positions in it, and the chunk's canvas height and width."""
+    n = len(need)
     order = np.argsort(need[:, 0] * need[:, 1], kind="stable")
     chunks, lo = [], 0
     while lo < n:
@@ -88,66 +77,128 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor, height: int, wid
             if hi > lo and (hi - lo + 1) * nh * nw > max_elements:
                 break
             hi, hm, wm = hi + 1, nh, nw
-        chunks.append((order[lo:hi], hm, wm))
+        chunks.append((lo, hi, hm, wm))
         lo = hi
-    insts, flats = [], []
-    i = torch.arange(max(c[1] for c in chunks), device=masks.device)
-    j = torch.arange(max(c[2] for c in chunks), device=masks.device)
-    for members, hm, wm in chunks:
-        sel = torch.from_numpy(members).to(masks.device)
-        ry = _interp_matrix(h[sel], hm, m + 2)  # c x Hm x (M+2)
-        rx = _interp_matrix(w[sel], wm, m + 2)  # c x Wm x (M+2)
-        # Column-major directly: (Wm x M+2) @ (M+2 x M+2)^T-side gives columns outer, rows inner.
-        cols = torch.bmm(torch.bmm(rx, padded[sel].transpose(1, 2)), ry.transpose(1, 2))  # c x Wm x Hm
-        ys = ib[sel, 1, None] + i[None, :hm]
-        xs = ib[sel, 0, None] + j[None, :wm]
-        valid_y = (i[None, :hm] < h[sel, None]) & (ys >= 0) & (ys < height)
-        valid_x = (j[None, :wm] < w[sel, None]) & (xs >= 0) & (xs < width)
-        binary = (cols >= threshold) & valid_x[:, :, None] & valid_y[:, None, :]
-        edges = F.pad(binary.to(torch.int8), (1, 1))  # a zero row above and below each column
-        change = edges[..., 1:] != edges[..., :-1]  # value changes at local row k
-        local, c, k = change.nonzero(as_tuple=True)
-        inst = sel[local]
-        flats.append((ib[inst, 0] + c) * height + (ib[inst, 1] + k))
-        insts.append(inst)
-    inst_all = torch.cat(insts).cpu().numpy()
-    flat_all = torch.cat(flats).cpu().numpy()
-    # Back to instance order (chunks went by size); within an instance positions are already ascending.
-    back = np.argsort(inst_all, kind="stable")
-    return inst_all[back], flat_all[back]
+    return order, chunks
 
 
-def rle_from_transitions(inst: np.ndarray, flat: np.ndarray, count: int, height: int, width: int) -> list[bytes]:
-    """COCO compressed RLE strings from the change positions of `count` instances (no per-pixel work)."""
+def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, height: int, width: int,
+                      threshold: float = 0.5, max_elements: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each pasted mask changes value, in COCO's column-major pixel order.
+
+    masks: N x M x M probabilities (on the device that does the work); boxes:
+    N x 4 in image pixels, preferably as a host array (the engine has them
+    there already; a device tensor costs a sync). threshold must be positive.
+    Returns (instance index, flat index x*H + y) pairs as two int64 tensors on
+    the masks' device, in no particular order. Resizing is separable, so it is
+    two small batched matrix products per chunk of instances. Instances are
+    chunked in order of size, each chunk on a canvas as large as its own
+    largest box and under `max_elements`: one large box does not make every
+    small one pay for its canvas (a batch of 8 images with 100 instances each
+    holds boxes of every size). The chunks are planned on the host from the
+    boxes, and all their change maps go into one buffer, read by one nonzero.
+    """
+    n, m = masks.shape[0], masks.shape[-1]
+    dev = masks.device
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
+    host = boxes.detach().cpu().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(boxes)
+    ib = _expanded_int_boxes(host, m)
+    w = np.maximum(ib[:, 2] - ib[:, 0] + 1, 1)
+    h = np.maximum(ib[:, 3] - ib[:, 1] + 1, 1)
+    # The rows and columns of each box that can still land in the image (an expanded box may
+    # start above or left of it, so that is not simply the image's size).
+    need = np.maximum(np.stack([np.minimum(h, height - ib[:, 1]), np.minimum(w, width - ib[:, 0])], 1), 1)
+    order, chunks = _plan_chunks(need, max_elements)
+    sizes = [(hi - lo) * wm * (hm + 1) for lo, hi, hm, wm in chunks]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    meta = np.array([[s, lo, wm, hm + 1] for s, (lo, _, hm, wm) in zip(starts, chunks)], np.int64)
+    # Everything the device needs from the host, in one copy.
+    packed = torch.from_numpy(np.concatenate([ib[:, 0], ib[:, 1], h, w, order, meta.T.reshape(-1)])).to(dev)
+    x0, y0, h_t, w_t, order_t = packed[:5 * n].view(5, n)
+    c_start, c_first, c_w, c_hp = packed[5 * n:].view(4, len(chunks))
+    ry = _interp_matrix(h_t, max(c[2] for c in chunks), m + 2, y0, height)  # N x Hmax x (M+2)
+    rx = _interp_matrix(w_t, max(c[3] for c in chunks), m + 2, x0, width)  # N x Wmax x (M+2)
+    padded = F.pad(masks.float(), (1, 1, 1, 1))  # N x (M+2) x (M+2)
+    change = torch.empty(int(sum(sizes)), dtype=torch.bool, device=dev)
+    for (lo, hi, hm, wm), start, size in zip(chunks, starts, sizes):
+        sel = order_t[lo:hi]
+        # Column-major directly: columns outer, rows inner.
+        cols = torch.bmm(torch.bmm(rx[sel, :wm], padded[sel].transpose(1, 2)), ry[sel, :hm].transpose(1, 2))
+        binary = cols >= threshold  # c x Wm x Hm
+        # A change at local row k of a column (rows above the first and below the last are off).
+        out = change[start:start + size].view(hi - lo, wm, hm + 1)
+        out[..., 0] = binary[..., 0]
+        torch.ne(binary[..., 1:], binary[..., :-1], out=out[..., 1:hm])
+        out[..., hm] = binary[..., hm - 1]
+    hits = change.nonzero()[:, 0]
+    chunk = torch.searchsorted(c_start, hits, right=True) - 1
+    rel = hits - c_start[chunk]
+    per = c_w[chunk] * c_hp[chunk]
+    local = rel // per
+    col = (rel - local * per) // c_hp[chunk]
+    row = rel - local * per - col * c_hp[chunk]
+    inst = order_t[c_first[chunk] + local]
+    return inst, (x0[inst] + col) * height + y0[inst] + row
+
+
+def rle_strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, width: int) -> list[bytes]:
+    """COCO compressed RLE strings of `count` instances from their change positions, on their device.
+
+    COCO's column-major run lengths are the differences between consecutive
+    changes (framed by 0 and H*W), and its string form (pycocotools'
+    rleToString: each count, less the count two before it from the fourth on,
+    in 5-bit groups, low first, as characters 48 + group, with bit 0x20 on
+    every group but the last) is computed here for all runs of all instances
+    at once, so only the characters come back to the host: about two bytes a
+    run, and no per-pixel or per-run work on the host.
+    """
     if count == 0:
         return []
+    dev = inst.device
     total = height * width
-    # A run that reaches the image's last pixel needs no closing mark (COCO ends on the last run).
-    at_end = flat >= total
-    if at_end.any():
-        inst, flat = inst[~at_end], flat[~at_end]
-    if len(flat) > 1:
-        # A run ending at the bottom of one column and another starting at the top of the next
-        # give the same position twice: they are one run, so both marks cancel.
-        same = np.flatnonzero((flat[1:] == flat[:-1]) & (inst[1:] == inst[:-1]))
-        if len(same):
-            drop = np.zeros(len(flat), bool)
-            drop[same] = True
-            drop[same + 1] = True
-            inst, flat = inst[~drop], flat[~drop]
-    # Each instance's positions framed by 0 and H*W; run lengths are the differences inside a frame.
-    bounds = np.searchsorted(inst, np.arange(count + 1))
-    framed = np.insert(flat, np.repeat(bounds, [1] + [2] * (count - 1) + [1]),
-                       np.tile(np.array([total, 0], dtype=flat.dtype), count + 1)[1:-1])
-    runs = np.diff(framed).astype(np.uint32)
-    # Drop the differences that straddle two frames (from one's H*W to the next one's 0).
-    starts = bounds + 2 * np.arange(count + 1)  # frame starts in `framed`
-    pieces = np.split(runs, starts[1:-1] - 1)
-    objs = [{"size": [height, width], "counts": p if n == 0 else p[1:]} for n, p in enumerate(pieces)]
-    return [r["counts"] for r in mask_util.frPyObjects(objs, height, width)]
+    # Sorted by instance, then position. A run that reaches the image's last pixel needs no
+    # closing mark (COCO ends on the last run); a run ending at the bottom of one column and one
+    # starting at the top of the next give the same position twice: one run, both marks go.
+    key, _ = torch.sort(inst * (total + 1) + pos)
+    drop = key % (total + 1) >= total
+    same = key[1:] == key[:-1]
+    drop[1:] |= same
+    drop[:-1] |= same
+    key = key[~drop]
+    inst, pos = key // (total + 1), key % (total + 1)
+    t = key.shape[0]
+    first = torch.ones(t, dtype=torch.bool, device=dev)
+    first[1:] = inst[1:] != inst[:-1]
+    before = torch.where(first, 0, pos.roll(1))
+    k = torch.bincount(inst, minlength=count)  # changes per instance
+    ends = torch.cumsum(k, 0)
+    last = torch.where(k > 0, pos[(ends - 1).clamp(min=0)] if t else torch.zeros_like(k), 0)
+    # Instance i's runs: one ending at each of its changes, then the last to H*W; slot j + i.
+    which = torch.arange(count, device=dev)
+    runs = torch.empty(t + count, dtype=torch.int64, device=dev)
+    runs[torch.arange(t, device=dev) + inst] = pos - before
+    runs[ends + which] = total - last
+    run_inst = torch.repeat_interleave(which, k + 1, output_size=t + count)
+    index = torch.arange(t + count, device=dev) - (ends - k + which)[run_inst]  # run's index in its RLE
+    x = runs - torch.where(index > 2, runs.roll(2), 0)
+    shift = torch.arange(0, 35, 5, device=dev)
+    groups = (x[:, None] >> shift) & 0x1F
+    rest = x[:, None] >> (shift + 5)
+    done = torch.where((groups & 0x10) != 0, rest == -1, rest == 0)
+    n_chars = done.int().argmax(1) + 1  # the first group after which nothing is left
+    place = torch.arange(7, device=dev)[None, :]
+    chars = (groups | torch.where(place < (n_chars - 1)[:, None], 0x20, 0)) + 48
+    text = chars[place < n_chars[:, None]].to(torch.uint8)
+    per_inst = torch.zeros(count, dtype=torch.int64, device=dev).index_add_(0, run_inst, n_chars.long())
+    bounds = torch.cat([per_inst.new_zeros(1), torch.cumsum(per_inst, 0)])
+    data = text.cpu().numpy().tobytes()
+    cut = bounds.cpu().tolist()
+    return [data[a:b] for a, b in zip(cut[:-1], cut[1:])]
 
 
-def paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
+def paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, height: int, width: int,
                      threshold: float = 0.5) -> list[bytes]:
-    inst, flat = paste_transitions(masks, boxes, height, width, threshold)
-    return rle_from_transitions(inst, flat, masks.shape[0], height, width)
+    """COCO compressed RLE of each mask pasted into its box of a height x width image."""
+    inst, pos = paste_transitions(masks, boxes, height, width, threshold)
+    return rle_strings(inst, pos, masks.shape[0], height, width)
