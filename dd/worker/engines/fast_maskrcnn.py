@@ -27,7 +27,7 @@ the dynamic path (the earlier, op-by-op version, kept for that and for
 Falls back to the torchvision engine (with a log line) where it cannot run: no
 GPU. ENGINE_OPTIONS: fp16 (true), cuda_graphs (true), pin_memory (true),
 fixed_shapes (true), nms_iterations (24), fold_batchnorm (true;
-GPU only), pre_nms_topk (1024 with fixed shapes,
+GPU only), triton_nms (true; the NMS matrix as one Triton kernel, GPU only), pre_nms_topk (1024 with fixed shapes,
 4096 without), batch_buckets ([1, 2, 4, 8, ...] up to MAX_BATCH_SIZE),
 warmup_sizes ([[H, W], ...] input sizes to capture graphs for at load),
 allow_cpu (false; the CPU path exists for tests and has no graphs or fp16).
@@ -141,7 +141,8 @@ class FastMaskRCNN(Engine):
         self.std = torch.tensor(self.model.transform.image_std, device=self.dev).view(1, -1, 1, 1)
         self.fill = cfg.depth_fill
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
-        self.heads = FixedShapeHeads(self.model, int(opts.get("nms_iterations", 24)), self.pre_nms_topk)
+        self.heads = FixedShapeHeads(self.model, int(opts.get("nms_iterations", 24)), self.pre_nms_topk,
+                                     kernel=cuda and bool(opts.get("triton_nms", True)))
         self.buckets = batch_buckets(cfg.max_batch_size, opts.get("batch_buckets"))
         self._fixed_graphs: dict[tuple[Any, ...], _FixedGraph] = {}
         self._ratios: dict[tuple[int, ...], torch.Tensor] = {}

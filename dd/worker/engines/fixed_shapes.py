@@ -21,11 +21,17 @@ torchvision's either way.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import roi_align
 from torchvision.ops.poolers import _setup_scales
+
+from dd.worker.engines import suppression
+
+log = logging.getLogger(__name__)
 
 
 def box_iou_matrix(boxes: torch.Tensor) -> torch.Tensor:
@@ -72,22 +78,33 @@ def top_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return values[..., :k], index[..., :k]
 
 
-def nms_fixed(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float, iterations: int,
-              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy NMS for G groups of K boxes each, already in descending score order.
-
-    boxes [G, K, 4]; valid [G, K] (invalid boxes neither survive nor suppress);
-    labels [G, K] restricts suppression to boxes of the same label (class-wise NMS).
-    Returns keep [G, K] bool and settled [G] bool (keep is greedy NMS's answer
-    wherever settled is true).
-    """
+def suppression_matrix(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
+                       labels: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """[G, K, K]: 1 where box j is before box i, valid, of i's label, and overlaps i by more than
+    the threshold (torch operations; suppression.py has the same as one kernel)."""
     k = boxes.shape[-2]
     over = box_iou_matrix(boxes.float()) > iou_threshold
     if labels is not None:
         over &= labels[..., :, None] == labels[..., None, :]
     earlier = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(1)  # [j, i]: j before i
+    return (over & earlier & valid[..., :, None]).to(dtype)
+
+
+def nms_fixed(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float, iterations: int,
+              labels: torch.Tensor | None = None, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS for G groups of K boxes each, already in descending score order.
+
+    boxes [G, K, 4]; valid [G, K] (invalid boxes neither survive nor suppress);
+    labels [G, K] restricts suppression to boxes of the same label (class-wise NMS).
+    kernel: build the suppression matrix with the Triton kernel (suppression.py).
+    Returns keep [G, K] bool and settled [G] bool (keep is greedy NMS's answer
+    wherever settled is true).
+    """
+    k = boxes.shape[-2]
     dtype = torch.float16 if boxes.is_cuda else torch.float32
-    suppress = (over & earlier & valid[..., :, None]).to(dtype).reshape(-1, k, k)  # [G, j, i]
+    flat = (boxes.reshape(-1, k, 4), valid.reshape(-1, k), iou_threshold,
+            None if labels is None else labels.reshape(-1, k), dtype)
+    suppress = (suppression.suppression_matrix(*flat) if kernel else suppression_matrix(*flat))  # [G, j, i]
     # keep as 0/1 numbers: valid - (number of kept earlier boxes that overlap), floored at 0, is
     # one matrix product with the subtraction fused (baddbmm) and a clamp per iteration. The
     # counts are integers below 2048, exact in float16.
@@ -104,11 +121,26 @@ class FixedShapeHeads:
     """The RPN filtering, box head, detection NMS and mask head of one torchvision MaskRCNN,
     for a batch of equally sized images, with shapes that depend only on the batch and the size."""
 
-    def __init__(self, model: torch.nn.Module, nms_iterations: int = 24, pre_nms_topk: int = 1024) -> None:
+    def __init__(self, model: torch.nn.Module, nms_iterations: int = 24, pre_nms_topk: int = 1024,
+                 kernel: bool = False) -> None:
         self.model = model
         self.iterations = nms_iterations
         self.pre_nms_topk = pre_nms_topk
+        self.kernel = kernel and suppression.available()  # the Triton suppression matrix
         self._scales: dict[tuple[object, ...], torch.Tensor] = {}
+
+    def _nms(self, boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
+             labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kernel:
+            try:
+                return nms_fixed(boxes, valid, iou_threshold, self.iterations, labels, kernel=True)
+            except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: the torch version does it
+                if boxes.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise
+                log.warning("the Triton NMS kernel cannot run here (%s: %s); using torch operations instead",
+                            type(exc).__name__, exc)
+                self.kernel = False
+        return nms_fixed(boxes, valid, iou_threshold, self.iterations, labels)
 
     # -- RPN --------------------------------------------------------------------------------
     def proposals(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
@@ -140,8 +172,7 @@ class FixedShapeHeads:
         wh = cand[..., 2:] - cand[..., :2]
         valid = valid & (wh >= rpn.min_size).all(-1) & (scores >= rpn.score_thresh)
         n_levels = len(num_per_level)
-        keep, settled = nms_fixed(cand.reshape(-1, kmax, 4), valid.reshape(-1, kmax), rpn.nms_thresh,
-                                  self.iterations)
+        keep, settled = self._nms(cand.reshape(-1, kmax, 4), valid.reshape(-1, kmax), rpn.nms_thresh)
         ranked = torch.where(keep.view(n_images, -1), scores.view(n_images, -1), float("-inf"))
         best, idx = top_stable(ranked, rpn.post_nms_top_n())
         props = cand.view(n_images, -1, 4).gather(1, idx[..., None].expand(-1, -1, 4))
@@ -238,7 +269,7 @@ class FixedShapeHeads:
         top_s, top_i = top_stable(masked, k)
         cand = boxes.gather(1, top_i[..., None].expand(-1, -1, 4))
         cand_labels = labels[top_i]
-        keep, settled = nms_fixed(cand, valid.gather(1, top_i), heads.nms_thresh, self.iterations, cand_labels)
+        keep, settled = self._nms(cand, valid.gather(1, top_i), heads.nms_thresh, cand_labels)
         exact = settled & ((keep.sum(1) >= d) | (valid.sum(1) <= k))
         best, idx = top_stable(torch.where(keep, top_s, float("-inf")), d)
         return {"boxes": cand.gather(1, idx[..., None].expand(-1, -1, 4)), "scores": best,
