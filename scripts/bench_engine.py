@@ -36,7 +36,7 @@ from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
 from dd.models.model_folder import random_model_folder  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
 from dd.worker.engines.base import EngineInput  # noqa: E402
-from dd.worker.engines.fast_maskrcnn import FastMaskRCNN  # noqa: E402
+from dd.worker.engines.fast_maskrcnn import FastMaskRCNN, resized_size  # noqa: E402
 from dd.worker.engines.torchvision_maskrcnn import TorchvisionMaskRCNN  # noqa: E402
 
 
@@ -208,6 +208,17 @@ def main() -> int:
                     item = EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)
                     checks.append({"shorter_side": size, "detections": dets,
                                    **compare(eager.infer([item])[0], fast.infer([item])[0], args.height, args.width)})
+                # The fast backbone (batch norm folded, ReLUs fused, fp16, channels-last) against eager fp32's,
+                # on the same normalised image: relative error per FPN level.
+                with torch.inference_mode():
+                    x = fast._normalize(torch.from_numpy(scenes[0].color).cuda()[None],
+                                        None if cfg.input_kind == "rgb" else
+                                        torch.from_numpy(scenes[0].depth).cuda()[None],
+                                        *resized_size(args.height, args.width, cfg.min_size, cfg.max_size))
+                    ref = eager.model.backbone(x.float().contiguous())
+                    got = fast.model.backbone(x)
+                    checks.append({"shorter_side": size, "detections": dets, **{
+                        f"backbone_rel_err_{k}": float((got[k].float() - ref[k]).norm() / ref[k].norm()) for k in ref}})
             if args.profile and size == args.sizes[0] and dets == args.dets[0]:
                 from torch.profiler import ProfilerActivity, profile
 

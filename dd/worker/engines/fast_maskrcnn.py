@@ -27,7 +27,8 @@ the dynamic path (the earlier, op-by-op version, kept for that and for
 Falls back to the torchvision engine (with a log line) where it cannot run: no
 GPU. ENGINE_OPTIONS: fp16 (true), cuda_graphs (true), pin_memory (true),
 fixed_shapes (true), nms_iterations (24), fold_batchnorm (true;
-GPU only), triton_nms (true; the NMS matrix as one Triton kernel, GPU only), pre_nms_topk (1024 with fixed shapes,
+GPU only), fuse_conv_relu (true; ResNet blocks' ReLUs and adds in cuDNN's
+convolutions, GPU only, needs fold_batchnorm), triton_nms (true; the NMS matrix as one Triton kernel, GPU only), pre_nms_topk (1024 with fixed shapes,
 4096 without), batch_buckets ([1, 2, 4, 8, ...] up to MAX_BATCH_SIZE),
 warmup_sizes ([[H, W], ...] input sizes to capture graphs for at load),
 allow_cpu (false; the CPU path exists for tests and has no graphs or fp16).
@@ -54,6 +55,7 @@ from torchvision.ops import boxes as box_ops
 from dd.worker.engines.base import Detections, Engine, EngineInput, EngineUnavailable
 from dd.worker.engines.batchnorm_fold import fold_batchnorm
 from dd.worker.engines.fixed_shapes import FixedShapeHeads
+from dd.worker.engines.fused_blocks import fuse_resnet_blocks
 from dd.worker.engines.mask_rle import paste_and_encode
 from dd.worker.engines.torchvision_maskrcnn import build_loaded_model
 
@@ -139,6 +141,8 @@ class FastMaskRCNN(Engine):
         # The normalisation torchvision's transform would apply (color, then depth for RGB-D).
         self.mean = torch.tensor(self.model.transform.image_mean, device=self.dev).view(1, -1, 1, 1)
         self.std = torch.tensor(self.model.transform.image_std, device=self.dev).view(1, -1, 1, 1)
+        if cuda and opts.get("fold_batchnorm", True) and opts.get("fuse_conv_relu", True):
+            self._fuse_backbone()
         self.fill = cfg.depth_fill
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
         self.heads = FixedShapeHeads(self.model, int(opts.get("nms_iterations", 24)), self.pre_nms_topk,
@@ -165,6 +169,18 @@ class FastMaskRCNN(Engine):
                 self.infer(dummy)
         self.redone_images = 0  # blank warm-up images tie everywhere and are redone; count real ones only
         self._loaded = True
+
+    def _fuse_backbone(self) -> None:
+        """ReLUs and residual adds into the convolutions (fused_blocks), if cuDNN runs them here."""
+        undo = fuse_resnet_blocks(self.model.backbone)
+        probe = torch.zeros(1, self.mean.numel(), 64, 64, device=self.dev, dtype=self.dtype)
+        try:
+            with torch.inference_mode():
+                self.model.backbone(probe.contiguous(memory_format=torch.channels_last))
+        except RuntimeError as exc:
+            undo()
+            log.warning("cuDNN cannot fuse the backbone's ReLUs into its convolutions here (%s); running "
+                        "them separately", exc)
 
     # -- host memory ----------------------------------------------------------------------
     def _pin_source(self, arr: np.ndarray) -> None:

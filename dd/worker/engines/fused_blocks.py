@@ -1,0 +1,94 @@
+"""ResNet blocks with their ReLUs and residual adds fused into the convolutions (cuDNN).
+
+With batch norm folded (batchnorm_fold.py), a ResNet-50 FPN still runs a ReLU
+after almost every convolution and a residual add before the last ReLU of each
+block: about 65 memory-bound passes over the largest activations of the
+network, which the profile of the one-graph engine put first among its GPU
+time (about 1 ms per 800x1344 image). cuDNN fuses bias, add and ReLU into the
+convolution's epilogue; PyTorch exposes that as torch.cudnn_convolution_relu
+and torch.cudnn_convolution_add_relu (what torch.jit.freeze's conv-add-relu
+fusion emits). Same function up to float rounding: the sum is formed in the
+convolution's float32 accumulator instead of after rounding to float16.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision.models.resnet import Bottleneck
+
+log = logging.getLogger(__name__)
+
+
+def _plain(conv: nn.Module) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and conv.bias is not None)
+
+
+def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    return torch.cudnn_convolution_relu(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation,
+                                        conv.groups)
+
+
+def _fused_bottleneck(self: Bottleneck, x: torch.Tensor) -> torch.Tensor:
+    identity = x if self.downsample is None else self.downsample(x)
+    out = _conv_relu(self.conv1, x)
+    out = _conv_relu(self.conv2, out)
+    c = self.conv3
+    return torch.cudnn_convolution_add_relu(out, c.weight, identity, 1.0, c.bias, c.stride, c.padding, c.dilation,
+                                            c.groups)
+
+
+def _fusable(block: Bottleneck) -> bool:
+    """Only a block whose norms were folded away (bn* are Identity) and whose ReLU is plain."""
+    return (all(isinstance(getattr(block, f"bn{i}"), nn.Identity) for i in (1, 2, 3))
+            and all(_plain(getattr(block, f"conv{i}")) for i in (1, 2, 3))
+            and isinstance(block.relu, nn.ReLU))
+
+
+class ConvReLU(nn.Module):
+    """A ResNet stem's conv1 with the ReLU after it (whose own module becomes an Identity)."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _conv_relu(self.conv, x)
+
+
+def _stems(model: nn.Module) -> list[nn.Module]:
+    """Modules that run conv1, bn1 (folded), relu as consecutive children: ResNet's stem, in the
+    ResNet itself or in the IntermediateLayerGetter an FPN backbone wraps it in."""
+    out = []
+    for m in model.modules():
+        names = [n for n, _ in m.named_children()]
+        if names[:4] == ["conv1", "bn1", "relu", "maxpool"] and _plain(m.conv1) and isinstance(m.bn1, nn.Identity) \
+                and isinstance(m.relu, nn.ReLU):
+            out.append(m)
+    return out
+
+
+def fuse_resnet_blocks(model: nn.Module) -> Callable[[], None]:
+    """Gives every fusable Bottleneck of model the fused forward, and fuses the stem's ReLU into its
+    convolution; returns a function that undoes both (for a device where cuDNN refuses the fused
+    operations: the caller tries one forward first)."""
+    fused = [m for m in model.modules() if isinstance(m, Bottleneck) and _fusable(m)]
+    for block in fused:
+        block.forward = types.MethodType(_fused_bottleneck, block)  # type: ignore[method-assign]
+    stems = [(m, m.conv1, m.relu) for m in _stems(model)]
+    for stem, conv, _ in stems:
+        stem.conv1, stem.relu = ConvReLU(conv), nn.Identity()
+    log.debug("fused the ReLUs and residual adds of %d ResNet blocks and %d stems into their convolutions",
+              len(fused), len(stems))
+
+    def undo() -> None:
+        for block in fused:
+            del block.forward  # back to the class's forward
+        for stem, conv, relu in stems:
+            stem.conv1, stem.relu = conv, relu
+    return undo

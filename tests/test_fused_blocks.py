@@ -1,0 +1,77 @@
+"""The fused ResNet blocks' wiring, on the CPU: cuDNN's fused operations are CUDA-only, so they are
+stood in for by their definitions (convolution, + z, ReLU); the blocks must compute what they did."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from dd.worker.engines.batchnorm_fold import fold_batchnorm
+from dd.worker.engines.fused_blocks import fuse_resnet_blocks
+
+
+def _conv_relu(x, weight, bias, stride, padding, dilation, groups):
+    return F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups))
+
+
+def _conv_add_relu(x, weight, z, alpha, bias, stride, padding, dilation, groups):
+    return F.relu(F.conv2d(x, weight, bias, stride, padding, dilation, groups) + alpha * z)
+
+
+def test_fused_resnet_fpn_computes_what_it_did(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=0).eval()
+    fold_batchnorm(backbone)
+    x = torch.rand(1, 3, 96, 128)
+    with torch.no_grad():
+        expected = backbone(x)
+        calls: list[str] = []
+        monkeypatch.setattr(torch, "cudnn_convolution_relu",
+                            lambda *a: calls.append("relu") or _conv_relu(*a), raising=False)
+        monkeypatch.setattr(torch, "cudnn_convolution_add_relu",
+                            lambda *a: calls.append("add") or _conv_add_relu(*a), raising=False)
+        undo = fuse_resnet_blocks(backbone)
+        got = backbone(x)
+        # every bottleneck of a ResNet-50 (3 + 4 + 6 + 3): two conv+ReLU and one conv+add+ReLU; the stem
+        assert calls.count("add") == 16 and calls.count("relu") == 2 * 16 + 1
+        for name in expected:
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5)
+        undo()
+        torch.testing.assert_close(backbone(x)["0"], expected["0"], rtol=0, atol=0)
+        assert len(calls) == 16 * 3 + 1  # undone: the original modules and forwards again
+
+
+def test_unfolded_blocks_are_left_alone() -> None:
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=0).eval()
+    fuse_resnet_blocks(backbone)  # batch norm not folded: nothing is fusable
+    assert not any("forward" in vars(m) for m in backbone.modules())
+
+
+def test_engine_keeps_the_unfused_backbone_where_cudnn_refuses(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The fast engine tries one forward with the fused blocks; if cuDNN raises, it undoes them."""
+    from dd.config import DEFAULT_ARCHITECTURE, load_model_config
+    from dd.models.model_folder import random_model_folder
+    from dd.worker.engines.fast_maskrcnn import FastMaskRCNN
+
+    cfg = load_model_config(random_model_folder(tmp_path / "m", input_kind="rgbd", seed=0, min_size=96, max_size=128,
+                                                architecture=DEFAULT_ARCHITECTURE,
+                                                extra={"ENGINE_OPTIONS": {"allow_cpu": True}}))
+    engine = FastMaskRCNN(cfg, "cpu")
+    engine.load()
+    fold_batchnorm(engine.model.backbone)
+    x = torch.rand(1, 4, 64, 64)
+    with torch.no_grad():
+        expected = engine.model.backbone(x)["0"]
+
+    def refuse(*_args):
+        raise RuntimeError("no fused kernel for this configuration")
+
+    monkeypatch.setattr(torch, "cudnn_convolution_relu", refuse, raising=False)
+    monkeypatch.setattr(torch, "cudnn_convolution_add_relu", refuse, raising=False)
+    engine._fuse_backbone()
+    assert "running them separately" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model.backbone(x)["0"], expected, rtol=0, atol=0)
