@@ -82,6 +82,10 @@ def test_fixed_roi_pool_matches_multiscale_roi_align() -> None:
     got = heads.roi_pool(MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), feats, boxes, size)
     # Same sample positions; at a level's edge the weights of a repeated row may round differently.
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # Split into one stack per image (as a batch too large for roi_align's 32-bit offsets is): same answer.
+    one = FixedShapeHeads.level_stack([feats[str(i)] for i in range(4)], max_elements=4 * 8 * 130 * 162)
+    assert len(one) == 2
+    torch.testing.assert_close(heads.roi_pool(pooler, feats, boxes, size, one), got, rtol=0, atol=0)
     inside = heads.roi_pool(pooler, feats, boxes * 0.5, size)
     torch.testing.assert_close(inside, pooler(feats, list((boxes * 0.5).unbind(0)), [size, size]), rtol=0, atol=0)
 

@@ -421,10 +421,10 @@ class FastMaskRCNN(Engine):
         # one stacked tensor both heads pool from.
         heads = self.model.roi_heads
         names = heads.box_roi_pool.featmap_names
-        stack = (self.heads.level_stack([feats[k] for k in names])
-                 if names == heads.mask_roi_pool.featmap_names else None)
-        det = self.heads.detections(feats, props, props_valid, rh, rw, threshold, autocast, stack)
-        probs = self.heads.mask_probs(feats, det["boxes"], det["labels"], rh, rw, autocast, stack)
+        stacks = (self.heads.level_stack([feats[k] for k in names])
+                  if names == heads.mask_roi_pool.featmap_names else None)
+        det = self.heads.detections(feats, props, props_valid, rh, rw, threshold, autocast, stacks)
+        probs = self.heads.mask_probs(feats, det["boxes"], det["labels"], rh, rw, autocast, stacks)
         boxes = det["boxes"] * self._ratio(h, w, rh, rw)
         exact = det["exact"] & settled
         # Everything the host needs to know, in one tensor: one copy, one sync.

@@ -33,6 +33,9 @@ from dd.worker.engines import suppression
 
 log = logging.getLogger(__name__)
 
+# Elements a tensor may have for torchvision's roi_align, which computes offsets in 32-bit ints.
+STACK_LIMIT = 2**31 - 1
+
 
 def box_iou_matrix(boxes: torch.Tensor) -> torch.Tensor:
     """Pairwise IoU within each group: [..., K, 4] -> [..., K, K], with torchvision's nms arithmetic."""
@@ -180,9 +183,9 @@ class FixedShapeHeads:
 
     # -- RoI pooling ------------------------------------------------------------------------
     @staticmethod
-    def level_stack(levels: list[torch.Tensor]) -> torch.Tensor:
-        """The pyramid's levels as one float32 batch [L*B, C, H, W] that RoI Align can pool every box
-        from in one pass, each box from its own level (see roi_pool).
+    def level_stack(levels: list[torch.Tensor], max_elements: int = STACK_LIMIT) -> list[torch.Tensor]:
+        """The pyramid's levels as float32 batches [L*b, C, H, W] that RoI Align can pool every box
+        from in one pass, each box from its own level (see roi_pool); one batch per run of b images.
 
         Each level sits at the top left of its images, followed by two rows and columns that repeat
         its last ones: a sample between the last row and the level's edge then reads the last row,
@@ -190,22 +193,30 @@ class FixedShapeHeads:
         a sample falls on the edge exactly. Nothing beyond is ever read, so it is left unwritten.
         Converting to float32 here is the one conversion the pooling needs (torchvision's pooler runs
         in float32 under autocast), and it also makes the layout the contiguous one roi_align wants.
+        torchvision's roi_align indexes its input with 32-bit integers, so a batch stays under
+        max_elements: the images are split into as many stacks as that takes (32 images of
+        800x1344 would make 2.2 G elements, and an illegal memory access).
         """
         b, c = levels[0].shape[:2]
         hmax = max(f.shape[-2] for f in levels) + 2
         wmax = max(f.shape[-1] for f in levels) + 2
-        out = torch.empty(len(levels) * b, c, hmax, wmax, dtype=torch.float32, device=levels[0].device)
-        for lvl, feat in enumerate(levels):
-            h, w = feat.shape[-2:]
-            part = out[lvl * b:(lvl + 1) * b]
-            part[:, :, :h, :w] = feat
-            part[:, :, h:h + 2, :w] = part[:, :, h - 1:h, :w]
-            part[:, :, :h + 2, w:w + 2] = part[:, :, :h + 2, w - 1:w]
-        return out
+        step = max(1, max_elements // (len(levels) * c * hmax * wmax))
+        stacks = []
+        for lo in range(0, b, step):
+            n = min(step, b - lo)
+            out = torch.empty(len(levels) * n, c, hmax, wmax, dtype=torch.float32, device=levels[0].device)
+            for lvl, feat in enumerate(levels):
+                h, w = feat.shape[-2:]
+                part = out[lvl * n:(lvl + 1) * n]
+                part[:, :, :h, :w] = feat[lo:lo + n]
+                part[:, :, h:h + 2, :w] = part[:, :, h - 1:h, :w]
+                part[:, :, :h + 2, w:w + 2] = part[:, :, :h + 2, w - 1:w]
+            stacks.append(out)
+        return stacks
 
     def roi_pool(self, pooler: torch.nn.Module, feats: dict[str, torch.Tensor], boxes: torch.Tensor,
-                 image_size: tuple[int, int], stack: torch.Tensor | None = None) -> torch.Tensor:
-        """MultiScaleRoIAlign for [B, N, 4] boxes, as one roi_align call over level_stack.
+                 image_size: tuple[int, int], stacks: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """MultiScaleRoIAlign for [B, N, 4] boxes, as one roi_align call per level_stack.
 
         torchvision pools each level's boxes separately, which needs the number of boxes per level
         (a host sync). Here each box is scaled to its level by the caller (an exact power-of-two
@@ -220,8 +231,8 @@ class FixedShapeHeads:
         scales = self._scales.get(key)
         if scales is None:  # made on an uncaptured call: a capture cannot copy a constant to the device
             scales = self._scales[key] = torch.tensor(pooler.scales, dtype=torch.float32, device=boxes.device)
-        if stack is None:
-            stack = self.level_stack(levels)
+        if stacks is None:
+            stacks = self.level_stack(levels)
         b, n = boxes.shape[:2]
         # Clipped to the image (the heads' boxes already are): the stack holds nothing readable
         # beyond a level's edge, where torchvision's per-level tensors would read zeros.
@@ -229,15 +240,22 @@ class FixedShapeHeads:
         x, y = flat[:, 0::2].clamp(0, image_size[1]), flat[:, 1::2].clamp(0, image_size[0])
         flat = torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
         which = pooler.map_levels([flat])
-        image = torch.arange(b, device=boxes.device).repeat_interleave(n)
-        rois = torch.cat([(which * b + image).to(flat.dtype)[:, None], flat * scales[which][:, None]], 1)
-        return roi_align(stack, rois, pooler.output_size, spatial_scale=1.0,
-                         sampling_ratio=pooler.sampling_ratio, aligned=False)
+        scaled = flat * scales[which][:, None]
+        pooled, lo = [], 0
+        for stack in stacks:
+            m = stack.shape[0] // len(levels)  # images in this stack
+            rows = slice(lo * n, (lo + m) * n)
+            image = torch.arange(m, device=boxes.device).repeat_interleave(n)
+            rois = torch.cat([(which[rows] * m + image).to(flat.dtype)[:, None], scaled[rows]], 1)
+            pooled.append(roi_align(stack, rois, pooler.output_size, spatial_scale=1.0,
+                                    sampling_ratio=pooler.sampling_ratio, aligned=False))
+            lo += m
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled)
 
     # -- box head and class-wise NMS --------------------------------------------------------
     def detections(self, feats: dict[str, torch.Tensor], props: torch.Tensor, props_valid: torch.Tensor,
                    rh: int, rw: int, score_thresh: torch.Tensor, autocast: bool,
-                   stack: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   stacks: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """torchvision's box head and postprocess_detections, at most detections_per_img per image.
 
         The class-wise NMS looks at the pre_nms_topk best (box, class) candidates
@@ -247,7 +265,7 @@ class FixedShapeHeads:
         no valid candidate was left out ("exact"; the caller redoes other images)."""
         heads = self.model.roi_heads
         b, n = props.shape[:2]
-        pooled = self.roi_pool(heads.box_roi_pool, feats, props, (rh, rw), stack)
+        pooled = self.roi_pool(heads.box_roi_pool, feats, props, (rh, rw), stacks)
         with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             bf = heads.box_head(pooled)
             class_logits, box_regression = heads.box_predictor(bf)
@@ -277,10 +295,10 @@ class FixedShapeHeads:
 
     # -- mask head --------------------------------------------------------------------------
     def mask_probs(self, feats: dict[str, torch.Tensor], boxes: torch.Tensor, labels: torch.Tensor,
-                   rh: int, rw: int, autocast: bool, stack: torch.Tensor | None = None) -> torch.Tensor:
+                   rh: int, rw: int, autocast: bool, stacks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Mask probabilities of each detection's own class: [B, D, M, M] (maskrcnn_inference)."""
         heads = self.model.roi_heads
-        pooled = self.roi_pool(heads.mask_roi_pool, feats, boxes, (rh, rw), stack)
+        pooled = self.roi_pool(heads.mask_roi_pool, feats, boxes, (rh, rw), stacks)
         with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             mf = heads.mask_head(pooled)
             logits = heads.mask_predictor(mf)

@@ -36,7 +36,7 @@ if triton is not None:
     @triton.jit
     def _suppression_kernel(boxes_ptr, valid_ptr, labels_ptr, out_ptr, k, threshold,
                             HAS_LABELS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
-        g = tl.program_id(2)
+        g = tl.program_id(2).to(tl.int64)  # g * k * k passes 2**31 at a few hundred groups
         j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)  # earlier boxes (rows)
         i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)  # later boxes (columns)
         in_j = j < k
