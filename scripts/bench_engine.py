@@ -6,10 +6,7 @@ box score threshold 0 so every image keeps its maximum detections), 1280x720
 inputs (synthetic scenes; RGB, or RGB-D with --input-kind rgbd), shorter side
 800 and 416, batch 1/4/8, 20 and 100 detections; p50/p99 ms per batch and
 images/s, warm-up excluded. Engines: eager-fp32, eager-fp16, fast (one CUDA
-graph), fast-dynamic (the fast engine's op-by-op path, fixed_shapes false) and
-fast-pipelined (fast, run as the worker runs it: each batch's masks finished
-on a second thread while the next batch's network runs; its p50/p99 are per
-batch from submit to finished, its images/s over the whole run).
+graph) and fast-dynamic (the fast engine's op-by-op path, fixed_shapes false).
 
 Eager rows time model(images) on the GPU, masks pasted to full-image tensors
 (as torchvision returns them), synchronised; the fast rows time the whole
@@ -25,10 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import queue
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -59,33 +54,6 @@ def timeit(fn, seconds: float, min_iters: int = 10, warmup: int = 3) -> list[flo
         if len(times) >= 2000:
             break
     return times
-
-
-def pipelined(engine, inputs, seconds: float, min_iters: int = 10) -> tuple[list[float], float]:
-    """As the worker runs the engine: submit (the network) on this thread, each batch's finisher
-    (masks pasted and encoded) on another, one batch behind. Returns per-batch ms from submit to
-    finished, and images/s over the run."""
-    todo: queue.Queue = queue.Queue(maxsize=1)
-    lat: list[float] = []
-
-    def finisher() -> None:
-        while (item := todo.get()) is not None:
-            t0, finish = item
-            finish()
-            lat.append((time.perf_counter() - t0) * 1e3)
-
-    for _ in range(3):
-        engine.infer(inputs)
-    thread = threading.Thread(target=finisher)
-    thread.start()
-    start, n = time.perf_counter(), 0
-    while n < min_iters or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        todo.put((t0, engine.submit(inputs)))
-        n += 1
-    todo.put(None)
-    thread.join()
-    return lat, n * len(inputs) / (time.perf_counter() - start)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -137,9 +105,7 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--dets", type=int, nargs="+", default=[100, 20])
     ap.add_argument("--engines", nargs="+", default=["eager-fp32", "eager-fp16", "fast"],
-                    help="eager-fp32, eager-fp16, fast (fixed shapes, one graph), fast-dynamic (op by op), "
-                         "fast-pipelined (fast, each batch's masks finished on a second thread while the "
-                         "next batch's network runs, as the worker does)")
+                    help="eager-fp32, eager-fp16, fast (fixed shapes, one graph), fast-dynamic (op by op)")
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per row (after warm-up)")
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--width", type=int, default=1280)
@@ -178,7 +144,7 @@ def main() -> int:
             eager.load()
             eager.model.roi_heads.score_thresh = cfg.score_threshold
             fast = None
-            if {"fast", "fast-pipelined"} & set(args.engines) or args.check or args.profile:
+            if "fast" in args.engines or args.check or args.profile:
                 fast = FastMaskRCNN(cfg, "cuda:0")
                 fast.load()
             dynamic = None
@@ -202,24 +168,18 @@ def main() -> int:
                         fn = lambda: fast.infer(inputs)  # noqa: E731
                     elif name == "fast-dynamic":
                         fn = lambda: dynamic.infer(inputs)  # noqa: E731
-                    elif name == "fast-pipelined":
-                        fn = lambda: fast.infer(inputs)  # noqa: E731
                     else:
                         raise SystemExit(f"unknown engine {name}")
                     with torch.inference_mode():
-                        if name == "fast-pipelined":
-                            t, throughput = pipelined(fast, inputs, args.seconds)
-                        else:
-                            t = timeit(fn, args.seconds)
-                            throughput = batch * 1000.0 / float(np.mean(t))
+                        t = timeit(fn, args.seconds)
                         out = fn()
                     n_det = len(out[0]["scores"]) if isinstance(out[0], dict) else len(out[0].scores)
                     row = {"engine": name, "shorter_side": size, "detections": dets, "batch": batch,
                            "kept": n_det, "p50_ms": float(np.percentile(t, 50)),
                            "p99_ms": float(np.percentile(t, 99)), "iters": len(t),
-                           "images_per_s": throughput}
+                           "images_per_s": batch * 1000.0 / float(np.mean(t))}
                     if name.startswith("fast"):
-                        engine = dynamic if name == "fast-dynamic" else fast
+                        engine = fast if name == "fast" else dynamic
                         row["redone_images"] = engine.redone_images
                         engine.redone_images = 0
                     rows.append(row)

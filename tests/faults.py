@@ -33,7 +33,7 @@ CATEGORIES = ("a", "b")
 
 def null_model(folder: Path, *, kind: str = "rgbd", instances: int = 4, batch: int = 4, per_device: int = 1,
                delay_ms: float = 2.0, **engine_options: Any) -> Path:
-    """A null-engine model folder; engine_options: cost_ms, cost_ms_per_image, finish_ms, fail_on_pixel."""
+    """A null-engine model folder; engine_options: cost_ms, cost_ms_per_image, fail_on_pixel."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "categories.txt").write_text("\n".join(CATEGORIES) + "\n")
     (folder / "node_config.json").write_text(json.dumps({

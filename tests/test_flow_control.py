@@ -222,21 +222,3 @@ def test_a_freed_credit_wakes_one_waiter_not_all(tmp_path: Path) -> None:
     # One pick to find the credit taken and one after each wake is about 2n; the periodic re-check
     # (every 0.25 s) adds a few. Waking everyone on each reply made it about n * n / 2.
     assert picks <= 4 * n, f"{picks} worker picks for {n} requests through one credit: waiters woken in a herd"
-
-
-def test_worker_finishes_one_batch_while_the_next_one_runs(tmp_path: Path) -> None:
-    """Engine.submit runs a batch's network and returns its finisher (the fast engine pastes and
-    encodes masks there); the worker runs that finisher on its finish thread while the inference
-    thread submits the next batch. With 150 ms to submit and 150 ms to finish, batches of one:
-    8 requests take about 9 x 150 ms overlapped, 16 x 150 ms if the stages ran one after the other."""
-    null_model(tmp_path / "null", kind="rgb", batch=1, delay_ms=0, cost_ms=150, finish_ms=150)
-    with Server(tmp_path / "null") as srv:
-        srv.start().wait_serving(120)
-        asyncio.run(run_cases(srv.target, [null_case(100, depth=False)], concurrency=1, timeout=30.0))  # warm
-        t0 = time.monotonic()
-        outcomes = asyncio.run(run_cases(srv.target, [null_case(i, depth=False, masks=True) for i in range(8)],
-                                         concurrency=8, timeout=30.0))
-        took = time.monotonic() - t0
-    assert codes(outcomes) == {"OK": 8}, codes(outcomes)
-    assert not [o.problem for o in outcomes if o.problem]
-    assert took < 12 * 0.15, f"8 batches took {took:.2f} s: submit and finish did not overlap"

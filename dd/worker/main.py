@@ -1,14 +1,11 @@
 """The worker process: owns one engine on one device, serves frontends over ZeroMQ.
 
-Three threads. The I/O thread owns the ROUTER socket: it answers pings at once
+Two threads. The I/O thread owns the ROUTER socket: it answers pings at once
 (so a busy GPU never looks like a dead worker), checks each request (deadline,
 slot generation, array bounds) and queues it. The inference thread takes
-batches and starts the engine on views into the frontends' shared-memory
-rings (Engine.submit: the network); the finish thread finishes each batch
-(the fast engine pastes and encodes its masks there, on a stream of its own),
+batches, runs the engine on views into the frontends' shared-memory rings,
 encodes and serializes the responses, and hands them back to the I/O thread
-over an inproc socket (ZeroMQ sockets are not shared between threads). So one
-batch's finishing overlaps the next batch's network, one batch deep.
+over an inproc socket (ZeroMQ sockets are not shared between threads).
 
 The engine module, and with it torch, is imported only after
 CUDA_VISIBLE_DEVICES has been set, so each worker sees exactly its own GPU.
@@ -16,7 +13,7 @@ CUDA_VISIBLE_DEVICES has been set, so each worker sees exactly its own GPU.
 One bad request must not cost more than itself: when the engine fails on a
 batch, the batch is run again one image at a time, so only the image that
 fails gets INTERNAL and its neighbours are served; an error while encoding one
-response fails that response (and one while finishing a batch, its requests). Should the inference thread die all the same,
+response fails that response. Should the inference thread die all the same,
 the process exits non-zero and the supervisor starts a fresh one, rather than
 answering pings while never serving.
 """
@@ -29,7 +26,6 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +42,7 @@ from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.worker.batcher import Batcher
 
 if TYPE_CHECKING:  # the engine modules import torch: only after pinning, inside the inference thread
-    from dd.worker.engines.base import Detections, Engine, EngineInput
+    from dd.worker.engines.base import Detections, Engine
 
 log = logging.getLogger("dd.worker")
 
@@ -274,35 +270,25 @@ class Worker:
             return
         self.engine_name = engine.name  # what runs, after any fallback (the fast engine without a GPU)
         self.ready = True
-        # Two stages: this thread runs each batch's network (engine.submit), the finisher thread its
-        # finishing (masks encoded, responses built and sent) while the next batch's network runs.
-        finishing: queue.Queue[tuple[list[Job], Callable[[], list], float, float] | None] = queue.Queue(maxsize=1)
-        finisher = threading.Thread(target=self._finish_loop, args=(finishing,), name="finish", daemon=True)
-        finisher.start()
         while True:
             batch = self.batcher.get_batch(timeout=0.2)
-            if not self._retired.empty():
-                finishing.join()  # the batch being finished may still read those rings
-                self._release_retired(engine)
+            self._release_retired(engine)
             if not batch:
                 if self.stop.is_set():
                     break
                 continue
             try:
-                self._submit(engine, batch, out, finishing)
+                self._run_batch(engine, batch, out)
             except Exception:  # noqa: BLE001 - never let one batch end the loop
                 log.exception("worker %s: unexpected error serving a batch of %d", self.name, len(batch))
                 for job in batch:
                     _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
             del batch
-        finishing.put(None)
-        finisher.join()
         engine.close()
         self._release_retired(None)
         out.close()
 
-    def _submit(self, engine: "Engine", batch: list[Job], out: zmq.Socket,
-                finishing: "queue.Queue[tuple[list[Job], Callable[[], list], float, float] | None]") -> None:
+    def _run_batch(self, engine: "Engine", batch: list[Job], out: zmq.Socket) -> None:
         started = time.time()
         live: list[Job] = []
         for job in batch:
@@ -316,50 +302,8 @@ class Worker:
         if not live:
             return
         t_inf = time.perf_counter()
-        want_masks = any(job.req.mask_format == pb.RLE for job in live)
-        try:
-            finish = engine.submit(self._inputs(live), want_masks=want_masks)
-        except Exception as exc:  # noqa: BLE001 - the engine failed this batch, the worker lives on
-            if len(live) == 1:
-                log.exception("worker %s: engine failed on request %s", self.name, live[0].req.request_id)
-                results: list = [f"engine error on this image: {type(exc).__name__}: {exc}"]
-            else:
-                log.warning("worker %s: engine failed on a batch of %d (%s: %s); retrying one at a time",
-                            self.name, len(live), type(exc).__name__, exc)
-                results = [self._infer(engine, [job])[0] for job in live]
-            finish = lambda: results  # noqa: E731
-        finishing.put((live, finish, started, t_inf))  # waits while the batch before is still finishing
-
-    def _finish_loop(self, finishing: "queue.Queue[tuple[list[Job], Callable[[], list], float, float] | None]"
-                     ) -> None:
-        out = self.ctx.socket(zmq.PUSH)
-        out.setsockopt(zmq.LINGER, 1000)
-        out.connect(self._reply_addr)
-        try:
-            while True:
-                item = finishing.get()
-                try:
-                    if item is None:
-                        return
-                    live, finish, started, t_inf = item
-                    try:
-                        results = list(finish())
-                        if len(results) != len(live):
-                            raise RuntimeError(f"engine returned {len(results)} results for {len(live)} images")
-                    except Exception as exc:  # noqa: BLE001 - fail this batch's requests, not the worker
-                        log.exception("worker %s: engine failed finishing a batch of %d", self.name, len(live))
-                        results = [f"engine error on this batch: {type(exc).__name__}: {exc}"] * len(live)
-                    self._reply_all(live, results, started, int((time.perf_counter() - t_inf) * 1e6), out)
-                except Exception:  # noqa: BLE001 - never let one batch end the loop
-                    log.exception("worker %s: unexpected error finishing a batch", self.name)
-                    for job in item[0] if item else []:
-                        _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
-                finally:
-                    finishing.task_done()
-        finally:
-            out.close()
-
-    def _reply_all(self, live: list[Job], results: list, started: float, inference_us: int, out: zmq.Socket) -> None:
+        results = self._infer(engine, live)
+        inference_us = int((time.perf_counter() - t_inf) * 1e6)
         for job, det in zip(live, results):
             if isinstance(det, str):
                 _send(out, job, "INTERNAL", det)
@@ -370,21 +314,21 @@ class Worker:
                 log.exception("worker %s: cannot encode the response to request %s", self.name, job.req.request_id)
                 _send(out, job, "INTERNAL", f"cannot encode the response: {type(exc).__name__}: {exc}")
                 continue
-            if job.ring.retired or job.ring.generation(job.req.slot) != job.req.generation:
+            if job.ring.generation(job.req.slot) != job.req.generation:
                 continue  # the frontend gave up on it meanwhile (and may have reused the slot)
             out.send_multipart([job.identity, messages.REPLY, _reply(job.req.id, "OK", ""), body], copy=False)
 
-    def _inputs(self, jobs: list[Job]) -> list["EngineInput"]:
-        from dd.worker.engines.base import EngineInput
-
-        return [EngineInput(j.color, j.depth, j.req.score_threshold if j.req.score_threshold > 0
-                            else self.model.score_threshold) for j in jobs]
-
     def _infer(self, engine: "Engine", live: list[Job]) -> list:
         """One Detections per job, or for a job the engine failed on, the message to send instead."""
+        from dd.worker.engines.base import EngineInput
+
+        def inputs(jobs: list[Job]) -> list[EngineInput]:
+            return [EngineInput(j.color, j.depth, j.req.score_threshold if j.req.score_threshold > 0
+                                else self.model.score_threshold) for j in jobs]
+
         want_masks = any(job.req.mask_format == pb.RLE for job in live)
         try:
-            results = engine.infer(self._inputs(live), want_masks=want_masks)
+            results = engine.infer(inputs(live), want_masks=want_masks)
             if len(results) != len(live):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(live)} images")
             return list(results)

@@ -8,7 +8,6 @@ shared memory) and returns numpy results.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,8 +46,7 @@ class EngineUnavailable(RuntimeError):
 
 
 class Engine(ABC):
-    """Load once, then infer batches. Implementations are not thread-safe: one thread calls infer
-    and submit (a submitted batch's finisher may run on another, see submit)."""
+    """Load once, then infer batches. Implementations are not thread-safe: one thread calls infer."""
 
     name: str = "engine"
 
@@ -67,16 +65,6 @@ class Engine(ABC):
     @abstractmethod
     def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
         """Runs one batch; returns one Detections per input, in order."""
-
-    def submit(self, batch: list[EngineInput], want_masks: bool = True) -> Callable[[], list[Detections]]:
-        """Starts a batch; the returned function finishes it and returns what infer would.
-
-        An engine that can finish a batch (say, encode its masks) while the next one runs
-        overrides this, and the worker overlaps the two: submit is called from the thread that
-        calls infer; finishers from one other thread, in order, at most one batch behind. This
-        default does everything now. After submit returns, the inputs' memory may be reused."""
-        results = self.infer(batch, want_masks)
-        return lambda: results
 
     def release_input_memory(self, mapping: object) -> None:
         """No more inputs will come from this shared-memory mapping (its frontend is gone): drop

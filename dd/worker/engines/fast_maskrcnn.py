@@ -36,13 +36,11 @@ allow_cpu (false; the CPU path exists for tests and has no graphs or fp16).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import math
 import mmap
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,7 +156,6 @@ class FastMaskRCNN(Engine):
         self._loaded = False
         self._anchors: dict[tuple[int, ...], list[torch.Tensor]] = {}
         self._pinned: dict[int, tuple[mmap.mmap, ctypes.c_char]] = {}
-        self._side_stream: torch.cuda.Stream | None = None
         # Set to a dict to collect per-stage wall times (synchronising between stages): benchmarks only.
         self.stage_times: dict[str, list[float]] | None = None
         self._t_last = 0.0
@@ -371,39 +368,25 @@ class FastMaskRCNN(Engine):
             out_l.append(labels[top_i][keep])
         return out_b, out_s, out_l
 
-    def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
-        return self.submit(batch, want_masks)()
-
     @torch.inference_mode()
-    def submit(self, batch: list[EngineInput], want_masks: bool = True) -> Callable[[], list[Detections]]:
-        """Runs the network and learns the instances now; the returned function pastes and encodes
-        the masks (on a stream of its own), so a worker can run it while the next batch's network
-        runs. The graphs' outputs are read before this returns, so the next submit may replay them."""
+    def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
         self.model.roi_heads.score_thresh = min(x.score_threshold for x in batch)
         results: list[Detections | None] = [None] * len(batch)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, item in enumerate(batch):
             depth_type = None if item.depth is None else item.depth.dtype.str
             groups.setdefault((*item.color.shape[:2], depth_type), []).append(i)
-        finishers: list[Callable[[], None]] = []
         for (h, w, _), idx in groups.items():
             items = [batch[i] for i in idx]
             if self.fixed:
                 dets = []
                 for lo in range(0, len(items), self.buckets[-1]):
-                    part, finish = self._start_fixed(items[lo:lo + self.buckets[-1]], h, w, want_masks)
-                    dets += part
-                    finishers.append(finish)
+                    dets += self._infer_fixed(items[lo:lo + self.buckets[-1]], h, w, want_masks)
             else:
                 dets = self._infer_dynamic(items, h, w, want_masks)
             for i, det in zip(idx, dets):
                 results[i] = det
-
-        def finish() -> list[Detections]:
-            for f in finishers:
-                f()
-            return results  # type: ignore[return-value]
-        return finish
+        return results  # type: ignore[return-value]
 
     # -- the fixed-shape path: one graph from pixels to mask probabilities ----------------------
     def _fixed_forward(self, color: torch.Tensor, depth: torch.Tensor | None, threshold: torch.Tensor
@@ -473,10 +456,7 @@ class FastMaskRCNN(Engine):
         self._fixed_graphs[key] = entry
         return entry
 
-    def _start_fixed(self, items: list[EngineInput], h: int, w: int, want_masks: bool
-                     ) -> tuple[list[Detections], Callable[[], None]]:
-        """Up to one bucket of equally sized images: their Detections without masks, and the function
-        that adds the masks."""
+    def _infer_fixed(self, items: list[EngineInput], h: int, w: int, want_masks: bool) -> list[Detections]:
         n = len(items)
         bucket = next(b for b in self.buckets if b >= n)
         depth_dtype = None
@@ -516,14 +496,14 @@ class FastMaskRCNN(Engine):
             picked.append(keep + i * d)
             picked_boxes.append(results[i].boxes)  # type: ignore[union-attr]
             offset += len(keep)
-        probs: torch.Tensor | None = None
-        ready: torch.cuda.Event | None = None
         if want_masks and offset:
             index = torch.from_numpy(np.concatenate(picked)).to(self.dev)
-            probs = out["probs"].flatten(0, 1)[index]  # out of the graph's buffers: the next replay may run
-            if self.dev.type == "cuda":
-                ready = torch.cuda.Event()
-                ready.record()
+            probs = out["probs"].flatten(0, 1)[index]
+            # The boxes the device holds, as the host read them: the paste plans on the host, no sync.
+            rles = paste_and_encode(probs, np.concatenate(picked_boxes), h, w, self.config.mask_threshold)
+            for i, start, count in spans:
+                results[i].rle = rles[start:start + count]  # type: ignore[union-attr]
+        self._mark("paste and RLE")
         if redo:
             # Rare: NMS did not settle in the graph's iterations, or the top-k was too small.
             before, self.redone_images = self.redone_images, self.redone_images + len(redo)
@@ -534,29 +514,7 @@ class FastMaskRCNN(Engine):
                             self.heads.iterations, self.pre_nms_topk)
             for i, det in zip(redo, self._infer_dynamic([items[i] for i in redo], h, w, want_masks)):
                 results[i] = det
-        boxes = np.concatenate(picked_boxes) if picked_boxes else None
-        threshold = self.config.mask_threshold
-
-        def finish() -> None:
-            if probs is None:
-                return
-            with torch.inference_mode(), self._paste_stream(probs, ready):
-                # The boxes the device holds, as the host read them: the paste plans on the host.
-                rles = paste_and_encode(probs, boxes, h, w, threshold)
-            for i, start, count in spans:
-                results[i].rle = rles[start:start + count]  # type: ignore[union-attr]
-            self._mark("paste and RLE")
-        return results, finish  # type: ignore[return-value]
-
-    def _paste_stream(self, probs: torch.Tensor, ready: torch.cuda.Event | None) -> Any:
-        """The stream pastes run on: their own, so that they overlap the next batch's graph."""
-        if ready is None:
-            return contextlib.nullcontext()
-        if self._side_stream is None:
-            self._side_stream = torch.cuda.Stream(self.dev)
-        self._side_stream.wait_event(ready)
-        probs.record_stream(self._side_stream)
-        return torch.cuda.stream(self._side_stream)
+        return results  # type: ignore[return-value]
 
     # -- the dynamic path: op by op, torchvision's shapes ---------------------------------------
     def _infer_dynamic(self, items: list[EngineInput], h: int, w: int, want_masks: bool) -> list[Detections]:

@@ -2,8 +2,7 @@
 
 Its instances are a pure function of the input pixels, so a test can recompute
 them and prove each response belongs to its own request. Its cost is fixed and
-configurable (ENGINE_OPTIONS: cost_ms per batch, cost_ms_per_image, instances,
-finish_ms: time in the finisher Engine.submit returns),
+configurable (ENGINE_OPTIONS: cost_ms per batch, cost_ms_per_image, instances),
 so that a benchmark measures serving overhead against a known engine time.
 Never a default: a model must ask for it by DETECTION_TYPE or ENGINE.
 """
@@ -11,7 +10,6 @@ Never a default: a model must ask for it by DETECTION_TYPE or ENGINE.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numpy as np
 
@@ -62,23 +60,8 @@ class NullEngine(Engine):
         self.cost_per_image_s = float(opts.get("cost_ms_per_image", 0.0)) / 1000.0
         self.instances = int(opts.get("instances", 4))
         self.fail_marker = opts.get("fail_on_pixel")  # tests: raise when color[0, 0, 0] equals this
-        # Time spent finishing a batch (as a GPU engine encodes its masks), which the worker
-        # overlaps with the next batch's submit.
-        self.finish_s = float(opts.get("finish_ms", 0.0)) / 1000.0
 
     def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
-        return self.submit(batch, want_masks)()
-
-    def submit(self, batch: list[EngineInput], want_masks: bool = True) -> Callable[[], list[Detections]]:
-        out = self._run(batch, want_masks)
-
-        def finish() -> list[Detections]:
-            if self.finish_s > 0:
-                time.sleep(self.finish_s)
-            return out
-        return finish
-
-    def _run(self, batch: list[EngineInput], want_masks: bool) -> list[Detections]:
         start = time.perf_counter()
         if self.fail_marker is not None:
             for item in batch:
