@@ -34,6 +34,37 @@ def _settled(value, quiet_s: float, timeout: float) -> int:
     return last
 
 
+async def _start_and_wait_ready(dispatcher, model: str = "null") -> None:
+    """Starts a frontend Dispatcher of this process and waits until it sees a ready worker."""
+    await dispatcher.start()
+    end = time.monotonic() + 30
+    while dispatcher.ready_workers(model) < 1:
+        assert time.monotonic() < end, "the dispatcher never saw the worker ready"
+        await asyncio.sleep(0.05)
+
+
+async def _detect_null(dispatcher, ring, i: int) -> str | None:
+    """null_case(i) decoded into a slot of `ring` and sent through `dispatcher`, as the frontend does;
+    None if the answer is right, else what is wrong with it."""
+    from dd.frontend.decode import decode_into_slot
+    from dd.ipc import messages
+
+    case = null_case(i, depth=False)
+    slot, gen = ring.allocate()
+    try:
+        decoded = decode_into_slot(case.request, False, ring.slot_buffer(slot), 1 << 16)  # max pixels
+        deadline = time.time() + 60
+        req = messages.InferRequest(
+            id=dispatcher.next_id(), ring=ring.name, slot=slot, generation=gen,
+            color=messages.ArrayRef(offset=decoded.color.offset, shape=decoded.color.shape, dtype=decoded.color.dtype),
+            has_depth=False, mask_format=pb.NONE, deadline=deadline, received_at=time.time(),
+            request_id=case.request.request_id, model="null")
+        body = await dispatcher.submit(req, deadline, rebind=lambda: ring.bump(slot))
+        return answer_problem(case, pb.DetectResponse.FromString(body))
+    finally:
+        ring.free(slot)
+
+
 def test_stream_window_bounds_what_a_slow_reader_leaves_on_the_frontend(tmp_path: Path) -> None:
     """A client writes 4 x STREAM_WINDOW requests on one DetectStream and reads nothing: the frontend
     stops reading the stream once STREAM_WINDOW responses are in flight or unsent, instead of serving
@@ -107,9 +138,7 @@ def test_health_is_updated_on_worker_state_changes_not_per_request(tmp_path: Pat
     the same, Watch sends changes only), so this test drives the frontend's real Dispatcher, in this
     process, against the real workers of a running server, through a ring of its own, and counts the
     hook's calls."""
-    from dd.frontend.decode import decode_into_slot
     from dd.frontend.dispatcher import Dispatcher
-    from dd.ipc import messages
     from dd.ipc.shm_ring import ShmRing, segment_name
 
     n = 40
@@ -122,29 +151,9 @@ def test_health_is_updated_on_worker_state_changes_not_per_request(tmp_path: Pat
             dispatcher = Dispatcher(srv.run_dir, lambda model: 4, on_change=lambda: calls.append(time.monotonic()))
             ring = ShmRing.create(segment_name(srv.tag, "test"), 2, 1 << 16)
             try:
-                await dispatcher.start()
-                end = time.monotonic() + 30
-                while dispatcher.ready_workers("null") < 1:
-                    assert time.monotonic() < end, "the dispatcher never saw the worker ready"
-                    await asyncio.sleep(0.05)
+                await _start_and_wait_ready(dispatcher)
                 at_ready = len(calls)
-                problems = []
-                for i in range(n):
-                    case = null_case(i, depth=False)
-                    slot, gen = ring.allocate()
-                    try:
-                        decoded = decode_into_slot(case.request, False, ring.slot_buffer(slot), 1 << 20)
-                        deadline = time.time() + 30
-                        req = messages.InferRequest(
-                            id=dispatcher.next_id(), ring=ring.name, slot=slot, generation=gen,
-                            color=messages.ArrayRef(offset=decoded.color.offset, shape=decoded.color.shape,
-                                                    dtype=decoded.color.dtype),
-                            has_depth=False, mask_format=pb.NONE, deadline=deadline, received_at=time.time(),
-                            request_id=case.request.request_id, model="null")
-                        body = await dispatcher.submit(req, deadline, rebind=lambda: ring.bump(slot))
-                        problems.append(answer_problem(case, pb.DetectResponse.FromString(body)))
-                    finally:
-                        ring.free(slot)
+                problems = [await _detect_null(dispatcher, ring, i) for i in range(n)]
                 return at_ready, len(calls) - at_ready, problems
             finally:
                 await dispatcher.close()
@@ -164,9 +173,7 @@ def test_a_freed_credit_wakes_one_waiter_not_all(tmp_path: Path) -> None:
     stay asleep (waking every waiter on every reply costs the frontend's loop waiters x replies
     rescans of the workers at saturation). Counted as the dispatcher's worker picks; all answers
     must still be right."""
-    from dd.frontend.decode import decode_into_slot
     from dd.frontend.dispatcher import Dispatcher
-    from dd.ipc import messages
     from dd.ipc.shm_ring import ShmRing, segment_name
 
     n = 24
@@ -187,30 +194,9 @@ def test_a_freed_credit_wakes_one_waiter_not_all(tmp_path: Path) -> None:
 
             dispatcher._pick = counting_pick  # type: ignore[method-assign]
             try:
-                await dispatcher.start()
-                end = time.monotonic() + 30
-                while dispatcher.ready_workers("null") < 1:
-                    assert time.monotonic() < end, "the dispatcher never saw the worker ready"
-                    await asyncio.sleep(0.05)
-
-                async def one(i: int) -> str | None:
-                    case = null_case(i, depth=False)
-                    slot, gen = ring.allocate()
-                    try:
-                        decoded = decode_into_slot(case.request, False, ring.slot_buffer(slot), 1 << 16)
-                        req = messages.InferRequest(
-                            id=dispatcher.next_id(), ring=ring.name, slot=slot, generation=gen,
-                            color=messages.ArrayRef(offset=decoded.color.offset, shape=decoded.color.shape,
-                                                    dtype=decoded.color.dtype),
-                            has_depth=False, mask_format=pb.NONE, deadline=time.time() + 60,
-                            received_at=time.time(), request_id=case.request.request_id, model="null")
-                        body = await dispatcher.submit(req, time.time() + 60, rebind=lambda: ring.bump(slot))
-                        return answer_problem(case, pb.DetectResponse.FromString(body))
-                    finally:
-                        ring.free(slot)
-
+                await _start_and_wait_ready(dispatcher)
                 picks = 0
-                problems = await asyncio.gather(*(one(i) for i in range(n)))
+                problems = await asyncio.gather(*(_detect_null(dispatcher, ring, i) for i in range(n)))
                 return picks, problems
             finally:
                 await dispatcher.close()
