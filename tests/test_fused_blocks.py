@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from dd.worker.engines.batchnorm_fold import fold_batchnorm
-from dd.worker.engines.fused_blocks import fuse_resnet_blocks
+from dd.worker.engines.fused_blocks import ConvReLU, fuse_conv_relu_pairs, fuse_resnet_blocks
 
 
 def _conv_relu(x, weight, bias, stride, padding, dilation, groups):
@@ -73,5 +73,31 @@ def test_engine_keeps_the_unfused_backbone_where_cudnn_refuses(tmp_path, monkeyp
     monkeypatch.setattr(torch, "cudnn_convolution_add_relu", refuse, raising=False)
     engine._fuse_backbone()
     assert "running them separately" in caplog.text
+    assert not any(isinstance(m, ConvReLU) for m in engine.model.modules())  # the RPN head's conv too
     with torch.no_grad():
         torch.testing.assert_close(engine.model.backbone(x)["0"], expected, rtol=0, atol=0)
+
+
+def test_conv_relu_pairs_fuse_and_undo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RPN head's conv + ReLU (a Conv2dNormActivation without norm) becomes one ConvReLU."""
+    from torchvision.models.detection.rpn import RPNHead
+
+    torch.manual_seed(0)
+    head = RPNHead(16, 3).eval()
+    feats = [torch.rand(1, 16, 12, 10), torch.rand(1, 16, 6, 5)]
+    with torch.no_grad():
+        expected = head(feats)
+        calls: list[str] = []
+        monkeypatch.setattr(torch, "cudnn_convolution_relu",
+                            lambda *a: calls.append("relu") or _conv_relu(*a), raising=False)
+        undo = fuse_conv_relu_pairs(head)
+        assert sum(isinstance(m, ConvReLU) for m in head.modules()) == 1
+        got = head(feats)
+        assert calls == ["relu", "relu"]  # one fused call per level
+        for a, b in zip(got, expected):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+        undo()
+        assert not any(isinstance(m, ConvReLU) for m in head.modules())
+        head(feats)
+        assert len(calls) == 2

@@ -18,6 +18,7 @@ import types
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
@@ -35,12 +36,30 @@ def _conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_bottleneck(self: Bottleneck, x: torch.Tensor) -> torch.Tensor:
-    identity = x if self.downsample is None else self.downsample(x)
+    merged = getattr(self, "_merged_bias", None)
+    if merged is not None:  # the downsample's bias rides in conv3's epilogue (see _merge_downsample_bias)
+        d = self.downsample[0]
+        identity = F.conv2d(x, d.weight, None, d.stride, d.padding, d.dilation, d.groups)
+    else:
+        identity = x if self.downsample is None else self.downsample(x)
+        merged = self.conv3.bias
     out = _conv_relu(self.conv1, x)
     out = _conv_relu(self.conv2, out)
     c = self.conv3
-    return torch.cudnn_convolution_add_relu(out, c.weight, identity, 1.0, c.bias, c.stride, c.padding, c.dilation,
+    return torch.cudnn_convolution_add_relu(out, c.weight, identity, 1.0, merged, c.stride, c.padding, c.dilation,
                                             c.groups)
+
+
+def _merge_downsample_bias(block: Bottleneck) -> bool:
+    """relu(conv3(y) + b3 + (ds(x) + b_ds)) = relu(conv3(y) + ds(x) + (b3 + b_ds)): the downsample's
+    bias (its folded batch norm) added in conv3's epilogue instead of in a pass of its own over the
+    block's output (PyTorch adds a cuDNN convolution's bias separately)."""
+    ds = block.downsample
+    if not (isinstance(ds, nn.Sequential) and len(ds) >= 1 and _plain(ds[0])
+            and all(isinstance(m, nn.Identity) for m in ds[1:])):
+        return False
+    block._merged_bias = (block.conv3.bias + ds[0].bias).detach()  # type: ignore[operator]
+    return True
 
 
 def _fusable(block: Bottleneck) -> bool:
@@ -80,6 +99,7 @@ def fuse_resnet_blocks(model: nn.Module) -> Callable[[], None]:
     fused = [m for m in model.modules() if isinstance(m, Bottleneck) and _fusable(m)]
     for block in fused:
         block.forward = types.MethodType(_fused_bottleneck, block)  # type: ignore[method-assign]
+        _merge_downsample_bias(block)
     stems = [(m, m.conv1, m.relu) for m in _stems(model)]
     for stem, conv, _ in stems:
         stem.conv1, stem.relu = ConvReLU(conv), nn.Identity()
@@ -89,6 +109,28 @@ def fuse_resnet_blocks(model: nn.Module) -> Callable[[], None]:
     def undo() -> None:
         for block in fused:
             del block.forward  # back to the class's forward
+            block.__dict__.pop("_merged_bias", None)
         for stem, conv, relu in stems:
             stem.conv1, stem.relu = conv, relu
+    return undo
+
+
+def fuse_conv_relu_pairs(model: nn.Module) -> Callable[[], None]:
+    """Every Conv2d followed by a ReLU in a Sequential (torchvision's Conv2dNormActivation without a
+    norm: the RPN head's conv, the mask head's layers) becomes one ConvReLU: bias and ReLU in the
+    convolution's epilogue instead of two passes over its output. Returns the undo."""
+    done: list[tuple[nn.Sequential, str, nn.Module, str, nn.Module]] = []
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = [n for n, _ in seq.named_children()]
+        for a, b in zip(names, names[1:]):
+            conv, relu = getattr(seq, a), getattr(seq, b)
+            if _plain(conv) and isinstance(relu, nn.ReLU):
+                done.append((seq, a, conv, b, relu))
+                setattr(seq, a, ConvReLU(conv))
+                setattr(seq, b, nn.Identity())
+
+    def undo() -> None:
+        for seq, a, conv, b, relu in done:
+            setattr(seq, a, conv)
+            setattr(seq, b, relu)
     return undo
