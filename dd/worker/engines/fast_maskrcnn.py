@@ -58,7 +58,8 @@ from torchvision.ops import boxes as box_ops
 from dd.worker.engines.base import Detections, Engine, EngineInput, EngineUnavailable
 from dd.worker.engines.batchnorm_fold import fold_batchnorm
 from dd.worker.engines.fixed_shapes import FixedShapeHeads
-from dd.worker.engines.fused_blocks import fuse_resnet_blocks
+from dd.worker.engines.fused_blocks import fuse_conv_relu_pairs, fuse_resnet_blocks
+from dd.worker.engines.mask_head import ClassMaskHead
 from dd.worker.engines.mask_rle import paste_and_encode
 from dd.worker.engines.torchvision_maskrcnn import build_loaded_model
 
@@ -136,6 +137,7 @@ class FastMaskRCNN(Engine):
             if opts.get("fold_batchnorm", True):
                 log.debug("folded %d batch norms into convolutions", fold_batchnorm(self.model.backbone))
             self.model.backbone.to(memory_format=torch.channels_last)
+            self.model.rpn.head.to(memory_format=torch.channels_last)  # it convolves the FPN's channels-last levels
         if self.fp16:
             self.model.backbone.half()
             self.model.rpn.head.half()
@@ -149,7 +151,14 @@ class FastMaskRCNN(Engine):
         self.fill = cfg.depth_fill
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
         self.heads = FixedShapeHeads(self.model, int(opts.get("nms_iterations", 24)), self.pre_nms_topk,
-                                     kernel=cuda and bool(opts.get("triton_nms", True)))
+                                     kernel=cuda and bool(opts.get("triton_nms", True)),
+                                     roi_kernel=cuda and bool(opts.get("triton_roi_align", True)))
+        if opts.get("class_mask_head", True):
+            try:
+                self.heads.class_mask_head = ClassMaskHead(self.model.roi_heads.mask_head,
+                                                           self.model.roi_heads.mask_predictor, self.dtype)
+            except ValueError as exc:
+                log.info("mask head runs as torchvision's (%s)", exc)
         self.buckets = batch_buckets(cfg.max_batch_size, opts.get("batch_buckets"))
         self._fixed_graphs: dict[tuple[Any, ...], _FixedGraph] = {}
         self._ratios: dict[tuple[int, ...], torch.Tensor] = {}
@@ -174,14 +183,18 @@ class FastMaskRCNN(Engine):
         self._loaded = True
 
     def _fuse_backbone(self) -> None:
-        """ReLUs and residual adds into the convolutions (fused_blocks), if cuDNN runs them here."""
-        undo = fuse_resnet_blocks(self.model.backbone)
+        """ReLUs and residual adds into the convolutions (fused_blocks), if cuDNN runs them here: the
+        backbone's blocks and stem, and the RPN head's conv."""
+        undo_blocks = fuse_resnet_blocks(self.model.backbone)
+        undo_head = fuse_conv_relu_pairs(self.model.rpn.head)
         probe = torch.zeros(1, self.mean.numel(), 64, 64, device=self.dev, dtype=self.dtype)
         try:
             with torch.inference_mode():
-                self.model.backbone(probe.contiguous(memory_format=torch.channels_last))
+                feats = self.model.backbone(probe.contiguous(memory_format=torch.channels_last))
+                self.model.rpn.head(list(feats.values()))
         except RuntimeError as exc:
-            undo()
+            undo_blocks()
+            undo_head()
             log.warning("cuDNN cannot fuse the backbone's ReLUs into its convolutions here (%s); running "
                         "them separately", exc)
 
@@ -403,12 +416,12 @@ class FastMaskRCNN(Engine):
         props, props_valid, settled = self.heads.proposals([o.float() for o in objectness],
                                                            [d.float() for d in deltas], anchors, n, rh, rw)
         autocast = self.dev.type == "cuda" and self.fp16
-        # RoI pooling reads float32 features (what autocast does per call): converted once, into the
-        # one stacked tensor both heads pool from.
+        # RoI pooling: the Triton kernel reads the float16 levels as they are; torchvision's roi_align
+        # reads float32 (what autocast does per call), converted once into the stack both heads pool from.
         heads = self.model.roi_heads
         names = heads.box_roi_pool.featmap_names
         stacks = (self.heads.level_stack([feats[k] for k in names])
-                  if names == heads.mask_roi_pool.featmap_names else None)
+                  if names == heads.mask_roi_pool.featmap_names and not self.heads.roi_kernel else None)
         det = self.heads.detections(feats, props, props_valid, rh, rw, threshold, autocast, stacks)
         probs = self.heads.mask_probs(feats, det["boxes"], det["labels"], rh, rw, autocast, stacks)
         boxes = det["boxes"] * self._ratio(h, w, rh, rw)

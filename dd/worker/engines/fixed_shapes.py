@@ -29,7 +29,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import roi_align
 from torchvision.ops.poolers import _setup_scales
 
-from dd.worker.engines import suppression
+from dd.worker.engines import roi_align_kernel, suppression
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +125,16 @@ class FixedShapeHeads:
     for a batch of equally sized images, with shapes that depend only on the batch and the size."""
 
     def __init__(self, model: torch.nn.Module, nms_iterations: int = 24, pre_nms_topk: int = 1024,
-                 kernel: bool = False) -> None:
+                 kernel: bool = False, roi_kernel: bool = False) -> None:
         self.model = model
         self.iterations = nms_iterations
         self.pre_nms_topk = pre_nms_topk
         self.kernel = kernel and suppression.available()  # the Triton suppression matrix
+        # RoI Align as one Triton kernel over the levels as they are (roi_align_kernel), instead of
+        # torchvision's over a float32 level_stack.
+        self.roi_kernel = roi_kernel and roi_align_kernel.available()
+        # mask_head.ClassMaskHead, set by the engine where the model's mask head is a plain one.
+        self.class_mask_head: torch.nn.Module | None = None
         self._scales: dict[tuple[object, ...], torch.Tensor] = {}
 
     def _nms(self, boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
@@ -231,8 +236,6 @@ class FixedShapeHeads:
         scales = self._scales.get(key)
         if scales is None:  # made on an uncaptured call: a capture cannot copy a constant to the device
             scales = self._scales[key] = torch.tensor(pooler.scales, dtype=torch.float32, device=boxes.device)
-        if stacks is None:
-            stacks = self.level_stack(levels)
         b, n = boxes.shape[:2]
         # Clipped to the image (the heads' boxes already are): the stack holds nothing readable
         # beyond a level's edge, where torchvision's per-level tensors would read zeros.
@@ -241,6 +244,19 @@ class FixedShapeHeads:
         flat = torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
         which = pooler.map_levels([flat])
         scaled = flat * scales[which][:, None]
+        if self.roi_kernel:
+            image = torch.arange(b, device=boxes.device).repeat_interleave(n)
+            try:
+                return roi_align_kernel.roi_align_levels(levels, which, image, scaled, pooler.output_size,
+                                                         pooler.sampling_ratio)
+            except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: the stack and roi_align do it
+                if boxes.is_cuda and torch.cuda.is_current_stream_capturing():
+                    raise
+                log.warning("the Triton RoI Align kernel cannot run here (%s: %s); pooling from a float32 "
+                            "stack with torchvision's roi_align instead", type(exc).__name__, exc)
+                self.roi_kernel = False
+        if stacks is None:
+            stacks = self.level_stack(levels)
         pooled, lo = [], 0
         for stack in stacks:
             m = stack.shape[0] // len(levels)  # images in this stack
@@ -299,6 +315,9 @@ class FixedShapeHeads:
         """Mask probabilities of each detection's own class: [B, D, M, M] (maskrcnn_inference)."""
         heads = self.model.roi_heads
         pooled = self.roi_pool(heads.mask_roi_pool, feats, boxes, (rh, rw), stacks)
+        if self.class_mask_head is not None:
+            probs = self.class_mask_head(pooled, labels.reshape(-1))
+            return probs.view(*boxes.shape[:2], *probs.shape[-2:])
         with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             mf = heads.mask_head(pooled)
             logits = heads.mask_predictor(mf)
