@@ -119,6 +119,9 @@ want = per_level(feats, level[keep], image[keep], boxes[keep], (7, 7), 2)
 assert (got[~keep] == 0).all()
 assert (got[keep] - want).abs().max().item() <= 1e-5
 assert torch.equal(got, kernel.roi_align_levels_reference(feats, level, image, boxes, (7, 7), 2, torch.float32))
+# the same values written channels-last (the mask head's layout), several blocks of bins and channels
+got_cl = kernel.roi_align_levels(feats, level, image, boxes, (7, 7), 2, torch.float32, channels_last=True)
+assert got_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(got_cl, got)
 
 empty = kernel.roi_align_levels(feats, level[:0], image[:0], boxes[:0], (14, 14), 2)
 assert empty.shape == (0, 16, 14, 14) and empty.dtype == torch.float16

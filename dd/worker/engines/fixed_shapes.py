@@ -220,7 +220,8 @@ class FixedShapeHeads:
         return stacks
 
     def roi_pool(self, pooler: torch.nn.Module, feats: dict[str, torch.Tensor], boxes: torch.Tensor,
-                 image_size: tuple[int, int], stacks: list[torch.Tensor] | None = None) -> torch.Tensor:
+                 image_size: tuple[int, int], stacks: list[torch.Tensor] | None = None,
+                 channels_last: bool = False) -> torch.Tensor:
         """MultiScaleRoIAlign for [B, N, 4] boxes, as one roi_align call per level_stack.
 
         torchvision pools each level's boxes separately, which needs the number of boxes per level
@@ -248,7 +249,7 @@ class FixedShapeHeads:
             image = torch.arange(b, device=boxes.device).repeat_interleave(n)
             try:
                 return roi_align_kernel.roi_align_levels(levels, which, image, scaled, pooler.output_size,
-                                                         pooler.sampling_ratio)
+                                                         pooler.sampling_ratio, channels_last=channels_last)
             except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: the stack and roi_align do it
                 if boxes.is_cuda and torch.cuda.is_current_stream_capturing():
                     raise
@@ -314,7 +315,8 @@ class FixedShapeHeads:
                    rh: int, rw: int, autocast: bool, stacks: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Mask probabilities of each detection's own class: [B, D, M, M] (maskrcnn_inference)."""
         heads = self.model.roi_heads
-        pooled = self.roi_pool(heads.mask_roi_pool, feats, boxes, (rh, rw), stacks)
+        pooled = self.roi_pool(heads.mask_roi_pool, feats, boxes, (rh, rw), stacks,
+                               channels_last=self.class_mask_head is not None)
         if self.class_mask_head is not None:
             probs = self.class_mask_head(pooled, labels.reshape(-1))
             return probs.view(*boxes.shape[:2], *probs.shape[-2:])

@@ -96,7 +96,7 @@ if triton is not None:
                           n_images, channels,
                           NUM_LEVELS: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
                           SAMPLING: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
-                          WIDE: tl.constexpr):
+                          WIDE: tl.constexpr, OUT_CL: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)  # r * C * OH * OW passes 2**31 at ~170k RoIs of 256 x 7 x 7
         bins = tl.program_id(1) * BLOCK_BINS + tl.arange(0, BLOCK_BINS)
         cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -159,7 +159,10 @@ if triton is not None:
                         + (ly * hx)[:, None] * v3.to(tl.float32) + (ly * lx)[:, None] * v4.to(tl.float32))
         count = tl.maximum(grid_h * grid_w, 1).to(tl.float32)
         val = tl.math.div_rn(acc, count)
-        dst = out_ptr + r * (channels * OH * OW) + cs[None, :] * (OH * OW) + bins[:, None]
+        if OUT_CL:  # channels-last output: a bin's channels contiguous, as the mask head's convolutions read them
+            dst = out_ptr + r * (channels * OH * OW) + bins[:, None] * channels + cs[None, :]
+        else:
+            dst = out_ptr + r * (channels * OH * OW) + cs[None, :] * (OH * OW) + bins[:, None]
         tl.store(dst, val.to(out_ptr.dtype.element_ty), mask=in_bin[:, None] & in_c[None, :])
 
 
@@ -206,15 +209,16 @@ def _check(levels: list[torch.Tensor], level: torch.Tensor, image: torch.Tensor,
 
 def roi_align_levels(levels: list[torch.Tensor], level: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor,
                      output_size: tuple[int, int], sampling_ratio: int,
-                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     out_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
     """RoI Align of each RoI r from levels[level[r]][image[r]], as torchvision's roi_align(aligned=False,
     spatial_scale=1) would pool it from that level alone.
 
     levels: L <= 5 tensors [B, C, H_l, W_l] of one dtype and device, any strides (channels-last reads
     fastest). level, image: [R] integers. boxes: [R, 4] (x1, y1, x2, y2) already in level[r]'s
     coordinates. sampling_ratio > 0 samples a fixed grid per bin, <= 0 torchvision's adaptive one.
-    Returns [R, C, oh, ow] contiguous in out_dtype (default: the levels' dtype), computed in float32
-    and rounded once. One launch, no host synchronisation: capturable in a CUDA graph (after a first
+    Returns [R, C, oh, ow] in out_dtype (default: the levels' dtype), contiguous or, with channels_last,
+    in that memory format (what cuDNN's fast convolutions read: no transpose for the mask head),
+    computed in float32 and rounded once. One launch, no host synchronisation: capturable in a CUDA graph (after a first
     call outside the capture has compiled the kernel)."""
     if triton is None:
         raise RuntimeError("Triton is not installed: use roi_align_levels_reference")
@@ -226,7 +230,8 @@ def roi_align_levels(levels: list[torch.Tensor], level: torch.Tensor, image: tor
         raise ValueError(f"the kernel runs on CUDA tensors (or in Triton's interpreter), got {first.device}: "
                          "use roi_align_levels_reference")
     out_dtype = out_dtype or first.dtype
-    out = torch.empty(r, c, oh, ow, dtype=out_dtype, device=first.device)
+    out = torch.empty(r, c, oh, ow, dtype=out_dtype, device=first.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if r == 0 or c == 0:
         return out
     boxes = boxes.to(torch.float32).contiguous()
@@ -247,7 +252,7 @@ def roi_align_levels(levels: list[torch.Tensor], level: torch.Tensor, image: tor
     with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
         _roi_align_kernel[grid](out, boxes, level, image, *feats, *args, first.shape[0], c,
                                 NUM_LEVELS=len(levels), OH=oh, OW=ow, SAMPLING=max(int(sampling_ratio), 0),
-                                BLOCK_BINS=block_bins, BLOCK_C=block_c, WIDE=wide,
+                                BLOCK_BINS=block_bins, BLOCK_C=block_c, WIDE=wide, OUT_CL=bool(channels_last),
                                 num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
 
