@@ -101,3 +101,26 @@ def test_conv_relu_pairs_fuse_and_undo(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not any(isinstance(m, ConvReLU) for m in head.modules())
         head(feats)
         assert len(calls) == 2
+
+
+def test_fused_fpn_and_stem_pool_compute_what_they_did() -> None:
+    """fuse_fpn's forward (bias, upsample and sum in one pass; biases of the output convolutions
+    separately; the stem's pool without indices), with the kernels' torch definitions on the CPU."""
+    from dd.worker.engines.fused_blocks import StemMaxPool, fuse_fpn
+
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=0).eval()
+    for m in backbone.fpn.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.normal_(m.bias, std=0.5)  # torchvision initialises them to zero: a lost bias would not show
+    x = torch.rand(1, 3, 100, 132)  # odd sizes: the top-down upsampling is not an exact 2x everywhere
+    with torch.no_grad():
+        expected = backbone(x)
+        undo = fuse_fpn(backbone)
+        assert isinstance(backbone.body.maxpool, StemMaxPool) and "forward" in vars(backbone.fpn)
+        got = backbone(x)
+        assert list(got) == list(expected)
+        for name in expected:  # float32 rounding: values up to ~60, the bias now added after the conv's rounding
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=5e-4)
+        undo()
+        assert isinstance(backbone.body.maxpool, torch.nn.MaxPool2d) and "forward" not in vars(backbone.fpn)

@@ -58,7 +58,7 @@ from torchvision.ops import boxes as box_ops
 from dd.worker.engines.base import Detections, Engine, EngineInput, EngineUnavailable
 from dd.worker.engines.batchnorm_fold import fold_batchnorm
 from dd.worker.engines.fixed_shapes import FixedShapeHeads
-from dd.worker.engines.fused_blocks import fuse_conv_relu_pairs, fuse_resnet_blocks
+from dd.worker.engines.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
 from dd.worker.engines.mask_head import ClassMaskHead
 from dd.worker.engines.mask_rle import paste_and_encode
 from dd.worker.engines.torchvision_maskrcnn import build_loaded_model
@@ -148,6 +148,8 @@ class FastMaskRCNN(Engine):
         self.std = torch.tensor(self.model.transform.image_std, device=self.dev).view(1, -1, 1, 1)
         if cuda and opts.get("fold_batchnorm", True) and opts.get("fuse_conv_relu", True):
             self._fuse_backbone()
+        if cuda and opts.get("triton_fpn", True):
+            self._fuse_fpn()
         self.fill = cfg.depth_fill
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
         self.heads = FixedShapeHeads(self.model, int(opts.get("nms_iterations", 24)), self.pre_nms_topk,
@@ -197,6 +199,19 @@ class FastMaskRCNN(Engine):
             undo_head()
             log.warning("cuDNN cannot fuse the backbone's ReLUs into its convolutions here (%s); running "
                         "them separately", exc)
+
+    def _fuse_fpn(self) -> None:
+        """The FPN's merges and biases and the stem's max pool as one-pass Triton kernels (fused_blocks.
+        fuse_fpn), if they compile here."""
+        undo = fuse_fpn(self.model.backbone)
+        probe = torch.zeros(1, self.mean.numel(), 64, 64, device=self.dev, dtype=self.dtype)
+        try:
+            with torch.inference_mode():
+                self.model.backbone(probe.contiguous(memory_format=torch.channels_last))
+        except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: torch's operations do it
+            undo()
+            log.warning("the FPN's Triton kernels cannot run here (%s: %s); using torch operations",
+                        type(exc).__name__, exc)
 
     # -- host memory ----------------------------------------------------------------------
     def _pin_source(self, arr: np.ndarray) -> None:

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import logging
 import types
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.resnet import Bottleneck
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
+
+from dd.worker.engines import cl_kernels
 
 log = logging.getLogger(__name__)
 
@@ -133,4 +137,71 @@ def fuse_conv_relu_pairs(model: nn.Module) -> Callable[[], None]:
         for seq, a, conv, b, relu in done:
             setattr(seq, a, conv)
             setattr(seq, b, relu)
+    return undo
+
+
+def _only_conv(block: nn.Module) -> nn.Conv2d | None:
+    """The Conv2d an FPN block is (torchvision's Conv2dNormActivation with no norm and no activation
+    is a Sequential of just that), else None."""
+    parts = list(block.children()) if isinstance(block, nn.Sequential) else [block]
+    return parts[0] if len(parts) == 1 and _plain(parts[0]) else None
+
+
+def _conv_bias(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return cl_kernels.bias_add_(y, conv.bias)
+
+
+def _fused_fpn_forward(self: FeaturePyramidNetwork, x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """torchvision's FeaturePyramidNetwork.forward with each level's bias add, nearest upsampling of
+    the level above and the sum as one pass (cl_kernels.upsample_add, into the lateral's own
+    output), and the output convolutions' biases added by cl_kernels.bias_add_."""
+    names, feats = list(x.keys()), list(x.values())
+    inner = [_only_conv(b) for b in self.inner_blocks]
+    layer = [_only_conv(b) for b in self.layer_blocks]
+    last = _conv_bias(inner[-1], feats[-1])
+    results = [_conv_bias(layer[-1], last)]
+    for idx in range(len(feats) - 2, -1, -1):
+        conv = inner[idx]
+        lateral = F.conv2d(feats[idx], conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        last = cl_kernels.upsample_add(lateral, last, conv.bias, out=lateral)
+        results.insert(0, _conv_bias(layer[idx], last))
+    if self.extra_blocks is not None:
+        results, names = self.extra_blocks(results, feats, names)
+    return OrderedDict(zip(names, results))
+
+
+class StemMaxPool(nn.Module):
+    """A ResNet stem's MaxPool2d(3, 2, 1) without the int64 indices CUDA's max_pool2d always writes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cl_kernels.max_pool_3x3_s2(x)
+
+
+def _is_stem_pool(m: nn.Module) -> bool:
+    def pair(v: object) -> tuple:
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    return (isinstance(m, nn.MaxPool2d) and pair(m.kernel_size) == (3, 3) and pair(m.stride) == (2, 2)
+            and pair(m.padding) == (1, 1) and pair(m.dilation) == (1, 1) and not m.ceil_mode
+            and not m.return_indices)
+
+
+def fuse_fpn(model: nn.Module) -> Callable[[], None]:
+    """The FPN's top-down merges and biases, and the ResNet stem's max pool, as the one-pass
+    channels-last kernels of cl_kernels (on the CPU, and for other layouts, they run their torch
+    definitions). Only FPNs whose blocks are plain convolutions. Returns the undo."""
+    fpns = [m for m in model.modules() if isinstance(m, FeaturePyramidNetwork)
+            and all(_only_conv(b) is not None for b in list(m.inner_blocks) + list(m.layer_blocks))]
+    for fpn in fpns:
+        fpn.forward = types.MethodType(_fused_fpn_forward, fpn)  # type: ignore[method-assign]
+    pools = [(m, m.maxpool) for m in model.modules()
+             if "maxpool" in dict(m.named_children()) and _is_stem_pool(m.maxpool)]
+    for parent, _ in pools:
+        parent.maxpool = StemMaxPool()
+
+    def undo() -> None:
+        for fpn in fpns:
+            del fpn.forward
+        for parent, pool in pools:
+            parent.maxpool = pool
     return undo
