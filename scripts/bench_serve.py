@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -72,12 +73,50 @@ def serve_and_load(folder: Path, run_dir: Path, log_path: Path, frontends: int, 
     try:
         wait_health(f"127.0.0.1:{port}")
         for c in concurrencies:
+            before = cpu_by_role(serve.pid)
             out[c] = load_from_processes(f"127.0.0.1:{port}", frames, c, seconds, client_procs)
+            after = cpu_by_role(serve.pid)
+            # CPU seconds each role spent per answered image, and cores busy while loaded (the
+            # clients' start-up and warm-up requests are counted too: upper bounds).
+            n = max(1, out[c].get("n", 0))
+            wall = n / out[c]["images_per_s"] if out[c].get("images_per_s") else 1.0
+            out[c]["cpu_ms_per_image"] = {k: round((after[k] - before.get(k, 0.0)) * 1e3 / n, 2) for k in after}
+            out[c]["cores_busy"] = {k: round((after[k] - before.get(k, 0.0)) / wall, 2) for k in after}
             print(f"served {folder.name} c={c}:", out[c], flush=True)
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(60)
         log.close()
+    return out
+
+
+def cpu_by_role(server_pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the server's processes by role (frontend, worker, the
+    supervisor) and of this benchmark's client (this process and its client processes)."""
+    import psutil
+
+    out: dict[str, float] = {}
+
+    def add(role: str, proc: psutil.Process) -> None:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            return
+        out[role] = out.get(role, 0.0) + t.user + t.system
+
+    server = psutil.Process(server_pid)
+    add("supervisor", server)
+    for child in server.children(recursive=True):
+        try:
+            argv = child.cmdline()
+        except psutil.NoSuchProcess:
+            continue
+        role = argv[3] if len(argv) > 3 and argv[1:3] == ["-m", "dd"] else "other"
+        add(role, child)
+    add("client", psutil.Process())
+    # client processes have ended (and been waited for) by the time a load returns
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out["client"] += ended.ru_utime + ended.ru_stime
     return out
 
 
@@ -390,7 +429,7 @@ def main() -> int:
     gpu = args.device.split(":")[1] if args.device.startswith("cuda") else ""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu) if gpu else dict(os.environ)
     results["served"] = serve_and_load(folder, tmp / "run", tmp / "serve.log", args.frontends, env, frames,
-                                       args.concurrency, args.seconds)
+                                       args.concurrency, args.seconds, args.client_procs)
 
     # the plain single-process server
     port = free_port()
@@ -409,7 +448,8 @@ def main() -> int:
                 time.sleep(0.5)
         results["baseline"] = {}
         for c in args.concurrency:
-            results["baseline"][c] = asyncio.run(load(f"127.0.0.1:{port}", frames, c, args.seconds))
+            results["baseline"][c] = load_from_processes(f"127.0.0.1:{port}", frames, c, args.seconds,
+                                                         args.client_procs)
             print(f"baseline c={c}:", results["baseline"][c], flush=True)
     finally:
         base.send_signal(signal.SIGTERM)
@@ -439,6 +479,8 @@ def main() -> int:
         print(f"served / baseline throughput at concurrency {cs}: {ss['images_per_s'] / b['images_per_s']:.2f}")
     med = {k: v for k, v in ss.items() if k.startswith("median_")}
     print(f"served at saturation, median server-side timing (us): {med}")
+    print(f"served at saturation, CPU ms per image by role: {ss.get('cpu_ms_per_image')}; cores busy: "
+          f"{ss.get('cores_busy')} of {os.cpu_count()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0
