@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd.worker.engines import paste_kernel
+from dd.worker.engines import paste_kernel, rle_kernel
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,22 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, hei
     return inst, (x0[inst] + col) * height + y0[inst] + row
 
 
-def rle_strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, width: int) -> list[bytes]:
+_rle_kernel_failed = False  # set once the Triton RLE kernels could not run here: the torch path from then on
+
+
+def _rle_kernel_by_default(dev: torch.device) -> bool:
+    return dev.type == "cuda" and rle_kernel.available() and not _rle_kernel_failed
+
+
+def _rle_kernel_cannot_run(exc: Exception) -> None:
+    global _rle_kernel_failed
+    _rle_kernel_failed = True
+    log.warning("the Triton RLE kernels cannot run here (%s: %s); encoding with torch operations instead",
+                type(exc).__name__, exc)
+
+
+def rle_strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, width: int,
+                presorted: bool = False, kernel: bool | None = None) -> list[bytes]:
     """COCO compressed RLE strings of `count` instances from their change positions, on their device.
 
     COCO's column-major run lengths are the differences between consecutive
@@ -215,7 +230,38 @@ def rle_strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, 
     every group but the last) is computed here for all runs of all instances
     at once, so only the characters come back to the host: about two bytes a
     run, and no per-pixel or per-run work on the host.
+
+    inst, pos: int64 pairs (instance, x * height + y), as paste_transitions
+    gives them; a position may be height * width, and one position may come
+    twice (a run that ends at the bottom of a column and one that starts at the
+    top of the next). presorted: they come sorted by instance, then position
+    (the paste kernel's order), so they need no sort; any order otherwise.
+
+    kernel: the Triton kernels of rle_kernel.py (four launches, two cumsums,
+    one sync for the text's size and one copy back), as paste_transitions'
+    `kernel`: None (the default) uses them on CUDA devices where Triton is
+    installed, and where they cannot run there logs that once and uses the
+    torch operations from then on; True uses them on any device (Triton's
+    interpreter on the CPU) and raises their errors; False never.
     """
+    if count == 0:
+        return []
+    fits = height * width < rle_kernel.MAX_PIXELS
+    if kernel:
+        return rle_kernel.strings(inst, pos, count, height, width, presorted)
+    if kernel is None and fits and _rle_kernel_by_default(inst.device):
+        try:
+            return rle_kernel.strings(inst, pos, count, height, width, presorted)
+        except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: torch operations do it
+            if inst.is_cuda and torch.cuda.is_current_stream_capturing():
+                raise
+            _rle_kernel_cannot_run(exc)
+    return _rle_strings_torch(inst, pos, count, height, width, presorted)
+
+
+def _rle_strings_torch(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, width: int,
+                       presorted: bool = False) -> list[bytes]:
+    """rle_strings in torch operations (the CPU's path, and the fallback where the kernels cannot run)."""
     if count == 0:
         return []
     dev = inst.device
@@ -223,7 +269,9 @@ def rle_strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, 
     # Sorted by instance, then position. A run that reaches the image's last pixel needs no
     # closing mark (COCO ends on the last run); a run ending at the bottom of one column and one
     # starting at the top of the next give the same position twice: one run, both marks go.
-    key, _ = torch.sort(inst * (total + 1) + pos)
+    key = inst * (total + 1) + pos
+    if not presorted:
+        key, _ = torch.sort(key)
     drop = key % (total + 1) >= total
     same = key[1:] == key[:-1]
     drop[1:] |= same
@@ -264,4 +312,7 @@ def paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, heig
                      threshold: float = 0.5) -> list[bytes]:
     """COCO compressed RLE of each mask pasted into its box of a height x width image."""
     inst, pos = paste_transitions(masks, boxes, height, width, threshold)
-    return rle_strings(inst, pos, masks.shape[0], height, width)
+    # The paste kernel gives the changes sorted by instance, then position (paste_kernel.transitions);
+    # the torch path does not. Asked after the paste: a kernel that failed in it has switched itself off.
+    presorted = _kernel_by_default(masks.device)
+    return rle_strings(inst, pos, masks.shape[0], height, width, presorted)
