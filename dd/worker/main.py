@@ -1,14 +1,11 @@
 """The worker process: owns one engine on one device, serves frontends over ZeroMQ.
 
-Three threads. The I/O thread owns the ROUTER socket: it answers pings at once
+Two threads. The I/O thread owns the ROUTER socket: it answers pings at once
 (so a busy GPU never looks like a dead worker), checks each request (deadline,
 slot generation, array bounds) and queues it. The inference thread takes
-batches and runs the engine on views into the frontends' shared-memory rings.
-The response thread encodes and serializes a batch's responses while the
-inference thread already runs the next batch (building a batch of 16
-responses of 100 instances is about 10 ms of Python, which would otherwise
-leave the GPU idle), and hands them back to the I/O thread over an inproc
-socket (ZeroMQ sockets are not shared between threads).
+batches, runs the engine on views into the frontends' shared-memory rings,
+encodes and serializes the responses, and hands them back to the I/O thread
+over an inproc socket (ZeroMQ sockets are not shared between threads).
 
 The engine module, and with it torch, is imported only after
 CUDA_VISIBLE_DEVICES has been set, so each worker sees exactly its own GPU.
@@ -103,9 +100,6 @@ class Worker:
         self.stop = threading.Event()
         self.ctx = zmq.Context()
         self._reply_addr = f"inproc://replies-{id(self)}"
-        # One batch's results waiting for the response thread: the engine runs at most one batch
-        # ahead of the responses (and a ring is unmapped only once no response needs it).
-        self._results: queue.Queue[tuple[list[Job], list, float, int] | None] = queue.Queue(maxsize=1)
 
     # -- I/O thread --------------------------------------------------------------------
     def run(self) -> int:
@@ -124,11 +118,8 @@ class Worker:
         os.chmod(self.socket_path, 0o600)
         replies = self.ctx.socket(zmq.PULL)
         replies.bind(self._reply_addr)
-        # Bound before the threads start, so that neither can connect first.
         infer_thread = threading.Thread(target=self._inference_loop, name="inference", daemon=True)
-        respond_thread = threading.Thread(target=self._response_loop, name="responses", daemon=True)
         infer_thread.start()
-        respond_thread.start()
         poller = zmq.Poller()
         poller.register(router, zmq.POLLIN)
         poller.register(replies, zmq.POLLIN)
@@ -157,14 +148,10 @@ class Worker:
                 if not infer_thread.is_alive() and not self.stop.is_set():
                     log.error("worker %s: the inference thread died; exiting for a restart", self.name)
                     return 4
-                if not respond_thread.is_alive() and not self.stop.is_set():
-                    log.error("worker %s: the response thread died; exiting for a restart", self.name)
-                    return 4
         finally:
             self.stop.set()
             self.batcher.close()
             infer_thread.join(timeout=self.server.grace_s + 5)
-            respond_thread.join(timeout=5)  # the inference thread told it to finish when it did
             # Flush the replies the inference thread produced while stopping.
             while True:
                 try:
@@ -279,52 +266,27 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
             log.exception("worker %s failed to load the model", self.name)
             self.load_error = f"{type(exc).__name__}: {exc}"
-            self._results.put(None)
             out.close()
             return
         self.engine_name = engine.name  # what runs, after any fallback (the fast engine without a GPU)
         self.ready = True
-        try:
-            while True:
-                batch = self.batcher.get_batch(timeout=0.2)
-                if not self._retired.empty():
-                    self._results.join()  # no response of a retiring ring is still being built
-                    self._release_retired(engine)
-                if not batch:
-                    if self.stop.is_set():
-                        break
-                    continue
-                try:
-                    self._run_batch(engine, batch, out)
-                except Exception:  # noqa: BLE001 - never let one batch end the loop
-                    log.exception("worker %s: unexpected error serving a batch of %d", self.name, len(batch))
-                    for job in batch:
-                        _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
-                del batch
-        finally:
-            self._results.put(None)  # the response thread finishes what it has, then ends
-            self._results.join()
+        while True:
+            batch = self.batcher.get_batch(timeout=0.2)
+            self._release_retired(engine)
+            if not batch:
+                if self.stop.is_set():
+                    break
+                continue
+            try:
+                self._run_batch(engine, batch, out)
+            except Exception:  # noqa: BLE001 - never let one batch end the loop
+                log.exception("worker %s: unexpected error serving a batch of %d", self.name, len(batch))
+                for job in batch:
+                    _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
+            del batch
         engine.close()
         self._release_retired(None)
         out.close()
-
-    def _response_loop(self) -> None:
-        out = self.ctx.socket(zmq.PUSH)
-        out.setsockopt(zmq.LINGER, 1000)
-        out.connect(self._reply_addr)
-        try:
-            while True:
-                item = self._results.get()
-                try:
-                    if item is None:
-                        return
-                    self._respond(*item, out)
-                except Exception:  # noqa: BLE001 - never let one batch end the loop
-                    log.exception("worker %s: unexpected error answering a batch", self.name)
-                finally:
-                    self._results.task_done()
-        finally:
-            out.close()
 
     def _run_batch(self, engine: "Engine", batch: list[Job], out: zmq.Socket) -> None:
         started = time.time()
@@ -342,9 +304,6 @@ class Worker:
         t_inf = time.perf_counter()
         results = self._infer(engine, live)
         inference_us = int((time.perf_counter() - t_inf) * 1e6)
-        self._results.put((live, results, started, inference_us))  # waits while the previous batch is answered
-
-    def _respond(self, live: list[Job], results: list, started: float, inference_us: int, out: zmq.Socket) -> None:
         for job, det in zip(live, results):
             if isinstance(det, str):
                 _send(out, job, "INTERNAL", det)
