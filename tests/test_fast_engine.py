@@ -168,8 +168,9 @@ def test_served_fast_model_reports_the_engine_that_runs(models: Path, tmp_path: 
     assert "falling back to 'torchvision'" in srv.log()
 
 
-@pytest.mark.parametrize("options", [{"fixed_shapes": False}, {"nms_iterations": 2}, {"batch_buckets": [1, 4]}],
-                         ids=["dynamic", "unsettled-nms-redone", "padded-bucket"])
+@pytest.mark.parametrize("options", [{"fixed_shapes": False}, {"nms_iterations": 2}, {"batch_buckets": [1, 4]},
+                                     {"class_mask_head": False}],
+                         ids=["dynamic", "unsettled-nms-redone", "padded-bucket", "torchvision-mask-head"])
 def test_fast_paths_match_reference(models: Path, options: dict, caplog: pytest.LogCaptureFixture) -> None:
     """The dynamic path, an NMS that does not settle in its iterations (those images are redone,
     and the log says how to avoid it), and a batch of 3 padded to a bucket of 4 all give
@@ -183,6 +184,8 @@ def test_fast_paths_match_reference(models: Path, options: dict, caplog: pytest.
         assert fast.redone_images > 0 and "nms_iterations" in caplog.text
     if "batch_buckets" in options:
         assert fast.buckets == [1, 4] and (4, *items[0].color.shape[:2], torch.uint16) in fast._fixed_graphs
+    # the mask head for each detection's class (mask_head.ClassMaskHead) unless asked otherwise
+    assert (fast.heads.class_mask_head is None) == (options.get("class_mask_head") is False)
 
 
 def test_batch_buckets() -> None:

@@ -14,13 +14,19 @@ full-image tensor, which pycocotools then scans pixel by pixel. Here:
 - preprocessing (convert, normalise, resize, pad) runs in that graph too, from
   the shared-memory slot copied through a pinned (page-locked) mapping;
 - backbone, FPN and RPN head run in fp16, channels-last, batch norm folded and
-  a ResNet's ReLUs and residual adds inside cuDNN's convolutions
-  (fused_blocks.py); the heads under fp16 autocast; RoI Align pools each box
-  once, from its own level; NMS's overlap matrix is one Triton kernel
-  (suppression.py);
-- the host learns the counts once per batch; masks are pasted and encoded as
-  COCO RLE strings for all instances of the batch together, on the GPU
-  (mask_rle), so only the strings' characters come back.
+  a ResNet's ReLUs, residual adds and downsample biases inside cuDNN's
+  convolutions, the RPN head's conv + ReLU as one (fused_blocks.py); the FPN's
+  top-down merges (bias + nearest upsampling + sum), its biases and the stem's
+  max pool as one-pass Triton kernels (cl_kernels.py); NMS's overlap matrix is
+  one Triton kernel (suppression.py); RoI Align pools each box once, from its
+  own level, with one Triton kernel reading the fp16 levels as they are
+  (roi_align_kernel.py); the box head under fp16 autocast; the mask head
+  computes only each detection's own class, biases and ReLUs fused
+  (mask_head.py);
+- the host learns the counts once per batch; masks are pasted (one ragged
+  Triton kernel, paste_kernel.py) and encoded as COCO RLE strings (rle_kernel.py)
+  for all instances of the batch together, on the GPU (mask_rle.py), so only the
+  strings' characters come back.
 
 An image whose NMS did not settle within the graph's iterations, or whose
 class-wise NMS would have needed more than the top-k candidates, is redone on
@@ -30,11 +36,14 @@ the dynamic path (the earlier, op-by-op version, kept for that and for
 Falls back to the torchvision engine (with a log line) where it cannot run: no
 GPU. ENGINE_OPTIONS: fp16 (true), cuda_graphs (true), pin_memory (true),
 fixed_shapes (true), nms_iterations (24), fold_batchnorm (true; GPU only),
-fuse_conv_relu (true; ResNet blocks' ReLUs and adds in cuDNN's convolutions,
-GPU only, needs fold_batchnorm), triton_nms (true; NMS's overlap matrix as one
-Triton kernel, GPU only), pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4, 8, ...] up to MAX_BATCH_SIZE),
-warmup_sizes ([[H, W], ...] input sizes to capture graphs for at load),
-allow_cpu (false; the CPU path exists for tests and has no graphs or fp16).
+fuse_conv_relu (true; ReLUs, residual adds and biases in cuDNN's convolutions,
+GPU only, needs fold_batchnorm), triton_fpn (true; GPU only), triton_nms (true;
+GPU only), triton_roi_align (true; GPU only), class_mask_head (true),
+pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
+8, ...] up to MAX_BATCH_SIZE), warmup_sizes ([[H, W], ...] input sizes to
+capture graphs for at load), allow_cpu (false; the CPU path exists for tests
+and has no graphs or fp16). Each Triton step falls back to torch operations,
+with a log line, where its kernel cannot compile.
 """
 
 from __future__ import annotations
