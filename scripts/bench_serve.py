@@ -7,8 +7,8 @@ weights, threshold 0 so each image keeps its maximum detections) on the
 engine you name (fast on a GPU, torchvision otherwise).
 
 - in-process: decode the same bytes, run the engine, encode and serialize the
-  response in one process, as a script would (batch 1 for latency, the max
-  batch for throughput);
+  response (with its masks, as the served client asks for them) in one process,
+  as a script would (batch 1 for latency, the max batch for throughput);
 - served: `deep-detection serve` on this machine, an asyncio gRPC client at
   concurrency 1 and at saturation;
 - baseline: a single-process grpc server whose handler decodes and infers
@@ -196,6 +196,7 @@ def stats(lat_ms: list[float], wall_s: float) -> dict[str, float]:
 def run_in_process(folder: Path, device: str, frames: list[tuple[bytes, bytes]], batch: int, seconds: float) -> dict:
     import torch
 
+    from dd.proto.deep_detection.v1 import detector_pb2 as pb
     from dd.worker.encode import build_response
     from dd.worker.engines import load_engine
     from dd.worker.engines.base import EngineInput
@@ -204,11 +205,14 @@ def run_in_process(folder: Path, device: str, frames: list[tuple[bytes, bytes]],
     engine = load_engine(cfg, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
+    sizes: list[int] = []
+
     def once(k: int, n: int) -> None:
         items = [EngineInput(*decode(*frames[(k + i) % len(frames)]), cfg.score_threshold) for i in range(n)]
         for det, it in zip(engine.infer(items), items):
-            build_response(det, cfg.categories, request_id="x", model=cfg.name, height=it.color.shape[0],
-                           width=it.color.shape[1], mask_format=0, worker="in-process").SerializeToString()
+            sizes.append(len(build_response(det, cfg.categories, request_id="x", model=cfg.name,
+                                            height=it.color.shape[0], width=it.color.shape[1], mask_format=pb.RLE,
+                                            worker="in-process").SerializeToString()))
         sync()
 
     out = {}
@@ -225,6 +229,7 @@ def run_in_process(folder: Path, device: str, frames: list[tuple[bytes, bytes]],
         s = stats(lat, wall)
         s["images_per_s"] = n * len(lat) / wall
         out[f"batch{n}"] = s
+    out["response_bytes"] = int(np.median(sizes))
     engine.close()
     return out
 
@@ -358,6 +363,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def _grpc_floor(request: bytes, response: bytes, seconds: float) -> float:
+    import grpc
+
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+
+    async def echo(_req: bytes, _ctx: grpc.aio.ServicerContext) -> bytes:
+        return response
+
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "floor.Floor", {"Call": grpc.unary_unary_rpc_method_handler(echo)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    lat: list[float] = []
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}",
+                                         options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        call = ch.unary_unary("/floor.Floor/Call")
+        for _ in range(10):
+            await call(request)
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            await call(request)
+            lat.append((time.perf_counter() - t0) * 1e3)
+    await server.stop(None)
+    return float(np.median(lat))
+
+
+def grpc_floor(frames: list[tuple[bytes, bytes]], response_bytes: int, seconds: float = 3.0) -> float:
+    """p50 ms of a bare grpc.aio call carrying one of these requests and a response of the served
+    size, client and server in this process: what any Python gRPC service pays on this machine
+    before doing anything, and the in-process script does not."""
+    from dd.client import make_request
+
+    request = make_request(*frames[0]).SerializeToString()
+    return asyncio.run(_grpc_floor(request, b"\0" * response_bytes, seconds))
+
+
 def decode_per_core(frames: list[tuple[bytes, bytes]], seconds: float = 3.0) -> float:
     """Frontend decode (JPEG color + PNG depth into a slot) on one core: images per second."""
     from dd.frontend.decode import decode_into_slot
@@ -412,6 +454,9 @@ def main() -> int:
 
     results["in_process"] = run_in_process(folder, args.device, frames, args.batch, args.seconds)
     print("in-process:", results["in_process"], flush=True)
+    results["grpc_floor_ms"] = grpc_floor(frames, results["in_process"]["response_bytes"])
+    print(f"a bare grpc.aio call with this request and a {results['in_process']['response_bytes']} byte response: "
+          f"p50 {results['grpc_floor_ms']:.2f} ms", flush=True)
 
     if args.scale_workers:
         rows = scaling(args, tmp, frames)
@@ -471,7 +516,8 @@ def main() -> int:
                 print(f"| {name} | {c} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['images_per_s']:.1f} |"
                       + (f" errors {r['errors']}" if r["errors"] else ""))
     s1, ss = results["served"][c1], results["served"][cs]
-    print(f"\nserved p50 at concurrency {c1} minus in-process batch-1 p50: {s1['p50_ms'] - ip1['p50_ms']:+.2f} ms")
+    print(f"\nserved p50 at concurrency {c1} minus in-process batch-1 p50: {s1['p50_ms'] - ip1['p50_ms']:+.2f} ms "
+          f"(a bare gRPC call of this size: {results['grpc_floor_ms']:.2f} ms)")
     print(f"served throughput at concurrency {cs} / in-process batch {args.batch}: "
           f"{ss['images_per_s'] / ipb['images_per_s']:.3f}")
     b = results["baseline"][cs]
