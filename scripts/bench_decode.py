@@ -45,6 +45,14 @@ def main() -> int:
     assert np.array_equal(depth, scene.depth), "depth did not survive the round trip"
     print(f"{args.width}x{args.height}: JPEG {len(jpg) // 1024} KiB + PNG {len(png) // 1024} KiB, "
           f"decode_into_slot p50 {np.median(times):.1f} ms, p99 {np.percentile(times, 99):.1f} ms")
+    # Each half alone (OpenCV, one thread, as the frontend decodes): which one a GPU decoder could take.
+    for name, data, flags in (("JPEG", jpg, cv2.IMREAD_COLOR), ("PNG", png, cv2.IMREAD_UNCHANGED)):
+        half = []
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            cv2.imdecode(data, flags)
+            half.append((time.perf_counter() - t0) * 1e3)
+        print(f"  {name} alone: p50 {np.median(half):.1f} ms")
     return 0
 
 
