@@ -30,7 +30,9 @@ the engine's latency at batch 1. Here the same strings take, on sorted input
      byte bounds, into one buffer: bounds first (int64), then the text.
 
 Then one sync for the text's size (the last bound) and one device-to-host
-copy of the bounds and the text together. Unsorted input is sorted first
+copy of the bounds and the text together. Measured on an H100 (BENCHMARKS.md,
+S4-9, R50 at 800, 100 detections): paste and RLE 1.9 -> 1.3 ms at batch 1,
+5.3 -> 4.4 ms at batch 16. Unsorted input is sorted first
 (one key per change, instance * (height * width + 1) + position, in int64:
 these pass 2**31 at a few hundred instances of a large image).
 
