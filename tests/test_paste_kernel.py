@@ -129,8 +129,8 @@ def test_paste_falls_back_to_torch_once_when_the_kernel_cannot_run(monkeypatch: 
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(paste_kernel, "transitions", broken)
-    monkeypatch.setattr(mask_rle, "_kernel_failed", False)
-    monkeypatch.setattr(mask_rle, "_kernel_by_default", lambda dev: not mask_rle._kernel_failed)
+    monkeypatch.setattr(mask_rle._PASTE, "failed", False)
+    monkeypatch.setattr(mask_rle._PASTE, "by_default", lambda dev: not mask_rle._PASTE.failed)
     g = torch.Generator().manual_seed(1)
     masks = torch.rand(5, 28, 28, generator=g)
     boxes = np.array([[3, 4, 60, 50], [0, 0, 80, 70], [10, 20, 11, 21], [30, 5, 79, 69], [-5, -5, 20, 20]],
@@ -149,4 +149,4 @@ def test_paste_falls_back_to_torch_once_when_the_kernel_cannot_run(monkeypatch: 
 def test_paste_uses_the_torch_path_on_the_cpu() -> None:
     from dd.worker.engines import mask_rle
 
-    assert not mask_rle._kernel_by_default(torch.device("cpu"))
+    assert not mask_rle._PASTE.by_default(torch.device("cpu"))

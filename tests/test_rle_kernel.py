@@ -208,10 +208,10 @@ assert _rle_strings_torch(inst, pos, n, height, width) == want
 seen = []
 strings = mask_rle.rle_strings
 mask_rle.rle_strings = lambda *a, **k: seen.append(a[5]) or strings(*a, **k)
-mask_rle._kernel_by_default = lambda dev: not mask_rle._kernel_failed
-mask_rle._rle_kernel_by_default = lambda dev: not mask_rle._rle_kernel_failed
+mask_rle._PASTE.by_default = lambda dev: not mask_rle._PASTE.failed
+mask_rle._RLE.by_default = lambda dev: not mask_rle._RLE.failed
 assert mask_rle.paste_and_encode(masks, boxes, height, width) == want
-assert seen == [True] and not mask_rle._kernel_failed and not mask_rle._rle_kernel_failed
+assert seen == [True] and not mask_rle._PASTE.failed and not mask_rle._RLE.failed
 print("ok")
 """
 
@@ -244,8 +244,8 @@ def test_rle_falls_back_to_torch_once_when_the_kernels_cannot_run(monkeypatch: p
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(rle_kernel, "strings", broken)
-    monkeypatch.setattr(mask_rle, "_rle_kernel_failed", False)
-    monkeypatch.setattr(mask_rle, "_rle_kernel_by_default", lambda dev: not mask_rle._rle_kernel_failed)
+    monkeypatch.setattr(mask_rle._RLE, "failed", False)
+    monkeypatch.setattr(mask_rle._RLE, "by_default", lambda dev: not mask_rle._RLE.failed)
     inst, pos, want, height, width = _changes()
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
@@ -259,7 +259,7 @@ def test_rle_falls_back_to_torch_once_when_the_kernels_cannot_run(monkeypatch: p
 def test_rle_uses_the_torch_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     from dd.worker.engines import mask_rle, rle_kernel
 
-    assert not mask_rle._rle_kernel_by_default(torch.device("cpu"))
+    assert not mask_rle._RLE.by_default(torch.device("cpu"))
 
     def unexpected(*args: object, **kwargs: object) -> None:
         raise AssertionError("the kernels ran on the CPU")
@@ -280,8 +280,8 @@ def test_paste_and_encode_sorts_what_the_torch_paste_gives(monkeypatch: pytest.M
     strings = mask_rle.rle_strings
     monkeypatch.setattr(mask_rle, "rle_strings", lambda *a, **k: seen.append(a[5]) or strings(*a, **k))
     monkeypatch.setattr(paste_kernel, "transitions", broken)
-    monkeypatch.setattr(mask_rle, "_kernel_failed", False)
-    monkeypatch.setattr(mask_rle, "_kernel_by_default", lambda dev: not mask_rle._kernel_failed)
+    monkeypatch.setattr(mask_rle._PASTE, "failed", False)
+    monkeypatch.setattr(mask_rle._PASTE, "by_default", lambda dev: not mask_rle._PASTE.failed)
     g = torch.Generator().manual_seed(2)
     masks = torch.rand(3, 28, 28, generator=g)
     boxes = np.array([[3, 4, 60, 50], [0, 0, 80, 70], [30, 5, 79, 69]], np.float32)

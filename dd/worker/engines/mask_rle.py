@@ -23,6 +23,7 @@ tests/test_paste_kernel.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -109,18 +110,31 @@ def _plan_chunks(need: np.ndarray, max_elements: int,
     return order, chunks
 
 
-_kernel_failed = False  # set once the Triton paste kernel could not run here: the torch path from then on
+class _KernelSwitch:
+    """Whether a Triton step runs by default on a device: on CUDA where Triton is installed, until it
+    has failed once here (no compiler, an unsupported GPU); from then on the torch operations do
+    it, and the log said so once."""
+
+    def __init__(self, available: Callable[[], bool], what: str, instead: str) -> None:
+        self.available = available
+        self.what = what
+        self.instead = instead
+        self.failed = False
+
+    def by_default(self, dev: torch.device) -> bool:
+        return dev.type == "cuda" and self.available() and not self.failed
+
+    def cannot_run(self, exc: Exception, on: torch.Tensor) -> None:
+        """Switches to the torch operations; a failure inside a CUDA graph capture is the caller's."""
+        if on.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise exc
+        self.failed = True
+        log.warning("the Triton %s cannot run here (%s: %s); %s with torch operations instead", self.what,
+                    type(exc).__name__, exc, self.instead)
 
 
-def _kernel_by_default(dev: torch.device) -> bool:
-    return dev.type == "cuda" and paste_kernel.available() and not _kernel_failed
-
-
-def _kernel_cannot_run(exc: Exception) -> None:
-    global _kernel_failed
-    _kernel_failed = True
-    log.warning("the Triton paste kernel cannot run here (%s: %s); pasting with torch operations instead",
-                type(exc).__name__, exc)
+_PASTE = _KernelSwitch(paste_kernel.available, "paste kernel", "pasting")
+_RLE = _KernelSwitch(rle_kernel.available, "RLE kernels", "encoding")
 
 
 def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, height: int, width: int,
@@ -165,13 +179,11 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, hei
     need = np.maximum(np.stack([np.minimum(h, height - ib[:, 1]), np.minimum(w, width - ib[:, 0])], 1), 1)
     if kernel:
         return paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold)
-    if kernel is None and _kernel_by_default(dev):
+    if kernel is None and _PASTE.by_default(dev):
         try:
             return paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold)
         except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: the torch path does it
-            if masks.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise
-            _kernel_cannot_run(exc)
+            _PASTE.cannot_run(exc, masks)
     order, chunks = _plan_chunks(need, max_elements, 3.0 if dev.type == "cpu" else None)
     sizes = [(hi - lo) * wm * (hm + 1) for lo, hi, hm, wm in chunks]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -205,20 +217,6 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, hei
     return inst, (x0[inst] + col) * height + y0[inst] + row
 
 
-_rle_kernel_failed = False  # set once the Triton RLE kernels could not run here: the torch path from then on
-
-
-def _rle_kernel_by_default(dev: torch.device) -> bool:
-    return dev.type == "cuda" and rle_kernel.available() and not _rle_kernel_failed
-
-
-def _rle_kernel_cannot_run(exc: Exception) -> None:
-    global _rle_kernel_failed
-    _rle_kernel_failed = True
-    log.warning("the Triton RLE kernels cannot run here (%s: %s); encoding with torch operations instead",
-                type(exc).__name__, exc)
-
-
 def rle_strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, width: int,
                 presorted: bool = False, kernel: bool | None = None) -> list[bytes]:
     """COCO compressed RLE strings of `count` instances from their change positions, on their device.
@@ -249,13 +247,11 @@ def rle_strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, 
     fits = height * width < rle_kernel.MAX_PIXELS
     if kernel:
         return rle_kernel.strings(inst, pos, count, height, width, presorted)
-    if kernel is None and fits and _rle_kernel_by_default(inst.device):
+    if kernel is None and fits and _RLE.by_default(inst.device):
         try:
             return rle_kernel.strings(inst, pos, count, height, width, presorted)
         except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: torch operations do it
-            if inst.is_cuda and torch.cuda.is_current_stream_capturing():
-                raise
-            _rle_kernel_cannot_run(exc)
+            _RLE.cannot_run(exc, inst)
     return _rle_strings_torch(inst, pos, count, height, width, presorted)
 
 
@@ -314,5 +310,5 @@ def paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, heig
     inst, pos = paste_transitions(masks, boxes, height, width, threshold)
     # The paste kernel gives the changes sorted by instance, then position (paste_kernel.transitions);
     # the torch path does not. Asked after the paste: a kernel that failed in it has switched itself off.
-    presorted = _kernel_by_default(masks.device)
+    presorted = _PASTE.by_default(masks.device)
     return rle_strings(inst, pos, masks.shape[0], height, width, presorted)
