@@ -131,3 +131,23 @@ def test_decode_boxes_is_boxcoders_decode() -> None:
     codes = torch.randn(50, 3 * 4, generator=g) * 3  # 3 classes; large enough to hit the exp clip
     expected = coder.decode(codes, [boxes])
     assert torch.equal(decode_boxes(coder, codes, boxes), expected)
+
+
+def test_roi_pool_falls_back_to_the_stack_once_when_the_kernel_cannot_run(caplog: pytest.LogCaptureFixture) -> None:
+    """With the RoI Align kernel asked for but unable to run (here: CPU tensors outside Triton's
+    interpreter), roi_pool says so once and pools with torchvision's roi_align, same answer."""
+    pytest.importorskip("triton")
+    g = torch.Generator().manual_seed(4)
+    pooler = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    size = (256, 320)
+    feats = {str(i): torch.randn(1, 4, size[0] >> (i + 2), size[1] >> (i + 2), generator=g) for i in range(4)}
+    xy = torch.rand(1, 20, 2, generator=g) * 150
+    boxes = torch.cat([xy, xy + 8 + torch.rand(1, 20, 2, generator=g) * 150], -1)
+    expected = FixedShapeHeads(torch.nn.Module()).roi_pool(pooler, feats, boxes, size)
+    heads = FixedShapeHeads(torch.nn.Module(), roi_kernel=True)
+    assert heads.roi_kernel
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            torch.testing.assert_close(heads.roi_pool(pooler, feats, boxes, size), expected, rtol=0, atol=0)
+    assert not heads.roi_kernel
+    assert sum("RoI Align kernel cannot run" in r.message for r in caplog.records) == 1

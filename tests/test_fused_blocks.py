@@ -124,3 +124,33 @@ def test_fused_fpn_and_stem_pool_compute_what_they_did() -> None:
             torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=5e-4)
         undo()
         assert isinstance(backbone.body.maxpool, torch.nn.MaxPool2d) and "forward" not in vars(backbone.fpn)
+
+
+def test_engine_keeps_torchs_fpn_where_the_triton_kernels_fail(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """The fast engine tries one forward with fuse_fpn's kernels; if they raise, it undoes them."""
+    from dd.config import DEFAULT_ARCHITECTURE, load_model_config
+    from dd.models.model_folder import random_model_folder
+    from dd.worker.engines import cl_kernels
+    from dd.worker.engines.fast_maskrcnn import FastMaskRCNN
+    from dd.worker.engines.fused_blocks import StemMaxPool
+
+    cfg = load_model_config(random_model_folder(tmp_path / "m", input_kind="rgb", seed=0, min_size=96, max_size=128,
+                                                architecture=DEFAULT_ARCHITECTURE,
+                                                extra={"ENGINE_OPTIONS": {"allow_cpu": True}}))
+    engine = FastMaskRCNN(cfg, "cpu")
+    engine.load()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = engine.model.backbone(x)["0"]
+
+    def refuse(*_args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cl_kernels, "max_pool_3x3_s2", refuse)
+    engine._fuse_fpn()
+    assert "FPN's Triton kernels cannot run here" in caplog.text
+    assert not any(isinstance(m, StemMaxPool) for m in engine.model.modules())
+    assert "forward" not in vars(engine.model.backbone.fpn)
+    with torch.no_grad():
+        torch.testing.assert_close(engine.model.backbone(x)["0"], expected, rtol=0, atol=0)
