@@ -8,13 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dd.models.model_folder import random_model_folder
 from tests.serverproc import ServerProcess
 
 
 @pytest.fixture(scope="session")
 def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository of two small torchvision models (RGB-D with 2 workers, RGB) and a null model."""
+    # Imported here, not at the top: torch is needed only by the tests that use these models, and
+    # .ci/run's lowest-pins environment runs a subset of tests without torch.
+    from dd.models.model_folder import random_model_folder
+
     root = tmp_path_factory.mktemp("models")
     random_model_folder(root / "rgbd", input_kind="rgbd", seed=1, min_size=192, max_size=256,
                         extra={"MAX_BATCH_SIZE": 4, "INSTANCES_PER_DEVICE": 2})

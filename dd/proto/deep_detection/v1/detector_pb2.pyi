@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -157,7 +156,7 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     ready_workers: int
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., input_kind: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., ready: _Optional[bool] = ..., max_batch_size: _Optional[int] = ..., ready_workers: _Optional[int] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., input_kind: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., ready: bool = ..., max_batch_size: _Optional[int] = ..., ready_workers: _Optional[int] = ..., is_default: bool = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -1,8 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -48,7 +47,7 @@ class InferRequest(_message.Message):
     decode_us: int
     request_id: str
     model: str
-    def __init__(self, id: _Optional[int] = ..., ring: _Optional[str] = ..., slot: _Optional[int] = ..., generation: _Optional[int] = ..., color: _Optional[_Union[ArrayRef, _Mapping]] = ..., depth: _Optional[_Union[ArrayRef, _Mapping]] = ..., has_depth: _Optional[bool] = ..., score_threshold: _Optional[float] = ..., mask_format: _Optional[int] = ..., deadline: _Optional[float] = ..., received_at: _Optional[float] = ..., dispatched_at: _Optional[float] = ..., decode_us: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., ring: _Optional[str] = ..., slot: _Optional[int] = ..., generation: _Optional[int] = ..., color: _Optional[_Union[ArrayRef, _Mapping]] = ..., depth: _Optional[_Union[ArrayRef, _Mapping]] = ..., has_depth: bool = ..., score_threshold: _Optional[float] = ..., mask_format: _Optional[int] = ..., deadline: _Optional[float] = ..., received_at: _Optional[float] = ..., dispatched_at: _Optional[float] = ..., decode_us: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class InferReply(_message.Message):
     __slots__ = ("id", "code", "message")
@@ -88,4 +87,4 @@ class Pong(_message.Message):
     engine: str
     device: str
     error: str
-    def __init__(self, sent_at: _Optional[float] = ..., incarnation: _Optional[str] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ..., ready: _Optional[bool] = ..., queued: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, sent_at: _Optional[float] = ..., incarnation: _Optional[str] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ..., ready: bool = ..., queued: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
