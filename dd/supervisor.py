@@ -37,6 +37,19 @@ RESTART_BACKOFF_S = (0.2, 1.0, 2.0, 5.0, 10.0, 30.0)
 # A process that ran this long was not crash-looping at start: its next restart is immediate again.
 # (At 60 s, a worker killed every half minute, say by the OOM killer, stayed down for 30 s at a time.)
 STABLE_AFTER_S = 10.0
+# Stopping: the frontends get --grace plus this to finish what they have in flight and exit, then
+# the workers get WORKER_STOP_S; whatever is still running then is killed.
+FRONTEND_STOP_EXTRA_S = 5.0
+WORKER_STOP_S = 15.0
+
+
+def longest_clean_stop_s(cfg: ServerConfig) -> float:
+    """The longest a stop on SIGTERM can take before the supervisor kills what is left.
+
+    A process manager must wait longer than this before it kills the supervisor: systemd's
+    TimeoutStopSec, Kubernetes' terminationGracePeriodSeconds (docs/operations.md, deploy/).
+    """
+    return cfg.grace_s + FRONTEND_STOP_EXTRA_S + WORKER_STOP_S
 
 
 def visible_gpus() -> list[dict[str, str]]:
@@ -255,8 +268,8 @@ class Supervisor:
     def _shutdown(self) -> None:
         frontends = [c for c in self.children if c.name.startswith("frontend")]
         workers = [c for c in self.children if c.name.startswith("worker")]
-        self._stop_group(frontends, self.cfg.grace_s + 5)
-        self._stop_group(workers, 15)
+        self._stop_group(frontends, self.cfg.grace_s + FRONTEND_STOP_EXTRA_S)
+        self._stop_group(workers, WORKER_STOP_S)
         for c in self.children:
             if c.log_file is not None:
                 c.log_file.close()
