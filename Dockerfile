@@ -4,14 +4,15 @@
 # ENTRYPOINT is `deep-detection`, CMD is `serve`; `serve` without a path serves the model whose
 # node_config.json NODE_CONFIG_FILE names, and the built-in demo models when it is not set.
 # Relative paths are relative to the working directory, /workspace. The rings need /dev/shm:
-# frontends x 633 MiB at the default image size limit (docs/operations.md; the server checks
-# at start and says what it needs), hence --shm-size and --frontends.
+# 633 MiB per frontend at the default image size limit, and there are cores / 4 frontends (at
+# most 8) unless --frontends says otherwise. 5g covers any host; tmpfs takes memory only as
+# images fill the slots (docs/operations.md; the server checks at start and says what it needs).
 #
-#   docker run --gpus all --shm-size=3g -p 50051:50051 deep-detection:0.1.0 serve --frontends 4
-#   docker run --gpus all --shm-size=3g -p 50051:50051 \
+#   docker run --gpus all --shm-size=5g -p 50051:50051 deep-detection:0.1.0
+#   docker run --gpus all --shm-size=5g -p 50051:50051 \
 #       -v "$PWD/model_repository:/workspace/model_repository:ro" \
 #       -e NODE_CONFIG_FILE=model_repository/my-model/node_config.json deep-detection:0.1.0
-#   docker run ... -v /path/to/models:/models:ro deep-detection:0.1.0 serve /models --frontends 4
+#   docker run ... -v /path/to/models:/models:ro deep-detection:0.1.0 serve /models --frontends 2
 #
 # Kubernetes: deploy/kubernetes.yaml and docs/deploy.md.
 FROM python:3.11-slim
