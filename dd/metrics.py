@@ -80,6 +80,11 @@ RING_SLOTS_IN_USE = "deep_detection_ring_slots_in_use"               # gauge, su
 RING_SLOTS = "deep_detection_ring_slots"                             # gauge: capacity, summed over live frontends
 WORKER_RESTARTS = "deep_detection_worker_restarts_total"             # counter, model
 
+HISTOGRAMS = (REQUEST_SECONDS, QUEUE_SECONDS, COMPUTE_INFER_SECONDS, DECODE_SECONDS, BATCH_SIZE)
+# Every name the endpoint can show (histograms add _bucket, _sum and _count).
+EXPORTED = (*TRITON_COUNTERS, GPU_UTILIZATION, GPU_MEMORY_USED_BYTES, GPU_MEMORY_TOTAL_BYTES, *HISTOGRAMS,
+            RING_SLOTS_IN_USE, RING_SLOTS, WORKER_RESTARTS)
+
 LATENCY_BUCKETS_S = (0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
                      0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 DECODE_BUCKETS_S = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.02, 0.05, 0.1, 0.25)
