@@ -1,0 +1,1 @@
+"""Generated from protos/ by scripts/compile_protos.sh; do not edit."""
