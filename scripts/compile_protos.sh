@@ -32,6 +32,8 @@ mkdir -p "$out"
 # Generated imports are absolute ("from deep_detection.v1 import ..."); make them
 # package-relative so the code lives inside `dd` without touching sys.path.
 find "$out" -name '*.py' -print0 | xargs -0 sed -i -E 's/^from deep_detection\.(.*) import /from dd.proto.deep_detection.\1 import /'
+find "$out" \( -name '*.py' -o -name '*.pyi' \) -print0 | \
+  xargs -0 sed -i -E 's/^from inference(\.[A-Za-z0-9_.]+)? import /from dd.proto.inference\1 import /'
 for d in $(find "$out" -type d); do
   [ -f "$d/__init__.py" ] || echo '"""Generated from protos/ by scripts/compile_protos.sh; do not edit."""' > "$d/__init__.py"
 done
