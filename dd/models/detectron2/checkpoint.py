@@ -14,8 +14,8 @@ and two naming schemes: detectron2's (``backbone.bottom_up.stem.conv1.weight``,
 Nothing in a file is ever executed. torch files are read with ``torch.load(weights_only=True)``;
 where a trainer checkpoint's non-weight state holds objects that weights_only refuses (a custom
 scheduler, numpy scalars), each such class is replaced by an inert placeholder (it stores
-nothing and runs nothing) and only the ``model`` entry is used; names outside the libraries a
-training state plausibly holds (``os.system``, ``builtins.eval``, ...) are refused outright. A
+nothing and runs nothing) and only the ``model`` entry is used; names of modules that run code
+(``os.system``, ``builtins.eval``, ``subprocess``, ...) mark a malicious file, which is refused outright. A
 plain pickle is read by an unpickler that can build only numpy arrays, dtypes and plain containers.
 
 ``sniff_weights_format`` tells the naming scheme without torch, from the pickle's strings alone
@@ -44,9 +44,11 @@ TORCHVISION_PREFIXES = ("backbone.body.", "backbone.fpn.inner_blocks", "backbone
 TRAINER_KEYS = ("trainer", "iteration", "optimizer", "scheduler")
 # torch.save's legacy (non-zip) format starts with this number, pickled.
 _TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-# Modules whose classes a training state plausibly holds; anything else named in a checkpoint is refused.
-_PLAUSIBLE_MODULES = ("numpy", "torch", "collections", "detectron2", "fvcore", "iopath", "omegaconf", "yacs",
-                      "datetime", "decimal", "fractions", "pathlib", "enum", "copyreg", "_codecs")
+# Modules whose names in a checkpoint mean it was made to run code when unpickled (a training state holds
+# numbers and classes of its own): such a file is refused outright, though placeholders would defuse it.
+_SUSPICIOUS_MODULES = frozenset("""os posix nt subprocess sys builtins __builtin__ importlib shutil socket pickle
+_pickle marshal runpy code codeop pty ctypes types operator functools io _io webbrowser multiprocessing
+threading signal tempfile glob inspect pdb platform site sysconfig asyncio http urllib requests""".split())
 _PLAUSIBLE_BUILTINS = ("set", "frozenset", "slice", "range", "complex", "bytearray", "object")
 
 
@@ -155,9 +157,9 @@ class _Placeholder:
 
 def _plausible(name: str) -> bool:
     module, _, attr = name.rpartition(".")
-    if module == "builtins":
+    if module in ("builtins", "__builtin__"):
         return attr in _PLAUSIBLE_BUILTINS
-    return module.split(".")[0] in _PLAUSIBLE_MODULES
+    return module.split(".")[0] not in _SUSPICIOUS_MODULES
 
 
 def _torch_load(path: Path) -> tuple[Any, list[str]]:

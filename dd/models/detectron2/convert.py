@@ -130,7 +130,7 @@ def convert_state_dict(state: dict[str, torch.Tensor], spec: Detectron2Spec, tar
         if _IGNORED.match(d2_key):
             continue
         tv_key = rename(d2_key, spec)
-        if tv_key is None:
+        if tv_key is None or tv_key not in target:
             unknown.append(d2_key)
             continue
         origin[tv_key] = d2_key

@@ -256,7 +256,8 @@ class Detectron2RoIHeads(RoIHeads):
                                proposals: list[torch.Tensor], image_shapes: list[tuple[int, int]]
                                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         per_image = [len(p) for p in proposals]
-        pred_boxes = self.box_coder.decode(box_regression, proposals)
+        pred_boxes = self.box_coder.decode(box_regression, proposals).reshape(len(class_logits),
+                                                                               class_logits.shape[1], 4)
         pred_scores = F.softmax(class_logits, -1)
         all_boxes, all_scores, all_labels = [], [], []
         for boxes, scores, shape in zip(pred_boxes.split(per_image), pred_scores.split(per_image), image_shapes):
@@ -278,7 +279,7 @@ class Detectron2RoIHeads(RoIHeads):
 
 
 def build_network(spec: Detectron2Spec) -> MaskRCNN:
-    """A randomly initialised network of the spec's shape; load convert.convert_state_dict's output into it.
+    """A randomly initialised network of the spec's shape, in eval mode; load convert_state_dict's output into it.
 
     It takes R, G, B (then D) channels (convert.py reverses a BGR stem). Feature maps are named
     "0", "1", ... and "pool" as in torchvision. The torchvision transform is configured but the
@@ -333,4 +334,4 @@ def build_network(spec: Detectron2Spec) -> MaskRCNN:
         old.mask_predictor)
     model.semantics = DETECTRON2
     model.feature_names = OrderedDict(names)  # detectron2 level name (p2, ...) -> feature map name ("0", ...)
-    return model
+    return model.eval()  # an inference network: the training paths are torchvision's, not detectron2's
