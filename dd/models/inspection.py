@@ -87,7 +87,7 @@ def _detectron2_lines(cfg: ModelConfig, raw: dict[str, Any]) -> list[str]:
     levels = ", ".join(spec.fpn_levels)
     lines = [
         f"  backbone: ResNet-{spec.depth} ({block}; stem {spec.stem_out_channels}, res2 {spec.res2_out_channels} "
-        f"channels; {spec.resnet_norm} as frozen batch norm) + FPN {spec.fpn_out_channels} channels on "
+        f"channels; {spec.resnet_norm} norms, frozen at inference) + FPN {spec.fpn_out_channels} channels on "
         f"{', '.join(spec.fpn_in_features)} -> {levels} (p{spec.fpn_levels[-1][1:]} by max pool)",
     ]
     order = ", ".join(spec.channel_order)
