@@ -103,8 +103,11 @@ class ModelConfig:
 
     @property
     def depth_fill(self) -> float:
-        """Metres that stand in for missing depth (0 in the image): DEPTH_FILL, else DEPTH_MEAN."""
-        return self.depth_fill_m if self.depth_fill_m is not None else self.depth_mean_m
+        """Metres that stand in for missing depth (0 in the image): DEPTH_FILL, else DEPTH_MEAN for
+        torchvision weights, 0 (missing stays 0, as the users' detectron2 training saw it) for detectron2's."""
+        if self.depth_fill_m is not None:
+            return self.depth_fill_m
+        return 0.0 if self.detectron2 is not None else self.depth_mean_m
 
     @property
     def num_classes(self) -> int:

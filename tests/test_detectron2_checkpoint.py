@@ -81,7 +81,8 @@ def test_every_container_is_read_and_recognised(tmp_path: Path, d2_state: dict, 
 def test_torchvision_names_and_module_prefixes(tmp_path: Path) -> None:
     demo = Path(__file__).resolve().parent.parent / "configs" / "models" / "demo-rgb" / "model.pth"
     assert sniff_weights_format(demo) == "torchvision"
-    state = {"module.backbone.body.conv1.weight": torch.ones(2, 3, 1, 1), "module.rpn.head.cls_logits.bias": torch.ones(1)}
+    state = {"module.backbone.body.conv1.weight": torch.ones(2, 3, 1, 1),
+             "module.rpn.head.cls_logits.bias": torch.ones(1)}
     torch.save({"state_dict": state}, tmp_path / "w.pth")
     found = read_weights(tmp_path / "w.pth")
     assert found.format == "torchvision" and "state_dict" in found.container

@@ -151,7 +151,7 @@ def test_seed_keys_only_folder_is_a_detectron2_model(tmp_path: Path) -> None:
     assert cfg.pixel_mean == pytest.approx((123.675 / 255, 116.28 / 255, 103.53 / 255))
     assert cfg.pixel_std == pytest.approx((58.395 / 255, 57.12 / 255, 57.375 / 255))
     assert (cfg.depth_mean_m, cfg.depth_std_m) == (2.0, 0.5)
-    assert cfg.depth_fill_m is None and cfg.depth_unit_m == 0.001
+    assert cfg.depth_fill_m is None and cfg.depth_fill == 0.0 and cfg.depth_unit_m == 0.001  # missing stays 0
     assert ModelConfig.from_json(cfg.to_json()) == cfg
 
 

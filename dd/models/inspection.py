@@ -72,7 +72,8 @@ def describe(cfg: ModelConfig, weights_check: str) -> list[str]:
         lines += _detectron2_lines(cfg, raw)
     else:
         lines += _torchvision_lines(cfg, raw)
-    lines.append(f"  classes ({len(cfg.categories)}): " + ", ".join(f"{i + 1} {c}" for i, c in enumerate(cfg.categories)))
+    names = ", ".join(f"{i + 1} {c}" for i, c in enumerate(cfg.categories))
+    lines.append(f"  classes ({len(cfg.categories)}): {names}")
     lines.append(f"  batching: up to {cfg.max_batch_size} images, queue delay {cfg.max_queue_delay_ms:g} ms; "
                  f"devices {', '.join(cfg.devices)}, {cfg.instances_per_device} worker(s) each")
     return lines
@@ -113,11 +114,13 @@ def _detectron2_lines(cfg: ModelConfig, raw: dict[str, Any]) -> list[str]:
     fc = f"{spec.box_num_conv} conv x {spec.box_conv_dim}, {spec.box_num_fc} fc x {spec.box_fc_dim}"
     pool = lambda aligned, res, sr: (f"{'ROIAlignV2' if aligned else 'ROIAlign'} {res}x{res}, "  # noqa: E731
                                      f"sampling {sr or 'adaptive'}")
-    lines.append(f"  box head: {pool(spec.box_pooler_aligned, spec.box_pooler_resolution, spec.box_pooler_sampling_ratio)}"
+    box_pool = pool(spec.box_pooler_aligned, spec.box_pooler_resolution, spec.box_pooler_sampling_ratio)
+    mask_pool = pool(spec.mask_pooler_aligned, spec.mask_pooler_resolution, spec.mask_pooler_sampling_ratio)
+    lines.append(f"  box head: {box_pool}"
                  f" on {', '.join(spec.roi_in_features)}; {fc}; "
                  f"{'class-agnostic' if spec.cls_agnostic_bbox_reg else 'class-specific'} boxes")
-    lines.append(f"  mask head: {pool(spec.mask_pooler_aligned, spec.mask_pooler_resolution, spec.mask_pooler_sampling_ratio)}"
-                 f"; {spec.mask_num_conv} conv x {spec.mask_conv_dim}; "
+    lines.append(f"  mask head: {mask_pool};"
+                 f" {spec.mask_num_conv} conv x {spec.mask_conv_dim}; "
                  f"{'class-agnostic' if spec.cls_agnostic_mask else 'class-specific'} masks")
     lines.append(f"  thresholds: score > {cfg.score_threshold:g} "
                  f"({_source(raw, 'SCORE_THRESH_TEST', 'MODEL.ROI_HEADS.SCORE_THRESH_TEST', spec)}; a request may "

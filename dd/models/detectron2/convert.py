@@ -86,8 +86,8 @@ def rename(key: str, spec: Detectron2Spec) -> str | None:
             return None
         block = "inner_blocks" if m.group(1) == "lateral" else "layer_blocks"
         return f"backbone.fpn.{block}.{stages.index(stage)}.0.{m.group(3)}"
-    m = re.match(r"^proposal_generator\.rpn_head\.(conv|objectness_logits|anchor_deltas)\.(?:conv(\d+)\.)?(weight|bias)$",
-                 key)
+    m = re.match(r"^proposal_generator\.rpn_head\.(conv|objectness_logits|anchor_deltas)\."
+                 r"(?:conv(\d+)\.)?(weight|bias)$", key)
     if m:
         part, index, leaf = m.groups()
         if part == "conv":
