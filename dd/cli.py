@@ -1,7 +1,8 @@
-"""The `deep-detection` command: serve, worker, frontend, client.
+"""The `deep-detection` command: serve, worker, frontend, client, inspect.
 
 `serve` runs everything; `worker` and `frontend` run one process each, for
-process managers (supervisord, systemd, Kubernetes) that want to own them.
+process managers (supervisord, systemd, Kubernetes) that want to own them;
+`inspect` prints what the server understood of a model folder, without serving.
 Configuration errors are printed as one line and exit with status 2 before
 any process starts.
 """
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     frontend.add_argument("path", help="the same PATH as given to serve")
     _server_flags(frontend)
 
+    inspect = sub.add_parser("inspect", help="print what the server understands of a model folder (weights format, "
+                             "network, input channels and normalisation, resize, classes, thresholds, engine) "
+                             "without serving; exit 0, or 2 with the reason")
+    inspect.add_argument("path", help="model folder, node_config.json or model repository")
+
     from dd.client import cli as client_cli
 
     client_cli.add_parser(sub)
@@ -97,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "client":
         return args.func(args)
+    if args.command == "inspect":
+        return _inspect(args.path)
     from dd.procutil import setup_logging
 
     try:
@@ -152,6 +160,20 @@ def main(argv: list[str] | None = None) -> int:
         return run_frontend(models, server, prepare_run_dir(run_dir), args.parent_pid)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _inspect(path: str) -> int:
+    """Every model of PATH described, its weights read and fitted to its network; 2 at the first problem."""
+    from dd.models.inspection import check_weights, describe
+
+    try:
+        models = discover_models(path)
+        for i, model in enumerate(models):
+            print(("\n" if i else "") + "\n".join(describe(model, check_weights(model))))
+    except (ConfigError, ValueError, RuntimeError) as exc:
+        print(f"deep-detection: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _parse_cpus(text: str | None) -> list[int] | None:

@@ -14,7 +14,10 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from dd.models.detectron2.config import Detectron2Spec
 
 NODE_CONFIG = "node_config.json"
 
@@ -33,8 +36,13 @@ DETECTION_TYPES: dict[str, tuple[str, str]] = {
 }
 
 # Engines this release can run. Others are recognised (so the error is precise) but refused.
-AVAILABLE_ENGINES = ("torchvision", "fast", "null")
-KNOWN_ENGINES = AVAILABLE_ENGINES + ("tensorrt", "torchscript", "onnx", "detectron2")
+AVAILABLE_ENGINES = ("torchvision", "detectron2", "fast", "null")
+KNOWN_ENGINES = AVAILABLE_ENGINES + ("tensorrt", "torchscript", "onnx")
+WEIGHTS_FORMATS = ("auto", "detectron2", "torchvision")
+# node_config keys that a detectron2 model's YAML decides instead.
+_YAML_DECIDES = {"ARCHITECTURE": "MODEL.RESNETS / FPN / ROI_*_HEAD", "PIXEL_MEAN": "MODEL.PIXEL_MEAN",
+                 "PIXEL_STD": "MODEL.PIXEL_STD", "DEPTH_MEAN": "the 4th value of MODEL.PIXEL_MEAN",
+                 "DEPTH_STD": "the 4th value of MODEL.PIXEL_STD"}
 INPUT_KINDS = ("rgb", "rgbd")
 
 # Mask R-CNN architecture knobs; the defaults are torchvision's maskrcnn_resnet50_fpn.
@@ -84,13 +92,22 @@ class ModelConfig:
     pixel_std: tuple[float, ...] = (0.229, 0.224, 0.225)
     depth_mean_m: float = 2.0
     depth_std_m: float = 1.0
-    depth_fill_m: float | None = None  # None: fill missing depth (0) with depth_mean_m
+    depth_fill_m: float | None = None  # None: fill missing depth (0) with depth_mean_m (detectron2 models: keep 0)
+    depth_unit_m: float = 0.001  # metres per unit of an integer depth image (DEPTH_UNIT; 0.001: millimetres)
     engine_options: dict[str, Any] = field(default_factory=dict)
+    # "torchvision" or "detectron2": the weights' parameter names (WEIGHTS_FORMAT, else recognised by their keys).
+    weights_format: str = "torchvision"
+    # For detectron2 weights: their YAML, read as detectron2 reads it. pixel_mean/std above are then its
+    # PIXEL_MEAN/STD in R, G, B order / 255, and depth_mean_m/depth_std_m its fourth values.
+    detectron2: "Detectron2Spec | None" = None
 
     @property
     def depth_fill(self) -> float:
-        """Metres that stand in for missing depth (0 in the image): DEPTH_FILL, else DEPTH_MEAN."""
-        return self.depth_fill_m if self.depth_fill_m is not None else self.depth_mean_m
+        """Metres that stand in for missing depth (0 in the image): DEPTH_FILL, else DEPTH_MEAN for
+        torchvision weights, 0 (missing stays 0, as the users' detectron2 training saw it) for detectron2's."""
+        if self.depth_fill_m is not None:
+            return self.depth_fill_m
+        return 0.0 if self.detectron2 is not None else self.depth_mean_m
 
     @property
     def num_classes(self) -> int:
@@ -107,6 +124,8 @@ class ModelConfig:
         for k, v in d.items():
             if isinstance(v, Path):
                 d[k] = str(v)
+        if self.detectron2 is not None:
+            d["detectron2"] = self.detectron2.to_dict()
         return json.dumps(d)
 
     @classmethod
@@ -117,6 +136,10 @@ class ModelConfig:
                 d[k] = Path(d[k])
         for k in ("categories", "devices", "pixel_mean", "pixel_std"):
             d[k] = tuple(d[k])
+        if d.get("detectron2") is not None:
+            from dd.models.detectron2.config import Detectron2Spec
+
+            d["detectron2"] = Detectron2Spec.from_dict(d["detectron2"])
         return cls(**d)
 
 
@@ -160,21 +183,16 @@ def _read_categories(folder: Path, path: Path, raw: dict[str, Any]) -> tuple[str
 
 
 def _read_detectron2_yaml(path: Path) -> dict[str, Any]:
-    """The few keys of a detectron2 config that decide the architecture and input size.
+    """The few keys of a detectron2-style config that shape a torchvision-format model (no defaults merged).
 
-    Users ship detectron2-style YAML files as CONFIG_FILE; we read what the
-    torchvision engine needs from them rather than asking for a second file.
+    Users ship detectron2-style YAML files as CONFIG_FILE beside torchvision weights too; the
+    torchvision engine reads its depth, normalisation and input size from them (with the file's
+    _BASE_ chain resolved) rather than asking for a second file. Keys the files leave out keep
+    this server's defaults, not detectron2's.
     """
-    try:
-        import yaml  # PyYAML, a declared dependency
-    except ImportError:  # pragma: no cover - declared in setup.cfg
-        return {}
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise _err(path, None, f"is not valid YAML: {exc}") from exc
-    if not isinstance(doc, dict):
-        return {}
+    from dd.models.detectron2.config import load_yaml_with_base
+
+    doc, _ = load_yaml_with_base(path)
     out: dict[str, Any] = {}
     model = doc.get("MODEL") or {}
     depth = (model.get("RESNETS") or {}).get("DEPTH")
@@ -240,22 +258,34 @@ def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
     elif engine != "null":
         raise _err(path, "MODEL_WEIGHT", f"is missing; engine {engine!r} needs weights (a file in {folder})")
 
+    weights_format = _weights_format(raw, path, weights, engine)
     config_file = None
     yaml_keys: dict[str, Any] = {}
+    spec = None
     cfg_name = _get(raw, path, "CONFIG_FILE", str, None)
     if cfg_name:
         config_file = folder / cfg_name
         if not config_file.is_file():
             raise _err(path, "CONFIG_FILE", f"file {config_file} does not exist")
-        if config_file.suffix in (".yaml", ".yml"):
-            yaml_keys = _read_detectron2_yaml(config_file)
+    if weights_format == "detectron2":
+        spec = _detectron2_spec(raw, path, config_file)
+        if engine == "torchvision":
+            engine = "detectron2"  # the reference engine for detectron2 weights: DefaultPredictor's answers
+    elif engine == "detectron2":
+        raise _err(path, "ENGINE", f"engine 'detectron2' serves detectron2 weights; {weights} has torchvision's "
+                   "parameter names (set WEIGHTS_FORMAT if that guess is wrong)")
+    elif config_file is not None and config_file.suffix in (".yaml", ".yml"):
+        yaml_keys = _read_detectron2_yaml(config_file)
 
     categories = _read_categories(folder, path, raw)
+    if spec is not None:
+        _check_detectron2_fit(raw, path, spec, kind, categories)
+        yaml_keys = {"min_size": spec.min_size_test, "max_size": spec.max_size_test}
     min_size = _positive_int(raw, path, "MIN_SIZE", yaml_keys.get("min_size", 800), 8192)
     max_size = _positive_int(raw, path, "MAX_SIZE", yaml_keys.get("max_size", max(1333, min_size)), 16384)
     if max_size < min_size:
         raise _err(path, "MAX_SIZE", f"({max_size}) must be at least MIN_SIZE ({min_size})")
-    score = _get(raw, path, "SCORE_THRESH_TEST", float, 0.5)
+    score = _get(raw, path, "SCORE_THRESH_TEST", float, spec.score_thresh_test if spec else 0.5)
     if not (0.0 <= score <= 1.0) or math.isnan(score):
         raise _err(path, "SCORE_THRESH_TEST", f"must be in [0, 1], got {score}")
     mask_thr = _get(raw, path, "MASK_THRESHOLD", float, 0.5)
@@ -270,36 +300,25 @@ def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
     per_device = _positive_int(raw, path, "INSTANCES_PER_DEVICE", 1, 64)
     devices = _parse_devices(raw.get("DEVICES", "auto"), path)
 
-    arch = dict(DEFAULT_ARCHITECTURE)
-    if "backbone" in yaml_keys:
-        arch["backbone"] = yaml_keys["backbone"]
-    user_arch = _get(raw, path, "ARCHITECTURE", dict, {})
-    unknown = set(user_arch) - set(DEFAULT_ARCHITECTURE)
-    if unknown:
-        raise _err(path, "ARCHITECTURE", f"unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_ARCHITECTURE)}")
-    arch.update(user_arch)
-    if arch["backbone"] not in BACKBONES:
-        raise _err(path, "ARCHITECTURE", f"backbone {arch['backbone']!r} is not one of {BACKBONES}")
-    for k in ("fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_layers", "max_detections"):
-        if not isinstance(arch[k], int) or isinstance(arch[k], bool) or arch[k] < 1:
-            raise _err(path, "ARCHITECTURE", f"{k} must be a positive integer, got {arch[k]!r}")
-
-    if "pixel_mean_255" in yaml_keys and "PIXEL_MEAN" not in raw:
-        mean = [v / 255.0 for v in yaml_keys["pixel_mean_255"]][:3]
-        std = [v / 255.0 for v in yaml_keys["pixel_std_255"]][:3]
+    if spec is not None:
+        arch = _detectron2_architecture(spec)
+        rgb_mean, rgb_std = spec.rgb_mean_std()
+        mean = [v / 255.0 for v in rgb_mean[:3]]
+        std = [v / 255.0 for v in rgb_std[:3]]
+        depth_mean = rgb_mean[3] if spec.channels == 4 else 2.0
+        depth_std = rgb_std[3] if spec.channels == 4 else 1.0
     else:
-        mean = list(_get(raw, path, "PIXEL_MEAN", list, [0.485, 0.456, 0.406]))
-        std = list(_get(raw, path, "PIXEL_STD", list, [0.229, 0.224, 0.225]))
-    for key, vals in (("PIXEL_MEAN", mean), ("PIXEL_STD", std)):
-        if len(vals) != 3 or not all(isinstance(v, (int, float)) for v in vals):
-            raise _err(path, key, "must be 3 numbers for R, G, B in [0, 1] (depth has DEPTH_MEAN/DEPTH_STD)")
-    if any(v <= 0 for v in std):
-        raise _err(path, "PIXEL_STD", "values must be positive")
-    depth_mean = _get(raw, path, "DEPTH_MEAN", float, 2.0)
-    depth_std = _get(raw, path, "DEPTH_STD", float, 1.0)
-    if depth_std <= 0:
-        raise _err(path, "DEPTH_STD", f"must be positive (metres), got {depth_std}")
+        arch = _architecture(raw, path, yaml_keys)
+        mean, std = _pixel_normalisation(raw, path, yaml_keys)
+        depth_mean = _get(raw, path, "DEPTH_MEAN", float, 2.0)
+        depth_std = _get(raw, path, "DEPTH_STD", float, 1.0)
+        if depth_std <= 0:
+            raise _err(path, "DEPTH_STD", f"must be positive (metres), got {depth_std}")
     depth_fill = _get(raw, path, "DEPTH_FILL", float, None)
+    depth_unit = _get(raw, path, "DEPTH_UNIT", float, 0.001)
+    if not (depth_unit > 0 and math.isfinite(depth_unit)):
+        raise _err(path, "DEPTH_UNIT", f"must be a positive number of metres per stored unit (0.001 for "
+                   f"millimetres), got {depth_unit}")
     options = _get(raw, path, "ENGINE_OPTIONS", dict, {})
 
     return ModelConfig(
@@ -326,8 +345,94 @@ def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
         depth_mean_m=depth_mean,
         depth_std_m=depth_std,
         depth_fill_m=depth_fill,
+        depth_unit_m=depth_unit,
         engine_options=options,
+        weights_format=weights_format,
+        detectron2=spec,
     )
+
+
+def _architecture(raw: dict[str, Any], path: Path, yaml_keys: dict[str, Any]) -> dict[str, Any]:
+    """ARCHITECTURE for torchvision-format weights: defaults, the YAML's depth, then the node_config's keys."""
+    arch = dict(DEFAULT_ARCHITECTURE)
+    if "backbone" in yaml_keys:
+        arch["backbone"] = yaml_keys["backbone"]
+    user_arch = _get(raw, path, "ARCHITECTURE", dict, {})
+    unknown = set(user_arch) - set(DEFAULT_ARCHITECTURE)
+    if unknown:
+        raise _err(path, "ARCHITECTURE", f"unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULT_ARCHITECTURE)}")
+    arch.update(user_arch)
+    if arch["backbone"] not in BACKBONES:
+        raise _err(path, "ARCHITECTURE", f"backbone {arch['backbone']!r} is not one of {BACKBONES}")
+    for k in ("fpn_channels", "box_head_dim", "mask_head_channels", "mask_head_layers", "max_detections"):
+        if not isinstance(arch[k], int) or isinstance(arch[k], bool) or arch[k] < 1:
+            raise _err(path, "ARCHITECTURE", f"{k} must be a positive integer, got {arch[k]!r}")
+    return arch
+
+
+def _pixel_normalisation(raw: dict[str, Any], path: Path, yaml_keys: dict[str, Any]) -> tuple[list, list]:
+    """R, G, B mean and std in [0, 1] for torchvision-format weights."""
+    if "pixel_mean_255" in yaml_keys and "PIXEL_MEAN" not in raw:
+        mean = [v / 255.0 for v in yaml_keys["pixel_mean_255"]][:3]
+        std = [v / 255.0 for v in yaml_keys["pixel_std_255"]][:3]
+    else:
+        mean = list(_get(raw, path, "PIXEL_MEAN", list, [0.485, 0.456, 0.406]))
+        std = list(_get(raw, path, "PIXEL_STD", list, [0.229, 0.224, 0.225]))
+    for key, vals in (("PIXEL_MEAN", mean), ("PIXEL_STD", std)):
+        if len(vals) != 3 or not all(isinstance(v, (int, float)) for v in vals):
+            raise _err(path, key, "must be 3 numbers for R, G, B in [0, 1] (depth has DEPTH_MEAN/DEPTH_STD)")
+    if any(v <= 0 for v in std):
+        raise _err(path, "PIXEL_STD", "values must be positive")
+    return mean, std
+
+
+def _weights_format(raw: dict[str, Any], path: Path, weights: Path | None, engine: str) -> str:
+    """WEIGHTS_FORMAT, or the format the weights' parameter names show (read without unpickling)."""
+    given = _get(raw, path, "WEIGHTS_FORMAT", str, "auto")
+    if given not in WEIGHTS_FORMATS:
+        raise _err(path, "WEIGHTS_FORMAT", f"must be one of {', '.join(WEIGHTS_FORMATS)}, got {given!r}")
+    if given != "auto":
+        return given
+    if weights is None or engine == "null":
+        return "torchvision"
+    from dd.models.detectron2.checkpoint import sniff_weights_format
+
+    return sniff_weights_format(weights) or "torchvision"
+
+
+def _detectron2_spec(raw: dict[str, Any], path: Path, config_file: Path | None) -> "Detectron2Spec":
+    """The detectron2 YAML that goes with detectron2 weights, read and validated."""
+    if config_file is None or config_file.suffix not in (".yaml", ".yml"):
+        raise _err(path, "CONFIG_FILE", "detectron2 weights need the YAML config they were trained with "
+                   "(detectron2's cfg.dump(), or the file with its _BASE_ files) as CONFIG_FILE")
+    for key, instead in _YAML_DECIDES.items():
+        if key in raw:
+            raise _err(path, key, f"does not apply to a detectron2 model: its YAML ({config_file.name}) decides "
+                       f"({instead}); remove the key")
+    from dd.models.detectron2.config import read_detectron2_yaml
+
+    return read_detectron2_yaml(config_file)
+
+
+def _check_detectron2_fit(raw: dict[str, Any], path: Path, spec: "Detectron2Spec", kind: str,
+                          categories: tuple[str, ...]) -> None:
+    """The node_config and the YAML must describe the same model: input channels and classes."""
+    if spec.input_kind != kind:
+        want = "RGBDMaskRCNNTorchServicer" if spec.input_kind == "rgbd" else "RGBMaskRCNNTorchServicer"
+        what = "4 values (color + depth): an RGB-D model" if spec.channels == 4 else "3 values: an RGB model"
+        raise _err(path, "DETECTION_TYPE", f"serves {kind.upper()} input, but MODEL.PIXEL_MEAN in {spec.source} has "
+                   f"{what}; use {want} (or fix the YAML)")
+    if len(categories) != spec.num_classes:
+        key = "CATEGORIES" if "CATEGORIES" in raw else "CATEGORY_FILE"
+        raise _err(path, key, f"lists {len(categories)} categories but MODEL.ROI_HEADS.NUM_CLASSES in {spec.source} "
+                   f"is {spec.num_classes}; they must be equal (one name per class, in training order)")
+
+
+def _detectron2_architecture(spec: "Detectron2Spec") -> dict[str, Any]:
+    """ARCHITECTURE's keys filled from a detectron2 spec, for display (the network is built from the spec)."""
+    return dict(DEFAULT_ARCHITECTURE, backbone=f"resnet{spec.depth}", fpn_channels=spec.fpn_out_channels,
+                box_head_dim=spec.box_fc_dim, mask_head_channels=spec.mask_conv_dim,
+                mask_head_layers=spec.mask_num_conv, max_detections=spec.detections_per_image)
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")

@@ -23,6 +23,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from dd.models.semantics import TORCHVISION
+
 _RESNET_WIDTH = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
 
@@ -114,6 +116,7 @@ def build_maskrcnn(
         from torchvision.models.detection.rpn import RPNHead
 
         model.rpn.head = RPNHead(fpn, anchors.num_anchors_per_location()[0])
+    model.semantics = TORCHVISION  # engines that reimplement a step read its rule from here
     return model
 
 

@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 _ENGINES = {
     "torchvision": ("dd.worker.engines.torchvision_maskrcnn", "TorchvisionMaskRCNN"),
+    "detectron2": ("dd.worker.engines.detectron2_maskrcnn", "Detectron2MaskRCNN"),
     "fast": ("dd.worker.engines.fast_maskrcnn", "FastMaskRCNN"),
     "null": ("dd.worker.engines.null", "NullEngine"),
 }
@@ -21,8 +22,11 @@ _FALLBACK = {"fast": "torchvision"}
 
 
 def create_engine(config: ModelConfig, device: str) -> Engine:
+    name = config.engine
+    if name == "torchvision" and config.detectron2 is not None:
+        name = "detectron2"  # detectron2 weights: the reference engine is detectron2's own inference
     try:
-        module_name, class_name = _ENGINES[config.engine]
+        module_name, class_name = _ENGINES[name]
     except KeyError:
         raise ValueError(f"engine {config.engine!r} is not available; available: {', '.join(_ENGINES)}") from None
     module = importlib.import_module(module_name)

@@ -17,7 +17,8 @@ from dd.config import ModelConfig
 
 @dataclass
 class EngineInput:
-    """One decoded image. color: H x W x 3 uint8 RGB; depth: H x W uint16 mm or float32 m, or None."""
+    """One decoded image. color: H x W x 3 uint8 RGB; depth: H x W uint16 (x DEPTH_UNIT metres, default mm) or
+    float32 metres, or None."""
 
     color: np.ndarray
     depth: np.ndarray | None
@@ -75,8 +76,9 @@ class Engine(ABC):
         """Releases device memory; called once at worker exit."""
 
 
-def depth_to_metres(depth: np.ndarray) -> np.ndarray:
-    """uint16 depth is millimetres (the users' PNGs); float32 depth is already metres."""
-    if depth.dtype == np.uint16:
-        return depth.astype(np.float32) * np.float32(0.001)
+def depth_to_metres(depth: np.ndarray, unit_m: float = 0.001) -> np.ndarray:
+    """Integer depth (the users' 16-bit PNGs) is unit_m metres per unit (DEPTH_UNIT; 0.001: millimetres),
+    computed in float32; float32 depth is already metres."""
+    if np.issubdtype(depth.dtype, np.integer):
+        return depth.astype(np.float32) * np.float32(unit_m)
     return depth.astype(np.float32, copy=False)

@@ -289,7 +289,7 @@ class FastMaskRCNN(Engine):
             assert depth is not None
             d = depth.float()[:, None]
             if depth.dtype == torch.uint16:
-                d = d * 0.001
+                d = d * self.config.depth_unit_m
             d = torch.where(d > 0, d, torch.full_like(d, self.fill))
             x = torch.cat([x, d], dim=1)
         x = (x - self.mean) / self.std

@@ -22,7 +22,18 @@ log = logging.getLogger(__name__)
 
 
 def build_loaded_model(cfg: ModelConfig) -> MaskRCNN:
-    """The model a config describes, with its weights; shared by every engine that runs these weights."""
+    """The model a config describes, with its weights; shared by every engine that runs these weights.
+
+    detectron2 weights (cfg.detectron2 set) give the torchvision-structured network of their YAML, with
+    detectron2's rules where they differ (dd.models.detectron2.network; model.semantics says which).
+    """
+    if cfg.detectron2 is not None:
+        from dd.models.detectron2.loader import load_detectron2_model
+
+        if cfg.weights is None:
+            raise ValueError(f"model {cfg.name}: engine {cfg.engine!r} needs MODEL_WEIGHT")
+        return load_detectron2_model(cfg.detectron2, cfg.weights, score_threshold=cfg.score_threshold,
+                                     min_size=cfg.min_size, max_size=cfg.max_size)
     mean = list(cfg.pixel_mean)
     std = list(cfg.pixel_std)
     if cfg.input_kind == "rgbd":
@@ -66,7 +77,7 @@ class TorchvisionMaskRCNN(Engine):
             return chw
         if item.depth is None:
             raise ValueError("RGB-D model needs depth")
-        d = torch.from_numpy(depth_to_metres(item.depth)).to(self.torch_device)
+        d = torch.from_numpy(depth_to_metres(item.depth, self.config.depth_unit_m)).to(self.torch_device)
         d = torch.where(d > 0, d, torch.full_like(d, self.fill))
         return torch.cat([chw, d.unsqueeze(0)], dim=0)
 
