@@ -87,6 +87,22 @@ def _same_file(fd_a: int, fd_b: int) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def return_large_allocations(threshold: int = 1 << 20) -> bool:
+    """Makes glibc serve allocations of `threshold` bytes and more with their own mappings, returned to
+    the system when freed. By default glibc raises that threshold to the size of the largest block freed
+    so far (up to 32 MiB), after which copies of request messages of tens of MB are kept in its heaps.
+    (Sending a frontend 480 messages of 23 MB one after the other left it at 0.8 to 1.1 GB with this
+    and 1.1 to 1.5 GB without: gRPC's own buffers are most of what remains.) False where not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def raise_open_files_limit() -> tuple[int, int]:
     """Raises this process's soft limit of open files to its hard limit, and returns (soft, hard).
 

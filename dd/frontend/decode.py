@@ -181,7 +181,7 @@ def check_aspect(w: int, h: int, resize: tuple[int, int], what: str = "color") -
         ratio = max_size / need
         raise _invalid(f"{what}: {w}x{h} is too elongated for this model: its resize (MIN_SIZE {min_size}, "
                        f"MAX_SIZE {max_size}) would leave the shorter side {resized:.2f} pixels, under {need}; "
-                       f"the longer side may be at most {ratio:.0f} times the shorter: crop or pad the image")
+                       f"the longer side may be at most {ratio:.1f} times the shorter: crop or pad the image")
 
 
 def _raw_array(img: pb.Image, what: str, channels: int | None) -> np.ndarray:

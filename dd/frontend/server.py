@@ -47,7 +47,7 @@ from dd.frontend.slots import SlotPool
 from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import ShmRing, remove_stale_segments, segment_name
 from dd.logsafe import clip
-from dd.procutil import die_with_parent, parent_alive
+from dd.procutil import die_with_parent, parent_alive, return_large_allocations
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 
 log = logging.getLogger("dd.frontend")
@@ -115,6 +115,7 @@ class Frontend:
         # Linux sends SIGTERM if the supervisor dies, even while this loop is busy; the watch below
         # is the fallback where prctl is not available.
         die_with_parent(self.parent_pid)
+        return_large_allocations()  # request messages of tens of MB go back to the system once freed
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -248,9 +249,21 @@ class Frontend:
         await _abort(context, code, message)
 
     async def _read_one(self, requests: AsyncIterator[pb.DetectRequest], time_remaining: float | None):
+        """The call's one message, and then the end of its stream (a unary client sends both at once).
+
+        The end is read too: a call whose handler ends before gRPC has seen the end of its request
+        stream keeps the received message in memory after the call is over (23 MB a call, measured).
+        """
         wait = self.cfg.upload_timeout_s if time_remaining is None else min(self.cfg.upload_timeout_s, time_remaining)
+        until = time.monotonic() + wait
         try:
-            return await asyncio.wait_for(requests.__anext__(), timeout=wait)
+            request = await asyncio.wait_for(requests.__anext__(), timeout=wait)
+            try:
+                await asyncio.wait_for(requests.__anext__(), timeout=max(0.0, until - time.monotonic()))
+            except StopAsyncIteration:
+                return request
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "Detect takes one DetectRequest; use DetectStream for several")
         except StopAsyncIteration:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no DetectRequest") from None
         except asyncio.TimeoutError:
