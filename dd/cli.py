@@ -59,7 +59,7 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-concurrent-calls", dest="max_concurrent_calls", type=int,
                      help="calls a frontend runs at once; more wait (default 512)")
     lim.add_argument("--max-streams-per-connection", dest="max_streams_per_connection", type=int,
-                     help="HTTP/2 concurrent streams per connection (default 128)")
+                     help="HTTP/2 concurrent streams per connection (default 256)")
     lim.add_argument("--max-connections", dest="max_connections", type=int,
                      help="connections per frontend; more are closed at once (default 1024)")
     lim.add_argument("--idle-timeout", dest="idle_timeout_s", type=float,

@@ -413,7 +413,7 @@ class ServerConfig:
     stream_window: int = 8  # requests of one DetectStream in flight; at most half the ring (fair slots)
     max_held_response_mb: float = 256.0  # finished responses per frontend waiting for clients that do not read
     max_concurrent_calls: int = 512  # calls one frontend runs at once (more wait for their turn)
-    max_streams_per_connection: int = 128  # HTTP/2 concurrent streams per connection
+    max_streams_per_connection: int = 256  # HTTP/2 concurrent streams per connection
     max_connections: int = 1024  # connections per frontend; more are closed at once
     idle_timeout_s: float = 60.0  # a connection with no call for this long is closed (clients reconnect)
     handshake_timeout_s: float = 10.0  # a connection must finish its TLS/HTTP2 handshake this soon
