@@ -59,7 +59,8 @@ class RepeatFilter(logging.Filter):
                     self._forget(now)
                 self._kinds[key] = [now, 1]
                 if dropped:
-                    _append(record, f" [and {dropped} more like this in the previous {self.window_s:.0f} s, not logged]")
+                    _append(record, f" [and {dropped} more like this in the previous {self.window_s:.0f} s, "
+                                    "not logged]")
                 return True
             entry[1] += 1
             if entry[1] > self.burst:

@@ -278,8 +278,8 @@ class Frontend:
 
         The window counts a request from when it is read until its response has
         been sent, so a client that reads slowly holds at most a window of
-        finished responses here; they count towards max_pending (and, in
-        bytes, towards max_held_response_mb) until sent. The window is at most
+        finished responses here (each at most max_message_mb); they count
+        towards max_pending, and in bytes towards max_held_response_mb, until sent. The window is at most
         half the ring, and slots go to the caller that holds the fewest, so a
         stream never takes every slot of its frontend.
 
@@ -290,17 +290,12 @@ class Frontend:
         stream ends quietly: nobody is left to tell.
         """
         window = asyncio.Semaphore(self.cfg.resolved_stream_window())
-        stream_held_limit = self.cfg.max_held_response_mb * 2**20 / 8
-        room = asyncio.Event()  # set while this stream holds fewer bytes than stream_held_limit
-        room.set()
         done: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         owner = object()  # this stream, for the slot pool's fair share
         pending = 0  # requests read whose response has not been written yet
-        held = 0  # bytes of finished responses not yet written
 
         async def one(req: pb.DetectRequest) -> None:
-            nonlocal held
             try:
                 body = await self._run(req, context.time_remaining(), owner)
             except (RequestError, DispatchError) as exc:
@@ -311,25 +306,17 @@ class Frontend:
             # cannot make this frontend hold responses that no limit sees.
             self._pending += 1
             self._held_bytes += len(body)
-            held += len(body)
-            if held >= stream_held_limit:
-                room.clear()
             done.put_nowait(body)  # its window place is given back once the response is written
 
         def written(body: bytes) -> None:
-            nonlocal held
             self._pending -= 1
             self._held_bytes -= len(body)
-            held -= len(body)
-            if held < stream_held_limit:
-                room.set()
 
         async def reader() -> None:
             nonlocal pending
             try:
                 async for req in requests:
                     await window.acquire()
-                    await room.wait()
                     pending += 1
                     task = asyncio.get_running_loop().create_task(one(req))
                     tasks.add(task)
