@@ -305,7 +305,7 @@ class Soak:
         iend = png.rindex(b"IEND") - 4
         text = b"k\x00\x00" + zlib.compress(b"\x00" * 8_000_000, 9)
         ztxt = struct.pack(">I", len(text)) + b"zTXt" + text + struct.pack(">I", zlib.crc32(b"zTXt" + text))
-        return {"scan-bomb": jpeg[:-2] + jpeg[last:-2] * 2000 + b"\xff\xd9",
+        return {"scan-bomb": jpeg[:-2] + jpeg[last:-2] * 300 + b"\xff\xd9",  # 310 scans, 3.5 MB
                 "png-text-chunks": png[:iend] + ztxt * 100 + png[iend:]}
 
     async def hostile_one(self, ch, stub, kind: str, n: int, payloads: dict[str, bytes]) -> str:
