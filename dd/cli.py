@@ -44,6 +44,33 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING (default INFO)")
     g.add_argument("--max-pending", dest="max_pending", type=int,
                    help="requests a frontend admits at once; more are refused with RESOURCE_EXHAUSTED (default 256)")
+    g.add_argument("--log-max-mb", dest="log_max_mb", type=float,
+                   help="with --log-dir: rotate each process's log at this size (default 0: never; use logrotate)")
+    g.add_argument("--log-backups", dest="log_backups", type=int, help="rotated log files kept (default 3)")
+    lim = p.add_argument_group("limits against hostile and clumsy clients (docs/operations.md, Limits)")
+    lim.add_argument("--max-jpeg-scans", dest="max_jpeg_scans", type=int,
+                     help="scans one JPEG may have, counted before decoding (default 32)")
+    lim.add_argument("--max-request-id-bytes", dest="max_request_id_bytes", type=int,
+                     help="longest request_id accepted (default 256)")
+    lim.add_argument("--stream-window", dest="stream_window", type=int,
+                     help="requests of one DetectStream in flight, at most half of --ring-slots (default 8)")
+    lim.add_argument("--max-held-response-mb", dest="max_held_response_mb", type=float,
+                     help="finished responses a frontend holds for clients that do not read them; beyond, new "
+                          "requests get RESOURCE_EXHAUSTED (default 256)")
+    lim.add_argument("--max-concurrent-calls", dest="max_concurrent_calls", type=int,
+                     help="calls a frontend runs at once; more wait (default 512)")
+    lim.add_argument("--max-streams-per-connection", dest="max_streams_per_connection", type=int,
+                     help="HTTP/2 concurrent streams per connection (default 256)")
+    lim.add_argument("--max-connections", dest="max_connections", type=int,
+                     help="connections per frontend; more are closed at once (default 1024)")
+    lim.add_argument("--idle-timeout", dest="idle_timeout_s", type=float,
+                     help="close a connection without calls after this many seconds (default 60)")
+    lim.add_argument("--handshake-timeout", dest="handshake_timeout_s", type=float,
+                     help="seconds a new connection has to finish its handshake (default 10)")
+    lim.add_argument("--keepalive", dest="keepalive_s", type=float,
+                     help="ping clients with open calls this often, seconds (default 60)")
+    lim.add_argument("--upload-timeout", dest="upload_timeout_s", type=float,
+                     help="seconds a Detect request's message may take to arrive (default 60)")
     s = p.add_argument_group("security (default: plaintext, no authentication; see docs/operations.md)")
     s.add_argument("--tls-cert", dest="tls_cert", help="PEM certificate chain: serve TLS only (needs --tls-key)")
     s.add_argument("--tls-key", dest="tls_key", help="PEM private key of --tls-cert")
@@ -105,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     if args.command == "inspect":
         return _inspect(args.path)
-    from dd.procutil import setup_logging
+    from dd.procutil import raise_open_files_limit, setup_logging
 
     try:
         server = _server_config(args)
@@ -118,12 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deep-detection: configuration error: {exc}", file=sys.stderr)
         return 2
 
+    raise_open_files_limit()  # every connection is a file; the children inherit the raised limit
+    logs = dict(max_mb=server.log_max_mb, backups=server.log_backups)
     if args.command == "serve":
         from dd.ipc.endpoints import EndpointError
         from dd.ipc.shm_ring import RingError
         from dd.supervisor import Supervisor
 
-        setup_logging(server.log_level, "supervisor", server.log_dir)
+        setup_logging(server.log_level, "supervisor", server.log_dir, **logs)
         try:
             return Supervisor(Path(args.path).resolve(), models, server).run()
         except (ConfigError, RingError, EndpointError) as exc:
@@ -137,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deep-detection: model {args.model!r} is not in {args.path}; it has "
                   f"{', '.join(m.name for m in models)}", file=sys.stderr)
             return 2
-        setup_logging(server.log_level, f"worker-{args.model}.{args.index}", server.log_dir)
+        setup_logging(server.log_level, f"worker-{args.model}.{args.index}", server.log_dir, **logs)
         from dd.ipc.endpoints import prepare_run_dir
         from dd.worker.main import Worker, pin_process
 
@@ -153,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         return Worker(match[0], server, args.index, run_dir, device, args.parent_pid).run()
 
     if args.command == "frontend":
-        setup_logging(server.log_level, "frontend", server.log_dir)
+        setup_logging(server.log_level, "frontend", server.log_dir, **logs)
         from dd.ipc.endpoints import prepare_run_dir
         from dd.frontend.server import run_frontend
 

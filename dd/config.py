@@ -511,6 +511,22 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""  # CA bundle: clients must present a certificate it signed (mutual TLS)
     auth_token_file: str = ""  # a file holding the bearer token every call but health must carry
+    # Limits against hostile and clumsy clients (docs/operations.md, "Limits"). Each bounds a cost
+    # that one client could otherwise make every other client pay.
+    max_jpeg_scans: int = 32  # scans of one JPEG (progressive ones have about 10); counted before decoding
+    max_request_id_bytes: int = 256  # request_id is echoed in the response and may be logged
+    stream_window: int = 8  # requests of one DetectStream in flight; at most half the ring (fair slots)
+    max_held_response_mb: float = 256.0  # finished responses per frontend waiting for clients that do not read
+    max_concurrent_calls: int = 512  # calls one frontend runs at once (more wait for their turn)
+    max_streams_per_connection: int = 256  # HTTP/2 concurrent streams per connection
+    max_connections: int = 1024  # connections per frontend; more are closed at once
+    idle_timeout_s: float = 60.0  # a connection with no call for this long is closed (clients reconnect)
+    handshake_timeout_s: float = 10.0  # a connection must finish its TLS/HTTP2 handshake this soon
+    keepalive_s: float = 60.0  # ping clients with open calls this often; 20 s without an answer closes
+    upload_timeout_s: float = 60.0  # a Detect request's message must have arrived this long after the call began
+    # Logs: rotate each process's file under log_dir at this size (0: never; leave it to logrotate)
+    log_max_mb: float = 0.0
+    log_backups: int = 3
 
     def resolved_frontends(self) -> int:
         if self.frontends > 0:
@@ -547,9 +563,29 @@ class ServerConfig:
             problems.append("max_pending must be at least 1")
         if self.max_inflight_per_worker < 0:
             problems.append("max_inflight_per_worker must be >= 0 (0: 2 x MAX_BATCH_SIZE)")
+        problems += self._limit_problems()
         problems += self._security_problems()
         if problems:
             raise ConfigError("server configuration: " + "; ".join(problems))
+
+    def _limit_problems(self) -> list[str]:
+        problems = []
+        for key in ("max_jpeg_scans", "max_request_id_bytes", "stream_window", "max_concurrent_calls",
+                    "max_streams_per_connection", "max_connections"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("max_held_response_mb", "idle_timeout_s", "handshake_timeout_s", "keepalive_s",
+                    "upload_timeout_s"):
+            if getattr(self, key) <= 0:
+                problems.append(f"{key} must be positive, got {getattr(self, key)}")
+        if self.log_max_mb < 0 or self.log_backups < 0:
+            problems.append("log_max_mb and log_backups must be >= 0 (log_max_mb 0: never rotate)")
+        return problems
+
+    def resolved_stream_window(self) -> int:
+        """Requests of one DetectStream in flight: stream_window, but at most half the ring, so that one
+        stream can never hold every slot of its frontend (other callers always find one)."""
+        return max(1, min(self.stream_window, self.ring_slots // 2))
 
     def _security_problems(self) -> list[str]:
         problems = []

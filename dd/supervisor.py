@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dd.config import ConfigError, ModelConfig, ServerConfig
@@ -90,7 +90,6 @@ class Child:
     started_at: float = 0.0
     failures: int = 0
     restart_at: float = 0.0
-    log_file: object | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -171,10 +170,9 @@ class Supervisor:
         except Exception:
             self._release_run_dir()
             raise
-        if not self.cfg.tls_cert and not self.cfg.auth_token_file and not _loopback(self.cfg.host):
-            log.warning("serving on %s:%d with no TLS and no token: anyone who can reach this port can use it "
-                        "(see docs/operations.md: --host 127.0.0.1, --tls-cert/--tls-key, --auth-token-file)",
-                        self.cfg.host, self.cfg.port)
+        warning = open_port_warning(self.cfg)
+        if warning:
+            log.warning("%s", warning)
 
     def _child(self, name: str, argv: list[str], env_extra: dict[str, str]) -> Child:
         env = dict(os.environ)
@@ -186,11 +184,14 @@ class Supervisor:
         stderr = None
         if self.cfg.log_dir:
             Path(self.cfg.log_dir).mkdir(parents=True, exist_ok=True)
-            if child.log_file is None:
-                child.log_file = open(Path(self.cfg.log_dir) / f"{child.name}.log", "ab")
-            stderr = child.log_file
-        child.proc = subprocess.Popen(child.argv, env=child.env, stdin=subprocess.DEVNULL, stderr=stderr,
-                                      stdout=stderr)
+            # Opened anew for each start: the child may have rotated the file the last one wrote to.
+            stderr = open(Path(self.cfg.log_dir) / f"{child.name}.log", "ab")
+        try:
+            child.proc = subprocess.Popen(child.argv, env=child.env, stdin=subprocess.DEVNULL, stderr=stderr,
+                                          stdout=stderr)
+        finally:
+            if stderr is not None:
+                stderr.close()  # the child has its own copy
         child.started_at = time.monotonic()
         log.info("started %s (pid %d)", child.name, child.proc.pid)
 
@@ -270,9 +271,6 @@ class Supervisor:
         workers = [c for c in self.children if c.name.startswith("worker")]
         self._stop_group(frontends, self.cfg.grace_s + FRONTEND_STOP_EXTRA_S)
         self._stop_group(workers, WORKER_STOP_S)
-        for c in self.children:
-            if c.log_file is not None:
-                c.log_file.close()
         tag = endpoints.run_tag(self.run_dir)
         remove_stale_segments(tag, only_dead=False)
         for _, _, path in endpoints.list_worker_sockets(self.run_dir):
@@ -293,6 +291,24 @@ class Supervisor:
 
 def _loopback(host: str) -> bool:
     return host in ("localhost", "::1", "[::1]") or host.startswith("127.") or host.startswith("unix:")
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
+
+
+def open_port_warning(cfg: ServerConfig) -> str | None:
+    """The warning for a port that anyone who can reach it may use (no TLS, no token), or None.
+
+    A wildcard host is bound dual-stack by gRPC ("0.0.0.0" included): the port is then open on every
+    IPv4 and every IPv6 address of the host, which the warning says, as IPv6 is easily forgotten in
+    a firewall that was written for IPv4.
+    """
+    if cfg.tls_cert or cfg.auth_token_file or _loopback(cfg.host):
+        return None
+    where = (f"port {cfg.port} of every IPv4 and IPv6 address of this host (host {cfg.host or '0.0.0.0'!r} binds "
+             "both: gRPC listens dual-stack)" if cfg.host in WILDCARD_HOSTS else f"{cfg.host}:{cfg.port}")
+    return (f"serving on {where} with no TLS and no token: anyone who can reach it can use it "
+            "(see docs/operations.md: --host 127.0.0.1, --tls-cert/--tls-key, --auth-token-file)")
 
 
 def _describe_exit(rc: int) -> str:

@@ -3,6 +3,7 @@
 
     python scripts/soak.py --minutes 30                 # built-in null-engine models, 2 frontends
     python scripts/soak.py --model configs/models/demo-rgbd --minutes 10 --kill-every 60
+    python scripts/soak.py --hostile --seconds 60 --kill-every 0   # normal clients beside hostile ones
 
 It starts `deep-detection serve` itself (so it knows which processes to kill and
 to measure), offers a mix of requests from --concurrency clients (raw and PNG
@@ -13,6 +14,15 @@ statuses by kind, RSS and open file descriptors of every process, and
 request. It ends with one line:
 
     VERDICT: PASS ...   or   VERDICT: FAIL: <every reason>
+
+With --hostile, hostile and clumsy clients run beside the normal ones (issue
+17; docs/operations.md, "Limits"): JPEGs of thousands of scans, PNGs full of
+compressed text chunks, 1 MB request ids, images too elongated for the model,
+request ids that try to forge log lines on requests the engine fails, streams
+that read their answers slowly, Detect calls whose message never arrives, and
+a few hundred connections that only send the HTTP/2 preface. Each gets the
+status it must; the normal clients' latency (p50, p99) is printed at the end
+either way, with every process's memory and the size of the logs.
 
 FAIL means: a wrong answer, a status a request of its kind must never get, a
 killed worker that was not back and ready within --max-recovery seconds, a
@@ -25,16 +35,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -64,6 +77,21 @@ ALLOWED = {
 }
 MIX = [("unary", 55), ("png", 10), ("rgb", 10), ("stream", 10), ("corrupt", 5), ("cancel", 5),
        ("short-deadline", 5)]
+NORMAL = ("unary", "png", "rgb")  # the kinds whose latency is the normal clients' latency
+# --hostile: what each hostile kind must get (a stream that reads slowly is still served).
+HOSTILE = {
+    "scan-bomb": {"INVALID_ARGUMENT"},
+    "png-text-chunks": {"OK", "UNAVAILABLE"},
+    "long-request-id": {"INVALID_ARGUMENT"},
+    "elongated": {"INVALID_ARGUMENT"},
+    "log-injection": {"INTERNAL"},
+    "slow-reader-stream": {"OK", "UNAVAILABLE"},
+    "stalled-upload": {"DEADLINE_EXCEEDED"},
+}
+ALLOWED.update(HOSTILE)
+IDLE_CONNECTIONS = 200  # preface-only connections kept open (reopened when the server closes them)
+FAIL_PIXEL = 7  # the rgb null model fails on images whose first pixel's red value is this (--hostile)
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 RSS_GROWTH_LIMIT = 64 * 2**20
 FD_GROWTH_LIMIT = 16
 
@@ -74,16 +102,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def null_models(root: Path) -> Path:
-    """Two null-engine models: RGB-D with 2 workers, RGB with 1. Answers are a function of the pixels."""
+def null_models(root: Path, fail_on_pixel: int | None = None) -> Path:
+    """Two null-engine models: RGB-D with 2 workers, RGB with 1. Answers are a function of the pixels.
+    With fail_on_pixel, the RGB model fails on images whose first pixel's red value is that."""
     for name, kind, per_device in (("rgbd", "RGBDNullServicer", 2), ("rgb", "RGBNullServicer", 1)):
         folder = root / name
         folder.mkdir(parents=True)
         (folder / "categories.txt").write_text("a\nb\n")
+        options = {"instances": 4, "cost_ms": 10}
+        if name == "rgb" and fail_on_pixel is not None:
+            options["fail_on_pixel"] = fail_on_pixel
         (folder / "node_config.json").write_text(json.dumps({
             "DETECTION_TYPE": kind, "CATEGORY_FILE": "categories.txt", "SCORE_THRESH_TEST": 0.0, "DEVICES": "cpu",
-            "MAX_BATCH_SIZE": 4, "INSTANCES_PER_DEVICE": per_device,
-            "ENGINE_OPTIONS": {"instances": 4, "cost_ms": 10}}))
+            "MAX_BATCH_SIZE": 4, "INSTANCES_PER_DEVICE": per_device, "ENGINE_OPTIONS": options}))
     return root
 
 
@@ -91,6 +122,8 @@ class Case:
     def __init__(self, rng: np.random.Generator, rid: str, depth: bool, png: bool, model: str) -> None:
         h, w = int(rng.integers(16, 64)), int(rng.integers(16, 64))
         self.color = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        if self.color[0, 0, 0] == FAIL_PIXEL:  # the value a --hostile rgb model fails on
+            self.color[0, 0, 0] += 1
         self.depth = rng.integers(0, 4000, (h, w), dtype=np.uint16) if depth else None
         if png:
             color = pb.Image(data=cv2.imencode(".png", cv2.cvtColor(self.color, cv2.COLOR_RGB2BGR))[1].tobytes())
@@ -113,7 +146,8 @@ class Soak:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.tmp = Path(tempfile.mkdtemp(prefix="dd-soak-"))
-        self.model_path = Path(args.model) if args.model else null_models(self.tmp / "models")
+        self.model_path = Path(args.model) if args.model else null_models(
+            self.tmp / "models", FAIL_PIXEL if args.hostile else None)
         self.port = free_port()
         self.run_dir = self.tmp / "run"
         self.tag = run_tag(self.run_dir)
@@ -130,12 +164,16 @@ class Soak:
         self.reported_at = 0.0
         self.recoveries: list[float] = []  # seconds from a kill to every worker ready again
         self.interval_recoveries: list[float] = []
+        self.latencies: list[float] = []  # seconds, of the normal clients' answered calls (NORMAL kinds)
+        self.idle_closed = 0  # preface-only connections the server closed (--hostile)
 
     # -- the server ---------------------------------------------------------------------------
     def start(self) -> None:
         argv = [sys.executable, "-m", "dd", "serve", str(self.model_path), "--host", "127.0.0.1", "--port",
                 str(self.port), "--run-dir", str(self.run_dir), "--frontends", str(self.args.frontends),
                 "--ring-slots", "16", "--slot-mb", "1", "--log-dir", str(self.tmp / "logs")]
+        if self.args.hostile:  # short enough to be seen within a short run
+            argv += ["--upload-timeout", "2", "--idle-timeout", "5"]
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         end = time.monotonic() + 120
         while time.monotonic() < end:
@@ -193,7 +231,10 @@ class Soak:
                 kind = prng.choices(kinds, weights)[0]
                 n += 1
                 rid = f"c{k}-{n}"
+                t0 = time.monotonic()
                 status = await self.one(stub, kind, rid, rng, prng, rgbd, rgb)
+                if kind in NORMAL and status == "OK":
+                    self.latencies.append(time.monotonic() - t0)
                 self.stats[(kind, status)] += 1
                 if status not in ALLOWED[kind]:
                     self.unexpected[(kind, status)] += 1
@@ -231,6 +272,99 @@ class Soak:
             return "OK"
         except grpc.aio.AioRpcError as exc:
             return exc.code().name
+
+    # -- hostile clients (--hostile) ---------------------------------------------------------------
+    async def hostile(self, kind: str, stop_at: float) -> None:
+        """One hostile client of `kind`, in a loop until stop_at; each attempt's status is counted."""
+        rng = np.random.default_rng(abs(hash(kind)) % 2**32)
+        payloads = self.hostile_payloads(rng)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.port}",
+                                             options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+            stub = pb_grpc.DetectorStub(ch)
+            n = 0
+            while time.monotonic() < stop_at:
+                n += 1
+                try:
+                    status = await self.hostile_one(ch, stub, kind, n, payloads)
+                except grpc.aio.AioRpcError as exc:
+                    status = exc.code().name
+                self.stats[(kind, status)] += 1
+                if status not in ALLOWED[kind]:
+                    self.unexpected[(kind, status)] += 1
+                await asyncio.sleep(0.05)  # a steady trickle, not a flood: the limits, not the CPU, are tested
+
+    def hostile_payloads(self, rng: np.random.Generator) -> dict[str, bytes]:
+        from PIL import Image as PILImage
+
+        rgb = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+        out = io.BytesIO()
+        PILImage.fromarray(rgb).save(out, "JPEG", progressive=True, quality=90)
+        jpeg = out.getvalue()
+        last = jpeg.rindex(b"\xff\xda")
+        png = cv2.imencode(".png", rgb)[1].tobytes()
+        iend = png.rindex(b"IEND") - 4
+        text = b"k\x00\x00" + zlib.compress(b"\x00" * 8_000_000, 9)
+        ztxt = struct.pack(">I", len(text)) + b"zTXt" + text + struct.pack(">I", zlib.crc32(b"zTXt" + text))
+        return {"scan-bomb": jpeg[:-2] + jpeg[last:-2] * 300 + b"\xff\xd9",  # 310 scans, 3.5 MB
+                "png-text-chunks": png[:iend] + ztxt * 100 + png[iend:]}
+
+    async def hostile_one(self, ch, stub, kind: str, n: int, payloads: dict[str, bytes]) -> str:
+        rgb_model = "rgb" if "rgb" in self.models else next(iter(self.models))
+        if kind in ("scan-bomb", "png-text-chunks"):
+            await stub.Detect(pb.DetectRequest(model=rgb_model, color=pb.Image(data=payloads[kind])), timeout=30)
+            return "OK"
+        raw = np.full((24, 32, 3), 100, np.uint8)
+        if kind == "long-request-id":
+            req = pb.DetectRequest(model=rgb_model, request_id="x" * (1 << 20), color=_raw(raw))
+        elif kind == "elongated":
+            req = pb.DetectRequest(model=rgb_model, color=_raw(np.zeros((2, 2000, 3), np.uint8)))
+        elif kind == "log-injection":
+            raw[0, 0, 0] = FAIL_PIXEL
+            req = pb.DetectRequest(model=rgb_model, color=_raw(raw),
+                                   request_id=f"h{n}\n2026-01-01 00:00:00,000 CRITICAL [supervisor] forged")
+        elif kind == "slow-reader-stream":
+            reqs = [pb.DetectRequest(model=rgb_model, request_id=f"s{n}.{i}", color=_raw(raw)) for i in range(64)]
+            seen = 0
+            async for resp in stub.DetectStream(iter(reqs), timeout=60):
+                if resp.error_code:
+                    return grpc.StatusCode(_code(resp.error_code)).name
+                seen += 1
+                await asyncio.sleep(0.05)  # reads its answers slowly
+            return "OK" if seen == len(reqs) else "MISSING_RESPONSES"
+        elif kind == "stalled-upload":  # the call opens; its message never comes
+            call = ch.stream_stream("/deep_detection.v1.Detector/Detect")(timeout=30)
+            await call.read()
+            return "OK"
+        else:
+            raise ValueError(kind)
+        await stub.Detect(req, timeout=30)
+        return "OK"
+
+    async def idle_connections(self, stop_at: float) -> None:
+        """Keeps IDLE_CONNECTIONS connections that only sent the HTTP/2 preface; reopens those the server closes."""
+
+        async def one() -> None:
+            while time.monotonic() < stop_at:
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                except OSError:
+                    await asyncio.sleep(0.5)
+                    continue
+                try:
+                    writer.write(PREFACE)
+                    while await reader.read(65536):  # what the server sends (SETTINGS, GOAWAY), until it closes
+                        pass
+                    self.idle_closed += 1
+                except OSError:
+                    self.idle_closed += 1
+                finally:
+                    writer.close()
+
+        tasks = [asyncio.create_task(one()) for _ in range(IDLE_CONNECTIONS)]
+        await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def check(self, case: Case, resp: pb.DetectResponse) -> None:
         if self.check_answers and case.wrong(resp):
@@ -343,6 +477,12 @@ class Soak:
             p.append(f"{in_use} ring slot(s) still in use after the load")
         if len(run_segments(self.tag)) != self.args.frontends:
             p.append(f"/dev/shm holds {run_segments(self.tag)}, expected one ring per frontend")
+        if self.args.hostile:
+            logs = self.tmp / "logs"
+            forged = [f.name for f in logs.iterdir()
+                      if any(line.startswith("2026-01-01") for line in f.read_text(errors="replace").splitlines())]
+            if forged:
+                p.append(f"a client forged log lines in {forged}")
         # Processes that lived through the run did not grow (the first sample is taken after warm-up).
         final = self.sample()
         for pid, (name, rss, fds) in final.items():
@@ -354,6 +494,24 @@ class Soak:
             if fds - first[2] > FD_GROWTH_LIMIT:
                 p.append(f"{name} (pid {pid}) open files grew {first[2]} -> {fds}")
         return not p
+
+    def print_end(self) -> None:
+        """The normal clients' latency, every process's memory (first sample, peak, end) and the logs' size."""
+        lat = np.asarray(self.latencies) * 1000
+        if lat.size:
+            print(f"normal clients ({'/'.join(NORMAL)}): {lat.size} answered, latency p50 {np.percentile(lat, 50):.1f} "
+                  f"ms, p99 {np.percentile(lat, 99):.1f} ms, max {lat.max():.1f} ms")
+        for pid, (name, rss, fds) in sorted(self.last.items(), key=lambda kv: kv[1][0]):
+            first = self.first.get(pid, (name, rss, fds))
+            print(f"memory {name} (pid {pid}): RSS {first[1] / 2**20:.0f} MiB at the first sample, peak "
+                  f"{self.peak.get(pid, rss) / 2**20:.0f} MiB, end {rss / 2**20:.0f} MiB; {fds} open files")
+        logs = self.tmp / "logs"
+        if logs.is_dir():
+            sizes = {p.name: p.stat().st_size for p in logs.iterdir()}
+            print(f"logs: {sum(sizes.values()) / 1024:.0f} KiB in {len(sizes)} files (largest "
+                  f"{max(sizes, key=sizes.get)}, {max(sizes.values()) / 1024:.0f} KiB)")
+        if self.args.hostile:
+            print(f"idle connections closed by the server: {self.idle_closed}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -375,10 +533,17 @@ class Soak:
         start = time.monotonic()
         stop_at = start + self.args.seconds
         clients = [asyncio.create_task(self.client(k, stop_at)) for k in range(self.args.concurrency)]
+        if self.args.hostile:
+            clients += [asyncio.create_task(self.hostile(kind, stop_at)) for kind in HOSTILE]
+            clients.append(asyncio.create_task(self.idle_connections(stop_at)))
         await self.monitor(start, stop_at)
         await asyncio.gather(*clients)
         if self.stats:
             self.report(time.monotonic() - start)
+
+
+def _raw(arr: np.ndarray) -> pb.Image:
+    return pb.Image(data=arr.tobytes(), encoding=pb.Image.RAW, shape=list(arr.shape), dtype=pb.UINT8)
 
 
 def _code(value: int) -> tuple:
@@ -399,6 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
     ap.add_argument("--frontends", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep the logs and models even when the verdict is PASS")
+    ap.add_argument("--hostile", action="store_true",
+                    help="run hostile and clumsy clients beside the normal ones (see above)")
     ap.add_argument("--max-recovery", type=float, default=5.0,
                     help="seconds a killed worker may take to be ready again (its model's load time + margin)")
     args = ap.parse_args(argv)
@@ -414,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = soak.verdict()
     finally:
         soak.stop()
+    soak.print_end()
     total = sum(soak.total.values())
     by_status: Counter = Counter()
     for (_, status), n in soak.total.items():

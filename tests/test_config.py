@@ -24,6 +24,32 @@ def test_defaults_are_the_documented_ones() -> None:
     assert cfg.max_pending == 256 and cfg.max_message_mb == 64.0
 
 
+LIMITS = ("max_image_pixels", "max_jpeg_scans", "max_request_id_bytes", "max_message_mb", "upload_timeout_s",
+          "max_pending", "max_held_response_mb", "stream_window", "max_concurrent_calls", "max_streams_per_connection",
+          "max_connections", "idle_timeout_s", "handshake_timeout_s", "keepalive_s")
+
+
+def test_every_limit_is_documented_with_its_flag_and_default() -> None:
+    """docs/operations.md's Limits table has a row for each limit, naming its key, its flag and its default."""
+    import argparse
+
+    from dd.cli import _server_flags
+
+    parser = argparse.ArgumentParser()
+    _server_flags(parser)
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    doc = (REPO / "docs" / "operations.md").read_text()
+    table = doc[doc.index("## Limits against hostile and clumsy clients"):doc.index("## Logs")]
+    cfg = load_server_config(None, {})
+    for key in LIMITS:
+        row = next((line for line in table.splitlines() if f"`{key}`" in line), None)
+        assert row is not None, f"{key} is not in the Limits table"
+        assert f"`{flags[key]}`" in row, (key, flags[key], row)
+        default = getattr(cfg, key)
+        shown = "3840 x 2160" if key == "max_image_pixels" else f"{default:g}"
+        assert f"| {shown}" in row, (key, default, row)
+
+
 @pytest.mark.parametrize("override, message", [
     ({"grace_s": float("nan")}, "grace_s: expected a number"),
     ({"default_timeout_s": "inf"}, "default_timeout_s: expected a number"),
@@ -37,6 +63,10 @@ def test_defaults_are_the_documented_ones() -> None:
     ({"tls_cert": "/nonexistent/cert.pem"}, "tls_cert and tls_key go together"),
     ({"tls_client_ca": "/nonexistent/ca.pem"}, "needs tls_cert and tls_key"),
     ({"auth_token_file": "/nonexistent/token"}, "auth_token_file: /nonexistent/token does not exist"),
+    ({"stream_window": 0}, "stream_window must be at least 1"),
+    ({"max_jpeg_scans": 0}, "max_jpeg_scans must be at least 1"),
+    ({"idle_timeout_s": 0}, "idle_timeout_s must be positive"),
+    ({"log_max_mb": -1}, "log_max_mb and log_backups must be >= 0"),
 ])
 def test_bad_settings_are_refused_with_the_reason(override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from dd.frontend.server import STREAM_WINDOW
+from dd.config import ServerConfig
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
 from tests.faults import Server, answer_problem, codes, null_case, null_model, run_cases, wait_for
@@ -73,6 +73,7 @@ def test_stream_window_bounds_what_a_slow_reader_leaves_on_the_frontend(tmp_path
 
     Responses of ~37 KB and no BDP probing on the client keep gRPC's own buffering (one 64 KB
     stream window) to a response or two, so what the frontend read is what it holds."""
+    STREAM_WINDOW = ServerConfig(ring_slots=8).resolved_stream_window()  # noqa: N806 - the server's window
     n = 4 * STREAM_WINDOW
     instances = 1000  # boxes only: about 37 KB a response, cheap for the null engine
     null_model(tmp_path / "null", kind="rgb", instances=instances)

@@ -8,6 +8,7 @@ import datetime
 import ipaddress
 import os
 import stat
+import threading
 import time
 from pathlib import Path
 
@@ -205,6 +206,28 @@ def test_every_method_but_health_needs_the_token(mtls_server: Server, pki: PKI) 
         assert [m.name for m in models] == ["null"]
     # Health stays open: probes and load balancers need no secret.
     assert _health(mtls_server.target, pki.creds("client")) == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("method", ["Detect", "ListModels", "DetectStream"])
+def test_a_call_without_the_token_is_refused_before_its_message_arrives(mtls_server: Server, pki: PKI,
+                                                                         method: str) -> None:
+    """Regression: unauthenticated calls were read whole before being refused (16 of 60 MB took a frontend
+    from 35 MB to 1.3 GB). The call here opens and sends no message at all: it must be refused all the
+    same, at once, rather than wait for a message the server has no business reading."""
+    with grpc.secure_channel(mtls_server.target, pki.creds("client")) as ch:
+        call = ch.stream_stream(f"/deep_detection.v1.Detector/{method}", request_serializer=None,
+                                response_deserializer=None)
+        never = threading.Event()
+
+        def nothing():  # a request stream that sends nothing and never ends
+            never.wait(60)
+            return
+            yield b""  # pragma: no cover
+
+        with pytest.raises(grpc.RpcError) as err:
+            list(call(nothing(), timeout=30))
+        never.set()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, (err.value.code(), err.value.details())
 
 
 def test_the_token_is_on_no_command_line(mtls_server: Server) -> None:

@@ -7,7 +7,7 @@ hmac.compare_digest, so the time a refusal takes says nothing about how much
 of a guess was right. The gRPC health service stays open without a token, so
 load balancers and Kubernetes probes need no secret; everything else (the
 Detector service, reflection) needs it. A refused call is answered
-UNAUTHENTICATED before its message is even parsed.
+UNAUTHENTICATED before its message is even received.
 """
 
 from __future__ import annotations
@@ -110,19 +110,14 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
 
 def _refusal(handler: grpc.RpcMethodHandler, why: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape that answers UNAUTHENTICATED and never parses the request."""
+    """A handler that answers UNAUTHENTICATED without reading the request at all.
 
-    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> None:
+    Whatever the method's shape, it is served as a client stream that is never read: gRPC reads a
+    unary request whole before calling its handler, so an unauthenticated 60 MB message used to be
+    received in full (and held) before it was refused. The call's status is all a client gets.
+    """
+
+    async def refuse(requests: object, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
-    async def streaming(request: object, context: grpc.aio.ServicerContext):  # noqa: ANN202 - async generator
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-        yield b""  # pragma: no cover - abort raises
-
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(streaming)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(streaming)
-    return grpc.unary_unary_rpc_method_handler(unary)
+    return grpc.stream_unary_rpc_method_handler(refuse)

@@ -17,6 +17,15 @@ and decoded by OpenCV, which picks its decoder by the same bytes, so the size
 checked is the size decoded, and the exotic decoders OpenCV also carries are
 never reached by a request. EXIF orientation is ignored: pixels are used as
 stored, which is what the depth image is registered to and what the header says.
+
+The time a decode takes is bounded before it starts too (dd.frontend.image_cost):
+JPEG scans are counted, a PNG reaches the decoder with its pixel chunks only,
+TIFF must be uncompressed or use a lossless codec, WebP must be a still image.
+An image too elongated for the model (its shorter side would shrink below
+MIN_RESIZED_SIDE pixels in the model's resize) is refused before decoding, and
+so is a request whose caller has gone (`abandoned`). Once decoding has started,
+it ends before this function returns, also when it fails: no decode outlives
+its request, so a client cannot keep decoders busy with requests that fail fast.
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 
 import cv2
@@ -32,6 +43,7 @@ import grpc
 import numpy as np
 from PIL import Image as PILImage
 
+from dd.frontend.image_cost import CostError, jpeg_scans, png_pixel_chunks
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 
 # Decoding must not spawn OpenCV's own thread pool inside each of ours.
@@ -39,6 +51,14 @@ cv2.setNumThreads(1)
 PILImage.MAX_IMAGE_PIXELS = None  # we apply our own limit, from the config, to the header's size
 
 _ALIGN = 64
+MAX_JPEG_SCANS = 32  # ServerConfig.max_jpeg_scans
+# The shorter side of an image after the model's resize (MIN_SIZE / MAX_SIZE) must be at least this
+# many pixels: one cell of the coarsest feature map a Mask R-CNN pools from (stride 32).
+MIN_RESIZED_SIDE = 32
+# Depth in metres (RAW FLOAT32) must lie in [0, MAX_DEPTH_M]: what 16-bit millimetres can express.
+MAX_DEPTH_M = 65.535
+# TIFF codecs whose cost is bounded by the pixels (Pillow's names); JPEG-in-TIFF and the fax codecs are not accepted.
+TIFF_COMPRESSIONS = ("raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits")
 _RAW_DTYPES = {pb.UINT8: np.uint8, pb.UINT16: np.uint16, pb.FLOAT32: np.float32}
 ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 _COLOR_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
@@ -104,8 +124,9 @@ def image_format(data: bytes) -> str | None:
     return None
 
 
-def _header_size(data: bytes, what: str) -> tuple[int, int]:
-    """(width, height) from the image's header alone; refuses data that is no complete image."""
+def _inspect(data: bytes, what: str, max_jpeg_scans: int) -> tuple[int, int, bytes]:
+    """(width, height, the bytes to decode) from the image's header and structure alone; refuses data
+    that is no complete image, or that would cost more to decode than its size allows."""
     fmt = image_format(data)
     if fmt is None:
         raise _invalid(f"{what}: not a JPEG, PNG, BMP, TIFF or WebP image (first bytes {data[:8]!r}); "
@@ -113,6 +134,8 @@ def _header_size(data: bytes, what: str) -> tuple[int, int]:
     try:
         with PILImage.open(io.BytesIO(data), formats=[fmt]) as im:
             size = im.size
+            compression = im.info.get("compression", "raw") if fmt == "TIFF" else ""
+            frames = getattr(im, "n_frames", 1) if fmt == "WEBP" else 1
     except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for garbage
         raise _invalid(f"{what}: {fmt} data with an unreadable header ({type(exc).__name__}); "
                        "the file is corrupt or truncated") from None
@@ -120,7 +143,19 @@ def _header_size(data: bytes, what: str) -> tuple[int, int]:
         raise _invalid(f"{what}: JPEG data is truncated (no end-of-image marker at its end)")
     if fmt == "PNG" and b"IEND" not in data[-32:]:
         raise _invalid(f"{what}: PNG data is truncated (no IEND chunk at its end)")
-    return size
+    if fmt == "TIFF" and compression not in TIFF_COMPRESSIONS:
+        raise _invalid(f"{what}: TIFF compression {compression!r} is not accepted; use none, LZW, deflate or "
+                       "PackBits (or send PNG)")
+    if frames != 1:
+        raise _invalid(f"{what}: an animated WebP ({frames} frames); send one still image")
+    try:
+        if fmt == "JPEG":
+            jpeg_scans(data, max_jpeg_scans)
+        elif fmt == "PNG":
+            data = png_pixel_chunks(data)
+    except CostError as exc:
+        raise _invalid(f"{what}: {exc}") from None
+    return size[0], size[1], data
 
 
 def _check_pixels(w: int, h: int, max_pixels: int, what: str) -> None:
@@ -129,6 +164,24 @@ def _check_pixels(w: int, h: int, max_pixels: int, what: str) -> None:
     if w * h > max_pixels:
         raise _invalid(f"{what}: {w}x{h} = {w * h} pixels exceeds this server's limit of {max_pixels} "
                        "(max_image_pixels); resize the image on the client")
+
+
+def check_aspect(w: int, h: int, resize: tuple[int, int], what: str = "color") -> None:
+    """Refuses an image the model's resize would squeeze below MIN_RESIZED_SIDE on its shorter side.
+
+    The model scales an image by min(MIN_SIZE / shorter side, MAX_SIZE / longer side); an image
+    far longer than wide (2 x 2000) comes out a pixel or two wide, too thin for any feature map.
+    The threshold is MIN_RESIZED_SIDE, or MIN_SIZE where a model resizes to less.
+    """
+    min_size, max_size = resize
+    short, long = min(w, h), max(w, h)
+    resized = short * min(min_size / short, max_size / long)
+    need = min(MIN_RESIZED_SIDE, min_size)
+    if resized < need:
+        ratio = max_size / need
+        raise _invalid(f"{what}: {w}x{h} is too elongated for this model: its resize (MIN_SIZE {min_size}, "
+                       f"MAX_SIZE {max_size}) would leave the shorter side {resized:.2f} pixels, under {need}; "
+                       f"the longer side may be at most {ratio:.1f} times the shorter: crop or pad the image")
 
 
 def _raw_array(img: pb.Image, what: str, channels: int | None) -> np.ndarray:
@@ -163,9 +216,28 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryview, max_pixels: int) -> Decoded:
-    """Decodes color (and depth) into `slot`; color at offset 0 as H x W x 3 RGB, depth after it."""
+def _check_encoding(img: pb.Image, what: str) -> None:
+    if img.encoding not in (pb.Image.ENCODED, pb.Image.RAW):
+        raise _invalid(f"{what}: unknown encoding {img.encoding}; use ENCODED (0) or RAW (1)")
+
+
+def _check_abandoned(abandoned: threading.Event | None) -> None:
+    if abandoned is not None and abandoned.is_set():
+        raise RequestError(grpc.StatusCode.CANCELLED, "the call ended before its image was decoded")
+
+
+def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryview, max_pixels: int, *,
+                     max_jpeg_scans: int = MAX_JPEG_SCANS, resize: tuple[int, int] | None = None,
+                     abandoned: threading.Event | None = None) -> Decoded:
+    """Decodes color (and depth) into `slot`; color at offset 0 as H x W x 3 RGB, depth after it.
+
+    `resize`: the model's (MIN_SIZE, MAX_SIZE), for check_aspect. `abandoned`: set by the caller
+    when nobody waits for the answer any more; checked before each decode starts.
+    """
     color_img, depth_img = request.color, request.depth
+    _check_encoding(color_img, "color")
+    if needs_depth:
+        _check_encoding(depth_img, "depth")
     if not color_img.data:
         raise _invalid("color.data is empty; send the image bytes (JPEG/PNG) or raw pixels")
     if needs_depth and not depth_img.data:
@@ -174,12 +246,15 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
 
     # 1. Sizes, from RAW shapes or headers; nothing decoded yet.
     color_raw = depth_raw = None
+    color_data = depth_data = b""
     if color_img.encoding == pb.Image.RAW:
         color_raw = _raw_array(color_img, "color", 3)
         h, w = color_raw.shape[:2]
     else:
-        w, h = _header_size(color_img.data, "color")
+        w, h, color_data = _inspect(color_img.data, "color", max_jpeg_scans)
     _check_pixels(w, h, max_pixels, "color")
+    if resize is not None:
+        check_aspect(w, h, resize)
     depth_offset = _align(h * w * 3)
     end = h * w * 3
     if needs_depth:
@@ -188,7 +263,7 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
             dh, dw = depth_raw.shape
             itemsize = depth_raw.dtype.itemsize
         else:
-            dw, dh = _header_size(depth_img.data, "depth")
+            dw, dh, depth_data = _inspect(depth_img.data, "depth", max_jpeg_scans)
             itemsize = 2
         if (dw, dh) != (w, h):
             raise _invalid(f"depth is {dw}x{dh} but color is {w}x{h}; they must be the same size (registered)")
@@ -197,16 +272,22 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
         raise _invalid(f"image needs {end} bytes of shared memory but a ring slot holds {len(slot)}; "
                        "send a smaller image or ask the operator to raise --slot-mb / max_image_pixels")
 
+    if depth_raw is not None and depth_raw.dtype == np.float32:  # cheap: before any decode
+        _check_depth_range(depth_raw)
+
     # 2. Pixels. The depth decode (into its own array) overlaps the color decode; only this
     # thread writes into the slot, so the slot is untouched once this function returns or raises.
+    _check_abandoned(abandoned)
     depth_future: Future | None = None
     if needs_depth and depth_raw is None:
-        depth_future = _DEPTH_POOL.submit(_imdecode, depth_img.data, _DEPTH_FLAGS)
+        depth_future = _DEPTH_POOL.submit(_decode_unless, abandoned, depth_data, _DEPTH_FLAGS)
     try:
-        color = _decode_color(color_img, color_raw, slot, h, w)
+        color = _decode_color(color_raw, color_data, slot, h, w)
     except BaseException:
-        if depth_future is not None:
-            depth_future.cancel()
+        if depth_future is not None and not depth_future.cancel():
+            # Running: let it end before this request does, so that its cost stays with it
+            # (a request whose color fails fast must not leave a depth decode behind).
+            wait_futures([depth_future])
         raise
     if not needs_depth:
         return Decoded(color, None, h, w)
@@ -223,25 +304,39 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
         if depth_raw.shape != (h, w):
             raise _invalid(f"depth: decoded size {depth_raw.shape[1]}x{depth_raw.shape[0]} differs from its "
                            f"header's {w}x{h}")
-    if depth_raw.dtype == np.float32 and not np.isfinite(depth_raw).all():
-        raise _invalid("depth (FLOAT32, metres) contains NaN or infinity; use 0 for missing pixels")
     dst = _slot_array(slot, depth_offset, depth_raw.shape, depth_raw.dtype)
     np.copyto(dst, depth_raw)
     return Decoded(color, Placed(depth_offset, tuple(depth_raw.shape), depth_raw.dtype.name), h, w)
 
 
-def _decode_color(color_img: pb.Image, color_raw: np.ndarray | None, slot: memoryview, h: int, w: int) -> Placed:
+def _check_depth_range(depth: np.ndarray) -> None:
+    if not np.isfinite(depth).all():
+        raise _invalid("depth (FLOAT32, metres) contains NaN or infinity; use 0 for missing pixels")
+    lo, hi = float(depth.min()), float(depth.max())
+    if lo < 0.0 or hi > MAX_DEPTH_M:
+        raise _invalid(f"depth (FLOAT32, metres) must lie in [0, {MAX_DEPTH_M}] (0: missing), got values from "
+                       f"{lo:g} to {hi:g}; send metres, not millimetres")
+
+
+def _decode_color(color_raw: np.ndarray | None, data: bytes, slot: memoryview, h: int, w: int) -> Placed:
     dst = _slot_array(slot, 0, (h, w, 3), np.uint8)
     if color_raw is not None:
         np.copyto(dst, color_raw)
     else:
-        bgr = _imdecode(color_img.data, _COLOR_FLAGS)
+        bgr = _imdecode(data, _COLOR_FLAGS)
         if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
             raise _invalid("color: the image could not be decoded (corrupt or unsupported data)")
         if bgr.shape[:2] != (h, w):
             raise _invalid(f"color: decoded size {bgr.shape[1]}x{bgr.shape[0]} differs from its header's {w}x{h}")
         cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=dst)
     return Placed(0, (h, w, 3), "uint8")
+
+
+def _decode_unless(abandoned: threading.Event | None, data: bytes, flags: int) -> np.ndarray | None:
+    """A depth decode that does not start for a request that is gone (its color decode failed, or
+    its caller left) while it waited for a thread."""
+    _check_abandoned(abandoned)
+    return _imdecode(data, flags)
 
 
 def _imdecode(data: bytes, flags: int) -> np.ndarray | None:

@@ -11,6 +11,15 @@ refused with RESOURCE_EXHAUSTED right away), each waits for a ring slot and a
 worker credit only until shortly before its deadline, and a request that fails
 in an unexpected way gets INTERNAL with a message rather than taking anything
 else down.
+
+So is what one client can make the frontend hold or do for it (docs/operations.md,
+"Limits"): connections (a cap, an idle timeout, a handshake timeout, keepalive),
+calls (at once per frontend and per connection), the time a Detect message may
+take to arrive, the length of request_id, finished responses that wait for a
+client that does not read them (counted in max_pending, and in bytes), the
+slots one stream may hold (its window, at most half the ring, and fair hand-out),
+and the cost of decoding an image (dd.frontend.decode). Nothing a client sent is
+echoed or logged unclipped (dd.logsafe).
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,18 +46,22 @@ from dd.frontend.dispatcher import DispatchError, Dispatcher
 from dd.frontend.slots import SlotPool
 from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import ShmRing, remove_stale_segments, segment_name
-from dd.procutil import die_with_parent, parent_alive
+from dd.logsafe import clip
+from dd.procutil import die_with_parent, parent_alive, return_large_allocations
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 
 log = logging.getLogger("dd.frontend")
 
 SERVICE = "deep_detection.v1.Detector"
-STREAM_WINDOW = 32  # requests of one DetectStream in flight at once
 # A request that cannot get a slot or a worker gives up this long before its deadline (at most a
 # tenth of its timeout), so that the client gets RESOURCE_EXHAUSTED and the reason, not a bare
 # DEADLINE_EXCEEDED from its own timer.
 GIVE_UP_MARGIN_S = 0.2
 ORPHAN_GRACE_S = 1.0  # the supervisor is gone, and with it the workers: no point waiting longer
+KEEPALIVE_TIMEOUT_MS = 20_000  # a client that does not answer a keepalive ping this long is gone
+CLIENT_PING_INTERVAL_MS = 10_000  # clients may keepalive-ping this often (gRPC's default allows every 5 min)
+FILES_RESERVED = 256  # open files a frontend keeps for itself (shared memory, sockets, logs) below its limit
+MAX_STATUS_CHARS = 2048  # a status message must fit gRPC's metadata limit, whatever it quotes
 _END = object()
 
 
@@ -84,7 +99,8 @@ class Frontend:
         self.slots: SlotPool | None = None
         self.dispatcher: Dispatcher | None = None
         self.health = health.aio.HealthServicer()
-        self._pending = 0
+        self._pending = 0  # requests admitted and not finished, plus finished responses a stream holds
+        self._held_bytes = 0  # bytes of finished responses that streams hold for their clients
         self._pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
                                         thread_name_prefix="decode")
         self._stopping = False
@@ -99,6 +115,7 @@ class Frontend:
         # Linux sends SIGTERM if the supervisor dies, even while this loop is busy; the watch below
         # is the fallback where prctl is not available.
         die_with_parent(self.parent_pid)
+        return_large_allocations()  # request messages of tens of MB go back to the system once freed
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -113,11 +130,8 @@ class Frontend:
         self.ring = ShmRing.create(segment_name(self.tag, "fe"), self.cfg.ring_slots, self.cfg.slot_bytes())
         self.slots = SlotPool(self.ring)
         self.dispatcher = Dispatcher(self.run_dir, self._max_inflight, on_change=self._update_health)
-        server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", int(self.cfg.max_message_mb * 2**20)),
-            ("grpc.max_send_message_length", int(self.cfg.max_message_mb * 2**20)),
-            ("grpc.so_reuseport", 1),
-        ])
+        server = grpc.aio.server(interceptors=interceptors, options=self._grpc_options(),
+                                 maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
         server.add_generic_rpc_handlers((self._handlers(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -159,6 +173,28 @@ class Frontend:
         log.info("frontend stopped")
         return 0
 
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        """gRPC's own limits: messages, connections (cap, idle, handshake, keepalive), streams per connection."""
+        cfg = self.cfg
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        connections = cfg.max_connections
+        if soft != resource.RLIM_INFINITY and connections > soft - FILES_RESERVED:
+            connections = max(16, soft - FILES_RESERVED)
+            log.warning("max_connections %d lowered to %d: this process may open %d files (ulimit -n); "
+                        "raise the hard limit to allow more", cfg.max_connections, connections, soft)
+        return [
+            ("grpc.max_receive_message_length", int(cfg.max_message_mb * 2**20)),
+            ("grpc.max_send_message_length", int(cfg.max_message_mb * 2**20)),
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+            ("grpc.max_allowed_incoming_connections", connections),
+            ("grpc.max_connection_idle_ms", int(cfg.idle_timeout_s * 1000)),
+            ("grpc.server_handshake_timeout_ms", int(cfg.handshake_timeout_s * 1000)),
+            ("grpc.keepalive_time_ms", int(cfg.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+            ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PING_INTERVAL_MS),
+        ]
+
     # -- health ----------------------------------------------------------------------------
     def _update_health(self) -> None:
         if self.dispatcher is None or self._stopping:
@@ -174,7 +210,9 @@ class Frontend:
     # -- handlers ----------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(SERVICE, {
-            "Detect": grpc.unary_unary_rpc_method_handler(
+            # Read as a stream of one message, so that the handler runs (and its clock starts) before
+            # the message has arrived: see detect.
+            "Detect": grpc.stream_unary_rpc_method_handler(
                 self.detect, request_deserializer=_parser(pb.DetectRequest), response_serializer=_passthrough),
             "DetectStream": grpc.stream_stream_rpc_method_handler(
                 self.detect_stream, request_deserializer=_parser(pb.DetectRequest),
@@ -197,8 +235,12 @@ class Frontend:
                             is_default=name == self.default_model)
         return resp
 
-    async def detect(self, request: pb.DetectRequest, context: grpc.aio.ServicerContext) -> bytes:
+    async def detect(self, requests: AsyncIterator[pb.DetectRequest], context: grpc.aio.ServicerContext) -> bytes:
+        """A unary call, served as a client stream of one message so that a message that never finishes
+        arriving (a client stalled one byte short of 60 MB) is given up after upload_timeout_s instead
+        of being held for as long as the client likes."""
         try:
+            request = await self._read_one(requests, context.time_remaining())
             return await self._run(request, context.time_remaining())
         except (RequestError, DispatchError) as exc:
             code, message = exc.code, exc.message
@@ -206,32 +248,69 @@ class Frontend:
             code, message = _internal(exc)
         await _abort(context, code, message)
 
+    async def _read_one(self, requests: AsyncIterator[pb.DetectRequest], time_remaining: float | None):
+        """The call's one message, and then the end of its stream (a unary client sends both at once).
+
+        The end is read too: a call whose handler ends before gRPC has seen the end of its request
+        stream keeps the received message in memory after the call is over (23 MB a call, measured).
+        """
+        wait = self.cfg.upload_timeout_s if time_remaining is None else min(self.cfg.upload_timeout_s, time_remaining)
+        until = time.monotonic() + wait
+        try:
+            request = await asyncio.wait_for(requests.__anext__(), timeout=wait)
+            try:
+                await asyncio.wait_for(requests.__anext__(), timeout=max(0.0, until - time.monotonic()))
+            except StopAsyncIteration:
+                return request
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               "Detect takes one DetectRequest; use DetectStream for several")
+        except StopAsyncIteration:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no DetectRequest") from None
+        except asyncio.TimeoutError:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"the request message did not arrive within {wait:.0f} s of the call's start "
+                               "(upload_timeout_s); send smaller images or ask the operator to raise "
+                               "--upload-timeout") from None
+
     async def detect_stream(self, requests: AsyncIterator[pb.DetectRequest],
-                            context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        """Requests are served concurrently (up to STREAM_WINDOW); responses go out as they finish.
+                            context: grpc.aio.ServicerContext) -> None:
+        """Requests are served concurrently (up to the stream's window); responses go out as they finish.
 
         The window counts a request from when it is read until its response has
-        been sent, so a client that reads slowly holds at most STREAM_WINDOW
-        finished responses here.
+        been sent, so a client that reads slowly holds at most a window of
+        finished responses here (each at most max_message_mb); they count
+        towards max_pending, and in bytes towards max_held_response_mb, until sent. The window is at most
+        half the ring, and slots go to the caller that holds the fewest, so a
+        stream never takes every slot of its frontend.
 
         A request that fails does not end the stream: its response carries
         error_code/error_message and its request_id, and the stream goes on.
         When the stream ends early (cancelled, deadline), its requests still
-        in flight are cancelled too, which gives their slots back.
+        in flight are cancelled too, which gives their slots back, and the
+        stream ends quietly: nobody is left to tell.
         """
-        window = asyncio.Semaphore(STREAM_WINDOW)
+        window = asyncio.Semaphore(self.cfg.resolved_stream_window())
         done: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
-        pending = 0  # requests read whose response has not been yielded yet
+        owner = object()  # this stream, for the slot pool's fair share
+        pending = 0  # requests read whose response has not been written yet
 
         async def one(req: pb.DetectRequest) -> None:
             try:
-                body = await self._run(req, context.time_remaining())
+                body = await self._run(req, context.time_remaining(), owner)
             except (RequestError, DispatchError) as exc:
-                body = _error_body(req, exc.code, exc.message)
+                body = self._error_body(req, exc.code, exc.message)
             except Exception as exc:  # noqa: BLE001 - fail this request, not the stream
-                body = _error_body(req, *_internal(exc))
-            done.put_nowait(body)  # its window place is given back once the response is sent
+                body = self._error_body(req, *_internal(exc))
+            # Held until written: counted like a request in flight, so that clients that do not read
+            # cannot make this frontend hold responses that no limit sees.
+            self._pending += 1
+            self._held_bytes += len(body)
+            done.put_nowait(body)  # its window place is given back once the response is written
+
+        def written(body: bytes) -> None:
+            self._pending -= 1
+            self._held_bytes -= len(body)
 
         async def reader() -> None:
             nonlocal pending
@@ -246,22 +325,31 @@ class Frontend:
                 done.put_nowait(_END)
 
         read_task = asyncio.create_task(reader())
+        read_task.add_done_callback(_quiet_end)
         try:
             ended = False
             while not (ended and pending == 0):
                 item = await done.get()
                 if item is _END:
                     ended = True
-                    if read_task.done() and not read_task.cancelled() and read_task.exception() is not None:
-                        log.warning("DetectStream reader failed: %r", read_task.exception())
                     continue
                 pending -= 1
-                yield item
+                try:
+                    await context.write(item)
+                except Exception as exc:  # noqa: BLE001 - ExecuteBatchError and friends: the call has ended
+                    log.debug("DetectStream ended while writing a response (%s)", type(exc).__name__)
+                    raise asyncio.CancelledError() from None
+                finally:
+                    written(item)
                 window.release()
         finally:
             read_task.cancel()
             for task in list(tasks):
                 task.cancel()
+            while not done.empty():  # finished responses nobody will read
+                item = done.get_nowait()
+                if item is not _END:
+                    written(item)
 
     # -- the request path ----------------------------------------------------------------------
     def _resolve_model(self, name: str) -> ModelConfig:
@@ -269,26 +357,44 @@ class Frontend:
         model = self.models.get(name)
         if model is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND,
-                               f"model {name!r} is not served here; served: {', '.join(sorted(self.models))}")
+                               f"model {clip(name)} is not served here; served: {', '.join(sorted(self.models))}")
         return model
 
-    async def _run(self, request: pb.DetectRequest, time_remaining: float | None) -> bytes:
-        """Admission: refuse at once when this frontend already holds max_pending requests."""
+    def _error_body(self, req: pb.DetectRequest | CorruptMessage, code: grpc.StatusCode, message: str) -> bytes:
+        """A stream's response for a failed request; what it echoes is cut to the limits."""
+        limit = self.cfg.max_request_id_bytes
+        rid = getattr(req, "request_id", "")
+        return pb.DetectResponse(request_id=rid[:limit], model=getattr(req, "model", "")[:limit],
+                                 error_code=code.value[0],
+                                 error_message=message[:MAX_STATUS_CHARS]).SerializeToString()
+
+    async def _run(self, request: pb.DetectRequest, time_remaining: float | None, owner: object | None = None) -> bytes:
+        """Admission: refuse at once when this frontend already holds max_pending requests (or finished
+        responses), or max_held_response_mb of responses its clients do not read."""
         if isinstance(request, CorruptMessage):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        rid_bytes = len(request.request_id.encode())
+        if rid_bytes > self.cfg.max_request_id_bytes:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request_id is {rid_bytes} bytes; at most {self.cfg.max_request_id_bytes} "
+                               "(max_request_id_bytes)")
         if self._stopping:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
         if self._pending >= self.cfg.max_pending:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"server overloaded: {self._pending} requests already pending on this frontend "
                                f"(max_pending); retry with backoff")
+        if self._held_bytes > self.cfg.max_held_response_mb * 2**20:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"server overloaded: {self._held_bytes / 2**20:.0f} MiB of finished responses wait "
+                               "for streams that do not read them (max_held_response_mb); retry with backoff")
         self._pending += 1
         try:
-            return await self._serve(request, time_remaining)
+            return await self._serve(request, time_remaining, owner)
         finally:
             self._pending -= 1
 
-    async def _serve(self, request: pb.DetectRequest, time_remaining: float | None) -> bytes:
+    async def _serve(self, request: pb.DetectRequest, time_remaining: float | None, owner: object | None) -> bytes:
         received = time.time()
         timeout = self.cfg.default_timeout_s if time_remaining is None else min(time_remaining, 24 * 3600.0)
         deadline = received + timeout
@@ -297,17 +403,20 @@ class Frontend:
         check_options(request)
         if self.dispatcher.ready_workers(model.name) == 0 and (error := self.dispatcher.model_error(model.name)):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {model.name!r} failed to load: {error}")
-        got = await self.slots.acquire(give_up_at)
+        got = await self.slots.acquire(give_up_at, owner)
         if got is None:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"all {self.ring.slots} shared-memory slots of this frontend stayed busy until the "
                                "deadline; retry later, or the operator can raise --ring-slots or add frontends")
         slot, gen = got
         work = None
+        abandoned = threading.Event()  # set when nobody waits for this request: its decodes do not start
         try:
             t0 = time.perf_counter()
             work = self._pool.submit(decode_into_slot, request, model.input_kind == "rgbd",
-                                     self.ring.slot_buffer(slot), self.cfg.max_image_pixels)
+                                     self.ring.slot_buffer(slot), self.cfg.max_image_pixels,
+                                     max_jpeg_scans=self.cfg.max_jpeg_scans, resize=(model.min_size, model.max_size),
+                                     abandoned=abandoned)
             decoded = await asyncio.wrap_future(work)
             decode_us = int((time.perf_counter() - t0) * 1e6)
             req = messages.InferRequest(
@@ -323,6 +432,7 @@ class Frontend:
             return await self.dispatcher.submit(req, deadline, rebind=lambda: self.ring.bump(slot),
                                                 give_up_at=give_up_at)
         finally:
+            abandoned.set()
             # Not before the decode thread is done with the slot, even when this task was cancelled.
             self.slots.release_after(slot, work)
 
@@ -332,7 +442,7 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     client went away) cannot take a status any more; gRPC would log that as an error with a
     traceback, though nobody is left to tell. It ends as cancelled instead, quietly."""
     try:
-        await context.abort(code, message)
+        await context.abort(code, message[:MAX_STATUS_CHARS])
     except grpc.aio.AbortError:
         raise
     except Exception as exc:  # noqa: BLE001 - ExecuteBatchError from the core, for a finished call
@@ -341,15 +451,17 @@ async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, messa
     raise AssertionError("unreachable: abort raises")
 
 
+def _quiet_end(task: asyncio.Task) -> None:
+    """A stream whose client went away ends its read with an error (ExecuteBatchError): nothing to report,
+    and retrieved here so that asyncio does not log it with a traceback at ERROR."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("DetectStream read ended with %s", type(task.exception()).__name__)
+
+
 def _internal(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     log.error("request failed unexpectedly", exc_info=exc)
     return grpc.StatusCode.INTERNAL, (f"internal error in the frontend ({type(exc).__name__}: {exc}); "
                                       "the server keeps serving; please report it with the frontend log")
-
-
-def _error_body(req: pb.DetectRequest | CorruptMessage, code: grpc.StatusCode, message: str) -> bytes:
-    return pb.DetectResponse(request_id=getattr(req, "request_id", ""), model=getattr(req, "model", ""),
-                             error_code=code.value[0], error_message=message).SerializeToString()
 
 
 def run_frontend(models: list[ModelConfig], server: ServerConfig, run_dir: Path, parent_pid: int | None) -> int:

@@ -1,4 +1,4 @@
-"""Slots of the frontend's ring, handed to requests in arrival order, waited for up to a deadline.
+"""Slots of the frontend's ring, shared fairly between callers, waited for up to a deadline.
 
 Why not an asyncio.Condition: releasing must be synchronous (it runs in
 `finally` blocks of cancelled tasks and in callbacks from decode threads, where
@@ -11,6 +11,14 @@ request cancelled mid-decode (client gone, deadline passed) gives its slot back
 when the thread finishes, not when the task is cancelled. Releasing it earlier
 let the next request's pixels be overwritten by the cancelled one's, so that
 request got an answer computed from another image.
+
+Slots are shared fairly between callers: each request names its owner (its
+DetectStream, or itself for a unary call), and when several wait, a freed slot
+goes to the waiter whose owner holds the fewest slots, the longest waiter among
+equals. So a stream that keeps many requests in flight cannot make a single
+call of another client wait behind all of them; and since a stream never has
+more requests in flight than its window (at most half the ring), there is
+always a slot that it does not hold.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections import deque
+from collections import Counter, deque
 
 from dd.ipc.shm_ring import ShmRing
 
@@ -26,17 +34,28 @@ from dd.ipc.shm_ring import ShmRing
 class SlotPool:
     def __init__(self, ring: ShmRing) -> None:
         self.ring = ring
-        self._waiters: deque[asyncio.Future] = deque()
+        self._waiters: deque[tuple[asyncio.Future, object]] = deque()
+        self._held: Counter[object] = Counter()  # slots each owner holds
+        self._owner: dict[int, object] = {}  # slot: its owner
 
-    async def acquire(self, give_up_at: float) -> tuple[int, int] | None:
-        """(slot, generation), or None if no slot came free before time.time() reached give_up_at."""
+    def held(self, owner: object) -> int:
+        """Slots `owner` holds now."""
+        return self._held.get(owner, 0)
+
+    async def acquire(self, give_up_at: float, owner: object | None = None) -> tuple[int, int] | None:
+        """(slot, generation), or None if no slot came free before time.time() reached give_up_at.
+
+        `owner`: who the slot is for (a stream); None: this request alone.
+        """
+        owner = object() if owner is None else owner
         if not self._waiters:
             got = self.ring.allocate()
             if got is not None:
+                self._take(got[0], owner)
                 return got
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
-        self._waiters.append(fut)
+        self._waiters.append((fut, owner))
         timer = loop.call_later(max(0.0, give_up_at - time.time()), _resolve, fut, None)
         try:
             return await fut
@@ -48,14 +67,49 @@ class SlotPool:
         finally:
             timer.cancel()
 
+    def _take(self, slot: int, owner: object) -> None:
+        self._owner[slot] = owner
+        self._held[owner] += 1
+
     def release(self, slot: int) -> None:
-        """Gives the slot back and hands free slots to the longest waiters. Synchronous, never blocks."""
+        """Gives the slot back and hands free slots to waiters, fairly. Synchronous, never blocks."""
+        owner = self._owner.pop(slot, None)
+        if owner is not None:
+            self._held[owner] -= 1
+            if self._held[owner] <= 0:
+                del self._held[owner]
         self.ring.free(slot)
-        while self._waiters and self.ring.free_slots:
-            fut = self._waiters.popleft()
+        while self.ring.free_slots:
+            picked = self._next_waiter()
+            if picked is None:
+                return
+            fut, owner = picked
+            got = self.ring.allocate()
+            self._take(got[0], owner)
+            fut.set_result(got)
+
+    def _next_waiter(self) -> tuple[asyncio.Future, object] | None:
+        """Removes and returns the live waiter whose owner holds the fewest slots (oldest first)."""
+        best: int | None = None
+        best_held = 0
+        dead = 0
+        for i, (fut, owner) in enumerate(self._waiters):
             if fut.done():  # timed out or cancelled meanwhile
+                dead += 1
                 continue
-            fut.set_result(self.ring.allocate())
+            held = self._held.get(owner, 0)
+            if best is None or held < best_held:
+                best, best_held = i, held
+                if held == 0:
+                    break
+        if best is None:
+            self._waiters.clear()
+            return None
+        picked = self._waiters[best]
+        del self._waiters[best]
+        if dead > len(self._waiters) // 2:  # forget the dead waiters once they are half the queue
+            self._waiters = deque(w for w in self._waiters if not w[0].done())
+        return picked
 
     def release_after(self, slot: int, work: concurrent.futures.Future | None) -> None:
         """Releases the slot now, or when `work` (a thread writing into it) has finished."""

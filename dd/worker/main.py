@@ -37,6 +37,7 @@ from google.protobuf.message import DecodeError
 from dd.config import ModelConfig, ServerConfig
 from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import RingError, ShmRing
+from dd.logsafe import clip
 from dd.procutil import die_with_parent, parent_alive
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.worker.batcher import Batcher
@@ -311,7 +312,8 @@ class Worker:
             try:
                 body = self._response(job, det, started, inference_us, len(live))
             except Exception as exc:  # noqa: BLE001 - fail this response, serve the rest
-                log.exception("worker %s: cannot encode the response to request %s", self.name, job.req.request_id)
+                log.exception("worker %s: cannot encode the response to request %s", self.name,
+                              clip(job.req.request_id))
                 _send(out, job, "INTERNAL", f"cannot encode the response: {type(exc).__name__}: {exc}")
                 continue
             if job.ring.generation(job.req.slot) != job.req.generation:
@@ -334,7 +336,7 @@ class Worker:
             return list(results)
         except Exception as exc:  # noqa: BLE001 - the engine failed this batch, the worker lives on
             if len(live) == 1:
-                log.exception("worker %s: engine failed on request %s", self.name, live[0].req.request_id)
+                log.exception("worker %s: engine failed on request %s", self.name, clip(live[0].req.request_id))
                 return [f"engine error on this image: {type(exc).__name__}: {exc}"]
             log.warning("worker %s: engine failed on a batch of %d (%s: %s); retrying one at a time",
                         self.name, len(live), type(exc).__name__, exc)
