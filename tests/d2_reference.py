@@ -68,7 +68,7 @@ def preprocess(model: torch.nn.Module, color: np.ndarray, depth: np.ndarray | No
     mean = torch.tensor(model.transform.image_mean)[:, None, None]
     std = torch.tensor(model.transform.image_std)[:, None, None]
     if depth is None:
-        resized = np.asarray(Image.fromarray(color).resize((rw, rh), Image.BILINEAR))
+        resized = np.array(Image.fromarray(color).resize((rw, rh), Image.BILINEAR))
         x = (torch.from_numpy(resized).permute(2, 0, 1).float() / 255 - mean) / std
     else:
         d = torch.from_numpy(depth.astype(np.float32) * np.float32(0.001) if depth.dtype == np.uint16 else depth)

@@ -48,10 +48,10 @@ class Semantics:
     # probability (sigmoid, which ties in float32 where logits above ~17 differ) and drops those under
     # rpn.score_thresh; detectron2 the logit itself, with no score threshold.
     rpn_rank_by_logit: bool = False
-    # Detections back to input pixels. torchvision: boxes times float32(w) / float32(rw), and min_box_size
-    # applied before the class-wise NMS. detectron2 (detector_postprocess): boxes times float(w / rw)
-    # (a Python float, rounded to float32), clipped to the input image, and boxes with a side not above
-    # min_box_size dropped after the NMS and the top-k cut.
+    # Detections back to input pixels. torchvision: boxes scaled by w / rw, and min_box_size applied
+    # before the class-wise NMS. detectron2 (detector_postprocess): boxes scaled (the same float32 ratio),
+    # clipped to the input image, and boxes with a side not above min_box_size dropped after the NMS and
+    # the top-k cut.
     postprocess: str = "torchvision"
 
     @classmethod

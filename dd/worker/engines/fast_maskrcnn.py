@@ -498,17 +498,15 @@ class FastMaskRCNN(Engine):
         return {"summary": summary, "probs": probs}
 
     def _ratio(self, h: int, w: int, rh: int, rw: int) -> torch.Tensor:
-        """Back to input pixels with torchvision's arithmetic (float32 ratios of the sizes) or
-        detectron2's (Python floats w / rw, which the multiplication rounds to float32); made on the
-        first (uncaptured) call, since a capture cannot copy a constant to the device."""
+        """Back to input pixels with torchvision's arithmetic (float32 ratios of the sizes); made on
+        the first (uncaptured) call, since a capture cannot copy a constant to the device. detectron2
+        multiplies by the Python float w / rw, which torch rounds to float32: the same value (a float32
+        quotient is correctly rounded, and rounding the double quotient of two float32 integers to
+        float32 is too)."""
         key = (h, w, rh, rw)
         if key not in self._ratios:
-            if self.semantics.postprocess == "detectron2":
-                self._ratios[key] = torch.tensor([w / rw, h / rh, w / rw, h / rh], dtype=torch.float32,
-                                                 device=self.dev)
-            else:
-                self._ratios[key] = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.dev) / torch.tensor(
-                    [rw, rh, rw, rh], dtype=torch.float32, device=self.dev)
+            self._ratios[key] = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.dev) / torch.tensor(
+                [rw, rh, rw, rh], dtype=torch.float32, device=self.dev)
         return self._ratios[key]
 
     def _to_input_pixels(self, boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int, rh: int, rw: int

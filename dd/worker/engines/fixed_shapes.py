@@ -29,6 +29,7 @@ size before their NMS (the engine drops empty ones after rescaling).
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +171,8 @@ class FixedShapeHeads:
         self.class_mask_head: torch.nn.Module | None = None
         self._scales: dict[tuple[object, ...], torch.Tensor] = {}
         # Per pooler: its levels' scales, first and last FPN level, canonical box size and level.
-        self._setups: dict[int, tuple[list[float], int, int, int, int]] = {}
+        self._setups: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[float], int, int, int, int]] = (
+            weakref.WeakKeyDictionary())
 
     def _nms(self, boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +268,7 @@ class FixedShapeHeads:
         MultiScaleRoIAlign does), first and last FPN level, canonical box size and level. Read from a
         MultiScaleRoIAlign (and set on it, as its own first call would); any other pooler needs only
         featmap_names and output_size (canonical_scale/canonical_level if it has them, else 224 and 4)."""
-        setup = self._setups.get(id(pooler))
+        setup = self._setups.get(pooler)
         if setup is None:
             scales, mapper = getattr(pooler, "scales", None), getattr(pooler, "map_levels", None)
             if scales is None or mapper is None:
@@ -274,7 +276,7 @@ class FixedShapeHeads:
                                                getattr(pooler, "canonical_level", 4))
                 if isinstance(pooler, MultiScaleRoIAlign):
                     pooler.scales, pooler.map_levels = scales, mapper
-            setup = self._setups[id(pooler)] = (list(scales), mapper.k_min, mapper.k_max, mapper.s0, mapper.lvl0)
+            setup = self._setups[pooler] = (list(scales), mapper.k_min, mapper.k_max, mapper.s0, mapper.lvl0)
         return setup
 
     def roi_align_rule(self, pooler: torch.nn.Module) -> tuple[int, bool]:
