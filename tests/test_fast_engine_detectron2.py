@@ -73,6 +73,7 @@ def _as_detectron2(model: torch.nn.Module) -> torch.nn.Module:
     heads.box_roi_pool = MultiScaleRoIAlign(heads.box_roi_pool.featmap_names, 7, 0)
     heads.mask_roi_pool = MultiScaleRoIAlign(heads.mask_roi_pool.featmap_names, 14, 0)
     model.rpn._post_nms_top_n = dict(training=2000, testing=100)
+    model.rpn.min_size = 0.0  # PROPOSAL_GENERATOR.MIN_SIZE
     return model
 
 
@@ -161,8 +162,9 @@ def test_the_rules_change_the_answers(models: Path, monkeypatch: pytest.MonkeyPa
 
 def test_boxes_back_to_input_pixels_by_each_librarys_rules() -> None:
     """detectron2's detector_postprocess: boxes scaled by w / rw (a Python float; torch rounds it to the
-    float32 that torchvision's float32 division gives), clipped to the input image, empty ones dropped;
-    torchvision's transform only scales (its small boxes went before the NMS)."""
+    float32 that torchvision's float32 division gives), clipped to the input image, empty ones dropped,
+    scores above an image's threshold; torchvision's transform only scales (its small boxes went before
+    the NMS)."""
     import types
 
     def engine(semantics: object) -> types.SimpleNamespace:
@@ -183,3 +185,7 @@ def test_boxes_back_to_input_pixels_by_each_librarys_rules() -> None:
     assert float(b[0, 2]) == w and float(b[0, 3]) <= h  # clipped to the image
     b, v = FastMaskRCNN._to_input_pixels(tv, boxes, valid, h, w, rh, rw)
     assert v.all() and float(b[0, 2]) > w
+    # an image's own threshold: detectron2 keeps scores above it, torchvision's engine at or above it
+    scores = torch.tensor([0.5, 0.50001])
+    assert FastMaskRCNN._passes(d2, scores, 0.5).tolist() == [False, True]
+    assert FastMaskRCNN._passes(tv, scores, 0.5).tolist() == [True, True]

@@ -187,6 +187,7 @@ def _d2_heads(**kwargs: object) -> tuple[torch.nn.Module, FixedShapeHeads]:
                            max_size=160, image_mean=[0.5] * 3, image_std=[0.25] * 3).eval()
     model.roi_heads.box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 0)
     model.roi_heads.mask_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 0)
+    model.rpn.min_size = 0.0  # detectron2's PROPOSAL_GENERATOR.MIN_SIZE, as its network carries it
     return model, FixedShapeHeads(model, semantics=DETECTRON2, **kwargs)
 
 
@@ -256,7 +257,8 @@ def test_rpn_proposals_by_detectron2s_rules() -> None:
     engine = types.SimpleNamespace(model=model, semantics=heads.semantics)
     (dynamic,) = FastMaskRCNN._proposals(engine, objectness, deltas, anchors, 1, *size)
     assert torch.equal(dynamic, expected)
-    # torchvision's rules (sigmoid ranking, >= 1e-3) choose other proposals from the same candidates
+    # torchvision's rules (sigmoid ranking, >= its RPN's 1e-3) choose other proposals from the same candidates
+    rpn.min_size = 1e-3
     tv, tv_valid, _ = FixedShapeHeads(model).proposals(objectness, deltas, anchors, 1, *size)
     assert not torch.equal(tv[0][tv_valid[0]], expected)
     assert not ((tv[0][tv_valid[0]][:, 2] - tv[0][tv_valid[0]][:, 0]) < 1e-3).any()

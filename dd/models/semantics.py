@@ -39,7 +39,8 @@ class Semantics:
     # Detections with a side below this are dropped after the box head (torchvision 1e-2; detectron2 keeps
     # every non-empty box after rescaling to the input image).
     min_box_size: float = 1e-2
-    # Proposals with a side below this are dropped in the RPN (torchvision 1e-3; detectron2 keeps > 0).
+    # Proposals with a side below this are dropped in the RPN (torchvision 1e-3; detectron2 keeps > 0), where
+    # the model's RPN carries no min_size of its own.
     rpn_min_size: float = 1e-3
     # How the two minimum sizes compare: torchvision's remove_small_boxes keeps sides >= the minimum,
     # detectron2's Boxes.nonempty keeps sides > it (so with 0, an empty box goes).
@@ -51,7 +52,7 @@ class Semantics:
     # Detections back to input pixels. torchvision: boxes scaled by w / rw, and min_box_size applied
     # before the class-wise NMS. detectron2 (detector_postprocess): boxes scaled (the same float32 ratio),
     # clipped to the input image, and boxes with a side not above min_box_size dropped after the NMS and
-    # the top-k cut.
+    # the top-k cut; an image's own score threshold keeps scores > it (torchvision's engine: >=).
     postprocess: str = "torchvision"
 
     @classmethod

@@ -79,7 +79,7 @@ from torchvision.ops import boxes as box_ops
 from dd.models.semantics import TORCHVISION, Semantics
 from dd.worker.engines.base import Detections, Engine, EngineInput, EngineUnavailable
 from dd.worker.engines.batchnorm_fold import fold_batchnorm
-from dd.worker.engines.fixed_shapes import FixedShapeHeads, large_enough
+from dd.worker.engines.fixed_shapes import FixedShapeHeads, large_enough, rpn_min_size
 from dd.worker.engines.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
 from dd.worker.engines.mask_head import ClassMaskHead
 from dd.worker.engines.mask_rle import paste_and_encode
@@ -393,7 +393,7 @@ class FastMaskRCNN(Engine):
         cand[..., 0::2] = cand[..., 0::2].clamp(0, rw)
         cand[..., 1::2] = cand[..., 1::2].clamp(0, rh)
         wh = cand[..., 2:] - cand[..., :2]
-        valid = large_enough(wh, sem.rpn_min_size, sem.min_size_strict)
+        valid = large_enough(wh, rpn_min_size(rpn, sem), sem.min_size_strict)
         if not sem.rpn_rank_by_logit:
             valid &= scores >= rpn.score_thresh
         # Invalid candidates sort last and can only suppress each other, so they are removed after NMS.
@@ -509,6 +509,11 @@ class FastMaskRCNN(Engine):
                 [rw, rh, rw, rh], dtype=torch.float32, device=self.dev)
         return self._ratios[key]
 
+    def _passes(self, scores: Any, threshold: float) -> Any:
+        """An image's own score threshold (the heads ran at the batch's lowest): scores >= it as the
+        torchvision engine keeps them, > it as detectron2 does."""
+        return scores > threshold if self.semantics.postprocess == "detectron2" else scores >= threshold
+
     def _to_input_pixels(self, boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int, rh: int, rw: int
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Detections' boxes [..., 4] from the resized image to the input's pixels, and which stay valid:
@@ -587,7 +592,7 @@ class FastMaskRCNN(Engine):
                 redo.append(i)
                 continue
             scores = row[4 * d:5 * d]
-            keep = np.flatnonzero((row[6 * d:7 * d] > 0.5) & (scores >= it.score_threshold))
+            keep = np.flatnonzero((row[6 * d:7 * d] > 0.5) & self._passes(scores, it.score_threshold))
             results[i] = Detections(row[:4 * d].reshape(d, 4)[keep].copy(), scores[keep].copy(),
                                     row[5 * d:6 * d][keep].astype(np.int64), None, [] if want_masks else None)
             spans.append((i, offset, len(keep)))
@@ -650,7 +655,8 @@ class FastMaskRCNN(Engine):
         self._mark("mask head")
         out = []
         for k, item in enumerate(items):
-            b, keep = self._to_input_pixels(det_boxes[k], det_scores[k] >= item.score_threshold, h, w, rh, rw)
+            b, keep = self._to_input_pixels(det_boxes[k], self._passes(det_scores[k], item.score_threshold),
+                                            h, w, rh, rw)
             b = b[keep]
             rle = None
             if want_masks:

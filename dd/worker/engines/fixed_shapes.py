@@ -86,6 +86,12 @@ def large_enough(wh: torch.Tensor, min_size: float, strict: bool) -> torch.Tenso
     return (wh > min_size).all(-1) if strict else (wh >= min_size).all(-1)
 
 
+def rpn_min_size(rpn: torch.nn.Module, semantics: Semantics) -> float:
+    """The smallest proposal side the RPN keeps: the model's own (torchvision's RPN carries min_size, and a
+    detectron2 model's RPN its YAML's PROPOSAL_GENERATOR.MIN_SIZE), else the semantics' default."""
+    return float(getattr(rpn, "min_size", semantics.rpn_min_size))
+
+
 def assign_levels(boxes: torch.Tensor, k_min: int, k_max: int, rule: str = "torchvision",
                   canonical_scale: int = 224, canonical_level: int = 4) -> torch.Tensor:
     """The FPN level of each [R, 4] box, from 0 (level k_min) to k_max - k_min, by the FPN paper's
@@ -219,7 +225,7 @@ class FixedShapeHeads:
         y = cand[..., 1::2].clamp(0, rh)
         cand = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
         wh = cand[..., 2:] - cand[..., :2]
-        valid = valid & large_enough(wh, sem.rpn_min_size, sem.min_size_strict)
+        valid = valid & large_enough(wh, rpn_min_size(rpn, sem), sem.min_size_strict)
         if not sem.rpn_rank_by_logit:
             valid = valid & (scores >= rpn.score_thresh)
         n_levels = len(num_per_level)
