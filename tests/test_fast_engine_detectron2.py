@@ -111,9 +111,11 @@ def _assert_same(ref: Detections, fast: Detections, height: int, width: int) -> 
         j = next((j for j in sorted(unmatched) if ref.labels[j] == fast.labels[i]
                   and np.allclose(ref.boxes[j], fast.boxes[i], atol=1e-3)), None)
         if j is None:  # a tie at the last place, or between two boxes of a class
-            tie = [j for j in unmatched if ref.labels[j] == fast.labels[i] and abs(ref.scores[j] - fast.scores[i]) < 1e-7]
+            tie = [j for j in unmatched
+                   if ref.labels[j] == fast.labels[i] and abs(ref.scores[j] - fast.scores[i]) < 1e-7]
             assert tie or abs(fast.scores[i] - ref.scores.min()) < 1e-7, f"fast instance {i} has no reference twin"
-            unmatched.discard(tie[0]) if tie else None
+            if tie:
+                unmatched.discard(tie[0])
             continue
         unmatched.discard(j)
         assert abs(ref.scores[j] - fast.scores[i]) < 1e-5
