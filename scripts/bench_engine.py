@@ -36,7 +36,7 @@ from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
 from dd.models.model_folder import random_model_folder  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
 from dd.worker.engines.base import EngineInput  # noqa: E402
-from dd.worker.engines.fast_maskrcnn import FastMaskRCNN, resized_size  # noqa: E402
+from dd.worker.engines.fast_maskrcnn import FastMaskRCNN  # noqa: E402
 from dd.worker.engines.torchvision_maskrcnn import TorchvisionMaskRCNN  # noqa: E402
 
 
@@ -230,7 +230,8 @@ def main() -> int:
                     x = fast._normalize(torch.from_numpy(scenes[0].color).cuda()[None],
                                         None if cfg.input_kind == "rgb" else
                                         torch.from_numpy(scenes[0].depth).cuda()[None],
-                                        *resized_size(args.height, args.width, cfg.min_size, cfg.max_size))
+                                        *fast.semantics.resized_size(args.height, args.width, cfg.min_size,
+                                                                     cfg.max_size))
                     ref = eager.model.backbone(x.float().contiguous())
                     got = fast.model.backbone(x)
                     checks.append({"shorter_side": size, "detections": dets, **{

@@ -1,6 +1,7 @@
 """The multi-level RoI Align kernel, run in Triton's interpreter on the CPU (CI has no GPU): each RoI
-pooled as torchvision's roi_align(aligned=False) pools it from its own level alone, for float32 and
-float16 levels, channels-last and contiguous, boxes inside, across and beyond a level's edges."""
+pooled as torchvision's roi_align pools it from its own level alone, aligned=False (torchvision's
+Mask R-CNN) and aligned=True with the adaptive grid (detectron2's ROIAlignV2), for float32 and float16
+levels, channels-last and contiguous, boxes inside, across and beyond a level's edges."""
 
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ SIZES = [(20, 24), (10, 12), (5, 6), (3, 3)]  # (H, W) of the four levels
 
 
 def per_level(levels: list[torch.Tensor], level: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor,
-              output_size: tuple[int, int], sampling_ratio: int) -> torch.Tensor:
+              output_size: tuple[int, int], sampling_ratio: int, aligned: bool = False) -> torch.Tensor:
     """The definition: each RoI through torchvision's roi_align on its level's float32 upcast alone."""
     rows = []
     for lvl, img, box in zip(level.tolist(), image.tolist(), boxes):
         roi = torch.cat([torch.tensor([0.0]), box.float()])[None]
-        rows.append(roi_align(levels[lvl][img:img + 1].float(), roi, output_size, 1.0, sampling_ratio, False))
+        rows.append(roi_align(levels[lvl][img:img + 1].float(), roi, output_size, 1.0, sampling_ratio, aligned))
     return torch.cat(rows)
 
 
@@ -77,24 +78,30 @@ exact = platform.machine().lower() in ("x86_64", "amd64")  # torchvision's CPU k
 kernel.BLOCK_BINS = kernel.BLOCK_BINS_LARGE = 256
 levels32, level, image, boxes = make_case(c=8)
 levels16 = [f.half() for f in levels32]
-# (dtype, channels-last, output size, sampling ratio, out dtype): every pair of options at least once
+# (dtype, channels-last, output size, sampling ratio, out dtype, aligned): every pair of options at least
+# once; aligned with the adaptive grid (ratio 0) is detectron2's ROIAlignV2
 cases = [
-    (torch.float32, True, (7, 7), 2, None),
-    (torch.float32, False, (14, 14), 2, None),
-    (torch.float32, True, (14, 14), 0, None),
-    (torch.float32, False, (7, 7), 0, None),
-    (torch.float16, True, (7, 7), 2, torch.float32),
-    (torch.float16, False, (14, 14), 2, torch.float32),
-    (torch.float16, True, (14, 14), 0, None),
-    (torch.float16, False, (7, 7), 0, torch.float32),
+    (torch.float32, True, (7, 7), 2, None, False),
+    (torch.float32, False, (14, 14), 2, None, False),
+    (torch.float32, True, (14, 14), 0, None, False),
+    (torch.float32, False, (7, 7), 0, None, False),
+    (torch.float16, True, (7, 7), 2, torch.float32, False),
+    (torch.float16, False, (14, 14), 2, torch.float32, False),
+    (torch.float16, True, (14, 14), 0, None, False),
+    (torch.float16, False, (7, 7), 0, torch.float32, False),
+    (torch.float32, True, (7, 7), 0, None, True),
+    (torch.float32, False, (14, 14), 0, None, True),
+    (torch.float16, True, (14, 14), 0, torch.float32, True),
+    (torch.float16, False, (7, 7), 0, None, True),
+    (torch.float32, True, (7, 7), 2, None, True),
 ]
-for dtype, channels_last, size, ratio, out_dtype in cases:
+for dtype, channels_last, size, ratio, out_dtype, aligned in cases:
     feats = levels32 if dtype == torch.float32 else levels16
     if channels_last:
         feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
-    got = kernel.roi_align_levels(feats, level, image, boxes, size, ratio, out_dtype)
-    want = per_level(feats, level, image, boxes, size, ratio)  # on the float32 upcast of the same values
-    case = (dtype, channels_last, size, ratio, out_dtype)
+    got = kernel.roi_align_levels(feats, level, image, boxes, size, ratio, out_dtype, aligned=aligned)
+    want = per_level(feats, level, image, boxes, size, ratio, aligned)  # on the float32 upcast of the same values
+    case = (dtype, channels_last, size, ratio, out_dtype, aligned)
     assert got.shape == want.shape and got.is_contiguous(), case
     assert got.dtype == (out_dtype or dtype), case
     if got.dtype == torch.float32:
@@ -119,6 +126,9 @@ want = per_level(feats, level[keep], image[keep], boxes[keep], (7, 7), 2)
 assert (got[~keep] == 0).all()
 assert (got[keep] - want).abs().max().item() <= 1e-5
 assert torch.equal(got, kernel.roi_align_levels_reference(feats, level, image, boxes, (7, 7), 2, torch.float32))
+v2 = kernel.roi_align_levels(feats, level, image, boxes, (7, 7), 0, torch.float32, aligned=True)
+want = kernel.roi_align_levels_reference(feats, level, image, boxes, (7, 7), 0, torch.float32, aligned=True)
+assert (v2[~keep] == 0).all() and (v2 - want).abs().max().item() <= 1e-5
 # the same values written channels-last (the mask head's layout), several blocks of bins and channels
 got_cl = kernel.roi_align_levels(feats, level, image, boxes, (7, 7), 2, torch.float32, channels_last=True)
 assert got_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(got_cl, got)
@@ -141,10 +151,12 @@ def test_kernel_is_torchvision_roi_align_per_level() -> None:
 def test_reference_is_per_level_roi_align(dtype: torch.dtype) -> None:
     levels, level, image, boxes = make_case(c=8, seed=2)
     levels = [f.to(dtype).contiguous(memory_format=torch.channels_last) for f in levels]
-    for size, ratio in (((7, 7), 2), ((14, 14), 0)):
-        got = roi_align_levels_reference(levels, level, image, boxes, size, ratio, torch.float32)
-        assert torch.equal(got, per_level(levels, level, image, boxes, size, ratio))
-        rounded = roi_align_levels_reference(levels, level, image, boxes, size, ratio)
+    for size, ratio, aligned in (((7, 7), 2, False), ((14, 14), 0, False), ((7, 7), 0, True)):
+        got = roi_align_levels_reference(levels, level, image, boxes, size, ratio, torch.float32, aligned)
+        assert torch.equal(got, per_level(levels, level, image, boxes, size, ratio, aligned))
+        if aligned:  # half a pixel makes a difference
+            assert not torch.equal(got, per_level(levels, level, image, boxes, size, ratio))
+        rounded = roi_align_levels_reference(levels, level, image, boxes, size, ratio, aligned=aligned)
         assert rounded.dtype == dtype and torch.equal(rounded, got.to(dtype))
     empty = roi_align_levels_reference(levels, level[:0], image[:0], boxes[:0], (7, 7), 2)
     assert empty.shape == (0, 8, 7, 7)

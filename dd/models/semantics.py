@@ -39,14 +39,28 @@ class Semantics:
     # Detections with a side below this are dropped after the box head (torchvision 1e-2; detectron2 keeps
     # every non-empty box after rescaling to the input image).
     min_box_size: float = 1e-2
-    # Proposals with a side below this are dropped in the RPN (torchvision 1e-3; detectron2 keeps > 0).
+    # Proposals with a side below this are dropped in the RPN (torchvision 1e-3; detectron2 keeps > 0), where
+    # the model's RPN carries no min_size of its own.
     rpn_min_size: float = 1e-3
+    # How the two minimum sizes compare: torchvision's remove_small_boxes keeps sides >= the minimum,
+    # detectron2's Boxes.nonempty keeps sides > it (so with 0, an empty box goes).
+    min_size_strict: bool = False
+    # What the RPN ranks proposals by, for its NMS and its post-NMS top-n: torchvision the objectness
+    # probability (sigmoid, which ties in float32 where logits above ~17 differ) and drops those under
+    # rpn.score_thresh; detectron2 the logit itself, with no score threshold.
+    rpn_rank_by_logit: bool = False
+    # Detections back to input pixels. torchvision: boxes scaled by w / rw, and min_box_size applied
+    # before the class-wise NMS. detectron2 (detector_postprocess): boxes scaled (the same float32 ratio),
+    # clipped to the input image, and boxes with a side not above min_box_size dropped after the NMS and
+    # the top-k cut; an image's own score threshold keeps scores > it (torchvision's engine: >=).
+    postprocess: str = "torchvision"
 
     @classmethod
     def detectron2(cls) -> "Semantics":
         return cls(name="detectron2", resize_rounding="half_up", resize_antialias_uint8=True,
                    roi_align_aligned=True, roi_sampling_ratio=0, level_mapper="detectron2",
-                   paste="detectron2", min_box_size=0.0, rpn_min_size=0.0)
+                   paste="detectron2", min_box_size=0.0, rpn_min_size=0.0, min_size_strict=True,
+                   rpn_rank_by_logit=True, postprocess="detectron2")
 
     def resized_size(self, h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
         """The size an h x w image is resized to before the network (shorter side min_size, longer <= max_size)."""

@@ -33,6 +33,17 @@ class-wise NMS would have needed more than the top-k candidates, is redone on
 the dynamic path (the earlier, op-by-op version, kept for that and for
 `fixed_shapes: false`), so the answers are torchvision's either way.
 
+A model built for detectron2 weights carries detectron2's inference rules as
+its `semantics` (dd.models.semantics; torchvision's when it has none), and
+both paths follow them: the resized size rounded half up; an RGB image
+resized as PIL resizes uint8 images (pil_resize.py), then normalised (an
+RGB-D one, color and depth as one float image, with plain bilinear); the RPN
+ranking proposals by logit and keeping every non-empty one; RoI Align
+aligned with the adaptive grid and detectron2's FPN level formula
+(fixed_shapes.py); no size filter before the class-wise NMS, then the boxes
+scaled back with detectron2's arithmetic, clipped to the image, and empty
+ones dropped; and detectron2's mask paste (mask_rle.py, paste_kernel.py).
+
 Falls back to the torchvision engine (with a log line) where it cannot run: no
 GPU. ENGINE_OPTIONS: fp16 (true), cuda_graphs (true), pin_memory (true),
 fixed_shapes (true), nms_iterations (24), fold_batchnorm (true; GPU only),
@@ -62,23 +73,26 @@ import torch.nn.functional as F
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
+from dd.models.semantics import TORCHVISION, Semantics
 from dd.worker.engines.base import Detections, Engine, EngineInput, EngineUnavailable
 from dd.worker.engines.batchnorm_fold import fold_batchnorm
-from dd.worker.engines.fixed_shapes import FixedShapeHeads
+from dd.worker.engines.fixed_shapes import FixedShapeHeads, large_enough, rpn_min_size
 from dd.worker.engines.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
 from dd.worker.engines.mask_head import ClassMaskHead
 from dd.worker.engines.mask_rle import paste_and_encode
+from dd.worker.engines.pil_resize import PilBilinear
 from dd.worker.engines.torchvision_maskrcnn import build_loaded_model
 
 log = logging.getLogger(__name__)
 
 
 def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """The size torchvision's GeneralizedRCNNTransform resizes an h x w image to."""
-    scale = min(min_size / min(h, w), max_size / max(h, w))
-    return int(math.floor(h * scale)), int(math.floor(w * scale))
+    """The size torchvision's GeneralizedRCNNTransform resizes an h x w image to (the engine asks its
+    model's semantics, which may round as detectron2 does)."""
+    return TORCHVISION.resized_size(h, w, min_size, max_size)
 
 
 def padded(n: int, divisible: int = 32) -> int:
@@ -141,6 +155,11 @@ class FastMaskRCNN(Engine):
         # among them fill max_detections (checked per image; otherwise the image is redone).
         self.pre_nms_topk = int(opts.get("pre_nms_topk", 1024 if self.fixed else 4096))
         self.model = build_loaded_model(self.config).eval().to(self.dev)
+        # The inference rules the weights were trained with: torchvision's, or detectron2's.
+        self.semantics: Semantics = getattr(self.model, "semantics", TORCHVISION)
+        sem = self.semantics
+        # detectron2 resizes a uint8 (RGB) image with PIL; its RGB-D input is a float image.
+        self._pil = PilBilinear() if sem.resize_antialias_uint8 and self.config.input_kind != "rgbd" else None
         if cuda:
             torch.backends.cudnn.benchmark = True
             if opts.get("fold_batchnorm", True):
@@ -163,7 +182,8 @@ class FastMaskRCNN(Engine):
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, Any]] = {}
         self.heads = FixedShapeHeads(self.model, int(opts.get("nms_iterations", 24)), self.pre_nms_topk,
                                      kernel=cuda and bool(opts.get("triton_nms", True)),
-                                     roi_kernel=cuda and bool(opts.get("triton_roi_align", True)))
+                                     roi_kernel=cuda and bool(opts.get("triton_roi_align", True)),
+                                     semantics=sem)
         if opts.get("class_mask_head", True):
             try:
                 self.heads.class_mask_head = ClassMaskHead(self.model.roi_heads.mask_head,
@@ -283,7 +303,15 @@ class FastMaskRCNN(Engine):
         return self._normalize(torch.stack(colors), depth, rh, rw)
 
     def _normalize(self, color: torch.Tensor, depth: torch.Tensor | None, rh: int, rw: int) -> torch.Tensor:
-        """uint8 B x H x W x 3 (+ depth B x H x W) -> the padded, normalised network input, on the device."""
+        """uint8 B x H x W x 3 (+ depth B x H x W) -> the padded, normalised network input, on the device.
+
+        Normalised, then resized with bilinear interpolation (the same up to rounding as the other way
+        round, and what torchvision does); with detectron2's semantics an RGB image is resized first, as
+        PIL resizes a uint8 image (what detectron2's ResizeShortestEdge does), then normalised."""
+        if self._pil is not None:
+            x = self._pil(color, rh, rw).permute(0, 3, 1, 2).float().div_(255.0)
+            x = (x - self.mean) / self.std
+            return self._pad(x, rh, rw)
         x = color.permute(0, 3, 1, 2).float().div_(255.0)  # B x 3 x H x W
         if self.config.input_kind == "rgbd":
             assert depth is not None
@@ -294,6 +322,11 @@ class FastMaskRCNN(Engine):
             x = torch.cat([x, d], dim=1)
         x = (x - self.mean) / self.std
         x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False)
+        return self._pad(x, rh, rw)
+
+    def _pad(self, x: torch.Tensor, rh: int, rw: int) -> torch.Tensor:
+        """Zero-padded to multiples of 32 (after normalisation, as both libraries pad), in the network's
+        dtype and memory format."""
         out = torch.zeros(x.shape[0], x.shape[1], padded(rh), padded(rw), device=self.dev, dtype=self.dtype)
         out[:, :, :rh, :rw] = x
         return out.contiguous(memory_format=torch.channels_last) if self.dev.type == "cuda" else out
@@ -336,8 +369,10 @@ class FastMaskRCNN(Engine):
     def _proposals(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
                    n_images: int, rh: int, rw: int) -> list[torch.Tensor]:
         """torchvision's RPN filtering (top-k per level, clip, drop tiny boxes, NMS per level, top-k),
-        for the whole batch at once: one NMS call and one host sync instead of several per image."""
+        for the whole batch at once: one NMS call and one host sync instead of several per image.
+        With detectron2's semantics: ranked by logit, no score threshold, only empty boxes dropped."""
         rpn = self.model.rpn
+        sem = self.semantics
         num_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
         obj, dl = concat_box_prediction_layers(objectness, deltas)
         boxes = rpn.box_coder.decode(dl, anchors).view(n_images, -1, 4)
@@ -351,18 +386,23 @@ class FastMaskRCNN(Engine):
         top = torch.cat(tops, dim=1)  # B x K
         lvl = torch.cat(levels)
         k_all = top.shape[1]
-        scores = obj.gather(1, top).sigmoid()
+        scores = obj.gather(1, top)
+        if not sem.rpn_rank_by_logit:
+            scores = scores.sigmoid()
         cand = boxes.gather(1, top[..., None].expand(-1, -1, 4))
         cand[..., 0::2] = cand[..., 0::2].clamp(0, rw)
         cand[..., 1::2] = cand[..., 1::2].clamp(0, rh)
         wh = cand[..., 2:] - cand[..., :2]
-        valid = (wh >= rpn.min_size).all(dim=-1) & (scores >= rpn.score_thresh)
+        valid = large_enough(wh, rpn_min_size(rpn, sem), sem.min_size_strict)
+        if not sem.rpn_rank_by_logit:
+            valid &= scores >= rpn.score_thresh
         # Invalid candidates sort last and can only suppress each other, so they are removed after NMS.
-        scores = torch.where(valid, scores, torch.full_like(scores, -1.0))
+        floor = -1.0 if not sem.rpn_rank_by_logit else float("-inf")  # below every valid score
+        scores = torch.where(valid, scores, torch.full_like(scores, floor))
         image = torch.arange(n_images, device=obj.device)[:, None].expand(-1, k_all)
         groups = (image * len(num_per_level) + lvl[None, :]).reshape(-1)
         keep = grouped_nms(cand.reshape(-1, 4), scores.reshape(-1), groups, rpn.nms_thresh)
-        keep = keep[scores.reshape(-1)[keep] >= 0]
+        keep = keep[valid.reshape(-1)[keep]]
         # keep is in descending score over all images; a stable sort by image keeps that order within each.
         img_of = keep // k_all
         order = torch.sort(img_of, stable=True).indices
@@ -391,8 +431,10 @@ class FastMaskRCNN(Engine):
             boxes = box_ops.clip_boxes_to_image(boxes, (rh, rw))[:, 1:].reshape(-1, 4)
             labels = torch.arange(1, n_classes, device=boxes.device).repeat(scores.shape[0])
             scores = scores[:, 1:].reshape(-1)
-            wh = boxes[:, 2:] - boxes[:, :2]
-            valid = (scores > heads.score_thresh) & (wh >= 1e-2).all(dim=1)
+            valid = scores > heads.score_thresh
+            if self.semantics.postprocess == "torchvision":  # detectron2 drops empty boxes after rescaling
+                valid &= large_enough(boxes[:, 2:] - boxes[:, :2], self.semantics.min_box_size,
+                                      self.semantics.min_size_strict)
             masked = torch.where(valid, scores, torch.full_like(scores, -1.0))
             k = min(self.pre_nms_topk, masked.numel())
             while True:
@@ -433,7 +475,7 @@ class FastMaskRCNN(Engine):
                        ) -> dict[str, torch.Tensor]:
         cfg = self.config
         n, h, w = color.shape[:3]
-        rh, rw = resized_size(h, w, cfg.min_size, cfg.max_size)
+        rh, rw = self.semantics.resized_size(h, w, cfg.min_size, cfg.max_size)
         x = self._normalize(color, depth, rh, rw)
         feats, objectness, deltas = self._trunk(x)
         anchors = self._anchors_for(ImageList(x, [(rh, rw)] * n), list(feats.values()))
@@ -448,21 +490,42 @@ class FastMaskRCNN(Engine):
                   if names == heads.mask_roi_pool.featmap_names and not self.heads.roi_kernel else None)
         det = self.heads.detections(feats, props, props_valid, rh, rw, threshold, autocast, stacks)
         probs = self.heads.mask_probs(feats, det["boxes"], det["labels"], rh, rw, autocast, stacks)
-        boxes = det["boxes"] * self._ratio(h, w, rh, rw)
+        boxes, valid = self._to_input_pixels(det["boxes"], det["valid"], h, w, rh, rw)
         exact = det["exact"] & settled
         # Everything the host needs to know, in one tensor: one copy, one sync.
-        summary = torch.cat([boxes.flatten(1), det["scores"], det["labels"].float(), det["valid"].float(),
+        summary = torch.cat([boxes.flatten(1), det["scores"], det["labels"].float(), valid.float(),
                              exact.float()[:, None]], 1)
         return {"summary": summary, "probs": probs}
 
     def _ratio(self, h: int, w: int, rh: int, rw: int) -> torch.Tensor:
         """Back to input pixels with torchvision's arithmetic (float32 ratios of the sizes); made on
-        the first (uncaptured) call, since a capture cannot copy a constant to the device."""
+        the first (uncaptured) call, since a capture cannot copy a constant to the device. detectron2
+        multiplies by the Python float w / rw, which torch rounds to float32: the same value (a float32
+        quotient is correctly rounded, and rounding the double quotient of two float32 integers to
+        float32 is too)."""
         key = (h, w, rh, rw)
         if key not in self._ratios:
             self._ratios[key] = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.dev) / torch.tensor(
                 [rw, rh, rw, rh], dtype=torch.float32, device=self.dev)
         return self._ratios[key]
+
+    def _passes(self, scores: Any, threshold: float) -> Any:
+        """An image's own score threshold (the heads ran at the batch's lowest): scores >= it as the
+        torchvision engine keeps them, > it as detectron2 does."""
+        return scores > threshold if self.semantics.postprocess == "detectron2" else scores >= threshold
+
+    def _to_input_pixels(self, boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int, rh: int, rw: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detections' boxes [..., 4] from the resized image to the input's pixels, and which stay valid:
+        torchvision scales them (its small boxes went before the NMS); detectron2's detector_postprocess
+        scales, clips them to the image and drops those with a side not above min_box_size (empty ones)."""
+        boxes = boxes * self._ratio(h, w, rh, rw)
+        sem = self.semantics
+        if sem.postprocess == "detectron2":
+            x, y = boxes[..., 0::2].clamp(0, w), boxes[..., 1::2].clamp(0, h)
+            boxes = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
+            valid = valid & large_enough(boxes[..., 2:] - boxes[..., :2], sem.min_box_size, sem.min_size_strict)
+        return boxes, valid
 
     def _fixed_graph(self, bucket: int, h: int, w: int, depth_dtype: torch.dtype | None) -> _FixedGraph:
         key = (bucket, h, w, depth_dtype)
@@ -529,7 +592,7 @@ class FastMaskRCNN(Engine):
                 redo.append(i)
                 continue
             scores = row[4 * d:5 * d]
-            keep = np.flatnonzero((row[6 * d:7 * d] > 0.5) & (scores >= it.score_threshold))
+            keep = np.flatnonzero((row[6 * d:7 * d] > 0.5) & self._passes(scores, it.score_threshold))
             results[i] = Detections(row[:4 * d].reshape(d, 4)[keep].copy(), scores[keep].copy(),
                                     row[5 * d:6 * d][keep].astype(np.int64), None, [] if want_masks else None)
             spans.append((i, offset, len(keep)))
@@ -540,7 +603,8 @@ class FastMaskRCNN(Engine):
             index = torch.from_numpy(np.concatenate(picked)).to(self.dev)
             probs = out["probs"].flatten(0, 1)[index]
             # The boxes the device holds, as the host read them: the paste plans on the host, no sync.
-            rles = paste_and_encode(probs, np.concatenate(picked_boxes), h, w, self.config.mask_threshold)
+            rles = paste_and_encode(probs, np.concatenate(picked_boxes), h, w, self.config.mask_threshold,
+                                    rule=self.semantics.paste)
             for i, start, count in spans:
                 results[i].rle = rles[start:start + count]  # type: ignore[union-attr]
         self._mark("paste and RLE")
@@ -560,7 +624,7 @@ class FastMaskRCNN(Engine):
     def _infer_dynamic(self, items: list[EngineInput], h: int, w: int, want_masks: bool) -> list[Detections]:
         cfg = self.config
         model = self.model
-        rh, rw = resized_size(h, w, cfg.min_size, cfg.max_size)
+        rh, rw = self.semantics.resized_size(h, w, cfg.min_size, cfg.max_size)
         self._mark(None)
         x = self._preprocess(items, rh, rw)
         self._mark("preprocess")
@@ -575,8 +639,9 @@ class FastMaskRCNN(Engine):
         self._mark("proposals")
         heads = model.roi_heads
         cuda = self.dev.type == "cuda"
+        pool = self._pool_lists
         with torch.autocast("cuda", dtype=torch.float16, enabled=cuda and self.fp16):
-            bf = heads.box_head(heads.box_roi_pool(feats, proposals, sizes))
+            bf = heads.box_head(pool(heads.box_roi_pool, feats, proposals, sizes))
             class_logits, box_regression = heads.box_predictor(bf)
         det_boxes, det_scores, det_labels = self._detections(class_logits.float(), box_regression.float(),
                                                              proposals, rh, rw)
@@ -584,24 +649,34 @@ class FastMaskRCNN(Engine):
         probs: list[torch.Tensor | None] = [None] * len(items)
         if want_masks and sum(len(b) for b in det_boxes):
             with torch.autocast("cuda", dtype=torch.float16, enabled=cuda and self.fp16):
-                mf = heads.mask_head(heads.mask_roi_pool(feats, det_boxes, sizes))
+                mf = heads.mask_head(pool(heads.mask_roi_pool, feats, det_boxes, sizes))
                 mask_logits = heads.mask_predictor(mf)
             probs = maskrcnn_inference(mask_logits.float(), det_labels)
         self._mark("mask head")
-        ratio = self._ratio(h, w, rh, rw)
         out = []
         for k, item in enumerate(items):
-            keep = det_scores[k] >= item.score_threshold
-            b = det_boxes[k][keep] * ratio
+            b, keep = self._to_input_pixels(det_boxes[k], self._passes(det_scores[k], item.score_threshold),
+                                            h, w, rh, rw)
+            b = b[keep]
             rle = None
             if want_masks:
                 p = probs[k]
-                rle = (paste_and_encode(p[keep][:, 0], b, h, w, cfg.mask_threshold)
+                rle = (paste_and_encode(p[keep][:, 0], b, h, w, cfg.mask_threshold, rule=self.semantics.paste)
                        if p is not None and len(b) else [])
             out.append(Detections(b.cpu().numpy(), det_scores[k][keep].cpu().numpy(),
                                   det_labels[k][keep].cpu().numpy().astype(np.int64), None, rle))
         self._mark("paste+rle")
         return out
+
+    def _pool_lists(self, pooler: torch.nn.Module, feats: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                    sizes: list[tuple[int, int]]) -> torch.Tensor:
+        """The dynamic path's RoI pooling: the model's own pooler under torchvision's rules (what the
+        reference engine runs), else the semantics' rules (FixedShapeHeads.pool_lists)."""
+        sem = self.semantics
+        if (isinstance(pooler, MultiScaleRoIAlign) and sem.level_mapper == "torchvision"
+                and not sem.roi_align_aligned):
+            return pooler(feats, boxes, sizes)
+        return self.heads.pool_lists(pooler, feats, boxes, sizes[0])
 
     def close(self) -> None:
         for _, view in self._pinned.values():

@@ -17,18 +17,28 @@ matrix-vector product. Whether it settled is returned, and an image whose
 NMS did not settle, or whose class-wise NMS needed more than the top-k
 candidates, is redone by the caller on the exact dynamic path: the answers are
 torchvision's either way.
+
+Where the model's weights come from detectron2, its `semantics` attribute
+(dd.models.semantics) says which of the steps follow detectron2's rules
+instead: the RPN ranks proposals by logit and keeps every non-empty one, RoI
+Align is aligned with an adaptive grid, boxes go to FPN levels by
+detectron2's formula (assign_levels), and detections are not filtered by
+size before their NMS (the engine drops empty ones after rescaling).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection.rpn import concat_box_prediction_layers
-from torchvision.ops import roi_align
-from torchvision.ops.poolers import _setup_scales
+from torchvision.ops import MultiScaleRoIAlign, roi_align
+from torchvision.ops.boxes import box_area
+from torchvision.ops.poolers import LevelMapper, _setup_scales
 
+from dd.models.semantics import TORCHVISION, Semantics
 from dd.worker.engines import roi_align_kernel, suppression
 
 log = logging.getLogger(__name__)
@@ -68,6 +78,35 @@ def decode_boxes(coder: torch.nn.Module, rel_codes: torch.Tensor, boxes: torch.T
     c_to_c_h = 0.5 * (torch.exp(dh) * heights[:, None])
     return torch.stack((pred_ctr_x - c_to_c_w, pred_ctr_y - c_to_c_h, pred_ctr_x + c_to_c_w,
                         pred_ctr_y + c_to_c_h), dim=2)
+
+
+def large_enough(wh: torch.Tensor, min_size: float, strict: bool) -> torch.Tensor:
+    """[..., 2] box sides -> [...] whether both pass the minimum: >= it (torchvision's
+    remove_small_boxes) or, strict, > it (detectron2's Boxes.nonempty, which drops empty boxes at 0)."""
+    return (wh > min_size).all(-1) if strict else (wh >= min_size).all(-1)
+
+
+def rpn_min_size(rpn: torch.nn.Module, semantics: Semantics) -> float:
+    """The smallest proposal side the RPN keeps: the model's own (torchvision's RPN carries min_size, and a
+    detectron2 model's RPN its YAML's PROPOSAL_GENERATOR.MIN_SIZE), else the semantics' default."""
+    return float(getattr(rpn, "min_size", semantics.rpn_min_size))
+
+
+def assign_levels(boxes: torch.Tensor, k_min: int, k_max: int, rule: str = "torchvision",
+                  canonical_scale: int = 224, canonical_level: int = 4) -> torch.Tensor:
+    """The FPN level of each [R, 4] box, from 0 (level k_min) to k_max - k_min, by the FPN paper's
+    floor(canonical_level + log2(sqrt(area) / canonical_scale)), clamped to [k_min, k_max], with each
+    library's guard against rounding: torchvision adds 1e-6 after the log (its LevelMapper, used here as
+    it is), detectron2 adds 1e-8 inside it (its assign_boxes_to_levels), in float32 in both. They differ
+    for boxes just under a level's boundary (sqrt(area) a few millionths below 112, 224, 448, ...),
+    which torchvision lifts to the level above."""
+    if rule == "torchvision":
+        return LevelMapper(k_min, k_max, canonical_scale, canonical_level)([boxes])
+    if rule != "detectron2":
+        raise ValueError(f"unknown FPN level rule {rule!r}: 'torchvision' or 'detectron2'")
+    sizes = torch.sqrt(box_area(boxes))
+    levels = torch.floor(canonical_level + torch.log2(sizes / canonical_scale + 1e-8))
+    return levels.clamp(min=k_min, max=k_max).to(torch.int64) - k_min
 
 
 def top_stable(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,8 +164,9 @@ class FixedShapeHeads:
     for a batch of equally sized images, with shapes that depend only on the batch and the size."""
 
     def __init__(self, model: torch.nn.Module, nms_iterations: int = 24, pre_nms_topk: int = 1024,
-                 kernel: bool = False, roi_kernel: bool = False) -> None:
+                 kernel: bool = False, roi_kernel: bool = False, semantics: Semantics = TORCHVISION) -> None:
         self.model = model
+        self.semantics = semantics
         self.iterations = nms_iterations
         self.pre_nms_topk = pre_nms_topk
         self.kernel = kernel and suppression.available()  # the Triton suppression matrix
@@ -136,6 +176,9 @@ class FixedShapeHeads:
         # mask_head.ClassMaskHead, set by the engine where the model's mask head is a plain one.
         self.class_mask_head: torch.nn.Module | None = None
         self._scales: dict[tuple[object, ...], torch.Tensor] = {}
+        # Per pooler: its levels' scales, first and last FPN level, canonical box size and level.
+        self._setups: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[float], int, int, int, int]] = (
+            weakref.WeakKeyDictionary())
 
     def _nms(self, boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,8 +197,11 @@ class FixedShapeHeads:
     def proposals(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
                   n_images: int, rh: int, rw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """torchvision's filter_proposals: top-k per level, clip, drop small and low boxes, NMS per
-        level, best post_nms_top_n. Returns boxes [B, P, 4], valid [B, P], settled [B]."""
+        level, best post_nms_top_n. Returns boxes [B, P, 4], valid [B, P], settled [B].
+        With detectron2's semantics (its find_top_rpn_proposals), the ranking is by logit, with no score
+        threshold, and only empty boxes are dropped."""
         rpn = self.model.rpn
+        sem = self.semantics
         num_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
         obj, dl = concat_box_prediction_layers(objectness, deltas)
         boxes = decode_boxes(rpn.box_coder, dl, torch.cat(anchors)).view(n_images, -1, 4)
@@ -168,7 +214,8 @@ class FixedShapeHeads:
             b = boxes.gather(1, (top + start)[..., None].expand(-1, -1, 4))
             pad = kmax - k
             lvl_boxes.append(F.pad(b, (0, 0, 0, pad)))
-            lvl_scores.append(F.pad(top_obj.sigmoid(), (0, pad), value=-1.0))
+            rank = top_obj if sem.rpn_rank_by_logit else top_obj.sigmoid()
+            lvl_scores.append(F.pad(rank, (0, pad), value=-1.0))  # padding is invalid: never ranked
             lvl_valid.append(F.pad(torch.ones_like(top_obj, dtype=torch.bool), (0, pad), value=False))
             start += n
         cand = torch.stack(lvl_boxes, 1)  # B x L x kmax x 4, each level in descending score
@@ -178,7 +225,9 @@ class FixedShapeHeads:
         y = cand[..., 1::2].clamp(0, rh)
         cand = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
         wh = cand[..., 2:] - cand[..., :2]
-        valid = valid & (wh >= rpn.min_size).all(-1) & (scores >= rpn.score_thresh)
+        valid = valid & large_enough(wh, rpn_min_size(rpn, sem), sem.min_size_strict)
+        if not sem.rpn_rank_by_logit:
+            valid = valid & (scores >= rpn.score_thresh)
         n_levels = len(num_per_level)
         keep, settled = self._nms(cand.reshape(-1, kmax, 4), valid.reshape(-1, kmax), rpn.nms_thresh)
         ranked = torch.where(keep.view(n_images, -1), scores.view(n_images, -1), float("-inf"))
@@ -219,6 +268,41 @@ class FixedShapeHeads:
             stacks.append(out)
         return stacks
 
+    def _setup(self, pooler: torch.nn.Module, levels: list[torch.Tensor], image_size: tuple[int, int]
+               ) -> tuple[list[float], int, int, int, int]:
+        """The pooler's level scales (powers of two, inferred from the levels' sizes as torchvision's
+        MultiScaleRoIAlign does), first and last FPN level, canonical box size and level. Read from a
+        MultiScaleRoIAlign (and set on it, as its own first call would); any other pooler needs only
+        featmap_names and output_size (canonical_scale/canonical_level if it has them, else 224 and 4)."""
+        setup = self._setups.get(pooler)
+        if setup is None:
+            scales, mapper = getattr(pooler, "scales", None), getattr(pooler, "map_levels", None)
+            if scales is None or mapper is None:
+                scales, mapper = _setup_scales(levels, [image_size], getattr(pooler, "canonical_scale", 224),
+                                               getattr(pooler, "canonical_level", 4))
+                if isinstance(pooler, MultiScaleRoIAlign):
+                    pooler.scales, pooler.map_levels = scales, mapper
+            setup = self._setups[pooler] = (list(scales), mapper.k_min, mapper.k_max, mapper.s0, mapper.lvl0)
+        return setup
+
+    def roi_align_rule(self, pooler: torch.nn.Module) -> tuple[int, bool]:
+        """(sampling ratio, aligned) for a pooler: its own attributes where it has them (a
+        MultiScaleRoIAlign has a sampling ratio, never aligned), else the semantics' (detectron2's
+        ROIAlignV2: ratio 0, aligned)."""
+        return (int(getattr(pooler, "sampling_ratio", self.semantics.roi_sampling_ratio)),
+                bool(getattr(pooler, "aligned", self.semantics.roi_align_aligned)))
+
+    def _levels_of(self, pooler: torch.nn.Module, levels: list[torch.Tensor], flat: torch.Tensor,
+                   image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each [R, 4] box's level index and the box in that level's coordinates."""
+        scales, k_min, k_max, s0, lvl0 = self._setup(pooler, levels, image_size)
+        key = (tuple(scales), flat.device)
+        scale_t = self._scales.get(key)
+        if scale_t is None:  # made on an uncaptured call: a capture cannot copy a constant to the device
+            scale_t = self._scales[key] = torch.tensor(scales, dtype=torch.float32, device=flat.device)
+        which = assign_levels(flat, k_min, k_max, self.semantics.level_mapper, s0, lvl0)
+        return which, flat * scale_t[which][:, None]
+
     def roi_pool(self, pooler: torch.nn.Module, feats: dict[str, torch.Tensor], boxes: torch.Tensor,
                  image_size: tuple[int, int], stacks: list[torch.Tensor] | None = None,
                  channels_last: bool = False) -> torch.Tensor:
@@ -228,28 +312,22 @@ class FixedShapeHeads:
         (a host sync). Here each box is scaled to its level by the caller (an exact power-of-two
         scale, so the sample positions are torchvision's) and pointed at that level's images in the
         stack. The pooled values match torchvision's up to the last bit of the bilinear weights at a
-        level's bottom and right edges."""
+        level's bottom and right edges. The levels, the sampling grid and the half-pixel alignment
+        follow the semantics (detectron2's ROIPooler with ROIAlignV2, where the model's are)."""
         levels = [feats[name] for name in pooler.featmap_names]
-        if pooler.scales is None or pooler.map_levels is None:
-            pooler.scales, pooler.map_levels = _setup_scales(levels, [image_size], pooler.canonical_scale,
-                                                             pooler.canonical_level)
-        key = (tuple(pooler.scales), boxes.device)
-        scales = self._scales.get(key)
-        if scales is None:  # made on an uncaptured call: a capture cannot copy a constant to the device
-            scales = self._scales[key] = torch.tensor(pooler.scales, dtype=torch.float32, device=boxes.device)
+        sampling, aligned = self.roi_align_rule(pooler)
         b, n = boxes.shape[:2]
         # Clipped to the image (the heads' boxes already are): the stack holds nothing readable
         # beyond a level's edge, where torchvision's per-level tensors would read zeros.
         flat = boxes.reshape(-1, 4).float()
         x, y = flat[:, 0::2].clamp(0, image_size[1]), flat[:, 1::2].clamp(0, image_size[0])
         flat = torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
-        which = pooler.map_levels([flat])
-        scaled = flat * scales[which][:, None]
+        which, scaled = self._levels_of(pooler, levels, flat, image_size)
         if self.roi_kernel:
             image = torch.arange(b, device=boxes.device).repeat_interleave(n)
             try:
                 return roi_align_kernel.roi_align_levels(levels, which, image, scaled, pooler.output_size,
-                                                         pooler.sampling_ratio, channels_last=channels_last)
+                                                         sampling, channels_last=channels_last, aligned=aligned)
             except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: the stack and roi_align do it
                 if boxes.is_cuda and torch.cuda.is_current_stream_capturing():
                     raise
@@ -265,15 +343,30 @@ class FixedShapeHeads:
             image = torch.arange(m, device=boxes.device).repeat_interleave(n)
             rois = torch.cat([(which[rows] * m + image).to(flat.dtype)[:, None], scaled[rows]], 1)
             pooled.append(roi_align(stack, rois, pooler.output_size, spatial_scale=1.0,
-                                    sampling_ratio=pooler.sampling_ratio, aligned=False))
+                                    sampling_ratio=sampling, aligned=aligned))
             lo += m
         return pooled[0] if len(pooled) == 1 else torch.cat(pooled)
+
+    def pool_lists(self, pooler: torch.nn.Module, feats: dict[str, torch.Tensor], boxes: list[torch.Tensor],
+                   image_size: tuple[int, int]) -> torch.Tensor:
+        """The pooler's pooling for per-image box lists (the dynamic path) by the semantics' rules:
+        one torchvision roi_align per level on its float32 copy, as MultiScaleRoIAlign runs it
+        (roi_align_kernel.roi_align_levels_reference). Returns float32 [sum of N_i, C, oh, ow]."""
+        levels = [feats[name] for name in pooler.featmap_names]
+        sampling, aligned = self.roi_align_rule(pooler)
+        flat = torch.cat(boxes).float()
+        image = torch.cat([torch.full((len(bx),), i, dtype=torch.int64, device=flat.device)
+                           for i, bx in enumerate(boxes)])
+        which, scaled = self._levels_of(pooler, levels, flat, image_size)
+        return roi_align_kernel.roi_align_levels_reference(levels, which, image, scaled, pooler.output_size,
+                                                           sampling, torch.float32, aligned)
 
     # -- box head and class-wise NMS --------------------------------------------------------
     def detections(self, feats: dict[str, torch.Tensor], props: torch.Tensor, props_valid: torch.Tensor,
                    rh: int, rw: int, score_thresh: torch.Tensor, autocast: bool,
                    stacks: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """torchvision's box head and postprocess_detections, at most detections_per_img per image.
+        """torchvision's box head and postprocess_detections, at most detections_per_img per image
+        (detectron2's fast_rcnn_inference with its semantics: no size filter here).
 
         The class-wise NMS looks at the pre_nms_topk best (box, class) candidates
         only: greedy NMS decides a box by the higher-scoring boxes of its class, so
@@ -295,9 +388,10 @@ class FixedShapeHeads:
         boxes = pred.view(b, n, n_classes, 4)[:, :, 1:].reshape(b, -1, 4)
         scores = F.softmax(class_logits, -1).view(b, n, n_classes)[:, :, 1:].reshape(b, -1)
         labels = torch.arange(1, n_classes, device=props.device).repeat(n)
-        wh = boxes[..., 2:] - boxes[..., :2]
-        valid = ((scores > score_thresh) & (wh >= 1e-2).all(-1)
-                 & props_valid.repeat_interleave(n_classes - 1, dim=1))
+        valid = (scores > score_thresh) & props_valid.repeat_interleave(n_classes - 1, dim=1)
+        sem = self.semantics
+        if sem.postprocess == "torchvision":  # small boxes go before the NMS (detectron2: after rescaling)
+            valid = valid & large_enough(boxes[..., 2:] - boxes[..., :2], sem.min_box_size, sem.min_size_strict)
         masked = torch.where(valid, scores, -1.0)
         d = heads.detections_per_img
         k = min(max(self.pre_nms_topk, d), masked.shape[1])

@@ -18,6 +18,15 @@ elsewhere (and where that kernel cannot run) it is two batched matrix
 products per chunk of instances of similar size, since bilinear resizing is
 separable. The strings are byte for byte pycocotools' (tests/test_fast_engine.py,
 tests/test_paste_kernel.py).
+
+rule="detectron2" pastes as detectron2's paste_masks_in_image does on the
+CPU: each pixel of [max(floor(x0) - 1, 0), min(ceil(x1) + 1, W)) x (likewise
+in y) samples the mask at its centre (F.grid_sample, align_corners=False,
+zero padding, at u = (x + 0.5 - x0) / (x1 - x0) * 2 - 1) and is on where
+that is >= the threshold; nothing outside that region is. The kernel does it
+in the same launch structure (paste_kernel.py); the torch path computes the
+same float32 operations elementwise, per chunk (_grid_sample_chunk), so the
+two agree value for value.
 """
 
 from __future__ import annotations
@@ -72,6 +81,63 @@ def _interp_matrix(out_sizes: torch.Tensor, out_max: int, in_size: int, start: t
     mat.scatter_add_(2, i0[..., None], ((1 - lam) * inside)[..., None])
     mat.scatter_add_(2, i1[..., None], (lam * inside)[..., None])
     return mat
+
+
+def _detectron2_regions(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels detectron2 computes for each box (its CPU paste, skip_empty): from max(floor(x0) - 1, 0)
+    to min(ceil(x1) + 1, width), exclusive, likewise in y, in the float32 arithmetic it uses.
+    Returns the regions' starts (N x 2: x, y) and sizes (N x 2: rows, columns; both 0 where empty)."""
+    b = boxes.astype(np.float32, copy=False)
+    one = np.float32(1)
+    x0 = np.maximum(np.floor(b[:, 0]) - one, 0).astype(np.int64)
+    y0 = np.maximum(np.floor(b[:, 1]) - one, 0).astype(np.int64)
+    x1 = np.minimum(np.ceil(b[:, 2]) + one, width).astype(np.int64)
+    y1 = np.minimum(np.ceil(b[:, 3]) + one, height).astype(np.int64)
+    rows, cols = np.maximum(y1 - y0, 0), np.maximum(x1 - x0, 0)
+    empty = (rows == 0) | (cols == 0)
+    need = np.stack([np.where(empty, 0, rows), np.where(empty, 0, cols)], 1)
+    return np.stack([x0, y0], 1), need
+
+
+def _grid_axis(pixels: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, m: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grid_sample's (first index, weight of the next, weight of the first) at pixel centres [c, K], for
+    box corners lo < hi [c, 1]: PyTorch's CPU grid sampler's float32 operations, one at a time, as the
+    paste kernel does them (u, then ix = (u + 1) * (M / 2) - 0.5, floor, the fraction)."""
+    u = ((pixels + 0.5) - lo) / (hi - lo) * 2 - 1
+    s = ((u + 1) * (m * 0.5) - 0.5).clamp(-2.0, m + 1.0)
+    first = torch.floor(s)
+    frac = s - first
+    return first.long(), frac, 1 - frac
+
+
+def _grid_sample_chunk(masks: torch.Tensor, boxes: torch.Tensor, start: torch.Tensor, count: torch.Tensor,
+                       wm: int, hm: int, height: int, width: int) -> torch.Tensor:
+    """detectron2's pasted values [c, wm, hm] (columns outer) of c masks [c, M, M] on their regions
+    (start [c, 2] x, y; count [c, 2] rows, columns); 0 outside a region, the image, or for an empty box."""
+    c, m = masks.shape[0], masks.shape[-1]
+    dev = masks.device
+    ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    safe = torch.where(ok[:, None], boxes, torch.tensor([0.0, 0.0, 1.0, 1.0], device=dev))
+    kx = torch.arange(wm, device=dev)[None, :]
+    ky = torch.arange(hm, device=dev)[None, :]
+    px, py = start[:, :1] + kx, start[:, 1:] + ky  # c x wm, c x hm
+    ix, wx, ex = _grid_axis(px.float(), safe[:, 0:1], safe[:, 2:3], m)
+    iy, ny, sy = _grid_axis(py.float(), safe[:, 1:2], safe[:, 3:4], m)
+    in_x = (kx < count[:, 1:]) & (px < width) & ok[:, None]
+    in_y = (ky < count[:, :1]) & (py < height)
+    flat = F.pad(masks.float(), (1, 1, 1, 1)).reshape(c, -1)  # the zero padding at index -1 and M
+
+    def tap(yi: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        """The mask at rows yi [c, hm] and columns xi [c, wm], 0 outside it: c x wm x hm."""
+        inside = ((xi >= 0) & (xi < m))[:, :, None] & ((yi >= 0) & (yi < m))[:, None, :]
+        index = (yi.clamp(-1, m)[:, None, :] + 1) * (m + 2) + (xi.clamp(-1, m)[:, :, None] + 1)
+        return torch.where(inside, flat.gather(1, index.reshape(c, -1)).view(c, wm, hm), 0.0)
+
+    sy, ny, ex, wx = sy[:, None, :], ny[:, None, :], ex[:, :, None], wx[:, :, None]
+    value = (tap(iy, ix) * (sy * ex) + tap(iy, ix + 1) * (sy * wx) + tap(iy + 1, ix) * (ny * ex)
+             + tap(iy + 1, ix + 1) * (ny * wx))
+    return torch.where(in_x[:, :, None] & in_y[:, None, :], value, 0.0)
 
 
 def _plan_chunks(need: np.ndarray, max_elements: int,
@@ -139,7 +205,7 @@ _RLE = _KernelSwitch(rle_kernel.available, "RLE kernels", "encoding")
 
 def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, height: int, width: int,
                       threshold: float = 0.5, max_elements: int = 1 << 26,
-                      kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      kernel: bool | None = None, rule: str = "torchvision") -> tuple[torch.Tensor, torch.Tensor]:
     """Where each pasted mask changes value, in COCO's column-major pixel order.
 
     masks: N x M x M probabilities (on the device that does the work); boxes:
@@ -163,27 +229,43 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, hei
     instances each holds boxes of every size). The chunks are planned on the
     host from the boxes, and all their change maps go into one buffer, read by
     one nonzero.
+
+    rule: "torchvision" (its paste_mask_in_image) or "detectron2" (its paste_masks_in_image; the torch
+    path then samples each chunk elementwise, _grid_sample_chunk).
     """
     if not threshold > 0:
         raise ValueError(f"the mask threshold must be positive, not {threshold}")
+    if rule not in ("torchvision", "detectron2"):
+        raise ValueError(f"unknown mask paste rule {rule!r}: 'torchvision' or 'detectron2'")
     n, m = masks.shape[0], masks.shape[-1]
     dev = masks.device
     if n == 0:
         return torch.zeros(0, dtype=torch.int64, device=dev), torch.zeros(0, dtype=torch.int64, device=dev)
     host = boxes.detach().cpu().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(boxes)
-    ib = _expanded_int_boxes(host, m)
-    w = np.maximum(ib[:, 2] - ib[:, 0] + 1, 1)
-    h = np.maximum(ib[:, 3] - ib[:, 1] + 1, 1)
-    # The rows and columns of each box that can still land in the image (an expanded box may
-    # start above or left of it, so that is not simply the image's size).
-    need = np.maximum(np.stack([np.minimum(h, height - ib[:, 1]), np.minimum(w, width - ib[:, 0])], 1), 1)
+    d2 = rule == "detectron2"
+    if d2:
+        host = host.astype(np.float32, copy=False)
+        starts, need = _detectron2_regions(host, height, width)
+        ib = np.concatenate([starts, starts], 1)  # only the regions' starts are read
+        h, w = need[:, 0], need[:, 1]
+    else:
+        ib = _expanded_int_boxes(host, m)
+        w = np.maximum(ib[:, 2] - ib[:, 0] + 1, 1)
+        h = np.maximum(ib[:, 3] - ib[:, 1] + 1, 1)
+        # The rows and columns of each box that can still land in the image (an expanded box may
+        # start above or left of it, so that is not simply the image's size).
+        need = np.maximum(np.stack([np.minimum(h, height - ib[:, 1]), np.minimum(w, width - ib[:, 0])], 1), 1)
+    float_boxes = host if d2 else None
     if kernel:
-        return paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold)
+        return paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold, boxes=float_boxes)
     if kernel is None and _PASTE.by_default(dev):
         try:
-            return paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold)
+            return paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold, boxes=float_boxes)
         except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: the torch path does it
             _PASTE.cannot_run(exc, masks)
+    if d2:  # canvases of at least one pixel; an empty region's instance samples nothing (h, w = 0)
+        need = np.maximum(need, 1)
+        max_elements = max(max_elements // 32, 1)  # elementwise sampling holds ~30 bytes a pixel at once
     order, chunks = _plan_chunks(need, max_elements, 3.0 if dev.type == "cpu" else None)
     sizes = [(hi - lo) * wm * (hm + 1) for lo, hi, hm, wm in chunks]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -192,14 +274,21 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, hei
     packed = torch.from_numpy(np.concatenate([ib[:, 0], ib[:, 1], h, w, order, meta.T.reshape(-1)])).to(dev)
     x0, y0, h_t, w_t, order_t = packed[:5 * n].view(5, n)
     c_start, c_first, c_w, c_hp = packed[5 * n:].view(4, len(chunks))
-    ry = _interp_matrix(h_t, max(c[2] for c in chunks), m + 2, y0, height)  # N x Hmax x (M+2)
-    rx = _interp_matrix(w_t, max(c[3] for c in chunks), m + 2, x0, width)  # N x Wmax x (M+2)
-    padded = F.pad(masks.float(), (1, 1, 1, 1))  # N x (M+2) x (M+2)
+    if d2:
+        box_t = torch.from_numpy(host).to(dev)
+        start_t, count_t = torch.stack([x0, y0], 1), torch.stack([h_t, w_t], 1)
+    else:
+        ry = _interp_matrix(h_t, max(c[2] for c in chunks), m + 2, y0, height)  # N x Hmax x (M+2)
+        rx = _interp_matrix(w_t, max(c[3] for c in chunks), m + 2, x0, width)  # N x Wmax x (M+2)
+        padded = F.pad(masks.float(), (1, 1, 1, 1))  # N x (M+2) x (M+2)
     change = torch.empty(int(sum(sizes)), dtype=torch.bool, device=dev)
     for (lo, hi, hm, wm), start, size in zip(chunks, starts, sizes):
         sel = order_t[lo:hi]
         # Column-major directly: columns outer, rows inner.
-        cols = torch.bmm(torch.bmm(rx[sel, :wm], padded[sel].transpose(1, 2)), ry[sel, :hm].transpose(1, 2))
+        if d2:
+            cols = _grid_sample_chunk(masks[sel], box_t[sel], start_t[sel], count_t[sel], wm, hm, height, width)
+        else:
+            cols = torch.bmm(torch.bmm(rx[sel, :wm], padded[sel].transpose(1, 2)), ry[sel, :hm].transpose(1, 2))
         binary = cols >= threshold  # c x Wm x Hm
         # A change at local row k of a column (rows above the first and below the last are off).
         out = change[start:start + size].view(hi - lo, wm, hm + 1)
@@ -305,9 +394,10 @@ def _rle_strings_torch(inst: torch.Tensor, pos: torch.Tensor, count: int, height
 
 
 def paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, height: int, width: int,
-                     threshold: float = 0.5) -> list[bytes]:
-    """COCO compressed RLE of each mask pasted into its box of a height x width image."""
-    inst, pos = paste_transitions(masks, boxes, height, width, threshold)
+                     threshold: float = 0.5, rule: str = "torchvision") -> list[bytes]:
+    """COCO compressed RLE of each mask pasted into its box of a height x width image, by torchvision's
+    paste rule or detectron2's (paste_transitions)."""
+    inst, pos = paste_transitions(masks, boxes, height, width, threshold, rule=rule)
     # The paste kernel gives the changes sorted by instance, then position (paste_kernel.transitions);
     # the torch path does not. Asked after the paste: a kernel that failed in it has switched itself off.
     presorted = _PASTE.by_default(masks.device)

@@ -45,6 +45,22 @@ them can differ in the last bit; only a value within about one float32 step
 of the threshold can come out differently. (Measured on an H200, 1,600 masks
 of 16 images: the kernel's changes equal torchvision's on the CPU and on the
 GPU for the 400 checked; the matrix-product path differed in 4 of 1.34 M.)
+
+detectron2's paste (D2=True; its paste_masks_in_image) is the other rule:
+each pixel (x, y) samples the mask at its centre, value = F.grid_sample(mask,
+align_corners=False, zero padding) at u = (x + 0.5 - x0) / (x1 - x0) * 2 - 1
+(v likewise) of the box's float corners, and is on where value >= threshold;
+only pixels in [max(floor(x0) - 1, 0), min(ceil(x1) + 1, W)) x (the same for
+y) are computed, as detectron2 does on the CPU, the rest is off. The
+instance's area is that region (x0, y0 its start, need its size, possibly
+0), and the float box rides along (fields 7-10, as float32 bits). The
+arithmetic is PyTorch's CPU grid sampler's, one float32 operation at a time:
+ix = (u + 1) * (M / 2) - 0.5, x_w = floor(ix), w = ix - x_w, e = 1 - w (and
+n, s for y), value = a * (s * e) + b * (s * w) + c * (n * e) + d * (n * w)
+summed left to right, a corner outside the mask reading 0. The torch path
+(mask_rle._grid_sample_chunk) does the same operations, so the two agree
+value for value (tests/test_paste_detectron2.py, which also checks both
+against F.grid_sample itself).
 """
 
 from __future__ import annotations
@@ -90,9 +106,38 @@ if triton is not None:
         value = ly0 * (lx0 * a + lx1 * b) + ly1 * (lx0 * c + lx1 * d)
         return inside & (value >= threshold)
 
+    @triton.jit
+    def _tap0(base, iy, ix, ok, M: tl.constexpr):
+        """The mask at (iy, ix), 0 outside [0, M)^2 (grid_sample's zero padding), as float32."""
+        inner = ok & (iy >= 0) & (iy < M) & (ix >= 0) & (ix < M)
+        return tl.load(base + iy * M + ix, mask=inner, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _grid_axis(p, lo, hi, M: tl.constexpr):
+        """For pixels p (float32) of one axis and the box's float corners lo < hi: grid_sample's
+        (first index, weight of the next index, weight of the first) at the pixel centres."""
+        u = tl.math.div_rn((p + 0.5) - lo, hi - lo) * 2.0 - 1.0
+        s = (u + 1.0) * (M * 0.5) - 0.5
+        s = tl.minimum(tl.maximum(s, -2.0), M + 1.0)  # beyond reads only padding; keeps the cast defined
+        first = tl.math.floor(s)
+        frac = s - first
+        return first.to(tl.int32), frac, 1.0 - frac
+
+    @triton.jit
+    def _pasted_d2(base, r, need_h, y0, height, by0, by1, ix, wx, ex, ok, threshold, M: tl.constexpr):
+        """detectron2's paste at region-local row r: grid_sample at the pixel centre, then the threshold."""
+        inside = ok & (r >= 0) & (r < need_h) & (y0 + r >= 0) & (y0 + r < height)
+        iy, ny, sy = _grid_axis((y0 + r).to(tl.float32), by0, by1, M)
+        a = _tap0(base, iy, ix, inside, M)
+        b = _tap0(base, iy, ix + 1, inside, M)
+        c = _tap0(base, iy + 1, ix, inside, M)
+        d = _tap0(base, iy + 1, ix + 1, inside, M)
+        value = a * (sy * ex) + b * (sy * wx) + c * (ny * ex) + d * (ny * wx)
+        return inside & (value >= threshold)
+
     @triton.jit(do_not_specialize=["n", "height", "width", "step"])  # one compilation for all sizes
-    def _paste_kernel(masks_ptr, offsets_ptr, fields_ptr, out_ptr, n, height, width, threshold, step,
-                      M: tl.constexpr, BLOCK: tl.constexpr):
+    def _paste_kernel(masks_ptr, offsets_ptr, fields_ptr, floats_ptr, out_ptr, n, height, width, threshold, step,
+                      M: tl.constexpr, BLOCK: tl.constexpr, D2: tl.constexpr):
         t = tl.program_id(0)
         # The tile's instance: the last i with first_tile[i] <= t (binary search; step is the largest
         # power of two <= n, and first_tile is nondecreasing, first_tile[0] = 0).
@@ -115,19 +160,34 @@ if triton is not None:
         valid = e < need_w * slots
         col = e // slots
         row = e - col * slots
-        # IEEE division, as torch's float scale (Triton's "/" on float32 is an approximate one).
-        padded = tl.full([BLOCK], M + 2, tl.float32)
-        scale_x = tl.math.div_rn(padded, tl.full([BLOCK], 1, tl.float32) * w.to(tl.float32))
-        scale_y = tl.math.div_rn(padded, tl.full([BLOCK], 1, tl.float32) * h.to(tl.float32))
-        src_x = tl.maximum(scale_x * (col.to(tl.float32) + 0.5) - 0.5, 0.0)
-        ix0 = tl.minimum(src_x.to(tl.int32), M + 1)  # src >= 0: truncation is floor
-        ix1 = tl.minimum(ix0 + 1, M + 1)
-        lx1 = src_x - ix0.to(tl.float32)
-        lx0 = 1.0 - lx1
         ok = valid & (x0 + col >= 0) & (x0 + col < width)
         base = masks_ptr + i.to(tl.int64) * (M * M)
-        now = _pasted(base, row, need_h, y0, height, scale_y, ix0, ix1, lx0, lx1, ok, threshold, M)
-        above = _pasted(base, row - 1, need_h, y0, height, scale_y, ix0, ix1, lx0, lx1, ok, threshold, M)
+        if D2:
+            # The box's float corners: fields 7-10, read through the float32 view of the fields.
+            bx0 = tl.load(floats_ptr + 7 * n + i)
+            by0 = tl.load(floats_ptr + 8 * n + i)
+            bx1 = tl.load(floats_ptr + 9 * n + i)
+            by1 = tl.load(floats_ptr + 10 * n + i)
+            # An empty (or NaN) box pastes nothing; its corners are replaced so that nothing divides by 0.
+            box_ok = (bx1 > bx0) & (by1 > by0)
+            ok = tl.where(box_ok, ok, False)  # (not `ok & box_ok`: Triton's interpreter cannot and those)
+            bx0, bx1 = tl.where(box_ok, bx0, 0.0), tl.where(box_ok, bx1, 1.0)
+            by0, by1 = tl.where(box_ok, by0, 0.0), tl.where(box_ok, by1, 1.0)
+            ix, wx, ex = _grid_axis((x0 + col).to(tl.float32), bx0, bx1, M)
+            now = _pasted_d2(base, row, need_h, y0, height, by0, by1, ix, wx, ex, ok, threshold, M)
+            above = _pasted_d2(base, row - 1, need_h, y0, height, by0, by1, ix, wx, ex, ok, threshold, M)
+        else:
+            # IEEE division, as torch's float scale (Triton's "/" on float32 is an approximate one).
+            padded = tl.full([BLOCK], M + 2, tl.float32)
+            scale_x = tl.math.div_rn(padded, tl.full([BLOCK], 1, tl.float32) * w.to(tl.float32))
+            scale_y = tl.math.div_rn(padded, tl.full([BLOCK], 1, tl.float32) * h.to(tl.float32))
+            src_x = tl.maximum(scale_x * (col.to(tl.float32) + 0.5) - 0.5, 0.0)
+            ix0 = tl.minimum(src_x.to(tl.int32), M + 1)  # src >= 0: truncation is floor
+            ix1 = tl.minimum(ix0 + 1, M + 1)
+            lx1 = src_x - ix0.to(tl.float32)
+            lx0 = 1.0 - lx1
+            now = _pasted(base, row, need_h, y0, height, scale_y, ix0, ix1, lx0, lx1, ok, threshold, M)
+            above = _pasted(base, row - 1, need_h, y0, height, scale_y, ix0, ix1, lx0, lx1, ok, threshold, M)
         tl.store(out_ptr + offset + e, (now != above).to(tl.uint8), mask=valid)
 
     @triton.jit(do_not_specialize=["k", "n", "height", "step"])
@@ -158,27 +218,33 @@ def available() -> bool:
 
 
 def plan(ib: np.ndarray, h: np.ndarray, w: np.ndarray, need: np.ndarray,
-         block: int = BLOCK) -> tuple[np.ndarray, np.ndarray, int, int]:
+         block: int = BLOCK, boxes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int, int]:
     """The host's part, from the integer boxes: each instance's offset in the ragged buffer (int64),
-    its fields (7 x N int32: x0, y0, h, w, need_h, need_w, first tile), the number of tiles and
-    the buffer's size."""
+    its fields (7 x N int32: x0, y0, h, w, need_h, need_w, first tile; with detectron2's rule 4 more,
+    the float box's x0, y0, x1, y1 as float32 bits), the number of tiles and the buffer's size.
+    An instance with no rows or columns has no slots and no tiles."""
     need_h, need_w = need[:, 0].astype(np.int64), need[:, 1].astype(np.int64)
-    sizes = need_w * (need_h + 1)
+    sizes = np.where(need_h > 0, need_w * (need_h + 1), 0)
     ends = np.cumsum(sizes)
     tiles = np.cumsum(-(-sizes // block))
     first_tile = np.concatenate([np.zeros(1, np.int64), tiles[:-1]])
     fields = np.stack([ib[:, 0], ib[:, 1], h, w, need_h, need_w, first_tile]).astype(np.int32)
+    if boxes is not None:
+        bits = np.ascontiguousarray(boxes, dtype=np.float32).T.copy().view(np.int32)
+        fields = np.concatenate([fields, bits])
     return ends - sizes, fields, int(tiles[-1]), int(ends[-1])
 
 
 def transitions(masks: torch.Tensor, ib: np.ndarray, h: np.ndarray, w: np.ndarray, need: np.ndarray,
                 height: int, width: int, threshold: float, max_slots: int | None = None,
-                block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                block: int | None = None, boxes: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(instance, x * height + y) of every change of every pasted mask, as mask_rle.paste_transitions.
 
     masks: N x M x M probabilities on the device (float32 or float16); ib: N x 4 integer boxes
     (x0, y0, x1, y1, torchvision's expanded and truncated ones); h, w: the boxes' full sizes;
     need: N x 2, the rows and columns of each box that can land in the image (at least 1).
+    boxes: N x 4 float32 boxes for detectron2's rule (then ib's first two columns are each region's
+    start, need its size, which may be 0, and h, w are not read).
     threshold must be positive (what lies outside the image is 0).
     """
     if triton is None:
@@ -197,15 +263,18 @@ def transitions(masks: torch.Tensor, ib: np.ndarray, h: np.ndarray, w: np.ndarra
     if n > 1 and int(sizes.sum()) > max_slots:  # in groups of consecutive instances within the bound
         cut = max(int(np.searchsorted(np.cumsum(sizes), max_slots, side="right")), 1)
         a = transitions(masks[:cut], ib[:cut], h[:cut], w[:cut], need[:cut], height, width, threshold,
-                        max_slots, block)
+                        max_slots, block, None if boxes is None else boxes[:cut])
         b = transitions(masks[cut:], ib[cut:], h[cut:], w[cut:], need[cut:], height, width, threshold,
-                        max_slots, block)
+                        max_slots, block, None if boxes is None else boxes[cut:])
         return torch.cat([a[0], b[0] + cut]), torch.cat([a[1], b[1]])
     m = masks.shape[-1]
     if masks.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         masks = masks.float()
     masks = masks.contiguous()
-    offsets, fields, tiles, total = plan(ib, h, w, need, block)
+    offsets, fields, tiles, total = plan(ib, h, w, need, block, boxes)
+    if total == 0:  # nothing of any instance lands in the image
+        empty = torch.zeros(0, dtype=torch.int64, device=dev)
+        return empty, empty.clone()
     # Everything the device needs from the host, in one copy: the int32 fields ride as int64 pairs.
     flat = fields.reshape(-1)
     if flat.size % 2:
@@ -215,9 +284,10 @@ def transitions(masks: torch.Tensor, ib: np.ndarray, h: np.ndarray, w: np.ndarra
     fields_t = packed[n:].view(torch.int32)
     change = torch.empty(total, dtype=torch.uint8, device=dev)
     # No fused multiply-adds: the resampling rounds as separate float32 operations, on any device.
-    _paste_kernel[(tiles,)](masks, offsets_t, fields_t, change, n, height, width, float(threshold),
-                            1 << (n.bit_length() - 1), M=m, BLOCK=block, num_warps=NUM_WARPS,
-                            enable_fp_fusion=False)
+    _paste_kernel[(tiles,)](masks, offsets_t, fields_t, fields_t.view(torch.float32), change, n, height, width,
+                            float(threshold),
+                            1 << (n.bit_length() - 1), M=m, BLOCK=block, D2=boxes is not None,
+                            num_warps=NUM_WARPS, enable_fp_fusion=False)
     hits = torch.nonzero(change)[:, 0]  # in order: by instance, then column-major position
     k = hits.shape[0]
     inst = torch.empty(k, dtype=torch.int64, device=dev)

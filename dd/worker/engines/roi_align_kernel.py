@@ -13,9 +13,13 @@ an H100 for that batch: 1.2 ms at 7x7 and 0.44 ms at 14x14 (fp16 out), against
 3.3 ms of stacking and 5.1 + 1.9 ms of roi_align; contiguous (NCHW) levels pool
 correctly but about twice as slowly, since a pixel's channels are then strided.
 
-The arithmetic is torchvision's roi_align with aligned=False and
-spatial_scale=1 (torchvision/csrc/ops/{cpu,cuda}/roi_align_kernel.*): the same
-sample positions ((start + p * bin) + (i + 0.5) * bin / grid, IEEE divisions),
+The arithmetic is torchvision's roi_align with spatial_scale=1
+(torchvision/csrc/ops/{cpu,cuda}/roi_align_kernel.*), aligned=False
+(torchvision's Mask R-CNN) or aligned=True (detectron2's ROIAlignV2: the box
+shifted by half a pixel and not forced to at least 1 x 1): the same sample
+positions ((start + p * bin) + (i + 0.5) * bin / grid, IEEE divisions), the
+same grid (a fixed one, or with sampling ratio 0 the adaptive one of
+ceil(roi size / output size) samples per bin side, a loop bound per RoI),
 the same boundary rules (a sample beyond [-1, H] x [-1, W] reads 0; one in
 [-1, 0] reads row/column 0; one at or past the last row or column reads it with
 weight 1), the same bilinear sum order and the final division by the sample
@@ -95,8 +99,8 @@ if triton is not None:
                           sh0, sh1, sh2, sh3, sh4, sw0, sw1, sw2, sw3, sw4,
                           n_images, channels,
                           NUM_LEVELS: tl.constexpr, OH: tl.constexpr, OW: tl.constexpr,
-                          SAMPLING: tl.constexpr, BLOCK_BINS: tl.constexpr, BLOCK_C: tl.constexpr,
-                          WIDE: tl.constexpr, OUT_CL: tl.constexpr):
+                          SAMPLING: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_BINS: tl.constexpr,
+                          BLOCK_C: tl.constexpr, WIDE: tl.constexpr, OUT_CL: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)  # r * C * OH * OW passes 2**31 at ~170k RoIs of 256 x 7 x 7
         bins = tl.program_id(1) * BLOCK_BINS + tl.arange(0, BLOCK_BINS)
         cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -119,8 +123,14 @@ if triton is not None:
         y1 = tl.load(boxes_ptr + r * 4 + 1)
         x2 = tl.load(boxes_ptr + r * 4 + 2)
         y2 = tl.load(boxes_ptr + r * 4 + 3)
-        roi_w = tl.maximum(x2 - x1, 1.0)  # aligned=False: malformed RoIs are forced to 1 x 1
-        roi_h = tl.maximum(y2 - y1, 1.0)
+        if ALIGNED:  # pixel centres at half coordinates: the box shifts by -0.5, keeps its size
+            x1 = x1 - 0.5
+            y1 = y1 - 0.5
+            roi_w = (x2 - 0.5) - x1
+            roi_h = (y2 - 0.5) - y1
+        else:  # malformed RoIs are forced to 1 x 1
+            roi_w = tl.maximum(x2 - x1, 1.0)
+            roi_h = tl.maximum(y2 - y1, 1.0)
         bin_w = tl.math.div_rn(roi_w, tl.full((), OW, tl.float32))
         bin_h = tl.math.div_rn(roi_h, tl.full((), OH, tl.float32))
         if SAMPLING > 0:
@@ -209,9 +219,10 @@ def _check(levels: list[torch.Tensor], level: torch.Tensor, image: torch.Tensor,
 
 def roi_align_levels(levels: list[torch.Tensor], level: torch.Tensor, image: torch.Tensor, boxes: torch.Tensor,
                      output_size: tuple[int, int], sampling_ratio: int,
-                     out_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
-    """RoI Align of each RoI r from levels[level[r]][image[r]], as torchvision's roi_align(aligned=False,
-    spatial_scale=1) would pool it from that level alone.
+                     out_dtype: torch.dtype | None = None, channels_last: bool = False,
+                     aligned: bool = False) -> torch.Tensor:
+    """RoI Align of each RoI r from levels[level[r]][image[r]], as torchvision's roi_align(aligned=aligned,
+    spatial_scale=1) would pool it from that level alone (aligned=True: detectron2's ROIAlignV2).
 
     levels: L <= 5 tensors [B, C, H_l, W_l] of one dtype and device, any strides (channels-last reads
     fastest). level, image: [R] integers. boxes: [R, 4] (x1, y1, x2, y2) already in level[r]'s
@@ -252,14 +263,14 @@ def roi_align_levels(levels: list[torch.Tensor], level: torch.Tensor, image: tor
     with torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext():
         _roi_align_kernel[grid](out, boxes, level, image, *feats, *args, first.shape[0], c,
                                 NUM_LEVELS=len(levels), OH=oh, OW=ow, SAMPLING=max(int(sampling_ratio), 0),
-                                BLOCK_BINS=block_bins, BLOCK_C=block_c, WIDE=wide, OUT_CL=bool(channels_last),
-                                num_warps=NUM_WARPS, enable_fp_fusion=False)
+                                ALIGNED=bool(aligned), BLOCK_BINS=block_bins, BLOCK_C=block_c, WIDE=wide,
+                                OUT_CL=bool(channels_last), num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
 
 
 def roi_align_levels_reference(levels: list[torch.Tensor], level: torch.Tensor, image: torch.Tensor,
                                boxes: torch.Tensor, output_size: tuple[int, int], sampling_ratio: int,
-                               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                               out_dtype: torch.dtype | None = None, aligned: bool = False) -> torch.Tensor:
     """roi_align_levels with torchvision's roi_align, one call per level on its float32 copy (so any
     device, and the definition the kernel is tested against). Syncs with the host to split the RoIs."""
     r, c, oh, ow = _check(levels, level, image, boxes, output_size)
@@ -274,6 +285,6 @@ def roi_align_levels_reference(levels: list[torch.Tensor], level: torch.Tensor, 
         idx = ((level == lvl) & known).nonzero()[:, 0]
         if idx.numel():
             pooled = roi_align(feat.float(), rois[idx], (oh, ow), spatial_scale=1.0,
-                               sampling_ratio=int(sampling_ratio), aligned=False)
+                               sampling_ratio=int(sampling_ratio), aligned=bool(aligned))
             out[idx] = pooled.to(out_dtype)
     return out
