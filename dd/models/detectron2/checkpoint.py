@@ -24,6 +24,7 @@ plain pickle is read by an unpickler that can build only numpy arrays, dtypes an
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import pickle
@@ -202,7 +203,7 @@ class _ArrayUnpickler(pickle.Unpickler):
             ("numpy._core.multiarray", "scalar"): core.multiarray.scalar,
             ("numpy", "ndarray"): np.ndarray,
             ("numpy", "dtype"): np.dtype,
-            ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+            ("collections", "OrderedDict"): collections.OrderedDict,
         }
         obj = allowed.get((module, name))
         if obj is None and module.startswith("numpy") and name.endswith("DType"):

