@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,9 +73,42 @@ def test_demo_model_mask_ap50_through_server(demo_server: ServerProcess, name: s
         "placeholder weights fail this by design: train with scripts/train_demo.py")
 
 
+def readme_python() -> str:
+    """The README's Python example: its one ```python block that talks to a server."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    found = [b for b in blocks if "DetectorClient(" in b and "localhost:50051" in b]
+    assert len(found) == 1, f"expected one client example in README.md, found {len(found)}"
+    return found[0]
+
+
+@pytest.mark.skipif("demo-rgbd" not in PRESENT, reason="the README's example uses the RGB-D demo model")
+def test_readme_python_example_runs_as_written(demo_server: ServerProcess) -> None:
+    """The example, run from the repository root against `deep-detection serve` with no arguments;
+    only the address changes (the test server has a port of its own)."""
+    code = readme_python().replace("localhost:50051", demo_server.target)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.strip().splitlines()
+    assert lines and all(line.startswith("carton ") for line in lines), res.stdout
+    assert all(int(line.split()[-1]) > 0 for line in lines), res.stdout  # mask pixels
+
+
+def test_readme_python_example_says_why_without_a_server(tmp_path: Path) -> None:
+    """With no server at the address, it ends with one line: the status and gRPC's reason."""
+    from tests.serverproc import free_port
+
+    code = readme_python().replace("localhost:50051", f"127.0.0.1:{free_port()}")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and res.stderr.startswith("UNAVAILABLE: "), res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr, res.stderr
+
+
 @pytest.mark.parametrize("name", PRESENT)
 def test_demo_model_cpu_latency_one_core(name: str) -> None:
-    """In-process reference engine, one thread, 640x480 held-out scenes at the model's own threshold."""
+    """In-process reference engine, one thread, 640x480 held-out scenes at the model's own threshold.
+
+    Measured in CPU time of this process, not wall time: the claim is what one core's work costs,
+    and on a shared machine wall time also counts whatever else ran on that core meanwhile."""
     from dd.config import load_model_config
     from dd.synth.scenes import generate_scene
     from dd.worker.engines.base import EngineInput
@@ -91,13 +126,13 @@ def test_demo_model_cpu_latency_one_core(name: str) -> None:
         engine.infer([inputs[0]])
         times = []
         for k in range(5):
-            t = time.perf_counter()
+            t = time.process_time()
             engine.infer([inputs[k % len(inputs)]])
-            times.append((time.perf_counter() - t) * 1000.0)
+            times.append((time.process_time() - t) * 1000.0)
         engine.close()
     finally:
         torch.set_num_threads(threads)
     median = statistics.median(times)
     assert median <= LATENCY_BOUND_MS * LATENCY_MARGIN, (
-        f"{name}: {median:.0f} ms median per 640x480 image on one core (runs {np.round(times).tolist()}); "
+        f"{name}: {median:.0f} ms CPU time median per 640x480 image on one core (runs {np.round(times).tolist()}); "
         f"bound {LATENCY_BOUND_MS:.0f} ms x {LATENCY_MARGIN} margin")
