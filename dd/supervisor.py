@@ -164,7 +164,7 @@ class Supervisor:
         removed = remove_stale_segments(tag, only_dead=False)
         for _, _, path in endpoints.list_worker_sockets(self.run_dir):
             path.unlink(missing_ok=True)
-        for path in self.run_dir.glob(f"*{endpoints.LOAD_FAILURE_SUFFIX}"):
+        for path in self.run_dir.glob(f"*{endpoints.LOAD_FAILURE_SUFFIX}*"):
             path.unlink(missing_ok=True)
         if removed:
             log.warning("removed %d stale shared-memory segment(s) of a previous run: %s", len(removed), removed)
@@ -326,7 +326,7 @@ class Supervisor:
         remove_stale_segments(tag, only_dead=False)
         for _, _, path in endpoints.list_worker_sockets(self.run_dir):
             path.unlink(missing_ok=True)
-        for path in self.run_dir.glob(f"*{endpoints.LOAD_FAILURE_SUFFIX}"):
+        for path in self.run_dir.glob(f"*{endpoints.LOAD_FAILURE_SUFFIX}*"):
             path.unlink(missing_ok=True)
         self._release_run_dir()
         log.info("stopped")

@@ -256,7 +256,7 @@ def test_full_ring_and_busy_workers_wait_then_resource_exhausted(tmp_path: Path)
 
 
 def test_max_pending_refuses_at_once(tmp_path: Path) -> None:
-    null_model(tmp_path / "slow", kind="rgb", batch=1, cost_ms=12000)
+    null_model(tmp_path / "slow", kind="rgb", batch=1, cost_ms=8000)
     with Server(tmp_path / "slow", ring_slots=2, slot_mb=0.0625, args=["--max-pending", "3"]) as srv:
         srv.start().wait_serving(120)
         outcomes = asyncio.run(run_cases(srv.target, [null_case(i, depth=False) for i in range(8)],

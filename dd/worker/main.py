@@ -310,8 +310,8 @@ class Worker:
         log.debug("worker %s: loading failed", self.name, exc_info=exc)
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())
         transient = _may_pass(exc)
-        self.load_error = reason
         self.load_failed_for_good = not transient
+        self.load_error = reason
         if transient:
             log.error("worker %s: cannot load model %r (%s): %s; exiting for a restart", self.name,
                       self.model.name, self.model.config_path, reason)
@@ -320,8 +320,10 @@ class Worker:
         (log.debug if self.parent_pid else log.error)(
             "worker %s: model %r (%s) cannot be loaded: %s", self.name, self.model.name, self.model.config_path,
             reason)
-        try:
-            self.failure_file.write_text(f"{reason}\n")
+        try:  # whole or not at all: the supervisor may look at any moment
+            tmp = self.failure_file.with_name(self.failure_file.name + ".tmp")
+            tmp.write_text(f"{reason}\n")
+            tmp.replace(self.failure_file)
         except OSError as err:
             log.warning("cannot write %s: %s", self.failure_file, err)
 
