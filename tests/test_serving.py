@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -113,8 +114,11 @@ def test_unknown_model_is_not_found(server: ServerProcess) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert err.value.model == "nope"
     assert "'nope'" in str(err.value) and "rgbd" in err.value.details()  # says what is served
-    # Code written against the raw stub still catches it.
+    # Code written against the raw stub still catches it; it crosses process boundaries whole.
     assert isinstance(err.value, grpc.RpcError) and isinstance(err.value, RuntimeError)
+    back = pickle.loads(pickle.dumps(err.value))
+    assert (back.code(), back.details(), back.model, back.target, str(back)) == \
+        (err.value.code(), err.value.details(), "nope", server.target, str(err.value))
 
 
 def test_unreachable_server_is_unavailable_from_every_call() -> None:

@@ -47,12 +47,20 @@ class DetectionError(grpc.RpcError, RuntimeError):
         what = f"model {self.model!r}" if self.model else "request"
         return f"{where} refused the {what}: {self._code.name}: {self._details}"
 
+    def __reduce__(self) -> tuple:
+        """Pickles whole (for a ProcessPoolExecutor of clients): the default would call __init__ with str(self)."""
+        return _rebuild, (self._code, self._details, self.model, self.target)
+
     @classmethod
     def from_rpc(cls, exc: grpc.RpcError, *, model: str = "", target: str = "") -> "DetectionError":
         """Wraps a raw gRPC error (sync or asyncio) raised by a stub call."""
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
         return cls(code or grpc.StatusCode.UNKNOWN, (details or "").strip(), model=model, target=target)
+
+
+def _rebuild(code: grpc.StatusCode, details: str, model: str, target: str) -> DetectionError:
+    return DetectionError(code, details, model=model, target=target)
 
 
 def _no_server(details: str) -> bool:
