@@ -13,12 +13,26 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from dd.config import ConfigError, ServerConfig, discover_models, load_server_config
 
 BUILTIN_MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"
+# The users' deployments set this (`docker run -e NODE_CONFIG_FILE=model_repository/x/node_config.json`):
+# `serve` without a PATH serves it; relative paths are relative to the working directory.
+NODE_CONFIG_ENV = "NODE_CONFIG_FILE"
+
+
+def serve_path(path: str | None) -> tuple[str, str]:
+    """What `serve` serves, and where that came from: PATH, else $NODE_CONFIG_FILE, else the demo models."""
+    if path:
+        return path, "PATH"
+    env = os.environ.get(NODE_CONFIG_ENV, "").strip()
+    if env:
+        return env, f"${NODE_CONFIG_ENV}"
+    return str(BUILTIN_MODELS), "the built-in demo models"
 
 
 def _server_flags(p: argparse.ArgumentParser) -> None:
@@ -97,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve one model folder, a node_config.json, or a folder of model folders")
-    serve.add_argument("path", nargs="?", default=str(BUILTIN_MODELS),
-                       help=f"model folder, node_config.json or model repository (default: the built-in "
-                            f"demo models in {BUILTIN_MODELS})")
+    serve.add_argument("path", nargs="?", default=None,
+                       help=f"model folder, node_config.json or model repository (default: ${NODE_CONFIG_ENV} "
+                            f"when set, else the built-in demo models in {BUILTIN_MODELS})")
     _server_flags(serve)
 
     worker = sub.add_parser("worker", help="run one worker process (one engine instance)")
@@ -134,9 +148,17 @@ def main(argv: list[str] | None = None) -> int:
         return _inspect(args.path)
     from dd.procutil import raise_open_files_limit, setup_logging
 
+    source = "PATH"
+    if args.command == "serve":
+        args.path, source = serve_path(args.path)
     try:
         server = _server_config(args)
-        models = discover_models(args.path)
+        try:
+            models = discover_models(args.path)
+        except ConfigError as exc:
+            if source == f"${NODE_CONFIG_ENV}":
+                raise ConfigError(f"{NODE_CONFIG_ENV}={args.path} (serve was given no PATH): {exc}") from None
+            raise
         if args.command in ("serve", "frontend") and not getattr(args, "server_json", None):
             from dd.frontend.auth import check_security
 
@@ -150,14 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from dd.ipc.endpoints import EndpointError
         from dd.ipc.shm_ring import RingError
-        from dd.supervisor import Supervisor
+        from dd.supervisor import LoadFailed, Supervisor
 
         setup_logging(server.log_level, "supervisor", server.log_dir, **logs)
+        if source != "PATH":
+            logging.getLogger("dd.supervisor").info("no PATH given: serving %s (%s)", args.path, source)
         try:
             return Supervisor(Path(args.path).resolve(), models, server).run()
         except (ConfigError, RingError, EndpointError) as exc:
             print(f"deep-detection: {exc}", file=sys.stderr)
             return 2
+        except LoadFailed as exc:
+            print(f"deep-detection: {exc}", file=sys.stderr)
+            return 3
 
     run_dir = server.resolved_run_dir()
     if args.command == "worker":

@@ -8,6 +8,12 @@ frontends first (they finish what is in flight), then the workers, and
 removes the shared memory and sockets of the run. A second SIGTERM/SIGINT
 stops at once (SIGKILL to the children).
 
+A worker whose model cannot be loaded (wrong format, wrong shapes) stays up
+to tell the frontends why and is not restarted (it would fail the same way);
+the supervisor reports it in one line, from the file the worker writes in the
+run directory. The other models serve. When no model can be loaded at all,
+`serve` stops and exits with status 3 (LoadFailed), that line its message.
+
 Its children die with it: each asks Linux for SIGTERM when its parent dies
 (PR_SET_PDEATHSIG) and also watches its parent pid, so a SIGKILLed supervisor
 leaves no worker holding a GPU; the next start removes what they left behind.
@@ -90,6 +96,13 @@ class Child:
     started_at: float = 0.0
     failures: int = 0
     restart_at: float = 0.0
+    model: str = ""  # workers only
+    failure_file: Path | None = None  # workers only: written when its model cannot be loaded
+    load_failure: str = ""  # what that file said, once read
+
+
+class LoadFailed(RuntimeError):
+    """No model could be loaded; the message says which file and what is wrong, one line per model."""
 
 
 @dataclass
@@ -141,6 +154,7 @@ class Supervisor:
         self._stop = False
         self._force = False
         self._lock_fd: int | None = None
+        self._fatal = ""
 
     def _base_argv(self, role: str) -> list[str]:
         cfg = asdict(self.cfg)
@@ -161,6 +175,8 @@ class Supervisor:
         tag = endpoints.run_tag(self.run_dir)
         removed = remove_stale_segments(tag, only_dead=False)
         for _, _, path in endpoints.list_worker_sockets(self.run_dir):
+            path.unlink(missing_ok=True)
+        for path in self.run_dir.glob(f"*{endpoints.LOAD_FAILURE_SUFFIX}*"):
             path.unlink(missing_ok=True)
         if removed:
             log.warning("removed %d stale shared-memory segment(s) of a previous run: %s", len(removed), removed)
@@ -186,6 +202,9 @@ class Supervisor:
             Path(self.cfg.log_dir).mkdir(parents=True, exist_ok=True)
             # Opened anew for each start: the child may have rotated the file the last one wrote to.
             stderr = open(Path(self.cfg.log_dir) / f"{child.name}.log", "ab")
+        if child.failure_file is not None:
+            child.failure_file.unlink(missing_ok=True)
+            child.load_failure = ""
         try:
             child.proc = subprocess.Popen(child.argv, env=child.env, stdin=subprocess.DEVNULL, stderr=stderr,
                                           stdout=stderr)
@@ -205,8 +224,10 @@ class Supervisor:
                                                 "--gpu", str(p.gpu if p.gpu is not None else -1)]
             if p.cpus:
                 argv += ["--cpus", ",".join(map(str, p.cpus))]
-            self.children.append(self._child(f"worker-{p.model}.{p.index}", argv,
-                                             {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}))
+            child = self._child(f"worker-{p.model}.{p.index}", argv, {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"})
+            child.model = p.model
+            child.failure_file = endpoints.load_failure_file(self.run_dir, p.model, p.index)
+            self.children.append(child)
         for i in range(self.cfg.resolved_frontends()):
             self.children.append(self._child(f"frontend-{i}", self._base_argv("frontend"), {}))
         for c in self.children:
@@ -217,9 +238,12 @@ class Supervisor:
         try:
             while not self._stop:
                 self._watch()
+                self._check_loads()
                 time.sleep(0.1)
         finally:
             self._shutdown()
+        if self._fatal:
+            raise LoadFailed(self._fatal)
         return 0
 
     def _on_signal(self, signum: int, frame: object) -> None:
@@ -249,6 +273,44 @@ class Supervisor:
             c.proc = None
             c.restart_at = now + delay
 
+    def _check_loads(self) -> None:
+        """Reports each worker whose model cannot be loaded, once; stops when no model can be served."""
+        workers = [c for c in self.children if c.failure_file is not None]
+        news = []
+        for c in workers:
+            if c.load_failure or c.proc is None or not c.failure_file.exists():
+                continue
+            try:
+                c.load_failure = c.failure_file.read_text().strip() or "unknown reason"
+            except OSError:
+                continue
+            news.append(c)
+        if not news:
+            return
+        by_model = {m.name: [c for c in workers if c.model == m.name] for m in self.models}
+        failed = {name: ws for name, ws in by_model.items() if ws and all(c.load_failure for c in ws)}
+        if len(failed) == len(self.models):
+            self._fatal = "; ".join(f"model {name!r} ({self._config_path(name)}) cannot be loaded: "
+                                    f"{ws[0].load_failure}" for name, ws in failed.items())
+            self._stop = True
+            return
+        for model in dict.fromkeys(c.model for c in news):
+            ws = by_model.get(model, [])
+            if model in failed:
+                log.error("model %r (%s) cannot be loaded: %s. The other models serve; ListModels shows why and "
+                          "its requests get UNAVAILABLE. Not restarting its worker(s) (pid %s): they would fail "
+                          "the same way. Fix the files, then restart the server (or stop those pids to retry)",
+                          model, self._config_path(model), ws[0].load_failure,
+                          ", ".join(str(c.proc.pid) for c in ws if c.proc))
+            else:
+                for c in (c for c in news if c.model == model):
+                    log.error("%s (pid %d) cannot load model %r (%s): %s. The model's other workers serve; not "
+                              "restarting this one", c.name, c.proc.pid, model, self._config_path(model),
+                              c.load_failure)
+
+    def _config_path(self, model: str) -> Path | str:
+        return next((m.config_path for m in self.models if m.name == model), model)
+
     def _stop_group(self, children: list[Child], timeout: float) -> None:
         for c in children:
             if c.proc is not None and c.proc.poll() is None:
@@ -274,6 +336,8 @@ class Supervisor:
         tag = endpoints.run_tag(self.run_dir)
         remove_stale_segments(tag, only_dead=False)
         for _, _, path in endpoints.list_worker_sockets(self.run_dir):
+            path.unlink(missing_ok=True)
+        for path in self.run_dir.glob(f"*{endpoints.LOAD_FAILURE_SUFFIX}*"):
             path.unlink(missing_ok=True)
         self._release_run_dir()
         log.info("stopped")

@@ -8,6 +8,7 @@ decoding, normalisation, thresholds, RLE encoding and all. Scenes come from dd.s
 
     python scripts/eval_demo.py --start-server configs/models --model demo-rgbd --model demo-rgb --json ap.json
     python scripts/eval_demo.py --server localhost:50051 --model demo-rgbd --count 200
+    python scripts/eval_demo.py --start-server configs/models --model demo-rgb --at 0.5 0.7 0.8 0.9
 """
 
 from __future__ import annotations
@@ -72,10 +73,41 @@ def _coco_stats(gt: dict[str, Any], results: list[dict[str, Any]], iou_type: str
     return [max(0.0, float(v)) for v in ev.stats]  # -1 means "no such objects": report 0, never negative
 
 
+def operating_point(gt_masks: list[list[dict]], dt_masks: list[list[tuple[float, dict]]], at: float) -> dict[str, Any]:
+    """What a user of the model sees at score threshold `at`: mask precision, recall and F1 at IoU >= 0.5.
+
+    AP cannot tell: it integrates over the whole ranking, so the threshold a model is served at
+    (SCORE_THRESH_TEST) does not change it, but it decides how many false pieces and missed cartons
+    come back. Detections are matched greedily by score, each to the unmatched ground truth it
+    overlaps most, per image (gt_masks / dt_masks: one list of RLEs, or (score, RLE), per image).
+    """
+    from pycocotools import mask as mask_util
+
+    tp = fp = fn = 0
+    for gts, dts in zip(gt_masks, dt_masks):
+        dts = sorted((d for d in dts if d[0] >= at), key=lambda d: -d[0])
+        iou = np.asarray(mask_util.iou([r for _, r in dts], gts, [0] * len(gts))).reshape(len(dts), len(gts)) \
+            if dts and gts else np.zeros((len(dts), len(gts)))
+        used: set[int] = set()
+        for k in range(len(dts)):
+            free = [j for j in range(len(gts)) if j not in used]
+            j = max(free, key=lambda j: iou[k, j], default=None)
+            if j is not None and iou[k, j] >= 0.5:
+                tp += 1
+                used.add(j)
+            else:
+                fp += 1
+        fn += len(gts) - len(used)
+    precision, recall = tp / max(1, tp + fp), tp / max(1, tp + fn)
+    return {"score_threshold": at, "precision": precision, "recall": recall,
+            "f1": 2 * precision * recall / max(1e-12, precision + recall), "false_positives": fp, "missed": fn}
+
+
 def evaluate(target: str, model: str = "", *, count: int = 200, seed: int = EVAL_SEED_BASE, width: int = 640,
              height: int = 480, score_threshold: float = 0.05, send: str = "files", concurrency: int = 4,
-             timeout: float = 120.0, verbose: bool = False) -> dict[str, Any]:
-    """Mask and box AP of one served model on `count` scenes (seeds seed ... seed+count-1).
+             timeout: float = 120.0, verbose: bool = False, at: tuple[float, ...] = ()) -> dict[str, Any]:
+    """Mask and box AP of one served model on `count` scenes (seeds seed ... seed+count-1), and the
+    mask precision/recall/F1 at each score threshold in `at` (see operating_point).
 
     score_threshold defaults to COCO practice (0.05: AP integrates over the whole ranking); 0 lets
     the server use the model's own SCORE_THRESH_TEST.
@@ -113,11 +145,16 @@ def evaluate(target: str, model: str = "", *, count: int = 200, seed: int = EVAL
         wall = time.perf_counter() - t0
 
     images, gt_anns, segm, bbox, lat = [], [], [], [], []
+    gt_rles: list[list[dict]] = []
+    dt_rles: list[list[tuple[float, dict]]] = []
     unknown = 0
     for i, anns, res, dt in sorted(done, key=lambda d: d[0]):
         image_id = i + 1
         lat.append(dt)
         images.append({"id": image_id, "width": width, "height": height, "seed": seed + i})
+        gt_rles.append([a["segmentation"] for a in anns])
+        dt_rles.append([(float(inst.score), inst.rle) for inst in res.instances
+                        if inst.rle is not None and inst.class_name in cat_ids])
         for a in anns:
             gt_anns.append(dict(a, id=len(gt_anns) + 1, image_id=image_id))
         for inst in res.instances:
@@ -145,6 +182,7 @@ def evaluate(target: str, model: str = "", *, count: int = 200, seed: int = EVAL
         "latency_ms_p50": float(np.percentile(lat_ms, 50)) if len(lat_ms) else None,
         "latency_ms_p99": float(np.percentile(lat_ms, 99)) if len(lat_ms) else None,
         "images_per_s": count / wall if wall > 0 else None, "concurrency": concurrency,
+        "operating_points": [operating_point(gt_rles, dt_rles, t) for t in at],
     }
 
 
@@ -225,6 +263,13 @@ def print_table(results: list[dict[str, Any]]) -> None:
         print(f"{r['model']:<16} {r['input_kind']:<5} {r['mask_AP']:8.3f} {r['mask_AP50']:6.3f} {r['mask_AP75']:6.3f} "
               f"{r['box_AP']:8.3f} {r['box_AP50']:6.3f} {r['box_AP75']:6.3f} {r['latency_ms_p50']:7.1f} "
               f"{r['images_per_s']:6.1f}")
+    points = [(r["model"], op) for r in results for op in r.get("operating_points", [])]
+    if points:
+        print(f"\n{'model':<16} {'score >=':>8} {'precision':>9} {'recall':>6} {'F1':>6} {'false':>6} {'missed':>6}"
+              "   (masks, IoU >= 0.5)")
+        for name, op in points:
+            print(f"{name:<16} {op['score_threshold']:8.2f} {op['precision']:9.3f} {op['recall']:6.3f} "
+                  f"{op['f1']:6.3f} {op['false_positives']:6d} {op['missed']:6d}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--send", choices=("files", "raw"), default="files",
                    help="files: JPEG q95 + 16-bit PNG as dd.synth writes them; raw: uncompressed arrays")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--at", type=float, nargs="+", default=[], metavar="T",
+                   help="also report mask precision/recall/F1 (IoU >= 0.5) of the detections scoring >= T, "
+                        "for each T: what a model served with SCORE_THRESH_TEST = T returns (AP does not change)")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--verbose", action="store_true", help="show pycocotools' full summaries")
     args = p.parse_args(argv)
@@ -256,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in models:
             out.append(evaluate(target, m, count=args.count, seed=args.seed, width=args.width, height=args.height,
                                 score_threshold=args.score_threshold, send=args.send, concurrency=args.concurrency,
-                                verbose=args.verbose))
+                                verbose=args.verbose, at=tuple(args.at)))
         return out
 
     if args.start_server is not None:

@@ -36,6 +36,7 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(model_repo: Path):
     """One server for the read-only tests: 2 frontends, 2 RGB-D workers, 1 RGB worker, 1 null worker."""
     with ServerProcess(model_repo, frontends=2) as srv:
+        srv.wait_workers_ready({"rgbd": 2, "rgb": 1, "null": 1})  # health needs only one of rgbd's two
         yield srv
 
 

@@ -26,17 +26,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_path: Path, *, frontends: int = 1, args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(self, model_path: Path | None, *, frontends: int = 1, args: list[str] | None = None,
+                 env: dict[str, str] | None = None, cwd: Path = REPO) -> None:
+        """model_path None: `serve` with no PATH. Run in `cwd`, importing this checkout's `dd` wherever."""
         self.model_path = model_path
+        self.cwd = cwd
         self.port = free_port()
         self.run_dir = Path(tempfile.mkdtemp(prefix="ddt-", dir="/tmp"))
         self.tag = run_tag(self.run_dir)
         self.log_path = Path(tempfile.mkstemp(prefix="dd-serve-", suffix=".log")[1])
-        self.argv = [sys.executable, "-m", "dd", "serve", str(model_path), "--host", "127.0.0.1",
+        self.argv = [sys.executable, "-m", "dd", "serve"] + ([str(model_path)] if model_path else []) + [
+                     "--host", "127.0.0.1",
                      "--port", str(self.port), "--frontends", str(frontends), "--run-dir", str(self.run_dir),
                      "--slot-mb", "4", "--ring-slots", "8"] + (args or [])
         self.env = dict(os.environ, **(env or {}))
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -46,7 +50,7 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     cwd=REPO)
+                                     cwd=self.cwd)
         return self
 
     def log(self) -> str:
@@ -69,6 +73,32 @@ class ServerProcess:
                 return self
             time.sleep(0.2)
         raise TimeoutError(f"server not SERVING after {timeout} s:\n{self.log()}")
+
+    def ready_workers(self) -> dict[str, int]:
+        """Ready workers per model, as ListModels says ({} while the server does not answer)."""
+        from dd.proto.deep_detection.v1 import detector_pb2 as pb
+        from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(self.target) as ch:
+            try:
+                models = pb_grpc.DetectorStub(ch).ListModels(pb.ListModelsRequest(), timeout=2.0).models
+            except grpc.RpcError:
+                return {}
+        return {m.name: m.ready_workers for m in models}
+
+    def wait_workers_ready(self, expected: dict[str, int], timeout: float = 180.0) -> "ServerProcess":
+        """Health turns SERVING once each model has one ready worker; a test that counts on all of them
+        (which ones serve, how many) waits for this too, however slowly the others load."""
+        end = time.monotonic() + timeout
+        while True:
+            ready = self.ready_workers()
+            if all(ready.get(m, 0) >= n for m, n in expected.items()):
+                return self
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > end:
+                raise TimeoutError(f"ready workers {ready}, expected {expected} after {timeout} s:\n{self.log()}")
+            time.sleep(0.2)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         assert self.proc is not None

@@ -167,6 +167,7 @@ def test_missing_server_says_where_and_what_to_run(tmp_path: Path) -> None:
     r = client(RGBD, "--server", target)
     assert r.returncode == 2
     assert target in r.stderr and "deep-detection serve" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_no_images_says_where_it_looked(null_server: ServerProcess, tmp_path: Path) -> None:

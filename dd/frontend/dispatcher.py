@@ -245,7 +245,9 @@ class Dispatcher:
             link.device = pong.device
             link.last_pong = time.time()
             if changed:
-                log.info("worker %s %s", link.name, "ready" if pong.ready else f"not ready {pong.error}")
+                # A load failure's reason is the worker's (or its supervisor's) to log, once.
+                log.info("worker %s %s", link.name, "ready" if pong.ready
+                         else "failed to load its model" if pong.error else "not ready")
                 self._changed_soon()
 
     def _changed_soon(self) -> None:

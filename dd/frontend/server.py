@@ -197,15 +197,23 @@ class Frontend:
 
     # -- health ----------------------------------------------------------------------------
     def _update_health(self) -> None:
+        """SERVING once every model has a ready worker, leaving out models that failed to load (they
+        will not come up by waiting, and must not keep the others out of a load balancer's rotation;
+        ListModels says why). Each model also has its own entry: Check(service=MODEL_NAME)."""
         if self.dispatcher is None or self._stopping:
             return
-        ok = all(self.dispatcher.ready_workers(m) > 0 for m in self.models)
-        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
-        asyncio.get_running_loop().create_task(self._set_health(status))
+        ready = {m: self.dispatcher.ready_workers(m) > 0 for m in self.models}
+        failed = {m for m in self.models if not ready[m] and self.dispatcher.model_error(m)}
+        ok = any(ready.values()) and all(ready[m] for m in self.models if m not in failed)
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        per_model = {m: serving if ready[m] else not_serving for m in self.models}
+        asyncio.get_running_loop().create_task(self._set_health(serving if ok else not_serving, per_model))
 
-    async def _set_health(self, status: int) -> None:
+    async def _set_health(self, status: int, per_model: dict[str, int] | None = None) -> None:
         for name in ("", SERVICE):
             await self.health.set(name, status)
+        for name in self.models:
+            await self.health.set(name, status if per_model is None else per_model[name])
 
     # -- handlers ----------------------------------------------------------------------------
     def _handlers(self) -> grpc.GenericRpcHandler:
@@ -232,7 +240,8 @@ class Frontend:
             resp.models.add(name=name, input_kind=m.input_kind, categories=list(m.categories),
                             engine=",".join(sorted(running)) or m.engine,
                             ready=n > 0, max_batch_size=m.max_batch_size, ready_workers=n,
-                            is_default=name == self.default_model)
+                            is_default=name == self.default_model,
+                            error=self.dispatcher.model_error(name) if self.dispatcher else "")
         return resp
 
     async def detect(self, requests: AsyncIterator[pb.DetectRequest], context: grpc.aio.ServicerContext) -> bytes:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 WORKER_PREFIX = "worker."
 WORKER_SUFFIX = ".ipc"
+LOAD_FAILURE_SUFFIX = ".load-failed"
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -44,6 +45,11 @@ def worker_socket(run_dir: Path, model: str, index: int) -> Path:
         raise EndpointError(f"socket path {path} is longer than {_MAX_SOCKET_PATH} bytes (a Unix limit); "
                             "choose a shorter --run-dir")
     return path
+
+
+def load_failure_file(run_dir: Path, model: str, index: int) -> Path:
+    """Where a worker whose model cannot be loaded writes why (one line), for the supervisor to report."""
+    return run_dir / f"{WORKER_PREFIX}{model}.{index}{LOAD_FAILURE_SUFFIX}"
 
 
 def parse_worker_socket(path: Path) -> tuple[str, int] | None:

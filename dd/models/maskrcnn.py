@@ -127,7 +127,13 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     strips DataParallel's "module." prefix, and upcasts half-precision weights
     (the demo models are stored in fp16 to stay small).
     """
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors alike: say which file and why
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(f"{path}: not a PyTorch checkpoint that torch.load(weights_only=True) can read "
+                         f"({type(exc).__name__}: {first[:200]}); MODEL_WEIGHT must be a state dict saved with "
+                         "torch.save") from exc
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

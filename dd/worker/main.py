@@ -16,6 +16,16 @@ fails gets INTERNAL and its neighbours are served; an error while encoding one
 response fails that response. Should the inference thread die all the same,
 the process exits non-zero and the supervisor starts a fresh one, rather than
 answering pings while never serving.
+
+A model that cannot be loaded (a weights file in the wrong format, tensors of
+the wrong shapes) will not load on the next try either, so such a worker is
+not restarted over and over: it stays up, answers pings with the reason (so
+every frontend can refuse the model's requests with it, and ListModels shows
+it), writes the reason in one line to the run directory for the supervisor to
+report, and holds no model. Fix the files, then restart the server (or stop
+this worker: the supervisor starts a fresh one, which tries again). Running
+out of device memory while loading may pass: that worker exits and is
+restarted with backoff, like a crash.
 """
 
 from __future__ import annotations
@@ -98,6 +108,8 @@ class Worker:
         self.ready = False
         self.engine_name = model.engine
         self.load_error = ""
+        self.load_failed_for_good = False  # set with load_error when retrying cannot help
+        self.failure_file = endpoints.load_failure_file(run_dir, model.name, index)
         self.stop = threading.Event()
         self.ctx = zmq.Context()
         self._reply_addr = f"inproc://replies-{id(self)}"
@@ -139,6 +151,8 @@ class Worker:
                 if not parent_alive(self.parent_pid):
                     log.warning("supervisor is gone; worker %s exits", self.name)
                     break
+                if self.load_failed_for_good:
+                    continue  # stays up to say why; a restart would fail the same way
                 if self.load_error and not infer_thread.is_alive():
                     # Keep answering pings for a moment so frontends learn why, then exit for a restart.
                     until = time.monotonic() + 0.6
@@ -162,6 +176,7 @@ class Worker:
             router.close(linger=100)
             replies.close(linger=0)
             self.socket_path.unlink(missing_ok=True)
+            self.failure_file.unlink(missing_ok=True)
             for ring in self.rings.values():
                 ring.close()
             self.ctx.term()
@@ -199,6 +214,8 @@ class Worker:
     def _accept(self, identity: bytes, req: messages.InferRequest) -> tuple[Job | None, tuple[str, str] | None]:
         """A Job, or why not. (None, None) means drop silently: the frontend no longer waits for it."""
         if not self.ready:
+            if self.load_error:
+                return None, ("UNAVAILABLE", f"model {self.model.name!r} failed to load: {self.load_error}")
             return None, ("UNAVAILABLE", f"worker {self.name} is not ready")
         if req.deadline and time.time() > req.deadline:
             return None, ("DEADLINE_EXCEEDED", "deadline passed before the worker got the request")
@@ -265,8 +282,7 @@ class Worker:
             engine = load_engine(self.model, self.device)
             log.info("worker %s loaded %s engine in %.1f s", self.name, engine.name, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
-            log.exception("worker %s failed to load the model", self.name)
-            self.load_error = f"{type(exc).__name__}: {exc}"
+            self._load_failed(exc)
             out.close()
             return
         self.engine_name = engine.name  # what runs, after any fallback (the fast engine without a GPU)
@@ -288,6 +304,29 @@ class Worker:
         engine.close()
         self._release_retired(None)
         out.close()
+
+    def _load_failed(self, exc: Exception) -> None:
+        """One line that says which model and what is wrong (the message names the file); the
+        traceback only at DEBUG: it says where in the loader, which the user does not need."""
+        log.debug("worker %s: loading failed", self.name, exc_info=exc)
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        transient = _may_pass(exc)
+        self.load_failed_for_good = not transient
+        self.load_error = reason
+        if transient:
+            log.error("worker %s: cannot load model %r (%s): %s; exiting for a restart", self.name,
+                      self.model.name, self.model.config_path, reason)
+            return
+        # Under the supervisor, it reports this line (from the file) rather than both saying it.
+        (log.debug if self.parent_pid else log.error)(
+            "worker %s: model %r (%s) cannot be loaded: %s", self.name, self.model.name, self.model.config_path,
+            reason)
+        try:  # whole or not at all: the supervisor may look at any moment
+            tmp = self.failure_file.with_name(self.failure_file.name + ".tmp")
+            tmp.write_text(f"{reason}\n")
+            tmp.replace(self.failure_file)
+        except OSError as err:
+            log.warning("cannot write %s: %s", self.failure_file, err)
 
     def _run_batch(self, engine: "Engine", batch: list[Job], out: zmq.Socket) -> None:
         started = time.time()
@@ -358,6 +397,13 @@ class Worker:
         tm.postprocess_us = int((time.perf_counter() - t_post) * 1e6)
         tm.total_us = max(0, int((time.time() - req.received_at) * 1e6))
         return resp.SerializeToString()
+
+
+def _may_pass(exc: BaseException) -> bool:
+    """Load failures worth a restart: out of device memory (another process may free it). Every other
+    one (a missing or unreadable file, wrong format, wrong shapes, a bad option) fails the same again."""
+    text = str(exc).lower()
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
 
 
 def _send(out: zmq.Socket, job: Job, code: str, message: str) -> None:

@@ -44,7 +44,15 @@ def build_loaded_model(cfg: ModelConfig) -> MaskRCNN:
     if cfg.weights is None:
         raise ValueError(f"model {cfg.name}: engine {cfg.engine!r} needs MODEL_WEIGHT")
     state = load_state_dict(cfg.weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches: torch lists every one, over many lines
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        raise ValueError(
+            f"{cfg.weights}: tensor shapes do not fit the architecture {cfg.architecture} with "
+            f"{cfg.num_classes - 1} categories and {cfg.channels} input channels ({len(lines)} mismatch(es), e.g. "
+            f"{(lines[0] if lines else str(exc).splitlines()[0]).rstrip('.')}). Check ARCHITECTURE, CATEGORY_FILE and "
+            "DETECTION_TYPE in node_config.json.") from exc
     if missing or unexpected:
         raise ValueError(
             f"{cfg.weights}: does not fit the architecture {cfg.architecture} with {cfg.num_classes - 1} "

@@ -139,7 +139,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "input_kind", "categories", "engine", "ready", "max_batch_size", "ready_workers", "is_default")
+    __slots__ = ("name", "input_kind", "categories", "engine", "ready", "max_batch_size", "ready_workers", "is_default", "error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     INPUT_KIND_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     READY_WORKERS_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     input_kind: str
     categories: _containers.RepeatedScalarFieldContainer[str]
@@ -156,7 +157,8 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     ready_workers: int
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., input_kind: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., ready: bool = ..., max_batch_size: _Optional[int] = ..., ready_workers: _Optional[int] = ..., is_default: bool = ...) -> None: ...
+    error: str
+    def __init__(self, name: _Optional[str] = ..., input_kind: _Optional[str] = ..., categories: _Optional[_Iterable[str]] = ..., engine: _Optional[str] = ..., ready: bool = ..., max_batch_size: _Optional[int] = ..., ready_workers: _Optional[int] = ..., is_default: bool = ..., error: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
