@@ -139,7 +139,9 @@ def check_with_onnxruntime(model: torch.nn.Module, contract: GraphContract, path
     thr = torch.tensor([0.0])  # every candidate: random inputs give few confident detections
     with torch.no_grad():
         expected = model(images, size, thr)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     got = sess.run(list(OUTPUTS), {INPUT: images.numpy(), IMAGE_SIZE: size.numpy(), SCORE_THRESHOLD: thr.numpy()})
     num_e, num_g = expected[0].numpy(), got[0]
     if not (num_e == num_g).all():
