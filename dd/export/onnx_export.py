@@ -86,7 +86,7 @@ def contract_for(cfg: ModelConfig, fmt: str, height: int, width: int, batch: int
         max_detections=int(cfg.architecture.get("max_detections", 100)) if cfg.detectron2 is None
         else cfg.detectron2.detections_per_image,
         mask_size=28, score_threshold=score_threshold, score_threshold_input=(fmt == "onnx"),
-        dynamic_batch=dynamic, opset=OPSET,
+        dynamic_batch=dynamic, num_classes=len(cfg.categories), opset=OPSET,
         source={"folder": str(cfg.folder), "weights": cfg.weights.name if cfg.weights else None,
                 "weights_format": cfg.weights_format, "torch": torch.__version__})
 

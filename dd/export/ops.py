@@ -196,9 +196,12 @@ class EfficientNMSTRT(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, boxes, scores, score_threshold: float, iou_threshold: float, max_output_boxes: int):  # noqa: ANN001, ANN205
-        return g.op("trt::EfficientNMS_TRT", boxes, scores, outputs=4, plugin_version_s="1",
+        outs = g.op("trt::EfficientNMS_TRT", boxes, scores, outputs=4, plugin_version_s="1",
                     background_class_i=-1, max_output_boxes_i=max_output_boxes, score_threshold_f=score_threshold,
                     iou_threshold_f=iou_threshold, score_activation_i=0, class_agnostic_i=0, box_coding_i=0)
+        for out, dtype in zip(outs, (torch.int32, torch.float32, torch.float32, torch.int32)):
+            out.setType(scores.type().with_dtype(dtype))  # shapes: set by the graph surgery
+        return outs
 
 
 class PyramidROIAlignTRT(torch.autograd.Function):
@@ -227,10 +230,12 @@ class PyramidROIAlignTRT(torch.autograd.Function):
     @staticmethod
     def symbolic(g, rois, p2, p3, p4, p5, pooled_size: int, image_size: list[int], transform: int,  # noqa: ANN001, ANN205
                  sampling_ratio: int):
-        return g.op("trt::PyramidROIAlign_TRT", rois, p2, p3, p4, p5, plugin_version_s="1", fpn_scale_i=224,
-                    pooled_size_i=pooled_size, image_size_i=list(image_size), roi_coords_absolute_i=1,
-                    roi_coords_swap_i=0, roi_coords_plusone_i=0, roi_coords_transform_i=transform,
-                    sampling_ratio_i=sampling_ratio, legacy_i=0)
+        out = g.op("trt::PyramidROIAlign_TRT", rois, p2, p3, p4, p5, plugin_version_s="1", fpn_scale_i=224,
+                   pooled_size_i=pooled_size, image_size_i=list(image_size), roi_coords_absolute_i=1,
+                   roi_coords_swap_i=0, roi_coords_plusone_i=0, roi_coords_transform_i=transform,
+                   sampling_ratio_i=sampling_ratio, legacy_i=0)
+        out.setType(p2.type())  # the shape: set by the graph surgery
+        return out
 
 
 class TensorRTOps:

@@ -70,6 +70,10 @@ def to_sample_layout(path: Path, contract: GraphContract) -> dict[str, Any]:
         for out, dtype, shape in zip(node.outputs, (np.int32, np.float32, np.float32, np.int32),
                                      ([b, 1], [b, k, 4], [b, k], [b, k])):
             out.dtype, out.shape = dtype, shape
+    # The detections' NMS takes class-specific boxes [B, P, K, 4] and scores [B, P, K] (background dropped).
+    p, k = int(_attr(nms[0], "max_output_boxes")), contract.num_classes
+    for t, shape in zip(nms[1].inputs, ([b, p, k, 4], [b, p, k])):
+        t.shape, t.dtype = shape, np.float32
     channels = None
     for node, name, count in zip(rois, ("roi_align_box_pooler", "roi_align_mask_pooler"),
                                  (int(_attr(nms[0], "max_output_boxes")), contract.max_detections)):

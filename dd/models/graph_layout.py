@@ -71,6 +71,7 @@ class GraphContract:
     score_threshold: float  # baked into the tensorrt flavour; the default request threshold otherwise
     score_threshold_input: bool
     dynamic_batch: bool = False
+    num_classes: int = 0  # categories (without the background)
     opset: int = 17
     source: dict[str, Any] = field(default_factory=dict)
 
