@@ -69,15 +69,19 @@ def test_onnxruntime_answers_as_the_detectron2_engine(tmp_path: Path, kind: str)
     _assert_bounds(_parity(src, tmp_path / "out", 0.05, range(2)))
 
 
-def test_a_fixed_batch_graph_runs_any_batch_and_fits_portrait_images(tmp_path: Path,
-                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    export_model(DEMO / "demo-rgb", tmp_path / "b2", batch=2, check=False)
-    cfg = load_model_config(tmp_path / "b2")
+@pytest.mark.parametrize("shape", ["batch2", "dynamic"])
+def test_batched_graphs_answer_as_one_image_at_a_time_and_fit_portrait_images(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, shape: str) -> None:
+    if shape == "batch2":
+        export_model(DEMO / "demo-rgb", tmp_path / "b", batch=2, check=False)
+    else:
+        export_model(DEMO / "demo-rgb", tmp_path / "b", dynamic=True, check=False)
+    cfg = load_model_config(tmp_path / "b")
     engine = load_engine(cfg, "cpu")
     scenes = [generate_scene(10_000_000 + s) for s in range(3)]
     items = [EngineInput(sc.color, None, 0.5) for sc in scenes]
     alone = [engine.infer([it])[0] for it in items]
-    together = engine.infer(items)  # 2 + 1 (padded with an empty canvas)
+    together = engine.infer(items)  # batch2: 2 + 1 (padded with an empty canvas); dynamic: 3 at once
     for a, b in zip(alone, together):
         assert len(a.scores) > 0 and np.array_equal(a.labels, b.labels)
         assert np.allclose(a.boxes, b.boxes, atol=1e-3) and np.allclose(a.scores, b.scores, atol=1e-5)

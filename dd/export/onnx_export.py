@@ -15,9 +15,12 @@ sample cuts its graph (fixed-size input, 28 x 28 masks out).
 Exporter: torch.onnx.export with the TorchScript-based exporter (dynamo=False) at
 opset 17: the inference path is traced once with constants for the canvas (anchors,
 top-k sizes), and torchvision's roi_align (opset 16+ for `aligned`) and our batched
-NMS are exported as RoiAlign and NonMaxSuppression. The dynamo exporter (torch.export)
-cannot take this path: the data-dependent shapes of NMS and nonzero need unbacked
-symbolic sizes through torchvision's ops (see docs/tensorrt.md).
+NMS are exported as RoiAlign and NonMaxSuppression. The TensorRT flavour needs it: its
+plugin nodes come from autograd Functions' `symbolic`, which only this exporter calls.
+torchvision's own MaskRCNN module does not trace correctly with either exporter (its
+Python branches on data freeze at the example's values), which is why dd.export.network
+restates the path; that restated module also exports with dynamo=True (opset 18, the
+NMS unrolled per image) and gives the same answers in ONNX Runtime (docs/tensorrt.md).
 """
 
 from __future__ import annotations
