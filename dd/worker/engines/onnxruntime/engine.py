@@ -49,10 +49,11 @@ class OnnxRuntimeMaskRCNN(Engine):
         fill = cfg.depth_fill_m if cfg.depth_fill_m is not None else c.depth_fill_m
         self.canvas = CanvasBuilder(c, input_kind=cfg.input_kind, min_size=cfg.min_size, max_size=cfg.max_size,
                                     depth_unit_m=cfg.depth_unit_m, depth_fill_m=fill)
-        self._fitted_logged: set[tuple[int, int]] = set()
-        h, w = cfg.min_size, cfg.min_size
+        h, w = c.height, c.width  # warm-up: an empty image the size of the canvas (not logged if fitted)
+        self._fitted_logged: set[tuple[int, int]] = {(h, w)}
         self.infer([EngineInput(np.zeros((h, w, 3), np.uint8),
                                 np.zeros((h, w), np.uint16) if cfg.input_kind == "rgbd" else None, 1.0)])
+        self._fitted_logged.clear()
 
     def _run(self, items: list[EngineInput], want_masks: bool) -> list[Detections]:
         c = self.contract

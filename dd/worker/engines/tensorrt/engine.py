@@ -51,7 +51,7 @@ class TensorRTMaskRCNN(Engine):
         log.info("model %s: TensorRT %s engine %s; canvas %dx%d, batch %d, score threshold %g baked in",
                  cfg.name, self.runner.trt.__version__, cfg.weights.name, c.height, c.width, c.batch,
                  c.score_threshold)
-        h = w = cfg.min_size
+        h, w = c.height, c.width
         self.infer([EngineInput(np.zeros((h, w, 3), np.uint8),
                                 np.zeros((h, w), np.uint16) if cfg.input_kind == "rgbd" else None, 1.0)])
 
