@@ -72,5 +72,6 @@ def add(acc: Parity, ref: Detections, other: Detections, h: int, w: int, confide
         acc.score_dev.append(float(abs(other.scores[twin] - ref.scores[j])))
         a = {"size": [h, w], "counts": oth_rle[twin]}
         b = {"size": [h, w], "counts": ref_rle[j]}
-        acc.mask_iou.append(float(mask_util.iou([a], [b], [0])[0, 0]))
+        both_empty = mask_util.area(a) == 0 and mask_util.area(b) == 0  # equal, though COCO's IoU says 0
+        acc.mask_iou.append(1.0 if both_empty else float(mask_util.iou([a], [b], [0])[0, 0]))
     return acc
