@@ -198,12 +198,15 @@ def export_model(source: Path | str, out: Path | str, *, fmt: str = "onnx", size
     if not 0.0 <= thr <= 1.0:
         raise ExportError(f"--score-threshold must be in [0, 1], got {thr}")
     contract = contract_for(cfg, fmt, height, width, batch, dynamic, thr)
-    model = build_loaded_model(cfg).eval()
-    ops = OnnxOps() if fmt == "onnx" else TensorRTOps(thr)
-    wrapped = ExportableMaskRCNN(model, cfg.channels, height, width, ops).eval()
     out = Path(out)
     if out.resolve() == cfg.folder:
         raise ExportError(f"-o {out}: write the export to a new folder, not into the source model's")
+    model = build_loaded_model(cfg).eval()
+    ops = OnnxOps() if fmt == "onnx" else TensorRTOps(thr)
+    wrapped = ExportableMaskRCNN(model, cfg.channels, height, width, ops).eval()
+    if isinstance(ops, TensorRTOps):
+        ops.check_rule(wrapped.box_rule)
+        ops.check_rule(wrapped.mask_rule)
     out.mkdir(parents=True, exist_ok=True)
     graph = out / (GRAPH_FILE if fmt == "onnx" else "model.trt.onnx")
     export_graph(wrapped, contract, graph)

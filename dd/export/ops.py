@@ -262,15 +262,18 @@ class TensorRTOps:
         masked = scores * keep.to(scores.dtype)
         return EfficientNMSTRT.apply(boxes, masked, self.score_threshold, iou, detections)
 
-    def roi_pool(self, feats, boxes, rule, canvas):  # noqa: ANN001, ANN201
+    @staticmethod
+    def check_rule(rule: LevelRule) -> None:
+        """PyramidROIAlign_TRT's limits, before anything is traced."""
         strides = [round(1 / s) for s in rule.scales]
         if len(rule.names) != 4 or strides != [4, 8, 16, 32]:
             raise ExportError(
                 f"TensorRT's PyramidROIAlign_TRT pools exactly four FPN maps with strides 4, 8, 16, 32 (P2-P5); "
                 f"this model pools {len(rule.names)} maps with strides {strides}. Export it with --format onnx "
                 "(ONNX Runtime) instead")
-        if rule.mapper != "detectron2" and rule.mapper != "torchvision":
-            raise ExportError(f"unknown level rule {rule.mapper!r}")
+
+    def roi_pool(self, feats, boxes, rule, canvas):  # noqa: ANN001, ANN201
+        self.check_rule(rule)
         b, r = boxes.shape[:2]
         maps = [feats[n] for n in rule.names]
         out = PyramidROIAlignTRT.apply(boxes, *maps, rule.size, list(canvas), 2 if rule.aligned else 0,

@@ -37,7 +37,7 @@ class TrtRunner:
                 trt.ILogger.__init__(self)
 
             def log(self, severity: Any, msg: str) -> None:  # noqa: A003 - TensorRT's interface
-                if severity <= trt.ILogger.Severity.WARNING:
+                if int(severity) <= int(trt.ILogger.Severity.WARNING):  # errors and warnings
                     messages.append(msg)
                     log.warning("TensorRT: %s", msg)
 
