@@ -1,4 +1,4 @@
-"""The `deep-detection` command: serve, worker, frontend, client, inspect.
+"""The `deep-detection` command: serve, worker, frontend, client, inspect, export.
 
 `serve` runs everything; `worker` and `frontend` run one process each, for
 process managers (supervisord, systemd, Kubernetes) that want to own them;
@@ -133,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
                              "without serving; exit 0, or 2 with the reason")
     inspect.add_argument("path", help="model folder, node_config.json or model repository")
 
+    export = sub.add_parser("export", help="export a model folder's network as an ONNX graph in a new model folder "
+                            "(served by ENGINE onnxruntime, or built into a TensorRT engine): docs/tensorrt.md")
+    export.add_argument("path", help="the model folder (torchvision or detectron2 weights)")
+    export.add_argument("-o", "--output", required=True, help="the new model folder to write")
+    export.add_argument("--format", default="onnx", choices=["onnx", "tensorrt-onnx"],
+                        help="onnx: for ONNX Runtime (default); tensorrt-onnx: NVIDIA's detectron2 sample layout with "
+                             "EfficientNMS_TRT and PyramidROIAlign_TRT, for trtexec")
+    export.add_argument("--size", help="the fixed input canvas HEIGHTxWIDTH, multiples of 32 (default: MIN_SIZE x "
+                        "MAX_SIZE rounded up to 32)")
+    export.add_argument("--batch", type=int, default=1, help="images per run of the graph (default 1)")
+    export.add_argument("--dynamic", action="store_true", help="a dynamic batch dimension (--format onnx)")
+    export.add_argument("--score-threshold", dest="score_threshold", type=float,
+                        help="tensorrt-onnx: the threshold baked into EfficientNMS_TRT (default the model's)")
+
     from dd.client import cli as client_cli
 
     client_cli.add_parser(sub)
@@ -146,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     if args.command == "inspect":
         return _inspect(args.path)
+    if args.command == "export":
+        return _export(args)
     from dd.procutil import raise_open_files_limit, setup_logging
 
     source = "PATH"
@@ -229,6 +245,21 @@ def _inspect(path: str) -> int:
     except (ConfigError, ValueError, RuntimeError) as exc:
         print(f"deep-detection: configuration error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Exports one model folder; prints what was written and checked, or the one-line reason (exit 2)."""
+    try:
+        from dd.export.onnx_export import export_model, parse_size
+
+        size = parse_size(args.size) if args.size else None
+        report = export_model(args.path, args.output, fmt=args.format, size=size, batch=args.batch,
+                              dynamic=args.dynamic, score_threshold=args.score_threshold)
+    except (ConfigError, ValueError, RuntimeError) as exc:  # ExportError is a ValueError
+        print(f"deep-detection: export: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
     return 0
 
 

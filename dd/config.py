@@ -29,6 +29,8 @@ DETECTION_TYPES: dict[str, tuple[str, str]] = {
     "RGBDMaskRCNNTensorRTServicer": ("tensorrt", "rgbd"),
     "RGBMaskRCNNTensorRTServicer": ("tensorrt", "rgb"),
     "MaskRCNNTensorRTServicer": ("tensorrt", "rgb"),
+    "RGBDMaskRCNNOnnxServicer": ("onnxruntime", "rgbd"),
+    "RGBMaskRCNNOnnxServicer": ("onnxruntime", "rgb"),
     "RGBDMaskRCNNFastServicer": ("fast", "rgbd"),
     "RGBMaskRCNNFastServicer": ("fast", "rgb"),
     "RGBDNullServicer": ("null", "rgbd"),
@@ -36,8 +38,10 @@ DETECTION_TYPES: dict[str, tuple[str, str]] = {
 }
 
 # Engines this release can run. Others are recognised (so the error is precise) but refused.
-AVAILABLE_ENGINES = ("torchvision", "detectron2", "fast", "null")
-KNOWN_ENGINES = AVAILABLE_ENGINES + ("tensorrt", "torchscript", "onnx")
+AVAILABLE_ENGINES = ("torchvision", "detectron2", "fast", "onnxruntime", "tensorrt", "null")
+KNOWN_ENGINES = AVAILABLE_ENGINES + ("torchscript",)
+# Engines that run an exported graph (dd.export): their MODEL_WEIGHT is the graph or engine file.
+EXPORTED_ENGINES = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
 WEIGHTS_FORMATS = ("auto", "detectron2", "torchvision")
 # node_config keys that a detectron2 model's YAML decides instead.
 _YAML_DECIDES = {"ARCHITECTURE": "MODEL.RESNETS / FPN / ROI_*_HEAD", "PIXEL_MEAN": "MODEL.PIXEL_MEAN",
@@ -254,7 +258,9 @@ def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
     if weights_name:
         weights = folder / weights_name
         if not weights.is_file():
-            raise _err(path, "MODEL_WEIGHT", f"file {weights} does not exist")
+            hint = (f"; build it from the exported graph with {folder / 'build_engine.sh'} (docs/tensorrt.md)"
+                    if engine == "tensorrt" else "")
+            raise _err(path, "MODEL_WEIGHT", f"file {weights} does not exist{hint}")
     elif engine != "null":
         raise _err(path, "MODEL_WEIGHT", f"is missing; engine {engine!r} needs weights (a file in {folder})")
 
@@ -391,6 +397,8 @@ def _weights_format(raw: dict[str, Any], path: Path, weights: Path | None, engin
     given = _get(raw, path, "WEIGHTS_FORMAT", str, "auto")
     if given not in WEIGHTS_FORMATS:
         raise _err(path, "WEIGHTS_FORMAT", f"must be one of {', '.join(WEIGHTS_FORMATS)}, got {given!r}")
+    if engine in EXPORTED_ENGINES:
+        return EXPORTED_ENGINES[engine]  # an exported graph: the export contract says how it was made
     if given != "auto":
         return given
     if weights is None or engine == "null":

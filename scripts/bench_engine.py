@@ -6,15 +6,19 @@ box score threshold 0 so every image keeps its maximum detections), 1280x720
 inputs (synthetic scenes; RGB, or RGB-D with --input-kind rgbd), shorter side
 800 and 416, batch 1/4/8, 20 and 100 detections; p50/p99 ms per batch and
 images/s, warm-up excluded. Engines: eager-fp32, eager-fp16, fast (one CUDA
-graph) and fast-dynamic (the fast engine's op-by-op path, fixed_shapes false).
+graph), fast-dynamic (the fast engine's op-by-op path, fixed_shapes false) and
+onnxruntime (the same weights exported with `deep-detection export --format onnx
+--dynamic` at the canvas of the input size, run by ENGINE onnxruntime with
+--ort-provider: CUDA with onnxruntime-gpu; what a user would pick instead of fast).
 
 Eager rows time model(images) on the GPU, masks pasted to full-image tensors
 (as torchvision returns them), synchronised; the fast rows time the whole
 engine call, which also returns COCO RLE on the host: strictly more work.
-With --check, the fast path's answers are compared with eager fp32 on the
-same images (matched instances, box IoU, scores, mask IoU).
+With --check, the fast path's (and onnxruntime's, when run) answers are compared
+with eager fp32 on the same images (matched instances, box IoU, scores, mask IoU).
 
     python scripts/bench_engine.py --json $OUT/engine.json
+    python scripts/bench_engine.py --engines fast onnxruntime --check   # ONNX Runtime (CUDA) against fast
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
 from dd.models.model_folder import random_model_folder  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
 from dd.worker.engines.base import EngineInput  # noqa: E402
-from dd.worker.engines.fast_maskrcnn import FastMaskRCNN  # noqa: E402
+from dd.worker.engines.fast_maskrcnn import FastMaskRCNN, padded, resized_size  # noqa: E402
 from dd.worker.engines.torchvision_maskrcnn import TorchvisionMaskRCNN  # noqa: E402
 
 
@@ -110,13 +114,32 @@ def compare(ref, fast, h: int, w: int) -> dict[str, float]:
             "mean_mask_iou": float(np.mean(mask_ious)) if mask_ious else 0.0}
 
 
+def onnxruntime_engine(cfg, folder: Path, tmp: Path, height: int, width: int, provider: str):  # noqa: ANN001, ANN201
+    """The model of `folder` exported (dynamic batch, the canvas of a height x width input at cfg's sizes) and
+    loaded by ENGINE onnxruntime on GPU 0."""
+    from dd.export.onnx_export import export_model
+    from dd.worker.engines.onnxruntime import OnnxRuntimeMaskRCNN
+
+    rh, rw = resized_size(height, width, cfg.min_size, cfg.max_size)
+    out = tmp / f"onnx-{folder.name}-{cfg.min_size}"
+    export_model(folder, out, size=(padded(rh), padded(rw)), dynamic=True, check=False)
+    ecfg = dataclasses.replace(load_model_config(out), min_size=cfg.min_size, max_size=cfg.max_size,
+                               score_threshold=cfg.score_threshold, engine_options={"provider": provider})
+    engine = OnnxRuntimeMaskRCNN(ecfg, "cuda:0")
+    engine.load()
+    return engine
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[800, 416])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--dets", type=int, nargs="+", default=[100, 20])
     ap.add_argument("--engines", nargs="+", default=["eager-fp32", "eager-fp16", "fast"],
-                    help="eager-fp32, eager-fp16, fast (fixed shapes, one graph), fast-dynamic (op by op)")
+                    help="eager-fp32, eager-fp16, fast (fixed shapes, one graph), fast-dynamic (op by op), "
+                         "onnxruntime (an export run by ONNX Runtime)")
+    ap.add_argument("--ort-provider", default="cuda", choices=["cuda", "cpu", "auto"],
+                    help="onnxruntime's provider (cuda needs onnxruntime-gpu)")
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per row (after warm-up)")
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--width", type=int, default=1280)
@@ -168,6 +191,9 @@ def main() -> int:
                 opts = dict(cfg.engine_options, fixed_shapes=False)
                 dynamic = FastMaskRCNN(dataclasses.replace(cfg, engine_options=opts), "cuda:0")
                 dynamic.load()
+            ort = None
+            if "onnxruntime" in args.engines:
+                ort = onnxruntime_engine(cfg, folder, tmp, args.height, args.width, args.ort_provider)
             for batch in args.batches:
                 inputs = [EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)
                           for s in (scenes[k % len(scenes)] for k in range(batch))]
@@ -184,6 +210,8 @@ def main() -> int:
                         fn = lambda: fast.infer(inputs)  # noqa: E731
                     elif name == "fast-dynamic":
                         fn = lambda: dynamic.infer(inputs)  # noqa: E731
+                    elif name == "onnxruntime":
+                        fn = lambda: ort.infer(inputs)  # noqa: E731
                     else:
                         raise SystemExit(f"unknown engine {name}")
                     with torch.inference_mode():
@@ -224,6 +252,10 @@ def main() -> int:
                     item = EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)
                     checks.append({"shorter_side": size, "detections": dets,
                                    **compare(eager.infer([item])[0], fast.infer([item])[0], args.height, args.width)})
+                    if ort is not None:
+                        checks.append({"engine": "onnxruntime", "shorter_side": size, "detections": dets,
+                                       **compare(eager.infer([item])[0], ort.infer([item])[0], args.height,
+                                                 args.width)})
                 # The fast backbone (batch norm folded, ReLUs fused, fp16, channels-last) against eager fp32's,
                 # on the same normalised image: relative error per FPN level.
                 with torch.inference_mode():

@@ -18,6 +18,8 @@ _ENGINE_WORDS = {
     "detectron2": "detectron2 (eager, CPU or GPU: detectron2's DefaultPredictor answers; the reference)",
     "torchvision": "torchvision (eager, CPU or GPU: torchvision's Mask R-CNN answers; the reference)",
     "fast": "fast (one CUDA graph per input size on a GPU; falls back to the reference engine without one)",
+    "onnxruntime": "onnxruntime (an exported ONNX graph in ONNX Runtime, CPU or CUDA)",
+    "tensorrt": "tensorrt (a serialized TensorRT engine built from a tensorrt-onnx export; CUDA GPU)",
     "null": "null (no network: test instances)",
 }
 
@@ -39,6 +41,12 @@ def check_weights(cfg: ModelConfig) -> str:
     Raises ConfigError (or ValueError) saying what does not fit."""
     if cfg.weights is None:
         return "none"
+    if cfg.engine in ("onnxruntime", "tensorrt"):
+        from dd.models.graph_layout import GraphContract
+
+        c = GraphContract.read(cfg.folder)
+        return (f"{c.format} export ({cfg.weights.stat().st_size / 1e6:.1f} MB), not loaded here: export.json "
+                f"describes it")
     if cfg.detectron2 is not None:
         from dd.models.detectron2.checkpoint import read_weights
         from dd.models.detectron2.convert import convert_state_dict
@@ -64,11 +72,15 @@ def describe(cfg: ModelConfig, weights_check: str) -> list[str]:
     lines.append(f"  engine: {_ENGINE_WORDS.get(cfg.engine, cfg.engine)}; DETECTION_TYPE {cfg.detection_type}")
     if cfg.weights is not None:
         how = "WEIGHTS_FORMAT" if "WEIGHTS_FORMAT" in raw else "recognised by its parameter names"
+        if cfg.engine in ("onnxruntime", "tensorrt"):
+            how = f"the {cfg.engine} engine's"
         lines.append(f"  weights: {cfg.weights.name}: {cfg.weights_format} format ({how}); {weights_check}")
     if cfg.config_file is not None:
         lines.append(f"  config: {cfg.config_file.name}" + (" (detectron2 YAML, _BASE_ resolved, detectron2's "
                                                             "defaults for keys it leaves out)" if spec else ""))
-    if spec is not None:
+    if cfg.engine in ("onnxruntime", "tensorrt"):
+        lines += _exported_lines(cfg)
+    elif spec is not None:
         lines += _detectron2_lines(cfg, raw)
     else:
         lines += _torchvision_lines(cfg, raw)
@@ -77,6 +89,24 @@ def describe(cfg: ModelConfig, weights_check: str) -> list[str]:
     lines.append(f"  batching: up to {cfg.max_batch_size} images, queue delay {cfg.max_queue_delay_ms:g} ms; "
                  f"devices {', '.join(cfg.devices)}, {cfg.instances_per_device} worker(s) each")
     return lines
+
+
+def _exported_lines(cfg: ModelConfig) -> list[str]:
+    from dd.models.graph_layout import GraphContract
+
+    c = GraphContract.read(cfg.folder)
+    kind = "R, G, B, depth in metres" if c.channels == 4 else "R, G, B"
+    fill = "" if c.channels == 3 else (f"; missing depth becomes {c.depth_fill_m:g} m" if c.depth_fill_m is not None
+                                       else "; missing depth stays 0")
+    return [f"  graph: {c.format}, input canvas {c.height}x{c.width} (HxW), batch "
+            f"{'dynamic' if c.dynamic_batch else c.batch}, {c.semantics}'s rules; exported from "
+            f"{c.source.get('folder', '?')}",
+            f"  input: {kind}, (x * {c.input_scale:g} - mean {_fmt(c.mean)}) / std {_fmt(c.std)}{fill}",
+            f"  resize: shorter side {cfg.min_size}, longer at most {cfg.max_size}, then fitted to the canvas",
+            f"  thresholds: score {cfg.score_threshold:g}" + (f" (at least {c.score_threshold:g}: baked into the "
+                                                              "TensorRT engine)" if c.format == "tensorrt-onnx"
+                                                              else "") + f", mask {cfg.mask_threshold:g}; "
+            f"up to {c.max_detections} detections"]
 
 
 def _detectron2_lines(cfg: ModelConfig, raw: dict[str, Any]) -> list[str]:

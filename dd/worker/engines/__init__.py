@@ -15,6 +15,8 @@ _ENGINES = {
     "torchvision": ("dd.worker.engines.torchvision_maskrcnn", "TorchvisionMaskRCNN"),
     "detectron2": ("dd.worker.engines.detectron2_maskrcnn", "Detectron2MaskRCNN"),
     "fast": ("dd.worker.engines.fast_maskrcnn", "FastMaskRCNN"),
+    "onnxruntime": ("dd.worker.engines.onnxruntime", "OnnxRuntimeMaskRCNN"),
+    "tensorrt": ("dd.worker.engines.tensorrt", "TensorRTMaskRCNN"),
     "null": ("dd.worker.engines.null", "NullEngine"),
 }
 # Where an engine cannot run on this machine, the one that computes the same answers instead.
