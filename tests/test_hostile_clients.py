@@ -141,15 +141,20 @@ def test_a_failed_color_decode_leaves_no_depth_decode_behind(monkeypatch: pytest
     itself. decode_into_slot must not return before the depth decode it started has ended."""
     from dd.frontend import decode
 
+    depth_started = threading.Event()
     color_failed = threading.Event()
     depth_ended = threading.Event()
 
     def fake_imdecode(data: bytes, flags: int):
         if flags == decode._DEPTH_FLAGS:
+            depth_started.set()
             color_failed.wait(30)  # the color decode has failed by now
             time.sleep(0.2)  # and the request would have been answered, before this fix
             depth_ended.set()
             return np.zeros((24, 32), np.uint16)
+        # The depth decode is running when the color decode fails, however the threads are scheduled
+        # (on a busy machine it could otherwise still be queued, and be cancelled: nothing left behind).
+        depth_started.wait(30)
         color_failed.set()
         return None  # "could not be decoded"
 
