@@ -164,6 +164,9 @@ def main() -> int:
                                                               **json.loads(args.fast_options)},
                                            "MAX_BATCH_SIZE": max(args.batches)})
             cfg = load_model_config(folder)
+            if args.model:  # as the random folder above: graphs captured at load for the timed size and batches
+                cfg = dataclasses.replace(cfg, max_batch_size=max(args.batches), engine_options={
+                    **cfg.engine_options, "warmup_sizes": [[args.height, args.width]], **json.loads(args.fast_options)})
             if args.model and cfg.detectron2 is not None:
                 # the YAML decides the network: its detections per image, its MAX_SIZE_TEST
                 cfg = dataclasses.replace(cfg, min_size=size, architecture=dict(cfg.architecture, max_detections=dets),

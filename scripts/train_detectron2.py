@@ -429,14 +429,15 @@ def train(args: argparse.Namespace, out: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- held-out check and reference
 
 
-def mask_iou_matrix(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+def mask_iou_matrix(pred: torch.Tensor, gt: np.ndarray) -> np.ndarray:
+    """Mask IoU of every prediction (N x H x W bool, on the predictor's device) with every ground truth."""
     if len(pred) == 0 or len(gt) == 0:
         return np.zeros((len(pred), len(gt)))
-    p = torch.from_numpy(pred.reshape(len(pred), -1)).float()
-    g = torch.from_numpy(gt.reshape(len(gt), -1)).float()
+    p = pred.reshape(len(pred), -1).float()
+    g = torch.from_numpy(gt.reshape(len(gt), -1)).to(p.device).float()
     inter = p @ g.T
     union = p.sum(1)[:, None] + g.sum(1)[None, :] - inter
-    return (inter / union.clamp_min(1)).numpy()
+    return (inter / union.clamp_min(1)).cpu().numpy()
 
 
 def reference(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -466,11 +467,13 @@ def reference(args: argparse.Namespace, out: Path) -> dict[str, Any]:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        inst = predictor(inp)["instances"].to("cpu")
+        inst = predictor(inp)["instances"]
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        iou = mask_iou_matrix(inst.pred_masks, sc.masks)
+        inst = inst.to("cpu")
         s = inst.scores.numpy()
-        pm = inst.pred_masks.numpy().astype(bool)
-        iou = mask_iou_matrix(pm, sc.masks)
         taken: set[int] = set()
         for i in np.argsort(-s, kind="stable"):  # greedy by score, mask IoU >= 0.5 (COCO's AP50 rule)
             row = [(iou[i, j], j) for j in range(len(sc.masks)) if j not in taken and iou[i, j] >= 0.5]
