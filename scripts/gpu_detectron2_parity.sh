@@ -30,7 +30,7 @@ WHL=${WHL:-.whl}
 SITE=${SITE:-/tmp/site}
 MODEL=${MODEL:-/tmp/d2rgbd}
 KIND=${KIND:-rgbd}
-TRAIN_MIN=${TRAIN_MIN:-3.4}
+TRAIN_MIN=${TRAIN_MIN:-3.5}
 REF_SCENES=${REF_SCENES:-32}
 DEADLINE_S=${DEADLINE_S:-565}
 mkdir -p "$OUT"
