@@ -17,8 +17,17 @@ engine call, which also returns COCO RLE on the host: strictly more work.
 With --check, the fast path's (and onnxruntime's, when run) answers are compared
 with eager fp32 on the same images (matched instances, box IoU, scores, mask IoU).
 
+--model FOLDER times and checks a model folder instead (its own min size is
+replaced by each --sizes value, its detections per image by each --dets
+value): eager is the folder's own reference engine (dd.worker.engines), so a
+detectron2 folder (checkpoint + YAML) is timed and checked against the
+detectron2 eager engine; as that engine has no separate network call, its
+eager-fp32 rows time the whole engine call (host pre/post-processing and
+full-image masks included) and eager-fp16 is skipped.
+
     python scripts/bench_engine.py --json $OUT/engine.json
     python scripts/bench_engine.py --engines fast onnxruntime --check   # ONNX Runtime (CUDA) against fast
+    python scripts/bench_engine.py --model /tmp/d2rgbd --sizes 640 --dets 100 --engines eager-fp32 fast --check
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
 from dd.models.model_folder import random_model_folder  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
+from dd.worker.engines import create_engine  # noqa: E402
 from dd.worker.engines.base import EngineInput  # noqa: E402
 from dd.worker.engines.fast_maskrcnn import FastMaskRCNN, padded, resized_size  # noqa: E402
 from dd.worker.engines.torchvision_maskrcnn import TorchvisionMaskRCNN  # noqa: E402
@@ -144,7 +154,8 @@ def main() -> int:
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--check", action="store_true", help="compare fast vs eager fp32 answers")
-    ap.add_argument("--model", help="a model folder to use instead of random R50-FPN weights (for --check)")
+    ap.add_argument("--model", help="a model folder to use instead of random R50-FPN weights (torchvision or "
+                    "detectron2 format; eager is the folder's own reference engine)")
     ap.add_argument("--profile", help="write torch.profiler tables of the fast path (batch 1 and the largest) here")
     ap.add_argument("--input-kind", default="rgb", choices=["rgb", "rgbd"], help="random model's input")
     ap.add_argument("--fast-options", default="{}", help="ENGINE_OPTIONS for the fast engine, as JSON")
@@ -176,12 +187,22 @@ def main() -> int:
                                                               **json.loads(args.fast_options)},
                                            "MAX_BATCH_SIZE": max(args.batches)})
             cfg = load_model_config(folder)
-            if args.model:
+            if args.model:  # as the random folder above: graphs captured at load for the timed size and batches
+                cfg = dataclasses.replace(cfg, max_batch_size=max(args.batches), engine_options={
+                    **cfg.engine_options, "warmup_sizes": [[args.height, args.width]], **json.loads(args.fast_options)})
+            if args.model and cfg.detectron2 is not None:
+                # the YAML decides the network: its detections per image, its MAX_SIZE_TEST
+                cfg = dataclasses.replace(cfg, min_size=size, architecture=dict(cfg.architecture, max_detections=dets),
+                                          detectron2=dataclasses.replace(cfg.detectron2, detections_per_image=dets))
+            elif args.model:
                 cfg = dataclasses.replace(cfg, min_size=size, max_size=1333,
                                           architecture=dict(cfg.architecture, max_detections=dets))
-            eager = TorchvisionMaskRCNN(cfg, "cuda:0")
+            # The folder's eager reference engine: torchvision's, or detectron2's for detectron2 weights.
+            eager = create_engine(dataclasses.replace(cfg, engine="torchvision"), "cuda:0")
             eager.load()
-            eager.model.roi_heads.score_thresh = cfg.score_threshold
+            whole_call = not isinstance(eager, TorchvisionMaskRCNN)  # no separate network call to time
+            if not whole_call:
+                eager.model.roi_heads.score_thresh = cfg.score_threshold
             fast = None
             if "fast" in args.engines or args.check or args.profile:
                 fast = FastMaskRCNN(cfg, "cuda:0")
@@ -198,10 +219,16 @@ def main() -> int:
                 inputs = [EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)
                           for s in (scenes[k % len(scenes)] for k in range(batch))]
                 assert len(inputs) == batch
-                tensors = [eager._tensor(x) for x in inputs]  # 3 or 4 channels, as the engine feeds the model
+                # 3 or 4 channels, as the engine feeds the model
+                tensors = None if whole_call else [eager._tensor(x) for x in inputs]
                 for name in args.engines:
-                    if name == "eager-fp32":
+                    if name == "eager-fp32" and whole_call:
+                        fn = lambda: eager.infer(inputs)  # noqa: E731
+                    elif name == "eager-fp32":
                         fn = lambda: eager.model(tensors)  # noqa: E731
+                    elif name == "eager-fp16" and whole_call:
+                        print(f"eager-fp16 skipped: the {eager.name} engine has no separate network call", flush=True)
+                        continue
                     elif name == "eager-fp16":
                         def fn():
                             with torch.autocast("cuda", dtype=torch.float16):
@@ -218,7 +245,8 @@ def main() -> int:
                         t = timeit(fn, args.seconds)
                         out = fn()
                     n_det = len(out[0]["scores"]) if isinstance(out[0], dict) else len(out[0].scores)
-                    row = {"engine": name, "shorter_side": size, "detections": dets, "batch": batch,
+                    row = {"engine": name + (" (engine call)" if name.startswith("eager") and whole_call else ""),
+                           "eager_engine": eager.name, "shorter_side": size, "detections": dets, "batch": batch,
                            "kept": n_det, "p50_ms": float(np.percentile(t, 50)),
                            "p99_ms": float(np.percentile(t, 99)), "iters": len(t),
                            "images_per_s": batch * 1000.0 / float(np.mean(t))}
@@ -247,7 +275,8 @@ def main() -> int:
                 stages[f"{size}/{dets} batch {batch}"] = {k: float(np.median(v)) for k, v in fast.stage_times.items()}
             fast.stage_times = None
             if args.check:
-                eager.model.roi_heads.score_thresh = cfg.score_threshold
+                if not whole_call:
+                    eager.model.roi_heads.score_thresh = cfg.score_threshold
                 for s in scenes[:4]:
                     item = EngineInput(s.color, None if cfg.input_kind == "rgb" else s.depth, cfg.score_threshold)
                     checks.append({"shorter_side": size, "detections": dets,

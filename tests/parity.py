@@ -314,66 +314,149 @@ def run_engine(engine: Any, images: Iterable[Image], score_threshold: float) -> 
     return out
 
 
+def parse_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """ENGINE[:DEVICE[:OPTIONS]] -> (engine, device, options). OPTIONS is a JSON object of ENGINE_OPTIONS
+    merged over the folder's, e.g. 'fast:cuda:{"fp16": false}'; "default" is the folder's own engine and
+    the device is cpu unless given."""
+    name, _, rest = spec.partition(":")
+    device, _, options = rest.partition(":")
+    opts: dict[str, Any] = {}
+    if options:
+        try:
+            opts = json.loads(options)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"engine spec {spec!r}: OPTIONS must be a JSON object ({exc})") from None
+        if not isinstance(opts, dict):
+            raise ValueError(f"engine spec {spec!r}: OPTIONS must be a JSON object, e.g. {{\"fp16\": false}}")
+    return name or "default", device or "cpu", opts
+
+
 def load(folder: Path, spec: str) -> tuple[Any, Any]:
-    """ENGINE[:DEVICE] ("default" = the folder's own engine; device cpu unless given) -> (config, engine)."""
+    """ENGINE[:DEVICE[:OPTIONS]] (see parse_spec) -> (config, loaded engine)."""
     from dd.config import load_model_config
     from dd.worker.engines import load_engine
 
-    name, _, device = spec.partition(":")
+    name, device, opts = parse_spec(spec)
     cfg = load_model_config(folder)
-    if name and name != "default":
+    if name != "default":
         cfg = dataclasses.replace(cfg, engine=name)
-    return cfg, load_engine(cfg, device or "cpu")
+    if opts:
+        cfg = dataclasses.replace(cfg, engine_options={**cfg.engine_options, **opts})
+    return cfg, load_engine(cfg, device)
+
+
+def _answers(folder: Path, spec: str, images: list[Image], score_threshold: float) -> tuple[list[Dets], dict[str, Any]]:
+    """One engine's answers on the images (loaded, run one image a time, closed), with its timings."""
+    import time
+
+    t0 = time.perf_counter()
+    _, engine = load(folder, spec)
+    loaded = time.perf_counter()
+    try:
+        out = run_engine(engine, images, score_threshold)
+    finally:
+        engine.close()
+    done = time.perf_counter()
+    info = {"engine": getattr(engine, "name", type(engine).__name__), "load_s": loaded - t0,
+            "run_s": done - loaded, "s_per_image": (done - loaded) / max(1, len(images))}
+    return out, info
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description="Parity of two detectors on the same images (issue #13's bounds). The reference is "
-                    "detectron2's stored answers (expected.json of a fixture folder) or an engine.",
-        epilog="examples:\n"
+        description="Parity of detectors on the same images (issue #13's bounds). A reference is detectron2's "
+                    "stored answers (expected.json of a model folder) or an engine; every candidate is compared "
+                    "with every reference, and each engine runs once.",
+        epilog="engines: ENGINE[:DEVICE[:OPTIONS]], ENGINE one of default (the folder's own), detectron2, "
+               "torchvision, fast; OPTIONS a JSON object of ENGINE_OPTIONS\n"
+               "examples:\n"
                "  python -m tests.parity                      # every detectron2 fixture, CPU engine vs detectron2\n"
                "  python -m tests.parity tests/fixtures/detectron2/rgbd --candidate fast:cuda\n"
-               "  python -m tests.parity MODEL --reference default:cpu --candidate fast:cuda --scenes 50\n",
+               "  python -m tests.parity MODEL --reference default:cpu --candidate fast:cuda --scenes 50\n"
+               "  python -m tests.parity MODEL --reference default:cpu --reference expected \\\n"
+               "      --candidate fast:cuda --candidate 'fast:cuda:{\"fp16\": false}' --json parity.json\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("folders", nargs="*", type=Path, help="model folders (default: every folder of the detectron2 "
                    "fixtures)")
-    p.add_argument("--reference", default="expected",
-                   help='"expected" (the folder\'s expected.json: detectron2) or ENGINE[:DEVICE]')
-    p.add_argument("--candidate", default="default:cpu", help="ENGINE[:DEVICE]; default: the folder's engine on cpu")
+    p.add_argument("--reference", action="append", default=None,
+                   help='"expected" (the folder\'s expected.json: detectron2) or ENGINE[:DEVICE[:OPTIONS]]; '
+                        'repeat for several (default: expected)')
+    p.add_argument("--candidate", action="append", default=None,
+                   help="ENGINE[:DEVICE[:OPTIONS]]; repeat for several (default: the folder's engine on cpu)")
     p.add_argument("--scenes", type=int, default=0,
                    help="test on this many generated scenes instead of the folder's stored images")
     p.add_argument("--seed", type=int, default=10_000_000, help="first scene seed (with --scenes)")
     p.add_argument("--size", default="640x480", help="scene WIDTHxHEIGHT (with --scenes)")
-    p.add_argument("--json", type=Path, help="also write every folder's metrics here")
+    p.add_argument("--strict-iou", type=float, default=0.98,
+                   help="also report the pairs matched at this box IoU (issue #18's fast-vs-eager check)")
+    p.add_argument("--json", type=Path, help="also write the metrics here: a list of {folder, reference, "
+                   "candidate, ...} records, rewritten after each comparison")
     args = p.parse_args(argv)
+    references = args.reference or ["expected"]
+    candidates = args.candidate or ["default:cpu"]
+    for spec in (*references, *candidates):
+        if spec != "expected":
+            try:
+                parse_spec(spec)
+            except ValueError as exc:
+                p.error(str(exc))
+    if args.scenes and "expected" in references:
+        p.error("--reference expected needs the folder's stored images (drop --scenes)")
     folders = args.folders or sorted(f for f in DETECTRON2_FIXTURES.iterdir() if (f / "node_config.json").is_file())
-    all_metrics: dict[str, Any] = {}
+    records: list[dict[str, Any]] = []
     ok = True
     for folder in folders:
-        cfg, cand_engine = load(folder, args.candidate)
+        from dd.config import load_model_config
+
+        cfg = load_model_config(folder)
         if args.scenes:
             w, h = (int(v) for v in args.size.lower().split("x"))
             images = scene_images(args.scenes, args.seed, w, h, cfg.input_kind == "rgbd")
         else:
             _, images = expected_images(folder)
-        if args.reference == "expected":
-            if args.scenes:
-                p.error("--reference expected needs the folder's stored images (drop --scenes)")
-            ref = [from_expected(im.expected) for im in images]  # type: ignore[arg-type]
-        else:
-            _, ref_engine = load(folder, args.reference)
-            ref = run_engine(ref_engine, images, cfg.score_threshold)
-        cand = run_engine(cand_engine, images, cfg.score_threshold)
-        metrics = compare(ref, cand, cfg.score_threshold, names=[im.name for im in images])
-        bad = failures(metrics)
-        ok = ok and not bad
-        all_metrics[str(folder)] = metrics
-        print(f"{folder}: {args.candidate} vs {args.reference}: {'OK' if not bad else 'FAIL'}")
-        print(f"  {summary(metrics)}")
-        for line in bad:
-            print(f"  - {line}")
-    if args.json:
-        args.json.write_text(json.dumps(all_metrics, indent=1) + "\n")
+        names = [im.name for im in images]
+        answers: dict[str, list[Dets]] = {}
+        timings: dict[str, dict[str, Any]] = {}
+        for spec in references:
+            if spec == "expected":
+                answers[spec] = [from_expected(im.expected) for im in images]  # type: ignore[arg-type]
+            else:
+                answers[spec], timings[spec] = _answers(folder, spec, images, cfg.score_threshold)
+                print(f"{folder}: {spec}: {timings[spec]['engine']} engine, load {timings[spec]['load_s']:.1f} s, "
+                      f"{timings[spec]['s_per_image']:.3f} s/image", flush=True)
+        for cand_spec in candidates:
+            if cand_spec not in answers:
+                answers[cand_spec], timings[cand_spec] = _answers(folder, cand_spec, images, cfg.score_threshold)
+                t = timings[cand_spec]
+                print(f"{folder}: {cand_spec}: {t['engine']} engine, load {t['load_s']:.1f} s, "
+                      f"{t['s_per_image']:.3f} s/image", flush=True)
+            for ref_spec in references:
+                if ref_spec == cand_spec:
+                    continue
+                metrics = compare(answers[ref_spec], answers[cand_spec], cfg.score_threshold, names=names)
+                strict = compare(answers[ref_spec], answers[cand_spec], cfg.score_threshold,
+                                 Bounds(match_iou=args.strict_iou), names=names)
+                bad = failures(metrics)
+                ok = ok and not bad
+                print(f"{folder}: {cand_spec} vs {ref_spec}: {'OK' if not bad else 'FAIL'}")
+                print(f"  {summary(metrics)}")
+                low = strict["mask_iou_min"]
+                print(f"  at box IoU >= {args.strict_iou}: matched {strict['matched']}/"
+                      f"{strict['reference_detections']} ({strict['matched_fraction']:.4f}), mask IoU min "
+                      f"{'n/a' if low is None else format(low, '.4f')}")
+                for line in bad:
+                    print(f"  - {line}")
+                records.append({"folder": str(folder), "reference": ref_spec, "candidate": cand_spec,
+                                "passes": not bad, "failures": bad,
+                                "timings": {k: timings.get(k) for k in (ref_spec, cand_spec)},
+                                "strict": {"match_iou": args.strict_iou, "matched": strict["matched"],
+                                           "matched_fraction": strict["matched_fraction"],
+                                           "mask_iou_mean": strict["mask_iou_mean"],
+                                           "mask_iou_min": strict["mask_iou_min"]},
+                                "metrics": metrics})
+                if args.json:
+                    args.json.write_text(json.dumps(records, indent=1) + "\n")
+                sys.stdout.flush()
     return 0 if ok else 1
 
 

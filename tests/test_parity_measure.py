@@ -108,3 +108,31 @@ def test_an_unconfident_miss_is_tolerated_but_not_many(reference: tuple[list[par
     assert not _check(many, _drop_one_unconfident(many, thr), thr)
     bad = _check(ref, _drop_one_unconfident(ref, thr), thr)  # one in 23: over 3%
     assert len(bad) == 1 and bad[0].startswith("matched"), bad
+
+
+def test_engine_spec_takes_engine_options() -> None:
+    assert parity.parse_spec("default") == ("default", "cpu", {})
+    assert parity.parse_spec("fast:cuda") == ("fast", "cuda", {})
+    assert parity.parse_spec('fast:cuda:{"fp16": false, "nms_iterations": 32}') == (
+        "fast", "cuda", {"fp16": False, "nms_iterations": 32})
+    for bad in ("fast:cuda:fp16=false", 'fast:cuda:["fp16"]'):
+        with pytest.raises(ValueError, match="OPTIONS must be a JSON object"):
+            parity.parse_spec(bad)
+
+
+def test_command_compares_each_candidate_with_each_reference(tmp_path, capsys) -> None:
+    """Several references and candidates in one run: each pair compared once (none with itself), engine
+    options reach the engine (the fast engine runs on the CPU only when told allow_cpu; without it the
+    folder's detectron2 engine stands in), and the JSON records say which pair each is."""
+    out = tmp_path / "parity.json"
+    fast_cpu = 'fast:cpu:{"allow_cpu": true}'
+    rc = parity.main([str(FOLDER), "--reference", "expected", "--reference", "default:cpu",
+                      "--candidate", "default:cpu", "--candidate", fast_cpu, "--json", str(out)])
+    records = json.loads(out.read_text())
+    assert rc == 0, capsys.readouterr().out
+    pairs = [(r["candidate"], r["reference"]) for r in records]
+    assert pairs == [("default:cpu", "expected"), (fast_cpu, "expected"), (fast_cpu, "default:cpu")]
+    assert all(r["passes"] and r["metrics"]["matched"] == r["metrics"]["reference_detections"] > 0 for r in records)
+    assert records[1]["timings"][fast_cpu]["engine"] == "fast"
+    assert records[0]["timings"]["default:cpu"]["engine"] == "detectron2"
+    assert records[0]["strict"]["match_iou"] == 0.98 and records[0]["strict"]["matched_fraction"] == 1.0
