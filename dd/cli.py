@@ -3,7 +3,8 @@
 `serve` runs everything; `worker` and `frontend` run one process each, for
 process managers (supervisord, systemd, Kubernetes) that want to own them.
 Configuration errors are printed as one line and exit with status 2 before
-any process starts.
+any process starts; when no model's weights can be loaded, `serve` exits with
+status 3 and one line per model (dd.supervisor.LoadFailed).
 """
 
 from __future__ import annotations
