@@ -4,7 +4,8 @@
 process managers (supervisord, systemd, Kubernetes) that want to own them;
 `inspect` prints what the server understood of a model folder, without serving.
 Configuration errors are printed as one line and exit with status 2 before
-any process starts.
+any process starts; when no model's weights can be loaded, `serve` exits with
+status 3 and one line per model (dd.supervisor.LoadFailed).
 """
 
 from __future__ import annotations
