@@ -13,13 +13,7 @@ import json
 from typing import Any
 
 from dd.config import ModelConfig
-
-_ENGINE_WORDS = {
-    "detectron2": "detectron2 (eager, CPU or GPU: detectron2's DefaultPredictor answers; the reference)",
-    "torchvision": "torchvision (eager, CPU or GPU: torchvision's Mask R-CNN answers; the reference)",
-    "fast": "fast (one CUDA graph per input size on a GPU; falls back to the reference engine without one)",
-    "null": "null (no network: test instances)",
-}
+from dd.config.engines import REGISTRY
 
 
 def _fmt(values: Any) -> str:
@@ -61,7 +55,7 @@ def describe(cfg: ModelConfig, weights_check: str) -> list[str]:
     raw = json.loads(cfg.config_path.read_text())
     spec = cfg.detectron2
     lines = [f"model {cfg.name}: {cfg.folder}"]
-    lines.append(f"  engine: {_ENGINE_WORDS.get(cfg.engine, cfg.engine)}; DETECTION_TYPE {cfg.detection_type}")
+    lines.append(f"  engine: {_engine_words(cfg.engine)}; DETECTION_TYPE {cfg.detection_type}")
     if cfg.weights is not None:
         how = "WEIGHTS_FORMAT" if "WEIGHTS_FORMAT" in raw else "recognised by its parameter names"
         lines.append(f"  weights: {cfg.weights.name}: {cfg.weights_format} format ({how}); {weights_check}")
@@ -147,3 +141,9 @@ def _torchvision_lines(cfg: ModelConfig, raw: dict[str, Any]) -> list[str]:
     lines.append(f"  thresholds: score >= {cfg.score_threshold:g} ({_source(raw, 'SCORE_THRESH_TEST', None, None)}), "
                  f"up to {arch['max_detections']} detections, mask >= {cfg.mask_threshold:g}")
     return lines
+
+
+def _engine_words(engine: str) -> str:
+    """The registry's one line about an engine, or its name (a user's "package.module:ClassName")."""
+    spec = REGISTRY.get(engine)
+    return spec.description if spec is not None and spec.description else engine

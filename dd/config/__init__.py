@@ -16,28 +16,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from dd.config.engines import (REGISTRY, available_engines, check_custom_target, check_options, detection_types,
+                               is_custom)
+from dd.config.errors import ConfigError, _err
+
 if TYPE_CHECKING:
     from dd.models.detectron2.config import Detectron2Spec
 
 NODE_CONFIG = "node_config.json"
 
-# DETECTION_TYPE values in the users' node_config.json files, and what they mean.
-DETECTION_TYPES: dict[str, tuple[str, str]] = {
-    "RGBDMaskRCNNTorchServicer": ("torchvision", "rgbd"),
-    "RGBMaskRCNNTorchServicer": ("torchvision", "rgb"),
-    "MaskRCNNTorchServicer": ("torchvision", "rgb"),
-    "RGBDMaskRCNNTensorRTServicer": ("tensorrt", "rgbd"),
-    "RGBMaskRCNNTensorRTServicer": ("tensorrt", "rgb"),
-    "MaskRCNNTensorRTServicer": ("tensorrt", "rgb"),
-    "RGBDMaskRCNNFastServicer": ("fast", "rgbd"),
-    "RGBMaskRCNNFastServicer": ("fast", "rgb"),
-    "RGBDNullServicer": ("null", "rgbd"),
-    "RGBNullServicer": ("null", "rgb"),
-}
-
-# Engines this release can run. Others are recognised (so the error is precise) but refused.
-AVAILABLE_ENGINES = ("torchvision", "detectron2", "fast", "null")
-KNOWN_ENGINES = AVAILABLE_ENGINES + ("tensorrt", "torchscript", "onnx")
+# DETECTION_TYPE values in the users' node_config.json files, and what they mean: from the engine registry.
+DETECTION_TYPES: dict[str, tuple[str, str]] = detection_types()
 WEIGHTS_FORMATS = ("auto", "detectron2", "torchvision")
 # node_config keys that a detectron2 model's YAML decides instead.
 _YAML_DECIDES = {"ARCHITECTURE": "MODEL.RESNETS / FPN / ROI_*_HEAD", "PIXEL_MEAN": "MODEL.PIXEL_MEAN",
@@ -55,15 +44,6 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "max_detections": 100,
 }
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the person who has to fix the file."""
-
-
-def _err(where: Path | str, key: str | None, problem: str) -> ConfigError:
-    loc = f"{where}" + (f": key {key!r}" if key else "")
-    return ConfigError(f"{loc}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -220,14 +200,19 @@ def _engine_and_kind(raw: dict[str, Any], path: Path) -> tuple[str, str, str]:
         engine = ""
     engine = _get(raw, path, "ENGINE", str, engine)
     kind = _get(raw, path, "INPUT_KIND", str, kind)
+    available = ", ".join(available_engines())
     if not engine:
         raise _err(path, "DETECTION_TYPE", f"unknown value {dtype!r}; one of: {', '.join(DETECTION_TYPES)} "
-                   f"(or set ENGINE to one of: {', '.join(AVAILABLE_ENGINES)})")
-    if engine not in KNOWN_ENGINES:
-        raise _err(path, "ENGINE", f"unknown engine {engine!r}; one of: {', '.join(AVAILABLE_ENGINES)}")
-    if engine not in AVAILABLE_ENGINES:
+                   f"(or set ENGINE to one of: {available}, or to 'package.module:ClassName')")
+    if is_custom(engine):
+        problem = check_custom_target(engine)
+        if problem:
+            raise _err(path, "ENGINE", problem)
+    elif engine not in REGISTRY:
+        raise _err(path, "ENGINE", f"unknown engine {engine!r}; one of: {available} (or 'package.module:ClassName')")
+    elif not REGISTRY[engine].available:
         raise _err(path, "ENGINE" if "ENGINE" in raw else "DETECTION_TYPE",
-                   f"engine {engine!r} is not available in this release; available: {', '.join(AVAILABLE_ENGINES)}")
+                   f"engine {engine!r} is not available in this release; available: {available}")
     if kind not in INPUT_KINDS:
         raise _err(path, "INPUT_KIND", f"must be one of {INPUT_KINDS}, got {kind!r}")
     return dtype, engine, kind
@@ -255,7 +240,7 @@ def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
         weights = folder / weights_name
         if not weights.is_file():
             raise _err(path, "MODEL_WEIGHT", f"file {weights} does not exist")
-    elif engine != "null":
+    elif not is_custom(engine) and REGISTRY[engine].needs_weights:  # a user's engine decides for itself
         raise _err(path, "MODEL_WEIGHT", f"is missing; engine {engine!r} needs weights (a file in {folder})")
 
     weights_format = _weights_format(raw, path, weights, engine)
@@ -320,6 +305,8 @@ def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
         raise _err(path, "DEPTH_UNIT", f"must be a positive number of metres per stored unit (0.001 for "
                    f"millimetres), got {depth_unit}")
     options = _get(raw, path, "ENGINE_OPTIONS", dict, {})
+    if not is_custom(engine):  # a user's engine declares its options on its class: checked where it is loaded
+        check_options(engine, REGISTRY[engine].options, options, str(path))
 
     return ModelConfig(
         name=name or folder.name,
@@ -393,7 +380,7 @@ def _weights_format(raw: dict[str, Any], path: Path, weights: Path | None, engin
         raise _err(path, "WEIGHTS_FORMAT", f"must be one of {', '.join(WEIGHTS_FORMATS)}, got {given!r}")
     if given != "auto":
         return given
-    if weights is None or engine == "null":
+    if weights is None or is_custom(engine) or not REGISTRY[engine].needs_weights:
         return "torchvision"
     from dd.models.detectron2.checkpoint import sniff_weights_format
 
