@@ -23,8 +23,7 @@ class Boxes(Engine):
         out = []
         for item in batch:
             h, w = item.color.shape[:2]
-            keep = self.score >= item.score_threshold
-            n = int(keep)
+            n = int(self.score >= item.score_threshold)
             masks = np.ones((n, h, w), dtype=bool) if want_masks else None
             out.append(Detections(np.array([[0, 0, w, h]] * n, dtype=np.float32),
                                   np.array([self.score] * n, dtype=np.float32), np.ones(n, dtype=np.int64), masks))
