@@ -98,30 +98,6 @@ class ModelConfig:
     def channels(self) -> int:
         return 4 if self.input_kind == "rgbd" else 3
 
-    def to_json(self) -> str:
-        """Serialised form handed to a worker process on its command line."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in d.items():
-            if isinstance(v, Path):
-                d[k] = str(v)
-        if self.detectron2 is not None:
-            d["detectron2"] = self.detectron2.to_dict()
-        return json.dumps(d)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
-        d = json.loads(text)
-        for k in ("folder", "config_path", "weights", "config_file"):
-            if d.get(k) is not None:
-                d[k] = Path(d[k])
-        for k in ("categories", "devices", "pixel_mean", "pixel_std"):
-            d[k] = tuple(d[k])
-        if d.get("detectron2") is not None:
-            from dd.models.detectron2.config import Detectron2Spec
-
-            d["detectron2"] = Detectron2Spec.from_dict(d["detectron2"])
-        return cls(**d)
-
 
 def _get(raw: dict[str, Any], path: Path, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
     if key not in raw or raw[key] is None:

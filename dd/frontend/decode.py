@@ -11,7 +11,7 @@ images' headers (against max_image_pixels, each other and the slot), so a small
 file cannot make the server allocate gigabytes or decode an image it will
 refuse anyway.
 
-Encoded images must be one of a few formats (ACCEPTED_FORMATS), recognised by
+Encoded images must be one of a few formats (JPEG, PNG, BMP, TIFF, WebP), recognised by
 their first bytes: the header is then read by Pillow restricted to that format
 and decoded by OpenCV, which picks its decoder by the same bytes, so the size
 checked is the size decoded, and the exotic decoders OpenCV also carries are
@@ -60,7 +60,6 @@ MAX_DEPTH_M = 65.535
 # TIFF codecs whose cost is bounded by the pixels (Pillow's names); JPEG-in-TIFF and the fax codecs are not accepted.
 TIFF_COMPRESSIONS = ("raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits")
 _RAW_DTYPES = {pb.UINT8: np.uint8, pb.UINT16: np.uint16, pb.FLOAT32: np.float32}
-ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 _COLOR_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 _DEPTH_FLAGS = cv2.IMREAD_UNCHANGED  # keeps 16 bits; ignores EXIF orientation
 # A request's depth image decodes here while its color image decodes in the caller's thread:

@@ -33,6 +33,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from dd.ipc import endpoints, messages
+from dd.metrics import Recorder
 
 log = logging.getLogger("dd.frontend.dispatch")
 
@@ -55,6 +56,7 @@ class Reply:
     code: str
     message: str
     body: bytes | None
+    envelope: messages.InferReply | None = None  # the worker's timings, for the metrics
 
 
 _WORKER_DIED = Reply("WORKER_DIED", "", None)
@@ -88,8 +90,9 @@ class WorkerLink:
 
 class Dispatcher:
     def __init__(self, run_dir: Path, max_inflight: Callable[[str], int],
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, recorder: Recorder | None = None) -> None:
         self.run_dir = run_dir
+        self.recorder = recorder or Recorder()
         self._max_inflight = max_inflight
         self._on_change = on_change or (lambda: None)
         self.ctx = zmq.asyncio.Context()
@@ -231,7 +234,7 @@ class Dispatcher:
             rep = messages.InferReply.FromString(frames[1])
             fut = link.inflight.pop(rep.id, None)
             if fut is not None and not fut.done():
-                fut.set_result(Reply(rep.code, rep.message, frames[2] if len(frames) > 2 else None))
+                fut.set_result(Reply(rep.code, rep.message, frames[2] if len(frames) > 2 else None, rep))
             self._credit_freed(link.model)
         elif kind == messages.PONG:
             pong = messages.Pong.FromString(frames[1])
@@ -268,6 +271,14 @@ class Dispatcher:
             if not fut.done():
                 fut.set_result(None)
                 return
+
+    def _record(self, req: messages.InferRequest, rep: messages.InferReply | None) -> None:
+        """Counts an answered request with the worker's timings from the reply envelope (not the body)."""
+        if rep is None or not self.recorder.enabled:
+            return
+        self.recorder.record_request(req.model, True, max(0.0, (time.time() - req.received_at) * 1e6),
+                                     queue_us=rep.queue_us, input_us=rep.decode_us, infer_us=rep.inference_us,
+                                     output_us=rep.encode_us)
 
     # -- dispatch -------------------------------------------------------------------------
     def _pick(self, model: str) -> WorkerLink | None:
@@ -359,6 +370,7 @@ class Dispatcher:
                 req.generation = rebind()
                 continue
             if reply.code == "OK" and reply.body is not None:
+                self._record(req, reply.envelope)
                 return reply.body
             code = getattr(grpc.StatusCode, reply.code, grpc.StatusCode.INTERNAL)
             raise DispatchError(code, reply.message or reply.code)

@@ -60,10 +60,6 @@ class Engine(ABC):
         self.config = config
         self.device = device
 
-    @property
-    def input_kind(self) -> str:
-        return self.config.input_kind
-
     @abstractmethod
     def load(self) -> None:
         """Builds the model and reads the weights; may take seconds. Must warm up too."""
