@@ -491,6 +491,11 @@ class ServerConfig:
     log_max_mb: float = 0.0
     log_backups: int = 3
 
+    def worker_credits(self, max_batch_size: int) -> int:
+        """Requests one frontend may have at one worker at once: max_inflight_per_worker, else
+        2 x the model's MAX_BATCH_SIZE (one batch running, one queued behind it)."""
+        return self.max_inflight_per_worker if self.max_inflight_per_worker > 0 else 2 * max_batch_size
+
     def resolved_frontends(self) -> int:
         if self.frontends > 0:
             return self.frontends

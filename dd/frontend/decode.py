@@ -1,7 +1,7 @@
 """Request validation and image decoding, straight into a ring slot.
 
 Runs on a thread pool (OpenCV releases the GIL while it decodes), so the event
-loop keeps serving. Every refusal is a RequestError with the gRPC status a
+loop keeps serving. Every refusal is a ServeError with the status a
 client should get and a sentence that says what was wrong with its request;
 nothing else may escape (tests/test_bad_input.py fuzzes this with hypothesis).
 
@@ -39,10 +39,10 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 
 import cv2
-import grpc
 import numpy as np
 from PIL import Image as PILImage
 
+from dd.frontend.errors import ServeError, Status
 from dd.frontend.image_cost import CostError, jpeg_scans, png_pixel_chunks
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 
@@ -68,15 +68,8 @@ _DEPTH_FLAGS = cv2.IMREAD_UNCHANGED  # keeps 16 bits; ignores EXIF orientation
 _DEPTH_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="depth-decode")
 
 
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def _invalid(message: str) -> ServeError:
+    return ServeError(Status.INVALID_ARGUMENT, message)
 
 
 @dataclass
@@ -222,7 +215,7 @@ def _check_encoding(img: pb.Image, what: str) -> None:
 
 def _check_abandoned(abandoned: threading.Event | None) -> None:
     if abandoned is not None and abandoned.is_set():
-        raise RequestError(grpc.StatusCode.CANCELLED, "the call ended before its image was decoded")
+        raise ServeError(Status.CANCELLED, "the call ended before its image was decoded")
 
 
 def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryview, max_pixels: int, *,

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import grpc
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from dd.frontend.errors import ServeError, Status
 from dd.ipc import endpoints, messages
 from dd.metrics import Recorder
 
@@ -42,13 +42,6 @@ PING_INTERVAL_S = 0.2
 # means hung or stopped (SIGSTOP, swapping), not busy. Long enough not to fire on a loaded host.
 DEAD_AFTER_S = 2.0
 DISCOVERY_INTERVAL_S = 0.5
-
-
-class DispatchError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass
@@ -304,7 +297,7 @@ class Dispatcher:
                 break
             err = self.model_error(model)
             if err and self.ready_workers(model) == 0:
-                raise DispatchError(grpc.StatusCode.UNAVAILABLE,
+                raise ServeError(Status.UNAVAILABLE,
                                     f"model {model!r} has no ready worker: it failed to load ({err})")
             fut = loop.create_future()
             queue = self._waiters[model]
@@ -324,9 +317,9 @@ class Dispatcher:
                     except ValueError:  # the queues were swapped out by a state change
                         pass
         if self.ready_workers(model) == 0:
-            raise DispatchError(grpc.StatusCode.UNAVAILABLE,
+            raise ServeError(Status.UNAVAILABLE,
                                 f"no worker of model {model!r} is ready (starting, restarting or stopped)")
-        raise DispatchError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+        raise ServeError(Status.RESOURCE_EXHAUSTED,
                             f"every worker of model {model!r} is busy and none freed up before the deadline")
 
     async def submit(self, req: messages.InferRequest, deadline: float,
@@ -342,7 +335,7 @@ class Dispatcher:
         while True:
             link = await self._acquire(req.model, give_up_at or deadline)
             if time.time() >= deadline:
-                raise DispatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                raise ServeError(Status.DEADLINE_EXCEEDED,
                                     "deadline exceeded before a worker could take the request")
             fut: asyncio.Future = asyncio.get_running_loop().create_future()
             link.inflight[req.id] = fut
@@ -357,7 +350,7 @@ class Dispatcher:
             try:
                 reply = await asyncio.wait_for(fut, timeout=max(0.0, deadline - time.time()))
             except asyncio.TimeoutError:
-                raise DispatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                raise ServeError(Status.DEADLINE_EXCEEDED,
                                     f"deadline exceeded waiting for worker {link.name}") from None
             finally:
                 if link.inflight.get(req.id) is fut:
@@ -365,12 +358,11 @@ class Dispatcher:
                     self._credit_freed(link.model)
             if reply is _WORKER_DIED:
                 if attempts >= 2:
-                    raise DispatchError(grpc.StatusCode.UNAVAILABLE,
+                    raise ServeError(Status.UNAVAILABLE,
                                         f"worker {link.name} died while serving this request, after one retry")
                 req.generation = rebind()
                 continue
             if reply.code == "OK" and reply.body is not None:
                 self._record(req, reply.envelope)
                 return reply.body
-            code = getattr(grpc.StatusCode, reply.code, grpc.StatusCode.INTERNAL)
-            raise DispatchError(code, reply.message or reply.code)
+            raise ServeError(Status.from_name(reply.code), reply.message or reply.code)

@@ -99,7 +99,7 @@ class Worker:
         self.socket_path = endpoints.worker_socket(run_dir, model.name, index)
         # Never the limit in practice: every frontend may hold its full credits here (and a credit
         # comes back to a frontend whose request expired while it still waits in this queue).
-        credits = server.max_inflight_per_worker or 2 * model.max_batch_size
+        credits = server.worker_credits(model.max_batch_size)
         capacity = max(64, 2 * server.resolved_frontends() * credits)
         self.batcher: Batcher[Job] = Batcher(model.max_batch_size, model.max_queue_delay_ms / 1000.0, capacity)
         self.rings: dict[str, ShmRing] = {}
