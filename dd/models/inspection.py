@@ -44,7 +44,7 @@ def check_weights(cfg: ModelConfig) -> str:
                                                  source=str(cfg.weights)))
         notes = "".join(f"; {n}" for n in found.notes)
         return f"{found.container}, {len(found.state)} tensors, fit the YAML's network{notes}"
-    from dd.worker.engines.torchvision_maskrcnn import build_loaded_model
+    from dd.models.build import build_loaded_model
 
     build_loaded_model(cfg)
     return "state dict, fits the architecture"
