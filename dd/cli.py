@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         setup_logging(server.log_level, f"worker-{args.model}.{args.index}", server.log_dir, **logs)
         from dd.ipc.endpoints import prepare_run_dir
-        from dd.worker.main import Worker, pin_process
+        from dd.worker.server import Worker, pin_process
 
         cpus = _parse_cpus(args.cpus)
         gpu = args.gpu

@@ -196,23 +196,22 @@ def stats(lat_ms: list[float], wall_s: float) -> dict[str, float]:
 def run_in_process(folder: Path, device: str, frames: list[tuple[bytes, bytes]], batch: int, seconds: float) -> dict:
     import torch
 
-    from dd.proto.deep_detection.v1 import detector_pb2 as pb
-    from dd.worker.encode import build_response
+    from dd.worker.core import WorkerCore, WorkItem
     from dd.worker.engines import load_engine
-    from dd.worker.engines.base import EngineInput
 
     cfg = load_model_config(folder)
     engine = load_engine(cfg, device)
+    core = WorkerCore(cfg, engine, "in-process")  # what a worker runs: engine, then the detector_v1 encoder
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     sizes: list[int] = []
 
     def once(k: int, n: int) -> None:
-        items = [EngineInput(*decode(*frames[(k + i) % len(frames)]), cfg.score_threshold) for i in range(n)]
-        for det, it in zip(engine.infer(items), items):
-            sizes.append(len(build_response(det, cfg.categories, request_id="x", model=cfg.name,
-                                            height=it.color.shape[0], width=it.color.shape[1], mask_format=pb.RLE,
-                                            worker="in-process").SerializeToString()))
+        items = [WorkItem(*decode(*frames[(k + i) % len(frames)])) for i in range(n)]
+        for outcome in core.run(items):
+            if outcome.code != "OK":
+                raise RuntimeError(f"in-process: {outcome.code}: {outcome.message}")
+            sizes.append(len(outcome.body))
         sync()
 
     out = {}
@@ -238,27 +237,30 @@ def run_in_process(folder: Path, device: str, frames: list[tuple[bytes, bytes]],
 def baseline_server(folder: Path, device: str, port: int) -> None:
     import grpc
 
-    from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
-    from dd.worker.encode import build_response
+    from dd.proto.deep_detection.v1 import detector_pb2 as pb
+    from dd.worker.core import WorkerCore, WorkItem
     from dd.worker.engines import load_engine
-    from dd.worker.engines.base import EngineInput
 
     cfg = load_model_config(folder)
-    engine = load_engine(cfg, device)
+    core = WorkerCore(cfg, load_engine(cfg, device), "baseline")
     lock = threading.Lock()
 
-    class Servicer(pb_grpc.DetectorServicer):
-        def Detect(self, request, context):  # noqa: N802 - gRPC's name
-            color, depth = decode(request.color.data, request.depth.data)
-            with lock:
-                det = engine.infer([EngineInput(color, depth, cfg.score_threshold)])[0]
-            return build_response(det, cfg.categories, request_id=request.request_id, model=cfg.name,
-                                  height=color.shape[0], width=color.shape[1], mask_format=request.mask_format,
-                                  worker="baseline")
+    def detect(request, context) -> bytes:
+        color, depth = decode(request.color.data, request.depth.data)
+        with lock:
+            outcome = core.run([WorkItem(color, depth, mask_format=request.mask_format,
+                                         request_id=request.request_id)])[0]
+        if outcome.code != "OK":
+            context.abort(getattr(grpc.StatusCode, outcome.code, grpc.StatusCode.INTERNAL), outcome.message)
+        return outcome.body  # already serialized by the worker core's encoder, as a worker's reply is
 
+    # Detect only (the load below calls nothing else), answering with the encoder's bytes as they are.
+    handler = grpc.unary_unary_rpc_method_handler(detect, request_deserializer=pb.DetectRequest.FromString,
+                                                  response_serializer=lambda body: body)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16),
                          options=[("grpc.max_receive_message_length", 64 << 20)])
-    pb_grpc.add_DetectorServicer_to_server(Servicer(), server)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("deep_detection.v1.Detector",
+                                                                          {"Detect": handler})])
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     print("baseline ready", flush=True)

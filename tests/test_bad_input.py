@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
-from dd.frontend.decode import RequestError, check_options, decode_into_slot
+from dd.frontend.decode import check_options, decode_into_slot
+from dd.frontend.errors import ServeError, Status
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from tests.faults import Server, answer_problem, detect, null_case, null_model
 
@@ -258,19 +259,19 @@ def images(draw: st.DrawFn) -> pb.Image:
        threshold=st.floats(allow_nan=True, allow_infinity=True, width=32), mask_format=st.integers(-2, 3))
 def test_fuzz_validation_and_decoding(color: pb.Image, depth: pb.Image, needs_depth: bool, slot_size: int,
                                       threshold: float, mask_format: int) -> None:
-    """decode_into_slot and check_options only ever succeed or raise RequestError; on success what they
+    """decode_into_slot and check_options only ever succeed or raise ServeError; on success what they
     wrote fits the slot and the limits, and RAW pixels arrive unchanged."""
     req = pb.DetectRequest(color=color, depth=depth, score_threshold=threshold, mask_format=mask_format)
     try:
         check_options(req)
         assert 0.0 <= req.score_threshold <= 1.0 and req.mask_format in (pb.RLE, pb.NONE)
-    except RequestError as exc:
-        assert exc.code == grpc.StatusCode.INVALID_ARGUMENT and exc.message
+    except ServeError as exc:
+        assert exc.status == Status.INVALID_ARGUMENT and exc.message
     slot = memoryview(bytearray(slot_size))
     try:
         out = decode_into_slot(req, needs_depth, slot, max_pixels=2000)
-    except RequestError as exc:
-        assert exc.code == grpc.StatusCode.INVALID_ARGUMENT and exc.message
+    except ServeError as exc:
+        assert exc.status == Status.INVALID_ARGUMENT and exc.message
         return
     assert 2 <= out.height and 2 <= out.width and out.height * out.width <= 2000
     assert out.color.shape == (out.height, out.width, 3)

@@ -344,8 +344,9 @@ def test_waiting_for_a_credit_survives_cancellation_storms(tmp_path: Path) -> No
     asyncio.Condition through wait_for; cancelled at the wrong moment, that left the condition's lock
     broken ("Lock is not acquired") or held, and every later request of the frontend hung until its
     deadline. Here: 2 credits, 600 waiters with short deadlines, a third of them cancelled, credits
-    freed and taken all along; every waiter must end (a link, a DispatchError or cancelled) in time."""
-    from dd.frontend.dispatcher import Dispatcher, DispatchError, WorkerLink
+    freed and taken all along; every waiter must end (a link, a ServeError or cancelled) in time."""
+    from dd.frontend.dispatcher import Dispatcher, WorkerLink
+    from dd.frontend.errors import ServeError
 
     async def storm() -> dict[str, int]:
         import random
@@ -368,7 +369,7 @@ def test_waiting_for_a_credit_survives_cancellation_storms(tmp_path: Path) -> No
                     del got.inflight[key]
                     d._changed_soon()
                 ended["served"] = ended.get("served", 0) + 1
-            except DispatchError:
+            except ServeError:
                 ended["refused"] = ended.get("refused", 0) + 1
 
         tasks = []

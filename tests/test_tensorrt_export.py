@@ -29,7 +29,7 @@ from dd.worker.engines import load_engine  # noqa: E402
 from dd.worker.engines.base import EngineInput  # noqa: E402
 from dd.worker.engines.exported.canvas import CanvasBuilder  # noqa: E402
 from dd.worker.engines.exported.decode import SampleOutputs, decode_image  # noqa: E402
-from dd.worker.engines.torchvision_maskrcnn import build_loaded_model  # noqa: E402
+from dd.models.build import build_loaded_model  # noqa: E402
 from tests.d2_folders import write_d2_folder  # noqa: E402
 from tests.export_parity import Parity, add  # noqa: E402
 

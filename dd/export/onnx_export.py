@@ -180,7 +180,7 @@ def export_model(source: Path | str, out: Path | str, *, fmt: str = "onnx", size
                  batch: int = 1, dynamic: bool = False, score_threshold: float | None = None,
                  check: bool = True) -> dict[str, Any]:
     """Exports the model folder `source` into the model folder `out`; returns what was written and checked."""
-    from dd.worker.engines.torchvision_maskrcnn import build_loaded_model
+    from dd.models.build import build_loaded_model
 
     if fmt not in ("onnx", "tensorrt-onnx"):
         raise ExportError(f"--format must be onnx or tensorrt-onnx, got {fmt!r}")

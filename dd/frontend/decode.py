@@ -1,7 +1,7 @@
 """Request validation and image decoding, straight into a ring slot.
 
 Runs on a thread pool (OpenCV releases the GIL while it decodes), so the event
-loop keeps serving. Every refusal is a RequestError with the gRPC status a
+loop keeps serving. Every refusal is a ServeError with the status a
 client should get and a sentence that says what was wrong with its request;
 nothing else may escape (tests/test_bad_input.py fuzzes this with hypothesis).
 
@@ -11,7 +11,7 @@ images' headers (against max_image_pixels, each other and the slot), so a small
 file cannot make the server allocate gigabytes or decode an image it will
 refuse anyway.
 
-Encoded images must be one of a few formats (ACCEPTED_FORMATS), recognised by
+Encoded images must be one of a few formats (JPEG, PNG, BMP, TIFF, WebP), recognised by
 their first bytes: the header is then read by Pillow restricted to that format
 and decoded by OpenCV, which picks its decoder by the same bytes, so the size
 checked is the size decoded, and the exotic decoders OpenCV also carries are
@@ -39,10 +39,10 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 
 import cv2
-import grpc
 import numpy as np
 from PIL import Image as PILImage
 
+from dd.frontend.errors import ServeError, Status
 from dd.frontend.image_cost import CostError, jpeg_scans, png_pixel_chunks
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 
@@ -60,7 +60,6 @@ MAX_DEPTH_M = 65.535
 # TIFF codecs whose cost is bounded by the pixels (Pillow's names); JPEG-in-TIFF and the fax codecs are not accepted.
 TIFF_COMPRESSIONS = ("raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits")
 _RAW_DTYPES = {pb.UINT8: np.uint8, pb.UINT16: np.uint16, pb.FLOAT32: np.float32}
-ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 _COLOR_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 _DEPTH_FLAGS = cv2.IMREAD_UNCHANGED  # keeps 16 bits; ignores EXIF orientation
 # A request's depth image decodes here while its color image decodes in the caller's thread:
@@ -69,15 +68,8 @@ _DEPTH_FLAGS = cv2.IMREAD_UNCHANGED  # keeps 16 bits; ignores EXIF orientation
 _DEPTH_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="depth-decode")
 
 
-class RequestError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def _invalid(message: str) -> ServeError:
+    return ServeError(Status.INVALID_ARGUMENT, message)
 
 
 @dataclass
@@ -223,7 +215,7 @@ def _check_encoding(img: pb.Image, what: str) -> None:
 
 def _check_abandoned(abandoned: threading.Event | None) -> None:
     if abandoned is not None and abandoned.is_set():
-        raise RequestError(grpc.StatusCode.CANCELLED, "the call ended before its image was decoded")
+        raise ServeError(Status.CANCELLED, "the call ended before its image was decoded")
 
 
 def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryview, max_pixels: int, *,

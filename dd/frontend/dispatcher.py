@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import grpc
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from dd.frontend.errors import ServeError, Status
 from dd.ipc import endpoints, messages
+from dd.metrics import Recorder
 
 log = logging.getLogger("dd.frontend.dispatch")
 
@@ -43,18 +44,12 @@ DEAD_AFTER_S = 2.0
 DISCOVERY_INTERVAL_S = 0.5
 
 
-class DispatchError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass
 class Reply:
     code: str
     message: str
     body: bytes | None
+    envelope: messages.InferReply | None = None  # the worker's timings, for the metrics
 
 
 _WORKER_DIED = Reply("WORKER_DIED", "", None)
@@ -88,8 +83,9 @@ class WorkerLink:
 
 class Dispatcher:
     def __init__(self, run_dir: Path, max_inflight: Callable[[str], int],
-                 on_change: Callable[[], None] | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, recorder: Recorder | None = None) -> None:
         self.run_dir = run_dir
+        self.recorder = recorder or Recorder()
         self._max_inflight = max_inflight
         self._on_change = on_change or (lambda: None)
         self.ctx = zmq.asyncio.Context()
@@ -231,7 +227,7 @@ class Dispatcher:
             rep = messages.InferReply.FromString(frames[1])
             fut = link.inflight.pop(rep.id, None)
             if fut is not None and not fut.done():
-                fut.set_result(Reply(rep.code, rep.message, frames[2] if len(frames) > 2 else None))
+                fut.set_result(Reply(rep.code, rep.message, frames[2] if len(frames) > 2 else None, rep))
             self._credit_freed(link.model)
         elif kind == messages.PONG:
             pong = messages.Pong.FromString(frames[1])
@@ -269,6 +265,14 @@ class Dispatcher:
                 fut.set_result(None)
                 return
 
+    def _record(self, req: messages.InferRequest, rep: messages.InferReply | None) -> None:
+        """Counts an answered request with the worker's timings from the reply envelope (not the body)."""
+        if rep is None or not self.recorder.enabled:
+            return
+        self.recorder.record_request(req.model, True, max(0.0, (time.time() - req.received_at) * 1e6),
+                                     queue_us=rep.queue_us, input_us=rep.decode_us, infer_us=rep.inference_us,
+                                     output_us=rep.encode_us)
+
     # -- dispatch -------------------------------------------------------------------------
     def _pick(self, model: str) -> WorkerLink | None:
         best: WorkerLink | None = None
@@ -293,7 +297,7 @@ class Dispatcher:
                 break
             err = self.model_error(model)
             if err and self.ready_workers(model) == 0:
-                raise DispatchError(grpc.StatusCode.UNAVAILABLE,
+                raise ServeError(Status.UNAVAILABLE,
                                     f"model {model!r} has no ready worker: it failed to load ({err})")
             fut = loop.create_future()
             queue = self._waiters[model]
@@ -313,9 +317,9 @@ class Dispatcher:
                     except ValueError:  # the queues were swapped out by a state change
                         pass
         if self.ready_workers(model) == 0:
-            raise DispatchError(grpc.StatusCode.UNAVAILABLE,
+            raise ServeError(Status.UNAVAILABLE,
                                 f"no worker of model {model!r} is ready (starting, restarting or stopped)")
-        raise DispatchError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+        raise ServeError(Status.RESOURCE_EXHAUSTED,
                             f"every worker of model {model!r} is busy and none freed up before the deadline")
 
     async def submit(self, req: messages.InferRequest, deadline: float,
@@ -331,7 +335,7 @@ class Dispatcher:
         while True:
             link = await self._acquire(req.model, give_up_at or deadline)
             if time.time() >= deadline:
-                raise DispatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                raise ServeError(Status.DEADLINE_EXCEEDED,
                                     "deadline exceeded before a worker could take the request")
             fut: asyncio.Future = asyncio.get_running_loop().create_future()
             link.inflight[req.id] = fut
@@ -346,7 +350,7 @@ class Dispatcher:
             try:
                 reply = await asyncio.wait_for(fut, timeout=max(0.0, deadline - time.time()))
             except asyncio.TimeoutError:
-                raise DispatchError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                raise ServeError(Status.DEADLINE_EXCEEDED,
                                     f"deadline exceeded waiting for worker {link.name}") from None
             finally:
                 if link.inflight.get(req.id) is fut:
@@ -354,11 +358,11 @@ class Dispatcher:
                     self._credit_freed(link.model)
             if reply is _WORKER_DIED:
                 if attempts >= 2:
-                    raise DispatchError(grpc.StatusCode.UNAVAILABLE,
+                    raise ServeError(Status.UNAVAILABLE,
                                         f"worker {link.name} died while serving this request, after one retry")
                 req.generation = rebind()
                 continue
             if reply.code == "OK" and reply.body is not None:
+                self._record(req, reply.envelope)
                 return reply.body
-            code = getattr(grpc.StatusCode, reply.code, grpc.StatusCode.INTERNAL)
-            raise DispatchError(code, reply.message or reply.code)
+            raise ServeError(Status.from_name(reply.code), reply.message or reply.code)

@@ -41,8 +41,10 @@ from grpc_reflection.v1alpha import reflection
 
 from dd.config import ModelConfig, ServerConfig, default_model_name
 from dd.frontend.auth import TokenAuth, read_token, server_credentials
-from dd.frontend.decode import RequestError, check_options, decode_into_slot
-from dd.frontend.dispatcher import DispatchError, Dispatcher
+from dd.frontend.decode import check_options, decode_into_slot
+from dd.frontend.dispatcher import Dispatcher
+from dd.frontend.errors import ServeError, Status
+from dd.frontend.protocols.detector_v1 import PROTOCOL, error_body, grpc_code
 from dd.frontend.slots import SlotPool
 from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import ShmRing, remove_stale_segments, segment_name
@@ -107,9 +109,8 @@ class Frontend:
 
     # -- setup -----------------------------------------------------------------------------
     def _max_inflight(self, model: str) -> int:
-        if self.cfg.max_inflight_per_worker > 0:
-            return self.cfg.max_inflight_per_worker
-        return 2 * self.models[model].max_batch_size if model in self.models else 2
+        # A model this frontend does not know (a worker of another configuration) gets the minimum.
+        return self.cfg.worker_credits(self.models[model].max_batch_size if model in self.models else 1)
 
     async def serve(self) -> int:
         # Linux sends SIGTERM if the supervisor dies, even while this loop is busy; the watch below
@@ -251,11 +252,11 @@ class Frontend:
         try:
             request = await self._read_one(requests, context.time_remaining())
             return await self._run(request, context.time_remaining())
-        except (RequestError, DispatchError) as exc:
-            code, message = exc.code, exc.message
+        except ServeError as exc:
+            status, message = exc.status, exc.message
         except Exception as exc:  # noqa: BLE001 - a bug must fail this request only, and say so
-            code, message = _internal(exc)
-        await _abort(context, code, message)
+            status, message = _internal(exc)
+        await _abort(context, grpc_code(status), message)
 
     async def _read_one(self, requests: AsyncIterator[pb.DetectRequest], time_remaining: float | None):
         """The call's one message, and then the end of its stream (a unary client sends both at once).
@@ -271,12 +272,12 @@ class Frontend:
                 await asyncio.wait_for(requests.__anext__(), timeout=max(0.0, until - time.monotonic()))
             except StopAsyncIteration:
                 return request
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise ServeError(Status.INVALID_ARGUMENT,
                                "Detect takes one DetectRequest; use DetectStream for several")
         except StopAsyncIteration:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the call carried no DetectRequest") from None
+            raise ServeError(Status.INVALID_ARGUMENT, "the call carried no DetectRequest") from None
         except asyncio.TimeoutError:
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+            raise ServeError(Status.DEADLINE_EXCEEDED,
                                f"the request message did not arrive within {wait:.0f} s of the call's start "
                                "(upload_timeout_s); send smaller images or ask the operator to raise "
                                "--upload-timeout") from None
@@ -307,8 +308,8 @@ class Frontend:
         async def one(req: pb.DetectRequest) -> None:
             try:
                 body = await self._run(req, context.time_remaining(), owner)
-            except (RequestError, DispatchError) as exc:
-                body = self._error_body(req, exc.code, exc.message)
+            except ServeError as exc:
+                body = self._error_body(req, exc.status, exc.message)
             except Exception as exc:  # noqa: BLE001 - fail this request, not the stream
                 body = self._error_body(req, *_internal(exc))
             # Held until written: counted like a request in flight, so that clients that do not read
@@ -365,36 +366,34 @@ class Frontend:
         name = name or self.default_model
         model = self.models.get(name)
         if model is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND,
+            raise ServeError(Status.NOT_FOUND,
                                f"model {clip(name)} is not served here; served: {', '.join(sorted(self.models))}")
         return model
 
-    def _error_body(self, req: pb.DetectRequest | CorruptMessage, code: grpc.StatusCode, message: str) -> bytes:
+    def _error_body(self, req: pb.DetectRequest | CorruptMessage, status: Status, message: str) -> bytes:
         """A stream's response for a failed request; what it echoes is cut to the limits."""
         limit = self.cfg.max_request_id_bytes
-        rid = getattr(req, "request_id", "")
-        return pb.DetectResponse(request_id=rid[:limit], model=getattr(req, "model", "")[:limit],
-                                 error_code=code.value[0],
-                                 error_message=message[:MAX_STATUS_CHARS]).SerializeToString()
+        return error_body(getattr(req, "request_id", "")[:limit], getattr(req, "model", "")[:limit], status,
+                          message[:MAX_STATUS_CHARS])
 
     async def _run(self, request: pb.DetectRequest, time_remaining: float | None, owner: object | None = None) -> bytes:
         """Admission: refuse at once when this frontend already holds max_pending requests (or finished
         responses), or max_held_response_mb of responses its clients do not read."""
         if isinstance(request, CorruptMessage):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            raise ServeError(Status.INVALID_ARGUMENT, request.message)
         rid_bytes = len(request.request_id.encode())
         if rid_bytes > self.cfg.max_request_id_bytes:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+            raise ServeError(Status.INVALID_ARGUMENT,
                                f"request_id is {rid_bytes} bytes; at most {self.cfg.max_request_id_bytes} "
                                "(max_request_id_bytes)")
         if self._stopping:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
+            raise ServeError(Status.UNAVAILABLE, "server is shutting down; retry on another replica")
         if self._pending >= self.cfg.max_pending:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ServeError(Status.RESOURCE_EXHAUSTED,
                                f"server overloaded: {self._pending} requests already pending on this frontend "
                                f"(max_pending); retry with backoff")
         if self._held_bytes > self.cfg.max_held_response_mb * 2**20:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ServeError(Status.RESOURCE_EXHAUSTED,
                                f"server overloaded: {self._held_bytes / 2**20:.0f} MiB of finished responses wait "
                                "for streams that do not read them (max_held_response_mb); retry with backoff")
         self._pending += 1
@@ -411,10 +410,10 @@ class Frontend:
         model = self._resolve_model(request.model)
         check_options(request)
         if self.dispatcher.ready_workers(model.name) == 0 and (error := self.dispatcher.model_error(model.name)):
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"model {model.name!r} failed to load: {error}")
+            raise ServeError(Status.UNAVAILABLE, f"model {model.name!r} failed to load: {error}")
         got = await self.slots.acquire(give_up_at, owner)
         if got is None:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise ServeError(Status.RESOURCE_EXHAUSTED,
                                f"all {self.ring.slots} shared-memory slots of this frontend stayed busy until the "
                                "deadline; retry later, or the operator can raise --ring-slots or add frontends")
         slot, gen = got
@@ -434,7 +433,7 @@ class Frontend:
                                         dtype=decoded.color.dtype),
                 has_depth=decoded.depth is not None, score_threshold=request.score_threshold,
                 mask_format=request.mask_format, deadline=deadline, received_at=received,
-                decode_us=decode_us, request_id=request.request_id, model=model.name)
+                decode_us=decode_us, request_id=request.request_id, model=model.name, protocol=PROTOCOL)
             if decoded.depth is not None:
                 req.depth.CopyFrom(messages.ArrayRef(offset=decoded.depth.offset, shape=decoded.depth.shape,
                                                      dtype=decoded.depth.dtype))
@@ -467,9 +466,9 @@ def _quiet_end(task: asyncio.Task) -> None:
         log.debug("DetectStream read ended with %s", type(task.exception()).__name__)
 
 
-def _internal(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+def _internal(exc: BaseException) -> tuple[Status, str]:
     log.error("request failed unexpectedly", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, (f"internal error in the frontend ({type(exc).__name__}: {exc}); "
+    return Status.INTERNAL, (f"internal error in the frontend ({type(exc).__name__}: {exc}); "
                                       "the server keeps serving; please report it with the frontend log")
 
 

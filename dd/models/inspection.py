@@ -13,15 +13,7 @@ import json
 from typing import Any
 
 from dd.config import ModelConfig
-
-_ENGINE_WORDS = {
-    "detectron2": "detectron2 (eager, CPU or GPU: detectron2's DefaultPredictor answers; the reference)",
-    "torchvision": "torchvision (eager, CPU or GPU: torchvision's Mask R-CNN answers; the reference)",
-    "fast": "fast (one CUDA graph per input size on a GPU; falls back to the reference engine without one)",
-    "onnxruntime": "onnxruntime (an exported ONNX graph in ONNX Runtime, CPU or CUDA)",
-    "tensorrt": "tensorrt (a serialized TensorRT engine built from a tensorrt-onnx export; CUDA GPU)",
-    "null": "null (no network: test instances)",
-}
+from dd.config.engines import REGISTRY
 
 
 def _fmt(values: Any) -> str:
@@ -58,7 +50,7 @@ def check_weights(cfg: ModelConfig) -> str:
                                                  source=str(cfg.weights)))
         notes = "".join(f"; {n}" for n in found.notes)
         return f"{found.container}, {len(found.state)} tensors, fit the YAML's network{notes}"
-    from dd.worker.engines.torchvision_maskrcnn import build_loaded_model
+    from dd.models.build import build_loaded_model
 
     build_loaded_model(cfg)
     return "state dict, fits the architecture"
@@ -69,7 +61,7 @@ def describe(cfg: ModelConfig, weights_check: str) -> list[str]:
     raw = json.loads(cfg.config_path.read_text())
     spec = cfg.detectron2
     lines = [f"model {cfg.name}: {cfg.folder}"]
-    lines.append(f"  engine: {_ENGINE_WORDS.get(cfg.engine, cfg.engine)}; DETECTION_TYPE {cfg.detection_type}")
+    lines.append(f"  engine: {_engine_words(cfg.engine)}; DETECTION_TYPE {cfg.detection_type}")
     if cfg.weights is not None:
         how = "WEIGHTS_FORMAT" if "WEIGHTS_FORMAT" in raw else "recognised by its parameter names"
         if cfg.engine in ("onnxruntime", "tensorrt"):
@@ -177,3 +169,9 @@ def _torchvision_lines(cfg: ModelConfig, raw: dict[str, Any]) -> list[str]:
     lines.append(f"  thresholds: score >= {cfg.score_threshold:g} ({_source(raw, 'SCORE_THRESH_TEST', None, None)}), "
                  f"up to {arch['max_detections']} detections, mask >= {cfg.mask_threshold:g}")
     return lines
+
+
+def _engine_words(engine: str) -> str:
+    """The registry's one line about an engine, or its name (a user's "package.module:ClassName")."""
+    spec = REGISTRY.get(engine)
+    return spec.description if spec is not None and spec.description else engine

@@ -1,4 +1,8 @@
-"""Engines, imported lazily by name so that a worker loads only the one it runs."""
+"""Engines, imported lazily by name so that a worker loads only the one it runs.
+
+Which engines exist, their classes, options and fallbacks are named once, in the
+registry (dd.config.engines); a user's engine is "ENGINE": "package.module:ClassName".
+"""
 
 from __future__ import annotations
 
@@ -6,33 +10,41 @@ import dataclasses
 import importlib
 import logging
 
-from dd.config import ModelConfig
+from dd.config import ConfigError, ModelConfig
+from dd.config.engines import REGISTRY, Option, check_options, is_custom
 from dd.worker.engines.base import Engine, EngineUnavailable
 
 log = logging.getLogger(__name__)
 
-_ENGINES = {
-    "torchvision": ("dd.worker.engines.torchvision_maskrcnn", "TorchvisionMaskRCNN"),
-    "detectron2": ("dd.worker.engines.detectron2_maskrcnn", "Detectron2MaskRCNN"),
-    "fast": ("dd.worker.engines.fast_maskrcnn", "FastMaskRCNN"),
-    "onnxruntime": ("dd.worker.engines.onnxruntime", "OnnxRuntimeMaskRCNN"),
-    "tensorrt": ("dd.worker.engines.tensorrt", "TensorRTMaskRCNN"),
-    "null": ("dd.worker.engines.null", "NullEngine"),
-}
-# Where an engine cannot run on this machine, the one that computes the same answers instead.
-_FALLBACK = {"fast": "torchvision"}
+
+def engine_class(engine: str) -> type[Engine]:
+    """The class of a registered engine name or of a "package.module:ClassName" value (imported now)."""
+    if is_custom(engine):
+        target = engine
+    else:
+        spec = REGISTRY.get(engine)
+        if spec is None or not spec.available:
+            available = ", ".join(n for n, s in REGISTRY.items() if s.available)
+            raise ValueError(f"engine {engine!r} is not available; available: {available}")
+        target = spec.target
+    module_name, _, class_name = target.partition(":")
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Engine)):
+        raise ConfigError(f"ENGINE {engine!r}: {module_name}.{class_name} is not a class implementing "
+                          "dd.worker.engines.base.Engine")
+    return cls
 
 
 def create_engine(config: ModelConfig, device: str) -> Engine:
     name = config.engine
     if name == "torchvision" and config.detectron2 is not None:
         name = "detectron2"  # detectron2 weights: the reference engine is detectron2's own inference
-    try:
-        module_name, class_name = _ENGINES[name]
-    except KeyError:
-        raise ValueError(f"engine {config.engine!r} is not available; available: {', '.join(_ENGINES)}") from None
-    module = importlib.import_module(module_name)
-    return getattr(module, class_name)(config, device)
+    cls = engine_class(name)
+    if is_custom(name):  # registered engines' options were checked with the config; a user's class declares its own
+        options: dict[str, Option] = getattr(cls, "options", {}) or {}
+        check_options(name, options, config.engine_options, str(config.config_path))
+    return cls(config, device)
 
 
 def load_engine(config: ModelConfig, device: str) -> Engine:
@@ -42,7 +54,8 @@ def load_engine(config: ModelConfig, device: str) -> Engine:
         engine.load()
         return engine
     except EngineUnavailable as exc:
-        fallback = _FALLBACK.get(config.engine)
+        spec = REGISTRY.get(config.engine)
+        fallback = spec.fallback if spec else None
         if fallback is None:
             raise
         log.warning("engine %r cannot run here (%s); falling back to %r", config.engine, exc, fallback)

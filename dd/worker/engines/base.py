@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar, Mapping
 
 import numpy as np
 
 from dd.config import ModelConfig
+from dd.config.engines import Option
 
 
 @dataclass
@@ -50,14 +52,13 @@ class Engine(ABC):
     """Load once, then infer batches. Implementations are not thread-safe: one thread calls infer."""
 
     name: str = "engine"
+    # A user's engine ("ENGINE": "package.module:ClassName") declares its ENGINE_OPTIONS keys here
+    # (dd.config.engines.Option); a registered engine's are in the registry, dd.config.engines.
+    options: ClassVar[Mapping[str, Option]] = {}
 
     def __init__(self, config: ModelConfig, device: str) -> None:
         self.config = config
         self.device = device
-
-    @property
-    def input_kind(self) -> str:
-        return self.config.input_kind
 
     @abstractmethod
     def load(self) -> None:

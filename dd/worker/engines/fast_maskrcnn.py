@@ -76,6 +76,7 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
+from dd.models.build import build_loaded_model
 from dd.models.semantics import TORCHVISION, Semantics
 from dd.worker.engines.base import Detections, Engine, EngineInput, EngineUnavailable
 from dd.worker.engines.batchnorm_fold import fold_batchnorm
@@ -84,7 +85,6 @@ from dd.worker.engines.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_
 from dd.worker.engines.mask_head import ClassMaskHead
 from dd.worker.engines.mask_rle import paste_and_encode
 from dd.worker.engines.pil_resize import PilBilinear
-from dd.worker.engines.torchvision_maskrcnn import build_loaded_model
 
 log = logging.getLogger(__name__)
 

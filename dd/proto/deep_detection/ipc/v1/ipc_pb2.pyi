@@ -16,7 +16,7 @@ class ArrayRef(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("id", "ring", "slot", "generation", "color", "depth", "has_depth", "score_threshold", "mask_format", "deadline", "received_at", "dispatched_at", "decode_us", "request_id", "model")
+    __slots__ = ("id", "ring", "slot", "generation", "color", "depth", "has_depth", "score_threshold", "mask_format", "deadline", "received_at", "dispatched_at", "decode_us", "request_id", "model", "protocol")
     ID_FIELD_NUMBER: _ClassVar[int]
     RING_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class InferRequest(_message.Message):
     DECODE_US_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     id: int
     ring: str
     slot: int
@@ -47,17 +48,28 @@ class InferRequest(_message.Message):
     decode_us: int
     request_id: str
     model: str
-    def __init__(self, id: _Optional[int] = ..., ring: _Optional[str] = ..., slot: _Optional[int] = ..., generation: _Optional[int] = ..., color: _Optional[_Union[ArrayRef, _Mapping]] = ..., depth: _Optional[_Union[ArrayRef, _Mapping]] = ..., has_depth: bool = ..., score_threshold: _Optional[float] = ..., mask_format: _Optional[int] = ..., deadline: _Optional[float] = ..., received_at: _Optional[float] = ..., dispatched_at: _Optional[float] = ..., decode_us: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    protocol: str
+    def __init__(self, id: _Optional[int] = ..., ring: _Optional[str] = ..., slot: _Optional[int] = ..., generation: _Optional[int] = ..., color: _Optional[_Union[ArrayRef, _Mapping]] = ..., depth: _Optional[_Union[ArrayRef, _Mapping]] = ..., has_depth: bool = ..., score_threshold: _Optional[float] = ..., mask_format: _Optional[int] = ..., deadline: _Optional[float] = ..., received_at: _Optional[float] = ..., dispatched_at: _Optional[float] = ..., decode_us: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., protocol: _Optional[str] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("id", "code", "message")
+    __slots__ = ("id", "code", "message", "queue_us", "decode_us", "inference_us", "encode_us", "batch_size")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_US_FIELD_NUMBER: _ClassVar[int]
+    DECODE_US_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_US_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_US_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     id: int
     code: str
     message: str
-    def __init__(self, id: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    queue_us: int
+    decode_us: int
+    inference_us: int
+    encode_us: int
+    batch_size: int
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., queue_us: _Optional[int] = ..., decode_us: _Optional[int] = ..., inference_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ("sent_at",)
@@ -66,25 +78,19 @@ class Ping(_message.Message):
     def __init__(self, sent_at: _Optional[float] = ...) -> None: ...
 
 class Pong(_message.Message):
-    __slots__ = ("sent_at", "incarnation", "pid", "model", "ready", "queued", "max_batch_size", "engine", "device", "error")
+    __slots__ = ("sent_at", "incarnation", "pid", "ready", "engine", "device", "error")
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
-    QUEUED_FIELD_NUMBER: _ClassVar[int]
-    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     sent_at: float
     incarnation: str
     pid: int
-    model: str
     ready: bool
-    queued: int
-    max_batch_size: int
     engine: str
     device: str
     error: str
-    def __init__(self, sent_at: _Optional[float] = ..., incarnation: _Optional[str] = ..., pid: _Optional[int] = ..., model: _Optional[str] = ..., ready: bool = ..., queued: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    def __init__(self, sent_at: _Optional[float] = ..., incarnation: _Optional[str] = ..., pid: _Optional[int] = ..., ready: bool = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

@@ -16,30 +16,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from dd.config.engines import (REGISTRY, available_engines, check_custom_target, check_options, detection_types,
+                               is_custom)
+from dd.config.errors import ConfigError, _err
+
 if TYPE_CHECKING:
     from dd.models.detectron2.config import Detectron2Spec
 
 NODE_CONFIG = "node_config.json"
 
-# DETECTION_TYPE values in the users' node_config.json files, and what they mean.
-DETECTION_TYPES: dict[str, tuple[str, str]] = {
-    "RGBDMaskRCNNTorchServicer": ("torchvision", "rgbd"),
-    "RGBMaskRCNNTorchServicer": ("torchvision", "rgb"),
-    "MaskRCNNTorchServicer": ("torchvision", "rgb"),
-    "RGBDMaskRCNNTensorRTServicer": ("tensorrt", "rgbd"),
-    "RGBMaskRCNNTensorRTServicer": ("tensorrt", "rgb"),
-    "MaskRCNNTensorRTServicer": ("tensorrt", "rgb"),
-    "RGBDMaskRCNNOnnxServicer": ("onnxruntime", "rgbd"),
-    "RGBMaskRCNNOnnxServicer": ("onnxruntime", "rgb"),
-    "RGBDMaskRCNNFastServicer": ("fast", "rgbd"),
-    "RGBMaskRCNNFastServicer": ("fast", "rgb"),
-    "RGBDNullServicer": ("null", "rgbd"),
-    "RGBNullServicer": ("null", "rgb"),
-}
-
-# Engines this release can run. Others are recognised (so the error is precise) but refused.
-AVAILABLE_ENGINES = ("torchvision", "detectron2", "fast", "onnxruntime", "tensorrt", "null")
-KNOWN_ENGINES = AVAILABLE_ENGINES + ("torchscript",)
+# DETECTION_TYPE values in the users' node_config.json files, and what they mean: from the engine registry.
+DETECTION_TYPES: dict[str, tuple[str, str]] = detection_types()
 # Engines that run an exported graph (dd.export): their MODEL_WEIGHT is the graph or engine file.
 EXPORTED_ENGINES = {"onnxruntime": "onnx", "tensorrt": "tensorrt"}
 WEIGHTS_FORMATS = ("auto", "detectron2", "torchvision")
@@ -59,15 +46,6 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "max_detections": 100,
 }
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v3_large")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the person who has to fix the file."""
-
-
-def _err(where: Path | str, key: str | None, problem: str) -> ConfigError:
-    loc = f"{where}" + (f": key {key!r}" if key else "")
-    return ConfigError(f"{loc}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -121,30 +99,6 @@ class ModelConfig:
     @property
     def channels(self) -> int:
         return 4 if self.input_kind == "rgbd" else 3
-
-    def to_json(self) -> str:
-        """Serialised form handed to a worker process on its command line."""
-        d = {f.name: getattr(self, f.name) for f in fields(self)}
-        for k, v in d.items():
-            if isinstance(v, Path):
-                d[k] = str(v)
-        if self.detectron2 is not None:
-            d["detectron2"] = self.detectron2.to_dict()
-        return json.dumps(d)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
-        d = json.loads(text)
-        for k in ("folder", "config_path", "weights", "config_file"):
-            if d.get(k) is not None:
-                d[k] = Path(d[k])
-        for k in ("categories", "devices", "pixel_mean", "pixel_std"):
-            d[k] = tuple(d[k])
-        if d.get("detectron2") is not None:
-            from dd.models.detectron2.config import Detectron2Spec
-
-            d["detectron2"] = Detectron2Spec.from_dict(d["detectron2"])
-        return cls(**d)
 
 
 def _get(raw: dict[str, Any], path: Path, key: str, kind: type | tuple[type, ...], default: Any) -> Any:
@@ -224,14 +178,19 @@ def _engine_and_kind(raw: dict[str, Any], path: Path) -> tuple[str, str, str]:
         engine = ""
     engine = _get(raw, path, "ENGINE", str, engine)
     kind = _get(raw, path, "INPUT_KIND", str, kind)
+    available = ", ".join(available_engines())
     if not engine:
         raise _err(path, "DETECTION_TYPE", f"unknown value {dtype!r}; one of: {', '.join(DETECTION_TYPES)} "
-                   f"(or set ENGINE to one of: {', '.join(AVAILABLE_ENGINES)})")
-    if engine not in KNOWN_ENGINES:
-        raise _err(path, "ENGINE", f"unknown engine {engine!r}; one of: {', '.join(AVAILABLE_ENGINES)}")
-    if engine not in AVAILABLE_ENGINES:
+                   f"(or set ENGINE to one of: {available}, or to 'package.module:ClassName')")
+    if is_custom(engine):
+        problem = check_custom_target(engine)
+        if problem:
+            raise _err(path, "ENGINE", problem)
+    elif engine not in REGISTRY:
+        raise _err(path, "ENGINE", f"unknown engine {engine!r}; one of: {available} (or 'package.module:ClassName')")
+    elif not REGISTRY[engine].available:
         raise _err(path, "ENGINE" if "ENGINE" in raw else "DETECTION_TYPE",
-                   f"engine {engine!r} is not available in this release; available: {', '.join(AVAILABLE_ENGINES)}")
+                   f"engine {engine!r} is not available in this release; available: {available}")
     if kind not in INPUT_KINDS:
         raise _err(path, "INPUT_KIND", f"must be one of {INPUT_KINDS}, got {kind!r}")
     return dtype, engine, kind
@@ -261,7 +220,7 @@ def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
             hint = (f"; build it from the exported graph with {folder / 'build_engine.sh'} (docs/tensorrt.md)"
                     if engine == "tensorrt" else "")
             raise _err(path, "MODEL_WEIGHT", f"file {weights} does not exist{hint}")
-    elif engine != "null":
+    elif not is_custom(engine) and REGISTRY[engine].needs_weights:  # a user's engine decides for itself
         raise _err(path, "MODEL_WEIGHT", f"is missing; engine {engine!r} needs weights (a file in {folder})")
 
     weights_format = _weights_format(raw, path, weights, engine)
@@ -326,6 +285,8 @@ def load_model_config(path: Path | str, name: str | None = None) -> ModelConfig:
         raise _err(path, "DEPTH_UNIT", f"must be a positive number of metres per stored unit (0.001 for "
                    f"millimetres), got {depth_unit}")
     options = _get(raw, path, "ENGINE_OPTIONS", dict, {})
+    if not is_custom(engine):  # a user's engine declares its options on its class: checked where it is loaded
+        check_options(engine, REGISTRY[engine].options, options, str(path))
 
     return ModelConfig(
         name=name or folder.name,
@@ -401,7 +362,7 @@ def _weights_format(raw: dict[str, Any], path: Path, weights: Path | None, engin
         return EXPORTED_ENGINES[engine]  # an exported graph: the export contract says how it was made
     if given != "auto":
         return given
-    if weights is None or engine == "null":
+    if weights is None or is_custom(engine) or not REGISTRY[engine].needs_weights:
         return "torchvision"
     from dd.models.detectron2.checkpoint import sniff_weights_format
 
@@ -535,6 +496,11 @@ class ServerConfig:
     # Logs: rotate each process's file under log_dir at this size (0: never; leave it to logrotate)
     log_max_mb: float = 0.0
     log_backups: int = 3
+
+    def worker_credits(self, max_batch_size: int) -> int:
+        """Requests one frontend may have at one worker at once: max_inflight_per_worker, else
+        2 x the model's MAX_BATCH_SIZE (one batch running, one queued behind it)."""
+        return self.max_inflight_per_worker if self.max_inflight_per_worker > 0 else 2 * max_batch_size
 
     def resolved_frontends(self) -> int:
         if self.frontends > 0:

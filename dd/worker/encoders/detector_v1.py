@@ -1,4 +1,4 @@
-"""Turns an engine's Detections into the serialized DetectResponse the client receives.
+"""detector_v1: an engine's Detections -> the serialized deep_detection.v1.DetectResponse.
 
 Built and serialized in the worker, so the frontend only forwards bytes. Masks
 become COCO compressed RLE through pycocotools, the format every COCO tool reads.
@@ -6,10 +6,13 @@ become COCO compressed RLE through pycocotools, the format every COCO tool reads
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from pycocotools import mask as mask_util
 
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
+from dd.worker.encoders import EncodeContext
 from dd.worker.engines.base import Detections
 
 
@@ -47,3 +50,20 @@ def build_response(det: Detections, categories: tuple[str, ...], *, request_id: 
         else:
             inst.mask.format = pb.NONE
     return resp
+
+
+def encode(det: Detections, ctx: EncodeContext) -> bytes:
+    """The response's bytes, with the worker's timings in its `timing` (postprocess_us: the encoding)."""
+    t0 = time.perf_counter()
+    resp = build_response(det, ctx.categories, request_id=ctx.request_id, model=ctx.model, height=ctx.height,
+                          width=ctx.width, mask_format=ctx.mask_format, worker=ctx.worker)
+    tm, t = resp.timing, ctx.timings
+    tm.queued_us = t.queue_us
+    tm.decode_us = t.decode_us
+    tm.inference_us = t.inference_us
+    tm.batch_size = t.batch_size
+    t.encode_us = int((time.perf_counter() - t0) * 1e6)
+    tm.postprocess_us = t.encode_us
+    t.total_us = max(0, int((time.time() - ctx.received_at) * 1e6)) if ctx.received_at else 0
+    tm.total_us = t.total_us
+    return resp.SerializeToString()

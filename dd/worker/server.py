@@ -1,5 +1,8 @@
 """The worker process: owns one engine on one device, serves frontends over ZeroMQ.
 
+This is the server around the worker's core (dd/worker/core.py: batch -> engine ->
+encoder, no sockets): sockets, pings, the frontends' shared-memory rings.
+
 Two threads. The I/O thread owns the ROUTER socket: it answers pings at once
 (so a busy GPU never looks like a dead worker), checks each request (deadline,
 slot generation, array bounds) and queues it. The inference thread takes
@@ -10,10 +13,8 @@ over an inproc socket (ZeroMQ sockets are not shared between threads).
 The engine module, and with it torch, is imported only after
 CUDA_VISIBLE_DEVICES has been set, so each worker sees exactly its own GPU.
 
-One bad request must not cost more than itself: when the engine fails on a
-batch, the batch is run again one image at a time, so only the image that
-fails gets INTERNAL and its neighbours are served; an error while encoding one
-response fails that response. Should the inference thread die all the same,
+One bad request must not cost more than itself (the core retries a failed
+batch one image at a time). Should the inference thread die all the same,
 the process exits non-zero and the supervisor starts a fresh one, rather than
 answering pings while never serving.
 
@@ -47,13 +48,12 @@ from google.protobuf.message import DecodeError
 from dd.config import ModelConfig, ServerConfig
 from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import RingError, ShmRing
-from dd.logsafe import clip
 from dd.procutil import die_with_parent, parent_alive
-from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.worker.batcher import Batcher
+from dd.worker.core import WorkerCore, WorkItem
 
 if TYPE_CHECKING:  # the engine modules import torch: only after pinning, inside the inference thread
-    from dd.worker.engines.base import Detections, Engine
+    from dd.worker.engines.base import Engine
 
 log = logging.getLogger("dd.worker")
 
@@ -67,7 +67,6 @@ class Job:
     ring: ShmRing
     color: np.ndarray
     depth: np.ndarray | None
-    arrived: float
 
 
 def pin_process(gpu: int | None, cpus: list[int] | None) -> str:
@@ -100,7 +99,7 @@ class Worker:
         self.socket_path = endpoints.worker_socket(run_dir, model.name, index)
         # Never the limit in practice: every frontend may hold its full credits here (and a credit
         # comes back to a frontend whose request expired while it still waits in this queue).
-        credits = server.max_inflight_per_worker or 2 * model.max_batch_size
+        credits = server.worker_credits(model.max_batch_size)
         capacity = max(64, 2 * server.resolved_frontends() * credits)
         self.batcher: Batcher[Job] = Batcher(model.max_batch_size, model.max_queue_delay_ms / 1000.0, capacity)
         self.rings: dict[str, ShmRing] = {}
@@ -185,9 +184,7 @@ class Worker:
 
     def _pong(self, ping: bytes) -> bytes:
         p = messages.Ping.FromString(ping)
-        pong = messages.Pong(sent_at=p.sent_at, incarnation=self.incarnation, pid=os.getpid(),
-                             model=self.model.name, ready=self.ready, queued=len(self.batcher),
-                             max_batch_size=self.model.max_batch_size, engine=self.engine_name,
+        pong = messages.Pong(sent_at=p.sent_at, incarnation=self.incarnation, pid=os.getpid(), ready=self.ready, engine=self.engine_name,
                              device=self.device, error=self.load_error)
         return pong.SerializeToString()
 
@@ -236,7 +233,7 @@ class Worker:
             depth = _view(ring, req.slot, req.depth) if req.has_depth else None
         except (RingError, ValueError) as exc:
             return None, ("INTERNAL", f"bad array reference from the frontend: {exc}")
-        return Job(identity, req, ring, color, depth, time.time()), None
+        return Job(identity, req, ring, color, depth), None
 
     def _drain(self, router: zmq.Socket) -> None:
         """Handles every message waiting on the frontends' socket."""
@@ -286,6 +283,7 @@ class Worker:
             out.close()
             return
         self.engine_name = engine.name  # what runs, after any fallback (the fast engine without a GPU)
+        core = WorkerCore(self.model, engine, self.name)
         self.ready = True
         while True:
             batch = self.batcher.get_batch(timeout=0.2)
@@ -295,7 +293,7 @@ class Worker:
                     break
                 continue
             try:
-                self._run_batch(engine, batch, out)
+                self._run_batch(core, batch, out)
             except Exception:  # noqa: BLE001 - never let one batch end the loop
                 log.exception("worker %s: unexpected error serving a batch of %d", self.name, len(batch))
                 for job in batch:
@@ -328,7 +326,7 @@ class Worker:
         except OSError as err:
             log.warning("cannot write %s: %s", self.failure_file, err)
 
-    def _run_batch(self, engine: "Engine", batch: list[Job], out: zmq.Socket) -> None:
+    def _run_batch(self, core: WorkerCore, batch: list[Job], out: zmq.Socket) -> None:
         started = time.time()
         live: list[Job] = []
         for job in batch:
@@ -341,62 +339,24 @@ class Worker:
             # else: the frontend gave up on it (cancelled, retried elsewhere); nobody waits for it
         if not live:
             return
-        t_inf = time.perf_counter()
-        results = self._infer(engine, live)
-        inference_us = int((time.perf_counter() - t_inf) * 1e6)
-        for job, det in zip(live, results):
-            if isinstance(det, str):
-                _send(out, job, "INTERNAL", det)
-                continue
-            try:
-                body = self._response(job, det, started, inference_us, len(live))
-            except Exception as exc:  # noqa: BLE001 - fail this response, serve the rest
-                log.exception("worker %s: cannot encode the response to request %s", self.name,
-                              clip(job.req.request_id))
-                _send(out, job, "INTERNAL", f"cannot encode the response: {type(exc).__name__}: {exc}")
+        outcomes = core.run([_work_item(job) for job in live], started)
+        for job, outcome in zip(live, outcomes):
+            if outcome.code != "OK":
+                _send(out, job, outcome.code, outcome.message)
                 continue
             if job.ring.generation(job.req.slot) != job.req.generation:
                 continue  # the frontend gave up on it meanwhile (and may have reused the slot)
-            out.send_multipart([job.identity, messages.REPLY, _reply(job.req.id, "OK", ""), body], copy=False)
+            t = outcome.timings
+            reply = messages.InferReply(id=job.req.id, code="OK", queue_us=t.queue_us, decode_us=t.decode_us,
+                                        inference_us=t.inference_us, encode_us=t.encode_us,
+                                        batch_size=t.batch_size)
+            out.send_multipart([job.identity, messages.REPLY, reply.SerializeToString(), outcome.body], copy=False)
 
-    def _infer(self, engine: "Engine", live: list[Job]) -> list:
-        """One Detections per job, or for a job the engine failed on, the message to send instead."""
-        from dd.worker.engines.base import EngineInput
 
-        def inputs(jobs: list[Job]) -> list[EngineInput]:
-            return [EngineInput(j.color, j.depth, j.req.score_threshold if j.req.score_threshold > 0
-                                else self.model.score_threshold) for j in jobs]
-
-        want_masks = any(job.req.mask_format == pb.RLE for job in live)
-        try:
-            results = engine.infer(inputs(live), want_masks=want_masks)
-            if len(results) != len(live):
-                raise RuntimeError(f"engine returned {len(results)} results for {len(live)} images")
-            return list(results)
-        except Exception as exc:  # noqa: BLE001 - the engine failed this batch, the worker lives on
-            if len(live) == 1:
-                log.exception("worker %s: engine failed on request %s", self.name, clip(live[0].req.request_id))
-                return [f"engine error on this image: {type(exc).__name__}: {exc}"]
-            log.warning("worker %s: engine failed on a batch of %d (%s: %s); retrying one at a time",
-                        self.name, len(live), type(exc).__name__, exc)
-        return [self._infer(engine, [job])[0] for job in live]
-
-    def _response(self, job: Job, det: "Detections", started: float, inference_us: int, batch_size: int) -> bytes:
-        from dd.worker.encode import build_response
-
-        t_post = time.perf_counter()
-        req = job.req
-        h, w = job.color.shape[:2]
-        resp = build_response(det, self.model.categories, request_id=req.request_id, model=self.model.name,
-                              height=h, width=w, mask_format=req.mask_format, worker=self.name)
-        tm = resp.timing
-        tm.queued_us = max(0, int((started - req.dispatched_at) * 1e6))
-        tm.decode_us = req.decode_us
-        tm.inference_us = inference_us
-        tm.batch_size = batch_size
-        tm.postprocess_us = int((time.perf_counter() - t_post) * 1e6)
-        tm.total_us = max(0, int((time.time() - req.received_at) * 1e6))
-        return resp.SerializeToString()
+def _work_item(job: Job) -> WorkItem:
+    req = job.req
+    return WorkItem(job.color, job.depth, req.score_threshold, req.mask_format, req.request_id, req.protocol,
+                    req.received_at, req.dispatched_at, req.decode_us)
 
 
 def _may_pass(exc: BaseException) -> bool:

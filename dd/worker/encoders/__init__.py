@@ -1,0 +1,58 @@
+"""Response encoders, one per public protocol: Detections -> the bytes the frontend forwards.
+
+The worker serializes, so the frontend only forwards bytes. Which encoder answers a
+request is the internal request's `protocol` field (ipc InferRequest.protocol; empty means
+detector_v1, what frontends sent before the field existed). A second protocol adds a
+module here and one line in ENCODERS, and nothing else in the worker.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from dd.worker.engines.base import Detections
+
+DEFAULT_PROTOCOL = "detector_v1"
+# protocol -> module with `encode(det, ctx) -> bytes`; imported on first use.
+ENCODERS = {"detector_v1": "dd.worker.encoders.detector_v1"}
+
+
+@dataclass
+class Timings:
+    """One request's times at the worker, in microseconds (also sent in the reply envelope)."""
+
+    queue_us: int = 0  # dispatched by the frontend -> its batch started
+    decode_us: int = 0  # the frontend's image decoding (passed through)
+    inference_us: int = 0  # the engine call of its batch
+    encode_us: int = 0  # this response's encoding
+    batch_size: int = 0
+    total_us: int = 0  # received by the frontend -> encoded (set by the encoder)
+
+
+@dataclass
+class EncodeContext:
+    """What an encoder knows besides the detections."""
+
+    categories: tuple[str, ...]
+    request_id: str
+    model: str
+    worker: str
+    height: int
+    width: int
+    mask_format: int  # deep_detection.v1.MaskFormat: RLE (0) or NONE (1)
+    timings: Timings  # the encoder fills in encode_us and total_us
+    received_at: float = 0.0  # time.time() when the frontend got the request; 0: unknown
+
+
+Encoder = Callable[["Detections", EncodeContext], bytes]
+
+
+def encoder_for(protocol: str) -> Encoder:
+    """The encode function of a protocol; ValueError names the known ones."""
+    module = ENCODERS.get(protocol or DEFAULT_PROTOCOL)
+    if module is None:
+        raise ValueError(f"no response encoder for protocol {protocol!r}; known: {', '.join(ENCODERS)}")
+    return importlib.import_module(module).encode
