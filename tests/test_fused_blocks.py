@@ -58,7 +58,7 @@ def test_engine_keeps_the_unfused_backbone_where_cudnn_refuses(tmp_path, monkeyp
 
     cfg = load_model_config(random_model_folder(tmp_path / "m", input_kind="rgbd", seed=0, min_size=96, max_size=128,
                                                 architecture=DEFAULT_ARCHITECTURE,
-                                                extra={"ENGINE_OPTIONS": {"allow_cpu": True}}))
+                                                extra={"ENGINE": "fast", "ENGINE_OPTIONS": {"allow_cpu": True}}))
     engine = FastMaskRCNN(cfg, "cpu")
     engine.load()
     fold_batchnorm(engine.model.backbone)
@@ -137,7 +137,7 @@ def test_engine_keeps_torchs_fpn_where_the_triton_kernels_fail(tmp_path, monkeyp
 
     cfg = load_model_config(random_model_folder(tmp_path / "m", input_kind="rgb", seed=0, min_size=96, max_size=128,
                                                 architecture=DEFAULT_ARCHITECTURE,
-                                                extra={"ENGINE_OPTIONS": {"allow_cpu": True}}))
+                                                extra={"ENGINE": "fast", "ENGINE_OPTIONS": {"allow_cpu": True}}))
     engine = FastMaskRCNN(cfg, "cpu")
     engine.load()
     x = torch.rand(1, 3, 64, 64)
