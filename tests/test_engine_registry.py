@@ -63,7 +63,7 @@ def test_good_options_pass_and_ints_are_floats(tmp_path: Path) -> None:
 
 def test_unavailable_and_unknown_engines_say_what_is_available(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not available in this release; available: torchvision"):
-        load_model_config(_folder(tmp_path / "a", DETECTION_TYPE="RGBMaskRCNNTensorRTServicer", MODEL_WEIGHT="w"))
+        load_model_config(_folder(tmp_path / "a", ENGINE="torchscript", MODEL_WEIGHT="w"))
     with pytest.raises(ConfigError, match="unknown engine 'fsat'; one of: torchvision"):
         load_model_config(_folder(tmp_path / "b", ENGINE="fsat"))
 
