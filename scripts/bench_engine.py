@@ -183,7 +183,8 @@ def main() -> int:
                 random_model_folder(folder, input_kind=args.input_kind, seed=0, categories=[f"c{i}" for i in range(1, 91)],
                                     architecture=dict(DEFAULT_ARCHITECTURE, max_detections=dets), min_size=size,
                                     max_size=1333, score_threshold=0.0,
-                                    extra={"ENGINE_OPTIONS": {"warmup_sizes": [[args.height, args.width]],
+                                    extra={"ENGINE": "fast",  # its options are checked against the engine named
+                                           "ENGINE_OPTIONS": {"warmup_sizes": [[args.height, args.width]],
                                                               **json.loads(args.fast_options)},
                                            "MAX_BATCH_SIZE": max(args.batches)})
             cfg = load_model_config(folder)

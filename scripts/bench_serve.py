@@ -55,7 +55,9 @@ def make_model(root: Path, engine: str, arch: str, batch: int, height: int, widt
     return random_model_folder(root / name, input_kind="rgbd", seed=0, architecture=architecture,
                                min_size=min_size, max_size=1333, score_threshold=0.0,
                                extra={"ENGINE": engine, "MAX_BATCH_SIZE": batch, "MAX_QUEUE_DELAY_MS": 0,
-                                      "ENGINE_OPTIONS": {"warmup_sizes": [[height, width]], "allow_cpu": True},
+                                      # options are checked against the engine named: only the fast engine has these
+                                      "ENGINE_OPTIONS": ({"warmup_sizes": [[height, width]], "allow_cpu": True}
+                                                         if engine == "fast" else {}),
                                       **(placement or {})})
 
 
