@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n deep_detection/v1/detector.proto\x12\x11\x64\x65\x65p_detection.v1\"\xa4\x01\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x33\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32!.deep_detection.v1.Image.Encoding\x12\r\n\x05shape\x18\x03 \x03(\x05\x12\'\n\x05\x64type\x18\x04 \x01(\x0e\x32\x18.deep_detection.v1.DType\" \n\x08\x45ncoding\x12\x0b\n\x07\x45NCODED\x10\x00\x12\x07\n\x03RAW\x10\x01\"\xd1\x01\n\rDetectRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\x05\x63olor\x18\x02 \x01(\x0b\x32\x18.deep_detection.v1.Image\x12\'\n\x05\x64\x65pth\x18\x03 \x01(\x0b\x32\x18.deep_detection.v1.Image\x12\x17\n\x0fscore_threshold\x18\x04 \x01(\x02\x12\x32\n\x0bmask_format\x18\x05 \x01(\x0e\x32\x1d.deep_detection.v1.MaskFormat\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"d\n\x04Mask\x12-\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1d.deep_detection.v1.MaskFormat\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06\x63ounts\x18\x04 \x01(\x0c\"\x8b\x01\n\x08Instance\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12#\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x16.deep_detection.v1.Box\x12%\n\x04mask\x18\x05 \x01(\x0b\x32\x17.deep_detection.v1.Mask\"\x82\x01\n\x06Timing\x12\x11\n\tqueued_us\x18\x01 \x01(\x03\x12\x11\n\tdecode_us\x18\x02 \x01(\x03\x12\x14\n\x0cinference_us\x18\x03 \x01(\x03\x12\x16\n\x0epostprocess_us\x18\x04 \x01(\x03\x12\x10\n\x08total_us\x18\x05 \x01(\x03\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\"\xe8\x01\n\x0e\x44\x65tectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12.\n\tinstances\x18\x05 \x03(\x0b\x32\x1b.deep_detection.v1.Instance\x12)\n\x06timing\x18\x06 \x01(\x0b\x32\x19.deep_detection.v1.Timing\x12\x0e\n\x06worker\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x12\x15\n\rerror_message\x18\t \x01(\t\"\x13\n\x11ListModelsRequest\"\xb2\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_kind\x18\x02 \x01(\t\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x15\n\rready_workers\x18\x07 \x01(\x05\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.deep_detection.v1.ModelInfo*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\n\n\x06UINT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03*\x1f\n\nMaskFormat\x12\x07\n\x03RLE\x10\x00\x12\x08\n\x04NONE\x10\x01\x32\x8d\x02\n\x08\x44\x65tector\x12M\n\x06\x44\x65tect\x12 .deep_detection.v1.DetectRequest\x1a!.deep_detection.v1.DetectResponse\x12W\n\x0c\x44\x65tectStream\x12 .deep_detection.v1.DetectRequest\x1a!.deep_detection.v1.DetectResponse(\x01\x30\x01\x12Y\n\nListModels\x12$.deep_detection.v1.ListModelsRequest\x1a%.deep_detection.v1.ListModelsResponseBPP\x01ZLgithub.com/deep-detection/deep-detection/gen/go/deep_detection/v1;detectorv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n deep_detection/v1/detector.proto\x12\x11\x64\x65\x65p_detection.v1\"\xae\x01\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x33\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32!.deep_detection.v1.Image.Encoding\x12\r\n\x05shape\x18\x03 \x03(\x05\x12\'\n\x05\x64type\x18\x04 \x01(\x0e\x32\x18.deep_detection.v1.DType\"*\n\x08\x45ncoding\x12\x0b\n\x07\x45NCODED\x10\x00\x12\x07\n\x03RAW\x10\x01\x12\x08\n\x04ZSTD\x10\x02\"\xd1\x01\n\rDetectRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\'\n\x05\x63olor\x18\x02 \x01(\x0b\x32\x18.deep_detection.v1.Image\x12\'\n\x05\x64\x65pth\x18\x03 \x01(\x0b\x32\x18.deep_detection.v1.Image\x12\x17\n\x0fscore_threshold\x18\x04 \x01(\x02\x12\x32\n\x0bmask_format\x18\x05 \x01(\x0e\x32\x1d.deep_detection.v1.MaskFormat\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"d\n\x04Mask\x12-\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x1d.deep_detection.v1.MaskFormat\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06\x63ounts\x18\x04 \x01(\x0c\"\x8b\x01\n\x08Instance\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12#\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x16.deep_detection.v1.Box\x12%\n\x04mask\x18\x05 \x01(\x0b\x32\x17.deep_detection.v1.Mask\"\x82\x01\n\x06Timing\x12\x11\n\tqueued_us\x18\x01 \x01(\x03\x12\x11\n\tdecode_us\x18\x02 \x01(\x03\x12\x14\n\x0cinference_us\x18\x03 \x01(\x03\x12\x16\n\x0epostprocess_us\x18\x04 \x01(\x03\x12\x10\n\x08total_us\x18\x05 \x01(\x03\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\"\xe8\x01\n\x0e\x44\x65tectResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12.\n\tinstances\x18\x05 \x03(\x0b\x32\x1b.deep_detection.v1.Instance\x12)\n\x06timing\x18\x06 \x01(\x0b\x32\x19.deep_detection.v1.Timing\x12\x0e\n\x06worker\x18\x07 \x01(\t\x12\x12\n\nerror_code\x18\x08 \x01(\x05\x12\x15\n\rerror_message\x18\t \x01(\t\"\x13\n\x11ListModelsRequest\"\xb2\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ninput_kind\x18\x02 \x01(\t\x12\x12\n\ncategories\x18\x03 \x03(\t\x12\x0e\n\x06\x65ngine\x18\x04 \x01(\t\x12\r\n\x05ready\x18\x05 \x01(\x08\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\x05\x12\x15\n\rready_workers\x18\x07 \x01(\x05\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.deep_detection.v1.ModelInfo*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\t\n\x05UINT8\x10\x01\x12\n\n\x06UINT16\x10\x02\x12\x0b\n\x07\x46LOAT32\x10\x03*\x1f\n\nMaskFormat\x12\x07\n\x03RLE\x10\x00\x12\x08\n\x04NONE\x10\x01\x32\x8d\x02\n\x08\x44\x65tector\x12M\n\x06\x44\x65tect\x12 .deep_detection.v1.DetectRequest\x1a!.deep_detection.v1.DetectResponse\x12W\n\x0c\x44\x65tectStream\x12 .deep_detection.v1.DetectRequest\x1a!.deep_detection.v1.DetectResponse(\x01\x30\x01\x12Y\n\nListModels\x12$.deep_detection.v1.ListModelsRequest\x1a%.deep_detection.v1.ListModelsResponseBPP\x01ZLgithub.com/deep-detection/deep-detection/gen/go/deep_detection/v1;detectorv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,32 +32,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'deep_detection.v1.detector_
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001ZLgithub.com/deep-detection/deep-detection/gen/go/deep_detection/v1;detectorv1'
-  _globals['_DTYPE']._serialized_start=1371
-  _globals['_DTYPE']._serialized_end=1437
-  _globals['_MASKFORMAT']._serialized_start=1439
-  _globals['_MASKFORMAT']._serialized_end=1470
+  _globals['_DTYPE']._serialized_start=1381
+  _globals['_DTYPE']._serialized_end=1447
+  _globals['_MASKFORMAT']._serialized_start=1449
+  _globals['_MASKFORMAT']._serialized_end=1480
   _globals['_IMAGE']._serialized_start=56
-  _globals['_IMAGE']._serialized_end=220
+  _globals['_IMAGE']._serialized_end=230
   _globals['_IMAGE_ENCODING']._serialized_start=188
-  _globals['_IMAGE_ENCODING']._serialized_end=220
-  _globals['_DETECTREQUEST']._serialized_start=223
-  _globals['_DETECTREQUEST']._serialized_end=432
-  _globals['_BOX']._serialized_start=434
-  _globals['_BOX']._serialized_end=487
-  _globals['_MASK']._serialized_start=489
-  _globals['_MASK']._serialized_end=589
-  _globals['_INSTANCE']._serialized_start=592
-  _globals['_INSTANCE']._serialized_end=731
-  _globals['_TIMING']._serialized_start=734
-  _globals['_TIMING']._serialized_end=864
-  _globals['_DETECTRESPONSE']._serialized_start=867
-  _globals['_DETECTRESPONSE']._serialized_end=1099
-  _globals['_LISTMODELSREQUEST']._serialized_start=1101
-  _globals['_LISTMODELSREQUEST']._serialized_end=1120
-  _globals['_MODELINFO']._serialized_start=1123
-  _globals['_MODELINFO']._serialized_end=1301
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1303
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1369
-  _globals['_DETECTOR']._serialized_start=1473
-  _globals['_DETECTOR']._serialized_end=1742
+  _globals['_IMAGE_ENCODING']._serialized_end=230
+  _globals['_DETECTREQUEST']._serialized_start=233
+  _globals['_DETECTREQUEST']._serialized_end=442
+  _globals['_BOX']._serialized_start=444
+  _globals['_BOX']._serialized_end=497
+  _globals['_MASK']._serialized_start=499
+  _globals['_MASK']._serialized_end=599
+  _globals['_INSTANCE']._serialized_start=602
+  _globals['_INSTANCE']._serialized_end=741
+  _globals['_TIMING']._serialized_start=744
+  _globals['_TIMING']._serialized_end=874
+  _globals['_DETECTRESPONSE']._serialized_start=877
+  _globals['_DETECTRESPONSE']._serialized_end=1109
+  _globals['_LISTMODELSREQUEST']._serialized_start=1111
+  _globals['_LISTMODELSREQUEST']._serialized_end=1130
+  _globals['_MODELINFO']._serialized_start=1133
+  _globals['_MODELINFO']._serialized_end=1311
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1313
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1379
+  _globals['_DETECTOR']._serialized_start=1483
+  _globals['_DETECTOR']._serialized_end=1752
 # @@protoc_insertion_point(module_scope)

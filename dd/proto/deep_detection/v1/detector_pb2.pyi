@@ -30,8 +30,10 @@ class Image(_message.Message):
         __slots__ = ()
         ENCODED: _ClassVar[Image.Encoding]
         RAW: _ClassVar[Image.Encoding]
+        ZSTD: _ClassVar[Image.Encoding]
     ENCODED: Image.Encoding
     RAW: Image.Encoding
+    ZSTD: Image.Encoding
     DATA_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]

@@ -6,17 +6,33 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ArrayRef(_message.Message):
-    __slots__ = ("offset", "shape", "dtype")
+    __slots__ = ("offset", "shape", "dtype", "encoding", "nbytes")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
     offset: int
     shape: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
-    def __init__(self, offset: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
+    encoding: str
+    nbytes: int
+    def __init__(self, offset: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., encoding: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class OutputRegion(_message.Message):
+    __slots__ = ("output", "shm_key", "offset", "byte_size")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    SHM_KEY_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BYTE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    output: str
+    shm_key: str
+    offset: int
+    byte_size: int
+    def __init__(self, output: _Optional[str] = ..., shm_key: _Optional[str] = ..., offset: _Optional[int] = ..., byte_size: _Optional[int] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("id", "ring", "slot", "generation", "color", "depth", "has_depth", "score_threshold", "mask_format", "deadline", "received_at", "dispatched_at", "decode_us", "request_id", "model", "protocol")
+    __slots__ = ("id", "ring", "slot", "generation", "color", "depth", "has_depth", "score_threshold", "mask_format", "deadline", "received_at", "dispatched_at", "decode_us", "request_id", "model", "protocol", "outputs", "model_version", "output_regions")
     ID_FIELD_NUMBER: _ClassVar[int]
     RING_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +49,9 @@ class InferRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_REGIONS_FIELD_NUMBER: _ClassVar[int]
     id: int
     ring: str
     slot: int
@@ -49,7 +68,10 @@ class InferRequest(_message.Message):
     request_id: str
     model: str
     protocol: str
-    def __init__(self, id: _Optional[int] = ..., ring: _Optional[str] = ..., slot: _Optional[int] = ..., generation: _Optional[int] = ..., color: _Optional[_Union[ArrayRef, _Mapping]] = ..., depth: _Optional[_Union[ArrayRef, _Mapping]] = ..., has_depth: bool = ..., score_threshold: _Optional[float] = ..., mask_format: _Optional[int] = ..., deadline: _Optional[float] = ..., received_at: _Optional[float] = ..., dispatched_at: _Optional[float] = ..., decode_us: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., protocol: _Optional[str] = ...) -> None: ...
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    model_version: str
+    output_regions: _containers.RepeatedCompositeFieldContainer[OutputRegion]
+    def __init__(self, id: _Optional[int] = ..., ring: _Optional[str] = ..., slot: _Optional[int] = ..., generation: _Optional[int] = ..., color: _Optional[_Union[ArrayRef, _Mapping]] = ..., depth: _Optional[_Union[ArrayRef, _Mapping]] = ..., has_depth: bool = ..., score_threshold: _Optional[float] = ..., mask_format: _Optional[int] = ..., deadline: _Optional[float] = ..., received_at: _Optional[float] = ..., dispatched_at: _Optional[float] = ..., decode_us: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., protocol: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., output_regions: _Optional[_Iterable[_Union[OutputRegion, _Mapping]]] = ...) -> None: ...
 
 class InferReply(_message.Message):
     __slots__ = ("id", "code", "message", "queue_us", "decode_us", "inference_us", "encode_us", "batch_size")
