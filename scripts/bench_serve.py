@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
+from dd.procutil import process_argv  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
 
 
@@ -110,7 +111,7 @@ def cpu_by_role(server_pid: int) -> dict[str, float]:
     add("supervisor", server)
     for child in server.children(recursive=True):
         try:
-            argv = child.cmdline()
+            argv = process_argv(child)
         except psutil.NoSuchProcess:
             continue
         role = argv[3] if len(argv) > 3 and argv[1:3] == ["-m", "dd"] else "other"

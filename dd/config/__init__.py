@@ -496,6 +496,9 @@ class ServerConfig:
     # Logs: rotate each process's file under log_dir at this size (0: never; leave it to logrotate)
     log_max_mb: float = 0.0
     log_backups: int = 3
+    # Workers are forked from one process that has imported torch and the engines (dd/zygote.py), so a
+    # restarted worker skips its imports; false: each worker is a new interpreter.
+    fork_workers: bool = True
 
     def worker_credits(self, max_batch_size: int) -> int:
         """Requests one frontend may have at one worker at once: max_inflight_per_worker, else
@@ -629,6 +632,10 @@ def load_server_config(path: Path | str | None, overrides: dict[str, Any]) -> Se
 def _setting(name: str, want: type, v: Any) -> Any:
     """One setting converted to its type, strictly: no booleans as numbers, no 2.5 as an integer, no NaN."""
     bad = ConfigError(f"server setting {name}: expected {'a number' if want is float else want.__name__}, got {v!r}")
+    if want is bool:
+        if isinstance(v, bool):
+            return v
+        raise bad
     if isinstance(v, bool) or (want is not str and isinstance(v, (list, dict))):
         raise bad
     try:
