@@ -155,6 +155,8 @@ class FastMaskRCNN(Engine):
         # Detection candidates (box x class) kept for NMS, by score. Exact whenever the survivors
         # among them fill max_detections (checked per image; otherwise the image is redone).
         self.pre_nms_topk = int(opts.get("pre_nms_topk", 1024 if self.fixed else 4096))
+        if cuda and opts.get("blocking_sync", True):
+            self._blocking_sync()
         t_start = time.perf_counter()
         self.model = build_loaded_model(self.config).eval().to(self.dev)
         t_built = time.perf_counter()
@@ -225,6 +227,14 @@ class FastMaskRCNN(Engine):
         log.info("fast engine loaded in %.1f s: weights and model %.1f s, fusing and kernels %.1f s, "
                  "warm-up and graph captures %.1f s", done - t_start, t_built - t_start,
                  t_prepared - t_built, done - t_prepared)
+
+    def _blocking_sync(self) -> None:
+        """The host sleeps while it waits for the GPU instead of spinning on a core (CUDA's default while
+        the GPU is busy): the worker's CPU time per request is then its own work. Must come before the
+        device's context exists; where it does already, nothing changes (one debug line)."""
+        err = torch.cuda.cudart().cudaSetDeviceFlags(0x04)  # cudaDeviceScheduleBlockingSync
+        if int(err) != 0:
+            log.debug("cannot ask CUDA for blocking synchronisation (error %s); it spins while waiting", err)
 
     def _fuse_backbone(self) -> None:
         """ReLUs and residual adds into the convolutions (fused_blocks), if cuDNN runs them here: the
