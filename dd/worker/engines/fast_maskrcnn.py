@@ -230,11 +230,19 @@ class FastMaskRCNN(Engine):
 
     def _blocking_sync(self) -> None:
         """The host sleeps while it waits for the GPU instead of spinning on a core (CUDA's default while
-        the GPU is busy): the worker's CPU time per request is then its own work. Must come before the
-        device's context exists; where it does already, nothing changes (one debug line)."""
-        err = torch.cuda.cudart().cudaSetDeviceFlags(0x04)  # cudaDeviceScheduleBlockingSync
-        if int(err) != 0:
-            log.debug("cannot ask CUDA for blocking synchronisation (error %s); it spins while waiting", err)
+        the GPU is busy): the worker's CPU time per request is then its own work. Set on the device's
+        primary context through the driver API (torch has no binding for it); where that fails, CUDA
+        keeps spinning and one debug line says why."""
+        try:
+            libcuda = ctypes.CDLL("libcuda.so.1")
+            dev = ctypes.c_int()
+            if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGet(ctypes.byref(dev), self.dev.index or 0) != 0:
+                raise OSError("cuInit/cuDeviceGet failed")
+            err = libcuda.cuDevicePrimaryCtxSetFlags_v2(dev, 0x4)  # CU_CTX_SCHED_BLOCKING_SYNC
+            if err != 0:
+                raise OSError(f"cuDevicePrimaryCtxSetFlags returned {err}")
+        except (OSError, AttributeError) as exc:
+            log.debug("cannot ask CUDA for blocking synchronisation (%s); it spins while waiting", exc)
 
     def _fuse_backbone(self) -> None:
         """ReLUs and residual adds into the convolutions (fused_blocks), if cuDNN runs them here: the
