@@ -37,6 +37,7 @@ from dd.config import ConfigError, ModelConfig, ServerConfig
 from dd.config.engines import spec_for
 from dd.ipc import endpoints
 from dd.ipc.shm_ring import SHM_DIR, check_shm_capacity, remove_stale_segments, ring_size
+from dd import metrics
 from dd.procutil import LOG_NAME_ENV, parse_cpulist
 from dd.zygote import Zygote, ZygoteProcess, worker_preload
 
@@ -162,6 +163,9 @@ class Supervisor:
         self._lock_fd: int | None = None
         self._fatal = ""
         self._zygote: Zygote | None = None
+        self._metrics_dir: Path | None = None  # PROMETHEUS_MULTIPROC_DIR of this run, when metrics are on
+        self._metrics_server = None
+        self._recorder: metrics.Recorder | None = None
 
     def _base_argv(self, role: str) -> list[str]:
         cfg = asdict(self.cfg)
@@ -271,6 +275,7 @@ class Supervisor:
                             want, SHM_DIR, fits, fits)
             self.cfg.frontends = min(want, fits)
         self._prepare()
+        self._start_metrics(plans)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         for p in plans:
@@ -303,6 +308,29 @@ class Supervisor:
             raise LoadFailed(self._fatal)
         return 0
 
+    def _start_metrics(self, plans: list[WorkerPlan]) -> None:
+        """The Prometheus endpoint (--metrics-port), before any child starts: the children inherit
+        PROMETHEUS_MULTIPROC_DIR and write their counts there; the endpoint adds them up at each scrape.
+        With metrics off the variable is removed, so that no child records into a directory of the caller's."""
+        if not self.cfg.metrics_port:
+            os.environ.pop(metrics.MULTIPROC_ENV, None)
+            return
+        self._metrics_dir = metrics.prepare_multiproc_dir(self.run_dir / "metrics")
+        host = "127.0.0.1" if self.cfg.host.startswith("unix:") else self.cfg.host
+        gpus = sorted({p.gpu for p in plans if p.gpu is not None})  # the GPUs this server uses
+        try:
+            self._metrics_server = metrics.start_metrics_server(
+                self.cfg.metrics_port, self._metrics_dir, host=host, gpus=gpus,
+                certfile=self.cfg.tls_cert or None, keyfile=self.cfg.tls_key or None)
+        except OSError as exc:
+            metrics.remove_multiproc_dir(self._metrics_dir)
+            self._release_run_dir()
+            raise ConfigError(f"cannot serve metrics on {host}:{self.cfg.metrics_port} ({exc.strerror or exc}); "
+                              "choose another --metrics-port (metrics_port), or 0 for no metrics") from None
+        self._recorder = metrics.Recorder()
+        log.info("metrics on %s://%s:%d/metrics", "https" if self.cfg.tls_cert else "http", host,
+                 self._metrics_server.server_port)
+
     def _on_signal(self, signum: int, frame: object) -> None:
         if not self._stop:
             log.info("%s received: stopping (finishing requests in flight for up to %.0f s; "
@@ -318,6 +346,8 @@ class Supervisor:
             if c.proc is None:
                 if now >= c.restart_at:
                     self._spawn(c)
+                    if c.failure_file is not None and self._recorder is not None:  # a worker, after it died
+                        self._recorder.worker_restarted(c.model)
                 continue
             rc = c.proc.poll()
             if rc is None:
@@ -327,6 +357,8 @@ class Supervisor:
             delay = RESTART_BACKOFF_S[min(c.failures, len(RESTART_BACKOFF_S)) - 1]
             log.warning("%s (pid %d) exited with %s after %.1f s; restarting in %.1f s",
                         c.name, c.proc.pid, _describe_exit(rc), ran, delay)
+            if self._metrics_dir is not None:
+                metrics.process_exited(c.proc.pid, self._metrics_dir)  # its ring gauges stop counting
             c.proc = None
             c.restart_at = now + delay
             self._write_process_table()
@@ -400,6 +432,11 @@ class Supervisor:
         for path in self.run_dir.glob(f"*{endpoints.LOAD_FAILURE_SUFFIX}*"):
             path.unlink(missing_ok=True)
         (self.run_dir / PROCESS_TABLE).unlink(missing_ok=True)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        if self._metrics_dir is not None:
+            metrics.remove_multiproc_dir(self._metrics_dir)
         self._release_run_dir()
         log.info("stopped")
 

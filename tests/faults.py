@@ -74,7 +74,7 @@ class Server(ServerProcess):
         self.tag = run_tag(self.run_dir)
         self.argv = self.argv[:5] + ["--host", "127.0.0.1", "--port", str(self.port), "--frontends", str(frontends),
                                      "--run-dir", str(self.run_dir), "--slot-mb", str(slot_mb),
-                                     "--ring-slots", str(ring_slots)] + (args or [])
+                                     "--ring-slots", str(ring_slots), "--metrics-port", "0"] + (args or [])
         self.umask = umask
 
     def start(self) -> "Server":

@@ -38,7 +38,8 @@ class ServerProcess:
         self.argv = [sys.executable, "-m", "dd", "serve"] + ([str(model_path)] if model_path else []) + [
                      "--host", "127.0.0.1",
                      "--port", str(self.port), "--frontends", str(frontends), "--run-dir", str(self.run_dir),
-                     "--slot-mb", "4", "--ring-slots", "8"] + (args or [])
+                     "--slot-mb", "4", "--ring-slots", "8",
+                     "--metrics-port", "0"] + (args or [])  # metrics off: tests run side by side (8002)
         self.env = dict(os.environ, **(env or {}))
         self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), self.env.get("PYTHONPATH")]))
         self.proc: subprocess.Popen | None = None

@@ -499,6 +499,9 @@ class ServerConfig:
     # Workers are forked from one process that has imported torch and the engines (dd/zygote.py), so a
     # restarted worker skips its imports; false: each worker is a new interpreter.
     fork_workers: bool = True
+    # Prometheus text at http://HOST:metrics_port/metrics (dd/metrics.py), summed over every process of
+    # the run; 8002 as Triton's. 0: no endpoint, and no process records anything.
+    metrics_port: int = 8002
 
     def worker_credits(self, max_batch_size: int) -> int:
         """Requests one frontend may have at one worker at once: max_inflight_per_worker, else
@@ -534,6 +537,11 @@ class ServerConfig:
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be in [0, 65535], got {self.port}")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port must be in [0, 65535] (0: no metrics), got {self.metrics_port}")
+        elif self.metrics_port and self.metrics_port == self.port:
+            problems.append(f"metrics_port {self.metrics_port} is the gRPC port too; give --metrics-port another "
+                            "port, or 0 for no metrics")
         if self.frontends < 0:
             problems.append("frontends must be >= 0 (0: from the cores)")
         if not 1 <= self.ring_slots <= 4096:

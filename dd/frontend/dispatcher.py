@@ -265,6 +265,16 @@ class Dispatcher:
                 fut.set_result(None)
                 return
 
+    def record_failure(self, model: str, exc: BaseException) -> None:
+        """Counts a failed request (metrics), by the status it failed with: a ServeError's, CANCELLED for
+        a call cancelled (client gone, stream ended), INTERNAL for anything else. The request path calls
+        this once per request, wherever it failed (admission, decode, waiting for a worker, the worker)."""
+        if not self.recorder.enabled:
+            return
+        status = (exc.status.value if isinstance(exc, ServeError) else
+                  Status.CANCELLED.value if isinstance(exc, asyncio.CancelledError) else Status.INTERNAL.value)
+        self.recorder.record_request(model, False, 0.0, status=status)
+
     def _record(self, req: messages.InferRequest, rep: messages.InferReply | None) -> None:
         """Counts an answered request with the worker's timings from the reply envelope (not the body)."""
         if rep is None or not self.recorder.enabled:
@@ -331,6 +341,7 @@ class Dispatcher:
         generation before a retry and returns the new one, so the dead worker's
         copy of the request is void.
         """
+        self.recorder.record_decode(req.model, req.decode_us)
         attempts = 0
         while True:
             link = await self._acquire(req.model, give_up_at or deadline)

@@ -49,6 +49,7 @@ from dd.frontend.slots import SlotPool
 from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import ShmRing, remove_stale_segments, segment_name
 from dd.logsafe import clip
+from dd.metrics import Recorder
 from dd.procutil import die_with_parent, parent_alive, return_large_allocations
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 
@@ -129,8 +130,10 @@ class Frontend:
         interceptors = [TokenAuth(read_token(self.cfg.auth_token_file))] if self.cfg.auth_token_file else []
         remove_stale_segments(self.tag, only_dead=True)
         self.ring = ShmRing.create(segment_name(self.tag, "fe"), self.cfg.ring_slots, self.cfg.slot_bytes())
-        self.slots = SlotPool(self.ring)
-        self.dispatcher = Dispatcher(self.run_dir, self._max_inflight, on_change=self._update_health)
+        recorder = Recorder()  # counts nothing unless the supervisor turned metrics on (dd/metrics.py)
+        self.slots = SlotPool(self.ring, recorder)
+        self.dispatcher = Dispatcher(self.run_dir, self._max_inflight, on_change=self._update_health,
+                                     recorder=recorder)
         server = grpc.aio.server(interceptors=interceptors, options=self._grpc_options(),
                                  maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
         server.add_generic_rpc_handlers((self._handlers(),))
@@ -377,6 +380,15 @@ class Frontend:
                           message[:MAX_STATUS_CHARS])
 
     async def _run(self, request: pb.DetectRequest, time_remaining: float | None, owner: object | None = None) -> bytes:
+        """The request path; every failure is counted here, once (metrics: successes count at the reply)."""
+        try:
+            return await self._admit(request, time_remaining, owner)
+        except BaseException as exc:
+            name = getattr(request, "model", "") or self.default_model  # a name not served: "" (no label per name)
+            self.dispatcher.record_failure(name if name in self.models else "", exc)
+            raise
+
+    async def _admit(self, request: pb.DetectRequest, time_remaining: float | None, owner: object | None) -> bytes:
         """Admission: refuse at once when this frontend already holds max_pending requests (or finished
         responses), or max_held_response_mb of responses its clients do not read."""
         if isinstance(request, CorruptMessage):

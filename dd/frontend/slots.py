@@ -29,11 +29,14 @@ import time
 from collections import Counter, deque
 
 from dd.ipc.shm_ring import ShmRing
+from dd.metrics import Recorder
 
 
 class SlotPool:
-    def __init__(self, ring: ShmRing) -> None:
+    def __init__(self, ring: ShmRing, recorder: Recorder | None = None) -> None:
         self.ring = ring
+        self._recorder = recorder or Recorder()  # the ring gauges (metrics); nothing when metrics are off
+        self._recorder.set_ring_slots(0, ring.slots)
         self._waiters: deque[tuple[asyncio.Future, object]] = deque()
         self._held: Counter[object] = Counter()  # slots each owner holds
         self._owner: dict[int, object] = {}  # slot: its owner
@@ -70,6 +73,10 @@ class SlotPool:
     def _take(self, slot: int, owner: object) -> None:
         self._owner[slot] = owner
         self._held[owner] += 1
+        self._count()
+
+    def _count(self) -> None:
+        self._recorder.set_ring_slots(self.ring.slots - self.ring.free_slots, self.ring.slots)
 
     def release(self, slot: int) -> None:
         """Gives the slot back and hands free slots to waiters, fairly. Synchronous, never blocks."""
@@ -79,6 +86,7 @@ class SlotPool:
             if self._held[owner] <= 0:
                 del self._held[owner]
         self.ring.free(slot)
+        self._count()
         while self.ring.free_slots:
             picked = self._next_waiter()
             if picked is None:
