@@ -35,6 +35,6 @@ RUN pip install --no-cache-dir -e . && python -m compileall -q dd
 RUN useradd --create-home --uid 10001 --user-group dd && mkdir /workspace && chown dd:dd /workspace
 USER 10001:10001
 WORKDIR /workspace
-EXPOSE 50051
+EXPOSE 50051 8002
 ENTRYPOINT ["deep-detection"]
 CMD ["serve"]

@@ -189,6 +189,16 @@ def test_probes_ask_the_servers_health_service_on_its_port() -> None:
             f"{probe} must use the gRPC health service on {port}"
 
 
+def test_prometheus_scrapes_the_servers_metrics_port() -> None:
+    template = server_deployment()["spec"]["template"]
+    container = server_container(template["spec"])
+    port = served_config(container).metrics_port
+    assert port, "the server must serve its metrics (--metrics-port)"
+    assert [p["containerPort"] for p in container["ports"] if p["name"] == "metrics"] == [port]
+    annotations = template["metadata"].get("annotations", {})
+    assert annotations.get("prometheus.io/scrape") == "true" and annotations.get("prometheus.io/port") == str(port)
+
+
 def test_one_server_per_gpu_node_with_all_its_gpus() -> None:
     deployment = server_deployment()
     pod = deployment["spec"]["template"]["spec"]

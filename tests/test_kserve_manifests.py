@@ -21,9 +21,9 @@ from dd.cli import build_parser
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-# Flags the manifests pass that the CLI gets with issue 16's wiring; remove each
-# from here when it lands (the test then checks it like the others).
-PENDING_FLAGS = {"--metrics-port"}
+# Flags the manifests pass that the CLI does not know yet; remove each from here when it lands
+# (the test then checks it like the others). --metrics-port landed with the metrics wiring.
+PENDING_FLAGS: set[str] = set()
 
 
 def load(name: str) -> dict[str, Any]:
@@ -124,6 +124,8 @@ def test_the_runtime_runs_deep_detection_serve_with_its_flags_on_the_grpc_port()
     assert flags == PENDING_FLAGS, f"flags deep-detection serve does not know: {flags - PENDING_FLAGS}"
     (port,) = [p for p in container["ports"] if p["name"] == "h2c"]  # gRPC, as KServe and Knative route it
     assert port["containerPort"] == parsed.port
+    annotations = load(RUNTIME)["spec"]["annotations"]  # KServe's Prometheus scraping: the metrics port
+    assert parsed.metrics_port and annotations["prometheus.kserve.io/port"] == str(parsed.metrics_port)
     volumes = {v["name"]: v for v in load(RUNTIME)["spec"]["volumes"]}
     shm = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     assert shm and volumes[shm[0]["name"]]["emptyDir"]["medium"] == "Memory"
