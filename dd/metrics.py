@@ -108,6 +108,7 @@ class Recorder:
     def __init__(self, version: str = "1") -> None:
         self.version = version
         self.enabled = bool(os.environ.get(MULTIPROC_ENV))
+        self._series: dict[str, tuple[Any, ...]] = {}
         if not self.enabled:
             return
         from prometheus_client import Counter, Gauge, Histogram, values
@@ -147,6 +148,18 @@ class Recorder:
         self._restarts = Counter(WORKER_RESTARTS, "Workers restarted by the supervisor "
                                  "after they died", ("model",), **kw)
 
+    def _per_model(self, model: str) -> tuple[Any, ...]:
+        """The labelled series of one model, looked up once: ``labels()`` costs more than the write."""
+        series = self._series.get(model)
+        if series is None:
+            labels = (model, self.version)
+            series = tuple(m.labels(*labels) for m in (
+                self._success, self._request_us, self._queue_us, self._input_us, self._infer_us, self._output_us,
+                self._request_s, self._queue_s, self._infer_s, self._decode_s, self._execs, self._inferences,
+                self._batch))
+            self._series[model] = series
+        return series
+
     def record_request(self, model: str, ok: bool, duration_us: float, queue_us: float = 0.0,
                        input_us: float = 0.0, infer_us: float = 0.0, output_us: float = 0.0,
                        status: str = "OK") -> None:
@@ -155,38 +168,40 @@ class Recorder:
         duration / success is the mean latency."""
         if not self.enabled:
             return
-        labels = (model, self.version)
         if not ok:
-            self._failure.labels(*labels, failure_reason(status)).inc()
+            self._failure.labels(model, self.version, failure_reason(status)).inc()
             return
-        self._success.labels(*labels).inc()
-        self._request_us.labels(*labels).inc(duration_us)
-        self._queue_us.labels(*labels).inc(queue_us)
-        self._input_us.labels(*labels).inc(input_us)
-        self._infer_us.labels(*labels).inc(infer_us)
-        self._output_us.labels(*labels).inc(output_us)
-        self._request_s.labels(*labels).observe(duration_us / 1e6)
-        self._queue_s.labels(*labels).observe(queue_us / 1e6)
-        self._infer_s.labels(*labels).observe(infer_us / 1e6)
+        success, request_us, queue_c, input_c, infer_c, output_c, request_s, queue_s, infer_s = \
+            self._per_model(model)[:9]
+        success.inc()
+        request_us.inc(duration_us)
+        queue_c.inc(queue_us)
+        input_c.inc(input_us)
+        infer_c.inc(infer_us)
+        output_c.inc(output_us)
+        request_s.observe(duration_us / 1e6)
+        queue_s.observe(queue_us / 1e6)
+        infer_s.observe(infer_us / 1e6)
 
     def record_batch(self, model: str, batch_size: int) -> None:
         """One engine call on ``batch_size`` images (the worker, once per batch)."""
         if not self.enabled:
             return
-        labels = (model, self.version)
-        self._execs.labels(*labels).inc()
-        self._inferences.labels(*labels).inc(batch_size)
-        self._batch.labels(*labels).observe(batch_size)
+        execs, inferences, batch = self._per_model(model)[10:]
+        execs.inc()
+        inferences.inc(batch_size)
+        batch.observe(batch_size)
 
     def record_decode(self, model: str, duration_us: float) -> None:
         if self.enabled:
-            self._decode_s.labels(model, self.version).observe(duration_us / 1e6)
+            self._per_model(model)[9].observe(duration_us / 1e6)
 
-    def set_ring_slots(self, in_use: int, capacity: int) -> None:
-        """This frontend's ring: slots holding a request now, and all its slots."""
+    def set_ring_slots(self, in_use: int, capacity: int | None = None) -> None:
+        """This frontend's ring: slots holding a request now, and (once, at start) all its slots."""
         if self.enabled:
             self._slots_used.set(in_use)
-            self._slots.set(capacity)
+            if capacity is not None:
+                self._slots.set(capacity)
 
     def worker_restarted(self, model: str) -> None:
         if self.enabled:

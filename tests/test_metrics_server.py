@@ -142,6 +142,20 @@ def test_counters_move_by_exactly_what_was_sent_and_survive_restarts(tmp_path: P
         assert not (srv.run_dir / "metrics").exists(), "the metrics files are removed at shutdown"
 
 
+def test_with_metrics_off_no_process_records(tmp_path: Path) -> None:
+    """--metrics-port 0: no endpoint, and no child writes into a PROMETHEUS_MULTIPROC_DIR of the caller's."""
+    null_model(tmp_path / MODEL)
+    theirs = tmp_path / "someone-elses-metrics"
+    theirs.mkdir()
+    with Server(tmp_path / MODEL, env={metrics.MULTIPROC_ENV: str(theirs)}, args=["--metrics-port", "0"]) as srv:
+        srv.start().wait_serving(120)
+        for i in range(3):
+            case = null_case(i)
+            assert answer_problem(case, detect(srv.target, case.request)) is None
+        assert not (srv.run_dir / "metrics").exists()
+    assert list(theirs.iterdir()) == []
+
+
 def test_metrics_port_in_use_is_refused_before_anything_starts(tmp_path: Path) -> None:
     model = null_model(tmp_path / MODEL)
     run_dir = tmp_path / "run"

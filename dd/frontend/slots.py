@@ -76,7 +76,7 @@ class SlotPool:
         self._count()
 
     def _count(self) -> None:
-        self._recorder.set_ring_slots(self.ring.slots - self.ring.free_slots, self.ring.slots)
+        self._recorder.set_ring_slots(self.ring.slots - self.ring.free_slots)
 
     def release(self, slot: int) -> None:
         """Gives the slot back and hands free slots to waiters, fairly. Synchronous, never blocks."""
