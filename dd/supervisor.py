@@ -14,6 +14,9 @@ the supervisor reports it in one line, from the file the worker writes in the
 run directory. The other models serve. When no model can be loaded at all,
 `serve` stops and exits with status 3 (LoadFailed), that line its message.
 
+It also serves the Prometheus endpoint (--metrics-port, dd/metrics.py): the children count into
+files under RUN_DIR/metrics, which it adds up at each scrape; it counts worker restarts itself.
+
 Its children die with it: each asks Linux for SIGTERM when its parent dies
 (PR_SET_PDEATHSIG) and also watches its parent pid, so a SIGKILLed supervisor
 leaves no worker holding a GPU; the next start removes what they left behind.
