@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_requests import KINDS, Served, log_events, requests_of, scenes, slot_mb  # noqa: E402
+from bench_requests import KINDS, Served, log_events, requests_of, scenes, slot_mb, stop_on_sigterm  # noqa: E402
 from bench_serve import make_model  # noqa: E402
 
 
@@ -167,6 +167,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="for the server to start")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    stop_on_sigterm()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,7 @@ def main() -> int:
         else dict(os.environ)
     biggest = max(args.sizes, key=lambda s: s[0] * s[1])
     server = Served(folder, tmp / "run", out / "mixed_serve.log", args.frontends, env,
-                    slot_mb=slot_mb(biggest[1], biggest[0]))
+                    slot_mb=slot_mb(biggest[1], biggest[0]), ring_slots=max(8, 4 * args.concurrency))
     server.start()
     records: list = []
     try:

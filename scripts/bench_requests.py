@@ -123,6 +123,15 @@ def slot_mb(height: int, width: int) -> int:
     return max(8, int(height * width * 7 * 1.25 / 2**20) + 1)
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (`timeout`, a stopped job) unwinds like Ctrl-C, so that every server this script started is
+    stopped by its `finally` and none is left holding the GPU for the next script."""
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 # -- statistics -----------------------------------------------------------------------------------
 def stats(lat_ms: list[float], wall_s: float, keep: bool = True) -> dict:
     if not lat_ms:
@@ -392,7 +401,7 @@ class ClientPool:
         if procs == 1 or self.pool is None:
             return summarize(*asyncio.run(load_raw(target, requests, concurrency, seconds)))
         shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
-        start_at = time.time() + 3.0  # each process connects and warms up first
+        start_at = time.time() + 1.0  # each (already started) process connects and warms up first
         parts = list(self.pool.map(_load_in_child, [target] * procs, [requests] * procs, shares,
                                    [seconds] * procs, [start_at] * procs))
         errors: dict[str, int] = {}

@@ -50,7 +50,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_requests import (KINDS, REPO, ClientPool, Served, cpu_by_role, cpu_delta, decode_per_core,  # noqa: E402
-                            decode_request, free_port, probe, requests_of, scenes, slot_mb, stats, zstd_available)
+                            decode_request, free_port, probe, requests_of, scenes, slot_mb, stats, stop_on_sigterm,
+                            zstd_available)
 
 from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
 from dd.proto.deep_detection.v1 import detector_pb2 as pb  # noqa: E402
@@ -207,11 +208,12 @@ def run_baseline(folder: Path, device: str, out_dir: Path, requests: dict[str, l
 # -- served ----------------------------------------------------------------------------------------
 def serve_and_load(folder: Path, out_dir: Path, frontends: int, env: dict[str, str],
                    requests: dict[str, list[bytes]], concurrencies: list[int], seconds: float, clients: ClientPool,
-                   slot: int, save, results: dict) -> None:
+                   slot: int, save, results: dict, ring_slots: int = 32) -> None:
     """`deep-detection serve FOLDER` with this many frontends, each kind at each concurrency, then stopped.
     Fills results[kind][concurrency]; results["_skipped"][kind] says why a kind was not loaded."""
     tmp = Path(tempfile.mkdtemp(prefix="ddbench-run-", dir="/tmp"))
-    server = Served(folder, tmp / "run", out_dir / f"serve_frontends{frontends}.log", frontends, env, slot_mb=slot)
+    server = Served(folder, tmp / "run", out_dir / f"serve_frontends{frontends}.log", frontends, env, slot_mb=slot,
+                    ring_slots=ring_slots)
     server.start()
     try:
         results["start_to_serving_s"] = round(server.wait_serving(), 2)
@@ -456,7 +458,8 @@ def scaling(args: argparse.Namespace, tmp: Path, out: Path, requests: list[bytes
         concs = [c * n for c in args.per_worker_concurrency]
         served: dict = {}
         serve_and_load(folder, out, args.frontends[0], dict(os.environ), {args.encodings[0]: requests}, concs,
-                       args.seconds, clients, slot_mb(args.height, args.width), lambda: None, served)
+                       args.seconds, clients, slot_mb(args.height, args.width), lambda: None, served,
+                       args.ring_slots)
         for per, conc in zip(args.per_worker_concurrency, concs):
             r = served.get(args.encodings[0], {}).get(conc, {"n": 0})
             rows.append({"workers": n, "where": where, "per_worker": per, "concurrency": conc,
@@ -511,6 +514,7 @@ def main() -> int:
                          "where there are enough GPUs) and print throughput and latency side by side")
     ap.add_argument("--per-worker-concurrency", type=int, nargs="+", default=[1, 4, 16],
                     help="with --scale-workers: concurrency per worker, each run for every worker count")
+    ap.add_argument("--ring-slots", type=int, default=32, help="shared-memory slots per frontend")
     ap.add_argument("--client-procs", type=int, default=1,
                     help="client processes that share the load (use several for many GPUs)")
     ap.add_argument("--out", help="folder for serve.json, serve.md, the pictures and the servers' logs")
@@ -520,6 +524,7 @@ def main() -> int:
     if args.baseline_server:
         baseline_server(Path(args.baseline_server[0]), args.baseline_server[1], int(args.baseline_server[2]))
         return 0
+    stop_on_sigterm()
 
     tmp = Path(tempfile.mkdtemp(prefix="ddbench-", dir="/tmp"))
     out = Path(args.out) if args.out else tmp
@@ -577,7 +582,7 @@ def main() -> int:
         for f in args.frontends:
             results["served"][str(f)] = {}
             serve_and_load(folder, out, f, env, requests, args.concurrency, args.seconds, clients,
-                           slot_mb(args.height, args.width), save, results["served"][str(f)])
+                           slot_mb(args.height, args.width), save, results["served"][str(f)], args.ring_slots)
             save()
         if not args.no_baseline:
             results["baseline"] = {}

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_requests import REPO, Served, log_events, requests_of, scenes, slot_mb  # noqa: E402
+from bench_requests import REPO, Served, log_events, requests_of, scenes, slot_mb, stop_on_sigterm  # noqa: E402
 from bench_serve import make_model  # noqa: E402
 
 CACHE_VARS = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH", "XDG_CACHE_HOME")
@@ -90,7 +90,7 @@ def phases(events: list[dict]) -> dict:
 def start_once(folder: Path, out_dir: Path, name: str, env: dict[str, str], frontends: int, slot: int,
                timeout: float) -> tuple[Served, dict]:
     server = Served(folder, Path(tempfile.mkdtemp(prefix="ddstart-", dir="/tmp")) / "run", out_dir / f"{name}.log",
-                    frontends, env, slot_mb=slot)
+                    frontends, env, slot_mb=slot, ring_slots=16)
     server.start()
     try:
         took = server.wait_serving(timeout, poll_s=0.05)
@@ -259,6 +259,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=180.0, help="per start, and for recovery")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    stop_on_sigterm()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
