@@ -589,14 +589,14 @@ def main() -> int:
             run_baseline(folder, args.device, out, requests, args.concurrency, args.seconds, clients, save,
                          results["baseline"])
         save()
-    finally:
+        print("\n" + "\n".join(table(results)), flush=True)
+    finally:  # also when stopped early (timeout's SIGTERM): the pictures of what was measured
         clients.close()
-    lines = table(results)
-    print("\n" + "\n".join(lines), flush=True)
-    for p in pictures(results, out):
-        print(f"wrote {p}", flush=True)
-    save()
-    print(f"wrote {out / 'serve.json'} and {out / 'serve.md'}", flush=True)
+        if not args.scale_workers:
+            for p in pictures(results, out):
+                print(f"wrote {p}", flush=True)
+            save()
+            print(f"wrote {out / 'serve.json'} and {out / 'serve.md'}", flush=True)
     return 0
 
 
