@@ -239,14 +239,18 @@ class Served:
         out = []
         for child in psutil.Process(self.proc.pid).children(recursive=True):
             try:
-                if _role(child.cmdline()) == role:
+                if _role_of(child) == role:
                     out.append(child.pid)
             except psutil.NoSuchProcess:
                 continue
         return out
 
 
-def _role(argv: list[str]) -> str:
+def _role_of(proc) -> str:
+    """frontend, worker (also one forked by the zygote), zygote, ... from `python -m dd ROLE`."""
+    from dd.procutil import process_argv
+
+    argv = process_argv(proc)
     return argv[3] if len(argv) > 3 and argv[1:3] == ["-m", "dd"] else "other"
 
 
@@ -271,7 +275,7 @@ def cpu_by_role(server_pid: int) -> dict[str, float]:
     add("supervisor" if children else "server", server)
     for child in children:
         try:
-            role = _role(child.cmdline())
+            role = _role_of(child)
         except psutil.NoSuchProcess:
             continue
         add(role, child)

@@ -155,6 +155,8 @@ class FastMaskRCNN(Engine):
         # Detection candidates (box x class) kept for NMS, by score. Exact whenever the survivors
         # among them fill max_detections (checked per image; otherwise the image is redone).
         self.pre_nms_topk = int(opts.get("pre_nms_topk", 1024 if self.fixed else 4096))
+        if cuda and opts.get("blocking_sync", True):
+            self._blocking_sync()
         t_start = time.perf_counter()
         self.model = build_loaded_model(self.config).eval().to(self.dev)
         t_built = time.perf_counter()
@@ -225,6 +227,22 @@ class FastMaskRCNN(Engine):
         log.info("fast engine loaded in %.1f s: weights and model %.1f s, fusing and kernels %.1f s, "
                  "warm-up and graph captures %.1f s", done - t_start, t_built - t_start,
                  t_prepared - t_built, done - t_prepared)
+
+    def _blocking_sync(self) -> None:
+        """The host sleeps while it waits for the GPU instead of spinning on a core (CUDA's default while
+        the GPU is busy): the worker's CPU time per request is then its own work. Set on the device's
+        primary context through the driver API (torch has no binding for it); where that fails, CUDA
+        keeps spinning and one debug line says why."""
+        try:
+            libcuda = ctypes.CDLL("libcuda.so.1")
+            dev = ctypes.c_int()
+            if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGet(ctypes.byref(dev), self.dev.index or 0) != 0:
+                raise OSError("cuInit/cuDeviceGet failed")
+            err = libcuda.cuDevicePrimaryCtxSetFlags_v2(dev, 0x4)  # CU_CTX_SCHED_BLOCKING_SYNC
+            if err != 0:
+                raise OSError(f"cuDevicePrimaryCtxSetFlags returned {err}")
+        except (OSError, AttributeError) as exc:
+            log.debug("cannot ask CUDA for blocking synchronisation (%s); it spins while waiting", exc)
 
     def _fuse_backbone(self) -> None:
         """ReLUs and residual adds into the convolutions (fused_blocks), if cuDNN runs them here: the
