@@ -302,8 +302,15 @@ def table(results: dict) -> list[str]:
     for f, per in results.get("served", {}).items():
         if "start_to_serving_s" in per:
             lines.append(f"- served with {f} frontend(s): start to SERVING {per['start_to_serving_s']} s")
+        if "_error" in per:
+            lines.append(f"- served with {f} frontend(s): **failed**: {per['_error'].splitlines()[0][:300]} "
+                         f"(its log: serve_frontends{f}.log)")
         for kind, why in per.get("_skipped", {}).items():
             lines.append(f"- served with {f} frontend(s): **{kind} skipped**: the server refused it ({why})")
+    if "engine_error" in results:
+        lines.append(f"- engine / in-process **failed**: {results['engine_error'][:300]}")
+    if "baseline_error" in results:
+        lines.append(f"- baseline **failed**: {results['baseline_error'][:300]} (its log: baseline.log)")
     for kind, why in results.get("kinds_skipped", {}).items():
         lines.append(f"- **{kind} skipped**: {why}")
     if "grpc_floor_ms" in results:
@@ -570,10 +577,14 @@ def main() -> int:
             return 0
 
         batches = args.engine_batches or [args.batch]
-        results.update(run_engine_and_in_process(folder, args.device, requests, batches, args.seconds))
+        try:
+            results.update(run_engine_and_in_process(folder, args.device, requests, batches, args.seconds))
+        except Exception as exc:  # noqa: BLE001 - in the table; the served rows still run
+            results["engine_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"engine / in-process failed: {exc}", flush=True)
         save()
         first = results["kinds"][0]
-        results["grpc_floor_ms"] = grpc_floor(requests[first][0], results["response_bytes"])
+        results["grpc_floor_ms"] = grpc_floor(requests[first][0], results.get("response_bytes", 4096))
         save()
 
         gpu = args.device.split(":")[1] if args.device.startswith("cuda") else ""
@@ -581,13 +592,21 @@ def main() -> int:
         results["served"] = {}
         for f in args.frontends:
             results["served"][str(f)] = {}
-            serve_and_load(folder, out, f, env, requests, args.concurrency, args.seconds, clients,
-                           slot_mb(args.height, args.width), save, results["served"][str(f)], args.ring_slots)
+            try:
+                serve_and_load(folder, out, f, env, requests, args.concurrency, args.seconds, clients,
+                               slot_mb(args.height, args.width), save, results["served"][str(f)], args.ring_slots)
+            except Exception as exc:  # noqa: BLE001 - in the table; the other frontend counts still run
+                results["served"][str(f)]["_error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
+                print(f"served with {f} frontend(s) failed: {exc}", flush=True)
             save()
         if not args.no_baseline:
             results["baseline"] = {}
-            run_baseline(folder, args.device, out, requests, args.concurrency, args.seconds, clients, save,
-                         results["baseline"])
+            try:
+                run_baseline(folder, args.device, out, requests, args.concurrency, args.seconds, clients, save,
+                             results["baseline"])
+            except Exception as exc:  # noqa: BLE001 - in the table
+                results["baseline_error"] = f"{type(exc).__name__}: {exc}"
+                print(f"baseline failed: {exc}", flush=True)
         save()
         print("\n" + "\n".join(table(results)), flush=True)
     finally:  # also when stopped early (timeout's SIGTERM): the pictures of what was measured
