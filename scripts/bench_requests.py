@@ -305,7 +305,7 @@ PHASES = {  # what a log line says about start-up -> a name for its numbers
                                         r"(?:;| while serving)"),
     "capture_failed": re.compile(r"cannot capture the network for (.+?) in the background"),
     "restart": re.compile(r"(\S+) \(pid (\d+)\) exited with (.+?) after ([\d.]+) s; restarting in ([\d.]+) s"),
-    "started": re.compile(r"started (\S+) \(pid (\d+)\)"),
+    "started": re.compile(r"started (\S+) \(pid (\d+)[,)]"),
     "serving": re.compile(r"serving (.+?) on (\S+) with (\d+) worker\(s\) and (\d+) frontend\(s\)"),
 }
 

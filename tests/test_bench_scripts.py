@@ -43,7 +43,7 @@ def _stamp(wall: float) -> str:
 def test_log_events_parse_start_up_phases_captures_and_restarts() -> None:
     t0 = 1_800_000_000.0
     log = "\n".join([
-        f"{_stamp(t0 + 0.2)} INFO [supervisor] started worker-bench.0 (pid 41)",
+        f"{_stamp(t0 + 0.2)} INFO [supervisor] started worker-bench.0 (pid 41, forked with its imports done)",
         f"{_stamp(t0 + 9.5)} INFO [worker-bench.0] fast engine loaded in 9.1 s: weights and model 1.2 s, fusing and "
         "kernels 3.4 s, warm-up and graph captures 4.5 s",
         f"{_stamp(t0 + 9.0)} INFO [worker-bench.0] captured the network for 8 image(s) of 1333x750 + torch.uint16 "
