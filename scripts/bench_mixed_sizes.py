@@ -125,6 +125,7 @@ def picture(results: dict, records: list, out: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("no picture: matplotlib is missing (pip install -e '.[bench]')", flush=True)
         return None
@@ -134,7 +135,8 @@ def picture(results: dict, records: list, out: Path) -> Path | None:
         if pts:
             ax.scatter(*zip(*pts), s=4, label=name)
     ax.set_yscale("log")
-    ax.set_xlabel("seconds after SERVING (request sent)")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("request sent, seconds after the load began (right after SERVING)")
     ax.set_ylabel("latency, ms")
     ax.set_title(f"Mixed sizes at concurrency {results['args']['concurrency']} "
                  f"({results['args']['engine']}, warm-up {results['args']['warmup']})")
