@@ -305,6 +305,15 @@ def table(results: dict) -> list[str]:
         if "_error" in per:
             lines.append(f"- served with {f} frontend(s): **failed**: {per['_error'].splitlines()[0][:300]} "
                          f"(its log: serve_frontends{f}.log)")
+        for kind in results.get("kinds", []):
+            runs = per.get(kind, {})
+            if runs:
+                low = runs[min(runs, key=int)]
+                if "median_total_us" in low:
+                    lines.append(f"- served with {f} frontend(s), {kind}, concurrency {min(runs, key=int)}: server-side "
+                                 "medians (ms): " + ", ".join(
+                                     f"{k} {low[f'median_{k}_us'] / 1e3:.2f}"
+                                     for k in ("decode", "queued", "inference", "postprocess", "total")))
         for kind, why in per.get("_skipped", {}).items():
             lines.append(f"- served with {f} frontend(s): **{kind} skipped**: the server refused it ({why})")
     if "engine_error" in results:
