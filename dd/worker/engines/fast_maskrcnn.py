@@ -297,6 +297,10 @@ class FastMaskRCNN(Engine):
             self.pin = False
 
     def release_input_memory(self, mapping: object) -> None:
+        with self._graph_cache.recording:  # a CUDA call: never while a background capture records
+            self._release_input_memory(mapping)
+
+    def _release_input_memory(self, mapping: object) -> None:
         entry = self._pinned.get(id(mapping))
         if entry is None or entry[0] is not mapping:
             return
