@@ -49,8 +49,11 @@ def child(folder: str, opts: dict, device: str, probe_sizes: list[list[int]]) ->
     logging.getLogger().addHandler(Keep())
     import torch
 
-    # A stream sync: a device-wide one is refused while the engine captures a graph in the background.
-    sync = (lambda: torch.cuda.current_stream().synchronize()) if device.startswith("cuda") else (lambda: None)
+    def sync() -> None:
+        """As the worker does every CUDA call: through the engine, never while a graph records."""
+        if device.startswith("cuda"):
+            with engine._graph_cache.recording:
+                torch.cuda.synchronize()
 
     t_torch = time.perf_counter() - t0
     import numpy as np

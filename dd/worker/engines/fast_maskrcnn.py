@@ -155,7 +155,9 @@ class FastMaskRCNN(Engine):
         # Detection candidates (box x class) kept for NMS, by score. Exact whenever the survivors
         # among them fill max_detections (checked per image; otherwise the image is redone).
         self.pre_nms_topk = int(opts.get("pre_nms_topk", 1024 if self.fixed else 4096))
-        if cuda and opts.get("blocking_sync", True):
+        # Off by default: measured on an H200 (R50-FPN RGB-D 1280x720, batch 1, 100 in a row) blocking
+        # waits cost 5.2 instead of 4.4 ms per image and save 2.5 ms of host CPU (1.9 instead of 4.4 ms).
+        if cuda and opts.get("blocking_sync", False):
             self._blocking_sync()
         t_start = time.perf_counter()
         self.model = build_loaded_model(self.config).eval().to(self.dev)
@@ -297,6 +299,10 @@ class FastMaskRCNN(Engine):
             self.pin = False
 
     def release_input_memory(self, mapping: object) -> None:
+        with self._graph_cache.recording:  # a CUDA call: never while a background capture records
+            self._release_input_memory(mapping)
+
+    def _release_input_memory(self, mapping: object) -> None:
         entry = self._pinned.get(id(mapping))
         if entry is None or entry[0] is not mapping:
             return
