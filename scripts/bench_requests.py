@@ -207,7 +207,8 @@ class Served:
         self._log = open(self.log_path, "ab")
         argv = [sys.executable, "-m", "dd", "serve", str(self.folder), "--host", "127.0.0.1", "--port",
                 str(self.port), "--run-dir", str(self.run_dir), "--slot-mb", str(self.slot_mb),
-                "--ring-slots", str(self.ring_slots)]
+                "--ring-slots", str(self.ring_slots),
+                "--metrics-port", str(free_port())]  # metrics on, as deployed, on a port of its own
         if self.frontends:
             argv += ["--frontends", str(self.frontends)]
         self.started_wall = time.time()
