@@ -324,17 +324,59 @@ def _load_nvml() -> Any:
     return pynvml
 
 
+# A scrape connection that sends nothing (or never finishes its TLS handshake) for this long is closed.
+CONNECTION_TIMEOUT_S = 10.0
+
+
 def start_metrics_server(port: int, multiproc_dir: Path, host: str = "0.0.0.0",
                          gpus: Sequence[int] | None = None, gpu_collector: GpuCollector | None = None,
                          certfile: str | None = None, keyfile: str | None = None) -> Any:
     """Serves ``/metrics`` on ``host:port`` (port 0: any free one, read it from the
     returned server's ``server_port``) from a daemon thread: the sum of every
     process's files in ``multiproc_dir`` plus the GPUs (all NVML sees, or the
-    ``gpus`` indices). Stop it with ``server.shutdown()``. With ``certfile`` and
-    ``keyfile``, HTTPS (the server's TLS pair)."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    ``gpus`` indices). Stop it with ``server.shutdown()`` and ``server.server_close()``.
+    With ``certfile`` and ``keyfile``, HTTPS (the server's TLS pair).
+
+    Not prometheus-client's ``start_http_server``: that one does the TLS handshake in
+    its accepting thread, so one client that connects and sends nothing stops every
+    scrape, and it keeps idle connections (a thread each) forever. Here each
+    connection gets its own thread, handshake included, and CONNECTION_TIMEOUT_S."""
+    import socket
+    import socketserver
+    import ssl
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
+
+    from prometheus_client import CollectorRegistry, make_wsgi_app
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_TritonNames(multiproc_dir))
     registry.register(gpu_collector if gpu_collector is not None else GpuCollector(gpus))
-    server, _thread = start_http_server(port, addr=host, registry=registry, certfile=certfile, keyfile=keyfile)
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(socketserver.ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            log.debug("metrics: a scrape from %s failed", client_address, exc_info=True)
+
+    class Handler(WSGIRequestHandler):
+        timeout = CONNECTION_TIMEOUT_S
+
+        def setup(self) -> None:
+            self.request.settimeout(self.timeout)
+            if isinstance(self.request, ssl.SSLSocket):
+                self.request.do_handshake()  # in this connection's thread, bounded by the timeout
+            super().setup()
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+            pass  # one line per scrape on stderr otherwise
+
+    server = Server((host, port), Handler)
+    server.set_app(make_wsgi_app(registry))
+    if certfile and keyfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile, keyfile)
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server

@@ -319,7 +319,7 @@ class Supervisor:
             os.environ.pop(metrics.MULTIPROC_ENV, None)
             return
         self._metrics_dir = metrics.prepare_multiproc_dir(self.run_dir / "metrics")
-        host = "127.0.0.1" if self.cfg.host.startswith("unix:") else self.cfg.host
+        host = "127.0.0.1" if self.cfg.host.startswith("unix:") else self.cfg.host.strip("[]")
         gpus = sorted({p.gpu for p in plans if p.gpu is not None})  # the GPUs this server uses
         try:
             self._metrics_server = metrics.start_metrics_server(

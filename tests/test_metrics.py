@@ -317,3 +317,32 @@ def test_the_default_gpu_collector_works_on_this_machine() -> None:
     collector = GpuCollector()
     samples = gpu_samples(collector)
     assert bool(samples) == (collector.available and collector._nvml.nvmlDeviceGetCount() > 0)
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_client_that_connects_and_says_nothing_blocks_no_scrape(multiproc_dir: Path, tmp_path: Path,
+                                                                  tls: bool) -> None:
+    """Each connection has its own thread, the TLS handshake included (prometheus-client's own server does
+    the handshake in its accepting thread, so one silent client stopped every scrape), and a timeout."""
+    import socket
+    import ssl
+
+    from tests.test_security import PKI
+
+    run_all([(record, (WORKER_RGB,))])
+    pki = PKI(tmp_path / "pki") if tls else None
+    server = metrics.start_metrics_server(0, multiproc_dir, host="127.0.0.1", gpu_collector=GpuCollector(nvml=None),
+                                          certfile=pki.path("server.pem") if pki else None,
+                                          keyfile=pki.path("server.key") if pki else None)
+    silent = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(3)]
+    try:
+        scheme = "https" if tls else "http"
+        context = ssl.create_default_context(cafile=str(pki.ca)) if pki else None
+        text = urllib.request.urlopen(f"{scheme}://127.0.0.1:{server.server_port}/metrics", timeout=5,
+                                      context=context).read().decode()
+        assert f'{metrics.INFERENCE_COUNT}{{model="rgb",version="1"}} 4.0' in text
+    finally:
+        for s in silent:
+            s.close()
+        server.shutdown()
+        server.server_close()
