@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from pathlib import Path
 from dd.config import ConfigError, ModelConfig, ServerConfig
 from dd.config.engines import spec_for
 from dd.ipc import endpoints
-from dd.ipc.shm_ring import check_shm_capacity, remove_stale_segments, ring_size
+from dd.ipc.shm_ring import SHM_DIR, check_shm_capacity, remove_stale_segments, ring_size
 from dd.procutil import LOG_NAME_ENV, parse_cpulist
 from dd.zygote import Zygote, ZygoteProcess, worker_preload
 
@@ -255,6 +256,20 @@ class Supervisor:
 
     def run(self) -> int:
         plans = plan_workers(self.models, visible_gpus())  # may refuse DEVICES: before anything is created
+        # Resolved once, here, so that every child (workers size their queues by it) sees the same count;
+        # a count from the cores is lowered to what /dev/shm holds (a count given is checked as given).
+        if self.cfg.frontends <= 0:
+            want = self.cfg.resolved_frontends(len(plans))
+            ring = ring_size(self.cfg.ring_slots, self.cfg.slot_bytes())
+            try:
+                fits = max(1, int(shutil.disk_usage(SHM_DIR).free // ring))
+            except OSError:
+                fits = want
+            if fits < want:
+                log.warning("%d frontends would suit this machine's cores, but %s holds the rings of %d; "
+                            "serving with %d (give it more room, or lower --slot-mb / --ring-slots)",
+                            want, SHM_DIR, fits, fits)
+            self.cfg.frontends = min(want, fits)
         self._prepare()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)

@@ -72,6 +72,7 @@ FAST_OPTIONS: dict[str, Option] = {
     "pre_nms_topk": Option(int, 1024, "detection candidates entering the class-wise NMS (4096 without fixed_shapes)"),
     "nms_iterations": Option(int, 24, "iterations of the fixed-shape NMS before an image is redone"),
     "fold_batchnorm": Option(bool, True, "fold frozen batch norms into the convolutions"),
+    "blocking_sync": Option(bool, False, "the host sleeps while waiting for the GPU instead of spinning a core"),
     "background_capture": Option(bool, True, "a shape not captured at load runs op by op while a thread captures it"),
     "cudnn_benchmark": Option(bool, False, "let cuDNN time its algorithms for each new shape (1-3 s per capture)"),
     "fuse_conv_relu": Option(bool, True, "ReLUs, residual adds and biases inside cuDNN's convolutions"),

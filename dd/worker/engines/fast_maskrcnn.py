@@ -157,6 +157,10 @@ class FastMaskRCNN(Engine):
         # Detection candidates (box x class) kept for NMS, by score. Exact whenever the survivors
         # among them fill max_detections (checked per image; otherwise the image is redone).
         self.pre_nms_topk = int(opts.get("pre_nms_topk", 1024 if self.fixed else 4096))
+        # Off by default: measured on an H200 (R50-FPN RGB-D 1280x720, batch 1, 100 in a row) blocking
+        # waits cost 5.2 instead of 4.4 ms per image and save 2.5 ms of host CPU (1.9 instead of 4.4 ms).
+        if cuda and opts.get("blocking_sync", False):
+            self._blocking_sync()
         t_start = time.perf_counter()
         self.model = build_loaded_model(self.config).eval().to(self.dev)
         t_built = time.perf_counter()
@@ -228,6 +232,22 @@ class FastMaskRCNN(Engine):
                  "warm-up and graph captures %.1f s", done - t_start, t_built - t_start,
                  t_prepared - t_built, done - t_prepared)
 
+    def _blocking_sync(self) -> None:
+        """The host sleeps while it waits for the GPU instead of spinning on a core (CUDA's default while
+        the GPU is busy): the worker's CPU time per request is then its own work. Set on the device's
+        primary context through the driver API (torch has no binding for it); where that fails, CUDA
+        keeps spinning and one debug line says why."""
+        try:
+            libcuda = ctypes.CDLL("libcuda.so.1")
+            dev = ctypes.c_int()
+            if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGet(ctypes.byref(dev), self.dev.index or 0) != 0:
+                raise OSError("cuInit/cuDeviceGet failed")
+            err = libcuda.cuDevicePrimaryCtxSetFlags_v2(dev, 0x4)  # CU_CTX_SCHED_BLOCKING_SYNC
+            if err != 0:
+                raise OSError(f"cuDevicePrimaryCtxSetFlags returned {err}")
+        except (OSError, AttributeError) as exc:
+            log.debug("cannot ask CUDA for blocking synchronisation (%s); it spins while waiting", exc)
+
     def _fuse_backbone(self) -> None:
         """ReLUs and residual adds into the convolutions (fused_blocks), if cuDNN runs them here: the
         backbone's blocks and stem, and the RPN head's conv."""
@@ -281,6 +301,10 @@ class FastMaskRCNN(Engine):
             self.pin = False
 
     def release_input_memory(self, mapping: object) -> None:
+        with self._graph_cache.recording:  # a CUDA call: never while a background capture records
+            self._release_input_memory(mapping)
+
+    def _release_input_memory(self, mapping: object) -> None:
         entry = self._pinned.get(id(mapping))
         if entry is None or entry[0] is not mapping:
             return
