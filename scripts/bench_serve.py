@@ -64,13 +64,13 @@ def make_model(root: Path, engine: str, arch: str, batch: int, height: int, widt
 
 def serve_and_load(folder: Path, run_dir: Path, log_path: Path, frontends: int, env: dict[str, str],
                    frames: list[tuple[bytes, bytes]], concurrencies: list[int], seconds: float,
-                   client_procs: int = 1) -> dict:
-    """`deep-detection serve FOLDER` on a free port, loaded at each concurrency in turn, then stopped."""
+                   client_procs: int = 1, serve_args: list[str] | None = None) -> dict:
+    """`deep-detection serve FOLDER` (+ serve_args) on a free port, loaded at each concurrency in turn, then stopped."""
     port = free_port()
     log = open(log_path, "wb")
     serve = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(folder), "--host", "127.0.0.1",
                               "--port", str(port), "--frontends", str(frontends), "--run-dir", str(run_dir),
-                              "--slot-mb", "8", "--ring-slots", "64"], stdout=log, stderr=subprocess.STDOUT,
+                              "--slot-mb", "8", "--ring-slots", "64", *(serve_args or [])], stdout=log, stderr=subprocess.STDOUT,
                              env=env, cwd=REPO)
     out = {}
     try:
@@ -148,7 +148,7 @@ def scaling(args: argparse.Namespace, tmp: Path, frames: list[tuple[bytes, bytes
                             args.min_size, placement, name=f"scale{n}")
         concs = [c * n for c in args.per_worker_concurrency]
         served = serve_and_load(folder, tmp / f"run{n}", tmp / f"serve{n}.log", args.frontends, dict(os.environ),
-                                frames, concs, args.seconds, args.client_procs)
+                                frames, concs, args.seconds, args.client_procs, args.serve_arg)
         for per, conc in zip(args.per_worker_concurrency, concs):
             rows.append({"workers": n, "where": where, "per_worker": per, "concurrency": conc, **served[conc]})
     return rows
@@ -441,6 +441,8 @@ def main() -> int:
     ap.add_argument("--client-procs", type=int, default=1,
                     help="client processes that share the load (use several for many GPUs)")
     ap.add_argument("--json")
+    ap.add_argument("--serve-arg", action="append", default=[],
+                    help="passed on to `deep-detection serve`, once per use: --serve-arg=--jpeg-decode=worker")
     ap.add_argument("--baseline-server", nargs=3, metavar=("FOLDER", "DEVICE", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_server:
@@ -479,7 +481,7 @@ def main() -> int:
     gpu = args.device.split(":")[1] if args.device.startswith("cuda") else ""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu) if gpu else dict(os.environ)
     results["served"] = serve_and_load(folder, tmp / "run", tmp / "serve.log", args.frontends, env, frames,
-                                       args.concurrency, args.seconds, args.client_procs)
+                                       args.concurrency, args.seconds, args.client_procs, args.serve_arg)
 
     # the plain single-process server
     port = free_port()
