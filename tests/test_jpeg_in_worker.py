@@ -140,3 +140,36 @@ def test_auto_sends_jpegs_compressed_only_when_every_ready_worker_decodes_them_o
     assert not d.decodes_jpeg_on_gpu("m")
     d.links[Path("c")] = _link("m", False, False)  # ... unless it is not ready
     assert d.decodes_jpeg_on_gpu("m")
+
+
+def test_the_worker_reads_a_compressed_color_in_place_and_checks_its_reference() -> None:
+    from dd.config import ConfigError, load_server_config
+    from dd.ipc import messages
+    from dd.ipc.shm_ring import SHM_DIR, RingError, ShmRing, segment_name
+    from dd.worker.engines.base import EncodedImage
+    from dd.worker.server import _color
+
+    with pytest.raises(ConfigError, match="jpeg_decode must be one of auto, frontend, worker"):
+        load_server_config(None, {"jpeg_decode": "gpu"})
+    name = segment_name("feedc0ffe1", "fe")
+    (SHM_DIR / name).unlink(missing_ok=True)
+    ring = ShmRing.create(name, slots=2, slot_bytes=10_000)
+    try:
+        data = jpeg(photo(8)[:40, :50].copy())
+        ring.slot_buffer(1)[:len(data)] = data
+        ref = messages.ArrayRef(offset=0, shape=[40, 50, 3], dtype="uint8", encoding="jpeg", nbytes=len(data))
+        img = _color(ring, 1, ref)
+        assert isinstance(img, EncodedImage) and (img.height, img.width) == (40, 50)
+        assert img.data.tobytes() == data
+        ring.slot_buffer(1)[0] = 0  # a view of the slot, not a copy
+        assert img.data[0] == 0
+        with pytest.raises(RingError):  # past the slot's end
+            _color(ring, 1, messages.ArrayRef(shape=[40, 50, 3], dtype="uint8", encoding="jpeg", nbytes=20_000))
+        with pytest.raises(ValueError, match="decode to"):
+            _color(ring, 1, messages.ArrayRef(shape=[40, 50], dtype="uint8", encoding="jpeg", nbytes=10))
+        with pytest.raises(ValueError, match="not known"):
+            _color(ring, 1, messages.ArrayRef(shape=[40, 50, 3], dtype="uint8", encoding="webp", nbytes=10))
+        del img
+    finally:
+        ring.close()
+        ring.unlink()
