@@ -286,6 +286,9 @@ class Worker:
             return
         self.engine_name = engine.name  # what runs, after any fallback (the fast engine without a GPU)
         self.gpu_jpeg = engine.decodes_jpeg_on_gpu()
+        if self.gpu_jpeg:
+            log.info("worker %s decodes JPEGs on its GPU: frontends with jpeg_decode auto send them compressed",
+                     self.name)
         core = WorkerCore(self.model, engine, self.name)
         self.ready = True
         while True:
