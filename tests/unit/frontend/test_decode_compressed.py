@@ -8,7 +8,7 @@ import pytest
 
 from dd.frontend.decode import decode_into_slot
 from dd.frontend.errors import ServeError, Status
-from dd.proto.deep_detection.v1 import detector_pb2 as pb
+from dd.frontend.inputs import ImageInput
 from tests.jpeg_samples import jpeg, photo
 
 SLOT = 1 << 20
@@ -22,10 +22,9 @@ def _png(arr: np.ndarray) -> bytes:
 
 def _decode(color: bytes, depth: bytes | None = None, *, max_pixels: int = 1 << 20, to_worker: bool = True):
     slot = memoryview(bytearray(SLOT))
-    req = pb.DetectRequest(color=pb.Image(data=color))
-    if depth is not None:
-        req.depth.CopyFrom(pb.Image(data=depth))
-    return decode_into_slot(req, depth is not None, slot, max_pixels, jpeg_to_worker=to_worker), slot
+    depth_input = None if depth is None else ImageInput(depth)
+    return decode_into_slot(ImageInput(color), depth_input, depth is not None, slot, max_pixels,
+                            jpeg_to_worker=to_worker), slot
 
 
 def test_a_jpeg_goes_into_the_slot_compressed_and_depth_after_its_pixels() -> None:

@@ -12,6 +12,7 @@ import torch
 
 from dd.config import load_model_config
 from dd.frontend.decode import decode_into_slot
+from dd.frontend.inputs import ImageInput
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.worker.core import WorkerCore, WorkItem
 from dd.worker.engines import load_engine
@@ -24,7 +25,7 @@ from tests.jpeg_samples import exif_rotated, jpeg, photo
 def _frontend_pixels(data: bytes) -> np.ndarray:
     """What the frontend writes into the slot for this JPEG when it decodes it itself."""
     slot = memoryview(bytearray(1 << 20))
-    got = decode_into_slot(pb.DetectRequest(color=pb.Image(data=data)), False, slot, 1 << 20)
+    got = decode_into_slot(ImageInput(data), None, False, slot, 1 << 20)
     return np.frombuffer(slot, np.uint8, int(np.prod(got.color.shape))).reshape(got.color.shape).copy()
 
 
