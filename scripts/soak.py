@@ -172,7 +172,8 @@ class Soak:
     def start(self) -> None:
         argv = [sys.executable, "-m", "dd", "serve", str(self.model_path), "--host", "127.0.0.1", "--port",
                 str(self.port), "--run-dir", str(self.run_dir), "--frontends", str(self.args.frontends),
-                "--ring-slots", "16", "--slot-mb", "1", "--log-dir", str(self.tmp / "logs")]
+                "--ring-slots", "16", "--slot-mb", "1", "--log-dir", str(self.tmp / "logs"),
+                "--metrics-port", "0"]  # no metrics: soaks run beside other servers (8002)
         if self.args.hostile:  # short enough to be seen within a short run
             argv += ["--upload-timeout", "2", "--idle-timeout", "5"]
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -15,7 +15,7 @@ from dd.frontend.errors import ServeError, Status
 from dd.frontend.slots import SlotPool
 from dd.ipc.shm_ring import SHM_DIR, ShmRing, segment_name
 
-TAG = "5107510752"  # a run tag no real run has
+TAG = "5107510753"  # a run tag no real run has
 
 
 class Calls:
