@@ -44,7 +44,9 @@ from dd.frontend.auth import TokenAuth, read_token, server_credentials
 from dd.frontend.decode import check_options, decode_into_slot
 from dd.frontend.dispatcher import Dispatcher
 from dd.frontend.errors import ServeError, Status
+from dd.frontend.protocols import kserve_v2
 from dd.frontend.protocols.detector_v1 import PROTOCOL, error_body, grpc_code
+from dd.frontend.protocols.kserve_inputs import InferInputs
 from dd.frontend.slots import SlotPool
 from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import ShmRing, remove_stale_segments, segment_name
@@ -133,17 +135,32 @@ class Frontend:
         self.dispatcher = Dispatcher(self.run_dir, self._max_inflight, on_change=self._update_health)
         server = grpc.aio.server(interceptors=interceptors, options=self._grpc_options(),
                                  maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
-        server.add_generic_rpc_handlers((self._handlers(),))
+        self.kserve = kserve_v2.KServeV2(self)
+        kserve_handler = self.kserve.handler(_parser)
+        server.add_generic_rpc_handlers((self._handlers(), kserve_handler))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection(
-            [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+            [SERVICE, kserve_v2.SERVICE, health_name, reflection.SERVICE_NAME], server)
         address = f"{self.cfg.host}:{self.cfg.port}"
         creds = server_credentials(self.cfg)
         port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
         if port == 0:
             raise RuntimeError(f"cannot listen on {address}")
+        servers = [server]
+        if self.cfg.kserve_port:  # KServe alone, as Triton's own port: its service, health and reflection
+            kserver = grpc.aio.server(interceptors=interceptors, options=self._grpc_options(),
+                                      maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
+            kserver.add_generic_rpc_handlers((kserve_handler,))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, kserver)
+            reflection.enable_server_reflection([kserve_v2.SERVICE, health_name, reflection.SERVICE_NAME], kserver)
+            kaddress = f"{self.cfg.host}:{self.cfg.kserve_port}"
+            if (kserver.add_secure_port(kaddress, creds) if creds else kserver.add_insecure_port(kaddress)) == 0:
+                raise RuntimeError(f"cannot listen on {kaddress} (--kserve-port)")
+            servers.append(kserver)
         await self.dispatcher.start()
-        await server.start()
+        for s in servers:
+            await s.start()
         self._update_health()
         security = ("mutual TLS" if self.cfg.tls_client_ca else "TLS" if creds else "plaintext") + \
             (", bearer token" if interceptors else ", no authentication")
@@ -166,7 +183,7 @@ class Frontend:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("frontend stopping: finishing %d request(s) in flight (grace %.0f s)",
                  self._pending, grace)
-        await server.stop(grace)
+        await asyncio.gather(*(s.stop(grace) for s in servers))
         await self.dispatcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.ring.close()
@@ -197,6 +214,40 @@ class Frontend:
         ]
 
     # -- health ----------------------------------------------------------------------------
+    def server_ready(self) -> bool:
+        """What health says: every model has a ready worker, leaving out those that failed to load."""
+        if self.dispatcher is None or self._stopping:
+            return False
+        ready = {m: self.dispatcher.ready_workers(m) > 0 for m in self.models}
+        failed = {m for m in self.models if not ready[m] and self.dispatcher.model_error(m)}
+        return any(ready.values()) and all(ready[m] for m in self.models if m not in failed)
+
+    def ready_workers(self, model: str) -> int:
+        return self.dispatcher.ready_workers(model) if self.dispatcher else 0
+
+    def model_error(self, model: str) -> str:
+        return self.dispatcher.model_error(model) if self.dispatcher else ""
+
+    def stream_window(self) -> int:
+        return self.cfg.resolved_stream_window()
+
+    async def infer(self, inputs: InferInputs, time_remaining: float | None, owner: object | None) -> bytes:
+        """A KServe request on the Detect path (admission, decode into the ring, dispatch); the worker
+        encodes the KServe response."""
+        def image(t) -> pb.Image:
+            if t.encoding == "encoded":
+                return pb.Image(encoding=pb.Image.ENCODED, data=bytes(t.data))
+            dtype = {"uint8": pb.UINT8, "uint16": pb.UINT16, "float32": pb.FLOAT32}[t.dtype]
+            return pb.Image(encoding=pb.Image.RAW, data=bytes(t.data), shape=list(t.shape), dtype=dtype)
+
+        request = pb.DetectRequest(color=image(inputs.color), score_threshold=inputs.score_threshold,
+                                   mask_format=pb.RLE if inputs.wants_masks else pb.NONE,
+                                   request_id=inputs.request_id, model=inputs.model)
+        if inputs.depth is not None:
+            request.depth.CopyFrom(image(inputs.depth))
+        return await self._run(request, time_remaining, owner, protocol=kserve_v2.PROTOCOL,
+                               outputs=inputs.outputs, model_version=inputs.version)
+
     def _update_health(self) -> None:
         """SERVING once every model has a ready worker, leaving out models that failed to load (they
         will not come up by waiting, and must not keep the others out of a load balancer's rotation;
@@ -211,7 +262,7 @@ class Frontend:
         asyncio.get_running_loop().create_task(self._set_health(serving if ok else not_serving, per_model))
 
     async def _set_health(self, status: int, per_model: dict[str, int] | None = None) -> None:
-        for name in ("", SERVICE):
+        for name in ("", SERVICE, kserve_v2.SERVICE):
             await self.health.set(name, status)
         for name in self.models:
             await self.health.set(name, status if per_model is None else per_model[name])
@@ -376,7 +427,8 @@ class Frontend:
         return error_body(getattr(req, "request_id", "")[:limit], getattr(req, "model", "")[:limit], status,
                           message[:MAX_STATUS_CHARS])
 
-    async def _run(self, request: pb.DetectRequest, time_remaining: float | None, owner: object | None = None) -> bytes:
+    async def _run(self, request: pb.DetectRequest, time_remaining: float | None, owner: object | None = None,
+                   **protocol: object) -> bytes:
         """Admission: refuse at once when this frontend already holds max_pending requests (or finished
         responses), or max_held_response_mb of responses its clients do not read."""
         if isinstance(request, CorruptMessage):
@@ -398,11 +450,12 @@ class Frontend:
                                "for streams that do not read them (max_held_response_mb); retry with backoff")
         self._pending += 1
         try:
-            return await self._serve(request, time_remaining, owner)
+            return await self._serve(request, time_remaining, owner, **protocol)
         finally:
             self._pending -= 1
 
-    async def _serve(self, request: pb.DetectRequest, time_remaining: float | None, owner: object | None) -> bytes:
+    async def _serve(self, request: pb.DetectRequest, time_remaining: float | None, owner: object | None,
+                     protocol: str = PROTOCOL, outputs: tuple[str, ...] = (), model_version: str = "") -> bytes:
         received = time.time()
         timeout = self.cfg.default_timeout_s if time_remaining is None else min(time_remaining, 24 * 3600.0)
         deadline = received + timeout
@@ -433,7 +486,8 @@ class Frontend:
                                         dtype=decoded.color.dtype),
                 has_depth=decoded.depth is not None, score_threshold=request.score_threshold,
                 mask_format=request.mask_format, deadline=deadline, received_at=received,
-                decode_us=decode_us, request_id=request.request_id, model=model.name, protocol=PROTOCOL)
+                decode_us=decode_us, request_id=request.request_id, model=model.name, protocol=protocol,
+                outputs=outputs, model_version=model_version)
             if decoded.depth is not None:
                 req.depth.CopyFrom(messages.ArrayRef(offset=decoded.depth.offset, shape=decoded.depth.shape,
                                                      dtype=decoded.depth.dtype))
