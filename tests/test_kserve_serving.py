@@ -217,3 +217,15 @@ def test_a_corrupt_message_is_invalid_argument(served) -> None:
             call(b"\xff\xff\xff", timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "not a valid inference.ModelInferRequest" in err.value.details()
+
+
+def test_the_docs_example_runs_as_written(served) -> None:
+    """docs/kserve.md's first tritonclient example, pointed at this server, from the repository's root."""
+    doc = (REPO / "docs" / "kserve.md").read_text()
+    start = doc.index("```python\nimport numpy as np\nimport tritonclient.grpc")
+    code = doc[start + len("```python\n"):doc.index("```", start + 10)]
+    assert '"localhost:50051"' in code
+    script = Path(served[0].run_dir) / "docs_example.py"
+    script.write_text(f"import os\nos.chdir({str(REPO)!r})\n" + code.replace("localhost:50051", served[0].target))
+    out = tritonclient_env.run(script, timeout=300).stdout
+    assert "instances; first: class 1, score" in out, out
