@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dd.frontend.errors import ServeError, Status
+from dd.frontend.inputs import ENCODED, RAW, ImageInput
 from dd.proto.inference import grpc_service_pb2 as pb
 
 VERSION = "1"  # every model has one version
@@ -55,24 +56,14 @@ def allowed(name: str) -> str:
 
 
 @dataclass
-class TensorInput:
-    """One image input, protocol-free: encoded bytes, or a raw array's bytes with its shape and dtype."""
-
-    encoding: str  # "encoded" or "raw"
-    data: bytes | memoryview
-    shape: tuple[int, ...] = ()
-    dtype: str = ""  # numpy dtype name of a raw array: uint8, uint16, float32
-
-
-@dataclass
 class InferInputs:
     """A ModelInferRequest, checked: what the request path needs to serve it."""
 
     model: str
     version: str
     request_id: str
-    color: TensorInput
-    depth: TensorInput | None
+    color: ImageInput
+    depth: ImageInput | None
     score_threshold: float  # 0: the model's own
     outputs: tuple[str, ...]  # in the order asked; empty: every output
 
@@ -154,7 +145,7 @@ def _shape(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str) -> tupl
     return shape
 
 
-def _input(request: pb.ModelInferRequest, index: int, shm_enabled: bool) -> TensorInput:
+def _input(request: pb.ModelInferRequest, index: int, shm_enabled: bool) -> ImageInput:
     tensor = request.inputs[index]
     name = tensor.name
     types = _INPUTS[name]
@@ -169,18 +160,18 @@ def _input(request: pb.ModelInferRequest, index: int, shm_enabled: bool) -> Tens
             items = parse_bytes_tensor(raw, f"input {name!r}")
             if len(items) != 1:
                 raise _invalid(f"input {name!r}: a BYTES input holds one encoded image; got {len(items)} elements")
-            return TensorInput("encoded", items[0])
+            return ImageInput(bytes(items[0]), ENCODED)
         need = math.prod(shape) * np.dtype(dtype).itemsize
         if len(raw) != need:
             raise _invalid(f"input {name!r}: {len(raw)} bytes of raw data, but shape {list(shape)} of "
                            f"{tensor.datatype} needs {need}")
-        return TensorInput("raw", raw, shape, dtype)
+        return ImageInput(raw, RAW, shape, dtype)
     values = getattr(tensor.contents, field)
     if tensor.datatype == "BYTES":
         if len(values) != 1:
             raise _invalid(f"input {name!r}: a BYTES input holds one encoded image; got {len(values)} elements in "
                            "contents.bytes_contents")
-        return TensorInput("encoded", values[0])
+        return ImageInput(values[0], ENCODED)
     if len(values) != math.prod(shape):
         raise _invalid(f"input {name!r}: {len(values)} values in contents.{field}, but shape {list(shape)} needs "
                        f"{math.prod(shape)} (or send the tensor in raw_input_contents)")
@@ -188,7 +179,7 @@ def _input(request: pb.ModelInferRequest, index: int, shm_enabled: bool) -> Tens
     if dtype != "float32" and array.size and (array.min() < 0 or array.max() > np.iinfo(dtype).max):
         raise _invalid(f"input {name!r}: {tensor.datatype} values must lie in [0, {np.iinfo(dtype).max}], got "
                        f"{array.min()} to {array.max()}")
-    return TensorInput("raw", array.astype(dtype).tobytes(), shape, dtype)
+    return ImageInput(array.astype(dtype).tobytes(), RAW, shape, dtype)
 
 
 def parse_infer(request: pb.ModelInferRequest, input_kind: str, *, shm_enabled: bool = False) -> InferInputs:
