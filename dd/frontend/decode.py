@@ -259,6 +259,10 @@ def _zstd_into(data: bytes, dst: np.ndarray, what: str) -> np.ndarray:
                 filled += n
             extra = reader.read(1)
     except zstandard.ZstdError as exc:
+        if "memory" in str(exc):
+            raise _invalid(f"{what}: the ZSTD frame asks for a window larger than its array ({len(out)} bytes; "
+                           "a frame may ask for at most the array's size, rounded up to a power of two); compress "
+                           "the array in one call, which also records its size") from None
         raise _invalid(f"{what}: ZSTD data could not be decompressed ({exc})") from None
     if filled < len(out):
         raise _invalid(f"{what}: ZSTD data holds {filled} bytes but shape {list(dst.shape)} x {dst.dtype.name} "
@@ -290,7 +294,7 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
         raise _invalid("color.data is empty; send the image bytes (JPEG/PNG) or raw pixels")
     if needs_depth and not depth_img.data:
         raise _invalid("this model is RGB-D and needs depth: set DetectRequest.depth "
-                       "(a 16-bit PNG in millimetres, or RAW UINT16/FLOAT32)")
+                       "(a 16-bit PNG in millimetres, or RAW or ZSTD UINT16/FLOAT32)")
 
     # 1. Sizes, from RAW shapes or headers; nothing decoded yet.
     color_raw = depth_raw = None
