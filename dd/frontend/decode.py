@@ -206,13 +206,14 @@ def _raw_layout(img: pb.Image, what: str, channels: int | None) -> tuple[tuple[i
     return shape, dtype
 
 
-def _raw_array(img: pb.Image, what: str, channels: int | None) -> np.ndarray:
+def _raw_array(img: pb.Image, data: bytes, what: str, channels: int | None) -> np.ndarray:
+    """`data`: img.data, read once by the caller (each read of a bytes field copies it)."""
     shape, dtype = _raw_layout(img, what, channels)
     expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-    if len(img.data) != expected:
-        raise _invalid(f"{what}: RAW data has {len(img.data)} bytes but shape {list(shape)} x "
+    if len(data) != expected:
+        raise _invalid(f"{what}: RAW data has {len(data)} bytes but shape {list(shape)} x "
                        f"{dtype.name} needs {expected}")
-    return np.frombuffer(img.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _dtype_name(value: int) -> str:
@@ -228,15 +229,15 @@ def _check_encoding(img: pb.Image, what: str) -> None:
         raise _invalid(f"{what}: unknown encoding {img.encoding}; use ENCODED (0), RAW (1) or ZSTD (2)")
 
 
-def _zstd_layout(img: pb.Image, what: str, channels: int | None) -> tuple[tuple[int, ...], np.dtype]:
+def _zstd_layout(img: pb.Image, data: bytes, what: str, channels: int | None) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a ZSTD image, and its frame's declared size checked against them: nothing
     is decompressed for a frame that announces more (or less) than shape x dtype bytes."""
     shape, dtype = _raw_layout(img, what, channels)
     expected = math.prod(shape) * dtype.itemsize
     try:
-        declared = zstandard.frame_content_size(img.data)
+        declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError:
-        raise _invalid(f"{what}: ZSTD data is not a Zstandard frame (first bytes {img.data[:8]!r}); compress the "
+        raise _invalid(f"{what}: ZSTD data is not a Zstandard frame (first bytes {data[:8]!r}); compress the "
                        "array's bytes with zstd (python: zstandard.ZstdCompressor().compress(array.tobytes()))") from None
     if declared not in (-1, expected):
         raise _invalid(f"{what}: ZSTD frame holds {declared} bytes but shape {list(shape)} x {dtype.name} "
@@ -290,9 +291,12 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     _check_encoding(color_img, "color")
     if needs_depth:
         _check_encoding(depth_img, "depth")
-    if not color_img.data:
+    # Read once: each read of a protobuf bytes field makes a new copy (4.4 MB for a RAW 1280x720 frame).
+    color_bytes = color_img.data
+    depth_bytes = depth_img.data if needs_depth else b""
+    if not color_bytes:
         raise _invalid("color.data is empty; send the image bytes (JPEG/PNG) or raw pixels")
-    if needs_depth and not depth_img.data:
+    if needs_depth and not depth_bytes:
         raise _invalid("this model is RGB-D and needs depth: set DetectRequest.depth "
                        "(a 16-bit PNG in millimetres, or RAW or ZSTD UINT16/FLOAT32)")
 
@@ -300,12 +304,12 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     color_raw = depth_raw = None
     color_data = depth_data = b""
     if color_img.encoding == pb.Image.RAW:
-        color_raw = _raw_array(color_img, "color", 3)
+        color_raw = _raw_array(color_img, color_bytes, "color", 3)
         h, w = color_raw.shape[:2]
     elif color_img.encoding == pb.Image.ZSTD:
-        h, w = _zstd_layout(color_img, "color", 3)[0][:2]
+        h, w = _zstd_layout(color_img, color_bytes, "color", 3)[0][:2]
     else:
-        w, h, color_data = _inspect(color_img.data, "color", max_jpeg_scans)
+        w, h, color_data = _inspect(color_bytes, "color", max_jpeg_scans)
     _check_pixels(w, h, max_pixels, "color")
     if resize is not None:
         check_aspect(w, h, resize)
@@ -313,14 +317,14 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     end = h * w * 3
     if needs_depth:
         if depth_img.encoding == pb.Image.RAW:
-            depth_raw = _raw_array(depth_img, "depth", None)
+            depth_raw = _raw_array(depth_img, depth_bytes, "depth", None)
             dh, dw = depth_raw.shape
             itemsize = depth_raw.dtype.itemsize
         elif depth_img.encoding == pb.Image.ZSTD:
-            (dh, dw), depth_dtype = _zstd_layout(depth_img, "depth", None)
+            (dh, dw), depth_dtype = _zstd_layout(depth_img, depth_bytes, "depth", None)
             itemsize = depth_dtype.itemsize
         else:
-            dw, dh, depth_data = _inspect(depth_img.data, "depth", max_jpeg_scans)
+            dw, dh, depth_data = _inspect(depth_bytes, "depth", max_jpeg_scans)
             itemsize = 2
         if (dw, dh) != (w, h):
             raise _invalid(f"depth is {dw}x{dh} but color is {w}x{h}; they must be the same size (registered)")
@@ -338,13 +342,13 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     depth_future: Future | None = None
     if needs_depth and depth_img.encoding == pb.Image.ZSTD:  # straight into the slot, beside the color decode
         dst = _slot_array(slot, depth_offset, (h, w), depth_dtype)
-        depth_future = _DEPTH_POOL.submit(_unless_abandoned, abandoned, _zstd_into, depth_img.data, dst, "depth")
+        depth_future = _DEPTH_POOL.submit(_unless_abandoned, abandoned, _zstd_into, depth_bytes, dst, "depth")
     elif needs_depth and depth_raw is None:
         depth_future = _DEPTH_POOL.submit(_decode_unless, abandoned, depth_data, _DEPTH_FLAGS)
     try:
         if color_img.encoding == pb.Image.ZSTD:
             color = Placed(0, (h, w, 3), "uint8")
-            _zstd_into(color_img.data, _slot_array(slot, 0, (h, w, 3), np.uint8), "color")
+            _zstd_into(color_bytes, _slot_array(slot, 0, (h, w, 3), np.uint8), "color")
         else:
             color = _decode_color(color_raw, color_data, slot, h, w)
     except BaseException:
