@@ -58,6 +58,13 @@ def _py_spy(server_pid: int, out: Path, native: bool) -> subprocess.Popen:
     return spy
 
 
+def _frontend_rss_mib(server_pid: int) -> float:
+    import psutil
+
+    return sum(c.memory_info().rss for c in psutil.Process(server_pid).children(recursive=True)
+               if c.cmdline()[1:4] == ["-m", "dd", "frontend"]) / 2**20
+
+
 def decode_cpu_ms(request, repeats: int) -> float:
     from dd.frontend.decode import decode_into_slot
 
@@ -131,16 +138,16 @@ def main() -> int:
                 dec = statistics.median(decode_cpu_ms(r, 10) for r in reqs)
                 size = statistics.mean(r.ByteSize() for r in reqs) / 2**20
                 rows.append((kind, size, per["frontend"], dec, per["frontend"] - dec, per["worker"],
-                             statistics.median(lat)))
+                             statistics.median(lat), _frontend_rss_mib(serve.pid)))
     finally:
         serve.terminate()
         serve.wait(30)
     print(f"{args.requests} requests per kind at concurrency 1, {args.width}x{args.height} RGB-D, null engine "
           f"({args.instances} instances with RLE masks), 1 frontend")
-    print("| request | MB | frontend CPU ms/req | of which decode | rest | worker CPU ms/req | p50 ms |")
-    print("|---|---|---|---|---|---|---|")
-    for kind, size, fe, dec, rest, wk, p50 in rows:
-        print(f"| {kind} | {size:.2f} | {fe:.1f} | {dec:.1f} | {rest:.1f} | {wk:.1f} | {p50:.1f} |")
+    print("| request | MB | frontend CPU ms/req | of which decode | rest | worker CPU ms/req | p50 ms | frontend RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, size, fe, dec, rest, wk, p50, rss in rows:
+        print(f"| {kind} | {size:.2f} | {fe:.1f} | {dec:.1f} | {rest:.1f} | {wk:.1f} | {p50:.1f} | {rss:.0f} |")
     return 0
 
 
