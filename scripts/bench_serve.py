@@ -407,6 +407,7 @@ def grpc_floor(frames: list[tuple[bytes, bytes]], response_bytes: int, seconds: 
 def decode_per_core(frames: list[tuple[bytes, bytes]], seconds: float = 3.0) -> float:
     """Frontend decode (JPEG color + PNG depth into a slot) on one core: images per second."""
     from dd.frontend.decode import decode_into_slot
+    from dd.frontend.protocols.detector_v1 import image_inputs
     from dd.proto.deep_detection.v1 import detector_pb2 as pb
 
     cv2.setNumThreads(1)
@@ -414,7 +415,7 @@ def decode_per_core(frames: list[tuple[bytes, bytes]], seconds: float = 3.0) -> 
     slot = memoryview(bytearray(16 << 20))
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        decode_into_slot(reqs[n % len(reqs)], True, slot, 1 << 24)
+        decode_into_slot(*image_inputs(reqs[n % len(reqs)]), True, slot, 1 << 24)
         n += 1
     return n / (time.perf_counter() - start)
 

@@ -20,6 +20,7 @@ from dd.client import DetectionError, DetectorClient, make_request
 from dd.client.encoding import is_local, resolve
 from dd.frontend.decode import decode_into_slot
 from dd.frontend.errors import ServeError, Status
+from dd.frontend.protocols.detector_v1 import image_inputs
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
 from tests.faults import Server, answer_problem, detect, null_model
@@ -49,7 +50,7 @@ def decode(color: pb.Image, depth: pb.Image | None = None) -> tuple[bytes, objec
     if depth is not None:
         req.depth.CopyFrom(depth)
     slot = memoryview(bytearray(H * W * 8 + 4096))
-    decoded = decode_into_slot(req, depth is not None, slot, 10**6)
+    decoded = decode_into_slot(*image_inputs(req), depth is not None, slot, 10**6)
     return bytes(slot), decoded
 
 

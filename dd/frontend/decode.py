@@ -49,7 +49,7 @@ from PIL import Image as PILImage
 
 from dd.frontend.errors import ServeError, Status
 from dd.frontend.image_cost import CostError, jpeg_scans, png_pixel_chunks
-from dd.proto.deep_detection.v1 import detector_pb2 as pb
+from dd.frontend.inputs import ENCODED, MASKS_NONE, MASKS_RLE, RAW, ZSTD, ImageInput
 
 # Decoding must not spawn OpenCV's own thread pool inside each of ours.
 cv2.setNumThreads(1)
@@ -64,7 +64,9 @@ MIN_RESIZED_SIDE = 32
 MAX_DEPTH_M = 65.535
 # TIFF codecs whose cost is bounded by the pixels (Pillow's names); JPEG-in-TIFF and the fax codecs are not accepted.
 TIFF_COMPRESSIONS = ("raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits")
-_RAW_DTYPES = {pb.UINT8: np.uint8, pb.UINT16: np.uint16, pb.FLOAT32: np.float32}
+_RAW_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float32": np.float32}
+# Encodings as numbered in the public API, for messages that name an encoding this version does not take.
+_ENCODING_NUMBERS = {ENCODED: 0, RAW: 1, ZSTD: 2}
 # A zstd frame's window (the memory its decoder allocates) may be at most the array's size,
 # rounded up to a power of two: the size a frame that declares its content size (python-zstandard's
 # and the zstd command's default) asks for. A frame without one is stopped at shape x dtype bytes.
@@ -103,11 +105,15 @@ def check_threshold(value: float) -> None:
         raise _invalid(f"score_threshold must be in [0, 1] (0: the model's own), got {value}")
 
 
-def check_options(request: pb.DetectRequest) -> None:
+def check_mask_format(value: int) -> None:
+    if value not in (MASKS_RLE, MASKS_NONE):
+        raise _invalid(f"unknown mask_format {value}; use RLE (0) or NONE (1)")
+
+
+def check_options(score_threshold: float, mask_format: int) -> None:
     """The request's fields other than the images."""
-    check_threshold(request.score_threshold)
-    if request.mask_format not in (pb.RLE, pb.NONE):
-        raise _invalid(f"unknown mask_format {request.mask_format}; use RLE (0) or NONE (1)")
+    check_threshold(score_threshold)
+    check_mask_format(mask_format)
 
 
 def image_format(data: bytes) -> str | None:
@@ -185,7 +191,7 @@ def check_aspect(w: int, h: int, resize: tuple[int, int], what: str = "color") -
                        f"the longer side may be at most {ratio:.1f} times the shorter: crop or pad the image")
 
 
-def _raw_layout(img: pb.Image, what: str, channels: int | None) -> tuple[tuple[int, ...], np.dtype]:
+def _raw_layout(img: ImageInput, what: str, channels: int | None) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a RAW or ZSTD image, checked against what color (channels 3) or depth may be."""
     if img.dtype not in _RAW_DTYPES:
         raise _invalid(f"{what}: RAW and ZSTD images need dtype UINT8, UINT16 or FLOAT32, got {_dtype_name(img.dtype)}")
@@ -206,38 +212,38 @@ def _raw_layout(img: pb.Image, what: str, channels: int | None) -> tuple[tuple[i
     return shape, dtype
 
 
-def _raw_array(img: pb.Image, data: bytes, what: str, channels: int | None) -> np.ndarray:
-    """`data`: img.data, read once by the caller (each read of a bytes field copies it)."""
+def _raw_array(img: ImageInput, what: str, channels: int | None) -> np.ndarray:
     shape, dtype = _raw_layout(img, what, channels)
     expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
-    if len(data) != expected:
-        raise _invalid(f"{what}: RAW data has {len(data)} bytes but shape {list(shape)} x "
+    if len(img.data) != expected:
+        raise _invalid(f"{what}: RAW data has {len(img.data)} bytes but shape {list(shape)} x "
                        f"{dtype.name} needs {expected}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    return np.frombuffer(img.data, dtype=dtype).reshape(shape)
 
 
-def _dtype_name(value: int) -> str:
-    return pb.DType.Name(value) if value in pb.DType.values() else str(value)
+def _dtype_name(value: str) -> str:
+    return value.upper()
 
 
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _check_encoding(img: pb.Image, what: str) -> None:
-    if img.encoding not in (pb.Image.ENCODED, pb.Image.RAW, pb.Image.ZSTD):
-        raise _invalid(f"{what}: unknown encoding {img.encoding}; use ENCODED (0), RAW (1) or ZSTD (2)")
+def _check_encoding(img: ImageInput, what: str) -> None:
+    if img.encoding not in (ENCODED, RAW, ZSTD):
+        label = _ENCODING_NUMBERS.get(img.encoding, img.encoding)
+        raise _invalid(f"{what}: unknown encoding {label}; use ENCODED (0), RAW (1) or ZSTD (2)")
 
 
-def _zstd_layout(img: pb.Image, data: bytes, what: str, channels: int | None) -> tuple[tuple[int, ...], np.dtype]:
+def _zstd_layout(img: ImageInput, what: str, channels: int | None) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a ZSTD image, and its frame's declared size checked against them: nothing
     is decompressed for a frame that announces more (or less) than shape x dtype bytes."""
     shape, dtype = _raw_layout(img, what, channels)
     expected = math.prod(shape) * dtype.itemsize
     try:
-        declared = zstandard.frame_content_size(data)
+        declared = zstandard.frame_content_size(img.data)
     except zstandard.ZstdError:
-        raise _invalid(f"{what}: ZSTD data is not a Zstandard frame (first bytes {data[:8]!r}); compress the "
+        raise _invalid(f"{what}: ZSTD data is not a Zstandard frame (first bytes {img.data[:8]!r}); compress the "
                        "array's bytes with zstd (python: zstandard.ZstdCompressor().compress(array.tobytes()))") from None
     if declared not in (-1, expected):
         raise _invalid(f"{what}: ZSTD frame holds {declared} bytes but shape {list(shape)} x {dtype.name} "
@@ -279,52 +285,50 @@ def _check_abandoned(abandoned: threading.Event | None) -> None:
         raise ServeError(Status.CANCELLED, "the call ended before its image was decoded")
 
 
-def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryview, max_pixels: int, *,
-                     max_jpeg_scans: int = MAX_JPEG_SCANS, resize: tuple[int, int] | None = None,
-                     abandoned: threading.Event | None = None) -> Decoded:
+def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: bool, slot: memoryview,
+                     max_pixels: int, *, max_jpeg_scans: int = MAX_JPEG_SCANS,
+                     resize: tuple[int, int] | None = None, abandoned: threading.Event | None = None) -> Decoded:
     """Decodes color (and depth) into `slot`; color at offset 0 as H x W x 3 RGB, depth after it.
 
+    `depth` None is an empty image (refused when the model needs depth, ignored otherwise).
     `resize`: the model's (MIN_SIZE, MAX_SIZE), for check_aspect. `abandoned`: set by the caller
     when nobody waits for the answer any more; checked before each decode starts.
     """
-    color_img, depth_img = request.color, request.depth
+    color_img, depth_img = color, depth if depth is not None else ImageInput(b"")
     _check_encoding(color_img, "color")
     if needs_depth:
         _check_encoding(depth_img, "depth")
-    # Read once: each read of a protobuf bytes field makes a new copy (4.4 MB for a RAW 1280x720 frame).
-    color_bytes = color_img.data
-    depth_bytes = depth_img.data if needs_depth else b""
-    if not color_bytes:
+    if not color_img.data:
         raise _invalid("color.data is empty; send the image bytes (JPEG/PNG) or raw pixels")
-    if needs_depth and not depth_bytes:
+    if needs_depth and not depth_img.data:
         raise _invalid("this model is RGB-D and needs depth: set DetectRequest.depth "
                        "(a 16-bit PNG in millimetres, or RAW or ZSTD UINT16/FLOAT32)")
 
     # 1. Sizes, from RAW shapes or headers; nothing decoded yet.
     color_raw = depth_raw = None
     color_data = depth_data = b""
-    if color_img.encoding == pb.Image.RAW:
-        color_raw = _raw_array(color_img, color_bytes, "color", 3)
+    if color_img.encoding == RAW:
+        color_raw = _raw_array(color_img, "color", 3)
         h, w = color_raw.shape[:2]
-    elif color_img.encoding == pb.Image.ZSTD:
-        h, w = _zstd_layout(color_img, color_bytes, "color", 3)[0][:2]
+    elif color_img.encoding == ZSTD:
+        h, w = _zstd_layout(color_img, "color", 3)[0][:2]
     else:
-        w, h, color_data = _inspect(color_bytes, "color", max_jpeg_scans)
+        w, h, color_data = _inspect(color_img.data, "color", max_jpeg_scans)
     _check_pixels(w, h, max_pixels, "color")
     if resize is not None:
         check_aspect(w, h, resize)
     depth_offset = _align(h * w * 3)
     end = h * w * 3
     if needs_depth:
-        if depth_img.encoding == pb.Image.RAW:
-            depth_raw = _raw_array(depth_img, depth_bytes, "depth", None)
+        if depth_img.encoding == RAW:
+            depth_raw = _raw_array(depth_img, "depth", None)
             dh, dw = depth_raw.shape
             itemsize = depth_raw.dtype.itemsize
-        elif depth_img.encoding == pb.Image.ZSTD:
-            (dh, dw), depth_dtype = _zstd_layout(depth_img, depth_bytes, "depth", None)
+        elif depth_img.encoding == ZSTD:
+            (dh, dw), depth_dtype = _zstd_layout(depth_img, "depth", None)
             itemsize = depth_dtype.itemsize
         else:
-            dw, dh, depth_data = _inspect(depth_bytes, "depth", max_jpeg_scans)
+            dw, dh, depth_data = _inspect(depth_img.data, "depth", max_jpeg_scans)
             itemsize = 2
         if (dw, dh) != (w, h):
             raise _invalid(f"depth is {dw}x{dh} but color is {w}x{h}; they must be the same size (registered)")
@@ -340,15 +344,15 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     # color decode, and ends before this function returns or raises: the slot is untouched after.
     _check_abandoned(abandoned)
     depth_future: Future | None = None
-    if needs_depth and depth_img.encoding == pb.Image.ZSTD:  # straight into the slot, beside the color decode
+    if needs_depth and depth_img.encoding == ZSTD:  # straight into the slot, beside the color decode
         dst = _slot_array(slot, depth_offset, (h, w), depth_dtype)
-        depth_future = _DEPTH_POOL.submit(_unless_abandoned, abandoned, _zstd_into, depth_bytes, dst, "depth")
+        depth_future = _DEPTH_POOL.submit(_unless_abandoned, abandoned, _zstd_into, depth_img.data, dst, "depth")
     elif needs_depth and depth_raw is None:
         depth_future = _DEPTH_POOL.submit(_decode_unless, abandoned, depth_data, _DEPTH_FLAGS)
     try:
-        if color_img.encoding == pb.Image.ZSTD:
+        if color_img.encoding == ZSTD:
             color = Placed(0, (h, w, 3), "uint8")
-            _zstd_into(color_bytes, _slot_array(slot, 0, (h, w, 3), np.uint8), "color")
+            _zstd_into(color_img.data, _slot_array(slot, 0, (h, w, 3), np.uint8), "color")
         else:
             color = _decode_color(color_raw, color_data, slot, h, w)
     except BaseException:
@@ -360,7 +364,7 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     if not needs_depth:
         return Decoded(color, None, h, w)
 
-    if depth_img.encoding == pb.Image.ZSTD:
+    if depth_img.encoding == ZSTD:
         assert depth_future is not None
         depth = depth_future.result()  # already in its place
         if depth.dtype == np.float32:
