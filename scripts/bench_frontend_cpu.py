@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -90,6 +91,9 @@ def main() -> int:
                     help="record the frontend with py-spy during each kind's requests: DIR/KIND.txt, collapsed "
                          "stacks (pip install py-spy; it adds its own CPU to the numbers)")
     ap.add_argument("--native", action="store_true", help="with --py-spy: C/C++ frames too")
+    ap.add_argument("--server-repo", metavar="DIR", type=Path, default=REPO,
+                    help="serve the `dd` of this checkout (e.g. a `git worktree` of an older commit, for a "
+                         "before/after comparison); requests are built by this one")
     args = ap.parse_args()
 
     import grpc
@@ -112,7 +116,8 @@ def main() -> int:
     log = open(tmp / "serve.log", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(folder), "--host", "127.0.0.1", "--port",
                               str(port), "--frontends", "1", "--run-dir", str(tmp / "run"), "--slot-mb", "8",
-                              "--ring-slots", "16"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                              "--ring-slots", "16"], stdout=log, stderr=subprocess.STDOUT, cwd=args.server_repo,
+                             env=dict(os.environ, PYTHONPATH=str(args.server_repo.resolve())))
     rows = []
     try:
         target = f"127.0.0.1:{port}"
