@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_serve import cpu_by_role, free_port, wait_health  # noqa: E402
+from bench_requests import _role_of, cpu_by_role, free_port, wait_health  # noqa: E402
 
 from dd.synth.scenes import generate_scene  # noqa: E402
 
@@ -49,8 +49,7 @@ def null_model(folder: Path, instances: int) -> Path:
 def _py_spy(server_pid: int, out: Path, native: bool) -> subprocess.Popen:
     import psutil
 
-    frontend = next(c.pid for c in psutil.Process(server_pid).children(recursive=True)
-                    if c.cmdline()[1:4] == ["-m", "dd", "frontend"])
+    frontend = next(c.pid for c in psutil.Process(server_pid).children(recursive=True) if _role_of(c) == "frontend")
     out.parent.mkdir(parents=True, exist_ok=True)
     spy = subprocess.Popen(["py-spy", "record", "-p", str(frontend), "-r", "250", "-f", "raw", "-o", str(out),
                             "--threads", "--idle"] + (["--native"] if native else []),
@@ -63,7 +62,7 @@ def _frontend_rss_mib(server_pid: int) -> float:
     import psutil
 
     return sum(c.memory_info().rss for c in psutil.Process(server_pid).children(recursive=True)
-               if c.cmdline()[1:4] == ["-m", "dd", "frontend"]) / 2**20
+               if _role_of(c) == "frontend") / 2**20
 
 
 def decode_cpu_ms(request, repeats: int) -> float:
