@@ -23,8 +23,7 @@ from dd.frontend.errors import ServeError, Status
 from dd.frontend.protocols.detector_v1 import image_inputs
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
-from tests.faults import Server, answer_problem, detect, null_model
-from tests.faults import Case
+from tests.faults import Case, Server, answer_problem, detect, null_model
 
 H, W = 72, 128
 RNG = np.random.default_rng(18)
@@ -231,10 +230,28 @@ def test_zstd_requests_are_answered_as_their_raw_twins(server: Server) -> None:
     with DetectorClient(server.target) as client:  # local: raw, and the same answer as jpeg+zstd's depth
         assert client.encoding == "raw"
         a = client.detect(COLOR, DEPTH, model="rgbd")
-    with DetectorClient(server.target, encoding="jpeg+zstd") as client:
-        b = client.detect(raw_color_jpeg := cv2.imencode(".jpg", COLOR[:, :, ::-1])[1].tobytes(), DEPTH,
-                          model="rgbd")
-    with DetectorClient(server.target, encoding="as-is") as client:
-        c = client.detect(raw_color_jpeg, DEPTH, model="rgbd")
+    jpeg = cv2.imencode(".jpg", COLOR[:, :, ::-1])[1].tobytes()
+    with DetectorClient(server.target, encoding="jpeg+zstd") as client:  # JPEG as it is, depth as ZSTD
+        b = client.detect(jpeg, DEPTH, model="rgbd")
+    with DetectorClient(server.target, encoding="as-is") as client:  # JPEG as it is, depth RAW
+        c = client.detect(jpeg, DEPTH, model="rgbd")
     assert len(a.instances) == 16
     assert [(x.score, x.box) for x in b.instances] == [(x.score, x.box) for x in c.instances]
+
+
+def test_async_client_encodes_as_the_sync_one(server: Server) -> None:
+    import asyncio
+
+    from dd.client import AsyncDetectorClient
+
+    async def go(encoding: str):
+        async with AsyncDetectorClient(server.target, encoding=encoding) as client:
+            return client.encoding, await client.detect(COLOR, DEPTH, model="rgbd")
+
+    with DetectorClient(server.target) as client:
+        want = client.detect(COLOR, DEPTH, model="rgbd")
+    encoding, got = asyncio.run(go("auto"))
+    assert encoding == "raw"
+    assert [(x.score, x.box) for x in got.instances] == [(x.score, x.box) for x in want.instances]
+    encoding, got = asyncio.run(go("jpeg+zstd"))  # JPEG color: other pixels, same boxes
+    assert encoding == "jpeg+zstd" and [x.box for x in got.instances] == [x.box for x in want.instances]
