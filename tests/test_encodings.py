@@ -77,6 +77,18 @@ def test_zstd_puts_the_raw_bytes_into_the_slot(depth: np.ndarray) -> None:
     assert decode(jpeg, zstd(depth))[0] == decode(jpeg, raw(depth))[0]
 
 
+def test_zstd_depth_beside_a_jpeg_the_worker_decodes() -> None:
+    """With --jpeg-decode worker the JPEG goes into the slot compressed; ZSTD depth lands after it as usual."""
+    jpeg = pb.Image(data=cv2.imencode(".jpg", COLOR)[1].tobytes())
+    slot = memoryview(bytearray(H * W * 8 + 4096))
+    color, _ = image_inputs(pb.DetectRequest(color=jpeg))
+    depth = image_inputs(pb.DetectRequest(depth=zstd(DEPTH)))[1]
+    decoded = decode_into_slot(color, depth, True, slot, 10**6, jpeg_to_worker=True)
+    assert decoded.color.encoding == "jpeg" and bytes(slot[:decoded.color.nbytes]) == jpeg.data
+    placed = np.ndarray((H, W), np.uint16, buffer=slot, offset=decoded.depth.offset)
+    assert np.array_equal(placed, DEPTH)
+
+
 def test_zstd_frames_that_are_not_shape_times_dtype_are_refused() -> None:
     big = np.zeros((H * 100, W), np.uint16)  # 100 times the announced array
     assert "ZSTD frame holds 1843200 bytes but shape [72, 128] x uint16 needs 18432" in refusal(
