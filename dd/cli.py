@@ -43,6 +43,9 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, help="gRPC port (default 50051)")
     g.add_argument("--metrics-port", dest="metrics_port", type=int,
                    help="Prometheus metrics at http://HOST:PORT/metrics, Triton's names (default 8002; 0: off)")
+    g.add_argument("--kserve-port", dest="kserve_port", type=int,
+                   help="also serve the KServe v2 / Triton protocol alone on this port (default 0: only on --port, "
+                        "beside the Detector API)")
     g.add_argument("--frontends", type=int, help="frontend processes sharing the port (default: cores / 4)")
     g.add_argument("--ring-slots", dest="ring_slots", type=int, help="shared-memory slots per frontend (default 16)")
     g.add_argument("--slot-mb", dest="slot_mb", type=float,

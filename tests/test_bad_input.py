@@ -14,6 +14,7 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
@@ -78,6 +79,12 @@ def raw(arr: np.ndarray, dtype: int | None = None, shape: list[int] | None = Non
                     shape=list(arr.shape) if shape is None else shape, dtype=dt[arr.dtype] if dtype is None else dtype)
 
 
+def zstd(arr: np.ndarray, data: bytes | None = None) -> pb.Image:
+    image = raw(arr, data=zstandard.ZstdCompressor().compress(arr.tobytes()) if data is None else data)
+    image.encoding = pb.Image.ZSTD
+    return image
+
+
 def rgbd(color: pb.Image, depth: pb.Image | None = None, **kw) -> pb.DetectRequest:
     req = pb.DetectRequest(model="rgbd", color=color, **kw)
     if depth is not None:
@@ -129,13 +136,23 @@ BAD_REQUESTS = {
     "negative-threshold": (rgbd(img(GOOD_PNG), img(DEPTH_PNG), score_threshold=-0.25), INVALID, "got -0.25"),
     "unknown-mask-format": (rgbd(img(GOOD_PNG), img(DEPTH_PNG), mask_format=7), INVALID, "unknown mask_format 7"),
     "unknown-encoding": (rgbd(pb.Image(data=GOOD_PNG, encoding=5), img(DEPTH_PNG)), INVALID,
-                         "color: unknown encoding 5; use ENCODED (0) or RAW (1)"),
-    "unknown-depth-encoding": (rgbd(img(GOOD_PNG), pb.Image(data=DEPTH_PNG, encoding=2)), INVALID,
-                               "depth: unknown encoding 2"),
+                         "color: unknown encoding 5; use ENCODED (0), RAW (1) or ZSTD (2)"),
+    "unknown-depth-encoding": (rgbd(img(GOOD_PNG), pb.Image(data=DEPTH_PNG, encoding=9)), INVALID,
+                               "depth: unknown encoding 9"),
     "raw-depth-negative": (rgbd(raw(COLOR), raw(np.full((H, W), -1.0, np.float32))), INVALID,
                            "must lie in [0, 65.535] (0: missing), got values from -1 to -1"),
     "raw-depth-1e30": (rgbd(raw(COLOR), raw(np.full((H, W), 1e30, np.float32))), INVALID,
                        "must lie in [0, 65.535]"),
+    "zstd-bomb": (rgbd(raw(COLOR), zstd(DEPTH, zstandard.ZstdCompressor().compress(bytes(64 << 20)))), INVALID,
+                  "depth: ZSTD frame holds 67108864 bytes but shape [24, 32] x uint16 needs 1536"),
+    "zstd-bomb-without-size": (rgbd(zstd(COLOR, zstandard.ZstdCompressor(compression_params=zstandard.
+        ZstdCompressionParameters(window_log=10, write_content_size=False)).compress(bytes(64 << 20))), raw(DEPTH)),
+        INVALID, "color: ZSTD data holds more than shape [24, 32, 3] x uint8 = 2304 bytes"),
+    "zstd-bomb-large-window": (rgbd(zstd(COLOR, zstandard.ZstdCompressor(write_content_size=False).compress(
+        bytes(64 << 20))), raw(DEPTH)), INVALID, "color: the ZSTD frame asks for a window larger than its array"),
+    "zstd-garbage": (rgbd(raw(COLOR), zstd(DEPTH, DEPTH.tobytes())), INVALID, "depth: ZSTD data is not a Zstandard frame"),
+    "zstd-depth-uint8": (rgbd(raw(COLOR), zstd((DEPTH // 16).astype(np.uint8))), INVALID,
+                         "RAW depth must be shape [H, W] with dtype UINT16"),
     "over-message-limit": (rgbd(raw(np.zeros((1000, 1000, 3), np.uint8))), grpc.StatusCode.RESOURCE_EXHAUSTED,
                            "larger than max"),
 }

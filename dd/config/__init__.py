@@ -461,6 +461,9 @@ class ServerConfig:
 
     host: str = "0.0.0.0"
     port: int = 50051
+    # A second port that serves only the KServe v2 / Triton protocol (inference.GRPCInferenceService,
+    # health and reflection), as Triton's own gRPC port does; 0: KServe only on `port`, beside the Detector.
+    kserve_port: int = 0
     frontends: int = 0  # 0: from the number of cores
     ring_slots: int = 16
     slot_mb: float = 0.0  # 0: large enough for the biggest image allowed (max_image_pixels, RGB-D)
@@ -550,6 +553,11 @@ class ServerConfig:
         elif self.metrics_port and self.metrics_port == self.port:
             problems.append(f"metrics_port {self.metrics_port} is the gRPC port too; give --metrics-port another "
                             "port, or 0 for no metrics")
+        if not 0 <= self.kserve_port <= 65535:
+            problems.append(f"kserve_port must be in [0, 65535] (0: KServe on the main port only), got {self.kserve_port}")
+        elif self.kserve_port and self.kserve_port == self.port:
+            problems.append(f"kserve_port {self.kserve_port} is the main port, which serves KServe already; give "
+                            "another port, or 0")
         if self.frontends < 0:
             problems.append("frontends must be >= 0 (0: from the cores)")
         if not 1 <= self.ring_slots <= 4096:

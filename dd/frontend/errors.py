@@ -20,6 +20,7 @@ class Status(str, enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    UNIMPLEMENTED = "UNIMPLEMENTED"  # a call this server has but does not serve as configured
 
     @classmethod
     def from_name(cls, name: str) -> "Status":

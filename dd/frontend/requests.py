@@ -101,9 +101,15 @@ class RequestPath:
         try:
             return await self._admit(request, time_remaining, owner)
         except BaseException as exc:
-            name = request.model or self.default_model
-            self.dispatcher.record_failure(name if name in self.models else "", exc)
+            self.count_failure(request.model, exc)
             raise
+
+    def count_failure(self, model: str, exc: BaseException) -> None:
+        """Counts a failed request (metrics) under its model's name, or "" for a name not served (clients
+        cannot mint label values). `run` counts its own; an adapter calls this for a request it refuses
+        before calling `run` (an input its protocol does not allow), so that it counts too, once."""
+        name = model or self.default_model
+        self.dispatcher.record_failure(name if name in self.models else "", exc)
 
     async def _admit(self, request: DetectionRequest, time_remaining: float | None,
                      owner: object | None) -> Outcome:

@@ -36,7 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from dd.config import ModelConfig, ServerConfig, default_model_name
 from dd.frontend.auth import TokenAuth, read_token, server_credentials
 from dd.frontend.dispatcher import Dispatcher
-from dd.frontend.protocols import detector_v1
+from dd.frontend.protocols import detector_v1, kserve_v2
 from dd.frontend.requests import RequestPath
 from dd.frontend.slots import SlotPool
 from dd.ipc import endpoints
@@ -47,7 +47,9 @@ from dd.procutil import die_with_parent, parent_alive, return_large_allocations
 log = logging.getLogger("dd.frontend")
 
 # The public protocols this frontend serves: modules with SERVICE_NAMES and handlers(RequestPath).
-ADAPTERS = (detector_v1,)
+# kserve_v2 is also served alone on --kserve-port (KSERVE_ADAPTERS).
+ADAPTERS = (detector_v1, kserve_v2)
+KSERVE_ADAPTERS = (kserve_v2,)
 ORPHAN_GRACE_S = 1.0  # the supervisor is gone, and with it the workers: no point waiting longer
 KEEPALIVE_TIMEOUT_MS = 20_000  # a client that does not answer a keepalive ping this long is gone
 CLIENT_PING_INTERVAL_MS = 10_000  # clients may keepalive-ping this often (gRPC's default allows every 5 min)
@@ -100,19 +102,22 @@ class Frontend:
                                  maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
         self.requests = RequestPath(self.models, self.default_model, self.cfg, self.ring, self.slots,
                                     self.dispatcher)
-        for adapter in ADAPTERS:
-            server.add_generic_rpc_handlers(tuple(adapter.handlers(self.requests)))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [*self._service_names(), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME], server)
-        address = f"{self.cfg.host}:{self.cfg.port}"
+        # One set of handlers per adapter, shared by both ports (an adapter's state, such as KServe's
+        # statistics, is then one per process).
+        handlers = {adapter: tuple(adapter.handlers(self.requests)) for adapter in ADAPTERS}
         creds = server_credentials(self.cfg)
-        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-        if port == 0:
-            raise RuntimeError(f"cannot listen on {address}")
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        self._add_services(server, ADAPTERS, handlers, address, creds)
+        servers = [server]
+        if self.cfg.kserve_port:  # KServe alone, as Triton's own gRPC port: its service, health, reflection
+            kserver = grpc.aio.server(interceptors=interceptors, options=self._grpc_options(),
+                                      maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
+            self._add_services(kserver, KSERVE_ADAPTERS, handlers, f"{self.cfg.host}:{self.cfg.kserve_port}", creds,
+                               "--kserve-port")
+            servers.append(kserver)
         await self.dispatcher.start()
-        await server.start()
+        for s in servers:
+            await s.start()
         self._update_health()
         security = ("mutual TLS" if self.cfg.tls_client_ca else "TLS" if creds else "plaintext") + \
             (", bearer token" if interceptors else ", no authentication")
@@ -136,13 +141,26 @@ class Frontend:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("frontend stopping: finishing %d request(s) in flight (grace %.0f s)",
                  self.requests.pending, grace)
-        await server.stop(grace)
+        await asyncio.gather(*(s.stop(grace) for s in servers))
         await self.dispatcher.close()
         self.requests.close()
         self.ring.close()
         self.ring.unlink()
         log.info("frontend stopped")
         return 0
+
+    def _add_services(self, server: grpc.aio.Server, adapters: tuple, handlers: dict, address: str,
+                      creds: grpc.ServerCredentials | None, flag: str = "--port") -> None:
+        """The adapters' services, health and reflection on `server`, listening on `address`."""
+        for adapter in adapters:
+            server.add_generic_rpc_handlers(handlers[adapter])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*(n for a in adapters for n in a.SERVICE_NAMES), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME], server)
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {address} ({flag})")
 
     def _grpc_options(self) -> list[tuple[str, int]]:
         """gRPC's own limits: messages, connections (cap, idle, handshake, keepalive), streams per connection."""

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the engine modules import torch: the server imports them on
 log = logging.getLogger("dd.worker")
 
 RLE = 0  # deep_detection.v1.MaskFormat.RLE (the core does not import the public proto; a test checks)
+NO_MASKS = 1  # deep_detection.v1.MaskFormat.NONE
 
 
 @dataclass
@@ -50,6 +51,13 @@ class WorkItem:
     received_at: float = 0.0
     dispatched_at: float = 0.0
     decode_us: int = 0
+    outputs: tuple[str, ...] = ()  # KServe's requested outputs, in order; empty: every output
+    model_version: str = ""
+
+    @property
+    def wants_masks(self) -> bool:
+        """Masks cost a paste and an RLE per instance: only when the request's answer carries them."""
+        return self.mask_format == RLE and (not self.outputs or "masks" in self.outputs)
 
 
 @dataclass
@@ -129,7 +137,7 @@ class WorkerCore:
 
         inputs = [EngineInput(i.color, i.depth, i.score_threshold if i.score_threshold > 0
                               else self.model.score_threshold) for i in items]
-        want_masks = any(i.mask_format == RLE for i in items)
+        want_masks = any(i.wants_masks for i in items)
         try:
             results = self.engine.infer(inputs, want_masks=want_masks)
             if len(results) != len(items):
@@ -148,5 +156,6 @@ class WorkerCore:
     def encode(self, item: WorkItem, det: "Detections", timings: Timings) -> bytes:
         h, w = image_size(item.color)
         ctx = EncodeContext(self.model.categories, item.request_id, self.model.name, self.name, h, w,
-                            item.mask_format, timings, item.received_at)
+                            item.mask_format if item.wants_masks else NO_MASKS, timings, item.received_at,
+                            tuple(item.outputs), item.model_version)
         return encoder_for(item.protocol)(det, ctx)

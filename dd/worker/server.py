@@ -362,7 +362,7 @@ class Worker:
 def _work_item(job: Job) -> WorkItem:
     req = job.req
     return WorkItem(job.color, job.depth, req.score_threshold, req.mask_format, req.request_id, req.protocol,
-                    req.received_at, req.dispatched_at, req.decode_us)
+                    req.received_at, req.dispatched_at, req.decode_us, tuple(req.outputs), req.model_version)
 
 
 def _may_pass(exc: BaseException) -> bool:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PROTOCOL = "detector_v1"
 # protocol -> module with `encode(det, ctx) -> bytes`; imported on first use.
-ENCODERS = {"detector_v1": "dd.worker.encoders.detector_v1"}
+ENCODERS = {"detector_v1": "dd.worker.encoders.detector_v1", "kserve_v2": "dd.worker.encoders.kserve_v2"}
 
 
 @dataclass
@@ -45,6 +45,8 @@ class EncodeContext:
     mask_format: int  # deep_detection.v1.MaskFormat: RLE (0) or NONE (1)
     timings: Timings  # the encoder fills in encode_us and total_us
     received_at: float = 0.0  # time.time() when the frontend got the request; 0: unknown
+    outputs: tuple[str, ...] = ()  # the outputs asked for, in order (KServe); empty: every output
+    model_version: str = ""  # echoed by protocols that have versions (KServe); "": the default
 
 
 Encoder = Callable[["Detections", EncodeContext], bytes]

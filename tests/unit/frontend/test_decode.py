@@ -44,8 +44,8 @@ def test_no_depth_given_is_empty_depth() -> None:
 
 
 @pytest.mark.parametrize("image, words", [
-    (ImageInput(b"x", "zstd"), "color: unknown encoding 2; use ENCODED (0) or RAW (1)"),  # not decoded yet
-    (ImageInput(b"x", "5"), "color: unknown encoding 5; use ENCODED (0) or RAW (1)"),
+    (ImageInput(b"x", "zstd", (2, 2, 3), "uint8"), "color: ZSTD data is not a Zstandard frame"),
+    (ImageInput(b"x", "5"), "color: unknown encoding 5; use ENCODED (0), RAW (1) or ZSTD (2)"),
     (ImageInput(bytes(6), "raw", (1, 2, 3), "dtype_unspecified"), "got DTYPE_UNSPECIFIED"),
     (ImageInput(bytes(5), "raw", (2, 2, 3), "uint8"), "RAW data has 5 bytes but shape [2, 2, 3]"),
     (ImageInput(b""), "color.data is empty"),
