@@ -483,6 +483,9 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""  # CA bundle: clients must present a certificate it signed (mutual TLS)
     auth_token_file: str = ""  # a file holding the bearer token every call but health must carry
+    # Client system shared memory (KServe/Triton's SystemSharedMemoryRegister): local clients of the
+    # server's own user may register POSIX shared-memory regions and pass tensors through them.
+    allow_client_shm: bool = False
     # Limits against hostile and clumsy clients (docs/operations.md, "Limits"). Each bounds a cost
     # that one client could otherwise make every other client pay.
     max_jpeg_scans: int = 32  # scans of one JPEG (progressive ones have about 10); counted before decoding
