@@ -29,18 +29,18 @@ import hashlib
 import json
 import mmap
 import os
-import stat
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dd.frontend.errors import ServeError, Status
+from dd.ipc import client_segments
+from dd.ipc.client_segments import SUBDIR, SegmentError, remove_registrations
 
-SHM_DIR = Path("/dev/shm")  # where Linux's shm_open keeps POSIX shared-memory segments
-SUBDIR = "client_shm"
+__all__ = ["ClientShmRegistry", "Region", "SUBDIR", "remove_registrations"]
+
 MAX_REGIONS = 256  # registrations per server: the run directory holds a bounded number of files
 MAX_NAME_CHARS = 256
-MAX_KEY_CHARS = 255  # NAME_MAX
 
 
 @dataclass(frozen=True)
@@ -58,44 +58,12 @@ def _invalid(message: str) -> ServeError:
     return ServeError(Status.INVALID_ARGUMENT, message)
 
 
-def segment_path(key: str) -> Path:
-    """/dev/shm/<key> for a POSIX shm key ("/name" as shm_open takes it, or "name"); refuses anything
-    that is not one plain name (no further '/', no '..', no NUL)."""
-    name = key[1:] if key.startswith("/") else key
-    if not name or len(name) > MAX_KEY_CHARS or "/" in name or "\0" in name or name in (".", ".."):
-        raise _invalid(f"shared-memory key {key[:80]!r} is not a POSIX shared-memory name; give the key the client "
-                       "passed to shm_open, e.g. '/my_region' (one name of at most 255 characters, no other '/')")
-    return SHM_DIR / name
-
-
 def open_segment(key: str, need: int, uid: int, writable: bool) -> tuple[int, int]:
-    """(fd, size) of the segment `key` after the checks every access needs: a regular file in /dev/shm,
-    not a symlink, owned by `uid`, at least `need` bytes. The caller closes fd."""
-    path = segment_path(key)
+    """dd.ipc.client_segments.open_segment, its refusals as ServeError."""
     try:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise _invalid(f"shared-memory key {key!r} does not exist ({path}); create it first (shm_open, or "
-                       "tritonclient.utils.shared_memory.create_shared_memory_region) and register it then") from None
-    except OSError as exc:
-        raise ServeError(Status.PERMISSION_DENIED,
-                         f"cannot open shared-memory key {key!r} ({path}): {exc.strerror}; it must be a segment "
-                         f"of the user that runs the server (uid {uid}), readable and writable by it") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _invalid(f"shared-memory key {key!r} ({path}) is not a shared-memory segment")
-        if st.st_uid != uid:
-            raise ServeError(Status.PERMISSION_DENIED,
-                             f"shared-memory key {key!r} belongs to uid {st.st_uid}, not to the user that runs the "
-                             f"server (uid {uid}); only segments of the server's own user can be registered")
-        if st.st_size < need:
-            raise _invalid(f"shared-memory key {key!r} holds {st.st_size} bytes, but the region needs {need} "
-                           "(offset + byte_size); register a range inside the segment")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, st.st_size
+        return client_segments.open_segment(key, need, uid, writable)
+    except SegmentError as exc:
+        raise ServeError(Status.from_name(exc.code), exc.message) from None
 
 
 class _Mapping:
@@ -253,14 +221,3 @@ class ClientShmRegistry:
         for name in list(self._maps):
             self._maps.pop(name).close()
 
-
-def remove_registrations(run_dir: Path) -> int:
-    """Removes every registration of the run directory (the supervisor, at start and at stop)."""
-    directory = Path(run_dir) / SUBDIR
-    n = 0
-    if directory.is_dir():
-        for path in directory.iterdir():
-            path.unlink(missing_ok=True)
-            n += 1
-        directory.rmdir()
-    return n

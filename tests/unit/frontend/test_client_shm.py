@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from dd.frontend import client_shm
+from dd.ipc import client_segments
 from dd.frontend.client_shm import ClientShmRegistry, remove_registrations
 from dd.frontend.errors import ServeError, Status
 
@@ -102,8 +103,8 @@ def test_register_refuses_keys_that_are_not_one_name(run_dir, key) -> None:
 
 
 def test_register_refuses_a_symlink(segment, run_dir) -> None:
-    link = client_shm.SHM_DIR / f"dd-test-link-{os.getpid()}"
-    link.symlink_to(client_shm.SHM_DIR / segment.name)
+    link = client_segments.SHM_DIR / f"dd-test-link-{os.getpid()}"
+    link.symlink_to(client_segments.SHM_DIR / segment.name)
     try:
         _fails(Status.PERMISSION_DENIED, ClientShmRegistry(run_dir).register, "in", "/" + link.name, 0, 8)
     finally:
@@ -120,7 +121,7 @@ def test_register_refuses_a_segment_of_another_user(segment, run_dir) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 def test_register_refuses_a_segment_chowned_to_another_user(segment, run_dir) -> None:
-    os.chown(client_shm.SHM_DIR / segment.name, 12345, 12345)
+    os.chown(client_segments.SHM_DIR / segment.name, 12345, 12345)
     message = _fails(Status.PERMISSION_DENIED, ClientShmRegistry(run_dir).register, "in", _key(segment), 0, 8)
     assert "belongs to uid 12345" in message
 
@@ -199,7 +200,7 @@ def test_a_segment_shrunk_after_register_is_not_read_past_its_end(segment, run_d
     reg = ClientShmRegistry(run_dir)
     reg.register("in", _key(segment), 0, 4096)
     assert bytes(reg.view("in", 4000, 96)) == bytes(segment.buf[4000:4096])
-    os.truncate(client_shm.SHM_DIR / segment.name, 1024)
+    os.truncate(client_segments.SHM_DIR / segment.name, 1024)
     message = _fails(Status.INVALID_ARGUMENT, reg.view, "in", 4000, 96)
     assert "smaller than its registered range" in message
 
