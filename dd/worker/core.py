@@ -19,7 +19,7 @@ import numpy as np
 from dd.config import ModelConfig
 from dd.logsafe import clip
 from dd.metrics import Recorder
-from dd.worker.encoders import EncodeContext, Timings, encoder_for
+from dd.worker.encoders import EncodeContext, OutputSink, RequestError, Timings, encoder_for
 
 if TYPE_CHECKING:  # the engine modules import torch: the server imports them only after pinning the GPU
     from dd.worker.engines.base import Detections, Engine
@@ -45,6 +45,7 @@ class WorkItem:
     decode_us: int = 0
     outputs: tuple[str, ...] = ()  # KServe's requested outputs, in order; empty: every output
     model_version: str = ""
+    output_sink: OutputSink | None = None  # outputs to write into client shared memory (KServe)
 
     @property
     def wants_masks(self) -> bool:
@@ -89,6 +90,9 @@ class WorkerCore:
                               else 0, decode_us=item.decode_us, inference_us=inference_us, batch_size=len(items))
             try:
                 body = self.encode(item, det, timings)
+            except RequestError as exc:  # e.g. an output region too small: this request's own fault
+                out.append(Outcome(exc.code, exc.message))
+                continue
             except Exception as exc:  # noqa: BLE001 - fail this response, serve the rest
                 log.exception("worker %s: cannot encode the response to request %s", self.name,
                               clip(item.request_id))
@@ -121,5 +125,5 @@ class WorkerCore:
         h, w = item.color.shape[:2]
         ctx = EncodeContext(self.model.categories, item.request_id, self.model.name, self.name, h, w,
                             item.mask_format if item.wants_masks else NO_MASKS, timings, item.received_at,
-                            tuple(item.outputs), item.model_version)
+                            tuple(item.outputs), item.model_version, item.output_sink)
         return encoder_for(item.protocol)(det, ctx)
