@@ -41,12 +41,13 @@ from grpc_reflection.v1alpha import reflection
 
 from dd.config import ModelConfig, ServerConfig, default_model_name
 from dd.frontend.auth import TokenAuth, read_token, server_credentials
+from dd.frontend.client_shm import ClientShmRegistry
 from dd.frontend.decode import check_options, decode_into_slot
 from dd.frontend.dispatcher import Dispatcher
 from dd.frontend.errors import ServeError, Status
 from dd.frontend.protocols import kserve_v2
 from dd.frontend.protocols.detector_v1 import PROTOCOL, error_body, grpc_code
-from dd.frontend.protocols.kserve_inputs import InferInputs
+from dd.frontend.protocols.kserve_inputs import InferInputs, TensorInput
 from dd.frontend.slots import SlotPool
 from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import ShmRing, remove_stale_segments, segment_name
@@ -108,6 +109,7 @@ class Frontend:
         self._pool = ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
                                         thread_name_prefix="decode")
         self._stopping = False
+        self.client_shm: ClientShmRegistry | None = None
 
     # -- setup -----------------------------------------------------------------------------
     def _max_inflight(self, model: str) -> int:
@@ -135,7 +137,10 @@ class Frontend:
         self.dispatcher = Dispatcher(self.run_dir, self._max_inflight, on_change=self._update_health)
         server = grpc.aio.server(interceptors=interceptors, options=self._grpc_options(),
                                  maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
-        self.kserve = kserve_v2.KServeV2(self)
+        # Client shared memory (--allow-client-shm): registrations shared with the other frontends
+        # through the run directory.
+        self.client_shm = ClientShmRegistry(self.run_dir) if self.cfg.allow_client_shm else None
+        self.kserve = kserve_v2.KServeV2(self, shm=self.client_shm)
         kserve_handler = self.kserve.handler(_parser)
         server.add_generic_rpc_handlers((self._handlers(), kserve_handler))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -188,6 +193,8 @@ class Frontend:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.ring.close()
         self.ring.unlink()
+        if self.client_shm is not None:
+            self.client_shm.close()  # this process's mappings; the supervisor removes the registrations
         log.info("frontend stopped")
         return 0
 
@@ -233,20 +240,17 @@ class Frontend:
 
     async def infer(self, inputs: InferInputs, time_remaining: float | None, owner: object | None) -> bytes:
         """A KServe request on the Detect path (admission, decode into the ring, dispatch); the worker
-        encodes the KServe response."""
-        def image(t) -> pb.Image:
-            if t.encoding == "encoded":
-                return pb.Image(encoding=pb.Image.ENCODED, data=bytes(t.data))
-            dtype = {"uint8": pb.UINT8, "uint16": pb.UINT16, "float32": pb.FLOAT32}[t.dtype]
-            return pb.Image(encoding=pb.Image.RAW, data=bytes(t.data), shape=list(t.shape), dtype=dtype)
-
-        request = pb.DetectRequest(color=image(inputs.color), score_threshold=inputs.score_threshold,
-                                   mask_format=pb.RLE if inputs.wants_masks else pb.NONE,
-                                   request_id=inputs.request_id, model=inputs.model)
-        if inputs.depth is not None:
-            request.depth.CopyFrom(image(inputs.depth))
+        encodes the KServe response. The tensors' bytes go to the decode step as they are (a view of
+        the message, or of the client's shared memory): the decode writes them into the ring slot,
+        the one copy they make."""
+        request = _KServeRequest(pb.DetectRequest(score_threshold=inputs.score_threshold,
+                                                  mask_format=pb.RLE if inputs.wants_masks else pb.NONE,
+                                                  request_id=inputs.request_id, model=inputs.model),
+                                 _image(inputs.color), _image(inputs.depth) if inputs.depth is not None else None)
+        regions = [messages.OutputRegion(output=r.output, shm_key=r.key, offset=r.offset, byte_size=r.byte_size)
+                   for r in inputs.output_regions]
         return await self._run(request, time_remaining, owner, protocol=kserve_v2.PROTOCOL,
-                               outputs=inputs.outputs, model_version=inputs.version)
+                               outputs=inputs.outputs, model_version=inputs.version, output_regions=regions)
 
     def _update_health(self) -> None:
         """SERVING once every model has a ready worker, leaving out models that failed to load (they
@@ -455,7 +459,8 @@ class Frontend:
             self._pending -= 1
 
     async def _serve(self, request: pb.DetectRequest, time_remaining: float | None, owner: object | None,
-                     protocol: str = PROTOCOL, outputs: tuple[str, ...] = (), model_version: str = "") -> bytes:
+                     protocol: str = PROTOCOL, outputs: tuple[str, ...] = (), model_version: str = "",
+                     output_regions: list | None = None) -> bytes:
         received = time.time()
         timeout = self.cfg.default_timeout_s if time_remaining is None else min(time_remaining, 24 * 3600.0)
         deadline = received + timeout
@@ -487,7 +492,7 @@ class Frontend:
                 has_depth=decoded.depth is not None, score_threshold=request.score_threshold,
                 mask_format=request.mask_format, deadline=deadline, received_at=received,
                 decode_us=decode_us, request_id=request.request_id, model=model.name, protocol=protocol,
-                outputs=outputs, model_version=model_version)
+                outputs=outputs, model_version=model_version, output_regions=output_regions or [])
             if decoded.depth is not None:
                 req.depth.CopyFrom(messages.ArrayRef(offset=decoded.depth.offset, shape=decoded.depth.shape,
                                                      dtype=decoded.depth.dtype))
@@ -529,3 +534,34 @@ def _internal(exc: BaseException) -> tuple[Status, str]:
 def run_frontend(models: list[ModelConfig], server: ServerConfig, run_dir: Path, parent_pid: int | None) -> int:
     return asyncio.run(Frontend(models, server, run_dir, parent_pid).serve())
 
+
+
+_RAW_DTYPES = {"uint8": pb.UINT8, "uint16": pb.UINT16, "float32": pb.FLOAT32}
+
+
+class _Image:
+    """An image as decode_into_slot reads it (encoding, data, shape, dtype), whose data may be a view of
+    a KServe message or of client shared memory: a protobuf Image would copy the bytes first."""
+
+    __slots__ = ("encoding", "data", "shape", "dtype")
+
+    def __init__(self, encoding: int, data: bytes | memoryview, shape: tuple[int, ...] = (), dtype: int = 0) -> None:
+        self.encoding, self.data, self.shape, self.dtype = encoding, data, list(shape), dtype
+
+
+def _image(t: TensorInput) -> _Image:
+    if t.encoding == "encoded":
+        return _Image(pb.Image.ENCODED, t.data)
+    return _Image(pb.Image.RAW, t.data, t.shape, _RAW_DTYPES[t.dtype])
+
+
+class _KServeRequest:
+    """A DetectRequest's options with images of its own (see _Image); what the request path reads."""
+
+    def __init__(self, options: pb.DetectRequest, color: _Image, depth: _Image | None) -> None:
+        self._options = options
+        self.color = color
+        self.depth = depth if depth is not None else _Image(pb.Image.ENCODED, b"")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._options, name)

@@ -9,9 +9,10 @@ ModelStreamInferResponse without parsing them (the wrapper is one tag and a leng
 The other calls answer from what the frontend knows: its models' configurations and its
 dispatcher's view of the workers. ModelStatistics counts what this frontend process served
 (each frontend of a server counts its own; Prometheus metrics give the sum over processes).
-System shared memory is a hook: the adapter calls the registry it is given (`shm`); without one
-(the default, and until client shared memory is wired) those calls answer UNIMPLEMENTED with a
-message naming --allow-client-shm.
+System shared memory: the adapter calls the registry it is given (`shm`, dd/frontend/client_shm.py,
+made by the frontend with --allow-client-shm); inputs named in a region are read from it straight
+into the ring, outputs named in a region are written there by the worker. Without a registry (the
+default) those calls answer UNIMPLEMENTED with a message naming --allow-client-shm.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class SharedMemoryRegistry(Protocol):
     def unregister(self, name: str) -> None: ...  # "": every region
 
     def status(self, name: str) -> list[Any]: ...  # "": every region; items with name, key, offset, byte_size
+
+    def view(self, name: str, offset: int, byte_size: int) -> memoryview: ...  # an input's bytes, range checked
+
+    def region(self, name: str, offset: int, byte_size: int) -> Any: ...  # an output's range, checked
 
 
 class FrontendApi(Protocol):
@@ -287,7 +292,7 @@ class KServeV2:
         _check_parsed(request)
         t0 = time.perf_counter_ns()
         model = self._model(request.model_name)  # NOT_FOUND before any input is looked at
-        inputs = parse_infer(request, model.input_kind, shm_enabled=self.shm is not None)
+        inputs = parse_infer(request, model.input_kind, shm=self.shm)
         try:
             body = await self.api.infer(inputs, time_remaining, owner)
         except ServeError:
