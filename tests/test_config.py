@@ -18,7 +18,7 @@ from tests.serverproc import REPO
 def test_defaults_are_the_documented_ones() -> None:
     """docs/operations.md states these; change both together."""
     cfg = load_server_config(None, {})
-    assert (cfg.host, cfg.port) == ("0.0.0.0", 50051)
+    assert (cfg.host, cfg.port, cfg.kserve_port) == ("0.0.0.0", 50051, 0)
     assert (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, cfg.auth_token_file) == ("", "", "", "")
     assert cfg.max_image_pixels == 3840 * 2160 and cfg.grace_s == 10.0 and cfg.default_timeout_s == 30.0
     assert cfg.max_pending == 256 and cfg.max_message_mb == 64.0
@@ -56,6 +56,8 @@ def test_every_limit_is_documented_with_its_flag_and_default() -> None:
     ({"port": 2.5}, "port: expected int"),
     ({"port": True}, "port: expected int"),
     ({"port": 70000}, "port must be in"),
+    ({"kserve_port": -1}, "kserve_port must be in"),
+    ({"port": 9000, "kserve_port": 9000}, "kserve_port 9000 is the main port, which serves KServe already"),
     ({"max_image_pixels": 1}, "max_image_pixels must be at least 4"),
     ({"max_pending": 0}, "max_pending must be at least 1"),
     ({"ring_slots": 0}, "ring_slots must be in"),
