@@ -640,6 +640,10 @@ def load_server_config(path: Path | str | None, overrides: dict[str, Any]) -> Se
 def _setting(name: str, want: type, v: Any) -> Any:
     """One setting converted to its type, strictly: no booleans as numbers, no 2.5 as an integer, no NaN."""
     bad = ConfigError(f"server setting {name}: expected {'a number' if want is float else want.__name__}, got {v!r}")
+    if want is bool:  # a switch: true or false, nothing that merely looks like one
+        if not isinstance(v, bool):
+            raise ConfigError(f"server setting {name}: expected true or false, got {v!r}")
+        return v
     if isinstance(v, bool) or (want is not str and isinstance(v, (list, dict))):
         raise bad
     try:
