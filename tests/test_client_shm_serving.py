@@ -34,7 +34,8 @@ def probed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     np.save(folder / "depth.npy", cv2.imread(str(DEPTH), cv2.IMREAD_UNCHANGED))
     with ServerProcess(repo, frontends=2, args=["--allow-client-shm"]) as srv:
         srv.wait_workers_ready({"demo-rgbd": 1})
-        spec = {"url": srv.target, "model": "demo-rgbd", "color_npy": str(folder / "color.npy"),
+        spec = {"url": srv.target, "model": "demo-rgbd", "color_file": str(COLOR), "depth_file": str(DEPTH),
+                "color_npy": str(folder / "color.npy"),
                 "depth_npy": str(folder / "depth.npy")}
         (folder / "spec.json").write_text(json.dumps(spec))
         out = json.loads(tritonclient_env.run(HERE / "tritonclient_shm_probe.py", str(folder / "spec.json"),
@@ -57,7 +58,7 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
 def test_the_extension_is_declared_and_regions_are_listed(probed) -> None:
     assert "system_shared_memory" in probed["extensions"]
     regions = probed["status"]["regions"]
-    assert set(regions) == {"in", "out"}
+    assert set(regions) == {"in", "out"}  # before "enc" is registered
     assert regions["out"]["byte_size"] == str(4 << 20) and regions["in"]["key"].startswith("/dd_probe_in_")
 
 
@@ -65,6 +66,13 @@ def test_inputs_in_shared_memory_give_the_answer_of_inputs_in_the_message(probed
     for result in probed["shm_inputs"]:
         _same(result, probed["message"])
     _same(probed["mixed"], probed["message"])  # color in shared memory, depth in the message
+
+
+def test_encoded_images_in_shared_memory_give_the_same_instances(probed) -> None:
+    got, want = probed["shm_encoded"]["tensors"], probed["message"]["tensors"]
+    assert got["classes"]["values"] == want["classes"]["values"]
+    np.testing.assert_allclose(got["boxes"]["values"], want["boxes"]["values"], atol=0.01)
+    np.testing.assert_allclose(got["scores"]["values"], want["scores"]["values"], atol=1e-4)
 
 
 def test_outputs_written_into_shared_memory(probed) -> None:
@@ -94,6 +102,6 @@ def test_refusals(probed, case: str, status: str, words: str) -> None:
 
 
 def test_unregister_one_then_all_and_nothing_left_after_stop(probed) -> None:
-    assert set(probed["status_after_unregister"].get("regions", {})) == {"out"}
+    assert set(probed["status_after_unregister"].get("regions", {})) == {"out", "enc"}
     assert probed["status_after_unregister_all"].get("regions", {}) == {}
     assert probed["registrations_while_serving"] and not probed["registrations_after_stop"]

@@ -5,8 +5,8 @@ Runs in tritonclient's own environment (tests/tritonclient_env.py):
 
     python tritonclient_shm_probe.py SPEC.json
 
-SPEC names the server ("url"), the RGB-D model ("model") and the decoded test image ("color_npy",
-"depth_npy", depth in millimetres). Only tritonclient's public API is used (and os.chown, to make a
+SPEC names the server ("url"), the RGB-D model ("model"), the test image's files ("color_file",
+"depth_file") and the same image decoded ("color_npy", "depth_npy", depth in millimetres). Only tritonclient's public API is used (and os.chown, to make a
 segment of another user when run as root).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from tritonclient_serve_probe import OUTPUTS, attempt, result_json, tensor
 
@@ -53,6 +53,12 @@ def from_region(result: grpcclient.InferResult, handle: Any) -> dict[str, Any]:
             "parameters": params, "raw_lengths": [len(r) for r in response.raw_output_contents], "written": written}
 
 
+def serialized(item: bytes) -> bytes:
+    """A BYTES tensor of one element, serialized as tritonclient puts it in a region."""
+    out = serialize_byte_tensor(np.array([item], dtype=np.object_))
+    return out.item() if out.dtype == np.object_ else out.tobytes()
+
+
 def main(spec: dict[str, Any]) -> dict[str, Any]:
     client = grpcclient.InferenceServerClient(url=spec["url"])
     model = spec["model"]
@@ -77,6 +83,17 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     # Several times: with two frontends, registration and inference need not land on the same one.
     out["shm_inputs"] = [result_json(client.infer(model, in_shm, outputs=every, request_id=f"shm-{i}"))
                          for i in range(3)]
+    # Encoded images (BYTES) from shared memory too.
+    encoded = [serialized(Path(spec[f]).read_bytes()) for f in ("color_file", "depth_file")]
+    enc_handle = shm.create_shared_memory_region("enc", f"/dd_probe_enc_{pid}", sum(map(len, encoded)))
+    shm.set_shared_memory_region(enc_handle, [np.frombuffer(e, np.uint8) for e in encoded])
+    client.register_system_shared_memory("enc", f"/dd_probe_enc_{pid}", sum(map(len, encoded)))
+    enc_inputs = []
+    for name, data, offset in (("color", encoded[0], 0), ("depth", encoded[1], len(encoded[0]))):
+        t = grpcclient.InferInput(name, [1], "BYTES")
+        t.set_shared_memory("enc", len(data), offset=offset)
+        enc_inputs.append(t)
+    out["shm_encoded"] = result_json(client.infer(model, enc_inputs, outputs=every, request_id="enc"))
     out["mixed"] = result_json(client.infer(model, [in_shm[0], raw[1]], outputs=every, request_id="mixed"))
 
     to_shm = []
@@ -108,7 +125,7 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     out["infer_after_unregister"] = attempt(lambda: client.infer(model, in_shm))
     client.unregister_system_shared_memory()
     out["status_after_unregister_all"] = client.get_system_shared_memory_status(as_json=True)
-    for handle in (in_handle, out_handle, other):
+    for handle in (in_handle, out_handle, other, enc_handle):
         shm.destroy_shared_memory_region(handle)
     client.close()
     return out

@@ -550,8 +550,8 @@ class _Image:
 
 
 def _image(t: TensorInput) -> _Image:
-    if t.encoding == "encoded":
-        return _Image(pb.Image.ENCODED, t.data)
+    if t.encoding == "encoded":  # compressed, small: bytes for the header checks (they use bytes' methods)
+        return _Image(pb.Image.ENCODED, bytes(t.data))
     return _Image(pb.Image.RAW, t.data, t.shape, _RAW_DTYPES[t.dtype])
 
 
