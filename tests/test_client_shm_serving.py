@@ -32,7 +32,7 @@ def probed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     folder = tmp_path_factory.mktemp("shm-probe")
     np.save(folder / "color.npy", cv2.cvtColor(cv2.imread(str(COLOR)), cv2.COLOR_BGR2RGB))
     np.save(folder / "depth.npy", cv2.imread(str(DEPTH), cv2.IMREAD_UNCHANGED))
-    with ServerProcess(repo, frontends=2, args=["--allow-client-shm"]) as srv:
+    with ServerProcess(repo, frontends=2, args=["--allow-client-shm", "--slot-mb", "8"]) as srv:
         srv.wait_workers_ready({"demo-rgbd": 1})
         spec = {"url": srv.target, "model": "demo-rgbd", "color_file": str(COLOR), "depth_file": str(DEPTH),
                 "color_npy": str(folder / "color.npy"),
@@ -41,9 +41,20 @@ def probed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         out = json.loads(tritonclient_env.run(HERE / "tritonclient_shm_probe.py", str(folder / "spec.json"),
                                               timeout=600).stdout)
         out["registrations_while_serving"] = (srv.run_dir / SUBDIR).is_dir()
+        out["docs_example"] = _run_docs_example(srv)
         run_dir = srv.run_dir
     out["registrations_after_stop"] = (run_dir / SUBDIR).exists()
     return out
+
+
+def _run_docs_example(srv: ServerProcess) -> str:
+    """docs/kserve.md's client shared-memory example, pointed at this server, as written."""
+    doc = (REPO / "docs" / "kserve.md").read_text()
+    start = doc.index("```python", doc.index("### Client shared memory"))
+    code = doc[start + len("```python\n"):doc.index("```", start + 10)]
+    script = Path(srv.run_dir) / "docs_shm_example.py"
+    script.write_text(code.replace("localhost:50051", srv.target))
+    return tritonclient_env.run(script, timeout=300).stdout
 
 
 def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
@@ -105,3 +116,7 @@ def test_unregister_one_then_all_and_nothing_left_after_stop(probed) -> None:
     assert set(probed["status_after_unregister"].get("regions", {})) == {"out", "enc"}
     assert probed["status_after_unregister_all"].get("regions", {}) == {}
     assert probed["registrations_while_serving"] and not probed["registrations_after_stop"]
+
+
+def test_the_docs_example_runs_as_written(probed) -> None:
+    assert probed["docs_example"].startswith("[]") or "[[" in probed["docs_example"], probed["docs_example"]
