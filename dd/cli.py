@@ -65,6 +65,9 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-max-mb", dest="log_max_mb", type=float,
                    help="with --log-dir: rotate each process's log at this size (default 0: never; use logrotate)")
     g.add_argument("--log-backups", dest="log_backups", type=int, help="rotated log files kept (default 3)")
+    g.add_argument("--fork-workers", dest="fork_workers", action=argparse.BooleanOptionalAction, default=None,
+                   help="fork workers from a process with torch and the engines imported, so a restarted "
+                        "worker starts seconds sooner (default on)")
     lim = p.add_argument_group("limits against hostile and clumsy clients (docs/operations.md, Limits)")
     lim.add_argument("--max-jpeg-scans", dest="max_jpeg_scans", type=int,
                      help="scans one JPEG may have, counted before decoding (default 32)")

@@ -130,3 +130,12 @@ def parse_cpulist(text: str) -> list[int]:
         elif part:
             cpus.append(int(part))
     return cpus
+
+
+def process_argv(proc: "psutil.Process") -> list[str]:  # noqa: F821 - psutil is imported by the caller
+    """A process's command line, with a worker forked by the zygote (dd/zygote.py) shown as
+    `python -m dd worker`: its own command line is the zygote's, its process name says "dd-worker"
+    (its model and index: RUN_DIR/processes.json)."""
+    if proc.name() == "dd-worker":
+        return [proc.exe(), "-m", "dd", "worker"]
+    return proc.cmdline()

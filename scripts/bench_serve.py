@@ -1,33 +1,41 @@
 #!/usr/bin/env python3
-"""Serving benchmark: the same engine in-process, served by deep-detection, and by a plain gRPC server.
+"""Serving benchmark: the engine, the same engine in-process, served by deep-detection, and by a plain gRPC server.
 
-One run, one table. Requests are 1280x720 RGB-D frames as JPEG + 16-bit PNG
-(synthetic scenes), the model a Mask R-CNN (R50-FPN by default, fixed random
-weights, threshold 0 so each image keeps its maximum detections) on the
-engine you name (fast on a GPU, torchvision otherwise).
+One run, one table, side by side. Requests are RGB-D frames (1280x720 synthetic
+scenes by default) of each request kind asked for (`--encodings`: JPEG + 16-bit
+PNG, the standard; raw tensors; JPEG + Zstandard-compressed depth), the model a
+Mask R-CNN (R50-FPN by default, fixed random weights, threshold 0 so each image
+keeps its maximum detections) on the engine you name (fast on a GPU, torchvision
+or null otherwise).
 
-- in-process: decode the same bytes, run the engine, encode and serialize the
-  response (with its masks, as the served client asks for them) in one process,
-  as a script would (batch 1 for latency, the max batch for throughput);
-- served: `deep-detection serve` on this machine, an asyncio gRPC client at
-  concurrency 1 and at saturation;
-- baseline: a single-process grpc server whose handler decodes and infers
+- engine: the worker's core (engine, then the response encoder) on decoded
+  frames, in this process, at batch 1 and at each of `--engine-batches`
+  (the best of them is the reference for served throughput);
+- in-process: decode the request, then the same core, one after the other, as
+  a script would (batch 1), per request kind;
+- served: `deep-detection serve` on this machine with each `--frontends` count,
+  an asyncio gRPC client (`--client-procs` processes) at each `--concurrency`,
+  per request kind; CPU per answered image of the frontends and the worker
+  (psutil, before and after each load);
+- baseline: a single-process gRPC server whose handler decodes and infers
   (the usual way such a service is written), same client load.
 
-Also prints the frontend's decode cost per core, to show whether decoding
-limits throughput. Needs a GPU for meaningful numbers; runs anywhere.
+`--out DIR` writes serve.json (everything, latencies included), serve.md (the
+table), serve_throughput.png and serve_latency.png (matplotlib: the `bench`
+extra), and the servers' logs; serve.json and serve.md are rewritten after each
+phase, so a run stopped early keeps what it measured. Needs a GPU for
+meaningful numbers; runs anywhere.
 
-    python scripts/bench_serve.py --engine fast --json $OUT/serve.json
+    python scripts/bench_serve.py --engine fast --frontends 1 4 12 --encodings jpeg+png raw jpeg+zstd \\
+        --concurrency 1 4 16 64 --client-procs 4 --out $OUT/serve
     python scripts/bench_serve.py --engine fast --scale-workers 1 2 4 8   # multi-GPU scaling
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -37,18 +45,21 @@ import time
 from concurrent import futures
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_requests import (KINDS, REPO, ClientPool, Served, cpu_by_role, cpu_delta, decode_per_core,  # noqa: E402
+                            decode_request, free_port, probe, requests_of, scenes, slot_mb, stats, stop_on_sigterm,
+                            zstd_available)
 
 from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
-from dd.synth.scenes import generate_scene  # noqa: E402
+from dd.proto.deep_detection.v1 import detector_pb2 as pb  # noqa: E402
 
 
 def make_model(root: Path, engine: str, arch: str, batch: int, height: int, width: int, dets: int,
-               min_size: int, placement: dict | None = None, name: str = "bench") -> Path:
+               min_size: int, placement: dict | None = None, name: str = "bench",
+               warmup_sizes: list[list[int]] | None = None) -> Path:
     from dd.models.model_folder import SMALL_ARCHITECTURE, random_model_folder  # torch: not in client processes
 
     architecture = dict(DEFAULT_ARCHITECTURE if arch == "r50" else SMALL_ARCHITECTURE, max_detections=dets)
@@ -56,70 +67,9 @@ def make_model(root: Path, engine: str, arch: str, batch: int, height: int, widt
                                min_size=min_size, max_size=1333, score_threshold=0.0,
                                extra={"ENGINE": engine, "MAX_BATCH_SIZE": batch, "MAX_QUEUE_DELAY_MS": 0,
                                       # options are checked against the engine named: only the fast engine has these
-                                      "ENGINE_OPTIONS": ({"warmup_sizes": [[height, width]], "allow_cpu": True}
-                                                         if engine == "fast" else {}),
+                                      "ENGINE_OPTIONS": ({"warmup_sizes": warmup_sizes or [[height, width]],
+                                                          "allow_cpu": True} if engine == "fast" else {}),
                                       **(placement or {})})
-
-
-def serve_and_load(folder: Path, run_dir: Path, log_path: Path, frontends: int, env: dict[str, str],
-                   frames: list[tuple[bytes, bytes]], concurrencies: list[int], seconds: float,
-                   client_procs: int = 1) -> dict:
-    """`deep-detection serve FOLDER` on a free port, loaded at each concurrency in turn, then stopped."""
-    port = free_port()
-    log = open(log_path, "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(folder), "--host", "127.0.0.1",
-                              "--port", str(port), "--frontends", str(frontends), "--run-dir", str(run_dir),
-                              "--slot-mb", "8", "--ring-slots", "64"], stdout=log, stderr=subprocess.STDOUT,
-                             env=env, cwd=REPO)
-    out = {}
-    try:
-        wait_health(f"127.0.0.1:{port}")
-        for c in concurrencies:
-            before = cpu_by_role(serve.pid)
-            out[c] = load_from_processes(f"127.0.0.1:{port}", frames, c, seconds, client_procs)
-            after = cpu_by_role(serve.pid)
-            # CPU seconds each role spent per answered image, and cores busy while loaded (the
-            # clients' start-up and warm-up requests are counted too: upper bounds).
-            n = max(1, out[c].get("n", 0))
-            wall = n / out[c]["images_per_s"] if out[c].get("images_per_s") else 1.0
-            out[c]["cpu_ms_per_image"] = {k: round((after[k] - before.get(k, 0.0)) * 1e3 / n, 2) for k in after}
-            out[c]["cores_busy"] = {k: round((after[k] - before.get(k, 0.0)) / wall, 2) for k in after}
-            print(f"served {folder.name} c={c}:", out[c], flush=True)
-    finally:
-        serve.send_signal(signal.SIGTERM)
-        serve.wait(60)
-        log.close()
-    return out
-
-
-def cpu_by_role(server_pid: int) -> dict[str, float]:
-    """CPU seconds (user + system) so far of the server's processes by role (frontend, worker, the
-    supervisor) and of this benchmark's client (this process and its client processes)."""
-    import psutil
-
-    out: dict[str, float] = {}
-
-    def add(role: str, proc: psutil.Process) -> None:
-        try:
-            t = proc.cpu_times()
-        except psutil.NoSuchProcess:
-            return
-        out[role] = out.get(role, 0.0) + t.user + t.system
-
-    server = psutil.Process(server_pid)
-    add("supervisor", server)
-    for child in server.children(recursive=True):
-        try:
-            argv = child.cmdline()
-        except psutil.NoSuchProcess:
-            continue
-        role = argv[3] if len(argv) > 3 and argv[1:3] == ["-m", "dd"] else "other"
-        add(role, child)
-    add("client", psutil.Process())
-    # client processes have ended (and been waited for) by the time a load returns
-    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out["client"] += ended.ru_utime + ended.ru_stime
-    return out
 
 
 def gpu_count() -> int:
@@ -127,75 +77,10 @@ def gpu_count() -> int:
     return len(list(root.iterdir())) if root.is_dir() else 0
 
 
-def scaling(args: argparse.Namespace, tmp: Path, frames: list[tuple[bytes, bytes]]) -> list[dict]:
-    """Throughput and latency with 1, 2, 4, 8 workers (one per GPU where there are that many GPUs),
-    each loaded at the same rising concurrency per worker, so that rows compare like with like.
-
-    Where there are fewer GPUs than workers (a CPU smoke test, or one GPU) the workers share
-    the devices (INSTANCES_PER_DEVICE), which measures the serving path, not GPU scaling.
-    """
-    gpus = gpu_count()
-    rows = []
-    for n in args.scale_workers:
-        if gpus >= n:
-            placement = {"DEVICES": list(range(n)), "INSTANCES_PER_DEVICE": 1}
-            where = f"{n} GPU(s), one worker each"
-        else:
-            placement = {"DEVICES": "auto", "INSTANCES_PER_DEVICE": n}
-            where = f"{n} workers sharing {'the CPU' if gpus == 0 else f'{gpus} GPU(s)'}"
-        folder = make_model(tmp, args.engine, args.arch, args.batch, args.height, args.width, args.detections,
-                            args.min_size, placement, name=f"scale{n}")
-        concs = [c * n for c in args.per_worker_concurrency]
-        served = serve_and_load(folder, tmp / f"run{n}", tmp / f"serve{n}.log", args.frontends, dict(os.environ),
-                                frames, concs, args.seconds, args.client_procs)
-        for per, conc in zip(args.per_worker_concurrency, concs):
-            rows.append({"workers": n, "where": where, "per_worker": per, "concurrency": conc, **served[conc]})
-    return rows
-
-
-def scaling_table(rows: list[dict]) -> list[str]:
-    """Markdown rows: each against the one-worker row at the same concurrency per worker."""
-    single = {r["per_worker"]: r for r in rows if r["workers"] == 1 and r.get("n")}
-    lines = ["| workers | placement | concurrency (per worker) | images/s | / (N x one worker's) | p50 ms | p99 ms "
-             "| p99 / one worker's | errors |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if not r.get("n"):
-            lines.append(f"| {r['workers']} | {r['where']} | {r['concurrency']} ({r['per_worker']}) | no answers "
-                         f"| | | | | {r.get('errors', '')} |")
-            continue
-        one = single.get(r["per_worker"])
-        eff = r["images_per_s"] / (r["workers"] * one["images_per_s"]) if one else float("nan")
-        p99 = r["p99_ms"] / one["p99_ms"] if one else float("nan")
-        lines.append(f"| {r['workers']} | {r['where']} | {r['concurrency']} ({r['per_worker']}) | "
-                     f"{r['images_per_s']:.1f} | {eff:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {p99:.2f} | "
-                     f"{r['errors']} |")
-    return lines
-
-
-def encode_frames(n: int, height: int, width: int) -> list[tuple[bytes, bytes]]:
-    frames = []
-    for k in range(n):
-        s = generate_scene(5000 + k, width, height)
-        ok1, jpg = cv2.imencode(".jpg", cv2.cvtColor(s.color, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        ok2, png = cv2.imencode(".png", s.depth)
-        assert ok1 and ok2
-        frames.append((jpg.tobytes(), png.tobytes()))
-    return frames
-
-
-def decode(jpg: bytes, png: bytes) -> tuple[np.ndarray, np.ndarray]:
-    color = cv2.cvtColor(cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    depth = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
-    return color, depth
-
-
-def stats(lat_ms: list[float], wall_s: float) -> dict[str, float]:
-    return {"p50_ms": float(np.percentile(lat_ms, 50)), "p99_ms": float(np.percentile(lat_ms, 99)),
-            "images_per_s": len(lat_ms) / wall_s, "n": len(lat_ms)}
-
-
-# -- in-process -------------------------------------------------------------------------------
-def run_in_process(folder: Path, device: str, frames: list[tuple[bytes, bytes]], batch: int, seconds: float) -> dict:
+# -- engine and in-process ---------------------------------------------------------------------------
+def run_engine_and_in_process(folder: Path, device: str, requests: dict[str, list[bytes]], batches: list[int],
+                              seconds: float) -> dict:
+    """The worker core on decoded frames at each batch (engine), and decode + core per kind (in-process)."""
     import torch
 
     from dd.worker.core import WorkerCore, WorkItem
@@ -205,31 +90,43 @@ def run_in_process(folder: Path, device: str, frames: list[tuple[bytes, bytes]],
     engine = load_engine(cfg, device)
     core = WorkerCore(cfg, engine, "in-process")  # what a worker runs: engine, then the detector_v1 encoder
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-
+    parsed = {kind: [pb.DetectRequest.FromString(r) for r in reqs] for kind, reqs in requests.items()}
+    first = next(iter(parsed.values()))
+    decoded = [decode_request(r) for r in first]
     sizes: list[int] = []
 
-    def once(k: int, n: int) -> None:
-        items = [WorkItem(*decode(*frames[(k + i) % len(frames)])) for i in range(n)]
+    def run(items: list) -> None:
         for outcome in core.run(items):
             if outcome.code != "OK":
                 raise RuntimeError(f"in-process: {outcome.code}: {outcome.message}")
             sizes.append(len(outcome.body))
         sync()
 
-    out = {}
-    for n in sorted({1, batch}):
+    def timed(step, n: int) -> dict:
         for k in range(3):
-            once(k, n)
+            step(k, n)
         lat, start, k = [], time.perf_counter(), 0
         while time.perf_counter() - start < seconds:
             t0 = time.perf_counter()
-            once(k, n)
+            step(k, n)
             lat.append((time.perf_counter() - t0) * 1e3)
             k += n
         wall = time.perf_counter() - start
         s = stats(lat, wall)
         s["images_per_s"] = n * len(lat) / wall
-        out[f"batch{n}"] = s
+        return s
+
+    out: dict = {"engine": {}, "in_process": {}}
+    for n in sorted({1, *batches}):
+        out["engine"][f"batch{n}"] = timed(
+            lambda k, n: run([WorkItem(*decoded[(k + i) % len(decoded)]) for i in range(n)]), n)
+        print(f"engine batch {n}: p50 {out['engine'][f'batch{n}']['p50_ms']:.2f} ms, "
+              f"{out['engine'][f'batch{n}']['images_per_s']:.1f} images/s", flush=True)
+    best = max(out["engine"], key=lambda b: out["engine"][b]["images_per_s"])
+    out["engine_best"] = best
+    for kind, reqs in parsed.items():
+        out["in_process"][kind] = timed(lambda k, n: run([WorkItem(*decode_request(reqs[k % len(reqs)]))]), 1)
+        print(f"in-process {kind} batch 1: p50 {out['in_process'][kind]['p50_ms']:.2f} ms", flush=True)
     out["response_bytes"] = int(np.median(sizes))
     engine.close()
     return out
@@ -239,7 +136,6 @@ def run_in_process(folder: Path, device: str, frames: list[tuple[bytes, bytes]],
 def baseline_server(folder: Path, device: str, port: int) -> None:
     import grpc
 
-    from dd.proto.deep_detection.v1 import detector_pb2 as pb
     from dd.worker.core import WorkerCore, WorkItem
     from dd.worker.engines import load_engine
 
@@ -248,7 +144,7 @@ def baseline_server(folder: Path, device: str, port: int) -> None:
     lock = threading.Lock()
 
     def detect(request, context) -> bytes:
-        color, depth = decode(request.color.data, request.depth.data)
+        color, depth = decode_request(request)
         with lock:
             outcome = core.run([WorkItem(color, depth, mask_format=request.mask_format,
                                          request_id=request.request_id)])[0]
@@ -269,104 +165,259 @@ def baseline_server(folder: Path, device: str, port: int) -> None:
     server.wait_for_termination()
 
 
-# -- the client load -------------------------------------------------------------------------------
-async def load_raw(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float,
-                   start_at: float | None = None) -> tuple[list[float], list[dict], int, float]:
-    """Closed-loop load: latencies (ms), the servers' timing fields, errors, and the wall time."""
-    from dd.client import AsyncDetectorClient, make_request
-
-    reqs = [make_request(j, p, request_id=str(k)) for k, (j, p) in enumerate(frames)]
-    lat: list[float] = []
-    timings: list[dict] = []
-    errors = 0
-    async with AsyncDetectorClient(target, timeout=60) as client:
-        for r in reqs[:4]:
-            await client.detect_request(r)  # warm-up
-        if start_at is not None:  # several client processes start loading together
-            await asyncio.sleep(max(0.0, start_at - time.time()))
-        stop_at = time.perf_counter() + seconds
-
-        async def worker(w: int) -> None:
-            nonlocal errors
-            k = w
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                try:
-                    res = await client.detect_request(reqs[k % len(reqs)])
-                    lat.append((time.perf_counter() - t0) * 1e3)
-                    timings.append(res.timing)
-                except Exception:  # noqa: BLE001 - counted, reported
-                    errors += 1
-                k += concurrency
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        wall = time.perf_counter() - start
-    return lat, timings, errors, wall
-
-
-def summarize(lat: list[float], timings: list[dict], errors: int, wall: float) -> dict:
-    out = stats(lat, wall) if lat else {"n": 0}
-    out["errors"] = errors
-    if timings and "total_us" in timings[0]:
-        for key in ("queued_us", "decode_us", "inference_us", "postprocess_us", "total_us", "batch_size"):
-            out[f"median_{key}"] = float(np.median([t[key] for t in timings]))
-    return out
-
-
-async def load(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float) -> dict:
-    return summarize(*(await load_raw(target, frames, concurrency, seconds)))
-
-
-def _load_in_child(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float,
-                   start_at: float):
-    return asyncio.run(load_raw(target, frames, concurrency, seconds, start_at))
-
-
-def load_from_processes(target: str, frames: list[tuple[bytes, bytes]], concurrency: int, seconds: float,
-                        procs: int) -> dict:
-    """The same load split over several client processes, so that one Python client is not what
-    saturates first when many GPUs serve (one asyncio loop tops out at a few hundred requests/s)."""
-    procs = max(1, min(procs, concurrency))
-    if procs == 1:
-        return asyncio.run(load(target, frames, concurrency, seconds))
-    import multiprocessing
-
-    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
-    with futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        start_at = time.time() + 20.0  # after every process has started and warmed up
-        parts = list(pool.map(_load_in_child, [target] * procs, [frames] * procs, shares, [seconds] * procs,
-                              [start_at] * procs))
-    lat = [x for p in parts for x in p[0]]
-    timings = [x for p in parts for x in p[1]]
-    return summarize(lat, timings, sum(p[2] for p in parts), max(p[3] for p in parts))
-
-
-def wait_health(target: str, timeout: float = 300) -> None:
+def run_baseline(folder: Path, device: str, out_dir: Path, requests: dict[str, list[bytes]],
+                 concurrencies: list[int], seconds: float, clients: ClientPool, save, results: dict) -> None:
+    """Fills results[kind][concurrency] with the single-process server's answers to the same load."""
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    end = time.time() + timeout
-    while time.time() < end:
-        with grpc.insecure_channel(target) as ch:
+    port = free_port()
+    log = open(out_dir / "baseline.log", "wb")
+    base = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(folder), device, str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        end = time.time() + 300
+        while True:
+            if base.poll() is not None:
+                raise RuntimeError(f"the baseline server exited with {base.returncode}: see {out_dir / 'baseline.log'}")
             try:
-                st = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                if st == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{target} not serving after {timeout} s")
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+                    grpc.channel_ready_future(ch).result(timeout=1)
+                break
+            except grpc.FutureTimeoutError:
+                if time.time() > end:
+                    raise TimeoutError("the baseline server did not start in 300 s") from None
+                time.sleep(0.5)
+        for kind, reqs in requests.items():
+            results[kind] = {}
+            for c in concurrencies:
+                before = cpu_by_role(base.pid)
+                r = clients.load(f"127.0.0.1:{port}", reqs, c, seconds)
+                r.update(cpu_delta(before, cpu_by_role(base.pid), r.get("n", 0), _wall(r, seconds)))
+                results[kind][c] = r
+                print(f"baseline {kind} c={c}: {_brief(r)}", flush=True)
+                save()
+    finally:
+        base.send_signal(signal.SIGTERM)
+        try:
+            base.wait(30)
+        except subprocess.TimeoutExpired:
+            base.kill()
+        log.close()
 
 
-def free_port() -> int:
-    import socket
+# -- served ----------------------------------------------------------------------------------------
+def serve_and_load(folder: Path, out_dir: Path, frontends: int, env: dict[str, str],
+                   requests: dict[str, list[bytes]], concurrencies: list[int], seconds: float, clients: ClientPool,
+                   slot: int, save, results: dict, ring_slots: int = 32) -> None:
+    """`deep-detection serve FOLDER` with this many frontends, each kind at each concurrency, then stopped.
+    Fills results[kind][concurrency]; results["_skipped"][kind] says why a kind was not loaded."""
+    tmp = Path(tempfile.mkdtemp(prefix="ddbench-run-", dir="/tmp"))
+    server = Served(folder, tmp / "run", out_dir / f"serve_frontends{frontends}.log", frontends, env, slot_mb=slot,
+                    ring_slots=ring_slots)
+    server.start()
+    try:
+        results["start_to_serving_s"] = round(server.wait_serving(), 2)
+        for kind, reqs in requests.items():
+            why = probe(server.target, reqs[0])
+            if why is not None:  # e.g. a server that does not know ZSTD yet: say so, go on
+                results.setdefault("_skipped", {})[kind] = why
+                print(f"served, {frontends} frontend(s): {kind} refused, skipped: {why}", flush=True)
+                continue
+            results[kind] = {}
+            for c in concurrencies:
+                before = cpu_by_role(server.proc.pid)
+                r = clients.load(server.target, reqs, c, seconds)
+                r.update(cpu_delta(before, cpu_by_role(server.proc.pid), r.get("n", 0), _wall(r, seconds)))
+                results[kind][c] = r
+                print(f"served, {frontends} frontend(s), {kind} c={c}: {_brief(r)}", flush=True)
+                save()
+    finally:
+        server.stop()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def _wall(r: dict, seconds: float) -> float:
+    return r["n"] / r["images_per_s"] if r.get("images_per_s") else seconds
 
 
+def _brief(r: dict) -> str:
+    if not r.get("n"):
+        return f"no answers, errors {r.get('errors_by_code')}"
+    cpu = r.get("cpu_ms_per_image", {})
+    return (f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['images_per_s']:.1f} images/s, "
+            f"CPU ms/image {cpu}, errors {r['errors']}")
+
+
+# -- the table and the pictures ----------------------------------------------------------------------
+def _f(x: float | None, digits: int = 1) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def table(results: dict) -> list[str]:
+    """The run's one markdown table (and its notes), from serve.json's content; partial results give the
+    rows measured so far."""
+    a = results.get("args", {})
+    lines = [f"## Serving, {a.get('width')}x{a.get('height')} RGB-D, {a.get('arch')} {a.get('engine')} engine, "
+             f"device {a.get('device')}, {results.get('cores')} cores, {results.get('started', '')}", "",
+             "| path | request | frontends | concurrency | p50 ms | p99 ms | images/s | / engine best | frontend CPU "
+             "ms/img | worker CPU ms/img | server CPU ms/img | client CPU ms/img | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    eng = results.get("engine", {})
+    best_key = results.get("engine_best")
+    best = eng.get(best_key, {}).get("images_per_s") if best_key else None
+
+    def rel(r: dict) -> str:
+        return _f(r["images_per_s"] / best, 2) if best and r.get("images_per_s") else ""
+
+    for key, r in eng.items():
+        n = int(key.removeprefix("batch"))
+        mark = " (best)" if key == best_key else ""
+        lines.append(f"| engine (worker core, decoded frames), batch {n}{mark} | decoded | - | - | "
+                     f"{_f(r.get('p50_ms'))} per batch | {_f(r.get('p99_ms'))} | {_f(r.get('images_per_s'))} | "
+                     f"{rel(r)} | | | | | |")
+    for kind, r in results.get("in_process", {}).items():
+        lines.append(f"| in-process (decode, then engine), batch 1 | {kind} | - | 1 | {_f(r.get('p50_ms'))} | "
+                     f"{_f(r.get('p99_ms'))} | {_f(r.get('images_per_s'))} | {rel(r)} | | | | | |")
+
+    def row(path: str, kind: str, frontends: str, c, r: dict) -> str:
+        cpu = r.get("cpu_ms_per_image", {})
+        server = sum(v for k, v in cpu.items() if k != "client")
+        if not r.get("n"):
+            return (f"| {path} | {kind} | {frontends} | {c} | no answers | | | | | | | | "
+                    f"{r.get('errors_by_code', '')} |")
+        return (f"| {path} | {kind} | {frontends} | {c} | {_f(r['p50_ms'])} | {_f(r['p99_ms'])} | "
+                f"{_f(r['images_per_s'])} | {rel(r)} | {_f(cpu.get('frontend'))} | {_f(cpu.get('worker'))} | "
+                f"{_f(server)} | {_f(cpu.get('client'))} | {r.get('errors', 0) or ''} |")
+
+    for kind in results.get("kinds", []):
+        for f, per in results.get("served", {}).items():
+            for c, r in per.get(kind, {}).items():
+                lines.append(row("served (deep-detection serve)", kind, f, c, r))
+        for c, r in results.get("baseline", {}).get(kind, {}).items():
+            lines.append(row("baseline (single-process gRPC server)", kind, "-", c, r))
+    lines += ["", "Notes:"]
+    for kind, size in results.get("request_bytes", {}).items():
+        dec = results.get("decode_images_per_s_per_core", {}).get(kind)
+        lines.append(f"- {kind}: {size / 1024:.0f} KiB a request; this script's decode {_f(dec, 0)} images/s on "
+                     "one core")
+    for f, per in results.get("served", {}).items():
+        if "start_to_serving_s" in per:
+            lines.append(f"- served with {f} frontend(s): start to SERVING {per['start_to_serving_s']} s")
+        if "_error" in per:
+            lines.append(f"- served with {f} frontend(s): **failed**: {per['_error'].splitlines()[0][:300]} "
+                         f"(its log: serve_frontends{f}.log)")
+        for kind in results.get("kinds", []):
+            runs = per.get(kind, {})
+            if runs:
+                low = runs[min(runs, key=int)]
+                if "median_total_us" in low:
+                    lines.append(f"- served with {f} frontend(s), {kind}, concurrency {min(runs, key=int)}: server-side "
+                                 "medians (ms): " + ", ".join(
+                                     f"{k} {low[f'median_{k}_us'] / 1e3:.2f}"
+                                     for k in ("decode", "queued", "inference", "postprocess", "total")))
+        for kind, why in per.get("_skipped", {}).items():
+            lines.append(f"- served with {f} frontend(s): **{kind} skipped**: the server refused it ({why})")
+    if "engine_error" in results:
+        lines.append(f"- engine / in-process **failed**: {results['engine_error'][:300]}")
+    if "baseline_error" in results:
+        lines.append(f"- baseline **failed**: {results['baseline_error'][:300]} (its log: baseline.log)")
+    for kind, why in results.get("kinds_skipped", {}).items():
+        lines.append(f"- **{kind} skipped**: {why}")
+    if "grpc_floor_ms" in results:
+        lines.append(f"- a bare grpc.aio call carrying one {results['kinds'][0]} request and a "
+                     f"{results.get('response_bytes')} byte response, client and server in one process: p50 "
+                     f"{results['grpc_floor_ms']:.2f} ms (what any Python gRPC service pays here)")
+    lines.append("- CPU ms per answered image (psutil, user + system, before and after each load; client warm-up "
+                 "requests included); server = frontends + worker + supervisor, or the baseline's one process")
+    return lines
+
+
+def pictures(results: dict, out: Path) -> list[Path]:
+    """serve_throughput.png (images/s against concurrency, a line per frontend count, one panel per request
+    kind) and serve_latency.png (latency CDF at the lowest concurrency, one panel per request kind)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        print("no pictures: matplotlib is missing (pip install -e '.[bench]')", flush=True)
+        return []
+    kinds = [k for k in results.get("kinds", [])]
+    if not kinds:
+        return []
+    best_key = results.get("engine_best")
+    best = results.get("engine", {}).get(best_key, {}).get("images_per_s") if best_key else None
+    served = results.get("served", {})
+    baseline = results.get("baseline", {})
+    title = (f"{results['args']['width']}x{results['args']['height']} RGB-D, {results['args']['arch']} "
+             f"{results['args']['engine']}, {results['args']['device']}")
+    paths = []
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for f, per in served.items():
+            pts = sorted((int(c), r["images_per_s"]) for c, r in per.get(kind, {}).items() if r.get("n"))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"served, {f} frontend(s)")
+        pts = sorted((int(c), r["images_per_s"]) for c, r in baseline.get(kind, {}).items() if r.get("n"))
+        if pts:
+            ax.plot(*zip(*pts), marker="s", linestyle="--", color="gray", label="single-process gRPC server")
+        if best:
+            ax.axhline(best, linestyle=":", color="black", label=f"engine, {best_key.replace('batch', 'batch ')}")
+        ax.set_xscale("log", base=2)
+        concs = sorted({int(c) for per in [*served.values(), baseline] for c in per.get(kind, {})})
+        ax.set_xticks(concs, [str(c) for c in concs])
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("concurrent requests")
+        ax.set_ylabel("images/s")
+        ax.set_title(kind)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Throughput against concurrency: {title}")
+    fig.tight_layout()
+    paths.append(out / "serve_throughput.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    def cdf(ax, lat: list[float], **kw) -> None:
+        xs = np.sort(lat)
+        ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs), **kw)
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        lowest = None
+        for f, per in served.items():
+            runs = per.get(kind, {})
+            if runs:
+                lowest = min(runs, key=int)
+                if runs[lowest].get("latencies_ms"):
+                    cdf(ax, runs[lowest]["latencies_ms"], label=f"served, {f} frontend(s)")
+        runs = baseline.get(kind, {})
+        if runs:
+            lowest = min(runs, key=int)
+            if runs[lowest].get("latencies_ms"):
+                cdf(ax, runs[lowest]["latencies_ms"], linestyle="--", color="gray", label="single-process gRPC server")
+        ip = results.get("in_process", {}).get(kind, {})
+        if ip.get("latencies_ms"):
+            cdf(ax, ip["latencies_ms"], linestyle=":", color="black", label="in-process, batch 1")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("latency, ms")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(f"{kind}, concurrency {lowest if lowest is not None else '?'}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Latency distribution at the lowest concurrency: {title}")
+    fig.tight_layout()
+    paths.append(out / "serve_latency.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+# -- the bare gRPC floor and scaling ---------------------------------------------------------------------
 async def _grpc_floor(request: bytes, response: bytes, seconds: float) -> float:
     import grpc
 
@@ -394,145 +445,186 @@ async def _grpc_floor(request: bytes, response: bytes, seconds: float) -> float:
     return float(np.median(lat))
 
 
-def grpc_floor(frames: list[tuple[bytes, bytes]], response_bytes: int, seconds: float = 3.0) -> float:
-    """p50 ms of a bare grpc.aio call carrying one of these requests and a response of the served
-    size, client and server in this process: what any Python gRPC service pays on this machine
-    before doing anything, and the in-process script does not."""
-    from dd.client import make_request
+def grpc_floor(request: bytes, response_bytes: int, seconds: float = 2.0) -> float:
+    """p50 ms of a bare grpc.aio call carrying this request and a response of the served size, client and
+    server in this process: what any Python gRPC service pays on this machine before doing anything."""
+    import asyncio
 
-    request = make_request(*frames[0]).SerializeToString()
     return asyncio.run(_grpc_floor(request, b"\0" * response_bytes, seconds))
 
 
-def decode_per_core(frames: list[tuple[bytes, bytes]], seconds: float = 3.0) -> float:
-    """Frontend decode (JPEG color + PNG depth into a slot) on one core: images per second."""
-    from dd.frontend.decode import decode_into_slot
-    from dd.proto.deep_detection.v1 import detector_pb2 as pb
+def scaling(args: argparse.Namespace, tmp: Path, out: Path, requests: list[bytes], clients: ClientPool) -> list[dict]:
+    """Throughput and latency with 1, 2, 4, 8 workers (one per GPU where there are that many GPUs),
+    each loaded at the same rising concurrency per worker, so that rows compare like with like.
 
-    cv2.setNumThreads(1)
-    reqs = [pb.DetectRequest(color=pb.Image(data=j), depth=pb.Image(data=p)) for j, p in frames]
-    slot = memoryview(bytearray(16 << 20))
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        decode_into_slot(reqs[n % len(reqs)], True, slot, 1 << 24)
-        n += 1
-    return n / (time.perf_counter() - start)
+    Where there are fewer GPUs than workers (a CPU smoke test, or one GPU) the workers share
+    the devices (INSTANCES_PER_DEVICE), which measures the serving path, not GPU scaling.
+    """
+    gpus = gpu_count()
+    rows = []
+    for n in args.scale_workers:
+        if gpus >= n:
+            placement = {"DEVICES": list(range(n)), "INSTANCES_PER_DEVICE": 1}
+            where = f"{n} GPU(s), one worker each"
+        else:
+            placement = {"DEVICES": "auto", "INSTANCES_PER_DEVICE": n}
+            where = f"{n} workers sharing {'the CPU' if gpus == 0 else f'{gpus} GPU(s)'}"
+        folder = make_model(tmp, args.engine, args.arch, args.batch, args.height, args.width, args.detections,
+                            args.min_size, placement, name=f"scale{n}")
+        concs = [c * n for c in args.per_worker_concurrency]
+        served: dict = {}
+        serve_and_load(folder, out, args.frontends[0], dict(os.environ), {args.encodings[0]: requests}, concs,
+                       args.seconds, clients, slot_mb(args.height, args.width), lambda: None, served,
+                       args.ring_slots)
+        for per, conc in zip(args.per_worker_concurrency, concs):
+            r = served.get(args.encodings[0], {}).get(conc, {"n": 0})
+            rows.append({"workers": n, "where": where, "per_worker": per, "concurrency": conc,
+                         **{k: v for k, v in r.items() if k != "latencies_ms"}})
+    return rows
 
 
+def scaling_table(rows: list[dict]) -> list[str]:
+    """Markdown rows: each against the one-worker row at the same concurrency per worker."""
+    single = {r["per_worker"]: r for r in rows if r["workers"] == 1 and r.get("n")}
+    lines = ["| workers | placement | concurrency (per worker) | images/s | / (N x one worker's) | p50 ms | p99 ms "
+             "| p99 / one worker's | errors |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.get("n"):
+            lines.append(f"| {r['workers']} | {r['where']} | {r['concurrency']} ({r['per_worker']}) | no answers "
+                         f"| | | | | {r.get('errors', '')} |")
+            continue
+        one = single.get(r["per_worker"])
+        eff = r["images_per_s"] / (r["workers"] * one["images_per_s"]) if one else float("nan")
+        p99 = r["p99_ms"] / one["p99_ms"] if one else float("nan")
+        lines.append(f"| {r['workers']} | {r['where']} | {r['concurrency']} ({r['per_worker']}) | "
+                     f"{r['images_per_s']:.1f} | {eff:.2f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {p99:.2f} | "
+                     f"{r['errors']} |")
+    return lines
+
+
+# -- main ---------------------------------------------------------------------------------------------
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--engine", default="fast", help="fast (GPU) or torchvision")
+    ap.add_argument("--engine", default="fast", help="fast (GPU), torchvision or null")
     ap.add_argument("--arch", default="r50", choices=["r50", "small"])
     ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--batch", type=int, default=8, help="MAX_BATCH_SIZE, and the in-process throughput batch")
+    ap.add_argument("--batch", type=int, default=8, help="MAX_BATCH_SIZE of the served model")
+    ap.add_argument("--engine-batches", type=int, nargs="+",
+                    help="batches the engine is timed at besides 1 (default: --batch); the best is the reference")
     ap.add_argument("--detections", type=int, default=100)
     ap.add_argument("--min-size", type=int, default=800, help="the model's shorter side")
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--frontends", type=int, default=4, help="0: the server's default (from the cores)")
-    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--encodings", nargs="+", default=["jpeg+png"], choices=KINDS,
+                    help="request kinds: jpeg+png (the standard), raw tensors, jpeg+zstd (ZSTD depth; skipped with "
+                         "a note where the server or this machine lacks it)")
+    ap.add_argument("--zstd-level", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    ap.add_argument("--frontends", type=int, nargs="+", default=[4],
+                    help="frontend counts, one server start each (0: the server's default, from the cores)")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per load, and per engine / in-process row")
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--frames", type=int, default=16, help="distinct frames each kind cycles through")
+    ap.add_argument("--no-baseline", action="store_true", help="leave out the single-process server")
     ap.add_argument("--scale-workers", type=int, nargs="+",
                     help="instead of the comparison, serve with each number of workers (e.g. 1 2 4 8; one per GPU "
                          "where there are enough GPUs) and print throughput and latency side by side")
     ap.add_argument("--per-worker-concurrency", type=int, nargs="+", default=[1, 4, 16],
                     help="with --scale-workers: concurrency per worker, each run for every worker count")
+    ap.add_argument("--ring-slots", type=int, default=32, help="shared-memory slots per frontend")
     ap.add_argument("--client-procs", type=int, default=1,
                     help="client processes that share the load (use several for many GPUs)")
-    ap.add_argument("--json")
+    ap.add_argument("--out", help="folder for serve.json, serve.md, the pictures and the servers' logs")
+    ap.add_argument("--json", help="also write serve.json's content here (older runs' flag)")
     ap.add_argument("--baseline-server", nargs=3, metavar=("FOLDER", "DEVICE", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_server:
         baseline_server(Path(args.baseline_server[0]), args.baseline_server[1], int(args.baseline_server[2]))
         return 0
+    stop_on_sigterm()
 
     tmp = Path(tempfile.mkdtemp(prefix="ddbench-", dir="/tmp"))
+    out = Path(args.out) if args.out else tmp
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"args": vars(args), "cores": os.cpu_count(), "kinds": [], "kinds_skipped": {},
+                     "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+    def save() -> None:
+        text = json.dumps(results, indent=1, default=str)
+        (out / "serve.json").write_text(text)
+        if args.json:
+            Path(args.json).write_text(text)
+        (out / "serve.md").write_text("\n".join(table(results)) + "\n")
+
+    for kind in dict.fromkeys(args.encodings):
+        if kind == "jpeg+zstd" and not zstd_available():
+            results["kinds_skipped"][kind] = "the zstandard package is not installed here (pip install zstandard)"
+            print(f"{kind} skipped: {results['kinds_skipped'][kind]}", flush=True)
+            continue
+        results["kinds"].append(kind)
+    frames = scenes(args.frames, args.height, args.width)
+    requests = {kind: requests_of(kind, frames, args.zstd_level) for kind in results["kinds"]}
+    results["request_bytes"] = {k: float(np.mean([len(r) for r in v])) for k, v in requests.items()}
+    results["decode_images_per_s_per_core"] = {k: decode_per_core(v, min(2.0, args.seconds))
+                                               for k, v in requests.items()}
+    print(f"requests: {args.width}x{args.height} RGB-D; model {args.arch}, engine {args.engine} on {args.device}; "
+          + ", ".join(f"{k} {results['request_bytes'][k] / 1024:.0f} KiB, decode "
+                      f"{results['decode_images_per_s_per_core'][k]:.0f}/s per core" for k in requests), flush=True)
     folder = make_model(tmp, args.engine, args.arch, args.batch, args.height, args.width, args.detections,
                         args.min_size)
-    frames = encode_frames(16, args.height, args.width)
-    kb = np.mean([len(j) + len(p) for j, p in frames]) / 1024
-    print(f"requests: {args.width}x{args.height} RGB-D, JPEG+PNG {kb:.0f} KiB each; model {args.arch} "
-          f"engine {args.engine} on {args.device}", flush=True)
-    results: dict = {"decode_images_per_s_per_core": decode_per_core(frames)}
-    print(f"frontend decode: {results['decode_images_per_s_per_core']:.0f} images/s per core", flush=True)
-
-    results["in_process"] = run_in_process(folder, args.device, frames, args.batch, args.seconds)
-    print("in-process:", results["in_process"], flush=True)
-    results["grpc_floor_ms"] = grpc_floor(frames, results["in_process"]["response_bytes"])
-    print(f"a bare grpc.aio call with this request and a {results['in_process']['response_bytes']} byte response: "
-          f"p50 {results['grpc_floor_ms']:.2f} ms", flush=True)
-
-    if args.scale_workers:
-        rows = scaling(args, tmp, frames)
-        ref = results["in_process"][f"batch{args.batch}"]["images_per_s"]
-        print(f"\n## Scaling, {args.width}x{args.height} RGB-D JPEG+PNG, {args.arch} {args.engine}, "
-              f"{args.frontends or 'auto'} frontends, {args.client_procs} client processes; in-process "
-              f"reference {ref:.1f} images/s on one device\n")
-        print("\n".join(scaling_table(rows)), flush=True)
-        results["scaling"] = rows
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
-        return 0
-
-    # deep-detection serve
-    gpu = args.device.split(":")[1] if args.device.startswith("cuda") else ""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu) if gpu else dict(os.environ)
-    results["served"] = serve_and_load(folder, tmp / "run", tmp / "serve.log", args.frontends, env, frames,
-                                       args.concurrency, args.seconds, args.client_procs)
-
-    # the plain single-process server
-    port = free_port()
-    base = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(folder), args.device, str(port)],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp / "baseline.log", "wb"), cwd=REPO)
+    clients = ClientPool(args.client_procs)
     try:
-        end = time.time() + 300
-        import grpc
+        if args.scale_workers:
+            kind = results["kinds"][0]
+            rows = scaling(args, tmp, out, requests[kind], clients)
+            print(f"\n## Scaling, {args.width}x{args.height} RGB-D {kind}, {args.arch} {args.engine}, "
+                  f"{args.frontends[0] or 'auto'} frontends, {args.client_procs} client processes\n")
+            lines = scaling_table(rows)
+            print("\n".join(lines), flush=True)
+            results["scaling"] = rows
+            save()
+            (out / "serve.md").write_text("\n".join(lines) + "\n")
+            return 0
 
-        while time.time() < end:
+        batches = args.engine_batches or [args.batch]
+        try:
+            results.update(run_engine_and_in_process(folder, args.device, requests, batches, args.seconds))
+        except Exception as exc:  # noqa: BLE001 - in the table; the served rows still run
+            results["engine_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"engine / in-process failed: {exc}", flush=True)
+        save()
+        first = results["kinds"][0]
+        results["grpc_floor_ms"] = grpc_floor(requests[first][0], results.get("response_bytes", 4096))
+        save()
+
+        gpu = args.device.split(":")[1] if args.device.startswith("cuda") else ""
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu) if gpu else dict(os.environ)
+        results["served"] = {}
+        for f in args.frontends:
+            results["served"][str(f)] = {}
             try:
-                with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                    grpc.channel_ready_future(ch).result(timeout=1)
-                break
-            except grpc.FutureTimeoutError:
-                time.sleep(0.5)
-        results["baseline"] = {}
-        for c in args.concurrency:
-            results["baseline"][c] = load_from_processes(f"127.0.0.1:{port}", frames, c, args.seconds,
-                                                         args.client_procs)
-            print(f"baseline c={c}:", results["baseline"][c], flush=True)
-    finally:
-        base.send_signal(signal.SIGTERM)
-        base.wait(30)
-
-    ip1 = results["in_process"]["batch1"]
-    ipb = results["in_process"][f"batch{args.batch}"]
-    c1, cs = args.concurrency[0], args.concurrency[-1]
-    print(f"\n## Serving, {args.width}x{args.height} RGB-D JPEG+PNG, {args.arch} {args.engine}, device {args.device}\n")
-    print("| path | concurrency | p50 ms | p99 ms | images/s |")
-    print("|---|---|---|---|---|")
-    print(f"| in-process, batch 1 | 1 | {ip1['p50_ms']:.1f} | {ip1['p99_ms']:.1f} | {ip1['images_per_s']:.1f} |")
-    print(f"| in-process, batch {args.batch} | - | {ipb['p50_ms']:.1f} (batch) | {ipb['p99_ms']:.1f} | "
-          f"{ipb['images_per_s']:.1f} |")
-    for name in ("served", "baseline"):
-        for c in args.concurrency:
-            r = results[name][c]
-            if r.get("n"):
-                print(f"| {name} | {c} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['images_per_s']:.1f} |"
-                      + (f" errors {r['errors']}" if r["errors"] else ""))
-    s1, ss = results["served"][c1], results["served"][cs]
-    print(f"\nserved p50 at concurrency {c1} minus in-process batch-1 p50: {s1['p50_ms'] - ip1['p50_ms']:+.2f} ms "
-          f"(a bare gRPC call of this size: {results['grpc_floor_ms']:.2f} ms)")
-    print(f"served throughput at concurrency {cs} / in-process batch {args.batch}: "
-          f"{ss['images_per_s'] / ipb['images_per_s']:.3f}")
-    b = results["baseline"][cs]
-    if b.get("n"):
-        print(f"served / baseline throughput at concurrency {cs}: {ss['images_per_s'] / b['images_per_s']:.2f}")
-    med = {k: v for k, v in ss.items() if k.startswith("median_")}
-    print(f"served at saturation, median server-side timing (us): {med}")
-    print(f"served at saturation, CPU ms per image by role: {ss.get('cpu_ms_per_image')}; cores busy: "
-          f"{ss.get('cores_busy')} of {os.cpu_count()}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+                serve_and_load(folder, out, f, env, requests, args.concurrency, args.seconds, clients,
+                               slot_mb(args.height, args.width), save, results["served"][str(f)], args.ring_slots)
+            except Exception as exc:  # noqa: BLE001 - in the table; the other frontend counts still run
+                results["served"][str(f)]["_error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
+                print(f"served with {f} frontend(s) failed: {exc}", flush=True)
+            save()
+        if not args.no_baseline:
+            results["baseline"] = {}
+            try:
+                run_baseline(folder, args.device, out, requests, args.concurrency, args.seconds, clients, save,
+                             results["baseline"])
+            except Exception as exc:  # noqa: BLE001 - in the table
+                results["baseline_error"] = f"{type(exc).__name__}: {exc}"
+                print(f"baseline failed: {exc}", flush=True)
+        save()
+        print("\n" + "\n".join(table(results)), flush=True)
+    finally:  # also when stopped early (timeout's SIGTERM): the pictures of what was measured
+        clients.close()
+        if not args.scale_workers:
+            for p in pictures(results, out):
+                print(f"wrote {p}", flush=True)
+            save()
+            print(f"wrote {out / 'serve.json'} and {out / 'serve.md'}", flush=True)
     return 0
 
 

@@ -223,7 +223,7 @@ def _inline_server(path: Path) -> Iterator[str]:
     target = f"127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile(prefix="dd-eval-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(path), "--host", "127.0.0.1", "--port",
-                             str(port), "--frontends", "1"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+                             str(port), "--frontends", "1", "--metrics-port", "0"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     try:
         end = time.monotonic() + 300.0
         while True:

@@ -61,6 +61,7 @@ sys.path.insert(0, str(REPO))
 
 from dd.ipc.endpoints import run_tag  # noqa: E402
 from dd.ipc.shm_ring import ring_usage, run_segments  # noqa: E402
+from dd.procutil import process_argv  # noqa: E402
 from dd.proto.deep_detection.v1 import detector_pb2 as pb  # noqa: E402
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc  # noqa: E402
 from dd.worker.engines.null import null_detections  # noqa: E402
@@ -171,7 +172,8 @@ class Soak:
     def start(self) -> None:
         argv = [sys.executable, "-m", "dd", "serve", str(self.model_path), "--host", "127.0.0.1", "--port",
                 str(self.port), "--run-dir", str(self.run_dir), "--frontends", str(self.args.frontends),
-                "--ring-slots", "16", "--slot-mb", "1", "--log-dir", str(self.tmp / "logs")]
+                "--ring-slots", "16", "--slot-mb", "1", "--log-dir", str(self.tmp / "logs"),
+                "--metrics-port", "0"]  # no metrics: soaks run beside other servers (8002)
         if self.args.hostile:  # short enough to be seen within a short run
             argv += ["--upload-timeout", "2", "--idle-timeout", "5"]
         self.proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -199,12 +201,12 @@ class Soak:
     def processes(self) -> dict[int, str]:
         out = {self.proc.pid: "supervisor"}
         try:
-            kids = psutil.Process(self.proc.pid).children()
+            kids = psutil.Process(self.proc.pid).children(recursive=True)  # forked workers are the zygote's
         except psutil.NoSuchProcess:
             return out
         for p in kids:
             try:
-                argv = p.cmdline()
+                argv = process_argv(p)
                 if p.status() == psutil.STATUS_ZOMBIE or len(argv) < 4:
                     continue  # just died, or not yet exec'd
             except psutil.NoSuchProcess:

@@ -23,6 +23,7 @@ import numpy as np
 import psutil
 
 from dd.ipc.shm_ring import ring_usage
+from dd.supervisor import PROCESS_TABLE
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
 from dd.worker.engines.null import null_detections
@@ -95,29 +96,31 @@ class Server(ServerProcess):
 
     # -- processes ------------------------------------------------------------------------------
     def processes(self, role: str | None = None) -> list[psutil.Process]:
-        """Live children of the supervisor: role 'worker' or 'frontend' (argv: python -m dd ROLE ...)."""
+        """Live children of the supervisor: role 'worker' or 'frontend', from the supervisor's process
+        table (RUN_DIR/processes.json: forked workers have the zygote's command line)."""
+        return [p for name, p in self._table().items() if role is None or name.startswith(f"{role}-")]
+
+    def worker(self, model: str, index: int) -> psutil.Process | None:
+        return self._table().get(f"worker-{model}.{index}")
+
+    def _table(self) -> dict[str, psutil.Process]:
         try:
-            kids = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-        out = []
-        for p in kids:
+            table = json.loads((self.run_dir / PROCESS_TABLE).read_text())
+        except (OSError, ValueError):
+            return {}
+        named = dict(table.get("children", {}))
+        if table.get("zygote"):
+            named["zygote"] = table["zygote"]
+        out = {}
+        for name, pid in named.items():
             try:
-                argv = p.cmdline()
-                if p.status() == psutil.STATUS_ZOMBIE:
+                proc = psutil.Process(pid) if pid else None
+                if proc is None or proc.status() == psutil.STATUS_ZOMBIE:
                     continue
             except psutil.NoSuchProcess:
                 continue
-            if role is None or (len(argv) > 3 and argv[3] == role):
-                out.append(p)
+            out[name] = proc
         return out
-
-    def worker(self, model: str, index: int) -> psutil.Process | None:
-        for p in self.processes("worker"):
-            argv = p.cmdline()
-            if _flag(argv, "--model") == model and _flag(argv, "--index") == str(index):
-                return p
-        return None
 
     def all_pids(self) -> list[int]:
         return [self.proc.pid] + [p.pid for p in self.processes()]

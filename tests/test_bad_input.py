@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
-from dd.frontend.decode import check_options, decode_into_slot
+from dd.frontend.decode import decode_into_slot
 from dd.frontend.errors import ServeError, Status
+from dd.frontend.protocols.detector_v1 import check_options, image_inputs
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from tests.faults import Server, answer_problem, detect, null_case, null_model
 
@@ -269,7 +270,7 @@ def test_fuzz_validation_and_decoding(color: pb.Image, depth: pb.Image, needs_de
         assert exc.status == Status.INVALID_ARGUMENT and exc.message
     slot = memoryview(bytearray(slot_size))
     try:
-        out = decode_into_slot(req, needs_depth, slot, max_pixels=2000)
+        out = decode_into_slot(*image_inputs(req), needs_depth, slot, max_pixels=2000)
     except ServeError as exc:
         assert exc.status == Status.INVALID_ARGUMENT and exc.message
         return

@@ -159,8 +159,13 @@ def test_the_score_threshold_parameter(probed) -> None:
 def test_statistics_count_what_this_frontend_served(probed) -> None:
     stats = probed["statistics"]["model_stats"][0]
     assert stats["name"] == "demo-rgbd"
-    assert stats["inference_stats"]["success"]["count"] == "5"  # the five inferences before it
-    assert int(stats["inference_stats"]["success"]["ns"]) > 0
+    inference = stats["inference_stats"]
+    assert inference["success"]["count"] == "5"  # the five inferences before it
+    assert stats["inference_count"] == "5"
+    # From the worker's reply envelope: each request's engine call, input decoding and encoding.
+    for key in ("success", "compute_input", "compute_infer", "compute_output"):
+        assert inference[key]["count"] == "5" and int(inference[key]["ns"]) > 0, (key, inference)
+    assert int(inference["compute_infer"]["ns"]) < int(inference["success"]["ns"])
 
 
 @pytest.mark.parametrize("case, status, words", [

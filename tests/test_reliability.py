@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 import pytest
 
+from dd.procutil import process_argv
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
 from tests.faults import (Outcome, Server, answer_problem, codes, detect, null_case, null_model, run_cases,
@@ -193,14 +194,15 @@ def test_supervisor_sigkill_children_exit_by_themselves(tmp_path: Path) -> None:
     null_model(tmp_path / "null", per_device=2)
     with Server(tmp_path / "null", frontends=2, slot_mb=0.0625) as srv:
         srv.start().wait_serving(120)
-        children = wait_for(lambda: len(kids := srv.processes()) == 4 and kids, 60, "4 children")
+        # 2 workers, 2 frontends, and the zygote the workers were forked from
+        children = wait_for(lambda: len(kids := srv.processes()) == 5 and kids, 60, "5 children")
         srv.proc.kill()
         srv.proc.wait()
         killed_at = time.monotonic()
         # They exit within a second or two (printed); the bound only tells "by themselves" from "never".
         gone, alive = psutil.wait_procs(children, timeout=30)
         took = time.monotonic() - killed_at
-        assert not alive, f"orphans left: {[p.cmdline()[3:4] for p in alive]}"
+        assert not alive, f"orphans left: {[process_argv(p)[3:4] for p in alive]}"
         print(f"\nsupervisor SIGKILL: {len(gone)} children exited by themselves in {took:.2f} s")
         # They cleaned up after themselves: rings and worker sockets are gone. (The lock stays: a killed
         # supervisor cannot remove it, and the next start on this run directory takes it over.)
@@ -526,7 +528,7 @@ def test_ten_times_overload_for_30_s_memory_bounded_and_recovers(tmp_path: Path)
                 rss.append(snap)
 
         roles = {srv.proc.pid: "supervisor"}
-        roles.update({p.pid: f"{p.cmdline()[3]}-{p.pid}" for p in srv.processes()})
+        roles.update({p.pid: f"{process_argv(p)[3]}-{p.pid}" for p in srv.processes()})
         sampler = threading.Thread(target=sample)
         sampler.start()
         outcomes = asyncio.run(_open_loop(srv.target, rate=2000, seconds=30, timeout=2.0))

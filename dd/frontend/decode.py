@@ -44,7 +44,7 @@ from PIL import Image as PILImage
 
 from dd.frontend.errors import ServeError, Status
 from dd.frontend.image_cost import CostError, jpeg_scans, png_pixel_chunks
-from dd.proto.deep_detection.v1 import detector_pb2 as pb
+from dd.frontend.inputs import ENCODED, MASKS_NONE, MASKS_RLE, RAW, ImageInput
 
 # Decoding must not spawn OpenCV's own thread pool inside each of ours.
 cv2.setNumThreads(1)
@@ -59,7 +59,9 @@ MIN_RESIZED_SIDE = 32
 MAX_DEPTH_M = 65.535
 # TIFF codecs whose cost is bounded by the pixels (Pillow's names); JPEG-in-TIFF and the fax codecs are not accepted.
 TIFF_COMPRESSIONS = ("raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits")
-_RAW_DTYPES = {pb.UINT8: np.uint8, pb.UINT16: np.uint16, pb.FLOAT32: np.float32}
+_RAW_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float32": np.float32}
+# Encodings as numbered in the public API, for messages that name an encoding this version does not take.
+_ENCODING_NUMBERS = {ENCODED: 0, RAW: 1, "zstd": 2}
 _COLOR_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 _DEPTH_FLAGS = cv2.IMREAD_UNCHANGED  # keeps 16 bits; ignores EXIF orientation
 # A request's depth image decodes here while its color image decodes in the caller's thread:
@@ -94,11 +96,15 @@ def check_threshold(value: float) -> None:
         raise _invalid(f"score_threshold must be in [0, 1] (0: the model's own), got {value}")
 
 
-def check_options(request: pb.DetectRequest) -> None:
+def check_mask_format(value: int) -> None:
+    if value not in (MASKS_RLE, MASKS_NONE):
+        raise _invalid(f"unknown mask_format {value}; use RLE (0) or NONE (1)")
+
+
+def check_options(score_threshold: float, mask_format: int) -> None:
     """The request's fields other than the images."""
-    check_threshold(request.score_threshold)
-    if request.mask_format not in (pb.RLE, pb.NONE):
-        raise _invalid(f"unknown mask_format {request.mask_format}; use RLE (0) or NONE (1)")
+    check_threshold(score_threshold)
+    check_mask_format(mask_format)
 
 
 def image_format(data: bytes) -> str | None:
@@ -176,7 +182,7 @@ def check_aspect(w: int, h: int, resize: tuple[int, int], what: str = "color") -
                        f"the longer side may be at most {ratio:.1f} times the shorter: crop or pad the image")
 
 
-def _raw_array(img: pb.Image, what: str, channels: int | None) -> np.ndarray:
+def _raw_array(img: ImageInput, what: str, channels: int | None) -> np.ndarray:
     if img.dtype not in _RAW_DTYPES:
         raise _invalid(f"{what}: RAW images need dtype UINT8, UINT16 or FLOAT32, got {_dtype_name(img.dtype)}")
     dtype = np.dtype(_RAW_DTYPES[img.dtype])
@@ -200,17 +206,18 @@ def _raw_array(img: pb.Image, what: str, channels: int | None) -> np.ndarray:
     return np.frombuffer(img.data, dtype=dtype).reshape(shape)
 
 
-def _dtype_name(value: int) -> str:
-    return pb.DType.Name(value) if value in pb.DType.values() else str(value)
+def _dtype_name(value: str) -> str:
+    return value.upper()
 
 
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _check_encoding(img: pb.Image, what: str) -> None:
-    if img.encoding not in (pb.Image.ENCODED, pb.Image.RAW):
-        raise _invalid(f"{what}: unknown encoding {img.encoding}; use ENCODED (0) or RAW (1)")
+def _check_encoding(img: ImageInput, what: str) -> None:
+    if img.encoding not in (ENCODED, RAW):
+        label = _ENCODING_NUMBERS.get(img.encoding, img.encoding)
+        raise _invalid(f"{what}: unknown encoding {label}; use ENCODED (0) or RAW (1)")
 
 
 def _check_abandoned(abandoned: threading.Event | None) -> None:
@@ -218,15 +225,16 @@ def _check_abandoned(abandoned: threading.Event | None) -> None:
         raise ServeError(Status.CANCELLED, "the call ended before its image was decoded")
 
 
-def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryview, max_pixels: int, *,
-                     max_jpeg_scans: int = MAX_JPEG_SCANS, resize: tuple[int, int] | None = None,
-                     abandoned: threading.Event | None = None) -> Decoded:
+def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: bool, slot: memoryview,
+                     max_pixels: int, *, max_jpeg_scans: int = MAX_JPEG_SCANS,
+                     resize: tuple[int, int] | None = None, abandoned: threading.Event | None = None) -> Decoded:
     """Decodes color (and depth) into `slot`; color at offset 0 as H x W x 3 RGB, depth after it.
 
+    `depth` None is an empty image (refused when the model needs depth, ignored otherwise).
     `resize`: the model's (MIN_SIZE, MAX_SIZE), for check_aspect. `abandoned`: set by the caller
     when nobody waits for the answer any more; checked before each decode starts.
     """
-    color_img, depth_img = request.color, request.depth
+    color_img, depth_img = color, depth if depth is not None else ImageInput(b"")
     _check_encoding(color_img, "color")
     if needs_depth:
         _check_encoding(depth_img, "depth")
@@ -239,7 +247,7 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     # 1. Sizes, from RAW shapes or headers; nothing decoded yet.
     color_raw = depth_raw = None
     color_data = depth_data = b""
-    if color_img.encoding == pb.Image.RAW:
+    if color_img.encoding == RAW:
         color_raw = _raw_array(color_img, "color", 3)
         h, w = color_raw.shape[:2]
     else:
@@ -250,7 +258,7 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     depth_offset = _align(h * w * 3)
     end = h * w * 3
     if needs_depth:
-        if depth_img.encoding == pb.Image.RAW:
+        if depth_img.encoding == RAW:
             depth_raw = _raw_array(depth_img, "depth", None)
             dh, dw = depth_raw.shape
             itemsize = depth_raw.dtype.itemsize

@@ -324,7 +324,13 @@ class Dispatcher:
 
     async def submit(self, req: messages.InferRequest, deadline: float,
                      rebind: Callable[[], int], give_up_at: float | None = None) -> bytes:
-        """Sends the request to a worker and waits for its serialized response.
+        """The worker's serialized response alone: see submit_reply."""
+        return (await self.submit_reply(req, deadline, rebind, give_up_at)).body
+
+    async def submit_reply(self, req: messages.InferRequest, deadline: float,
+                           rebind: Callable[[], int], give_up_at: float | None = None) -> Reply:
+        """Sends the request to a worker and waits for its reply: the serialized response and the
+        envelope with the worker's timings (so callers count them without parsing the body).
 
         Waits for a worker credit until `give_up_at` (default: the deadline),
         then for the answer until the deadline. `rebind` bumps the slot's
@@ -364,5 +370,5 @@ class Dispatcher:
                 continue
             if reply.code == "OK" and reply.body is not None:
                 self._record(req, reply.envelope)
-                return reply.body
+                return reply
             raise ServeError(Status.from_name(reply.code), reply.message or reply.code)

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dd.frontend.errors import ServeError, Status
+from dd.frontend.inputs import ENCODED, RAW, ImageInput, OutputRegion
 from dd.proto.inference import grpc_service_pb2 as pb
 
 VERSION = "1"  # every model has one version
@@ -55,32 +56,12 @@ def allowed(name: str) -> str:
     return " or ".join(what for _, _, what in _INPUTS[name].values())
 
 
-@dataclass
-class TensorInput:
-    """One image input, protocol-free: encoded bytes, or a raw array's bytes with its shape and dtype."""
-
-    encoding: str  # "encoded" or "raw"
-    data: bytes | memoryview
-    shape: tuple[int, ...] = ()
-    dtype: str = ""  # numpy dtype name of a raw array: uint8, uint16, float32
-
-
 class ShmAccess(Protocol):
     """What parsing needs of the client shared-memory registry (dd/frontend/client_shm.py)."""
 
     def view(self, name: str, offset: int, byte_size: int) -> memoryview: ...
 
     def region(self, name: str, offset: int, byte_size: int) -> Any: ...  # .key, .offset; range checked
-
-
-@dataclass(frozen=True)
-class OutputRegion:
-    """An output the worker writes into client shared memory: the segment's key and absolute range."""
-
-    output: str
-    key: str
-    offset: int
-    byte_size: int
 
 
 @dataclass
@@ -90,11 +71,11 @@ class InferInputs:
     model: str
     version: str
     request_id: str
-    color: TensorInput
-    depth: TensorInput | None
+    color: ImageInput
+    depth: ImageInput | None
     score_threshold: float  # 0: the model's own
     outputs: tuple[str, ...]  # in the order asked; empty: every output
-    output_regions: tuple[OutputRegion, ...] = ()  # outputs asked into client shared memory
+    output_regions: tuple[OutputRegion, ...] = ()  # outputs asked into client shared memory (absolute ranges)
 
     @property
     def wants_masks(self) -> bool:
@@ -149,7 +130,7 @@ def _outputs(request: pb.ModelInferRequest,
             assert shm is not None
             name, offset, size = where
             region = shm.region(name, offset, size)  # the range checked against the registration
-            regions.append(OutputRegion(out.name, region.key, region.offset + offset, size))
+            regions.append(OutputRegion(out.name, region.key, region.offset + offset, size))  # in the segment
         names.append(out.name)
     return tuple(names), tuple(regions)
 
@@ -203,9 +184,9 @@ def _shape(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str) -> tupl
     return shape
 
 
-def _input(request: pb.ModelInferRequest, index: int, raw_index: int | None, shm: ShmAccess | None) -> TensorInput:
-    """Input `index`; its bytes from client shared memory, from raw_input_contents[raw_index], or from
-    its typed contents (raw_index None)."""
+def _input(request: pb.ModelInferRequest, index: int, raw_index: int | None, shm: ShmAccess | None) -> ImageInput:
+    """Input `index`; its bytes from client shared memory (a view: no copy), from
+    raw_input_contents[raw_index], or from its typed contents (raw_index None)."""
     tensor = request.inputs[index]
     name = tensor.name
     types = _INPUTS[name]
@@ -225,18 +206,18 @@ def _input(request: pb.ModelInferRequest, index: int, raw_index: int | None, shm
             items = parse_bytes_tensor(raw, f"input {name!r}")
             if len(items) != 1:
                 raise _invalid(f"input {name!r}: a BYTES input holds one encoded image; got {len(items)} elements")
-            return TensorInput("encoded", items[0])
+            return ImageInput(bytes(items[0]), ENCODED)
         need = math.prod(shape) * np.dtype(dtype).itemsize
         if len(raw) != need:
             raise _invalid(f"input {name!r}: {len(raw)} bytes of raw data, but shape {list(shape)} of "
                            f"{tensor.datatype} needs {need}")
-        return TensorInput("raw", raw, shape, dtype)
+        return ImageInput(raw, RAW, shape, dtype)
     values = getattr(tensor.contents, field)
     if tensor.datatype == "BYTES":
         if len(values) != 1:
             raise _invalid(f"input {name!r}: a BYTES input holds one encoded image; got {len(values)} elements in "
                            "contents.bytes_contents")
-        return TensorInput("encoded", values[0])
+        return ImageInput(values[0], ENCODED)
     if len(values) != math.prod(shape):
         raise _invalid(f"input {name!r}: {len(values)} values in contents.{field}, but shape {list(shape)} needs "
                        f"{math.prod(shape)} (or send the tensor in raw_input_contents)")
@@ -244,7 +225,7 @@ def _input(request: pb.ModelInferRequest, index: int, raw_index: int | None, shm
     if dtype != "float32" and array.size and (array.min() < 0 or array.max() > np.iinfo(dtype).max):
         raise _invalid(f"input {name!r}: {tensor.datatype} values must lie in [0, {np.iinfo(dtype).max}], got "
                        f"{array.min()} to {array.max()}")
-    return TensorInput("raw", array.astype(dtype).tobytes(), shape, dtype)
+    return ImageInput(array.astype(dtype).tobytes(), RAW, shape, dtype)
 
 
 def parse_infer(request: pb.ModelInferRequest, input_kind: str, *, shm: ShmAccess | None = None) -> InferInputs:

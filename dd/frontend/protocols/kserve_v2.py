@@ -13,6 +13,9 @@ System shared memory: the adapter calls the registry it is given (`shm`, dd/fron
 made by the frontend with --allow-client-shm); inputs named in a region are read from it straight
 into the ring, outputs named in a region are written there by the worker. Without a registry (the
 default) those calls answer UNIMPLEMENTED with a message naming --allow-client-shm.
+
+Like every adapter, the module exposes SERVICE_NAMES and handlers(api); dd.frontend.server
+registers it on the main port and, with --kserve-port, alone on a port of its own.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 
 import grpc
 
 from dd.config import ModelConfig
 from dd.frontend.errors import ServeError, Status
+from dd.frontend.inputs import MASKS_NONE, MASKS_RLE, DetectionRequest, Outcome
+from dd.frontend.protocols.detector_v1 import abort, internal, parser
 from dd.frontend.protocols.kserve_inputs import OUTPUTS, VERSION, InferInputs, check_version, parse_infer
+from dd.frontend.requests import RequestPath
 from dd.logsafe import clip
 from dd.proto.inference import grpc_service_pb2 as pb
 from dd.proto.inference import model_config_pb2 as mc
@@ -35,6 +41,7 @@ from dd.proto.inference import model_config_pb2 as mc
 log = logging.getLogger("dd.frontend.kserve")
 
 SERVICE = "inference.GRPCInferenceService"
+SERVICE_NAMES = (SERVICE,)
 PROTOCOL = "kserve_v2"  # ipc InferRequest.protocol: the worker's encoder for this protocol
 SERVER_NAME = "deep-detection"
 PLATFORM = "deep-detection_maskrcnn"
@@ -74,36 +81,31 @@ class SharedMemoryRegistry(Protocol):
     def region(self, name: str, offset: int, byte_size: int) -> Any: ...  # an output's range, checked
 
 
-class FrontendApi(Protocol):
-    """What the adapter needs of the frontend: its models, its workers' state, and the request path."""
-
-    models: dict[str, ModelConfig]
-
-    def ready_workers(self, model: str) -> int: ...
-
-    def model_error(self, model: str) -> str: ...
-
-    def server_ready(self) -> bool: ...
-
-    # The protocol-free request path: decode into the ring, dispatch, the worker's encoded reply.
-    def infer(self, inputs: InferInputs, time_remaining: float | None, owner: object | None) -> Awaitable[bytes]: ...
-
-    def stream_window(self) -> int: ...
-
-
 @dataclass
 class _Counts:
     """One model's ModelStatistics, as counted by this frontend process (nanoseconds)."""
 
     success: list[int] = field(default_factory=lambda: [0, 0])
     fail: list[int] = field(default_factory=lambda: [0, 0])
+    # From the worker's reply envelope, per successful request (as Triton counts them per request):
+    queue: list[int] = field(default_factory=lambda: [0, 0])
+    compute_input: list[int] = field(default_factory=lambda: [0, 0])  # the frontend's decoding
+    compute_infer: list[int] = field(default_factory=lambda: [0, 0])  # the engine call of its batch
+    compute_output: list[int] = field(default_factory=lambda: [0, 0])  # the worker's encoding
     last_inference_ms: int = 0
 
-    def add(self, ok: bool, ns: int) -> None:
-        pair = self.success if ok else self.fail
+    def add(self, ns: int, outcome: Outcome | None) -> None:
+        """One request answered (outcome) or failed (None), `ns` end to end."""
+        pair = self.success if outcome is not None else self.fail
         pair[0] += 1
         pair[1] += ns
         self.last_inference_ms = int(time.time() * 1000)
+        if outcome is not None:
+            t = outcome.timings
+            for pair, us in ((self.queue, t.queue_us), (self.compute_input, t.decode_us),
+                             (self.compute_infer, t.inference_us), (self.compute_output, t.encode_us)):
+                pair[0] += 1
+                pair[1] += us * 1000
 
 
 def stream_response(infer_response: bytes) -> bytes:
@@ -130,18 +132,23 @@ def stream_error(request: Any, message: str) -> bytes:
     return resp.SerializeToString()
 
 
-class KServeV2:
-    """The gRPC service's handlers around a FrontendApi."""
+def handlers(api: RequestPath, shm: SharedMemoryRegistry | None = None) -> list[grpc.GenericRpcHandler]:
+    return [KServeV2(api, shm).handler()]
 
-    def __init__(self, api: FrontendApi, shm: SharedMemoryRegistry | None = None) -> None:
+
+class KServeV2:
+    """The gRPC service's handlers around the request path."""
+
+    def __init__(self, api: RequestPath, shm: SharedMemoryRegistry | None = None) -> None:
         self.api = api
         self.shm = shm
         self.counts: dict[str, _Counts] = {name: _Counts() for name in api.models}
 
     # -- registration -----------------------------------------------------------------------
-    def handler(self, parse: Callable[[type], Callable[[bytes], Any]]) -> grpc.GenericRpcHandler:
-        """One generic handler for the service; `parse(cls)` makes the frontend's request deserializer
-        (a corrupt message becomes a value the handler refuses with INVALID_ARGUMENT)."""
+    def handler(self) -> grpc.GenericRpcHandler:
+        """One generic handler for the service. A corrupt message becomes a value the handlers refuse
+        with INVALID_ARGUMENT (detector_v1.parser), not gRPC's UNKNOWN."""
+        parse = parser
 
         def unary(method: Callable, req: type, resp: type) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(self._guard(method), request_deserializer=parse(req),
@@ -163,7 +170,9 @@ class KServeV2:
                                                 pb.SystemSharedMemoryRegisterResponse),
             "SystemSharedMemoryUnregister": unary(self.shm_unregister, pb.SystemSharedMemoryUnregisterRequest,
                                                   pb.SystemSharedMemoryUnregisterResponse),
-            "ModelInfer": grpc.unary_unary_rpc_method_handler(
+            # Read as a stream of one message, as Detect is, so that a message that never finishes arriving
+            # is given up after upload_timeout_s.
+            "ModelInfer": grpc.stream_unary_rpc_method_handler(
                 self.model_infer, request_deserializer=parse(pb.ModelInferRequest), response_serializer=passthrough),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
                 self.model_stream_infer, request_deserializer=parse(pb.ModelInferRequest),
@@ -180,9 +189,8 @@ class KServeV2:
             except ServeError as exc:
                 status, message = exc.status, exc.message
             except Exception as exc:  # noqa: BLE001 - a bug fails this call only, and says so
-                log.exception("KServe %s failed", method.__name__)
-                status, message = Status.INTERNAL, f"internal error in the frontend ({type(exc).__name__}: {exc})"
-            await context.abort(grpc_code(status), message[:MAX_STATUS_CHARS])
+                status, message = internal(exc)
+            await abort(context, grpc_code(status), message)
 
         call.__name__ = method.__name__
         return call
@@ -199,12 +207,20 @@ class KServeV2:
     async def server_live(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
+    def _ready(self, model: str) -> bool:
+        return self.api.dispatcher.ready_workers(model) > 0
+
     async def server_ready(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.api.server_ready())
+        """As grpc.health.v1 says: every model has a ready worker, leaving out those that failed to load."""
+        dispatcher = self.api.dispatcher
+        ready = {m: self._ready(m) for m in self.api.models}
+        failed = {m for m in ready if not ready[m] and dispatcher.model_error(m)}
+        ok = not self.api.stopping and any(ready.values()) and all(ready[m] for m in ready if m not in failed)
+        return pb.ServerReadyResponse(ready=ok)
 
     async def model_ready(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
         known = request.name in self.api.models and request.version in ("", VERSION)
-        return pb.ModelReadyResponse(ready=known and self.api.ready_workers(request.name) > 0)
+        return pb.ModelReadyResponse(ready=known and not self.api.stopping and self._ready(request.name))
 
     async def server_metadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         extensions = ["model_configuration", "statistics"] + (["system_shared_memory"] if self.shm else [])
@@ -249,17 +265,20 @@ class KServeV2:
             c = self.counts[name]
             stats = resp.model_stats.add(name=name, version=VERSION, last_inference=c.last_inference_ms,
                                          inference_count=c.success[0])
-            stats.inference_stats.success.count, stats.inference_stats.success.ns = c.success
-            stats.inference_stats.fail.count, stats.inference_stats.fail.ns = c.fail
+            s = stats.inference_stats
+            for duration, pair in ((s.success, c.success), (s.fail, c.fail), (s.queue, c.queue),
+                                   (s.compute_input, c.compute_input), (s.compute_infer, c.compute_infer),
+                                   (s.compute_output, c.compute_output)):
+                duration.count, duration.ns = pair
         return resp
 
     async def repository_index(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
         resp = pb.RepositoryIndexResponse()
         for name in sorted(self.api.models):
-            ready = self.api.ready_workers(name) > 0
+            ready = self._ready(name)
             if request.ready and not ready:
                 continue
-            error = self.api.model_error(name)
+            error = self.api.dispatcher.model_error(name)
             state = "READY" if ready else "UNAVAILABLE" if error else "LOADING"
             resp.models.add(name=name, version=VERSION, state=state, reason="" if ready else error)
         return resp
@@ -292,29 +311,30 @@ class KServeV2:
         _check_parsed(request)
         t0 = time.perf_counter_ns()
         model = self._model(request.model_name)  # NOT_FOUND before any input is looked at
-        inputs = parse_infer(request, model.input_kind, shm=self.shm)
         try:
-            body = await self.api.infer(inputs, time_remaining, owner)
+            inputs = parse_infer(request, model.input_kind, shm=self.shm)
+            outcome = await self.api.run(to_request(inputs), time_remaining, owner)
         except ServeError:
-            self.counts[model.name].add(False, time.perf_counter_ns() - t0)
+            self.counts[model.name].add(time.perf_counter_ns() - t0, None)
             raise
-        self.counts[model.name].add(True, time.perf_counter_ns() - t0)
-        return body
+        self.counts[model.name].add(time.perf_counter_ns() - t0, outcome)
+        return outcome.body
 
-    async def model_infer(self, request: Any, context: grpc.aio.ServicerContext) -> bytes:
+    async def model_infer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> bytes:
         try:
+            request = await read_one(requests, context.time_remaining(), self.api.cfg.upload_timeout_s)
             return await self._infer(request, context.time_remaining())
         except ServeError as exc:
             status, message = exc.status, exc.message
         except Exception as exc:  # noqa: BLE001 - a bug fails this request only, and says so
-            status, message = _internal(exc)
-        await _abort(context, grpc_code(status), message)
+            status, message = internal(exc)
+        await abort(context, grpc_code(status), message)
 
     async def model_stream_infer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         """Requests are served concurrently, up to the frontend's stream window; responses go out as they
         finish. A failed request gets a response with error_message (and its id) and the stream goes on,
         as Triton's does. When the stream ends early, the requests still in flight are cancelled."""
-        window = asyncio.Semaphore(self.api.stream_window())
+        window = asyncio.Semaphore(self.api.cfg.resolved_stream_window())
         done: asyncio.Queue = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         owner = object()  # this stream, for the slot pool's fair share
@@ -327,7 +347,10 @@ class KServeV2:
             except ServeError as exc:
                 body = stream_error(req, exc.message)
             except Exception as exc:  # noqa: BLE001 - fail this request, not the stream
-                body = stream_error(req, _internal(exc)[1])
+                body = stream_error(req, internal(exc)[1])
+            # Held until written: counted like a request in flight (RequestPath.hold), so that clients that
+            # do not read cannot make this frontend hold responses that no limit sees.
+            self.api.hold(body)
             done.put_nowait(body)
 
         async def reader() -> None:
@@ -357,34 +380,53 @@ class KServeV2:
                 except Exception as exc:  # noqa: BLE001 - the call has ended
                     log.debug("ModelStreamInfer ended while writing (%s)", type(exc).__name__)
                     raise asyncio.CancelledError() from None
+                finally:
+                    self.api.release(item)
                 window.release()
         finally:
             read_task.cancel()
             for task in list(tasks):
                 task.cancel()
+            while not done.empty():  # finished responses nobody will read
+                item = done.get_nowait()
+                if item is not end:
+                    self.api.release(item)
+
+
+def to_request(inputs: InferInputs) -> DetectionRequest:
+    """The checked KServe inputs as the request path's protocol-free request."""
+    return DetectionRequest(protocol=PROTOCOL, model=inputs.model, color=inputs.color, depth=inputs.depth,
+                            score_threshold=inputs.score_threshold,
+                            mask_format=MASKS_RLE if inputs.wants_masks else MASKS_NONE,
+                            request_id=inputs.request_id, model_version=inputs.version, outputs=list(inputs.outputs),
+                            output_regions=list(inputs.output_regions))
+
+
+async def read_one(requests: AsyncIterator[Any], time_remaining: float | None, upload_timeout_s: float) -> Any:
+    """The call's one message, and then the end of its stream (a unary client sends both at once);
+    DEADLINE_EXCEEDED if it has not all arrived within upload_timeout_s."""
+    wait = upload_timeout_s if time_remaining is None else min(upload_timeout_s, time_remaining)
+    until = time.monotonic() + wait
+    try:
+        request = await asyncio.wait_for(requests.__anext__(), timeout=wait)
+        try:
+            await asyncio.wait_for(requests.__anext__(), timeout=max(0.0, until - time.monotonic()))
+        except StopAsyncIteration:
+            return request
+        raise ServeError(Status.INVALID_ARGUMENT, "ModelInfer takes one ModelInferRequest; use ModelStreamInfer "
+                                                  "for several")
+    except StopAsyncIteration:
+        raise ServeError(Status.INVALID_ARGUMENT, "the call carried no ModelInferRequest") from None
+    except asyncio.TimeoutError:
+        raise ServeError(Status.DEADLINE_EXCEEDED,
+                         f"the request message did not arrive within {wait:.0f} s of the call's start "
+                         "(upload_timeout_s); send smaller images or ask the operator to raise "
+                         "--upload-timeout") from None
 
 
 def _check_parsed(request: Any) -> None:
-    message = getattr(request, "corrupt_message", None) or (
-        request.message if type(request).__name__ == "CorruptMessage" else None)
-    if message:
-        raise ServeError(Status.INVALID_ARGUMENT, message)
-
-
-def _internal(exc: BaseException) -> tuple[Status, str]:
-    log.error("KServe request failed unexpectedly", exc_info=exc)
-    return Status.INTERNAL, (f"internal error in the frontend ({type(exc).__name__}: {exc}); "
-                             "the server keeps serving; please report it with the frontend log")
-
-
-async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
-    try:
-        await context.abort(code, message[:MAX_STATUS_CHARS])
-    except grpc.aio.AbortError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the call ended meanwhile: nobody is left to tell
-        log.debug("call ended before its status %s could be sent (%s)", code.name, exc)
-        raise asyncio.CancelledError() from None
+    if type(request).__name__ == "CorruptMessage":
+        raise ServeError(Status.INVALID_ARGUMENT, request.message)
 
 
 def _quiet_end(task: asyncio.Task) -> None:

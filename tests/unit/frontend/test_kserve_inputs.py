@@ -221,6 +221,6 @@ def test_outputs_in_shared_memory_become_absolute_ranges_of_the_segment() -> Non
     _in_shm(req.outputs.add(name="boxes"), 40, 200)
     got = parse_infer(req, "rgb", shm=registry)
     assert got.outputs == ("scores", "boxes")
-    assert [(r.output, r.key, r.offset, r.byte_size) for r in got.output_regions] == [("boxes", "/k", 140, 200)]
+    assert [(r.output, r.shm_key, r.offset, r.byte_size) for r in got.output_regions] == [("boxes", "/k", 140, 200)]
     _in_shm(req.outputs[1], 900, 200)
     assert "outside" in _refused_with(req, registry, "rgb")

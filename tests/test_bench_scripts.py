@@ -1,0 +1,174 @@
+"""The benchmark scripts (scripts/bench_serve.py, bench_startup.py, bench_mixed_sizes.py).
+
+The lead runs them once on a GPU with a fixed device budget, so they must work the first time:
+the slow tests run each end to end on this machine (null engine, tiny frames, real servers) and
+check that every output is written and parses; the quick ones check what they read from a
+server's log and how they judge the goals.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+import bench_mixed_sizes  # noqa: E402
+import bench_requests  # noqa: E402
+import bench_serve  # noqa: E402
+import bench_startup  # noqa: E402
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _stamp(wall: float) -> str:
+    ms = int(round((wall % 1) * 1000))
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(wall))) + f",{ms:03d}"
+
+
+# -- what the scripts read from a server's log ------------------------------------------------------
+def test_log_events_parse_start_up_phases_captures_and_restarts() -> None:
+    t0 = 1_800_000_000.0
+    log = "\n".join([
+        f"{_stamp(t0 + 0.2)} INFO [supervisor] started worker-bench.0 (pid 41, forked with its imports done)",
+        f"{_stamp(t0 + 9.5)} INFO [worker-bench.0] fast engine loaded in 9.1 s: weights and model 1.2 s, fusing and "
+        "kernels 3.4 s, warm-up and graph captures 4.5 s",
+        f"{_stamp(t0 + 9.0)} INFO [worker-bench.0] captured the network for 8 image(s) of 1333x750 + torch.uint16 "
+        "depth in 0.3 s (warm-up runs 0.1 s)",
+        f"{_stamp(t0 + 9.6)} INFO [worker-bench.0] worker bench.0 loaded fast engine in 9.4 s",
+        f"{_stamp(t0 + 20.0)} INFO [worker-bench.0] captured the network for 1 image(s) of 1067x800 + torch.uint16 "
+        "depth in the background in 0.4 s; its requests were served op by op meanwhile",
+        f"{_stamp(t0 + 21.0)} WARNING [worker-bench.0] captured the network for 1 image(s) of 1333x750 in 6.1 s "
+        "while serving; add [1080, 1920] to ENGINE_OPTIONS warmup_sizes to capture it at load",
+        f"{_stamp(t0 + 30.0)} WARNING [supervisor] worker-bench.0 (pid 41) exited with signal SIGKILL after 29.8 s; "
+        "restarting in 0.2 s",
+        "a line without a stamp: captured the network for 2 image(s) of 640x480 in the background in 0.2 s; x",
+        f"{_stamp(t0 + 31.0)} INFO [frontend-0] nothing to see",
+    ])
+    events = bench_requests.log_events(log, t0)
+    assert [e["kind"] for e in events] == ["started", "engine_load", "capture_at_load", "worker_loaded",
+                                           "capture_while_serving", "capture_while_serving", "restart",
+                                           "capture_while_serving"]
+    assert events[4]["at_s"] == pytest.approx(20.0, abs=0.01)
+    assert events[7]["at_s"] is None
+    ph = bench_startup.phases(events)
+    assert ph["engine_load"][0]["warmup_and_captures_s"] == 4.5
+    assert ph["worker_loaded"][0]["load_s"] == 9.4
+    assert ph["captures_at_load"][0]["s"] == 0.3
+    assert [c["s"] for c in ph["captures_while_serving"]] == [0.4, 6.1, 0.2]
+    assert ph["restarts"][0]["delay_s"] == 0.2 and ph["restarts"][0]["exit"] == "signal SIGKILL"
+
+
+def test_mixed_sizes_goal_per_size() -> None:
+    records = [("a", 0.0, 10.0, "OK"), ("a", 0.1, 10.0, "OK"), ("a", 0.2, 29.0, "OK"),
+               ("b", 0.0, 10.0, "OK"), ("b", 0.1, 10.0, "OK"), ("b", 0.2, 31.0, "OK"),
+               ("c", 0.0, 10.0, "OK"), ("c", 0.1, 5.0, "UNAVAILABLE")]
+    out = bench_mixed_sizes.per_size(records, ["a", "b", "c", "d"], 3.0)
+    assert out["a"]["met"] and out["a"]["max_over_p50"] == pytest.approx(2.9)
+    assert not out["b"]["met"]
+    assert not out["c"]["met"] and out["c"]["errors_by_code"] == {"UNAVAILABLE": 1}
+    assert out["d"] == {"n": 0, "errors_by_code": {}, "met": False}
+
+
+def test_requests_of_each_kind_decode_to_the_same_frame() -> None:
+    frames = bench_requests.scenes(1, 48, 64)
+    color, depth = frames[0]
+    kinds = ["jpeg+png", "raw"] + (["jpeg+zstd"] if bench_requests.zstd_available() else [])
+    for kind in kinds:
+        req = bench_requests.encode_request(kind, color, depth)
+        c, d = bench_requests.decode_request(req)
+        assert c.shape == color.shape and d.dtype == depth.dtype
+        assert (d == depth).all()  # depth is lossless in every kind
+        if kind == "raw":
+            assert (c == color).all()
+
+
+# -- end to end, tiny -----------------------------------------------------------------------------------
+def _run(argv: list[str], timeout: float) -> str:
+    done = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+TINY = ["--height", "96", "--width", "128", "--min-size", "96", "--detections", "5", "--batch", "2"]
+
+
+@pytest.mark.slow
+def test_bench_serve_writes_table_json_and_pictures(tmp_path: Path) -> None:
+    out = tmp_path / "serve"
+    _run(["scripts/bench_serve.py", "--engine", "null", "--arch", "small", "--device", "cpu", *TINY,
+          "--engine-batches", "2", "--encodings", "jpeg+png", "raw", "jpeg+zstd", "--concurrency", "1", "2",
+          "--frontends", "1", "2", "--seconds", "0.5", "--frames", "2", "--client-procs", "2", "--out", str(out)],
+         timeout=280)
+    res = json.loads((out / "serve.json").read_text())
+    kinds = res["kinds"]
+    assert kinds[:2] == ["jpeg+png", "raw"]
+    assert set(res["engine"]) == {"batch1", "batch2"} and res["engine_best"] in res["engine"]
+    assert set(res["in_process"]) == set(kinds)
+    for f in ("1", "2"):
+        per = res["served"][f]
+        for kind in ("jpeg+png", "raw"):  # every server takes these
+            for c in ("1", "2"):
+                r = per[kind][c]
+                assert r["n"] > 0 and r["errors"] == 0, r
+                assert r["cpu_ms_per_image"]["frontend"] > 0 and r["cpu_ms_per_image"]["worker"] > 0
+        if "jpeg+zstd" in kinds:  # answered, or skipped with the server's reason
+            assert "jpeg+zstd" in per or "jpeg+zstd" in per["_skipped"]
+    for kind in kinds:
+        assert res["baseline"][kind]["1"]["n"] > 0
+    md = (out / "serve.md").read_text()
+    assert md.count("| served (deep-detection serve) | jpeg+png |") == 4
+    assert md.count("| baseline (single-process gRPC server) |") == 2 * len(kinds)
+    assert "(best)" in md
+    assert (out / "serve_frontends1.log").exists() and (out / "baseline.log").exists()
+    if _has_matplotlib():
+        assert (out / "serve_throughput.png").stat().st_size > 0 and (out / "serve_latency.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_startup_times_starts_and_a_killed_worker(tmp_path: Path) -> None:
+    out = tmp_path / "startup"
+    _run(["scripts/bench_startup.py", "--engine", "null", "--arch", "small", "--device", "cpu", *TINY,
+          "--frontends", "1", "--kill-concurrency", "2", "--kill-before", "1.5", "--kill-after", "0.5",
+          "--timeout", "120", "--out", str(out)], timeout=280)
+    res = json.loads((out / "startup.json").read_text())
+    assert set(res["models"]) == {"demo-rgbd", "random small (5 detections)"}
+    for runs in res["models"].values():
+        for start in ("cold", "warm"):
+            assert runs[start]["start_to_serving_s"] > 0
+            assert runs[start]["phases"]["worker_loaded"][0]["engine"] == "null"
+    kill = res["kill"]
+    assert kill["recovered_within_timeout"] and kill["recovered_s"] > 0
+    assert kill["restart_delay_s"] is not None and kill["new_worker_load_s"] is not None
+    md = (out / "startup.md").read_text()
+    assert "| demo-rgbd | cold |" in md and "kill to the first OK answer sent after it" in md
+
+
+@pytest.mark.slow
+def test_bench_mixed_sizes_reports_each_size(tmp_path: Path) -> None:
+    out = tmp_path / "mixed"
+    _run(["scripts/bench_mixed_sizes.py", "--engine", "null", "--arch", "small", "--device", "cpu",
+          "--sizes", "128x96", "160x120", "--warmup", "128x96", "--min-size", "96", "--detections", "5",
+          "--batch", "2", "--frontends", "1", "--seconds", "1.5", "--frames-per-size", "2", "--out", str(out)],
+         timeout=200)
+    res = json.loads((out / "mixed.json").read_text())
+    assert set(res["sizes"]) == {"128x96", "160x120"}
+    assert all(r["n"] > 0 for r in res["sizes"].values())
+    assert res["captures_while_serving"] == []  # the null engine captures nothing
+    assert isinstance(res["goal_met"], bool)
+    assert "| 160x120 |" in (out / "mixed.md").read_text()
+    if _has_matplotlib():
+        assert (out / "mixed.png").stat().st_size > 0

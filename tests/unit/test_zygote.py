@@ -1,0 +1,78 @@
+"""The worker zygote: children forked with its imports done, their exits reported as subprocess would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from dd.procutil import process_argv
+from dd.zygote import Zygote, ZygoteProcess
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def zygote():
+    z = Zygote(["colorsys"], dict(os.environ, PYTHONPATH=str(REPO)))
+    yield z
+    z.close()
+
+
+def child_argv(report: Path, *extra: str, role: str = "child") -> list[str]:
+    return [sys.executable, "-m", "tests.zygote_child", role, "--parent-pid", "1", "--report", str(report), *extra]
+
+
+def read_report(path: Path) -> dict:
+    from tests.faults import wait_for
+
+    wait_for(lambda: path.exists() and path.stat().st_size > 0, 60, "the child's report")
+    return json.loads(path.read_text())
+
+
+def test_child_runs_its_module_with_the_zygotes_imports_and_its_own_environment(zygote: Zygote, tmp_path: Path) -> None:
+    proc = zygote.spawn(child_argv(tmp_path / "r.json"), {"ZYGOTE_TEST": "mine", "PYTHONPATH": str(REPO)}, None)
+    report = read_report(tmp_path / "r.json")
+    assert report["preloaded"], "the module the zygote imported is already there in the child"
+    assert report["env"] == "mine"
+    # Its parent is the zygote, and it was told so (it stops when the zygote does).
+    assert report["ppid"] == zygote.proc.pid
+    assert report["argv"][report["argv"].index("--parent-pid") + 1] == str(zygote.proc.pid)
+    assert psutil.Process(proc.pid).name() == "dd-child"
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+
+
+def test_exit_code_and_log_file(zygote: Zygote, tmp_path: Path) -> None:
+    log = tmp_path / "child.log"
+    proc = zygote.spawn(child_argv(tmp_path / "r.json", "--exit", "3"), dict(os.environ, PYTHONPATH=str(REPO)),
+                        str(log))
+    assert isinstance(proc, ZygoteProcess)
+    assert proc.wait(60) == 3
+    assert log.exists()
+
+
+def test_a_forked_worker_is_named_as_one(zygote: Zygote, tmp_path: Path) -> None:
+    """Tools that sort processes by role (bench_serve, soak) see a forked worker as `python -m dd worker`,
+    though its command line is the zygote's."""
+    proc = zygote.spawn(child_argv(tmp_path / "r.json", role="worker"), dict(os.environ, PYTHONPATH=str(REPO)),
+                        None)
+    read_report(tmp_path / "r.json")
+    seen = psutil.Process(proc.pid)
+    assert "dd.zygote" in seen.cmdline()
+    assert process_argv(seen)[1:4] == ["-m", "dd", "worker"]
+    proc.kill()
+    proc.wait(30)
+
+
+def test_zygote_stops_when_the_supervisor_side_closes(tmp_path: Path) -> None:
+    z = Zygote([], dict(os.environ, PYTHONPATH=str(REPO)))
+    pid = z.proc.pid
+    z.close()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
