@@ -29,9 +29,34 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_serve import free_port, wait_health  # noqa: E402
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(target: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the server's health says SERVING; fails if the server exits first."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}; see its log")
+        with grpc.insecure_channel(target) as ch:
+            try:
+                status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server at {target} was not serving after {timeout:.0f} s")
 
 
 def null_model(root: Path) -> Path:
@@ -74,7 +99,7 @@ def main() -> None:
     key = "/" + region.name
     try:
         target = f"127.0.0.1:{port}"
-        wait_health(target)
+        wait_health(target, serve)
         channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20),
                                                          ("grpc.max_receive_message_length", 64 << 20)])
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -8,7 +8,8 @@ tensor bytes. Off unless the server runs with --allow-client-shm (ServerConfig.a
 Why registrations are files: the frontends are separate processes sharing one port, so a
 Register landing on one must be seen by a ModelInfer landing on another. Each registration is a
 small JSON file in `<run_dir>/client_shm/` (the run directory is 0700), written atomically
-(write, then rename) and re-read on every use; each process caches its mapping of a segment and
+(write, then link: a name registered by two frontends at once is registered once) and re-read on
+every use; each process caches its mapping of a segment and
 drops it when the registration file is gone or names something else. The supervisor removes the
 run directory's registrations at start and at stop (remove_registrations), so none outlive a run.
 
@@ -155,9 +156,15 @@ class ClientShmRegistry:
         path = self._file(name)
         tmp = self.dir / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(region), f)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(asdict(region), f)
+            os.link(tmp, path)  # atomic, and fails if another frontend registered the name meanwhile
+        except FileExistsError:
+            raise ServeError(Status.ALREADY_EXISTS, f"a shared-memory region named {name!r} is already registered; "
+                                                    "unregister it first or choose another name") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def unregister(self, name: str) -> None:
         """Drops `name` ("": every region). Unknown names are not an error, as in Triton."""

@@ -220,3 +220,12 @@ def test_remove_registrations_empties_the_run_dir(segment, run_dir) -> None:
     assert remove_registrations(run_dir) == 1
     assert not (run_dir / client_shm.SUBDIR).exists()
     assert remove_registrations(run_dir) == 0
+
+
+def test_a_name_registered_by_two_frontends_at_once_is_registered_once(segment, run_dir, monkeypatch) -> None:
+    a, b = ClientShmRegistry(run_dir), ClientShmRegistry(run_dir)
+    monkeypatch.setattr(a, "_lookup", lambda name: None)  # a checked before b wrote
+    b.register("in", _key(segment), 0, 8)
+    _fails(Status.ALREADY_EXISTS, a.register, "in", _key(segment), 8, 8)
+    assert [(r.offset, r.byte_size) for r in b.status("")] == [(0, 8)]
+    assert sorted(p.name for p in (run_dir / client_shm.SUBDIR).iterdir() if p.name.startswith(".")) == []
