@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from dd.config import ConfigError, ServerConfig, discover_models, load_server_config
+from dd.config import JPEG_DECODE_CHOICES, ConfigError, ServerConfig, discover_models, load_server_config
 
 BUILTIN_MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"
 # The users' deployments set this (`docker run -e NODE_CONFIG_FILE=model_repository/x/node_config.json`):
@@ -68,6 +68,10 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fork-workers", dest="fork_workers", action=argparse.BooleanOptionalAction, default=None,
                    help="fork workers from a process with torch and the engines imported, so a restarted "
                         "worker starts seconds sooner (default on)")
+    g.add_argument("--jpeg-decode", dest="jpeg_decode", choices=JPEG_DECODE_CHOICES,
+                   help="where JPEG color images are decoded: frontend (CPU), worker (sent compressed; its GPU "
+                        "where the engine can), auto (worker when the model's workers decode JPEG on a GPU; "
+                        "default)")
     lim = p.add_argument_group("limits against hostile and clumsy clients (docs/operations.md, Limits)")
     lim.add_argument("--max-jpeg-scans", dest="max_jpeg_scans", type=int,
                      help="scans one JPEG may have, counted before decoding (default 32)")

@@ -229,7 +229,8 @@ _SEEDS = [encode(".png", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
           encode(".bmp", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
           encode(".tiff", _rng.integers(0, 5000, (9, 7), dtype=np.uint16)),
           encode(".webp", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
-          png_with_size(30000, 30000), jpeg_with_size(5, 5000)]
+          png_with_size(30000, 30000), jpeg_with_size(5, 5000),
+          encode(".jpg", np.full((40, 40, 3), 90, np.uint8))]  # fewer bytes than pixels: may go compressed
 
 
 @st.composite
@@ -257,11 +258,13 @@ def images(draw: st.DrawFn) -> pb.Image:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(color=images(), depth=images(), needs_depth=st.booleans(), slot_size=st.sampled_from([256, 4096, 1 << 16]),
-       threshold=st.floats(allow_nan=True, allow_infinity=True, width=32), mask_format=st.integers(-2, 3))
+       threshold=st.floats(allow_nan=True, allow_infinity=True, width=32), mask_format=st.integers(-2, 3),
+       jpeg_to_worker=st.booleans())
 def test_fuzz_validation_and_decoding(color: pb.Image, depth: pb.Image, needs_depth: bool, slot_size: int,
-                                      threshold: float, mask_format: int) -> None:
+                                      threshold: float, mask_format: int, jpeg_to_worker: bool) -> None:
     """decode_into_slot and check_options only ever succeed or raise ServeError; on success what they
-    wrote fits the slot and the limits, and RAW pixels arrive unchanged."""
+    wrote fits the slot and the limits, RAW pixels arrive unchanged, and a JPEG sent on compressed
+    (jpeg_to_worker) arrives as its bytes, no more than its pixels would take."""
     req = pb.DetectRequest(color=color, depth=depth, score_threshold=threshold, mask_format=mask_format)
     try:
         check_options(req)
@@ -270,7 +273,7 @@ def test_fuzz_validation_and_decoding(color: pb.Image, depth: pb.Image, needs_de
         assert exc.status == Status.INVALID_ARGUMENT and exc.message
     slot = memoryview(bytearray(slot_size))
     try:
-        out = decode_into_slot(*image_inputs(req), needs_depth, slot, max_pixels=2000)
+        out = decode_into_slot(*image_inputs(req), needs_depth, slot, max_pixels=2000, jpeg_to_worker=jpeg_to_worker)
     except ServeError as exc:
         assert exc.status == Status.INVALID_ARGUMENT and exc.message
         return
@@ -284,3 +287,7 @@ def test_fuzz_validation_and_decoding(color: pb.Image, depth: pb.Image, needs_de
     if color.encoding == pb.Image.RAW:
         placed = np.frombuffer(slot, np.uint8, out.height * out.width * 3).reshape(out.height, out.width, 3)
         assert placed.tobytes() == color.data
+    assert out.color.encoding in ("", "jpeg") and (out.color.encoding == "jpeg") <= jpeg_to_worker
+    if out.color.encoding == "jpeg":
+        assert out.color.nbytes == len(color.data) <= out.height * out.width * 3
+        assert bytes(slot[:out.color.nbytes]) == color.data

@@ -452,6 +452,9 @@ def default_model_name(models: Iterable[ModelConfig]) -> str:
     return models[0].name
 
 
+JPEG_DECODE_CHOICES = ("auto", "frontend", "worker")  # ServerConfig.jpeg_decode
+
+
 @dataclass
 class ServerConfig:
     """Process-level settings, from flags and an optional JSON/YAML file (flags win)."""
@@ -505,6 +508,11 @@ class ServerConfig:
     # Workers are forked from one process that has imported torch and the engines (dd/zygote.py), so a
     # restarted worker skips its imports; false: each worker is a new interpreter.
     fork_workers: bool = True
+    # Where a JPEG color image is decoded (docs/operations.md, "JPEG decoding"): "frontend" (CPU, the
+    # pixels detectron2's CPU decode gives), "worker" (sent compressed through the ring; decoded on the
+    # worker's GPU where its engine can, else on the worker's CPU), "auto": "worker" for a model whose
+    # ready workers all decode JPEGs on a GPU, else "frontend".
+    jpeg_decode: str = "auto"
 
     def worker_credits(self, max_batch_size: int) -> int:
         """Requests one frontend may have at one worker at once: max_inflight_per_worker, else
@@ -559,6 +567,8 @@ class ServerConfig:
             problems.append("max_pending must be at least 1")
         if self.max_inflight_per_worker < 0:
             problems.append("max_inflight_per_worker must be >= 0 (0: 2 x MAX_BATCH_SIZE)")
+        if self.jpeg_decode not in JPEG_DECODE_CHOICES:
+            problems.append(f"jpeg_decode must be one of {', '.join(JPEG_DECODE_CHOICES)}, got {self.jpeg_decode!r}")
         problems += self._limit_problems()
         problems += self._security_problems()
         if problems:

@@ -26,6 +26,12 @@ MIN_RESIZED_SIDE pixels in the model's resize) is refused before decoding, and
 so is a request whose caller has gone (`abandoned`). Once decoding has started,
 it ends before this function returns, also when it fails: no decode outlives
 its request, so a client cannot keep decoders busy with requests that fail fast.
+
+Where the caller says so (ServerConfig.jpeg_decode), a JPEG color image that the
+worker's decoders read as this one does (dd.frontend.jpeg_header) and whose
+compressed bytes are fewer than its pixels is checked exactly as above, but its
+bytes are copied into the slot instead of its pixels, for the worker to decode
+(on its GPU). Its decoded size is the header's, which is what was checked.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from PIL import Image as PILImage
 from dd.frontend.errors import ServeError, Status
 from dd.frontend.image_cost import CostError, jpeg_scans, png_pixel_chunks
 from dd.frontend.inputs import ENCODED, MASKS_NONE, MASKS_RLE, RAW, ImageInput
+from dd.frontend.jpeg_header import worker_decodable
 
 # Decoding must not spawn OpenCV's own thread pool inside each of ours.
 cv2.setNumThreads(1)
@@ -76,11 +83,14 @@ def _invalid(message: str) -> ServeError:
 
 @dataclass
 class Placed:
-    """Where a decoded image now lies in its slot."""
+    """Where an image now lies in its slot: decoded (`shape`, `dtype`), or compressed (`encoding` "jpeg",
+    `nbytes` long, decoding to `shape`, `dtype`)."""
 
     offset: int
     shape: tuple[int, ...]
     dtype: str
+    encoding: str = ""
+    nbytes: int = 0
 
 
 @dataclass
@@ -227,12 +237,14 @@ def _check_abandoned(abandoned: threading.Event | None) -> None:
 
 def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: bool, slot: memoryview,
                      max_pixels: int, *, max_jpeg_scans: int = MAX_JPEG_SCANS,
-                     resize: tuple[int, int] | None = None, abandoned: threading.Event | None = None) -> Decoded:
+                     resize: tuple[int, int] | None = None, abandoned: threading.Event | None = None,
+                     jpeg_to_worker: bool = False) -> Decoded:
     """Decodes color (and depth) into `slot`; color at offset 0 as H x W x 3 RGB, depth after it.
 
     `depth` None is an empty image (refused when the model needs depth, ignored otherwise).
     `resize`: the model's (MIN_SIZE, MAX_SIZE), for check_aspect. `abandoned`: set by the caller
-    when nobody waits for the answer any more; checked before each decode starts.
+    when nobody waits for the answer any more; checked before each decode starts. `jpeg_to_worker`:
+    a JPEG color the worker can decode goes into the slot compressed (the module's docstring).
     """
     color_img, depth_img = color, depth if depth is not None else ImageInput(b"")
     _check_encoding(color_img, "color")
@@ -282,7 +294,10 @@ def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: b
     if needs_depth and depth_raw is None:
         depth_future = _DEPTH_POOL.submit(_decode_unless, abandoned, depth_data, _DEPTH_FLAGS)
     try:
-        color = _decode_color(color_raw, color_data, slot, h, w)
+        if jpeg_to_worker and color_raw is None and _send_compressed(color_data, h, w):
+            color = _place_compressed(color_data, slot, h, w)
+        else:
+            color = _decode_color(color_raw, color_data, slot, h, w)
     except BaseException:
         if depth_future is not None and not depth_future.cancel():
             # Running: let it end before this request does, so that its cost stays with it
@@ -330,6 +345,17 @@ def _decode_color(color_raw: np.ndarray | None, data: bytes, slot: memoryview, h
             raise _invalid(f"color: decoded size {bgr.shape[1]}x{bgr.shape[0]} differs from its header's {w}x{h}")
         cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=dst)
     return Placed(0, (h, w, 3), "uint8")
+
+
+def _send_compressed(data: bytes, h: int, w: int) -> bool:
+    """A JPEG the worker decodes as this frontend would, and smaller than its pixels: the slot's layout
+    (depth after H x W x 3 bytes) and its size check hold as they are."""
+    return image_format(data) == "JPEG" and len(data) <= h * w * 3 and worker_decodable(data)
+
+
+def _place_compressed(data: bytes, slot: memoryview, h: int, w: int) -> Placed:
+    slot[:len(data)] = data
+    return Placed(0, (h, w, 3), "uint8", encoding="jpeg", nbytes=len(data))
 
 
 def _decode_unless(abandoned: threading.Event | None, data: bytes, flags: int) -> np.ndarray | None:

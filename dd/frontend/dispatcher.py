@@ -70,6 +70,7 @@ class WorkerLink:
     error: str = ""
     engine: str = ""
     device: str = ""
+    gpu_jpeg: bool = False  # its engine decodes JPEGs on a GPU (Pong.gpu_jpeg)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -134,6 +135,12 @@ class Dispatcher:
     def engines(self, model: str) -> set[str]:
         """The engines the model's ready workers run (after any fallback)."""
         return {l.engine for l in self.links.values() if l.model == model and l.ready and l.connected and l.engine}
+
+    def decodes_jpeg_on_gpu(self, model: str) -> bool:
+        """Whether every ready worker of the model (at least one) decodes JPEGs on a GPU: jpeg_decode "auto"
+        then sends them compressed. A retry may land on any of them, so all must."""
+        ready = [l for l in self.links.values() if l.model == model and l.ready and l.connected]
+        return bool(ready) and all(l.gpu_jpeg for l in ready)
 
     def model_error(self, model: str) -> str:
         """Why a model's workers are not ready, if they said (a load failure)."""
@@ -239,6 +246,7 @@ class Dispatcher:
             link.error = pong.error
             link.engine = pong.engine
             link.device = pong.device
+            link.gpu_jpeg = pong.gpu_jpeg
             link.last_pong = time.time()
             if changed:
                 # A load failure's reason is the worker's (or its supervisor's) to log, once.

@@ -82,6 +82,11 @@ class RequestPath:
                              f"model {clip(name)} is not served here; served: {', '.join(sorted(self.models))}")
         return model
 
+    def _jpeg_to_worker(self, model: str) -> bool:
+        """ServerConfig.jpeg_decode for this request: send a JPEG color compressed, for the worker to decode."""
+        policy = self.cfg.jpeg_decode
+        return policy == "worker" or (policy == "auto" and self.dispatcher.decodes_jpeg_on_gpu(model))
+
     async def run(self, request: DetectionRequest, time_remaining: float | None,
                   owner: object | None = None) -> Outcome:
         """Admission, then the request served. `time_remaining`: seconds to the caller's deadline (None:
@@ -133,13 +138,14 @@ class RequestPath:
             work = self.pool.submit(decode_into_slot, request.color, request.depth, model.input_kind == "rgbd",
                                     self.ring.slot_buffer(slot), self.cfg.max_image_pixels,
                                     max_jpeg_scans=self.cfg.max_jpeg_scans, resize=(model.min_size, model.max_size),
-                                    abandoned=abandoned)
+                                    abandoned=abandoned, jpeg_to_worker=self._jpeg_to_worker(model.name))
             decoded = await asyncio.wrap_future(work)
             decode_us = int((time.perf_counter() - t0) * 1e6)
             req = messages.InferRequest(
                 id=self.dispatcher.next_id(), ring=self.ring.name, slot=slot, generation=gen,
                 color=messages.ArrayRef(offset=decoded.color.offset, shape=decoded.color.shape,
-                                        dtype=decoded.color.dtype),
+                                        dtype=decoded.color.dtype, encoding=decoded.color.encoding,
+                                        nbytes=decoded.color.nbytes),
                 has_depth=decoded.depth is not None, score_threshold=request.score_threshold,
                 mask_format=request.mask_format, deadline=deadline, received_at=received,
                 decode_us=decode_us, request_id=request.request_id, model=model.name, protocol=request.protocol,

@@ -25,7 +25,7 @@ class Timings:
     """One request's times at the worker, in microseconds (also sent in the reply envelope)."""
 
     queue_us: int = 0  # dispatched by the frontend -> its batch started
-    decode_us: int = 0  # the frontend's image decoding (passed through)
+    decode_us: int = 0  # image decoding: the frontend's, plus the worker's CPU decode of a JPEG sent compressed
     inference_us: int = 0  # the engine call of its batch
     encode_us: int = 0  # this response's encoding
     batch_size: int = 0

@@ -32,6 +32,7 @@ class Workers:
         self.sent: list[messages.InferRequest] = []
         self.ready, self.error = ready, error
         self.release: asyncio.Event | None = None
+        self.gpu_jpeg = False  # what the workers' pongs say: they decode JPEGs on a GPU
         self._ids = 0
 
     def next_id(self) -> int:
@@ -43,6 +44,9 @@ class Workers:
 
     def model_error(self, model: str) -> str:
         return self.error
+
+    def decodes_jpeg_on_gpu(self, model: str) -> bool:
+        return self.gpu_jpeg
 
     async def submit_reply(self, req, deadline, rebind, give_up_at=None) -> Reply:
         self.sent.append(req)
@@ -186,4 +190,23 @@ def test_a_model_that_failed_to_load_is_unavailable_with_its_reason(ring: ShmRin
     with pytest.raises(ServeError) as err:
         asyncio.run(path.run(rgb_request(), 30.0))
     assert err.value.status == Status.UNAVAILABLE and "failed to load: CUDA out of memory" in err.value.message
+    path.close()
+
+
+@pytest.mark.parametrize("policy, gpu_jpeg, compressed", [
+    ("auto", True, True), ("auto", False, False), ("frontend", True, False), ("worker", False, True)])
+def test_jpeg_decode_decides_whether_a_jpeg_travels_compressed(ring: ShmRing, policy: str, gpu_jpeg: bool,
+                                                               compressed: bool) -> None:
+    workers = Workers()
+    workers.gpu_jpeg = gpu_jpeg
+    path = path_for(ring, workers, jpeg_decode=policy)
+    data = cv2.imencode(".jpg", (np.arange(24 * 32 * 3) % 251).astype(np.uint8).reshape(24, 32, 3))[1].tobytes()
+    asyncio.run(path.run(DetectionRequest(protocol="test_v0", model="rgb", color=ImageInput(data)), 30.0))
+    (sent,) = workers.sent
+    assert list(sent.color.shape) == [24, 32, 3] and sent.color.dtype == "uint8"
+    if compressed:
+        assert (sent.color.encoding, sent.color.nbytes) == ("jpeg", len(data))
+        assert bytes(ring.slot_buffer(sent.slot)[:len(data)]) == data
+    else:
+        assert (sent.color.encoding, sent.color.nbytes) == ("", 0)
     path.close()
