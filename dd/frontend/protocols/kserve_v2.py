@@ -31,7 +31,7 @@ import grpc
 from dd.config import ModelConfig
 from dd.frontend.errors import ServeError, Status
 from dd.frontend.inputs import MASKS_NONE, MASKS_RLE, DetectionRequest, Outcome
-from dd.frontend.protocols.detector_v1 import abort, internal, parser
+from dd.frontend.protocols.detector_v1 import MAX_STATUS_CHARS, abort, grpc_code, internal, parser
 from dd.frontend.protocols.kserve_inputs import OUTPUTS, VERSION, InferInputs, check_version, parse_infer
 from dd.frontend.requests import RequestPath
 from dd.logsafe import clip
@@ -45,15 +45,10 @@ SERVICE_NAMES = (SERVICE,)
 PROTOCOL = "kserve_v2"  # ipc InferRequest.protocol: the worker's encoder for this protocol
 SERVER_NAME = "deep-detection"
 PLATFORM = "deep-detection_maskrcnn"
-MAX_STATUS_CHARS = 2048
 _OUTPUT_TYPES = {"boxes": ("FP32", [-1, 4]), "scores": ("FP32", [-1]), "classes": ("INT32", [-1]),
                  "masks": ("BYTES", [-1])}
 _DATA_TYPES = {"UINT8": mc.TYPE_UINT8, "UINT16": mc.TYPE_UINT16, "FP32": mc.TYPE_FP32, "INT32": mc.TYPE_INT32,
                "BYTES": mc.TYPE_STRING}
-
-
-def grpc_code(status: Status) -> grpc.StatusCode:
-    return getattr(grpc.StatusCode, status.value, grpc.StatusCode.INTERNAL)
 
 
 def _version() -> str:
