@@ -106,6 +106,9 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--auth-token-file", dest="auth_token_file",
                    help="file holding a bearer token every call must send as 'authorization: Bearer TOKEN' "
                         "(the health service stays open)")
+    s.add_argument("--allow-client-shm", dest="allow_client_shm", action="store_true", default=None,
+                   help="let local clients of this user register system shared-memory regions (KServe/Triton "
+                        "SystemSharedMemoryRegister) and pass tensors through them (default off; docs/kserve.md)")
     p.add_argument("--server-json", dest="server_json", help=argparse.SUPPRESS)
     p.add_argument("--parent-pid", dest="parent_pid", type=int, help=argparse.SUPPRESS)
 

@@ -69,6 +69,8 @@ def test_every_limit_is_documented_with_its_flag_and_default() -> None:
     ({"max_jpeg_scans": 0}, "max_jpeg_scans must be at least 1"),
     ({"idle_timeout_s": 0}, "idle_timeout_s must be positive"),
     ({"log_max_mb": -1}, "log_max_mb and log_backups must be >= 0"),
+    ({"allow_client_shm": "yes"}, "allow_client_shm: expected true or false"),
+    ({"allow_client_shm": 1}, "allow_client_shm: expected true or false"),
 ])
 def test_bad_settings_are_refused_with_the_reason(override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -147,3 +149,8 @@ def test_serve_without_path_names_a_bad_node_config_file(tmp_path: Path) -> None
     assert res.returncode == 2, res.stderr
     assert "NODE_CONFIG_FILE=model_repository/x/node_config.json (serve was given no PATH)" in res.stderr
     assert "no such file or folder" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_client_shared_memory_is_off_by_default_and_a_switch() -> None:
+    assert load_server_config(None, {}).allow_client_shm is False
+    assert load_server_config(None, {"allow_client_shm": True}).allow_client_shm is True

@@ -486,6 +486,9 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""  # CA bundle: clients must present a certificate it signed (mutual TLS)
     auth_token_file: str = ""  # a file holding the bearer token every call but health must carry
+    # Client system shared memory (KServe/Triton's SystemSharedMemoryRegister): local clients of the
+    # server's own user may register POSIX shared-memory regions and pass tensors through them.
+    allow_client_shm: bool = False
     # Limits against hostile and clumsy clients (docs/operations.md, "Limits"). Each bounds a cost
     # that one client could otherwise make every other client pay.
     max_jpeg_scans: int = 32  # scans of one JPEG (progressive ones have about 10); counted before decoding
@@ -666,10 +669,10 @@ def load_server_config(path: Path | str | None, overrides: dict[str, Any]) -> Se
 def _setting(name: str, want: type, v: Any) -> Any:
     """One setting converted to its type, strictly: no booleans as numbers, no 2.5 as an integer, no NaN."""
     bad = ConfigError(f"server setting {name}: expected {'a number' if want is float else want.__name__}, got {v!r}")
-    if want is bool:
-        if isinstance(v, bool):
-            return v
-        raise bad
+    if want is bool:  # a switch: true or false, nothing that merely looks like one
+        if not isinstance(v, bool):
+            raise ConfigError(f"server setting {name}: expected true or false, got {v!r}")
+        return v
     if isinstance(v, bool) or (want is not str and isinstance(v, (list, dict))):
         raise bad
     try:

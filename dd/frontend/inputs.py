@@ -25,7 +25,7 @@ class ImageInput:
     matter for RAW (and ZSTD) pixels.
     """
 
-    data: bytes
+    data: bytes | memoryview  # a memoryview: raw pixels in client shared memory (KServe), read without a copy
     encoding: str = ENCODED
     shape: tuple[int, ...] = ()
     dtype: str = ""

@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from dd.config import ModelConfig, ServerConfig, default_model_name
 from dd.frontend.auth import TokenAuth, read_token, server_credentials
+from dd.frontend.client_shm import ClientShmRegistry
 from dd.frontend.dispatcher import Dispatcher
 from dd.frontend.protocols import detector_v1, kserve_v2
 from dd.frontend.requests import RequestPath
@@ -71,6 +72,7 @@ class Frontend:
         self.health = health.aio.HealthServicer()
         self.requests: RequestPath | None = None
         self._stopping = False
+        self.client_shm: ClientShmRegistry | None = None
 
     # -- setup -----------------------------------------------------------------------------
     def _max_inflight(self, model: str) -> int:
@@ -104,7 +106,11 @@ class Frontend:
                                     self.dispatcher)
         # One set of handlers per adapter, shared by both ports (an adapter's state, such as KServe's
         # statistics, is then one per process).
-        handlers = {adapter: tuple(adapter.handlers(self.requests)) for adapter in ADAPTERS}
+        # Client shared memory (--allow-client-shm): registrations shared with the other frontends
+        # through the run directory; KServe's system shared-memory calls and tensor parameters use it.
+        self.client_shm = ClientShmRegistry(self.run_dir) if self.cfg.allow_client_shm else None
+        handlers = {adapter: tuple(adapter.handlers(self.requests, shm=self.client_shm) if adapter is kserve_v2
+                                   else adapter.handlers(self.requests)) for adapter in ADAPTERS}
         creds = server_credentials(self.cfg)
         address = f"{self.cfg.host}:{self.cfg.port}"
         self._add_services(server, ADAPTERS, handlers, address, creds)
@@ -146,6 +152,8 @@ class Frontend:
         self.requests.close()
         self.ring.close()
         self.ring.unlink()
+        if self.client_shm is not None:
+            self.client_shm.close()  # this process's mappings; the supervisor removes the registrations
         log.info("frontend stopped")
         return 0
 

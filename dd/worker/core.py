@@ -24,7 +24,7 @@ import numpy as np
 from dd.config import ModelConfig
 from dd.logsafe import clip
 from dd.metrics import Recorder
-from dd.worker.encoders import EncodeContext, Timings, encoder_for
+from dd.worker.encoders import EncodeContext, OutputSink, RequestError, Timings, encoder_for
 from dd.worker.engines.base import EncodedImage, InputError, image_size
 from dd.worker.engines.jpeg_decode import decode_cpu
 
@@ -53,6 +53,7 @@ class WorkItem:
     decode_us: int = 0
     outputs: tuple[str, ...] = ()  # KServe's requested outputs, in order; empty: every output
     model_version: str = ""
+    output_sink: OutputSink | None = None  # outputs to write into client shared memory (KServe)
 
     @property
     def wants_masks(self) -> bool:
@@ -105,6 +106,9 @@ class WorkerCore:
                               batch_size=len(runnable))
             try:
                 body = self.encode(item, det, timings)
+            except RequestError as exc:  # e.g. an output region too small: this request's own fault
+                out.append(Outcome(exc.code, exc.message))
+                continue
             except Exception as exc:  # noqa: BLE001 - fail this response, serve the rest
                 log.exception("worker %s: cannot encode the response to request %s", self.name,
                               clip(item.request_id))
@@ -157,5 +161,5 @@ class WorkerCore:
         h, w = image_size(item.color)
         ctx = EncodeContext(self.model.categories, item.request_id, self.model.name, self.name, h, w,
                             item.mask_format if item.wants_masks else NO_MASKS, timings, item.received_at,
-                            tuple(item.outputs), item.model_version)
+                            tuple(item.outputs), item.model_version, item.output_sink)
         return encoder_for(item.protocol)(det, ctx)

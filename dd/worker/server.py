@@ -52,6 +52,7 @@ from dd.procutil import die_with_parent, parent_alive
 from dd.worker.batcher import Batcher
 from dd.worker.core import WorkerCore, WorkItem
 from dd.worker.engines.base import EncodedImage
+from dd.worker.output_regions import OutputRegions
 
 if TYPE_CHECKING:  # the engine modules import torch: only after pinning, inside the inference thread
     from dd.worker.engines.base import Engine
@@ -362,7 +363,8 @@ class Worker:
 def _work_item(job: Job) -> WorkItem:
     req = job.req
     return WorkItem(job.color, job.depth, req.score_threshold, req.mask_format, req.request_id, req.protocol,
-                    req.received_at, req.dispatched_at, req.decode_us, tuple(req.outputs), req.model_version)
+                    req.received_at, req.dispatched_at, req.decode_us, tuple(req.outputs), req.model_version,
+                    OutputRegions.from_request(req.output_regions))
 
 
 def _may_pass(exc: BaseException) -> bool:

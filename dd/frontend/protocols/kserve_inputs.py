@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
 from dd.frontend.errors import ServeError, Status
-from dd.frontend.inputs import ENCODED, RAW, ImageInput
+from dd.frontend.inputs import ENCODED, RAW, ImageInput, OutputRegion
 from dd.proto.inference import grpc_service_pb2 as pb
 
 VERSION = "1"  # every model has one version
@@ -55,6 +56,14 @@ def allowed(name: str) -> str:
     return " or ".join(what for _, _, what in _INPUTS[name].values())
 
 
+class ShmAccess(Protocol):
+    """What parsing needs of the client shared-memory registry (dd/frontend/client_shm.py)."""
+
+    def view(self, name: str, offset: int, byte_size: int) -> memoryview: ...
+
+    def region(self, name: str, offset: int, byte_size: int) -> Any: ...  # .key, .offset; range checked
+
+
 @dataclass
 class InferInputs:
     """A ModelInferRequest, checked: what the request path needs to serve it."""
@@ -66,6 +75,7 @@ class InferInputs:
     depth: ImageInput | None
     score_threshold: float  # 0: the model's own
     outputs: tuple[str, ...]  # in the order asked; empty: every output
+    output_regions: tuple[OutputRegion, ...] = ()  # outputs asked into client shared memory (absolute ranges)
 
     @property
     def wants_masks(self) -> bool:
@@ -107,24 +117,53 @@ def _threshold(request: pb.ModelInferRequest) -> float:
     return value
 
 
-def _outputs(request: pb.ModelInferRequest, shm_enabled: bool) -> tuple[str, ...]:
-    names = []
+def _outputs(request: pb.ModelInferRequest,
+             shm: ShmAccess | None) -> tuple[tuple[str, ...], tuple[OutputRegion, ...]]:
+    names, regions = [], []
     for out in request.outputs:
         if out.name not in OUTPUTS:
             raise _invalid(f"unknown output {out.name[:64]!r}; the outputs are {', '.join(OUTPUTS)}")
         if out.name in names:
             raise _invalid(f"output {out.name!r} is requested twice")
-        _no_shm(out.parameters, f"output {out.name!r}", shm_enabled)
+        where = _shm_range(out.parameters, f"output {out.name!r}", shm)
+        if where is not None:
+            assert shm is not None
+            name, offset, size = where
+            region = shm.region(name, offset, size)  # the range checked against the registration
+            regions.append(OutputRegion(out.name, region.key, region.offset + offset, size))  # in the segment
         names.append(out.name)
-    return tuple(names)
+    return tuple(names), tuple(regions)
 
 
-def _no_shm(parameters, what: str, shm_enabled: bool) -> None:
-    """Shared-memory tensors are the client-shm extension's (the adapter's hook); refused without it."""
+def _shm_range(parameters, what: str, shm: ShmAccess | None) -> tuple[str, int, int] | None:
+    """(region, offset, byte_size) when `parameters` name a shared-memory region, else None; refused
+    when client shared memory is off."""
     used = [p for p in SHM_PARAMETERS if p in parameters]
-    if used and not shm_enabled:
+    if not used:
+        return None
+    if shm is None:
         raise _invalid(f"{what} names a shared-memory region ({used[0]}), but client shared memory is off on this "
                        "server; send the tensor in the request, or start the server with --allow-client-shm")
+    if "shared_memory_region" not in parameters or "shared_memory_byte_size" not in parameters:
+        raise _invalid(f"{what}: a tensor in shared memory needs both shared_memory_region (string) and "
+                       "shared_memory_byte_size (int64); shared_memory_offset (int64) is optional")
+    region = parameters["shared_memory_region"]
+    if region.WhichOneof("parameter_choice") != "string_param" or not region.string_param:
+        raise _invalid(f"{what}: shared_memory_region must be the name of a registered region (a string)")
+    numbers = []
+    for key in ("shared_memory_offset", "shared_memory_byte_size"):
+        if key not in parameters:
+            numbers.append(0)
+            continue
+        param = parameters[key]
+        kind = param.WhichOneof("parameter_choice")
+        if kind not in ("int64_param", "uint64_param"):
+            raise _invalid(f"{what}: {key} must be an integer (int64), got a {kind or 'empty'} parameter")
+        value = int(getattr(param, kind))
+        if value < 0:
+            raise _invalid(f"{what}: {key} must be >= 0, got {value}")
+        numbers.append(value)
+    return region.string_param, numbers[0], numbers[1]
 
 
 def _shape(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str) -> tuple[int, ...]:
@@ -145,17 +184,24 @@ def _shape(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str) -> tupl
     return shape
 
 
-def _input(request: pb.ModelInferRequest, index: int, shm_enabled: bool) -> ImageInput:
+def _input(request: pb.ModelInferRequest, index: int, raw_index: int | None, shm: ShmAccess | None) -> ImageInput:
+    """Input `index`; its bytes from client shared memory (a view: no copy), from
+    raw_input_contents[raw_index], or from its typed contents (raw_index None)."""
     tensor = request.inputs[index]
     name = tensor.name
     types = _INPUTS[name]
     if tensor.datatype not in types:
         raise _invalid(f"input {name!r}: datatype {tensor.datatype[:32]!r} is not accepted; send {allowed(name)}")
-    _no_shm(tensor.parameters, f"input {name!r}", shm_enabled)
+    where = _shm_range(tensor.parameters, f"input {name!r}", shm)
     dtype, field, _ = types[tensor.datatype]
     shape = _shape(tensor, tensor.datatype)
-    if request.raw_input_contents:
-        raw = request.raw_input_contents[index]
+    raw: bytes | memoryview | None = None
+    if where is not None:
+        assert shm is not None
+        raw = shm.view(*where)  # no copy: the decode step reads the client's memory into the ring slot
+    elif raw_index is not None:
+        raw = request.raw_input_contents[raw_index]
+    if raw is not None:
         if tensor.datatype == "BYTES":
             items = parse_bytes_tensor(raw, f"input {name!r}")
             if len(items) != 1:
@@ -182,8 +228,9 @@ def _input(request: pb.ModelInferRequest, index: int, shm_enabled: bool) -> Imag
     return ImageInput(array.astype(dtype).tobytes(), RAW, shape, dtype)
 
 
-def parse_infer(request: pb.ModelInferRequest, input_kind: str, *, shm_enabled: bool = False) -> InferInputs:
-    """The request's inputs, outputs and parameters, checked against a model of `input_kind` (rgb, rgbd)."""
+def parse_infer(request: pb.ModelInferRequest, input_kind: str, *, shm: ShmAccess | None = None) -> InferInputs:
+    """The request's inputs, outputs and parameters, checked against a model of `input_kind` (rgb, rgbd).
+    `shm`: the client shared-memory registry (--allow-client-shm); None: tensors in shared memory are refused."""
     check_version(request.model_name, request.model_version)
     takes = ("color", "depth") if input_kind == "rgbd" else ("color",)
     names = [t.name for t in request.inputs]
@@ -194,14 +241,25 @@ def parse_infer(request: pb.ModelInferRequest, input_kind: str, *, shm_enabled: 
                            f"{' and '.join(takes)}")
         if names.count(name) > 1:
             raise _invalid(f"input {name!r} is given twice")
-    if request.raw_input_contents and len(request.raw_input_contents) != len(request.inputs):
-        raise _invalid(f"{len(request.raw_input_contents)} raw_input_contents for {len(request.inputs)} inputs; when "
-                       "raw_input_contents is used, every input needs one, in the order of inputs")
+    # raw_input_contents: one per input whose data is not in shared memory, in the order of inputs
+    # (what tritonclient sends when some inputs are in shared memory and others are not).
+    if shm is None:  # refused first, with the reason (off), before raw_input_contents are counted
+        for t in request.inputs:
+            _shm_range(t.parameters, f"input {t.name!r}", None)
+    in_message = [i for i, t in enumerate(request.inputs) if not any(p in t.parameters for p in SHM_PARAMETERS)]
+    if request.raw_input_contents and len(request.raw_input_contents) != len(in_message):
+        raise _invalid(f"{len(request.raw_input_contents)} raw_input_contents for {len(in_message)} inputs not in "
+                       "shared memory; when raw_input_contents is used, each such input needs one, in the order of "
+                       "inputs")
+    raw_index = {i: n for n, i in enumerate(in_message)} if request.raw_input_contents else {}
     if "color" not in names:
         raise _invalid(f"input 'color' is missing; send {allowed('color')}")
     if input_kind == "rgbd" and "depth" not in names:
         raise _invalid(f"model {request.model_name!r} is RGB-D and needs input 'depth'; send {allowed('depth')}")
-    color = _input(request, names.index("color"), shm_enabled)
-    depth = _input(request, names.index("depth"), shm_enabled) if "depth" in names else None
+    outputs, output_regions = _outputs(request, shm)
+    color_at = names.index("color")
+    color = _input(request, color_at, raw_index.get(color_at), shm)
+    depth_at = names.index("depth") if "depth" in names else -1
+    depth = _input(request, depth_at, raw_index.get(depth_at), shm) if depth_at >= 0 else None
     return InferInputs(request.model_name, request.model_version or VERSION, request.id, color, depth,
-                       _threshold(request), _outputs(request, shm_enabled))
+                       _threshold(request), outputs, output_regions)

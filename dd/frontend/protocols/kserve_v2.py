@@ -9,9 +9,10 @@ ModelStreamInferResponse without parsing them (the wrapper is one tag and a leng
 The other calls answer from what the frontend knows: its models' configurations and its
 dispatcher's view of the workers. ModelStatistics counts what this frontend process served
 (each frontend of a server counts its own; Prometheus metrics give the sum over processes).
-System shared memory is a hook: the adapter calls the registry it is given (`shm`); without one
-(the default, and until client shared memory is wired) those calls answer UNIMPLEMENTED with a
-message naming --allow-client-shm.
+System shared memory: the adapter calls the registry it is given (`shm`, dd/frontend/client_shm.py,
+made by the frontend with --allow-client-shm); inputs named in a region are read from it straight
+into the ring, outputs named in a region are written there by the worker. Without a registry (the
+default) those calls answer UNIMPLEMENTED with a message naming --allow-client-shm.
 
 Like every adapter, the module exposes SERVICE_NAMES and handlers(api); dd.frontend.server
 registers it on the main port and, with --kserve-port, alone on a port of its own.
@@ -69,6 +70,10 @@ class SharedMemoryRegistry(Protocol):
     def unregister(self, name: str) -> None: ...  # "": every region
 
     def status(self, name: str) -> list[Any]: ...  # "": every region; items with name, key, offset, byte_size
+
+    def view(self, name: str, offset: int, byte_size: int) -> memoryview: ...  # an input's bytes, range checked
+
+    def region(self, name: str, offset: int, byte_size: int) -> Any: ...  # an output's range, checked
 
 
 @dataclass
@@ -307,7 +312,7 @@ class KServeV2:
             raise
         try:
             try:
-                inputs = parse_infer(request, model.input_kind, shm_enabled=self.shm is not None)
+                inputs = parse_infer(request, model.input_kind, shm=self.shm)
             except ServeError as exc:
                 self.api.count_failure(model.name, exc)
                 raise
@@ -396,7 +401,8 @@ def to_request(inputs: InferInputs) -> DetectionRequest:
     return DetectionRequest(protocol=PROTOCOL, model=inputs.model, color=inputs.color, depth=inputs.depth,
                             score_threshold=inputs.score_threshold,
                             mask_format=MASKS_RLE if inputs.wants_masks else MASKS_NONE,
-                            request_id=inputs.request_id, model_version=inputs.version, outputs=list(inputs.outputs))
+                            request_id=inputs.request_id, model_version=inputs.version, outputs=list(inputs.outputs),
+                            output_regions=list(inputs.output_regions))
 
 
 async def read_one(requests: AsyncIterator[Any], time_remaining: float | None, upload_timeout_s: float) -> Any:

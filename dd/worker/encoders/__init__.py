@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from dd.worker.engines.base import Detections
@@ -32,6 +32,25 @@ class Timings:
     total_us: int = 0  # received by the frontend -> encoded (set by the encoder)
 
 
+class RequestError(Exception):
+    """An answer the request itself made impossible (e.g. an output region too small for the output):
+    the request fails with `code` (a gRPC status name) and `message`; the batch's others are served."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class OutputSink(Protocol):
+    """Outputs the client wants written into its shared memory instead of the response
+    (dd/worker/output_regions.py); `write` returns the bytes written or raises RequestError."""
+
+    def __contains__(self, output: object) -> bool: ...
+
+    def write(self, output: str, data: bytes) -> int: ...
+
+
 @dataclass
 class EncodeContext:
     """What an encoder knows besides the detections."""
@@ -47,6 +66,7 @@ class EncodeContext:
     received_at: float = 0.0  # time.time() when the frontend got the request; 0: unknown
     outputs: tuple[str, ...] = ()  # the outputs asked for, in order (KServe); empty: every output
     model_version: str = ""  # echoed by protocols that have versions (KServe); "": the default
+    output_sink: OutputSink | None = None  # outputs that go into client shared memory (KServe)
 
 
 Encoder = Callable[["Detections", EncodeContext], bytes]

@@ -10,6 +10,10 @@ the outputs the request named, in the order it named them (none named: all four)
   classes  INT32  [N]     1-based, as class_id in the Detector API
   masks    BYTES  [N]     COCO compressed RLE counts of the full-image mask
 
+An output the request asked for in client shared memory (ctx.output_sink) is written there
+instead; the response keeps its name, datatype and shape, its parameter
+`shared_memory_byte_size` says how many bytes were written, and its raw contents are empty.
+
 The response's parameters `height` and `width` (int64) give the masks' size, which COCO's
 RLE needs to decode them.
 """
@@ -60,9 +64,15 @@ def build_response(det: Detections, ctx: EncodeContext) -> pb.ModelInferResponse
                                  id=ctx.request_id)
     resp.parameters["height"].int64_param = ctx.height
     resp.parameters["width"].int64_param = ctx.width
+    sink = ctx.output_sink
     for name in ctx.outputs or tuple(OUTPUTS):
         shape, raw = _tensor(name, det)
-        resp.outputs.add(name=name, datatype=OUTPUTS[name], shape=shape)
+        out = resp.outputs.add(name=name, datatype=OUTPUTS[name], shape=shape)
+        if sink is not None and name in sink:
+            # In the client's shared memory, as Triton does: the response keeps the output's name,
+            # datatype and shape, and says how many bytes were written; its raw contents stay empty.
+            out.parameters["shared_memory_byte_size"].int64_param = sink.write(name, raw)
+            raw = b""
         resp.raw_output_contents.append(raw)
     return resp
 

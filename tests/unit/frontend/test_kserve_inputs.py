@@ -138,3 +138,89 @@ def test_bytes_tensor_parsing() -> None:
     assert [bytes(b) for b in parse_bytes_tensor(_bytes(b"ab", b"", b"c"), "x")] == [b"ab", b"", b"c"]
     with pytest.raises(ServeError, match="left over"):
         parse_bytes_tensor(b"\x01\x00", "x")
+
+
+class _Registry:
+    """A client shared-memory registry over one buffer (the real one is tested in test_client_shm.py)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.seen: list[tuple[str, int, int]] = []
+
+    def _check(self, name: str, offset: int, byte_size: int) -> None:
+        if name != "r0" or offset + byte_size > len(self.data):
+            raise ServeError(Status.INVALID_ARGUMENT, "outside")
+
+    def view(self, name: str, offset: int, byte_size: int) -> memoryview:
+        self._check(name, offset, byte_size)
+        self.seen.append((name, offset, byte_size))
+        return memoryview(self.data)[offset:offset + byte_size]
+
+    def region(self, name: str, offset: int, byte_size: int):
+        self._check(name, offset, byte_size)
+
+        class R:
+            key, offset = "/k", 100
+        return R()
+
+
+def _in_shm(tensor, offset: int, size: int, region: str = "r0") -> None:
+    tensor.parameters["shared_memory_region"].string_param = region
+    tensor.parameters["shared_memory_byte_size"].int64_param = size
+    if offset:
+        tensor.parameters["shared_memory_offset"].int64_param = offset
+
+
+def test_inputs_in_shared_memory_are_views_of_the_region_and_raw_contents_count_the_others() -> None:
+    registry = _Registry(COLOR.tobytes() + DEPTH.tobytes())
+    req = pb.ModelInferRequest(model_name="m")
+    _in_shm(req.inputs.add(name="color", datatype="UINT8", shape=[4, 5, 3]), 0, COLOR.nbytes)
+    req.inputs.add(name="depth", datatype="UINT16", shape=[4, 5])
+    req.raw_input_contents.append(DEPTH.tobytes())  # one raw content: for depth, the one input in the message
+    got = parse_infer(req, "rgbd", shm=registry)
+    assert isinstance(got.color.data, memoryview) and bytes(got.color.data) == COLOR.tobytes()
+    assert bytes(got.depth.data) == DEPTH.tobytes()
+    _in_shm(req.inputs[1], COLOR.nbytes, DEPTH.nbytes)
+    assert "0 inputs not in shared memory" in _refused_with(req, registry)
+    del req.raw_input_contents[:]
+    got = parse_infer(req, "rgbd", shm=registry)
+    assert bytes(got.depth.data) == DEPTH.tobytes() and registry.seen[-1] == ("r0", COLOR.nbytes, DEPTH.nbytes)
+
+
+def _refused_with(req: pb.ModelInferRequest, registry, kind: str = "rgbd") -> str:
+    with pytest.raises(ServeError) as err:
+        parse_infer(req, kind, shm=registry)
+    assert err.value.status == Status.INVALID_ARGUMENT
+    return err.value.message
+
+
+def test_shared_memory_parameters_are_checked() -> None:
+    registry = _Registry(COLOR.tobytes())
+    req = pb.ModelInferRequest(model_name="m")
+    color = req.inputs.add(name="color", datatype="UINT8", shape=[4, 5, 3])
+    _in_shm(color, 0, COLOR.nbytes - 1)
+    assert "59 bytes of raw data, but shape [4, 5, 3] of UINT8 needs 60" in _refused_with(req, registry, "rgb")
+    _in_shm(color, 1, COLOR.nbytes)
+    assert "outside" in _refused_with(req, registry, "rgb")
+    color.parameters["shared_memory_offset"].int64_param = -1
+    assert "shared_memory_offset must be >= 0" in _refused_with(req, registry, "rgb")
+    color.parameters["shared_memory_offset"].string_param = "0"
+    assert "shared_memory_offset must be an integer" in _refused_with(req, registry, "rgb")
+    del color.parameters["shared_memory_offset"]
+    del color.parameters["shared_memory_byte_size"]
+    assert "needs both shared_memory_region" in _refused_with(req, registry, "rgb")
+    color.parameters["shared_memory_byte_size"].int64_param = COLOR.nbytes
+    color.parameters["shared_memory_region"].int64_param = 3
+    assert "must be the name of a registered region" in _refused_with(req, registry, "rgb")
+
+
+def test_outputs_in_shared_memory_become_absolute_ranges_of_the_segment() -> None:
+    registry = _Registry(b"\0" * 1000)
+    req = _request(("color", "UINT8", [4, 5, 3], COLOR.tobytes()))
+    req.outputs.add(name="scores")
+    _in_shm(req.outputs.add(name="boxes"), 40, 200)
+    got = parse_infer(req, "rgb", shm=registry)
+    assert got.outputs == ("scores", "boxes")
+    assert [(r.output, r.shm_key, r.offset, r.byte_size) for r in got.output_regions] == [("boxes", "/k", 140, 200)]
+    _in_shm(req.outputs[1], 900, 200)
+    assert "outside" in _refused_with(req, registry, "rgb")
