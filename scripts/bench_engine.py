@@ -50,7 +50,7 @@ from dd.models.model_folder import random_model_folder  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
 from dd.worker.engines import create_engine  # noqa: E402
 from dd.worker.engines.base import EngineInput  # noqa: E402
-from dd.worker.engines.fast_maskrcnn import FastMaskRCNN, padded, resized_size  # noqa: E402
+from dd.worker.engines.fast.engine import FastMaskRCNN, padded, resized_size  # noqa: E402
 from dd.worker.engines.torchvision_maskrcnn import TorchvisionMaskRCNN  # noqa: E402
 
 

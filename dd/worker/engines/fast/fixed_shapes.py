@@ -39,7 +39,8 @@ from torchvision.ops.boxes import box_area
 from torchvision.ops.poolers import LevelMapper, _setup_scales
 
 from dd.models.semantics import TORCHVISION, Semantics
-from dd.worker.engines import roi_align_kernel, suppression
+from dd.worker.engines.kernels import roi_align as roi_align_kernel
+from dd.worker.engines.kernels import suppression
 
 log = logging.getLogger(__name__)
 

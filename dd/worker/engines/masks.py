@@ -17,7 +17,7 @@ resampling is one Triton kernel over all instances, ragged (paste_kernel.py);
 elsewhere (and where that kernel cannot run) it is two batched matrix
 products per chunk of instances of similar size, since bilinear resizing is
 separable. The strings are byte for byte pycocotools' (tests/test_fast_engine.py,
-tests/test_paste_kernel.py).
+tests/unit/engines/test_paste_kernel.py).
 
 rule="detectron2" pastes as detectron2's paste_masks_in_image does on the
 CPU: each pixel of [max(floor(x0) - 1, 0), min(ceil(x1) + 1, W)) x (likewise
@@ -38,7 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dd.worker.engines import paste_kernel, rle_kernel
+from dd.worker.engines.kernels import paste as paste_kernel
+from dd.worker.engines.kernels import rle as rle_kernel
 
 log = logging.getLogger(__name__)
 

@@ -79,13 +79,13 @@ from torchvision.ops import boxes as box_ops
 from dd.models.build import build_loaded_model
 from dd.models.semantics import TORCHVISION, Semantics
 from dd.worker.engines.base import Detections, Engine, EngineInput, EngineUnavailable
-from dd.worker.engines.batchnorm_fold import fold_batchnorm
-from dd.worker.engines.fixed_shapes import FixedShapeHeads, large_enough, rpn_min_size
-from dd.worker.engines.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
-from dd.worker.engines.graph_cache import GraphCache
-from dd.worker.engines.mask_head import ClassMaskHead
-from dd.worker.engines.mask_rle import paste_and_encode
-from dd.worker.engines.pil_resize import PilBilinear
+from dd.worker.engines.fast.batchnorm_fold import fold_batchnorm
+from dd.worker.engines.fast.fixed_shapes import FixedShapeHeads, large_enough, rpn_min_size
+from dd.worker.engines.fast.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
+from dd.worker.engines.fast.graph_cache import GraphCache
+from dd.worker.engines.fast.mask_head import ClassMaskHead
+from dd.worker.engines.masks import paste_and_encode
+from dd.worker.engines.fast.pil_resize import PilBilinear
 
 log = logging.getLogger(__name__)
 
