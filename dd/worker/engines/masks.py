@@ -32,7 +32,6 @@ two agree value for value.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 from dd.worker.engines.kernels import paste as paste_kernel
 from dd.worker.engines.kernels import rle as rle_kernel
+from dd.worker.engines.kernels.switch import KernelSwitch
 
 log = logging.getLogger(__name__)
 
@@ -177,31 +177,8 @@ def _plan_chunks(need: np.ndarray, max_elements: int,
     return order, chunks
 
 
-class _KernelSwitch:
-    """Whether a Triton step runs by default on a device: on CUDA where Triton is installed, until it
-    has failed once here (no compiler, an unsupported GPU); from then on the torch operations do
-    it, and the log said so once."""
-
-    def __init__(self, available: Callable[[], bool], what: str, instead: str) -> None:
-        self.available = available
-        self.what = what
-        self.instead = instead
-        self.failed = False
-
-    def by_default(self, dev: torch.device) -> bool:
-        return dev.type == "cuda" and self.available() and not self.failed
-
-    def cannot_run(self, exc: Exception, on: torch.Tensor) -> None:
-        """Switches to the torch operations; a failure inside a CUDA graph capture is the caller's."""
-        if on.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise exc
-        self.failed = True
-        log.warning("the Triton %s cannot run here (%s: %s); %s with torch operations instead", self.what,
-                    type(exc).__name__, exc, self.instead)
-
-
-_PASTE = _KernelSwitch(paste_kernel.available, "paste kernel", "pasting")
-_RLE = _KernelSwitch(rle_kernel.available, "RLE kernels", "encoding")
+_PASTE = KernelSwitch("paste kernel", "pasting with torch operations instead", paste_kernel.available)
+_RLE = KernelSwitch("RLE kernels", "encoding with torch operations instead", rle_kernel.available)
 
 
 def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, height: int, width: int,
@@ -259,11 +236,20 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, hei
     float_boxes = host if d2 else None
     if kernel:
         return paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold, boxes=float_boxes)
-    if kernel is None and _PASTE.by_default(dev):
-        try:
-            return paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold, boxes=float_boxes)
-        except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: the torch path does it
-            _PASTE.cannot_run(exc, masks)
+    if kernel is None:
+        return _PASTE.run(
+            lambda: paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold, boxes=float_boxes),
+            lambda: _paste_transitions_torch(masks, host, ib, h, w, need, height, width, threshold, max_elements,
+                                             d2), on=masks)
+    return _paste_transitions_torch(masks, host, ib, h, w, need, height, width, threshold, max_elements, d2)
+
+
+def _paste_transitions_torch(masks: torch.Tensor, host: np.ndarray, ib: np.ndarray, h: np.ndarray, w: np.ndarray,
+                             need: np.ndarray, height: int, width: int, threshold: float, max_elements: int,
+                             d2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """paste_transitions in torch operations (the CPU's path, and the fallback where the kernel cannot run)."""
+    n, m = masks.shape[0], masks.shape[-1]
+    dev = masks.device
     if d2:  # canvases of at least one pixel; an empty region's instance samples nothing (h, w = 0)
         need = np.maximum(need, 1)
         max_elements = max(max_elements // 32, 1)  # elementwise sampling holds ~30 bytes a pixel at once
@@ -337,11 +323,9 @@ def rle_strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, 
     fits = height * width < rle_kernel.MAX_PIXELS
     if kernel:
         return rle_kernel.strings(inst, pos, count, height, width, presorted)
-    if kernel is None and fits and _RLE.by_default(inst.device):
-        try:
-            return rle_kernel.strings(inst, pos, count, height, width, presorted)
-        except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: torch operations do it
-            _RLE.cannot_run(exc, inst)
+    if kernel is None and fits:
+        return _RLE.run(lambda: rle_kernel.strings(inst, pos, count, height, width, presorted),
+                        lambda: _rle_strings_torch(inst, pos, count, height, width, presorted), on=inst)
     return _rle_strings_torch(inst, pos, count, height, width, presorted)
 
 

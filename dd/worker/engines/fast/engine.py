@@ -62,7 +62,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import mmap
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +85,8 @@ from dd.worker.engines.fast.graph_cache import GraphCache
 from dd.worker.engines.fast.mask_head import ClassMaskHead
 from dd.worker.engines.masks import paste_and_encode
 from dd.worker.engines.fast.pil_resize import PilBilinear
+from dd.worker.engines.kernels.switch import KernelSwitch
+from dd.worker.engines.pinned import PinnedMappings
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class FastMaskRCNN(Engine):
         self.redone_images = 0
         self._loaded = False
         self._anchors: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        self._pinned: dict[int, tuple[mmap.mmap, ctypes.c_char]] = {}
+        self._pinned = PinnedMappings(self.pin)
         # Set to a dict to collect per-stage wall times (synchronising between stages): benchmarks only.
         self.stage_times: dict[str, list[float]] | None = None
         self._t_last = 0.0
@@ -267,50 +268,21 @@ class FastMaskRCNN(Engine):
         fuse_fpn), if they compile here."""
         undo = fuse_fpn(self.model.backbone)
         probe = torch.zeros(1, self.mean.numel(), 64, 64, device=self.dev, dtype=self.dtype)
-        try:
+
+        def trial() -> None:
             with torch.inference_mode():
                 self.model.backbone(probe.contiguous(memory_format=torch.channels_last))
-        except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: torch's operations do it
-            undo()
-            log.warning("the FPN's Triton kernels cannot run here (%s: %s); using torch operations",
-                        type(exc).__name__, exc)
+
+        KernelSwitch("FPN kernels", "using torch operations").probe(trial, undo)
 
     # -- host memory ----------------------------------------------------------------------
     def _pin_source(self, arr: np.ndarray) -> None:
         """Page-locks the shared-memory mapping an input lives in, once, so copies to the GPU are DMA."""
-        if not self.pin:
-            return
-        base = arr.base
-        while isinstance(base, np.ndarray):
-            base = base.base
-        if not isinstance(base, mmap.mmap) or id(base) in self._pinned:
-            return
-        try:
-            # The ctypes view exports the mapping's buffer, so the worker cannot unmap a ring while
-            # it is registered (ShmRing.close leaves the map to the last view); when the ring's
-            # frontend goes, the worker calls release_input_memory, which unregisters it.
-            view = ctypes.c_char.from_buffer(base)
-            err = torch.cuda.cudart().cudaHostRegister(ctypes.addressof(view), len(base), 0)
-            if int(err) != 0:
-                raise RuntimeError(f"cudaHostRegister returned {err}")
-            self._pinned[id(base)] = (base, view)
-        except Exception as exc:  # noqa: BLE001 - pinning is an optimisation; never fail a request for it
-            log.warning("cannot pin shared memory for faster copies: %s", exc)
-            self.pin = False
+        self._pinned.pin_source(arr)
 
     def release_input_memory(self, mapping: object) -> None:
         with self._graph_cache.recording:  # a CUDA call: never while a background capture records
-            self._release_input_memory(mapping)
-
-    def _release_input_memory(self, mapping: object) -> None:
-        entry = self._pinned.get(id(mapping))
-        if entry is None or entry[0] is not mapping:
-            return
-        del self._pinned[id(mapping)]
-        try:
-            torch.cuda.cudart().cudaHostUnregister(ctypes.addressof(entry[1]))
-        except Exception as exc:  # noqa: BLE001 - the mapping goes anyway with the process
-            log.warning("cannot unregister a released shared-memory mapping: %s", exc)
+            self._pinned.release(mapping)
 
     # -- stages -----------------------------------------------------------------------------
     def _mark(self, stage: str | None) -> None:
@@ -738,12 +710,7 @@ class FastMaskRCNN(Engine):
         return self.heads.pool_lists(pooler, feats, boxes, sizes[0])
 
     def close(self) -> None:
-        for _, view in self._pinned.values():
-            try:
-                torch.cuda.cudart().cudaHostUnregister(ctypes.addressof(view))
-            except Exception:  # noqa: BLE001 - best effort at exit
-                pass
-        self._pinned.clear()
+        self._pinned.close()
         self._graph_cache.close()
         self._graphs.clear()
         self._fixed_graphs.clear()
