@@ -93,7 +93,7 @@ def compare(ref, fast, h: int, w: int) -> dict[str, float]:
     """Greedy matching of fast instances to reference ones: same class, best box IoU >= 0.98."""
     from pycocotools import mask as mask_util
 
-    from dd.worker.encoders.detector_v1 import rle_encode
+    from dd.worker.engines.masks import rle_encode
 
     if len(ref.scores) == 0:
         return {"ref": 0, "matched": 0}

@@ -20,7 +20,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from dd.config import load_model_config
 from dd.models.model_folder import random_model_folder
-from dd.worker.encoders.detector_v1 import rle_encode
+from dd.worker.engines.masks import rle_encode
 from dd.worker.engines import load_engine
 from dd.worker.engines.base import EngineInput
 from dd.worker.engines.fast.engine import FastMaskRCNN, batch_buckets, resized_size

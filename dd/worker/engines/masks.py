@@ -1,4 +1,5 @@
-"""Mask pasting and COCO RLE for all instances at once, without full-image masks.
+"""Mask pasting and COCO RLE, the one place for both: for all instances at once, without full-image
+masks (paste_and_encode, any GPU engine), and for full-image masks on the host (rle_encode).
 
 torchvision pastes each instance's 28x28 mask into a full-image tensor in a
 Python loop (a dozen kernels per instance) and pycocotools then scans every
@@ -13,7 +14,7 @@ run or instance but cut bytes.
 The sampling matches torchvision's paste_mask_in_image (pad by one pixel,
 expand the box by (M+2)/M, bilinear resize with align_corners=False, integer
 box corners), so the masks agree with the reference engine's. On CUDA the
-resampling is one Triton kernel over all instances, ragged (paste_kernel.py);
+resampling is one Triton kernel over all instances, ragged (kernels/paste.py);
 elsewhere (and where that kernel cannot run) it is two batched matrix
 products per chunk of instances of similar size, since bilinear resizing is
 separable. The strings are byte for byte pycocotools' (tests/test_fast_engine.py,
@@ -24,7 +25,7 @@ CPU: each pixel of [max(floor(x0) - 1, 0), min(ceil(x1) + 1, W)) x (likewise
 in y) samples the mask at its centre (F.grid_sample, align_corners=False,
 zero padding, at u = (x + 0.5 - x0) / (x1 - x0) * 2 - 1) and is on where
 that is >= the threshold; nothing outside that region is. The kernel does it
-in the same launch structure (paste_kernel.py); the torch path computes the
+in the same launch structure (kernels/paste.py); the torch path computes the
 same float32 operations elementwise, per chunk (_grid_sample_chunk), so the
 two agree value for value.
 """
@@ -36,6 +37,7 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as mask_util
 
 from dd.worker.engines.kernels import paste as paste_kernel
 from dd.worker.engines.kernels import rle as rle_kernel
@@ -376,6 +378,18 @@ def _rle_strings_torch(inst: torch.Tensor, pos: torch.Tensor, count: int, height
     data = text.cpu().numpy().tobytes()
     cut = bounds.cpu().tolist()
     return [data[a:b] for a, b in zip(cut[:-1], cut[1:])]
+
+
+def rle_encode(masks: np.ndarray) -> list[bytes]:
+    """COCO compressed RLE of N x H x W boolean masks, one bytes string each.
+
+    pycocotools wants H x W x N in Fortran order; an N x W x H C-ordered array
+    is exactly that memory layout, so one transposing copy is all it costs.
+    """
+    if len(masks) == 0:
+        return []
+    fortran = np.ascontiguousarray(masks.transpose(0, 2, 1), dtype=np.uint8).transpose(2, 1, 0)
+    return [r["counts"] for r in mask_util.encode(fortran)]
 
 
 def paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, height: int, width: int,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from dd.worker.encoders.detector_v1 import rle_encode
+from dd.worker.engines.masks import rle_encode
 from dd.worker.engines.masks import paste_and_encode, paste_transitions, rle_strings
 from tests import d2_reference
 
@@ -96,7 +96,7 @@ import torch
 
 from dd.worker.engines.kernels import paste as paste_kernel
 from dd.worker.engines.masks import paste_transitions, rle_strings
-from dd.worker.encoders.detector_v1 import rle_encode
+from dd.worker.engines.masks import rle_encode
 from tests import d2_reference
 from tests.unit.engines.test_paste_detectron2 import _changes, cases
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from dd.worker.encoders.detector_v1 import rle_encode
+from dd.worker.engines.masks import rle_encode
 from dd.worker.engines.kernels import paste as paste_kernel
 from dd.worker.engines.masks import paste_transitions, rle_strings
 

@@ -31,7 +31,7 @@ import torch
 from pycocotools import mask as mask_util
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from dd.worker.encoders.detector_v1 import rle_encode
+from dd.worker.engines.masks import rle_encode
 from dd.worker.engines import masks as mask_rle
 from dd.worker.engines.kernels import rle as rle_kernel
 from dd.worker.engines.masks import _rle_strings_torch, paste_transitions, rle_strings
@@ -224,7 +224,7 @@ def test_triton_rle_kernels_match_pycocotools_and_torch_path() -> None:
 
 
 def _changes() -> tuple[torch.Tensor, torch.Tensor, list[bytes], int, int]:
-    from dd.worker.encoders.detector_v1 import rle_encode
+    from dd.worker.engines.masks import rle_encode
 
     rng = np.random.default_rng(3)
     masks = rng.random((4, 30, 40)) > 0.6
