@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from dd.config import ConfigError, ServerConfig, discover_models, load_server_config
+from dd.config import JPEG_DECODE_CHOICES, ConfigError, ServerConfig, discover_models, load_server_config
 
 BUILTIN_MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"
 # The users' deployments set this (`docker run -e NODE_CONFIG_FILE=model_repository/x/node_config.json`):
@@ -41,6 +41,9 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="server settings file (JSON or YAML; keys as in dd.config.ServerConfig)")
     g.add_argument("--host", help="address to bind (default 0.0.0.0: every interface)")
     g.add_argument("--port", type=int, help="gRPC port (default 50051)")
+    g.add_argument("--kserve-port", dest="kserve_port", type=int,
+                   help="also serve the KServe v2 / Triton protocol alone on this port (default 0: only on --port, "
+                        "beside the Detector API)")
     g.add_argument("--frontends", type=int, help="frontend processes sharing the port (default: cores / 4)")
     g.add_argument("--ring-slots", dest="ring_slots", type=int, help="shared-memory slots per frontend (default 16)")
     g.add_argument("--slot-mb", dest="slot_mb", type=float,
@@ -65,6 +68,10 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fork-workers", dest="fork_workers", action=argparse.BooleanOptionalAction, default=None,
                    help="fork workers from a process with torch and the engines imported, so a restarted "
                         "worker starts seconds sooner (default on)")
+    g.add_argument("--jpeg-decode", dest="jpeg_decode", choices=JPEG_DECODE_CHOICES,
+                   help="where JPEG color images are decoded: frontend (CPU), worker (sent compressed; its GPU "
+                        "where the engine can), auto (worker when the model's workers decode JPEG on a GPU; "
+                        "default)")
     lim = p.add_argument_group("limits against hostile and clumsy clients (docs/operations.md, Limits)")
     lim.add_argument("--max-jpeg-scans", dest="max_jpeg_scans", type=int,
                      help="scans one JPEG may have, counted before decoding (default 32)")
@@ -97,6 +104,9 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     s.add_argument("--auth-token-file", dest="auth_token_file",
                    help="file holding a bearer token every call must send as 'authorization: Bearer TOKEN' "
                         "(the health service stays open)")
+    s.add_argument("--allow-client-shm", dest="allow_client_shm", action="store_true", default=None,
+                   help="let local clients of this user register system shared-memory regions (KServe/Triton "
+                        "SystemSharedMemoryRegister) and pass tensors through them (default off; docs/kserve.md)")
     p.add_argument("--server-json", dest="server_json", help=argparse.SUPPRESS)
     p.add_argument("--parent-pid", dest="parent_pid", type=int, help=argparse.SUPPRESS)
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from dd.config import ConfigError, ModelConfig, ServerConfig
 from dd.config.engines import spec_for
 from dd.ipc import endpoints
+from dd.ipc.client_segments import remove_registrations
 from dd.ipc.shm_ring import SHM_DIR, check_shm_capacity, remove_stale_segments, ring_size
 from dd.procutil import LOG_NAME_ENV, parse_cpulist
 from dd.zygote import Zygote, ZygoteProcess, worker_preload
@@ -181,6 +182,7 @@ class Supervisor:
         # What a crashed run left behind: its sockets and shared memory.
         tag = endpoints.run_tag(self.run_dir)
         removed = remove_stale_segments(tag, only_dead=False)
+        remove_registrations(self.run_dir)  # a crashed run's client shared-memory registrations
         for _, _, path in endpoints.list_worker_sockets(self.run_dir):
             path.unlink(missing_ok=True)
         for path in self.run_dir.glob(f"*{endpoints.LOAD_FAILURE_SUFFIX}*"):
@@ -395,6 +397,7 @@ class Supervisor:
             self._zygote.close()
         tag = endpoints.run_tag(self.run_dir)
         remove_stale_segments(tag, only_dead=False)
+        remove_registrations(self.run_dir)  # client shared memory: every registration goes with the run
         for _, _, path in endpoints.list_worker_sockets(self.run_dir):
             path.unlink(missing_ok=True)
         for path in self.run_dir.glob(f"*{endpoints.LOAD_FAILURE_SUFFIX}*"):

@@ -19,6 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dd.frontend.decode import decode_into_slot  # noqa: E402
+from dd.frontend.protocols.detector_v1 import image_inputs  # noqa: E402
 from dd.proto.deep_detection.v1 import detector_pb2 as pb  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
 
@@ -35,11 +36,11 @@ def main() -> int:
     req = pb.DetectRequest(color=pb.Image(data=jpg.tobytes()), depth=pb.Image(data=png.tobytes()))
     slot = memoryview(bytearray(args.width * args.height * 5 + 4096))
     for _ in range(3):
-        decode_into_slot(req, True, slot, args.width * args.height)
+        decode_into_slot(*image_inputs(req), True, slot, args.width * args.height)
     times = []
     for _ in range(args.iters):
         t0 = time.perf_counter()
-        decoded = decode_into_slot(req, True, slot, args.width * args.height)
+        decoded = decode_into_slot(*image_inputs(req), True, slot, args.width * args.height)
         times.append((time.perf_counter() - t0) * 1e3)
     depth = np.ndarray((args.height, args.width), np.uint16, buffer=slot, offset=decoded.depth.offset)
     assert np.array_equal(depth, scene.depth), "depth did not survive the round trip"

@@ -194,6 +194,7 @@ class Served:
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     slot_mb: int = 8
     ring_slots: int = 64
+    extra_args: list[str] = field(default_factory=list)  # more flags for `serve` (--jpeg-decode worker)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     started_at: float = 0.0  # perf_counter at Popen
@@ -210,6 +211,7 @@ class Served:
                 "--ring-slots", str(self.ring_slots)]
         if self.frontends:
             argv += ["--frontends", str(self.frontends)]
+        argv += self.extra_args
         self.started_wall = time.time()
         self.started_at = time.perf_counter()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)

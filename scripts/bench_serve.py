@@ -208,12 +208,12 @@ def run_baseline(folder: Path, device: str, out_dir: Path, requests: dict[str, l
 # -- served ----------------------------------------------------------------------------------------
 def serve_and_load(folder: Path, out_dir: Path, frontends: int, env: dict[str, str],
                    requests: dict[str, list[bytes]], concurrencies: list[int], seconds: float, clients: ClientPool,
-                   slot: int, save, results: dict, ring_slots: int = 32) -> None:
+                   slot: int, save, results: dict, ring_slots: int = 32, serve_args: list[str] | None = None) -> None:
     """`deep-detection serve FOLDER` with this many frontends, each kind at each concurrency, then stopped.
     Fills results[kind][concurrency]; results["_skipped"][kind] says why a kind was not loaded."""
     tmp = Path(tempfile.mkdtemp(prefix="ddbench-run-", dir="/tmp"))
     server = Served(folder, tmp / "run", out_dir / f"serve_frontends{frontends}.log", frontends, env, slot_mb=slot,
-                    ring_slots=ring_slots)
+                    ring_slots=ring_slots, extra_args=list(serve_args or []))
     server.start()
     try:
         results["start_to_serving_s"] = round(server.wait_serving(), 2)
@@ -475,7 +475,7 @@ def scaling(args: argparse.Namespace, tmp: Path, out: Path, requests: list[bytes
         served: dict = {}
         serve_and_load(folder, out, args.frontends[0], dict(os.environ), {args.encodings[0]: requests}, concs,
                        args.seconds, clients, slot_mb(args.height, args.width), lambda: None, served,
-                       args.ring_slots)
+                       args.ring_slots, args.serve_arg)
         for per, conc in zip(args.per_worker_concurrency, concs):
             r = served.get(args.encodings[0], {}).get(conc, {"n": 0})
             rows.append({"workers": n, "where": where, "per_worker": per, "concurrency": conc,
@@ -535,6 +535,8 @@ def main() -> int:
                     help="client processes that share the load (use several for many GPUs)")
     ap.add_argument("--out", help="folder for serve.json, serve.md, the pictures and the servers' logs")
     ap.add_argument("--json", help="also write serve.json's content here (older runs' flag)")
+    ap.add_argument("--serve-arg", action="append", default=[],
+                    help="passed on to `deep-detection serve`, once per use: --serve-arg=--jpeg-decode=worker")
     ap.add_argument("--baseline-server", nargs=3, metavar=("FOLDER", "DEVICE", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_server:
@@ -603,7 +605,8 @@ def main() -> int:
             results["served"][str(f)] = {}
             try:
                 serve_and_load(folder, out, f, env, requests, args.concurrency, args.seconds, clients,
-                               slot_mb(args.height, args.width), save, results["served"][str(f)], args.ring_slots)
+                               slot_mb(args.height, args.width), save, results["served"][str(f)], args.ring_slots,
+                               args.serve_arg)
             except Exception as exc:  # noqa: BLE001 - in the table; the other frontend counts still run
                 results["served"][str(f)]["_error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
                 print(f"served with {f} frontend(s) failed: {exc}", flush=True)

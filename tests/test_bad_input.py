@@ -14,12 +14,14 @@ import cv2
 import grpc
 import numpy as np
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
-from dd.frontend.decode import check_options, decode_into_slot
+from dd.frontend.decode import decode_into_slot
 from dd.frontend.errors import ServeError, Status
+from dd.frontend.protocols.detector_v1 import check_options, image_inputs
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from tests.faults import Server, answer_problem, detect, null_case, null_model
 
@@ -77,6 +79,12 @@ def raw(arr: np.ndarray, dtype: int | None = None, shape: list[int] | None = Non
                     shape=list(arr.shape) if shape is None else shape, dtype=dt[arr.dtype] if dtype is None else dtype)
 
 
+def zstd(arr: np.ndarray, data: bytes | None = None) -> pb.Image:
+    image = raw(arr, data=zstandard.ZstdCompressor().compress(arr.tobytes()) if data is None else data)
+    image.encoding = pb.Image.ZSTD
+    return image
+
+
 def rgbd(color: pb.Image, depth: pb.Image | None = None, **kw) -> pb.DetectRequest:
     req = pb.DetectRequest(model="rgbd", color=color, **kw)
     if depth is not None:
@@ -128,13 +136,23 @@ BAD_REQUESTS = {
     "negative-threshold": (rgbd(img(GOOD_PNG), img(DEPTH_PNG), score_threshold=-0.25), INVALID, "got -0.25"),
     "unknown-mask-format": (rgbd(img(GOOD_PNG), img(DEPTH_PNG), mask_format=7), INVALID, "unknown mask_format 7"),
     "unknown-encoding": (rgbd(pb.Image(data=GOOD_PNG, encoding=5), img(DEPTH_PNG)), INVALID,
-                         "color: unknown encoding 5; use ENCODED (0) or RAW (1)"),
-    "unknown-depth-encoding": (rgbd(img(GOOD_PNG), pb.Image(data=DEPTH_PNG, encoding=2)), INVALID,
-                               "depth: unknown encoding 2"),
+                         "color: unknown encoding 5; use ENCODED (0), RAW (1) or ZSTD (2)"),
+    "unknown-depth-encoding": (rgbd(img(GOOD_PNG), pb.Image(data=DEPTH_PNG, encoding=9)), INVALID,
+                               "depth: unknown encoding 9"),
     "raw-depth-negative": (rgbd(raw(COLOR), raw(np.full((H, W), -1.0, np.float32))), INVALID,
                            "must lie in [0, 65.535] (0: missing), got values from -1 to -1"),
     "raw-depth-1e30": (rgbd(raw(COLOR), raw(np.full((H, W), 1e30, np.float32))), INVALID,
                        "must lie in [0, 65.535]"),
+    "zstd-bomb": (rgbd(raw(COLOR), zstd(DEPTH, zstandard.ZstdCompressor().compress(bytes(64 << 20)))), INVALID,
+                  "depth: ZSTD frame holds 67108864 bytes but shape [24, 32] x uint16 needs 1536"),
+    "zstd-bomb-without-size": (rgbd(zstd(COLOR, zstandard.ZstdCompressor(compression_params=zstandard.
+        ZstdCompressionParameters(window_log=10, write_content_size=False)).compress(bytes(64 << 20))), raw(DEPTH)),
+        INVALID, "color: ZSTD data holds more than shape [24, 32, 3] x uint8 = 2304 bytes"),
+    "zstd-bomb-large-window": (rgbd(zstd(COLOR, zstandard.ZstdCompressor(write_content_size=False).compress(
+        bytes(64 << 20))), raw(DEPTH)), INVALID, "color: the ZSTD frame asks for a window larger than its array"),
+    "zstd-garbage": (rgbd(raw(COLOR), zstd(DEPTH, DEPTH.tobytes())), INVALID, "depth: ZSTD data is not a Zstandard frame"),
+    "zstd-depth-uint8": (rgbd(raw(COLOR), zstd((DEPTH // 16).astype(np.uint8))), INVALID,
+                         "RAW depth must be shape [H, W] with dtype UINT16"),
     "over-message-limit": (rgbd(raw(np.zeros((1000, 1000, 3), np.uint8))), grpc.StatusCode.RESOURCE_EXHAUSTED,
                            "larger than max"),
 }
@@ -228,7 +246,8 @@ _SEEDS = [encode(".png", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
           encode(".bmp", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
           encode(".tiff", _rng.integers(0, 5000, (9, 7), dtype=np.uint16)),
           encode(".webp", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
-          png_with_size(30000, 30000), jpeg_with_size(5, 5000)]
+          png_with_size(30000, 30000), jpeg_with_size(5, 5000),
+          encode(".jpg", np.full((40, 40, 3), 90, np.uint8))]  # fewer bytes than pixels: may go compressed
 
 
 @st.composite
@@ -256,11 +275,13 @@ def images(draw: st.DrawFn) -> pb.Image:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(color=images(), depth=images(), needs_depth=st.booleans(), slot_size=st.sampled_from([256, 4096, 1 << 16]),
-       threshold=st.floats(allow_nan=True, allow_infinity=True, width=32), mask_format=st.integers(-2, 3))
+       threshold=st.floats(allow_nan=True, allow_infinity=True, width=32), mask_format=st.integers(-2, 3),
+       jpeg_to_worker=st.booleans())
 def test_fuzz_validation_and_decoding(color: pb.Image, depth: pb.Image, needs_depth: bool, slot_size: int,
-                                      threshold: float, mask_format: int) -> None:
+                                      threshold: float, mask_format: int, jpeg_to_worker: bool) -> None:
     """decode_into_slot and check_options only ever succeed or raise ServeError; on success what they
-    wrote fits the slot and the limits, and RAW pixels arrive unchanged."""
+    wrote fits the slot and the limits, RAW pixels arrive unchanged, and a JPEG sent on compressed
+    (jpeg_to_worker) arrives as its bytes, no more than its pixels would take."""
     req = pb.DetectRequest(color=color, depth=depth, score_threshold=threshold, mask_format=mask_format)
     try:
         check_options(req)
@@ -269,7 +290,7 @@ def test_fuzz_validation_and_decoding(color: pb.Image, depth: pb.Image, needs_de
         assert exc.status == Status.INVALID_ARGUMENT and exc.message
     slot = memoryview(bytearray(slot_size))
     try:
-        out = decode_into_slot(req, needs_depth, slot, max_pixels=2000)
+        out = decode_into_slot(*image_inputs(req), needs_depth, slot, max_pixels=2000, jpeg_to_worker=jpeg_to_worker)
     except ServeError as exc:
         assert exc.status == Status.INVALID_ARGUMENT and exc.message
         return
@@ -283,3 +304,7 @@ def test_fuzz_validation_and_decoding(color: pb.Image, depth: pb.Image, needs_de
     if color.encoding == pb.Image.RAW:
         placed = np.frombuffer(slot, np.uint8, out.height * out.width * 3).reshape(out.height, out.width, 3)
         assert placed.tobytes() == color.data
+    assert out.color.encoding in ("", "jpeg") and (out.color.encoding == "jpeg") <= jpeg_to_worker
+    if out.color.encoding == "jpeg":
+        assert out.color.nbytes == len(color.data) <= out.height * out.width * 3
+        assert bytes(slot[:out.color.nbytes]) == color.data

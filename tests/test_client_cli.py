@@ -191,3 +191,18 @@ def test_torchvision_model_end_to_end(server: ServerProcess, tmp_path: Path) -> 
     results = json.loads(out.read_text())
     if results:  # random weights may find nothing above the threshold; then there is nothing to load
         COCO(str(out.with_name("res.images.json"))).loadRes(str(out))
+
+
+def test_every_encoding_gets_the_same_answers(null_server: ServerProcess, tmp_path: Path) -> None:
+    """The test images are JPEG + 16-bit PNG: raw (decoded here), jpeg+zstd (depth recompressed) and as-is
+    (the server decodes both) hand the model the same pixels, so the answers must be equal."""
+    answers = {}
+    for encoding in ("auto", "raw", "jpeg+zstd", "jpeg+png", "as-is"):
+        out = tmp_path / f"{encoding}.json"
+        r = client(RGBD, "--server", null_server.target, "--json", out, "--encoding", encoding)
+        assert r.returncode == 0, r.stderr
+        assert "4 images, 16 instances, errors: 0" in summary(r.stdout)
+        answers[encoding] = sorted((a["image_id"], a["bbox"], a["score"]) for a in json.loads(out.read_text()))
+    assert all(a == answers["as-is"] for a in answers.values()), answers
+    r = client(RGBD, "--server", null_server.target, "--encoding", "png")
+    assert r.returncode == 2 and "invalid choice: 'png'" in r.stderr, r.stderr

@@ -18,7 +18,7 @@ from tests.serverproc import REPO
 def test_defaults_are_the_documented_ones() -> None:
     """docs/operations.md states these; change both together."""
     cfg = load_server_config(None, {})
-    assert (cfg.host, cfg.port) == ("0.0.0.0", 50051)
+    assert (cfg.host, cfg.port, cfg.kserve_port) == ("0.0.0.0", 50051, 0)
     assert (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca, cfg.auth_token_file) == ("", "", "", "")
     assert cfg.max_image_pixels == 3840 * 2160 and cfg.grace_s == 10.0 and cfg.default_timeout_s == 30.0
     assert cfg.max_pending == 256 and cfg.max_message_mb == 64.0
@@ -56,6 +56,8 @@ def test_every_limit_is_documented_with_its_flag_and_default() -> None:
     ({"port": 2.5}, "port: expected int"),
     ({"port": True}, "port: expected int"),
     ({"port": 70000}, "port must be in"),
+    ({"kserve_port": -1}, "kserve_port must be in"),
+    ({"port": 9000, "kserve_port": 9000}, "kserve_port 9000 is the main port, which serves KServe already"),
     ({"max_image_pixels": 1}, "max_image_pixels must be at least 4"),
     ({"max_pending": 0}, "max_pending must be at least 1"),
     ({"ring_slots": 0}, "ring_slots must be in"),
@@ -67,6 +69,8 @@ def test_every_limit_is_documented_with_its_flag_and_default() -> None:
     ({"max_jpeg_scans": 0}, "max_jpeg_scans must be at least 1"),
     ({"idle_timeout_s": 0}, "idle_timeout_s must be positive"),
     ({"log_max_mb": -1}, "log_max_mb and log_backups must be >= 0"),
+    ({"allow_client_shm": "yes"}, "allow_client_shm: expected true or false"),
+    ({"allow_client_shm": 1}, "allow_client_shm: expected true or false"),
 ])
 def test_bad_settings_are_refused_with_the_reason(override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -145,3 +149,8 @@ def test_serve_without_path_names_a_bad_node_config_file(tmp_path: Path) -> None
     assert res.returncode == 2, res.stderr
     assert "NODE_CONFIG_FILE=model_repository/x/node_config.json (serve was given no PATH)" in res.stderr
     assert "no such file or folder" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_client_shared_memory_is_off_by_default_and_a_switch() -> None:
+    assert load_server_config(None, {}).allow_client_shm is False
+    assert load_server_config(None, {"allow_client_shm": True}).allow_client_shm is True

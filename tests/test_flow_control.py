@@ -49,12 +49,13 @@ async def _detect_null(dispatcher, ring, i: int) -> str | None:
     """null_case(i) decoded into a slot of `ring` and sent through `dispatcher`, as the frontend does;
     None if the answer is right, else what is wrong with it."""
     from dd.frontend.decode import decode_into_slot
+    from dd.frontend.protocols.detector_v1 import image_inputs
     from dd.ipc import messages
 
     case = null_case(i, depth=False)
     slot, gen = ring.allocate()
     try:
-        decoded = decode_into_slot(case.request, False, ring.slot_buffer(slot), 1 << 16)  # max pixels
+        decoded = decode_into_slot(*image_inputs(case.request), False, ring.slot_buffer(slot), 1 << 16)  # max pixels
         deadline = time.time() + 60
         req = messages.InferRequest(
             id=dispatcher.next_id(), ring=ring.name, slot=slot, generation=gen,

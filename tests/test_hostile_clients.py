@@ -23,6 +23,7 @@ from PIL import Image as PILImage
 
 from dd.config import ServerConfig
 from dd.frontend.errors import ServeError, Status
+from dd.frontend.protocols.detector_v1 import image_inputs
 from dd.logsafe import clip
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
@@ -164,7 +165,7 @@ def test_a_failed_color_decode_leaves_no_depth_decode_behind(monkeypatch: pytest
     depth = cv2.imencode(".png", np.zeros((24, 32), np.uint16))[1].tobytes()
     req = pb.DetectRequest(color=pb.Image(data=color), depth=pb.Image(data=depth))
     with pytest.raises(ServeError, match="could not be decoded"):
-        decode.decode_into_slot(req, True, memoryview(bytearray(1 << 16)), 1 << 16)
+        decode.decode_into_slot(*image_inputs(req), True, memoryview(bytearray(1 << 16)), 1 << 16)
     assert depth_ended.is_set(), "the request was answered while its depth image was still being decoded"
 
 
@@ -177,7 +178,7 @@ def test_a_request_whose_caller_has_gone_starts_no_decode(monkeypatch: pytest.Mo
     gone = threading.Event()
     gone.set()
     with pytest.raises(ServeError) as err:
-        decode.decode_into_slot(pb.DetectRequest(color=pb.Image(data=color)), False, memoryview(bytearray(1 << 16)),
+        decode.decode_into_slot(*image_inputs(pb.DetectRequest(color=pb.Image(data=color))), False, memoryview(bytearray(1 << 16)),
                                 1 << 16, abandoned=gone)
     assert err.value.status == Status.CANCELLED and calls == []
 

@@ -12,8 +12,8 @@ environment, tests/tritonclient_env.py, since it pins protobuf < 7):
   streaming, and a call we do not declare (UNIMPLEMENTED).
 
 The service here is a fixture of the wire, not deep-detection's server: the
-server's adapter comes with the KServe wiring (issue 16); its own tests will
-run the same probe against the real server.
+server's adapter (dd/frontend/protocols/kserve_v2.py) is tested against a real
+server with tritonclient in tests/test_kserve_serving.py.
 """
 
 from __future__ import annotations

@@ -452,12 +452,18 @@ def default_model_name(models: Iterable[ModelConfig]) -> str:
     return models[0].name
 
 
+JPEG_DECODE_CHOICES = ("auto", "frontend", "worker")  # ServerConfig.jpeg_decode
+
+
 @dataclass
 class ServerConfig:
     """Process-level settings, from flags and an optional JSON/YAML file (flags win)."""
 
     host: str = "0.0.0.0"
     port: int = 50051
+    # A second port that serves only the KServe v2 / Triton protocol (inference.GRPCInferenceService,
+    # health and reflection), as Triton's own gRPC port does; 0: KServe only on `port`, beside the Detector.
+    kserve_port: int = 0
     frontends: int = 0  # 0: from the number of cores
     ring_slots: int = 16
     slot_mb: float = 0.0  # 0: large enough for the biggest image allowed (max_image_pixels, RGB-D)
@@ -480,6 +486,9 @@ class ServerConfig:
     tls_key: str = ""
     tls_client_ca: str = ""  # CA bundle: clients must present a certificate it signed (mutual TLS)
     auth_token_file: str = ""  # a file holding the bearer token every call but health must carry
+    # Client system shared memory (KServe/Triton's SystemSharedMemoryRegister): local clients of the
+    # server's own user may register POSIX shared-memory regions and pass tensors through them.
+    allow_client_shm: bool = False
     # Limits against hostile and clumsy clients (docs/operations.md, "Limits"). Each bounds a cost
     # that one client could otherwise make every other client pay.
     max_jpeg_scans: int = 32  # scans of one JPEG (progressive ones have about 10); counted before decoding
@@ -499,6 +508,11 @@ class ServerConfig:
     # Workers are forked from one process that has imported torch and the engines (dd/zygote.py), so a
     # restarted worker skips its imports; false: each worker is a new interpreter.
     fork_workers: bool = True
+    # Where a JPEG color image is decoded (docs/operations.md, "JPEG decoding"): "frontend" (CPU, the
+    # pixels detectron2's CPU decode gives), "worker" (sent compressed through the ring; decoded on the
+    # worker's GPU where its engine can, else on the worker's CPU), "auto": "worker" for a model whose
+    # ready workers all decode JPEGs on a GPU, else "frontend".
+    jpeg_decode: str = "auto"
 
     def worker_credits(self, max_batch_size: int) -> int:
         """Requests one frontend may have at one worker at once: max_inflight_per_worker, else
@@ -534,6 +548,11 @@ class ServerConfig:
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be in [0, 65535], got {self.port}")
+        if not 0 <= self.kserve_port <= 65535:
+            problems.append(f"kserve_port must be in [0, 65535] (0: KServe on the main port only), got {self.kserve_port}")
+        elif self.kserve_port and self.kserve_port == self.port:
+            problems.append(f"kserve_port {self.kserve_port} is the main port, which serves KServe already; give "
+                            "another port, or 0")
         if self.frontends < 0:
             problems.append("frontends must be >= 0 (0: from the cores)")
         if not 1 <= self.ring_slots <= 4096:
@@ -548,6 +567,8 @@ class ServerConfig:
             problems.append("max_pending must be at least 1")
         if self.max_inflight_per_worker < 0:
             problems.append("max_inflight_per_worker must be >= 0 (0: 2 x MAX_BATCH_SIZE)")
+        if self.jpeg_decode not in JPEG_DECODE_CHOICES:
+            problems.append(f"jpeg_decode must be one of {', '.join(JPEG_DECODE_CHOICES)}, got {self.jpeg_decode!r}")
         problems += self._limit_problems()
         problems += self._security_problems()
         if problems:
@@ -640,10 +661,10 @@ def load_server_config(path: Path | str | None, overrides: dict[str, Any]) -> Se
 def _setting(name: str, want: type, v: Any) -> Any:
     """One setting converted to its type, strictly: no booleans as numbers, no 2.5 as an integer, no NaN."""
     bad = ConfigError(f"server setting {name}: expected {'a number' if want is float else want.__name__}, got {v!r}")
-    if want is bool:
-        if isinstance(v, bool):
-            return v
-        raise bad
+    if want is bool:  # a switch: true or false, nothing that merely looks like one
+        if not isinstance(v, bool):
+            raise ConfigError(f"server setting {name}: expected true or false, got {v!r}")
+        return v
     if isinstance(v, bool) or (want is not str and isinstance(v, (list, dict))):
         raise bad
     try:

@@ -18,6 +18,10 @@ checked is the size decoded, and the exotic decoders OpenCV also carries are
 never reached by a request. EXIF orientation is ignored: pixels are used as
 stored, which is what the depth image is registered to and what the header says.
 
+ZSTD images are RAW arrays compressed with Zstandard (a 16-bit depth frame decompresses in
+about 1.5 ms where its PNG takes 9-12): decompressed straight into the slot, never past
+shape x dtype bytes, after the frame's declared content size (when it has one) was checked.
+
 The time a decode takes is bounded before it starts too (dd.frontend.image_cost):
 JPEG scans are counted, a PNG reaches the decoder with its pixel chunks only,
 TIFF must be uncompressed or use a lossless codec, WebP must be a still image.
@@ -26,6 +30,12 @@ MIN_RESIZED_SIDE pixels in the model's resize) is refused before decoding, and
 so is a request whose caller has gone (`abandoned`). Once decoding has started,
 it ends before this function returns, also when it fails: no decode outlives
 its request, so a client cannot keep decoders busy with requests that fail fast.
+
+Where the caller says so (ServerConfig.jpeg_decode), a JPEG color image that the
+worker's decoders read as this one does (dd.frontend.jpeg_header) and whose
+compressed bytes are fewer than its pixels is checked exactly as above, but its
+bytes are copied into the slot instead of its pixels, for the worker to decode
+(on its GPU). Its decoded size is the header's, which is what was checked.
 """
 
 from __future__ import annotations
@@ -40,11 +50,13 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+import zstandard
 from PIL import Image as PILImage
 
 from dd.frontend.errors import ServeError, Status
 from dd.frontend.image_cost import CostError, jpeg_scans, png_pixel_chunks
-from dd.proto.deep_detection.v1 import detector_pb2 as pb
+from dd.frontend.inputs import ENCODED, MASKS_NONE, MASKS_RLE, RAW, ZSTD, ImageInput
+from dd.frontend.jpeg_header import worker_decodable
 
 # Decoding must not spawn OpenCV's own thread pool inside each of ours.
 cv2.setNumThreads(1)
@@ -59,7 +71,13 @@ MIN_RESIZED_SIDE = 32
 MAX_DEPTH_M = 65.535
 # TIFF codecs whose cost is bounded by the pixels (Pillow's names); JPEG-in-TIFF and the fax codecs are not accepted.
 TIFF_COMPRESSIONS = ("raw", "tiff_lzw", "tiff_adobe_deflate", "tiff_deflate", "packbits")
-_RAW_DTYPES = {pb.UINT8: np.uint8, pb.UINT16: np.uint16, pb.FLOAT32: np.float32}
+_RAW_DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "float32": np.float32}
+# Encodings as numbered in the public API, for messages that name an encoding this version does not take.
+_ENCODING_NUMBERS = {ENCODED: 0, RAW: 1, ZSTD: 2}
+# A zstd frame's window (the memory its decoder allocates) may be at most the array's size,
+# rounded up to a power of two: the size a frame that declares its content size (python-zstandard's
+# and the zstd command's default) asks for. A frame without one is stopped at shape x dtype bytes.
+_ZSTD = threading.local()  # ZstdDecompressors are not thread-safe: each decoding thread has its own
 _COLOR_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 _DEPTH_FLAGS = cv2.IMREAD_UNCHANGED  # keeps 16 bits; ignores EXIF orientation
 # A request's depth image decodes here while its color image decodes in the caller's thread:
@@ -74,11 +92,14 @@ def _invalid(message: str) -> ServeError:
 
 @dataclass
 class Placed:
-    """Where a decoded image now lies in its slot."""
+    """Where an image now lies in its slot: decoded (`shape`, `dtype`), or compressed (`encoding` "jpeg",
+    `nbytes` long, decoding to `shape`, `dtype`)."""
 
     offset: int
     shape: tuple[int, ...]
     dtype: str
+    encoding: str = ""
+    nbytes: int = 0
 
 
 @dataclass
@@ -94,11 +115,15 @@ def check_threshold(value: float) -> None:
         raise _invalid(f"score_threshold must be in [0, 1] (0: the model's own), got {value}")
 
 
-def check_options(request: pb.DetectRequest) -> None:
+def check_mask_format(value: int) -> None:
+    if value not in (MASKS_RLE, MASKS_NONE):
+        raise _invalid(f"unknown mask_format {value}; use RLE (0) or NONE (1)")
+
+
+def check_options(score_threshold: float, mask_format: int) -> None:
     """The request's fields other than the images."""
-    check_threshold(request.score_threshold)
-    if request.mask_format not in (pb.RLE, pb.NONE):
-        raise _invalid(f"unknown mask_format {request.mask_format}; use RLE (0) or NONE (1)")
+    check_threshold(score_threshold)
+    check_mask_format(mask_format)
 
 
 def image_format(data: bytes) -> str | None:
@@ -176,9 +201,10 @@ def check_aspect(w: int, h: int, resize: tuple[int, int], what: str = "color") -
                        f"the longer side may be at most {ratio:.1f} times the shorter: crop or pad the image")
 
 
-def _raw_array(img: pb.Image, what: str, channels: int | None) -> np.ndarray:
+def _raw_layout(img: ImageInput, what: str, channels: int | None) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a RAW or ZSTD image, checked against what color (channels 3) or depth may be."""
     if img.dtype not in _RAW_DTYPES:
-        raise _invalid(f"{what}: RAW images need dtype UINT8, UINT16 or FLOAT32, got {_dtype_name(img.dtype)}")
+        raise _invalid(f"{what}: RAW and ZSTD images need dtype UINT8, UINT16 or FLOAT32, got {_dtype_name(img.dtype)}")
     dtype = np.dtype(_RAW_DTYPES[img.dtype])
     shape = tuple(int(s) for s in img.shape)
     if channels == 3:
@@ -193,6 +219,11 @@ def _raw_array(img: pb.Image, what: str, channels: int | None) -> np.ndarray:
                            f"got shape {list(img.shape)} dtype {_dtype_name(img.dtype)}")
     if any(s <= 0 for s in shape):
         raise _invalid(f"{what}: shape {list(shape)} has a non-positive dimension")
+    return shape, dtype
+
+
+def _raw_array(img: ImageInput, what: str, channels: int | None) -> np.ndarray:
+    shape, dtype = _raw_layout(img, what, channels)
     expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     if len(img.data) != expected:
         raise _invalid(f"{what}: RAW data has {len(img.data)} bytes but shape {list(shape)} x "
@@ -200,17 +231,63 @@ def _raw_array(img: pb.Image, what: str, channels: int | None) -> np.ndarray:
     return np.frombuffer(img.data, dtype=dtype).reshape(shape)
 
 
-def _dtype_name(value: int) -> str:
-    return pb.DType.Name(value) if value in pb.DType.values() else str(value)
+def _dtype_name(value: str) -> str:
+    return value.upper()
 
 
 def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _check_encoding(img: pb.Image, what: str) -> None:
-    if img.encoding not in (pb.Image.ENCODED, pb.Image.RAW):
-        raise _invalid(f"{what}: unknown encoding {img.encoding}; use ENCODED (0) or RAW (1)")
+def _check_encoding(img: ImageInput, what: str) -> None:
+    if img.encoding not in (ENCODED, RAW, ZSTD):
+        label = _ENCODING_NUMBERS.get(img.encoding, img.encoding)
+        raise _invalid(f"{what}: unknown encoding {label}; use ENCODED (0), RAW (1) or ZSTD (2)")
+
+
+def _zstd_layout(img: ImageInput, what: str, channels: int | None) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a ZSTD image, and its frame's declared size checked against them: nothing
+    is decompressed for a frame that announces more (or less) than shape x dtype bytes."""
+    shape, dtype = _raw_layout(img, what, channels)
+    expected = math.prod(shape) * dtype.itemsize
+    try:
+        declared = zstandard.frame_content_size(img.data)
+    except zstandard.ZstdError:
+        raise _invalid(f"{what}: ZSTD data is not a Zstandard frame (first bytes {img.data[:8]!r}); compress the "
+                       "array's bytes with zstd (python: zstandard.ZstdCompressor().compress(array.tobytes()))") from None
+    if declared not in (-1, expected):
+        raise _invalid(f"{what}: ZSTD frame holds {declared} bytes but shape {list(shape)} x {dtype.name} "
+                       f"needs {expected}")
+    return shape, dtype
+
+
+def _zstd_into(data: bytes, dst: np.ndarray, what: str) -> np.ndarray:
+    """Decompresses one frame into `dst` (a view of the slot), which it must fill exactly."""
+    out = memoryview(dst).cast("B")
+    window_log = max(10, (len(out) - 1).bit_length())  # zstd's smallest window is 1 KiB
+    cache = _ZSTD.__dict__.setdefault("by_window_log", {})
+    dctx = cache.get(window_log)
+    if dctx is None:
+        dctx = cache[window_log] = zstandard.ZstdDecompressor(max_window_size=2**window_log)
+    filled = 0
+    try:
+        with dctx.stream_reader(data, read_size=max(len(data), 1), read_across_frames=True) as reader:
+            while filled < len(out) and (n := reader.readinto(out[filled:])):
+                filled += n
+            extra = reader.read(1)
+    except zstandard.ZstdError as exc:
+        if "memory" in str(exc):
+            raise _invalid(f"{what}: the ZSTD frame asks for a window larger than its array ({len(out)} bytes; "
+                           "a frame may ask for at most the array's size, rounded up to a power of two); compress "
+                           "the array in one call, which also records its size") from None
+        raise _invalid(f"{what}: ZSTD data could not be decompressed ({exc})") from None
+    if filled < len(out):
+        raise _invalid(f"{what}: ZSTD data holds {filled} bytes but shape {list(dst.shape)} x {dst.dtype.name} "
+                       f"needs {len(out)}; it is truncated or of another shape")
+    if extra:
+        raise _invalid(f"{what}: ZSTD data holds more than shape {list(dst.shape)} x {dst.dtype.name} = "
+                       f"{len(out)} bytes; send one array per image")
+    return dst
 
 
 def _check_abandoned(abandoned: threading.Event | None) -> None:
@@ -218,15 +295,18 @@ def _check_abandoned(abandoned: threading.Event | None) -> None:
         raise ServeError(Status.CANCELLED, "the call ended before its image was decoded")
 
 
-def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryview, max_pixels: int, *,
-                     max_jpeg_scans: int = MAX_JPEG_SCANS, resize: tuple[int, int] | None = None,
-                     abandoned: threading.Event | None = None) -> Decoded:
+def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: bool, slot: memoryview,
+                     max_pixels: int, *, max_jpeg_scans: int = MAX_JPEG_SCANS,
+                     resize: tuple[int, int] | None = None, abandoned: threading.Event | None = None,
+                     jpeg_to_worker: bool = False) -> Decoded:
     """Decodes color (and depth) into `slot`; color at offset 0 as H x W x 3 RGB, depth after it.
 
+    `depth` None is an empty image (refused when the model needs depth, ignored otherwise).
     `resize`: the model's (MIN_SIZE, MAX_SIZE), for check_aspect. `abandoned`: set by the caller
-    when nobody waits for the answer any more; checked before each decode starts.
+    when nobody waits for the answer any more; checked before each decode starts. `jpeg_to_worker`:
+    a JPEG color the worker can decode goes into the slot compressed (the module's docstring).
     """
-    color_img, depth_img = request.color, request.depth
+    color_img, depth_img = color, depth if depth is not None else ImageInput(b"")
     _check_encoding(color_img, "color")
     if needs_depth:
         _check_encoding(depth_img, "depth")
@@ -234,14 +314,16 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
         raise _invalid("color.data is empty; send the image bytes (JPEG/PNG) or raw pixels")
     if needs_depth and not depth_img.data:
         raise _invalid("this model is RGB-D and needs depth: set DetectRequest.depth "
-                       "(a 16-bit PNG in millimetres, or RAW UINT16/FLOAT32)")
+                       "(a 16-bit PNG in millimetres, or RAW or ZSTD UINT16/FLOAT32)")
 
     # 1. Sizes, from RAW shapes or headers; nothing decoded yet.
     color_raw = depth_raw = None
     color_data = depth_data = b""
-    if color_img.encoding == pb.Image.RAW:
+    if color_img.encoding == RAW:
         color_raw = _raw_array(color_img, "color", 3)
         h, w = color_raw.shape[:2]
+    elif color_img.encoding == ZSTD:
+        h, w = _zstd_layout(color_img, "color", 3)[0][:2]
     else:
         w, h, color_data = _inspect(color_img.data, "color", max_jpeg_scans)
     _check_pixels(w, h, max_pixels, "color")
@@ -250,10 +332,13 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     depth_offset = _align(h * w * 3)
     end = h * w * 3
     if needs_depth:
-        if depth_img.encoding == pb.Image.RAW:
+        if depth_img.encoding == RAW:
             depth_raw = _raw_array(depth_img, "depth", None)
             dh, dw = depth_raw.shape
             itemsize = depth_raw.dtype.itemsize
+        elif depth_img.encoding == ZSTD:
+            (dh, dw), depth_dtype = _zstd_layout(depth_img, "depth", None)
+            itemsize = depth_dtype.itemsize
         else:
             dw, dh, depth_data = _inspect(depth_img.data, "depth", max_jpeg_scans)
             itemsize = 2
@@ -267,14 +352,23 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     if depth_raw is not None and depth_raw.dtype == np.float32:  # cheap: before any decode
         _check_depth_range(depth_raw)
 
-    # 2. Pixels. The depth decode (into its own array) overlaps the color decode; only this
-    # thread writes into the slot, so the slot is untouched once this function returns or raises.
+    # 2. Pixels. The depth decode (into its own array, or a ZSTD depth into the slot) overlaps the
+    # color decode, and ends before this function returns or raises: the slot is untouched after.
     _check_abandoned(abandoned)
     depth_future: Future | None = None
-    if needs_depth and depth_raw is None:
+    if needs_depth and depth_img.encoding == ZSTD:  # straight into the slot, beside the color decode
+        dst = _slot_array(slot, depth_offset, (h, w), depth_dtype)
+        depth_future = _DEPTH_POOL.submit(_unless_abandoned, abandoned, _zstd_into, depth_img.data, dst, "depth")
+    elif needs_depth and depth_raw is None:
         depth_future = _DEPTH_POOL.submit(_decode_unless, abandoned, depth_data, _DEPTH_FLAGS)
     try:
-        color = _decode_color(color_raw, color_data, slot, h, w)
+        if color_img.encoding == ZSTD:
+            color = Placed(0, (h, w, 3), "uint8")
+            _zstd_into(color_img.data, _slot_array(slot, 0, (h, w, 3), np.uint8), "color")
+        elif jpeg_to_worker and color_raw is None and _send_compressed(color_data, h, w):
+            color = _place_compressed(color_data, slot, h, w)
+        else:
+            color = _decode_color(color_raw, color_data, slot, h, w)
     except BaseException:
         if depth_future is not None and not depth_future.cancel():
             # Running: let it end before this request does, so that its cost stays with it
@@ -284,6 +378,12 @@ def decode_into_slot(request: pb.DetectRequest, needs_depth: bool, slot: memoryv
     if not needs_depth:
         return Decoded(color, None, h, w)
 
+    if depth_img.encoding == ZSTD:
+        assert depth_future is not None
+        depth = depth_future.result()  # already in its place
+        if depth.dtype == np.float32:
+            _check_depth_range(depth)
+        return Decoded(color, Placed(depth_offset, (h, w), depth.dtype.name), h, w)
     if depth_raw is None:
         assert depth_future is not None
         depth_raw = depth_future.result()
@@ -324,11 +424,27 @@ def _decode_color(color_raw: np.ndarray | None, data: bytes, slot: memoryview, h
     return Placed(0, (h, w, 3), "uint8")
 
 
+def _send_compressed(data: bytes, h: int, w: int) -> bool:
+    """A JPEG the worker decodes as this frontend would, and smaller than its pixels: the slot's layout
+    (depth after H x W x 3 bytes) and its size check hold as they are."""
+    return image_format(data) == "JPEG" and len(data) <= h * w * 3 and worker_decodable(data)
+
+
+def _place_compressed(data: bytes, slot: memoryview, h: int, w: int) -> Placed:
+    slot[:len(data)] = data
+    return Placed(0, (h, w, 3), "uint8", encoding="jpeg", nbytes=len(data))
+
+
 def _decode_unless(abandoned: threading.Event | None, data: bytes, flags: int) -> np.ndarray | None:
     """A depth decode that does not start for a request that is gone (its color decode failed, or
     its caller left) while it waited for a thread."""
     _check_abandoned(abandoned)
     return _imdecode(data, flags)
+
+
+def _unless_abandoned(abandoned: threading.Event | None, fn, *args):  # noqa: ANN001, ANN202
+    _check_abandoned(abandoned)
+    return fn(*args)
 
 
 def _imdecode(data: bytes, flags: int) -> np.ndarray | None:

@@ -70,6 +70,7 @@ class WorkerLink:
     error: str = ""
     engine: str = ""
     device: str = ""
+    gpu_jpeg: bool = False  # its engine decodes JPEGs on a GPU (Pong.gpu_jpeg)
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
@@ -134,6 +135,12 @@ class Dispatcher:
     def engines(self, model: str) -> set[str]:
         """The engines the model's ready workers run (after any fallback)."""
         return {l.engine for l in self.links.values() if l.model == model and l.ready and l.connected and l.engine}
+
+    def decodes_jpeg_on_gpu(self, model: str) -> bool:
+        """Whether every ready worker of the model (at least one) decodes JPEGs on a GPU: jpeg_decode "auto"
+        then sends them compressed. A retry may land on any of them, so all must."""
+        ready = [l for l in self.links.values() if l.model == model and l.ready and l.connected]
+        return bool(ready) and all(l.gpu_jpeg for l in ready)
 
     def model_error(self, model: str) -> str:
         """Why a model's workers are not ready, if they said (a load failure)."""
@@ -239,6 +246,7 @@ class Dispatcher:
             link.error = pong.error
             link.engine = pong.engine
             link.device = pong.device
+            link.gpu_jpeg = pong.gpu_jpeg
             link.last_pong = time.time()
             if changed:
                 # A load failure's reason is the worker's (or its supervisor's) to log, once.
@@ -324,7 +332,13 @@ class Dispatcher:
 
     async def submit(self, req: messages.InferRequest, deadline: float,
                      rebind: Callable[[], int], give_up_at: float | None = None) -> bytes:
-        """Sends the request to a worker and waits for its serialized response.
+        """The worker's serialized response alone: see submit_reply."""
+        return (await self.submit_reply(req, deadline, rebind, give_up_at)).body
+
+    async def submit_reply(self, req: messages.InferRequest, deadline: float,
+                           rebind: Callable[[], int], give_up_at: float | None = None) -> Reply:
+        """Sends the request to a worker and waits for its reply: the serialized response and the
+        envelope with the worker's timings (so callers count them without parsing the body).
 
         Waits for a worker credit until `give_up_at` (default: the deadline),
         then for the answer until the deadline. `rebind` bumps the slot's
@@ -364,5 +378,5 @@ class Dispatcher:
                 continue
             if reply.code == "OK" and reply.body is not None:
                 self._record(req, reply.envelope)
-                return reply.body
+                return reply
             raise ServeError(Status.from_name(reply.code), reply.message or reply.code)

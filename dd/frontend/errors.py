@@ -20,6 +20,9 @@ class Status(str, enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
+    UNIMPLEMENTED = "UNIMPLEMENTED"  # a call this server has but does not serve as configured
+    ALREADY_EXISTS = "ALREADY_EXISTS"  # a client shared-memory region registered twice under one name
+    PERMISSION_DENIED = "PERMISSION_DENIED"  # a shared-memory segment of another user
 
     @classmethod
     def from_name(cls, name: str) -> "Status":

@@ -22,3 +22,4 @@ InferReply = ipc_pb2.InferReply
 Ping = ipc_pb2.Ping
 Pong = ipc_pb2.Pong
 ArrayRef = ipc_pb2.ArrayRef
+OutputRegion = ipc_pb2.OutputRegion

@@ -5,6 +5,11 @@ benchmarks and tests use it in-process. One bad request must not cost more than 
 when the engine fails on a batch, the batch is run again one image at a time, so only the
 image that fails gets an error and its neighbours are answered; an error while encoding one
 response fails that response.
+
+A color image may arrive as a compressed JPEG (EncodedImage, ServerConfig.jpeg_decode). An engine
+that decodes JPEGs itself (Engine.decodes_jpeg) gets it as it is; for any other engine it is
+decoded here first, on the CPU, exactly as the frontend would have; a JPEG that does not decode
+fails its own request with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import numpy as np
 from dd.config import ModelConfig
 from dd.logsafe import clip
 from dd.metrics import Recorder
-from dd.worker.encoders import EncodeContext, Timings, encoder_for
+from dd.worker.encoders import EncodeContext, OutputSink, RequestError, Timings, encoder_for
+from dd.worker.engines.base import EncodedImage, InputError, image_size
+from dd.worker.engines.jpeg_decode import decode_cpu
 
 if TYPE_CHECKING:  # the engine modules import torch: the server imports them only after pinning the GPU
     from dd.worker.engines.base import Detections, Engine
@@ -27,13 +34,15 @@ if TYPE_CHECKING:  # the engine modules import torch: the server imports them on
 log = logging.getLogger("dd.worker")
 
 RLE = 0  # deep_detection.v1.MaskFormat.RLE (the core does not import the public proto; a test checks)
+NO_MASKS = 1  # deep_detection.v1.MaskFormat.NONE
 
 
 @dataclass
 class WorkItem:
-    """One decoded image and what its answer needs. Times are time.time() seconds (0: unknown)."""
+    """One image and what its answer needs. color: decoded pixels, or a JPEG the frontend sent compressed.
+    Times are time.time() seconds (0: unknown)."""
 
-    color: np.ndarray
+    color: np.ndarray | EncodedImage
     depth: np.ndarray | None
     score_threshold: float = 0.0  # 0: the model's own
     mask_format: int = RLE
@@ -42,6 +51,14 @@ class WorkItem:
     received_at: float = 0.0
     dispatched_at: float = 0.0
     decode_us: int = 0
+    outputs: tuple[str, ...] = ()  # KServe's requested outputs, in order; empty: every output
+    model_version: str = ""
+    output_sink: OutputSink | None = None  # outputs to write into client shared memory (KServe)
+
+    @property
+    def wants_masks(self) -> bool:
+        """Masks cost a paste and an RLE per instance: only when the request's answer carries them."""
+        return self.mask_format == RLE and (not self.outputs or "masks" in self.outputs)
 
 
 @dataclass
@@ -68,19 +85,30 @@ class WorkerCore:
         started = time.time() if started is None else started
         if not items:
             return []
+        refused, decode_us = self._decode_for_engine(items)
+        runnable = [i for i, item in enumerate(items) if i not in refused]
         t_inf = time.perf_counter()
-        results = self.infer(items)
+        results = dict(zip(runnable, self.infer([items[i] for i in runnable]))) if runnable else {}
         inference_us = int((time.perf_counter() - t_inf) * 1e6)
-        self.recorder.record_batch(self.model.name, len(items))
+        if runnable:
+            self.recorder.record_batch(self.model.name, len(runnable))
         out: list[Outcome] = []
-        for item, det in zip(items, results):
-            if isinstance(det, str):
-                out.append(Outcome("INTERNAL", det))
+        for k, item in enumerate(items):
+            if k in refused:
+                out.append(refused[k])
+                continue
+            det = results[k]
+            if isinstance(det, Outcome):
+                out.append(det)
                 continue
             timings = Timings(queue_us=max(0, int((started - item.dispatched_at) * 1e6)) if item.dispatched_at
-                              else 0, decode_us=item.decode_us, inference_us=inference_us, batch_size=len(items))
+                              else 0, decode_us=item.decode_us + decode_us.get(k, 0), inference_us=inference_us,
+                              batch_size=len(runnable))
             try:
                 body = self.encode(item, det, timings)
+            except RequestError as exc:  # e.g. an output region too small: this request's own fault
+                out.append(Outcome(exc.code, exc.message))
+                continue
             except Exception as exc:  # noqa: BLE001 - fail this response, serve the rest
                 log.exception("worker %s: cannot encode the response to request %s", self.name,
                               clip(item.request_id))
@@ -89,13 +117,31 @@ class WorkerCore:
             out.append(Outcome("OK", "", body, timings))
         return out
 
-    def infer(self, items: list[WorkItem]) -> list[Union["Detections", str]]:
-        """One Detections per item, or for an item the engine failed on, the message to send instead."""
+    def _decode_for_engine(self, items: list[WorkItem]) -> tuple[dict[int, Outcome], dict[int, int]]:
+        """Decodes, in place, the compressed colors of an engine that does not decode them itself.
+        Returns the items refused (index -> INVALID_ARGUMENT) and each decoded item's decode time (us)."""
+        refused: dict[int, Outcome] = {}
+        times: dict[int, int] = {}
+        if getattr(self.engine, "decodes_jpeg", False):  # an object that is no Engine (tests) decodes nothing
+            return refused, times
+        for k, item in enumerate(items):
+            if isinstance(item.color, EncodedImage):
+                t0 = time.perf_counter()
+                try:
+                    item.color = decode_cpu(item.color)
+                except InputError as exc:
+                    refused[k] = Outcome("INVALID_ARGUMENT", str(exc))
+                times[k] = int((time.perf_counter() - t0) * 1e6)
+        return refused, times
+
+    def infer(self, items: list[WorkItem]) -> list[Union["Detections", Outcome]]:
+        """One Detections per item, or for an item the engine failed on, the Outcome to send instead
+        (INVALID_ARGUMENT for an image the engine found bad, InputError; else INTERNAL)."""
         from dd.worker.engines.base import EngineInput
 
         inputs = [EngineInput(i.color, i.depth, i.score_threshold if i.score_threshold > 0
                               else self.model.score_threshold) for i in items]
-        want_masks = any(i.mask_format == RLE for i in items)
+        want_masks = any(i.wants_masks for i in items)
         try:
             results = self.engine.infer(inputs, want_masks=want_masks)
             if len(results) != len(items):
@@ -103,14 +149,17 @@ class WorkerCore:
             return list(results)
         except Exception as exc:  # noqa: BLE001 - the engine failed this batch, the worker lives on
             if len(items) == 1:
+                if isinstance(exc, InputError):
+                    return [Outcome("INVALID_ARGUMENT", str(exc))]
                 log.exception("worker %s: engine failed on request %s", self.name, clip(items[0].request_id))
-                return [f"engine error on this image: {type(exc).__name__}: {exc}"]
+                return [Outcome("INTERNAL", f"engine error on this image: {type(exc).__name__}: {exc}")]
             log.warning("worker %s: engine failed on a batch of %d (%s: %s); retrying one at a time",
                         self.name, len(items), type(exc).__name__, exc)
         return [self.infer([item])[0] for item in items]
 
     def encode(self, item: WorkItem, det: "Detections", timings: Timings) -> bytes:
-        h, w = item.color.shape[:2]
+        h, w = image_size(item.color)
         ctx = EncodeContext(self.model.categories, item.request_id, self.model.name, self.name, h, w,
-                            item.mask_format, timings, item.received_at)
+                            item.mask_format if item.wants_masks else NO_MASKS, timings, item.received_at,
+                            tuple(item.outputs), item.model_version, item.output_sink)
         return encoder_for(item.protocol)(det, ctx)

@@ -51,6 +51,8 @@ from dd.ipc.shm_ring import RingError, ShmRing
 from dd.procutil import die_with_parent, parent_alive
 from dd.worker.batcher import Batcher
 from dd.worker.core import WorkerCore, WorkItem
+from dd.worker.engines.base import EncodedImage
+from dd.worker.output_regions import OutputRegions
 
 if TYPE_CHECKING:  # the engine modules import torch: only after pinning, inside the inference thread
     from dd.worker.engines.base import Engine
@@ -65,7 +67,7 @@ class Job:
     identity: bytes
     req: messages.InferRequest
     ring: ShmRing
-    color: np.ndarray
+    color: np.ndarray | EncodedImage
     depth: np.ndarray | None
 
 
@@ -106,6 +108,7 @@ class Worker:
         self._retired: queue.SimpleQueue[ShmRing] = queue.SimpleQueue()
         self.ready = False
         self.engine_name = model.engine
+        self.gpu_jpeg = False  # the loaded engine decodes JPEGs on its GPU (told to frontends in pongs)
         self.load_error = ""
         self.load_failed_for_good = False  # set with load_error when retrying cannot help
         self.failure_file = endpoints.load_failure_file(run_dir, model.name, index)
@@ -185,7 +188,7 @@ class Worker:
     def _pong(self, ping: bytes) -> bytes:
         p = messages.Ping.FromString(ping)
         pong = messages.Pong(sent_at=p.sent_at, incarnation=self.incarnation, pid=os.getpid(), ready=self.ready, engine=self.engine_name,
-                             device=self.device, error=self.load_error)
+                             device=self.device, error=self.load_error, gpu_jpeg=self.gpu_jpeg)
         return pong.SerializeToString()
 
     def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:
@@ -229,7 +232,7 @@ class Worker:
         if req.slot >= ring.slots or ring.generation(req.slot) != req.generation:
             return None, None  # stale: the slot has moved on
         try:
-            color = _view(ring, req.slot, req.color)
+            color = _color(ring, req.slot, req.color)
             depth = _view(ring, req.slot, req.depth) if req.has_depth else None
         except (RingError, ValueError) as exc:
             return None, ("INTERNAL", f"bad array reference from the frontend: {exc}")
@@ -283,6 +286,10 @@ class Worker:
             out.close()
             return
         self.engine_name = engine.name  # what runs, after any fallback (the fast engine without a GPU)
+        self.gpu_jpeg = engine.decodes_jpeg_on_gpu()
+        if self.gpu_jpeg:
+            log.info("worker %s decodes JPEGs on its GPU: frontends with jpeg_decode auto send them compressed",
+                     self.name)
         core = WorkerCore(self.model, engine, self.name)
         self.ready = True
         while True:
@@ -356,7 +363,8 @@ class Worker:
 def _work_item(job: Job) -> WorkItem:
     req = job.req
     return WorkItem(job.color, job.depth, req.score_threshold, req.mask_format, req.request_id, req.protocol,
-                    req.received_at, req.dispatched_at, req.decode_us)
+                    req.received_at, req.dispatched_at, req.decode_us, tuple(req.outputs), req.model_version,
+                    OutputRegions.from_request(req.output_regions))
 
 
 def _may_pass(exc: BaseException) -> bool:
@@ -370,7 +378,20 @@ def _send(out: zmq.Socket, job: Job, code: str, message: str) -> None:
     out.send_multipart([job.identity, messages.REPLY, _reply(job.req.id, code, message)])
 
 
+def _color(ring: ShmRing, slot: int, ref: messages.ArrayRef) -> np.ndarray | EncodedImage:
+    """The color image: pixels, or a JPEG's compressed bytes (a view of the slot, no copy) that the
+    engine or the core decodes (ServerConfig.jpeg_decode)."""
+    if ref.encoding == "jpeg":
+        if len(ref.shape) != 3 or ref.shape[2] != 3 or min(ref.shape) < 1 or ref.dtype != "uint8":
+            raise ValueError(f"a JPEG color must decode to [H, W, 3] uint8, got {list(ref.shape)} {ref.dtype}")
+        return EncodedImage(ring.array(slot, int(ref.offset), (int(ref.nbytes),), "uint8"), int(ref.shape[0]),
+                            int(ref.shape[1]))
+    return _view(ring, slot, ref)
+
+
 def _view(ring: ShmRing, slot: int, ref: messages.ArrayRef) -> np.ndarray:
+    if ref.encoding:
+        raise ValueError(f"encoding {ref.encoding!r} is not known here (raw, or jpeg for the color)")
     if ref.dtype not in _ALLOWED_DTYPES:
         raise ValueError(f"dtype {ref.dtype!r} not allowed")
     return ring.array(slot, int(ref.offset), tuple(int(s) for s in ref.shape), ref.dtype)

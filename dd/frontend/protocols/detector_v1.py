@@ -1,19 +1,43 @@
-"""deep_detection.v1 (gRPC): the frontend's Status -> gRPC status codes, and the in-stream error body.
+"""deep_detection.v1 (gRPC): the Detector service's adapter.
 
-The gRPC handlers themselves are still methods of dd.frontend.server.Frontend; this module is
-where everything gRPC-specific about detector_v1 errors lives.
+Its handlers (Detect, DetectStream, ListModels) parse the messages, translate a
+DetectRequest into the protocol-free DetectionRequest, call the request path
+(dd.frontend.requests.RequestPath) and hand the worker's serialized response to
+gRPC as it is (a pass-through serializer), so the frontend never parses or
+re-encodes results. Errors (ServeError's Status) become gRPC status codes here,
+or, on a stream, a DetectResponse with error_code/error_message.
+
+An adapter module exposes `SERVICE_NAMES` (for reflection and health) and
+`handlers(api) -> list[grpc.GenericRpcHandler]`; dd.frontend.server registers
+every adapter in ADAPTERS through these two.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Callable, NoReturn
+
 import grpc
 
-from dd.frontend.errors import Status
+from dd.frontend.decode import check_options as _check_options
+from dd.frontend.errors import ServeError, Status
+from dd.frontend.inputs import DetectionRequest, ImageInput
+from dd.frontend.requests import RequestPath
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 
+log = logging.getLogger("dd.frontend")
+
 PROTOCOL = "detector_v1"  # ipc InferRequest.protocol: the worker's encoder for this protocol
+SERVICE = "deep_detection.v1.Detector"
+SERVICE_NAMES = (SERVICE,)
+MAX_STATUS_CHARS = 2048  # a status message must fit gRPC's metadata limit, whatever it quotes
+_END = object()
+_ENCODINGS = {pb.Image.ENCODED: "encoded", pb.Image.RAW: "raw", pb.Image.ZSTD: "zstd"}
 
 
+# -- errors --------------------------------------------------------------------------------
 def grpc_code(status: Status) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, status.value, grpc.StatusCode.INTERNAL)
 
@@ -22,3 +46,239 @@ def error_body(request_id: str, model: str, status: Status, message: str) -> byt
     """A DetectStream response for a failed request (the caller cuts what it echoes to its limits)."""
     return pb.DetectResponse(request_id=request_id, model=model, error_code=grpc_code(status).value[0],
                              error_message=message).SerializeToString()
+
+
+def internal(exc: BaseException) -> tuple[Status, str]:
+    log.error("request failed unexpectedly", exc_info=exc)
+    return Status.INTERNAL, (f"internal error in the frontend ({type(exc).__name__}: {exc}); "
+                             "the server keeps serving; please report it with the frontend log")
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """Ends the call with `code`. A call that ended meanwhile (its deadline passed as we gave up, the
+    client went away) cannot take a status any more; gRPC would log that as an error with a
+    traceback, though nobody is left to tell. It ends as cancelled instead, quietly."""
+    try:
+        await context.abort(code, message[:MAX_STATUS_CHARS])
+    except grpc.aio.AbortError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - ExecuteBatchError from the core, for a finished call
+        log.debug("call ended before its status %s could be sent (%s)", code.name, exc)
+        raise asyncio.CancelledError() from None
+    raise AssertionError("unreachable: abort raises")
+
+
+# -- parsing and translation ---------------------------------------------------------------
+class CorruptMessage:
+    """Stands in for a request whose bytes are no valid protobuf, so the handler can answer
+    INVALID_ARGUMENT with a reason instead of gRPC answering UNKNOWN (and logging a traceback)."""
+
+    def __init__(self, kind: str, error: Exception) -> None:
+        self.message = f"the request is not a valid {kind} protobuf message ({error})"
+
+
+def parser(cls: type) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return cls.FromString(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends
+            return CorruptMessage(cls.DESCRIPTOR.full_name, exc)
+    return parse
+
+
+def _passthrough(body: bytes) -> bytes:
+    return body
+
+
+def image_input(img: pb.Image) -> ImageInput:
+    """An Image as the request path's ImageInput; an encoding or dtype this version does not know
+    keeps its number, so that decode's refusal names it."""
+    dtype = pb.DType.Name(img.dtype).lower() if img.dtype in pb.DType.values() else str(img.dtype)
+    return ImageInput(data=img.data, encoding=_ENCODINGS.get(img.encoding, str(img.encoding)),
+                      shape=tuple(int(s) for s in img.shape), dtype=dtype)
+
+
+def image_inputs(request: pb.DetectRequest) -> tuple[ImageInput, ImageInput]:
+    """(color, depth) of a DetectRequest, for decode_into_slot."""
+    return image_input(request.color), image_input(request.depth)
+
+
+def to_request(request: pb.DetectRequest) -> DetectionRequest:
+    color, depth = image_inputs(request)
+    return DetectionRequest(protocol=PROTOCOL, model=request.model, color=color, depth=depth,
+                            score_threshold=request.score_threshold, mask_format=request.mask_format,
+                            request_id=request.request_id)
+
+
+def check_options(request: pb.DetectRequest) -> None:
+    """A DetectRequest's fields other than the images (the request path checks the same)."""
+    _check_options(request.score_threshold, request.mask_format)
+
+
+# -- the service ---------------------------------------------------------------------------
+def handlers(api: RequestPath) -> list[grpc.GenericRpcHandler]:
+    return [DetectorService(api).handler()]
+
+
+class DetectorService:
+    def __init__(self, api: RequestPath) -> None:
+        self.api = api
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {
+            # Read as a stream of one message, so that the handler runs (and its clock starts) before
+            # the message has arrived: see detect.
+            "Detect": grpc.stream_unary_rpc_method_handler(
+                self.detect, request_deserializer=parser(pb.DetectRequest), response_serializer=_passthrough),
+            "DetectStream": grpc.stream_stream_rpc_method_handler(
+                self.detect_stream, request_deserializer=parser(pb.DetectRequest),
+                response_serializer=_passthrough),
+            "ListModels": grpc.unary_unary_rpc_method_handler(
+                self.list_models, request_deserializer=parser(pb.ListModelsRequest),
+                response_serializer=pb.ListModelsResponse.SerializeToString),
+        })
+
+    async def _run(self, request: pb.DetectRequest | CorruptMessage, time_remaining: float | None,
+                   owner: object | None = None) -> bytes:
+        if isinstance(request, CorruptMessage):
+            raise ServeError(Status.INVALID_ARGUMENT, request.message)
+        return (await self.api.run(to_request(request), time_remaining, owner)).body
+
+    async def list_models(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        if isinstance(request, CorruptMessage):
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        api = self.api
+        resp = pb.ListModelsResponse()
+        for name, m in api.models.items():
+            n = api.dispatcher.ready_workers(name)
+            running = api.dispatcher.engines(name)
+            resp.models.add(name=name, input_kind=m.input_kind, categories=list(m.categories),
+                            engine=",".join(sorted(running)) or m.engine,
+                            ready=n > 0, max_batch_size=m.max_batch_size, ready_workers=n,
+                            is_default=name == api.default_model,
+                            error=api.dispatcher.model_error(name))
+        return resp
+
+    async def detect(self, requests: AsyncIterator[pb.DetectRequest], context: grpc.aio.ServicerContext) -> bytes:
+        """A unary call, served as a client stream of one message so that a message that never finishes
+        arriving (a client stalled one byte short of 60 MB) is given up after upload_timeout_s instead
+        of being held for as long as the client likes."""
+        try:
+            request = await self._read_one(requests, context.time_remaining())
+            return await self._run(request, context.time_remaining())
+        except ServeError as exc:
+            status, message = exc.status, exc.message
+        except Exception as exc:  # noqa: BLE001 - a bug must fail this request only, and say so
+            status, message = internal(exc)
+        await abort(context, grpc_code(status), message)
+
+    async def _read_one(self, requests: AsyncIterator[pb.DetectRequest], time_remaining: float | None):
+        """The call's one message, and then the end of its stream (a unary client sends both at once).
+
+        The end is read too: a call whose handler ends before gRPC has seen the end of its request
+        stream keeps the received message in memory after the call is over (23 MB a call, measured).
+        """
+        upload = self.api.cfg.upload_timeout_s
+        wait = upload if time_remaining is None else min(upload, time_remaining)
+        until = time.monotonic() + wait
+        try:
+            request = await asyncio.wait_for(requests.__anext__(), timeout=wait)
+            try:
+                await asyncio.wait_for(requests.__anext__(), timeout=max(0.0, until - time.monotonic()))
+            except StopAsyncIteration:
+                return request
+            raise ServeError(Status.INVALID_ARGUMENT,
+                             "Detect takes one DetectRequest; use DetectStream for several")
+        except StopAsyncIteration:
+            raise ServeError(Status.INVALID_ARGUMENT, "the call carried no DetectRequest") from None
+        except asyncio.TimeoutError:
+            raise ServeError(Status.DEADLINE_EXCEEDED,
+                             f"the request message did not arrive within {wait:.0f} s of the call's start "
+                             "(upload_timeout_s); send smaller images or ask the operator to raise "
+                             "--upload-timeout") from None
+
+    def _error_body(self, req: pb.DetectRequest | CorruptMessage, status: Status, message: str) -> bytes:
+        """A stream's response for a failed request; what it echoes is cut to the limits."""
+        limit = self.api.cfg.max_request_id_bytes
+        return error_body(getattr(req, "request_id", "")[:limit], getattr(req, "model", "")[:limit], status,
+                          message[:MAX_STATUS_CHARS])
+
+    async def detect_stream(self, requests: AsyncIterator[pb.DetectRequest],
+                            context: grpc.aio.ServicerContext) -> None:
+        """Requests are served concurrently (up to the stream's window); responses go out as they finish.
+
+        The window counts a request from when it is read until its response has
+        been sent, so a client that reads slowly holds at most a window of
+        finished responses here (each at most max_message_mb); they count
+        towards max_pending, and in bytes towards max_held_response_mb, until sent
+        (RequestPath.hold). The window is at most half the ring, and slots go to
+        the caller that holds the fewest, so a stream never takes every slot of its frontend.
+
+        A request that fails does not end the stream: its response carries
+        error_code/error_message and its request_id, and the stream goes on.
+        When the stream ends early (cancelled, deadline), its requests still
+        in flight are cancelled too, which gives their slots back, and the
+        stream ends quietly: nobody is left to tell.
+        """
+        api = self.api
+        window = asyncio.Semaphore(api.cfg.resolved_stream_window())
+        done: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        owner = object()  # this stream, for the slot pool's fair share
+        pending = 0  # requests read whose response has not been written yet
+
+        async def one(req: pb.DetectRequest) -> None:
+            try:
+                body = await self._run(req, context.time_remaining(), owner)
+            except ServeError as exc:
+                body = self._error_body(req, exc.status, exc.message)
+            except Exception as exc:  # noqa: BLE001 - fail this request, not the stream
+                body = self._error_body(req, *internal(exc))
+            api.hold(body)  # until written
+            done.put_nowait(body)  # its window place is given back once the response is written
+
+        async def reader() -> None:
+            nonlocal pending
+            try:
+                async for req in requests:
+                    await window.acquire()
+                    pending += 1
+                    task = asyncio.get_running_loop().create_task(one(req))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            finally:
+                done.put_nowait(_END)
+
+        read_task = asyncio.create_task(reader())
+        read_task.add_done_callback(_quiet_end)
+        try:
+            ended = False
+            while not (ended and pending == 0):
+                item = await done.get()
+                if item is _END:
+                    ended = True
+                    continue
+                pending -= 1
+                try:
+                    await context.write(item)
+                except Exception as exc:  # noqa: BLE001 - ExecuteBatchError and friends: the call has ended
+                    log.debug("DetectStream ended while writing a response (%s)", type(exc).__name__)
+                    raise asyncio.CancelledError() from None
+                finally:
+                    api.release(item)
+                window.release()
+        finally:
+            read_task.cancel()
+            for task in list(tasks):
+                task.cancel()
+            while not done.empty():  # finished responses nobody will read
+                item = done.get_nowait()
+                if item is not _END:
+                    api.release(item)
+
+
+def _quiet_end(task: asyncio.Task) -> None:
+    """A stream whose client went away ends its read with an error (ExecuteBatchError): nothing to report,
+    and retrieved here so that asyncio does not log it with a traceback at ERROR."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("DetectStream read ended with %s", type(task.exception()).__name__)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from dd.worker.engines.base import Detections
 
 DEFAULT_PROTOCOL = "detector_v1"
 # protocol -> module with `encode(det, ctx) -> bytes`; imported on first use.
-ENCODERS = {"detector_v1": "dd.worker.encoders.detector_v1"}
+ENCODERS = {"detector_v1": "dd.worker.encoders.detector_v1", "kserve_v2": "dd.worker.encoders.kserve_v2"}
 
 
 @dataclass
@@ -25,11 +25,30 @@ class Timings:
     """One request's times at the worker, in microseconds (also sent in the reply envelope)."""
 
     queue_us: int = 0  # dispatched by the frontend -> its batch started
-    decode_us: int = 0  # the frontend's image decoding (passed through)
+    decode_us: int = 0  # image decoding: the frontend's, plus the worker's CPU decode of a JPEG sent compressed
     inference_us: int = 0  # the engine call of its batch
     encode_us: int = 0  # this response's encoding
     batch_size: int = 0
     total_us: int = 0  # received by the frontend -> encoded (set by the encoder)
+
+
+class RequestError(Exception):
+    """An answer the request itself made impossible (e.g. an output region too small for the output):
+    the request fails with `code` (a gRPC status name) and `message`; the batch's others are served."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class OutputSink(Protocol):
+    """Outputs the client wants written into its shared memory instead of the response
+    (dd/worker/output_regions.py); `write` returns the bytes written or raises RequestError."""
+
+    def __contains__(self, output: object) -> bool: ...
+
+    def write(self, output: str, data: bytes) -> int: ...
 
 
 @dataclass
@@ -45,6 +64,9 @@ class EncodeContext:
     mask_format: int  # deep_detection.v1.MaskFormat: RLE (0) or NONE (1)
     timings: Timings  # the encoder fills in encode_us and total_us
     received_at: float = 0.0  # time.time() when the frontend got the request; 0: unknown
+    outputs: tuple[str, ...] = ()  # the outputs asked for, in order (KServe); empty: every output
+    model_version: str = ""  # echoed by protocols that have versions (KServe); "": the default
+    output_sink: OutputSink | None = None  # outputs that go into client shared memory (KServe)
 
 
 Encoder = Callable[["Detections", EncodeContext], bytes]

@@ -1,8 +1,14 @@
 """The one interface every engine implements, and the data that crosses it.
 
-An engine loads one model and runs a batch of decoded images. It knows nothing
+An engine loads one model and runs a batch of images. It knows nothing
 about gRPC, ZeroMQ or shared memory: it gets numpy views (that may point into
 shared memory) and returns numpy results.
+
+A color image is decoded pixels, or, where the frontend sent a JPEG as its
+compressed bytes (ServerConfig.jpeg_decode), an EncodedImage. Only an engine
+that says so (`decodes_jpeg = True`: it decodes them itself, on its GPU) ever
+sees one; for every other engine the worker's core decodes it on the CPU first,
+with the frontend's decoder and flags, so its pixels are the frontend's.
 """
 
 from __future__ import annotations
@@ -18,11 +24,35 @@ from dd.config.engines import Option
 
 
 @dataclass
-class EngineInput:
-    """One decoded image. color: H x W x 3 uint8 RGB; depth: H x W uint16 (x DEPTH_UNIT metres, default mm) or
-    float32 metres, or None."""
+class EncodedImage:
+    """A color image still compressed: `data` is its bytes (a 1-D uint8 view of the ring slot, no copy),
+    `height` x `width` the size its header announced (checked by the frontend against the limits). It
+    decodes to H x W x 3 uint8 RGB, pixels as stored (EXIF orientation ignored, as the frontend does)."""
 
-    color: np.ndarray
+    data: np.ndarray
+    height: int
+    width: int
+    format: str = "jpeg"
+
+
+class InputError(ValueError):
+    """The request's own image is bad (a JPEG that does not decode, or decodes to another size than its
+    header said): that request alone gets INVALID_ARGUMENT with this message."""
+
+
+def image_size(color: "np.ndarray | EncodedImage") -> tuple[int, int]:
+    """(height, width) of a color input, decoded or not."""
+    if isinstance(color, EncodedImage):
+        return color.height, color.width
+    return int(color.shape[0]), int(color.shape[1])
+
+
+@dataclass
+class EngineInput:
+    """One image. color: H x W x 3 uint8 RGB, or an EncodedImage for an engine with decodes_jpeg; depth:
+    H x W uint16 (x DEPTH_UNIT metres, default mm) or float32 metres, or None."""
+
+    color: "np.ndarray | EncodedImage"
     depth: np.ndarray | None
     score_threshold: float  # already resolved: the request's, or the model's own
 
@@ -55,6 +85,9 @@ class Engine(ABC):
     # A user's engine ("ENGINE": "package.module:ClassName") declares its ENGINE_OPTIONS keys here
     # (dd.config.engines.Option); a registered engine's are in the registry, dd.config.engines.
     options: ClassVar[Mapping[str, Option]] = {}
+    # True: infer accepts EncodedImage colors and decodes them itself (on its GPU: worth sending JPEGs
+    # compressed). False: the worker decodes them on the CPU before calling infer.
+    decodes_jpeg: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, device: str) -> None:
         self.config = config
@@ -67,6 +100,11 @@ class Engine(ABC):
     @abstractmethod
     def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
         """Runs one batch; returns one Detections per input, in order."""
+
+    def decodes_jpeg_on_gpu(self) -> bool:
+        """Whether JPEGs should reach this engine compressed when the policy is "auto" (the worker tells the
+        frontends in its Pong): it decodes them itself, and on a GPU, where that saves host CPU."""
+        return self.decodes_jpeg and str(self.device).startswith("cuda")
 
     def release_input_memory(self, mapping: object) -> None:
         """No more inputs will come from this shared-memory mapping (its frontend is gone): drop

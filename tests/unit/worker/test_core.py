@@ -33,7 +33,7 @@ def _image(value: int, h: int = 32, w: int = 48) -> np.ndarray:
 
 
 def test_the_core_uses_the_public_rle_value() -> None:
-    assert core_module.RLE == pb.RLE
+    assert core_module.RLE == pb.RLE and core_module.NO_MASKS == pb.NONE
 
 
 def test_a_batch_is_answered_in_order_with_its_timings(tmp_path: Path) -> None:

@@ -77,12 +77,13 @@ from torchvision.ops import boxes as box_ops
 
 from dd.models.build import build_loaded_model
 from dd.models.semantics import TORCHVISION, Semantics
-from dd.worker.engines.base import Detections, Engine, EngineInput, EngineUnavailable
+from dd.worker.engines.base import Detections, EncodedImage, Engine, EngineInput, EngineUnavailable, image_size
 from dd.worker.engines.fast.batchnorm_fold import fold_batchnorm
 from dd.worker.engines.fast.fixed_shapes import FixedShapeHeads, large_enough, rpn_min_size
 from dd.worker.engines.fast.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
 from dd.worker.engines.fast.graph_cache import GraphCache
 from dd.worker.engines.fast.mask_head import ClassMaskHead
+from dd.worker.engines.jpeg_decode import decode_to_device
 from dd.worker.engines.masks import paste_and_encode
 from dd.worker.engines.fast.pil_resize import PilBilinear
 from dd.worker.engines.kernels.switch import KernelSwitch
@@ -142,6 +143,7 @@ def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
 
 class FastMaskRCNN(Engine):
     name = "fast"
+    decodes_jpeg = True  # a batch's JPEGs in one nvJPEG call, straight into the graph's input (jpeg_decode)
 
     def load(self) -> None:
         opts: dict[str, Any] = self.config.engine_options
@@ -297,7 +299,11 @@ class FastMaskRCNN(Engine):
 
     def _preprocess(self, items: list[EngineInput], rh: int, rw: int) -> torch.Tensor:
         colors = []
+        decoded = iter(decode_to_device([it.color for it in items if isinstance(it.color, EncodedImage)], self.dev))
         for it in items:
+            if isinstance(it.color, EncodedImage):
+                colors.append(next(decoded))
+                continue
             self._pin_source(it.color)
             colors.append(torch.from_numpy(it.color).to(self.dev, non_blocking=True))
         depth = None
@@ -470,7 +476,7 @@ class FastMaskRCNN(Engine):
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, item in enumerate(batch):
             depth_type = None if item.depth is None else item.depth.dtype.str
-            groups.setdefault((*item.color.shape[:2], depth_type), []).append(i)
+            groups.setdefault((*image_size(item.color), depth_type), []).append(i)
         for (h, w, _), idx in groups.items():
             items = [batch[i] for i in idx]
             if self.fixed:
@@ -600,9 +606,14 @@ class FastMaskRCNN(Engine):
         g = self._fixed_graph(bucket, h, w, depth_dtype)
         if g is None:  # its graph is being captured: these images run op by op meanwhile, unpadded
             g = _FixedGraph(*self._static_inputs((n, h, w, depth_dtype)), {}, None)
+        encoded = [i for i, it in enumerate(items) if isinstance(it.color, EncodedImage)]
+        if encoded:  # one decode for the batch's JPEGs, written into the graph's input
+            for i, rgb in zip(encoded, decode_to_device([items[i].color for i in encoded], self.dev)):  # type: ignore[misc]
+                g.color[i].copy_(rgb)
         for i, it in enumerate(items):
-            self._pin_source(it.color)
-            g.color[i].copy_(torch.from_numpy(it.color), non_blocking=True)
+            if not isinstance(it.color, EncodedImage):
+                self._pin_source(it.color)
+                g.color[i].copy_(torch.from_numpy(it.color), non_blocking=True)
             if g.depth is not None:
                 self._pin_source(it.depth)  # type: ignore[arg-type]
                 g.depth[i].copy_(torch.from_numpy(it.depth), non_blocking=True)  # type: ignore[arg-type]

@@ -100,7 +100,7 @@ class Ping(_message.Message):
     def __init__(self, sent_at: _Optional[float] = ...) -> None: ...
 
 class Pong(_message.Message):
-    __slots__ = ("sent_at", "incarnation", "pid", "ready", "engine", "device", "error")
+    __slots__ = ("sent_at", "incarnation", "pid", "ready", "engine", "device", "error", "gpu_jpeg")
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class Pong(_message.Message):
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    GPU_JPEG_FIELD_NUMBER: _ClassVar[int]
     sent_at: float
     incarnation: str
     pid: int
@@ -115,4 +116,5 @@ class Pong(_message.Message):
     engine: str
     device: str
     error: str
-    def __init__(self, sent_at: _Optional[float] = ..., incarnation: _Optional[str] = ..., pid: _Optional[int] = ..., ready: bool = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+    gpu_jpeg: bool
+    def __init__(self, sent_at: _Optional[float] = ..., incarnation: _Optional[str] = ..., pid: _Optional[int] = ..., ready: bool = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., error: _Optional[str] = ..., gpu_jpeg: bool = ...) -> None: ...

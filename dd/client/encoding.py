@@ -1,0 +1,162 @@
+"""How the client puts images on the wire, chosen per link.
+
+What an image costs is paid twice: by the client that encodes it and by the server that decodes it,
+and the link carries what is left. Measured on dd.synth 1280x720 depth frames
+(scripts/bench_depth_encodings.py, one core; BENCHMARKS.md): 16-bit PNG 796 KiB, 16 ms to encode,
+9 ms to decode; zstd level 1 749 KiB, 6 ms to encode, 1.6 ms to decode (level 3: 692 KiB, 11 ms and
+2 ms). So:
+
+- `raw`: arrays as they are (files are decoded by the client first). Nothing is encoded or decoded
+  on either side; 4.6 MB per 1280x720 RGB-D frame, which a local link moves for less than any codec
+  costs. What `auto` picks for a local server (a loopback address or a unix socket).
+- `jpeg+zstd`: color arrays as JPEG (quality 95), depth as zstd level 1 (smaller than its PNG and
+  six times cheaper to decode). What `auto` picks for any other server. Encoded color files are sent
+  as they are (never re-encoded); a depth file is decoded and recompressed (lossless).
+- `jpeg+png`: color arrays as JPEG, depth arrays as 16-bit PNG; files as they are. For servers that
+  predate ZSTD (float32 depth, which PNG cannot hold, goes raw).
+- `as-is`: arrays raw, files and bytes as they are (the server decodes them): what
+  `make_request` does unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from dd.proto.deep_detection.v1 import detector_pb2 as pb
+
+ImageLike = Union[str, Path, bytes, bytearray, memoryview, np.ndarray]
+
+ENCODINGS = ("auto", "raw", "jpeg+zstd", "jpeg+png", "as-is")
+JPEG_QUALITY = 95
+ZSTD_LEVEL = 1
+_DTYPES = {np.dtype(np.uint8): pb.UINT8, np.dtype(np.uint16): pb.UINT16, np.dtype(np.float32): pb.FLOAT32}
+_LOCAL_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+
+
+def is_local(target: str) -> bool:
+    """Whether a gRPC target names this host: a unix socket, or a loopback name or address.
+
+    Accepts gRPC's forms: `host:port`, `[::1]:port`, `unix:PATH`, `unix-abstract:NAME`,
+    `ipv4:ADDR:PORT`, `ipv6:[ADDR]:PORT`, `dns:[//AUTHORITY/]host:port`.
+    """
+    t = target.strip()
+    scheme, _, rest = t.partition(":")
+    if scheme in ("unix", "unix-abstract"):
+        return True
+    if scheme in ("dns", "ipv4", "ipv6"):
+        t = rest.split("/")[-1] if rest.startswith("//") else rest
+        t = t.split(",")[0]  # ipv4:a:p,b:p lists addresses; the first decides
+    if t.startswith("["):
+        host = t[1:t.find("]")] if "]" in t else t[1:]
+    elif t.count(":") == 1:
+        host = t.split(":")[0]
+    else:
+        host = t  # a bare host, or an IPv6 address without a port
+    host = host.lower()
+    if host in _LOCAL_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve(encoding: str, target: str) -> str:
+    """The concrete encoding `encoding` stands for when talking to `target` (`auto` -> per link)."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    if encoding != "auto":
+        return encoding
+    return "raw" if is_local(target) else "jpeg+zstd"
+
+
+def _raw(arr: np.ndarray) -> pb.Image:
+    arr = np.ascontiguousarray(arr)
+    return pb.Image(data=arr.tobytes(), encoding=pb.Image.RAW, shape=list(arr.shape), dtype=_DTYPES[arr.dtype])
+
+
+def _zstd(arr: np.ndarray) -> pb.Image:
+    import zstandard
+
+    arr = np.ascontiguousarray(arr)
+    data = zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(arr.data)
+    return pb.Image(data=data, encoding=pb.Image.ZSTD, shape=list(arr.shape), dtype=_DTYPES[arr.dtype])
+
+
+def _jpeg(rgb: np.ndarray) -> pb.Image:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise ValueError(f"cannot encode a {rgb.shape} array as JPEG")
+    return pb.Image(data=buf.tobytes(), encoding=pb.Image.ENCODED)
+
+
+def _png(depth: np.ndarray) -> pb.Image:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", depth)
+    if not ok:
+        raise ValueError(f"cannot encode a {depth.shape} {depth.dtype} array as PNG")
+    return pb.Image(data=buf.tobytes(), encoding=pb.Image.ENCODED)
+
+
+def _decoded(data: bytes, depth: bool) -> np.ndarray | None:
+    """The array a file's bytes hold, as the server would decode them (color RGB, depth as stored);
+    None where it is no image the server accepts as such: then the bytes go as they are, and the
+    server says what is wrong with them."""
+    import cv2
+
+    flags = cv2.IMREAD_UNCHANGED if depth else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:
+        return None
+    if arr is None:
+        return None
+    if depth:
+        return arr if arr.ndim == 2 and arr.dtype in (np.uint16, np.float32) else None
+    return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB) if arr.ndim == 3 and arr.shape[2] == 3 else None
+
+
+def to_image(value: ImageLike, encoding: str = "as-is", *, depth: bool = False) -> pb.Image:
+    """One image for the wire, in `encoding` (a concrete one: `resolve` first). Arrays are RGB
+    (color) or H x W uint16 mm / float32 m (depth); paths and bytes hold an encoded file."""
+    if encoding == "auto":
+        raise ValueError("resolve 'auto' against the server's address first (dd.client.encoding.resolve)")
+    if isinstance(value, (str, Path)):
+        value = Path(value).read_bytes()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        if encoding == "raw" or (encoding == "jpeg+zstd" and depth):
+            arr = _decoded(data, depth)
+            if arr is not None:
+                return _raw(arr) if encoding == "raw" else _zstd(arr)
+        return pb.Image(data=data, encoding=pb.Image.ENCODED)
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"cannot send {type(value).__name__} as an image; give a path, bytes or a numpy array")
+    if value.dtype not in _DTYPES:
+        raise ValueError(f"raw images must be uint8, uint16 or float32, not {value.dtype}")
+    if encoding in ("raw", "as-is"):
+        return _raw(value)
+    if encoding not in ENCODINGS:
+        raise ValueError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    if not depth:
+        return _jpeg(value) if value.ndim == 3 and value.shape[2] == 3 and value.dtype == np.uint8 else _raw(value)
+    if encoding == "jpeg+zstd":
+        return _zstd(value)
+    return _png(value) if value.dtype == np.uint16 else _raw(value)
+
+
+def old_server_hint(details: str, request: pb.DetectRequest) -> str | None:
+    """What to tell a user whose ZSTD image a server refused because it does not know the encoding."""
+    used = request.color.encoding == pb.Image.ZSTD or (request.HasField("depth")
+                                                       and request.depth.encoding == pb.Image.ZSTD)
+    if not used or "unknown encoding 2" not in details:
+        return None
+    return (f"{details} -- this server predates ZSTD images: upgrade the server, or send PNG depth "
+            "(encoding='jpeg+png', or --encoding jpeg+png on the command line)")

@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""What client shared memory saves a local KServe client: raw RGB-D tensors in the message vs in a region.
+
+`deep-detection serve` with the null engine (no network: what is left is the transport) and
+--allow-client-shm; one synchronous gRPC client at concurrency 1 sends the same 1280x720 RGB-D
+frame (UINT8 color, UINT16 depth, 4.6 MB) either in raw_input_contents or through a registered
+system shared-memory region, interleaved request by request so that a busy machine slows both
+alike. The shared-memory time includes the client copying the frame into its region each time
+(a camera frame has to get there). Prints one table; --json writes the numbers.
+
+    python scripts/bench_client_shm.py --requests 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_health(target: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the server's health says SERVING; fails if the server exits first."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode}; see its log")
+        with grpc.insecure_channel(target) as ch:
+            try:
+                status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server at {target} was not serving after {timeout:.0f} s")
+
+
+def null_model(root: Path) -> Path:
+    folder = root / "null-rgbd"
+    folder.mkdir()
+    (folder / "categories.txt").write_text("a\nb\n")
+    (folder / "node_config.json").write_text(json.dumps({
+        "DETECTION_TYPE": "RGBDNullServicer", "CATEGORY_FILE": "categories.txt", "SCORE_THRESH_TEST": 0.0}))
+    return folder
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=300, help="requests of each kind (default 300)")
+    ap.add_argument("--height", type=int, default=720)
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--json", help="write the numbers here")
+    args = ap.parse_args()
+
+    import grpc
+
+    from dd.proto.inference import grpc_service_pb2 as pb
+    from dd.proto.inference import grpc_service_pb2_grpc as pb_grpc
+
+    rng = np.random.default_rng(0)
+    color = rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
+    depth = rng.integers(300, 3000, (args.height, args.width), dtype=np.uint16)
+    tmp = Path(tempfile.mkdtemp(prefix="dd-bench-shm-"))
+    folder = null_model(tmp)
+    port = free_port()
+    log = open(tmp / "serve.log", "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(folder), "--host", "127.0.0.1", "--port",
+                              str(port), "--frontends", "1", "--run-dir", str(tmp / "run"), "--allow-client-shm"],
+                             stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    region = shared_memory.SharedMemory(create=True, size=color.nbytes + depth.nbytes)
+    key = "/" + region.name
+    try:
+        target = f"127.0.0.1:{port}"
+        wait_health(target, serve)
+        channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20),
+                                                         ("grpc.max_receive_message_length", 64 << 20)])
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
+            name="frame", key=key, offset=0, byte_size=color.nbytes + depth.nbytes), timeout=30)
+        color_dst = np.ndarray(color.shape, np.uint8, buffer=region.buf, offset=0)
+        depth_dst = np.ndarray(depth.shape, np.uint16, buffer=region.buf, offset=color.nbytes)
+
+        def tensors(req: pb.ModelInferRequest) -> tuple:
+            c = req.inputs.add(name="color", datatype="UINT8", shape=list(color.shape))
+            d = req.inputs.add(name="depth", datatype="UINT16", shape=list(depth.shape))
+            return c, d
+
+        def in_message() -> pb.ModelInferResponse:
+            req = pb.ModelInferRequest(model_name="null-rgbd")
+            tensors(req)
+            req.raw_input_contents.extend([color.tobytes(), depth.tobytes()])
+            return stub.ModelInfer(req, timeout=60)
+
+        def in_shm() -> pb.ModelInferResponse:
+            np.copyto(color_dst, color)  # the frame has to get into the region too
+            np.copyto(depth_dst, depth)
+            req = pb.ModelInferRequest(model_name="null-rgbd")
+            for t, offset, size in zip(tensors(req), (0, color.nbytes), (color.nbytes, depth.nbytes)):
+                t.parameters["shared_memory_region"].string_param = "frame"
+                t.parameters["shared_memory_offset"].int64_param = offset
+                t.parameters["shared_memory_byte_size"].int64_param = size
+            return stub.ModelInfer(req, timeout=60)
+
+        kinds = {"in the message": in_message, "in shared memory": in_shm}
+        ms: dict[str, list[float]] = {k: [] for k in kinds}
+        cpu: dict[str, float] = {k: 0.0 for k in kinds}
+        for _ in range(10):  # warm-up
+            for fn in kinds.values():
+                fn()
+        for _ in range(args.requests):
+            for name, fn in kinds.items():
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                ms[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name] += time.process_time() - c0
+        stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="frame"), timeout=30)
+        channel.close()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+        log.close()
+        region.close()
+        region.unlink()
+
+    mb = (color.nbytes + depth.nbytes) / 1e6
+    print(f"{args.width}x{args.height} RGB-D raw tensors ({mb:.1f} MB), null engine, concurrency 1, "
+          f"{args.requests} requests each, interleaved; {os.cpu_count()} cores")
+    print(f"{'inputs':<18}{'p50 ms':>9}{'p90 ms':>9}{'mean ms':>9}{'client CPU ms':>15}")
+    result = {}
+    for name in kinds:
+        v = ms[name]
+        row = {"p50_ms": round(statistics.median(v), 3), "p90_ms": round(percentile(v, 90), 3),
+               "mean_ms": round(statistics.fmean(v), 3), "client_cpu_ms": round(cpu[name] * 1e3 / len(v), 3)}
+        result[name] = row
+        print(f"{name:<18}{row['p50_ms']:>9.2f}{row['p90_ms']:>9.2f}{row['mean_ms']:>9.2f}{row['client_cpu_ms']:>15.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

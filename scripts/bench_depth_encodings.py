@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Depth encodings a client may send: size on the wire, client encode time, server decode time.
+
+The numbers behind the client's choice of depth encoding (dd.client.api.pick_encoding): one
+1280x720 16-bit depth frame from dd.synth per seed, one thread, medians over the frames.
+
+    python scripts/bench_depth_encodings.py [--seeds 5000 5001 5002 --width 1280 --height 720 --iters 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dd.synth.scenes import generate_scene  # noqa: E402
+
+cv2.setNumThreads(1)
+
+
+def _best_ms(fn: Callable[[], object], iters: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times)), out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[5000, 5001, 5002])
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--height", type=int, default=720)
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args()
+
+    def png(level: int | None) -> tuple[Callable, Callable]:
+        params = [] if level is None else [cv2.IMWRITE_PNG_COMPRESSION, level]
+        return (lambda d: cv2.imencode(".png", d, params)[1].tobytes(),
+                lambda b, shape: cv2.imdecode(np.frombuffer(b, np.uint8), cv2.IMREAD_UNCHANGED))
+
+    def zstd(level: int) -> tuple[Callable, Callable]:
+        comp, dec = zstandard.ZstdCompressor(level=level), zstandard.ZstdDecompressor()
+        return (lambda d: comp.compress(d.tobytes()),
+                lambda b, shape: np.frombuffer(dec.decompress(b), np.uint16).reshape(shape))
+
+    kinds = {"raw": (lambda d: d.tobytes(), lambda b, shape: np.frombuffer(b, np.uint16).reshape(shape)),
+             "png (cv2 default)": png(None), "png level 1": png(1),
+             "zstd level 1": zstd(1), "zstd level 3": zstd(3)}
+    rows: dict[str, list[tuple[int, float, float]]] = {k: [] for k in kinds}
+    for seed in args.seeds:
+        depth = generate_scene(seed, args.width, args.height).depth
+        for name, (encode, decode) in kinds.items():
+            enc_ms, data = _best_ms(lambda: encode(depth), args.iters)
+            dec_ms, back = _best_ms(lambda: decode(data, depth.shape), args.iters)
+            assert np.array_equal(back, depth), name
+            rows[name].append((len(data), enc_ms, dec_ms))
+    print(f"{len(args.seeds)} dd.synth depth frames {args.width}x{args.height} uint16 (seeds {args.seeds}), "
+          "medians, one thread")
+    print("| encoding | size KiB | encode ms | decode ms |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        a = np.array(r, dtype=float)
+        print(f"| {name} | {np.median(a[:, 0]) / 1024:.0f} | {np.median(a[:, 1]):.2f} | {np.median(a[:, 2]):.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

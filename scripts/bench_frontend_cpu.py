@@ -1,0 +1,160 @@
+#!/usr/bin/env python3
+"""CPU per request of the server's own processes, by request kind, with the null engine.
+
+A real `deep-detection serve` (one frontend, one null-engine RGB-D worker on the CPU) gets N requests
+one at a time of each kind; the CPU seconds (user + system, psutil) of its frontend and worker
+processes before and after give the cost per request. The decode column is what decode_into_slot
+costs for the same request in this process (process CPU time, both decode threads), so
+`frontend - decode` is what request handling costs: gRPC, protobuf, asyncio, the ring, the
+dispatcher. Kinds are the client's encodings (dd.client.encoding) of 1280x720 dd.synth frames:
+raw (4.6 MB), jpeg+png (the standard request, ~1 MB), jpeg+zstd.
+
+    python scripts/bench_frontend_cpu.py [--requests 200 --kinds raw jpeg+png jpeg+zstd]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from bench_requests import _role_of, cpu_by_role, free_port, wait_health  # noqa: E402
+
+from dd.synth.scenes import generate_scene  # noqa: E402
+
+
+def null_model(folder: Path, instances: int) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "categories.txt").write_text("carton\n")
+    (folder / "node_config.json").write_text(json.dumps({
+        "DETECTION_TYPE": "RGBDNullServicer", "CATEGORY_FILE": "categories.txt", "SCORE_THRESH_TEST": 0.0,
+        "MAX_BATCH_SIZE": 1, "DEVICES": "cpu", "ENGINE_OPTIONS": {"instances": instances}}))
+    return folder
+
+
+def _py_spy(server_pid: int, out: Path, native: bool) -> subprocess.Popen:
+    import psutil
+
+    frontend = next(c.pid for c in psutil.Process(server_pid).children(recursive=True) if _role_of(c) == "frontend")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(["py-spy", "record", "-p", str(frontend), "-r", "250", "-f", "raw", "-o", str(out),
+                            "--threads", "--idle"] + (["--native"] if native else []),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # attached
+    return spy
+
+
+def _frontend_rss_mib(server_pid: int) -> float:
+    import psutil
+
+    return sum(c.memory_info().rss for c in psutil.Process(server_pid).children(recursive=True)
+               if _role_of(c) == "frontend") / 2**20
+
+
+def decode_cpu_ms(request, repeats: int) -> float:
+    from dd.frontend.decode import decode_into_slot
+    from dd.frontend.protocols.detector_v1 import image_inputs
+
+    slot = memoryview(bytearray(8 << 20))
+    images = image_inputs(request)
+    decode_into_slot(*images, True, slot, 1 << 24)
+    t0 = time.process_time()
+    for _ in range(repeats):
+        decode_into_slot(*images, True, slot, 1 << 24)
+    return (time.process_time() - t0) / repeats * 1e3
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=200, help="requests per kind, one at a time")
+    ap.add_argument("--kinds", nargs="+", default=["raw", "jpeg+png", "jpeg+zstd"])
+    ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--height", type=int, default=720)
+    ap.add_argument("--instances", type=int, default=20, help="null-engine instances per image (with RLE masks)")
+    ap.add_argument("--frames", type=int, default=4, help="distinct scenes, sent in turn")
+    ap.add_argument("--py-spy", metavar="DIR", type=Path,
+                    help="record the frontend with py-spy during each kind's requests: DIR/KIND.txt, collapsed "
+                         "stacks (pip install py-spy; it adds its own CPU to the numbers)")
+    ap.add_argument("--native", action="store_true", help="with --py-spy: C/C++ frames too")
+    ap.add_argument("--server-repo", metavar="DIR", type=Path, default=REPO,
+                    help="serve the `dd` of this checkout (e.g. a `git worktree` of an older commit, for a "
+                         "before/after comparison); requests are built by this one")
+    args = ap.parse_args()
+
+    import grpc
+
+    from dd.client import make_request
+    from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
+
+    scenes = [generate_scene(5000 + k, args.width, args.height) for k in range(args.frames)]
+    jpegs = [cv2.imencode(".jpg", cv2.cvtColor(s.color, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
+             .tobytes() for s in scenes]
+    requests = {}
+    for kind in args.kinds:
+        # Color as the camera's JPEG where the kind sends JPEG (never re-encoded), else the array.
+        requests[kind] = [make_request(s.color if kind == "raw" else j, s.depth, encoding=kind, request_id=str(k))
+                          for k, (s, j) in enumerate(zip(scenes, jpegs))]
+
+    tmp = Path(tempfile.mkdtemp(prefix="dd-fecpu-"))
+    folder = null_model(tmp / "null", args.instances)
+    port = free_port()
+    log = open(tmp / "serve.log", "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(folder), "--host", "127.0.0.1", "--port",
+                              str(port), "--frontends", "1", "--run-dir", str(tmp / "run"), "--slot-mb", "8",
+                              "--ring-slots", "16"], stdout=log, stderr=subprocess.STDOUT, cwd=args.server_repo,
+                             env=dict(os.environ, PYTHONPATH=str(args.server_repo.resolve())))
+    rows = []
+    try:
+        target = f"127.0.0.1:{port}"
+        wait_health(target)
+        opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+        with grpc.insecure_channel(target, opts) as ch:
+            stub = pb_grpc.DetectorStub(ch)
+            for kind in args.kinds:
+                reqs = requests[kind]
+                for r in reqs * 3:  # warm-up
+                    stub.Detect(r, timeout=30)
+                spy = _py_spy(serve.pid, args.py_spy / f"{kind}.txt", args.native) if args.py_spy else None
+                before = cpu_by_role(serve.pid)
+                lat = []
+                for i in range(args.requests):
+                    t0 = time.perf_counter()
+                    stub.Detect(reqs[i % len(reqs)], timeout=30)
+                    lat.append((time.perf_counter() - t0) * 1e3)
+                after = cpu_by_role(serve.pid)
+                if spy is not None:
+                    spy.send_signal(signal.SIGINT)
+                    spy.wait(60)
+                per = {role: (after.get(role, 0.0) - before.get(role, 0.0)) / args.requests * 1e3
+                       for role in ("frontend", "worker")}
+                dec = statistics.median(decode_cpu_ms(r, 10) for r in reqs)
+                size = statistics.mean(r.ByteSize() for r in reqs) / 2**20
+                rows.append((kind, size, per["frontend"], dec, per["frontend"] - dec, per["worker"],
+                             statistics.median(lat), _frontend_rss_mib(serve.pid)))
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    print(f"{args.requests} requests per kind at concurrency 1, {args.width}x{args.height} RGB-D, null engine "
+          f"({args.instances} instances with RLE masks), 1 frontend")
+    print("| request | MB | frontend CPU ms/req | of which decode | rest | worker CPU ms/req | p50 ms | frontend RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, size, fe, dec, rest, wk, p50, rss in rows:
+        print(f"| {kind} | {size:.2f} | {fe:.1f} | {dec:.1f} | {rest:.1f} | {wk:.1f} | {p50:.1f} | {rss:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
