@@ -17,15 +17,15 @@ full-image tensor, which pycocotools then scans pixel by pixel. Here:
   a ResNet's ReLUs, residual adds and downsample biases inside cuDNN's
   convolutions, the RPN head's conv + ReLU as one (fused_blocks.py); the FPN's
   top-down merges (bias + nearest upsampling + sum), its biases and the stem's
-  max pool as one-pass Triton kernels (cl_kernels.py); NMS's overlap matrix is
-  one Triton kernel (suppression.py); RoI Align pools each box once, from its
+  max pool as one-pass Triton kernels (kernels/channels_last.py); NMS's overlap matrix is
+  one Triton kernel (kernels/suppression.py); RoI Align pools each box once, from its
   own level, with one Triton kernel reading the fp16 levels as they are
-  (roi_align_kernel.py); the box head under fp16 autocast; the mask head
+  (kernels/roi_align.py); the box head under fp16 autocast; the mask head
   computes only each detection's own class, biases and ReLUs fused
   (mask_head.py);
 - the host learns the counts once per batch; masks are pasted (one ragged
-  Triton kernel, paste_kernel.py) and encoded as COCO RLE strings (rle_kernel.py)
-  for all instances of the batch together, on the GPU (mask_rle.py), so only the
+  Triton kernel, kernels/paste.py) and encoded as COCO RLE strings (kernels/rle.py)
+  for all instances of the batch together, on the GPU (masks.py), so only the
   strings' characters come back.
 
 An image whose NMS did not settle within the graph's iterations, or whose
@@ -42,7 +42,7 @@ ranking proposals by logit and keeping every non-empty one; RoI Align
 aligned with the adaptive grid and detectron2's FPN level formula
 (fixed_shapes.py); no size filter before the class-wise NMS, then the boxes
 scaled back with detectron2's arithmetic, clipped to the image, and empty
-ones dropped; and detectron2's mask paste (mask_rle.py, paste_kernel.py).
+ones dropped; and detectron2's mask paste (masks.py, kernels/paste.py).
 
 Falls back to the torchvision engine (with a log line) where it cannot run: no
 GPU. ENGINE_OPTIONS: fp16 (true), cuda_graphs (true), pin_memory (true),
@@ -54,7 +54,7 @@ pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
 8, ...] up to MAX_BATCH_SIZE), warmup_sizes ([[H, W], ...] input sizes to
 capture graphs for at load), allow_cpu (false; the CPU path exists for tests
 and has no graphs or fp16). Each Triton step falls back to torch operations,
-with a log line, where its kernel cannot compile.
+with a log line, where its kernel cannot compile (kernels/switch.py).
 """
 
 from __future__ import annotations
