@@ -50,7 +50,7 @@ from dd.models.model_folder import random_model_folder  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
 from dd.worker.engines import create_engine  # noqa: E402
 from dd.worker.engines.base import EngineInput  # noqa: E402
-from dd.worker.engines.fast_maskrcnn import FastMaskRCNN, padded, resized_size  # noqa: E402
+from dd.worker.engines.fast.engine import FastMaskRCNN, padded, resized_size  # noqa: E402
 from dd.worker.engines.torchvision_maskrcnn import TorchvisionMaskRCNN  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def compare(ref, fast, h: int, w: int) -> dict[str, float]:
     """Greedy matching of fast instances to reference ones: same class, best box IoU >= 0.98."""
     from pycocotools import mask as mask_util
 
-    from dd.worker.encoders.detector_v1 import rle_encode
+    from dd.worker.engines.masks import rle_encode
 
     if len(ref.scores) == 0:
         return {"ref": 0, "matched": 0}

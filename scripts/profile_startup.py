@@ -60,7 +60,7 @@ def child(folder: str, opts: dict, device: str, probe_sizes: list[list[int]]) ->
 
     from dd.config import load_model_config
     from dd.worker.engines.base import EngineInput
-    from dd.worker.engines.fast_maskrcnn import FastMaskRCNN
+    from dd.worker.engines.fast.engine import FastMaskRCNN
 
     t_import = time.perf_counter() - t0
     cfg = load_model_config(Path(folder))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pycocotools import mask as mask_util
 
-from dd.worker.encoders.detector_v1 import rle_encode
+from dd.worker.engines.masks import rle_encode
 from dd.worker.engines.base import Detections
 
 

@@ -20,11 +20,11 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 from dd.config import load_model_config
 from dd.models.model_folder import random_model_folder
-from dd.worker.encoders.detector_v1 import rle_encode
+from dd.worker.engines.masks import rle_encode
 from dd.worker.engines import load_engine
 from dd.worker.engines.base import EngineInput
-from dd.worker.engines.fast_maskrcnn import FastMaskRCNN, batch_buckets, resized_size
-from dd.worker.engines.mask_rle import paste_and_encode
+from dd.worker.engines.fast.engine import FastMaskRCNN, batch_buckets, resized_size
+from dd.worker.engines.masks import paste_and_encode
 from dd.worker.engines.torchvision_maskrcnn import TorchvisionMaskRCNN
 from tests.conftest import scene
 
@@ -197,7 +197,7 @@ def test_batch_buckets() -> None:
 
 def test_paste_in_size_ordered_chunks_matches_torchvision() -> None:
     """Boxes of every size, chunked small: chunks go by size, answers come back in instance order."""
-    from dd.worker.engines.mask_rle import paste_transitions, rle_strings
+    from dd.worker.engines.masks import paste_transitions, rle_strings
 
     g = torch.Generator().manual_seed(5)
     n, height, width = 60, 150, 210
@@ -225,7 +225,7 @@ def test_rle_strings_are_pycocotools_strings() -> None:
     masks that start on the first pixel or end on the last, an empty and a full one."""
     from pycocotools import mask as mask_util
 
-    from dd.worker.engines.mask_rle import rle_strings
+    from dd.worker.engines.masks import rle_strings
 
     rng = np.random.default_rng(0)
     height, width = 1500, 2500

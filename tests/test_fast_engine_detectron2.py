@@ -22,9 +22,9 @@ from torchvision.ops import MultiScaleRoIAlign
 from dd.config import load_model_config
 from dd.models.model_folder import random_model_folder
 from dd.models.semantics import DETECTRON2, TORCHVISION
-from dd.worker.engines import fast_maskrcnn
+from dd.worker.engines.fast import engine as fast_maskrcnn
 from dd.worker.engines.base import Detections, EngineInput
-from dd.worker.engines.fast_maskrcnn import FastMaskRCNN
+from dd.worker.engines.fast.engine import FastMaskRCNN
 from tests import d2_reference
 from tests.conftest import scene
 from tests.test_fast_engine import _spread_scores

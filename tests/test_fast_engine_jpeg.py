@@ -14,7 +14,7 @@ import torch
 from dd.config import load_model_config
 from dd.models.model_folder import random_model_folder
 from dd.worker.engines.base import EncodedImage, EngineInput
-from dd.worker.engines.fast_maskrcnn import FastMaskRCNN
+from dd.worker.engines.fast.engine import FastMaskRCNN
 from dd.worker.engines.jpeg_decode import decode_cpu
 from tests import parity
 from tests.conftest import scene

@@ -104,7 +104,7 @@ REGISTRY: dict[str, EngineSpec] = {s.name: s for s in (
                description="torchvision (eager, CPU or GPU: torchvision's Mask R-CNN answers; the reference)"),
     EngineSpec("detectron2", "dd.worker.engines.detectron2_maskrcnn:Detectron2MaskRCNN",
                description="detectron2 (eager, CPU or GPU: detectron2's DefaultPredictor answers; the reference)"),
-    EngineSpec("fast", "dd.worker.engines.fast_maskrcnn:FastMaskRCNN",
+    EngineSpec("fast", "dd.worker.engines.fast.engine:FastMaskRCNN",
                {"RGBDMaskRCNNFastServicer": "rgbd", "RGBMaskRCNNFastServicer": "rgb"},
                FAST_OPTIONS, fallback="torchvision",
                description="fast (one CUDA graph per input size on a GPU; falls back to the reference engine "

@@ -1,31 +1,19 @@
 """detector_v1: an engine's Detections -> the serialized deep_detection.v1.DetectResponse.
 
 Built and serialized in the worker, so the frontend only forwards bytes. Masks
-become COCO compressed RLE through pycocotools, the format every COCO tool reads.
+become COCO compressed RLE (engines/masks.py: pycocotools, or the engine's own strings), the format
+every COCO tool reads.
 """
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
-from pycocotools import mask as mask_util
 
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.worker.encoders import EncodeContext
 from dd.worker.engines.base import Detections
-
-
-def rle_encode(masks: np.ndarray) -> list[bytes]:
-    """COCO compressed RLE of N x H x W boolean masks, one bytes string each.
-
-    pycocotools wants H x W x N in Fortran order; an N x W x H C-ordered array
-    is exactly that memory layout, so one transposing copy is all it costs.
-    """
-    if len(masks) == 0:
-        return []
-    fortran = np.ascontiguousarray(masks.transpose(0, 2, 1), dtype=np.uint8).transpose(2, 1, 0)
-    return [r["counts"] for r in mask_util.encode(fortran)]
+from dd.worker.engines.masks import rle_encode
 
 
 def build_response(det: Detections, categories: tuple[str, ...], *, request_id: str, model: str,

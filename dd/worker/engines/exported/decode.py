@@ -21,7 +21,7 @@ from dd.models.detectron2.postprocess import paste_masks, rescale_boxes
 from dd.models.graph_layout import BOXES, CLASSES, MASKS, NUM_DETECTIONS, SCORES
 from dd.worker.engines.base import Detections
 from dd.worker.engines.exported.canvas import Placed
-from dd.worker.engines.mask_rle import paste_and_encode
+from dd.worker.engines.masks import paste_and_encode
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Mask pasting and COCO RLE for all instances at once, without full-image masks.
+"""Mask pasting and COCO RLE, the one place for both: for all instances at once, without full-image
+masks (paste_and_encode, any GPU engine), and for full-image masks on the host (rle_encode).
 
 torchvision pastes each instance's 28x28 mask into a full-image tensor in a
 Python loop (a dozen kernels per instance) and pycocotools then scans every
@@ -13,18 +14,18 @@ run or instance but cut bytes.
 The sampling matches torchvision's paste_mask_in_image (pad by one pixel,
 expand the box by (M+2)/M, bilinear resize with align_corners=False, integer
 box corners), so the masks agree with the reference engine's. On CUDA the
-resampling is one Triton kernel over all instances, ragged (paste_kernel.py);
+resampling is one Triton kernel over all instances, ragged (kernels/paste.py);
 elsewhere (and where that kernel cannot run) it is two batched matrix
 products per chunk of instances of similar size, since bilinear resizing is
 separable. The strings are byte for byte pycocotools' (tests/test_fast_engine.py,
-tests/test_paste_kernel.py).
+tests/unit/engines/test_paste_kernel.py).
 
 rule="detectron2" pastes as detectron2's paste_masks_in_image does on the
 CPU: each pixel of [max(floor(x0) - 1, 0), min(ceil(x1) + 1, W)) x (likewise
 in y) samples the mask at its centre (F.grid_sample, align_corners=False,
 zero padding, at u = (x + 0.5 - x0) / (x1 - x0) * 2 - 1) and is on where
 that is >= the threshold; nothing outside that region is. The kernel does it
-in the same launch structure (paste_kernel.py); the torch path computes the
+in the same launch structure (kernels/paste.py); the torch path computes the
 same float32 operations elementwise, per chunk (_grid_sample_chunk), so the
 two agree value for value.
 """
@@ -32,13 +33,15 @@ two agree value for value.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as mask_util
 
-from dd.worker.engines import paste_kernel, rle_kernel
+from dd.worker.engines.kernels import paste as paste_kernel
+from dd.worker.engines.kernels import rle as rle_kernel
+from dd.worker.engines.kernels.switch import KernelSwitch
 
 log = logging.getLogger(__name__)
 
@@ -176,31 +179,8 @@ def _plan_chunks(need: np.ndarray, max_elements: int,
     return order, chunks
 
 
-class _KernelSwitch:
-    """Whether a Triton step runs by default on a device: on CUDA where Triton is installed, until it
-    has failed once here (no compiler, an unsupported GPU); from then on the torch operations do
-    it, and the log said so once."""
-
-    def __init__(self, available: Callable[[], bool], what: str, instead: str) -> None:
-        self.available = available
-        self.what = what
-        self.instead = instead
-        self.failed = False
-
-    def by_default(self, dev: torch.device) -> bool:
-        return dev.type == "cuda" and self.available() and not self.failed
-
-    def cannot_run(self, exc: Exception, on: torch.Tensor) -> None:
-        """Switches to the torch operations; a failure inside a CUDA graph capture is the caller's."""
-        if on.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise exc
-        self.failed = True
-        log.warning("the Triton %s cannot run here (%s: %s); %s with torch operations instead", self.what,
-                    type(exc).__name__, exc, self.instead)
-
-
-_PASTE = _KernelSwitch(paste_kernel.available, "paste kernel", "pasting")
-_RLE = _KernelSwitch(rle_kernel.available, "RLE kernels", "encoding")
+_PASTE = KernelSwitch("paste kernel", "pasting with torch operations instead", paste_kernel.available)
+_RLE = KernelSwitch("RLE kernels", "encoding with torch operations instead", rle_kernel.available)
 
 
 def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, height: int, width: int,
@@ -258,11 +238,20 @@ def paste_transitions(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, hei
     float_boxes = host if d2 else None
     if kernel:
         return paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold, boxes=float_boxes)
-    if kernel is None and _PASTE.by_default(dev):
-        try:
-            return paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold, boxes=float_boxes)
-        except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: the torch path does it
-            _PASTE.cannot_run(exc, masks)
+    if kernel is None:
+        return _PASTE.run(
+            lambda: paste_kernel.transitions(masks, ib, h, w, need, height, width, threshold, boxes=float_boxes),
+            lambda: _paste_transitions_torch(masks, host, ib, h, w, need, height, width, threshold, max_elements,
+                                             d2), on=masks)
+    return _paste_transitions_torch(masks, host, ib, h, w, need, height, width, threshold, max_elements, d2)
+
+
+def _paste_transitions_torch(masks: torch.Tensor, host: np.ndarray, ib: np.ndarray, h: np.ndarray, w: np.ndarray,
+                             need: np.ndarray, height: int, width: int, threshold: float, max_elements: int,
+                             d2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """paste_transitions in torch operations (the CPU's path, and the fallback where the kernel cannot run)."""
+    n, m = masks.shape[0], masks.shape[-1]
+    dev = masks.device
     if d2:  # canvases of at least one pixel; an empty region's instance samples nothing (h, w = 0)
         need = np.maximum(need, 1)
         max_elements = max(max_elements // 32, 1)  # elementwise sampling holds ~30 bytes a pixel at once
@@ -336,11 +325,9 @@ def rle_strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, 
     fits = height * width < rle_kernel.MAX_PIXELS
     if kernel:
         return rle_kernel.strings(inst, pos, count, height, width, presorted)
-    if kernel is None and fits and _RLE.by_default(inst.device):
-        try:
-            return rle_kernel.strings(inst, pos, count, height, width, presorted)
-        except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: torch operations do it
-            _RLE.cannot_run(exc, inst)
+    if kernel is None and fits:
+        return _RLE.run(lambda: rle_kernel.strings(inst, pos, count, height, width, presorted),
+                        lambda: _rle_strings_torch(inst, pos, count, height, width, presorted), on=inst)
     return _rle_strings_torch(inst, pos, count, height, width, presorted)
 
 
@@ -391,6 +378,18 @@ def _rle_strings_torch(inst: torch.Tensor, pos: torch.Tensor, count: int, height
     data = text.cpu().numpy().tobytes()
     cut = bounds.cpu().tolist()
     return [data[a:b] for a, b in zip(cut[:-1], cut[1:])]
+
+
+def rle_encode(masks: np.ndarray) -> list[bytes]:
+    """COCO compressed RLE of N x H x W boolean masks, one bytes string each.
+
+    pycocotools wants H x W x N in Fortran order; an N x W x H C-ordered array
+    is exactly that memory layout, so one transposing copy is all it costs.
+    """
+    if len(masks) == 0:
+        return []
+    fortran = np.ascontiguousarray(masks.transpose(0, 2, 1), dtype=np.uint8).transpose(2, 1, 0)
+    return [r["counts"] for r in mask_util.encode(fortran)]
 
 
 def paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, height: int, width: int,

@@ -18,16 +18,16 @@ import torch
 
 pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 SCRIPT = r"""
 import numpy as np
 import torch
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from dd.worker.encoders.detector_v1 import rle_encode
-from dd.worker.engines import paste_kernel
-from dd.worker.engines.mask_rle import paste_transitions, rle_strings
+from dd.worker.engines.masks import rle_encode
+from dd.worker.engines.kernels import paste as paste_kernel
+from dd.worker.engines.masks import paste_transitions, rle_strings
 
 
 def changes(pair):
@@ -120,7 +120,8 @@ def test_triton_paste_kernel_matches_torch_path_and_torchvision() -> None:
 
 def test_paste_falls_back_to_torch_once_when_the_kernel_cannot_run(monkeypatch: pytest.MonkeyPatch,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
-    from dd.worker.engines import mask_rle, paste_kernel
+    from dd.worker.engines import masks as mask_rle
+    from dd.worker.engines.kernels import paste as paste_kernel
 
     calls = []
 
@@ -147,6 +148,6 @@ def test_paste_falls_back_to_torch_once_when_the_kernel_cannot_run(monkeypatch: 
 
 
 def test_paste_uses_the_torch_path_on_the_cpu() -> None:
-    from dd.worker.engines import mask_rle
+    from dd.worker.engines import masks as mask_rle
 
     assert not mask_rle._PASTE.by_default(torch.device("cpu"))

@@ -7,7 +7,7 @@ import torch
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 
-from dd.worker.engines.mask_head import ClassMaskHead
+from dd.worker.engines.fast.mask_head import ClassMaskHead
 
 
 def _heads(channels: int = 16, reduced: int = 12, classes: int = 5, layers: int = 4):

@@ -23,7 +23,7 @@ import torch
 
 pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 SCRIPT = r"""
 import numpy as np
@@ -31,9 +31,10 @@ import torch
 from pycocotools import mask as mask_util
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from dd.worker.encoders.detector_v1 import rle_encode
-from dd.worker.engines import mask_rle, rle_kernel
-from dd.worker.engines.mask_rle import _rle_strings_torch, paste_transitions, rle_strings
+from dd.worker.engines.masks import rle_encode
+from dd.worker.engines import masks as mask_rle
+from dd.worker.engines.kernels import rle as rle_kernel
+from dd.worker.engines.masks import _rle_strings_torch, paste_transitions, rle_strings
 
 
 def coco(masks):
@@ -223,7 +224,7 @@ def test_triton_rle_kernels_match_pycocotools_and_torch_path() -> None:
 
 
 def _changes() -> tuple[torch.Tensor, torch.Tensor, list[bytes], int, int]:
-    from dd.worker.encoders.detector_v1 import rle_encode
+    from dd.worker.engines.masks import rle_encode
 
     rng = np.random.default_rng(3)
     masks = rng.random((4, 30, 40)) > 0.6
@@ -235,7 +236,8 @@ def _changes() -> tuple[torch.Tensor, torch.Tensor, list[bytes], int, int]:
 
 def test_rle_falls_back_to_torch_once_when_the_kernels_cannot_run(monkeypatch: pytest.MonkeyPatch,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    from dd.worker.engines import mask_rle, rle_kernel
+    from dd.worker.engines import masks as mask_rle
+    from dd.worker.engines.kernels import rle as rle_kernel
 
     calls = []
 
@@ -257,7 +259,8 @@ def test_rle_falls_back_to_torch_once_when_the_kernels_cannot_run(monkeypatch: p
 
 
 def test_rle_uses_the_torch_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dd.worker.engines import mask_rle, rle_kernel
+    from dd.worker.engines import masks as mask_rle
+    from dd.worker.engines.kernels import rle as rle_kernel
 
     assert not mask_rle._RLE.by_default(torch.device("cpu"))
 
@@ -271,7 +274,8 @@ def test_rle_uses_the_torch_path_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_paste_and_encode_sorts_what_the_torch_paste_gives(monkeypatch: pytest.MonkeyPatch) -> None:
     """presorted is asked after the paste: a paste kernel that failed in it gave unsorted changes."""
-    from dd.worker.engines import mask_rle, paste_kernel
+    from dd.worker.engines import masks as mask_rle
+    from dd.worker.engines.kernels import paste as paste_kernel
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("no compiler here")

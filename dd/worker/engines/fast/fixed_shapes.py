@@ -39,7 +39,9 @@ from torchvision.ops.boxes import box_area
 from torchvision.ops.poolers import LevelMapper, _setup_scales
 
 from dd.models.semantics import TORCHVISION, Semantics
-from dd.worker.engines import roi_align_kernel, suppression
+from dd.worker.engines.kernels import roi_align as roi_align_kernel
+from dd.worker.engines.kernels import suppression
+from dd.worker.engines.kernels.switch import KernelSwitch
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +171,12 @@ class FixedShapeHeads:
         self.semantics = semantics
         self.iterations = nms_iterations
         self.pre_nms_topk = pre_nms_topk
-        self.kernel = kernel and suppression.available()  # the Triton suppression matrix
+        self.nms_switch = KernelSwitch("NMS kernel", "using torch operations instead", suppression.available,
+                                       enabled=kernel, cuda_only=False)  # the Triton suppression matrix
         # RoI Align as one Triton kernel over the levels as they are (roi_align_kernel), instead of
         # torchvision's over a float32 level_stack.
-        self.roi_kernel = roi_kernel and roi_align_kernel.available()
+        self.roi_switch = KernelSwitch("RoI Align kernel", "pooling from a float32 stack with torchvision's roi_align "
+                                       "instead", roi_align_kernel.available, enabled=roi_kernel, cuda_only=False)
         # mask_head.ClassMaskHead, set by the engine where the model's mask head is a plain one.
         self.class_mask_head: torch.nn.Module | None = None
         self._scales: dict[tuple[object, ...], torch.Tensor] = {}
@@ -180,18 +184,20 @@ class FixedShapeHeads:
         self._setups: weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[float], int, int, int, int]] = (
             weakref.WeakKeyDictionary())
 
+    @property
+    def kernel(self) -> bool:
+        """Whether NMS builds its suppression matrix with the Triton kernel (until it fails here)."""
+        return self.nms_switch.on
+
+    @property
+    def roi_kernel(self) -> bool:
+        """Whether RoI pooling runs the Triton kernel (until it fails here)."""
+        return self.roi_switch.on
+
     def _nms(self, boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float,
              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kernel:
-            try:
-                return nms_fixed(boxes, valid, iou_threshold, self.iterations, labels, kernel=True)
-            except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: the torch version does it
-                if boxes.is_cuda and torch.cuda.is_current_stream_capturing():
-                    raise
-                log.warning("the Triton NMS kernel cannot run here (%s: %s); using torch operations instead",
-                            type(exc).__name__, exc)
-                self.kernel = False
-        return nms_fixed(boxes, valid, iou_threshold, self.iterations, labels)
+        return self.nms_switch.run(lambda: nms_fixed(boxes, valid, iou_threshold, self.iterations, labels, kernel=True),
+                                   lambda: nms_fixed(boxes, valid, iou_threshold, self.iterations, labels), on=boxes)
 
     # -- RPN --------------------------------------------------------------------------------
     def proposals(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
@@ -323,17 +329,21 @@ class FixedShapeHeads:
         x, y = flat[:, 0::2].clamp(0, image_size[1]), flat[:, 1::2].clamp(0, image_size[0])
         flat = torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
         which, scaled = self._levels_of(pooler, levels, flat, image_size)
-        if self.roi_kernel:
+
+        def kernel() -> torch.Tensor:
             image = torch.arange(b, device=boxes.device).repeat_interleave(n)
-            try:
-                return roi_align_kernel.roi_align_levels(levels, which, image, scaled, pooler.output_size,
-                                                         sampling, channels_last=channels_last, aligned=aligned)
-            except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: the stack and roi_align do it
-                if boxes.is_cuda and torch.cuda.is_current_stream_capturing():
-                    raise
-                log.warning("the Triton RoI Align kernel cannot run here (%s: %s); pooling from a float32 "
-                            "stack with torchvision's roi_align instead", type(exc).__name__, exc)
-                self.roi_kernel = False
+            return roi_align_kernel.roi_align_levels(levels, which, image, scaled, pooler.output_size,
+                                                     sampling, channels_last=channels_last, aligned=aligned)
+
+        return self.roi_switch.run(
+            kernel, lambda: self._pool_stacked(pooler, levels, which, scaled, flat, boxes, stacks, sampling, aligned),
+            on=boxes)
+
+    def _pool_stacked(self, pooler: torch.nn.Module, levels: list[torch.Tensor], which: torch.Tensor,
+                      scaled: torch.Tensor, flat: torch.Tensor, boxes: torch.Tensor,
+                      stacks: list[torch.Tensor] | None, sampling: int, aligned: bool) -> torch.Tensor:
+        """roi_pool's torch path: torchvision's roi_align over the level stacks (float32)."""
+        n = boxes.shape[1]
         if stacks is None:
             stacks = self.level_stack(levels)
         pooled, lo = [], 0

@@ -18,7 +18,7 @@ here: the same double-precision weights and fixed-point integers, built on
 the host once per (input, output) size, and each pass as a few gathers and
 int32 multiply-adds on the device (the largest sum, 255 * 2**22 plus
 rounding, fits int32 as it does in PIL), the passes in PIL's order.
-tests/test_pil_resize.py finds it equal to PIL in every pixel, on those sizes
+tests/unit/engines/test_pil_resize.py finds it equal to PIL in every pixel, on those sizes
 and on random ones. The weights follow the algorithm of Pillow's Resample.c
 (precompute_coeffs, normalize_coeffs_8bpc), written here from its
 description.

@@ -17,15 +17,15 @@ full-image tensor, which pycocotools then scans pixel by pixel. Here:
   a ResNet's ReLUs, residual adds and downsample biases inside cuDNN's
   convolutions, the RPN head's conv + ReLU as one (fused_blocks.py); the FPN's
   top-down merges (bias + nearest upsampling + sum), its biases and the stem's
-  max pool as one-pass Triton kernels (cl_kernels.py); NMS's overlap matrix is
-  one Triton kernel (suppression.py); RoI Align pools each box once, from its
+  max pool as one-pass Triton kernels (kernels/channels_last.py); NMS's overlap matrix is
+  one Triton kernel (kernels/suppression.py); RoI Align pools each box once, from its
   own level, with one Triton kernel reading the fp16 levels as they are
-  (roi_align_kernel.py); the box head under fp16 autocast; the mask head
+  (kernels/roi_align.py); the box head under fp16 autocast; the mask head
   computes only each detection's own class, biases and ReLUs fused
   (mask_head.py);
 - the host learns the counts once per batch; masks are pasted (one ragged
-  Triton kernel, paste_kernel.py) and encoded as COCO RLE strings (rle_kernel.py)
-  for all instances of the batch together, on the GPU (mask_rle.py), so only the
+  Triton kernel, kernels/paste.py) and encoded as COCO RLE strings (kernels/rle.py)
+  for all instances of the batch together, on the GPU (masks.py), so only the
   strings' characters come back.
 
 An image whose NMS did not settle within the graph's iterations, or whose
@@ -42,7 +42,7 @@ ranking proposals by logit and keeping every non-empty one; RoI Align
 aligned with the adaptive grid and detectron2's FPN level formula
 (fixed_shapes.py); no size filter before the class-wise NMS, then the boxes
 scaled back with detectron2's arithmetic, clipped to the image, and empty
-ones dropped; and detectron2's mask paste (mask_rle.py, paste_kernel.py).
+ones dropped; and detectron2's mask paste (masks.py, kernels/paste.py).
 
 Falls back to the torchvision engine (with a log line) where it cannot run: no
 GPU. ENGINE_OPTIONS: fp16 (true), cuda_graphs (true), pin_memory (true),
@@ -54,7 +54,7 @@ pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
 8, ...] up to MAX_BATCH_SIZE), warmup_sizes ([[H, W], ...] input sizes to
 capture graphs for at load), allow_cpu (false; the CPU path exists for tests
 and has no graphs or fp16). Each Triton step falls back to torch operations,
-with a log line, where its kernel cannot compile.
+with a log line, where its kernel cannot compile (kernels/switch.py).
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import mmap
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -79,14 +78,16 @@ from torchvision.ops import boxes as box_ops
 from dd.models.build import build_loaded_model
 from dd.models.semantics import TORCHVISION, Semantics
 from dd.worker.engines.base import Detections, EncodedImage, Engine, EngineInput, EngineUnavailable, image_size
-from dd.worker.engines.batchnorm_fold import fold_batchnorm
-from dd.worker.engines.fixed_shapes import FixedShapeHeads, large_enough, rpn_min_size
-from dd.worker.engines.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
-from dd.worker.engines.graph_cache import GraphCache
+from dd.worker.engines.fast.batchnorm_fold import fold_batchnorm
+from dd.worker.engines.fast.fixed_shapes import FixedShapeHeads, large_enough, rpn_min_size
+from dd.worker.engines.fast.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
+from dd.worker.engines.fast.graph_cache import GraphCache
+from dd.worker.engines.fast.mask_head import ClassMaskHead
 from dd.worker.engines.jpeg_decode import decode_to_device
-from dd.worker.engines.mask_head import ClassMaskHead
-from dd.worker.engines.mask_rle import paste_and_encode
-from dd.worker.engines.pil_resize import PilBilinear
+from dd.worker.engines.masks import paste_and_encode
+from dd.worker.engines.fast.pil_resize import PilBilinear
+from dd.worker.engines.kernels.switch import KernelSwitch
+from dd.worker.engines.pinned import PinnedMappings
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class FastMaskRCNN(Engine):
         self.redone_images = 0
         self._loaded = False
         self._anchors: dict[tuple[int, ...], list[torch.Tensor]] = {}
-        self._pinned: dict[int, tuple[mmap.mmap, ctypes.c_char]] = {}
+        self._pinned = PinnedMappings(self.pin)
         # Set to a dict to collect per-stage wall times (synchronising between stages): benchmarks only.
         self.stage_times: dict[str, list[float]] | None = None
         self._t_last = 0.0
@@ -269,50 +270,21 @@ class FastMaskRCNN(Engine):
         fuse_fpn), if they compile here."""
         undo = fuse_fpn(self.model.backbone)
         probe = torch.zeros(1, self.mean.numel(), 64, 64, device=self.dev, dtype=self.dtype)
-        try:
+
+        def trial() -> None:
             with torch.inference_mode():
                 self.model.backbone(probe.contiguous(memory_format=torch.channels_last))
-        except Exception as exc:  # noqa: BLE001 - no compiler, unsupported GPU: torch's operations do it
-            undo()
-            log.warning("the FPN's Triton kernels cannot run here (%s: %s); using torch operations",
-                        type(exc).__name__, exc)
+
+        KernelSwitch("FPN kernels", "using torch operations").probe(trial, undo)
 
     # -- host memory ----------------------------------------------------------------------
     def _pin_source(self, arr: np.ndarray) -> None:
         """Page-locks the shared-memory mapping an input lives in, once, so copies to the GPU are DMA."""
-        if not self.pin:
-            return
-        base = arr.base
-        while isinstance(base, np.ndarray):
-            base = base.base
-        if not isinstance(base, mmap.mmap) or id(base) in self._pinned:
-            return
-        try:
-            # The ctypes view exports the mapping's buffer, so the worker cannot unmap a ring while
-            # it is registered (ShmRing.close leaves the map to the last view); when the ring's
-            # frontend goes, the worker calls release_input_memory, which unregisters it.
-            view = ctypes.c_char.from_buffer(base)
-            err = torch.cuda.cudart().cudaHostRegister(ctypes.addressof(view), len(base), 0)
-            if int(err) != 0:
-                raise RuntimeError(f"cudaHostRegister returned {err}")
-            self._pinned[id(base)] = (base, view)
-        except Exception as exc:  # noqa: BLE001 - pinning is an optimisation; never fail a request for it
-            log.warning("cannot pin shared memory for faster copies: %s", exc)
-            self.pin = False
+        self._pinned.pin_source(arr)
 
     def release_input_memory(self, mapping: object) -> None:
         with self._graph_cache.recording:  # a CUDA call: never while a background capture records
-            self._release_input_memory(mapping)
-
-    def _release_input_memory(self, mapping: object) -> None:
-        entry = self._pinned.get(id(mapping))
-        if entry is None or entry[0] is not mapping:
-            return
-        del self._pinned[id(mapping)]
-        try:
-            torch.cuda.cudart().cudaHostUnregister(ctypes.addressof(entry[1]))
-        except Exception as exc:  # noqa: BLE001 - the mapping goes anyway with the process
-            log.warning("cannot unregister a released shared-memory mapping: %s", exc)
+            self._pinned.release(mapping)
 
     # -- stages -----------------------------------------------------------------------------
     def _mark(self, stage: str | None) -> None:
@@ -749,12 +721,7 @@ class FastMaskRCNN(Engine):
         return self.heads.pool_lists(pooler, feats, boxes, sizes[0])
 
     def close(self) -> None:
-        for _, view in self._pinned.values():
-            try:
-                torch.cuda.cudart().cudaHostUnregister(ctypes.addressof(view))
-            except Exception:  # noqa: BLE001 - best effort at exit
-                pass
-        self._pinned.clear()
+        self._pinned.close()
         self._graph_cache.close()
         self._graphs.clear()
         self._fixed_graphs.clear()

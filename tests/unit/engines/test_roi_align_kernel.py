@@ -14,9 +14,9 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from dd.worker.engines.roi_align_kernel import roi_align_levels, roi_align_levels_reference
+from dd.worker.engines.kernels.roi_align import roi_align_levels, roi_align_levels_reference
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 SIZES = [(20, 24), (10, 12), (5, 6), (3, 3)]  # (H, W) of the four levels
 
@@ -69,9 +69,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, "tests")
-from test_roi_align_kernel import make_case, per_level
-from dd.worker.engines import roi_align_kernel as kernel
+from tests.unit.engines.test_roi_align_kernel import make_case, per_level
+from dd.worker.engines.kernels import roi_align as kernel
 
 exact = platform.machine().lower() in ("x86_64", "amd64")  # torchvision's CPU kernel without FMAs
 # The interpreter's time goes by programs, not elements: one program per RoI here, several below.

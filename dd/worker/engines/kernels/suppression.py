@@ -11,7 +11,7 @@ boxes). Here one kernel reads the boxes once and writes the float16 matrix once.
 The IoU is computed with torchvision's nms arithmetic (max/min corners,
 widths clamped at 0, intersection over area + area - intersection, IEEE
 division, no fused multiply-adds), so the matrix equals the torch version's
-bit for bit; tests/test_suppression.py checks that in Triton's interpreter.
+bit for bit; tests/unit/engines/test_suppression.py checks that in Triton's interpreter.
 Without Triton, or where it cannot compile, callers use the torch version.
 """
 

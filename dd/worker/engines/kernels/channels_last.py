@@ -19,7 +19,7 @@ here works on tiles of BLOCK_W pixels x BLOCK_C channels: every pixel's channels
 row of the tile and per-channel data (the bias) once per column, and there are no per-element
 divisions. Element offsets are 64-bit (N*H*W*C passes 2**31 for a batch of large feature maps).
 
-Each kernel gives exactly PyTorch's values: tests/test_cl_kernels.py checks that bit for bit in
+Each kernel gives exactly PyTorch's values: tests/unit/engines/test_cl_kernels.py checks that bit for bit in
 Triton's interpreter, and on an H200 (PyTorch 2.11, Triton 3.6) they equalled PyTorch's CUDA ops
 for float16, bfloat16 and float32, FPN-sized tensors included, and replayed in a CUDA graph:
 - additions of fp16/bf16 tensors are done as PyTorch does them: in float32, rounded once to the

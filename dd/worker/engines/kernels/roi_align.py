@@ -24,7 +24,7 @@ the same boundary rules (a sample beyond [-1, H] x [-1, W] reads 0; one in
 [-1, 0] reads row/column 0; one at or past the last row or column reads it with
 weight 1), the same bilinear sum order and the final division by the sample
 count. It is compiled without fused multiply-adds, so with float32 levels the
-result equals torchvision's CPU kernel bit for bit (tests/test_roi_align_kernel.py
+result equals torchvision's CPU kernel bit for bit (tests/unit/engines/test_roi_align_kernel.py
 checks that in Triton's interpreter). torchvision's CUDA kernel is built with
 nvcc's default contraction, so it differs from both in the last bits.
 

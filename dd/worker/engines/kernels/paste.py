@@ -37,7 +37,7 @@ in PyTorch's arithmetic (upsample_bilinear2d): scale = in / out in float32
 i1 = min(i0 + 1, in - 1), l1 = src - i0, l0 = 1 - l1, value =
 l0y * (l0x * a + l1x * b) + l1y * (l0x * c + l1x * d), compiled without fused
 multiply-adds so that it rounds the same way everywhere (the GPU and Triton's
-interpreter, which tests/test_paste_kernel.py uses). PyTorch's own kernels
+interpreter, which tests/unit/engines/test_paste_kernel.py uses). PyTorch's own kernels
 are not one fixed rounding: its CPU kernel's compiler contracts these
 products into fused multiply-adds, in an order that depends on the output's
 size, and its CUDA kernel is compiled with contraction too, so any two of
@@ -59,7 +59,7 @@ ix = (u + 1) * (M / 2) - 0.5, x_w = floor(ix), w = ix - x_w, e = 1 - w (and
 n, s for y), value = a * (s * e) + b * (s * w) + c * (n * e) + d * (n * w)
 summed left to right, a corner outside the mask reading 0. The torch path
 (mask_rle._grid_sample_chunk) does the same operations, so the two agree
-value for value (tests/test_paste_detectron2.py, which also checks both
+value for value (tests/unit/engines/test_paste_detectron2.py, which also checks both
 against F.grid_sample itself).
 """
 

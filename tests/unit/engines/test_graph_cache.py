@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from dd.worker.engines.graph_cache import GraphCache
+from dd.worker.engines.fast.graph_cache import GraphCache
 
 
 class Capturer:
@@ -55,7 +55,7 @@ def test_shapes_queue_behind_each_other() -> None:
 def test_a_failed_capture_leaves_the_shape_op_by_op_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     cap = Capturer(fail=True)
     cache = GraphCache(cap, describe=lambda k: f"shape {k}")
-    with caplog.at_level(logging.WARNING, logger="dd.worker.engines.graph_cache"):
+    with caplog.at_level(logging.WARNING, logger="dd.worker.engines.fast.graph_cache"):
         assert cache.get("x") is None
         cap.release.set()
         assert cache.wait_idle(30)

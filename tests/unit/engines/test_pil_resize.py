@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dd.worker.engines.pil_resize import PilBilinear, bilinear_taps, vertical_first
+from dd.worker.engines.fast.pil_resize import PilBilinear, bilinear_taps, vertical_first
 from tests.conftest import scene
 
 # Shrinking both ways (a camera image to MIN_SIZE 416), enlarging, one axis only, a strong vertical

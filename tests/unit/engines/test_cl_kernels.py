@@ -1,4 +1,4 @@
-"""The channels-last Triton kernels (dd/worker/engines/cl_kernels.py), run in Triton's interpreter on
+"""The channels-last Triton kernels (dd/worker/engines/kernels/channels_last.py), run in Triton's interpreter on
 the CPU (CI has no GPU): bias_add_, upsample_add and max_pool_3x3_s2 give their torch references'
 values bit for bit (NaN where a NaN is, the same bits everywhere else, -0.0 included), and the
 references give the plain PyTorch operations' values. Argument checks and the fallback for tensors
@@ -16,15 +16,15 @@ import torch
 
 pytest.importorskip("triton")
 
-from dd.worker.engines import cl_kernels  # noqa: E402
+from dd.worker.engines.kernels import channels_last as cl_kernels  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 SCRIPT = r"""
 import torch
 import torch.nn.functional as F
 
-from dd.worker.engines import cl_kernels as K
+from dd.worker.engines.kernels import channels_last as K
 
 CL = torch.channels_last
 g = torch.Generator().manual_seed(0)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, nms
 
-from dd.worker.engines.fixed_shapes import FixedShapeHeads, nms_fixed, top_stable
+from dd.worker.engines.fast.fixed_shapes import FixedShapeHeads, nms_fixed, top_stable
 
 
 def _clustered_boxes(g: torch.Generator, n: int, clusters: int = 12) -> torch.Tensor:
@@ -95,7 +95,7 @@ def test_folding_batchnorm_keeps_the_backbone_function(arch: str) -> None:
     from dd.config import DEFAULT_ARCHITECTURE
     from dd.models.maskrcnn import build_maskrcnn
     from dd.models.model_folder import SMALL_ARCHITECTURE
-    from dd.worker.engines.batchnorm_fold import fold_batchnorm
+    from dd.worker.engines.fast.batchnorm_fold import fold_batchnorm
 
     torch.manual_seed(0)
     spec = dict(DEFAULT_ARCHITECTURE if arch == "resnet50" else SMALL_ARCHITECTURE)
@@ -122,7 +122,7 @@ def test_folding_batchnorm_keeps_the_backbone_function(arch: str) -> None:
 def test_decode_boxes_is_boxcoders_decode() -> None:
     from torchvision.models.detection._utils import BoxCoder
 
-    from dd.worker.engines.fixed_shapes import decode_boxes
+    from dd.worker.engines.fast.fixed_shapes import decode_boxes
 
     g = torch.Generator().manual_seed(2)
     coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
@@ -159,7 +159,7 @@ def test_fpn_levels_by_each_librarys_formula_at_the_boundaries() -> None:
     """Boxes whose sqrt(area) is a level's boundary, or a few millionths under it: torchvision's 1e-6
     after the log lifts those to the level above, detectron2's 1e-8 inside it does not (in float32,
     4 + log2 rounds to 4 within ~1.2e-7 of it, so the gap is sides 0.08 to 0.7 millionths short)."""
-    from dd.worker.engines.fixed_shapes import assign_levels
+    from dd.worker.engines.fast.fixed_shapes import assign_levels
     from tests import d2_reference
 
     sides = torch.tensor([224.0, 112.0, 448.0, 223.99993, 111.999965, 447.99986, 223.99999, 56.0, 1e-3, 0.0,
@@ -240,7 +240,7 @@ def test_rpn_proposals_by_detectron2s_rules() -> None:
     the dynamic one give detectron2's proposals (find_top_rpn_proposals written plainly)."""
     import types
 
-    from dd.worker.engines.fast_maskrcnn import FastMaskRCNN
+    from dd.worker.engines.fast.engine import FastMaskRCNN
     from tests import d2_reference
 
     model, heads = _d2_heads()

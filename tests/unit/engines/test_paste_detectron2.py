@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from dd.worker.encoders.detector_v1 import rle_encode
-from dd.worker.engines.mask_rle import paste_and_encode, paste_transitions, rle_strings
+from dd.worker.engines.masks import rle_encode
+from dd.worker.engines.masks import paste_and_encode, paste_transitions, rle_strings
 from tests import d2_reference
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 
 def cases(seed: int = 0) -> list[tuple[str, torch.Tensor, torch.Tensor, int, int, float]]:
@@ -94,11 +94,11 @@ def test_unknown_rule_is_refused() -> None:
 SCRIPT = r"""
 import torch
 
-from dd.worker.engines import paste_kernel
-from dd.worker.engines.mask_rle import paste_transitions, rle_strings
-from dd.worker.encoders.detector_v1 import rle_encode
+from dd.worker.engines.kernels import paste as paste_kernel
+from dd.worker.engines.masks import paste_transitions, rle_strings
+from dd.worker.engines.masks import rle_encode
 from tests import d2_reference
-from tests.test_paste_detectron2 import _changes, cases
+from tests.unit.engines.test_paste_detectron2 import _changes, cases
 
 for name, masks, boxes, height, width, threshold in cases():
     kernel = paste_transitions(masks, boxes, height, width, threshold, kernel=True, rule="detectron2")

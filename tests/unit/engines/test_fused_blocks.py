@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-from dd.worker.engines.batchnorm_fold import fold_batchnorm
-from dd.worker.engines.fused_blocks import ConvReLU, fuse_conv_relu_pairs, fuse_resnet_blocks
+from dd.worker.engines.fast.batchnorm_fold import fold_batchnorm
+from dd.worker.engines.fast.fused_blocks import ConvReLU, fuse_conv_relu_pairs, fuse_resnet_blocks
 
 
 def _conv_relu(x, weight, bias, stride, padding, dilation, groups):
@@ -54,7 +54,7 @@ def test_engine_keeps_the_unfused_backbone_where_cudnn_refuses(tmp_path, monkeyp
     """The fast engine tries one forward with the fused blocks; if cuDNN raises, it undoes them."""
     from dd.config import DEFAULT_ARCHITECTURE, load_model_config
     from dd.models.model_folder import random_model_folder
-    from dd.worker.engines.fast_maskrcnn import FastMaskRCNN
+    from dd.worker.engines.fast.engine import FastMaskRCNN
 
     cfg = load_model_config(random_model_folder(tmp_path / "m", input_kind="rgbd", seed=0, min_size=96, max_size=128,
                                                 architecture=DEFAULT_ARCHITECTURE,
@@ -106,7 +106,7 @@ def test_conv_relu_pairs_fuse_and_undo(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_fused_fpn_and_stem_pool_compute_what_they_did() -> None:
     """fuse_fpn's forward (bias, upsample and sum in one pass; biases of the output convolutions
     separately; the stem's pool without indices), with the kernels' torch definitions on the CPU."""
-    from dd.worker.engines.fused_blocks import StemMaxPool, fuse_fpn
+    from dd.worker.engines.fast.fused_blocks import StemMaxPool, fuse_fpn
 
     torch.manual_seed(0)
     backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=0).eval()
@@ -131,9 +131,9 @@ def test_engine_keeps_torchs_fpn_where_the_triton_kernels_fail(tmp_path, monkeyp
     """The fast engine tries one forward with fuse_fpn's kernels; if they raise, it undoes them."""
     from dd.config import DEFAULT_ARCHITECTURE, load_model_config
     from dd.models.model_folder import random_model_folder
-    from dd.worker.engines import cl_kernels
-    from dd.worker.engines.fast_maskrcnn import FastMaskRCNN
-    from dd.worker.engines.fused_blocks import StemMaxPool
+    from dd.worker.engines.kernels import channels_last as cl_kernels
+    from dd.worker.engines.fast.engine import FastMaskRCNN
+    from dd.worker.engines.fast.fused_blocks import StemMaxPool
 
     cfg = load_model_config(random_model_folder(tmp_path / "m", input_kind="rgb", seed=0, min_size=96, max_size=128,
                                                 architecture=DEFAULT_ARCHITECTURE,
@@ -149,7 +149,7 @@ def test_engine_keeps_torchs_fpn_where_the_triton_kernels_fail(tmp_path, monkeyp
 
     monkeypatch.setattr(cl_kernels, "max_pool_3x3_s2", refuse)
     engine._fuse_fpn()
-    assert "FPN's Triton kernels cannot run here" in caplog.text
+    assert "Triton FPN kernels cannot run here" in caplog.text
     assert not any(isinstance(m, StemMaxPool) for m in engine.model.modules())
     assert "forward" not in vars(engine.model.backbone.fpn)
     with torch.no_grad():

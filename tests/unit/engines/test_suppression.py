@@ -12,14 +12,14 @@ import pytest
 
 pytest.importorskip("triton")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 
 SCRIPT = r"""
 import torch
 from torchvision.ops import batched_nms, nms
 
-from dd.worker.engines import suppression
-from dd.worker.engines.fixed_shapes import nms_fixed, suppression_matrix
+from dd.worker.engines.kernels import suppression
+from dd.worker.engines.fast.fixed_shapes import nms_fixed, suppression_matrix
 
 g = torch.Generator().manual_seed(0)
 for groups, k, labelled in [(3, 150, False), (2, 130, True), (1, 1, False), (2, 64, False)]:

@@ -24,7 +24,7 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
-from dd.worker.engines import cl_kernels
+from dd.worker.engines.kernels import channels_last as cl_kernels
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The fast engine (FastMaskRCNN) and its internals: fixed shapes, fused blocks, graph captures."""
