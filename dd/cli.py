@@ -71,9 +71,9 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
                    help="fork workers from a process with torch and the engines imported, so a restarted "
                         "worker starts seconds sooner (default on)")
     g.add_argument("--jpeg-decode", dest="jpeg_decode", choices=JPEG_DECODE_CHOICES,
-                   help="where JPEG color images are decoded: frontend (CPU), worker (sent compressed; its GPU "
-                        "where the engine can), auto (worker when the model's workers decode JPEG on a GPU; "
-                        "default)")
+                   help="where JPEG color images are decoded: frontend (CPU: detectron2's pixels; default), worker "
+                        "(sent compressed; its GPU where the engine can), auto (worker when the model's workers "
+                        "decode JPEG on a GPU)")
     lim = p.add_argument_group("limits against hostile and clumsy clients (docs/operations.md, Limits)")
     lim.add_argument("--max-jpeg-scans", dest="max_jpeg_scans", type=int,
                      help="scans one JPEG may have, counted before decoding (default 32)")

@@ -60,9 +60,12 @@ def test_compressed_inputs_give_the_pixels_answers_on_the_cpu(folder: Path, opti
 
 
 @pytest.mark.gpu
-def test_nvjpeg_decoded_inputs_keep_parity_with_the_frontends_pixels() -> None:
+def test_nvjpeg_decoded_inputs_stay_close_to_the_frontends_pixels() -> None:
     """The trained demo model on the GPU: detections from nvJPEG's pixels against those from the frontend's
-    (libjpeg-turbo) pixels, with the parity bounds the fast engine is held to against the CPU engine."""
+    (libjpeg-turbo) pixels. They do NOT meet the fast engine's parity bounds (measured on an H200, run S6-9:
+    202/205 matched, 3 confident unmatched, box p99 1.1 px, scores within 0.057; hence jpeg_decode
+    "frontend" by default), so this holds them to what was measured, with room: a channel swap, a
+    transposed image or a wrong chroma upsampling would lose most matches."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     from dd.synth.scenes import generate_scene
@@ -79,4 +82,5 @@ def test_nvjpeg_decoded_inputs_keep_parity_with_the_frontends_pixels() -> None:
             out += [parity.from_engine(d, 480, 640) for d in engine.infer(items[lo:lo + 4])]
     metrics = parity.compare(ref, cand, cfg.score_threshold)
     print(parity.summary(metrics))
-    assert not parity.failures(metrics), parity.failures(metrics)
+    assert metrics["matched"] >= 0.95 * metrics["reference_detections"], parity.summary(metrics)
+    assert metrics["mask_iou_mean"] >= 0.98, parity.summary(metrics)

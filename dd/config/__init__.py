@@ -514,8 +514,9 @@ class ServerConfig:
     # Where a JPEG color image is decoded (docs/operations.md, "JPEG decoding"): "frontend" (CPU, the
     # pixels detectron2's CPU decode gives), "worker" (sent compressed through the ring; decoded on the
     # worker's GPU where its engine can, else on the worker's CPU), "auto": "worker" for a model whose
-    # ready workers all decode JPEGs on a GPU, else "frontend".
-    jpeg_decode: str = "auto"
+    # ready workers all decode JPEGs on a GPU, else "frontend". "frontend" by default: measured on an
+    # H200, nvJPEG's pixels moved 3 of 205 confident detections of the demo model (BENCHMARKS.md, S6-9).
+    jpeg_decode: str = "frontend"
 
     def worker_credits(self, max_batch_size: int) -> int:
         """Requests one frontend may have at one worker at once: max_inflight_per_worker, else
