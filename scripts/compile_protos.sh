@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates dd/proto/ from protos/. A test (tests/test_protos.py) fails when
+# Regenerates dd/proto/ from protos/. A test (tests/integration/test_protos.py) fails when
 # the checked-in code is stale, so run this after every .proto change.
 #
 # The generator is pinned: protobuf's generated code refuses (at import) a runtime

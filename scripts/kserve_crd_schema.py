@@ -2,7 +2,7 @@
 
 kubernetes-validate knows only Kubernetes' own kinds: a ServingRuntime or an
 InferenceService is "a kind without a schema" to it, skipped with a warning. So
-tests/test_kserve_manifests.py checks deploy/kserve-*.yaml against schemas cut
+tests/unit/deploy/test_kserve_manifests.py checks deploy/kserve-*.yaml against schemas cut
 from the openAPIV3Schema of KServe's CustomResourceDefinitions. The whole
 InferenceService schema is 2 MB (every predictor framework and the full Pod
 spec); the cut keeps what our manifests reach:

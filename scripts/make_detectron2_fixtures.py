@@ -3,7 +3,7 @@
 
 Why: the server must answer exactly as detectron2 does for the users' model folders (issue #13). The only
 honest reference is detectron2 itself, but CI must not need it; so this script runs real detectron2 once
-and commits what it produced (tests/fixtures/detectron2/), and tests/test_detectron2_parity.py checks the
+and commits what it produced (tests/fixtures/detectron2/), and tests/integration/test_detectron2_parity.py checks the
 project against those files without detectron2 installed.
 
 Regenerate (from the repository root; detectron2's source on PYTHONPATH, nothing compiled, CPU only):

@@ -1,4 +1,4 @@
-"""A user's engine from outside the package, for tests/test_custom_engine.py: "ENGINE": "custom_engine:Boxes".
+"""A user's engine from outside the package, for tests/integration/test_custom_engine.py: "ENGINE": "custom_engine:Boxes".
 
 The tests put this folder on the server's PYTHONPATH; this is the example of docs/engines.md."""
 

@@ -1,4 +1,4 @@
-"""A user's engine that decodes JPEGs itself, for tests/test_jpeg_in_worker.py: "ENGINE":
+"""A user's engine that decodes JPEGs itself, for tests/integration/test_jpeg_in_worker.py: "ENGINE":
 "tests.jpeg_probe_engine:JpegProbe".
 
 It answers as the null engine does (a function of the pixels), decoding a compressed color with the

@@ -1,7 +1,7 @@
 """Do two detectors give the same answers? The parity bounds of issue #13, as one reusable measure.
 
 Why a module of its own: the same measure decides whether the CPU engine answers as detectron2 does
-(tests/test_detectron2_parity.py, against the stored answers in tests/fixtures/detectron2/) and whether
+(tests/integration/test_detectron2_parity.py, against the stored answers in tests/fixtures/detectron2/) and whether
 the fast GPU engine answers as the CPU path does (run on a GPU machine: `python -m tests.parity --help`).
 
 How detections are paired: per image, the reference's detections in order of falling score each take

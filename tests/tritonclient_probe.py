@@ -5,7 +5,7 @@ test process:
 
     python tritonclient_probe.py 127.0.0.1:PORT
 
-The server (tests/test_kserve_proto.py) serves model "maskrcnn" and records the
+The server (tests/integration/test_kserve_proto.py) serves model "maskrcnn" and records the
 requests it receives; the test compares both sides. Only tritonclient's public
 API is used, so what passes here is what a user's tritonclient code sees.
 """

@@ -3,7 +3,7 @@
 Runs on a thread pool (OpenCV releases the GIL while it decodes), so the event
 loop keeps serving. Every refusal is a ServeError with the status a
 client should get and a sentence that says what was wrong with its request;
-nothing else may escape (tests/test_bad_input.py fuzzes this with hypothesis).
+nothing else may escape (tests/integration/test_bad_input.py fuzzes this with hypothesis).
 
 Everything that is cheap is checked before any pixel is decoded: that depth is
 there when the model needs it, RAW lengths, and the sizes announced by both

@@ -3,7 +3,7 @@
 The CPU decoder is the frontend's own (OpenCV's libjpeg-turbo, the same flags: EXIF
 orientation ignored, BGR turned to RGB), so a JPEG decoded here has exactly the
 pixels the frontend would have written into the ring, and the answers are the same
-bytes whichever side decoded (tests/test_jpeg_in_worker.py).
+bytes whichever side decoded (tests/integration/test_jpeg_in_worker.py).
 
 On a GPU, nvJPEG (torchvision.io.decode_jpeg with a CUDA device) decodes the whole
 batch in one call. Its IDCT and chroma upsampling are not libjpeg-turbo's: pixels

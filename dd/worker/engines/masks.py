@@ -17,7 +17,7 @@ box corners), so the masks agree with the reference engine's. On CUDA the
 resampling is one Triton kernel over all instances, ragged (kernels/paste.py);
 elsewhere (and where that kernel cannot run) it is two batched matrix
 products per chunk of instances of similar size, since bilinear resizing is
-separable. The strings are byte for byte pycocotools' (tests/test_fast_engine.py,
+separable. The strings are byte for byte pycocotools' (tests/integration/test_fast_engine.py,
 tests/unit/engines/test_paste_kernel.py).
 
 rule="detectron2" pastes as detectron2's paste_masks_in_image does on the

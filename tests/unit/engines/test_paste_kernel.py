@@ -83,7 +83,7 @@ assert (kernel[0] == 6).sum() == 0 and (kernel[0] == 7).sum() > 0
 check("float16", masks.half(), boxes, height, width)
 check("14 x 14 masks, threshold 0.3", smooth(n, g, 14), boxes, height, width, threshold=0.3)
 
-# Many instances on another image, like tests/test_fast_engine.py's chunked one; pasted in groups too.
+# Many instances on another image, like tests/integration/test_fast_engine.py's chunked one; pasted in groups too.
 height, width, n = 150, 210, 60
 masks = torch.rand(n, 28, 28, generator=g)
 masks[::7] = smooth(len(masks[::7]), g)

@@ -1,5 +1,5 @@
 """dd.frontend.decode on protocol-free ImageInputs (no proto): each encoding, and the refusals that name what
-was sent. The full catalogue of bad images, through a real server, is tests/test_bad_input.py."""
+was sent. The full catalogue of bad images, through a real server, is tests/integration/test_bad_input.py."""
 
 from __future__ import annotations
 

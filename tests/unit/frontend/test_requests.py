@@ -1,6 +1,6 @@
 """dd.frontend.requests: the protocol-free request path (admission, model, slot, decode, dispatch),
 driven without gRPC or a proto: a real ring, and a stand-in for the worker side that records what
-it was sent (the dispatcher's own tests are tests/test_flow_control.py and test_reliability.py)."""
+it was sent (the dispatcher's own tests are tests/integration/test_flow_control.py and test_reliability.py)."""
 
 from __future__ import annotations
 

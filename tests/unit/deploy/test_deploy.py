@@ -19,7 +19,7 @@ from dd.config import ServerConfig
 from dd.ipc.shm_ring import ring_size
 from dd.supervisor import longest_clean_stop_s
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 MANIFESTS = sorted((REPO / "deploy").glob("*.yaml"))
 # The oldest Kubernetes the manifests are written for (gRPC probes: 1.27; preStop sleep: 1.30), and the
 # newest whose schemas the installed validator ships.
@@ -27,7 +27,7 @@ KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 
 Doc = dict[str, Any]
 # Custom resources have no schema in kubernetes-validate: KServe's are checked against its CRDs in
-# tests/test_kserve_manifests.py. Any other group must pass Kubernetes' own schemas here.
+# tests/unit/deploy/test_kserve_manifests.py. Any other group must pass Kubernetes' own schemas here.
 CUSTOM_RESOURCE_GROUPS = ("serving.kserve.io",)
 
 

@@ -17,9 +17,9 @@ import pytest
 from dd.ipc.client_segments import SUBDIR
 from tests import tritonclient_env
 from tests.serverproc import REPO, ServerProcess
-from tests.test_kserve_serving import COLOR, DEMO, DEPTH
+from tests.integration.test_kserve_serving import COLOR, DEMO, DEPTH
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not (DEMO / "node_config.json").is_file(), reason="the demo RGB-D model is absent")
 

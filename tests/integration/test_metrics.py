@@ -23,7 +23,7 @@ import pytest
 from dd import metrics
 from dd.metrics import GpuCollector, Recorder
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # What each process does: (Recorder method, args). Frontends answer requests,
 # workers run batches, the supervisor counts a restart.
@@ -327,7 +327,7 @@ def test_a_client_that_connects_and_says_nothing_blocks_no_scrape(multiproc_dir:
     import socket
     import ssl
 
-    from tests.test_security import PKI
+    from tests.integration.test_security import PKI
 
     run_all([(record, (WORKER_RGB,))])
     pki = PKI(tmp_path / "pki") if tls else None

@@ -20,9 +20,9 @@ from dd.worker.engines import load_engine  # noqa: E402
 from dd.worker.engines.base import EngineInput  # noqa: E402
 from tests.conftest import scene  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
-from tests.test_serving import assert_same, png  # noqa: E402
+from tests.integration.test_serving import assert_same, png  # noqa: E402
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "models"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "models"
 
 
 def test_an_exported_rgbd_model_serves(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from google.protobuf import descriptor_pb2
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 GENERATED = REPO / "dd" / "proto"
 PROTOS = REPO / "protos"
 GRPC_FAMILY = ("grpcio", "grpcio-health-checking", "grpcio-reflection")

@@ -26,7 +26,7 @@ import torch
 
 from tests.serverproc import ServerProcess
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 #: DD_DEMO_MODELS checks freshly trained folders before they replace the shipped ones.
 MODELS = Path(os.environ.get("DD_DEMO_MODELS", REPO / "configs" / "models"))
 #: Mask AP50 floors on SCENES held-out scenes; the issue asks for >= 0.90 on 200 (RGB-D), so these

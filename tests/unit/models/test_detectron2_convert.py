@@ -18,7 +18,7 @@ from dd.models.detectron2.network import Detectron2LevelMapper, FrozenBatchNorm,
 from dd.models.semantics import DETECTRON2
 from tests.d2_folders import RGBD_MEAN_STD, SMALL_YAML, d2_state_dict, merged
 
-DATA = Path(__file__).parent / "data" / "detectron2"
+DATA = Path(__file__).parents[2] / "data" / "detectron2"
 
 
 def spec_of(tmp_path: Path, over: dict | None = None, name: str = "m.yaml") -> Detectron2Spec:

@@ -20,7 +20,7 @@ from tests import parity
 from tests.conftest import scene
 from tests.jpeg_samples import jpeg
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 DEMO = REPO / "configs" / "models" / "demo-rgbd"
 
 

@@ -22,7 +22,7 @@ from dd.worker.engines.base import EngineInput
 from tests.conftest import scene
 from tests.d2_folders import write_d2_folder
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("h, w, min_size, max_size, expected", [

@@ -27,7 +27,7 @@ from dd.worker.engines.base import Detections, EngineInput
 from dd.worker.engines.fast.engine import FastMaskRCNN
 from tests import d2_reference
 from tests.conftest import scene
-from tests.test_fast_engine import _spread_scores
+from tests.integration.test_fast_engine import _spread_scores
 
 # 233 x 347 to a shorter side of 192, longer at most 256: detectron2 rounds 171.9 rows to 172,
 # torchvision floors them to 171 (and 347 * 0.7377 columns to 255).

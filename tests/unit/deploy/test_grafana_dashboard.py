@@ -15,7 +15,7 @@ import pytest
 
 from dd import metrics
 
-DASHBOARD = Path(__file__).resolve().parent.parent / "deploy" / "grafana-dashboard.json"
+DASHBOARD = Path(__file__).resolve().parents[3] / "deploy" / "grafana-dashboard.json"
 # Grafana's variables, as Grafana substitutes them before Prometheus sees the query.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".*"}
 

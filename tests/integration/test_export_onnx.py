@@ -31,7 +31,7 @@ from dd.worker.engines.onnxruntime.session import OptionError, OrtOptions, choos
 from tests.d2_folders import write_d2_folder  # noqa: E402
 from tests.export_parity import Parity, add  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "configs" / "models"
 
 

@@ -26,7 +26,7 @@ from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
 from tests.faults import Server, answer_problem, null_case, null_model
 
 TOKEN = "s3cret-token-for-tests-0123456789"
-PACKAGE = Path(__file__).resolve().parent.parent / "dd"
+PACKAGE = Path(__file__).resolve().parents[2] / "dd"
 
 
 # -- certificates -----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from dd.config import ConfigError, load_model_config
 from dd.models.detectron2.config import read_detectron2_yaml
 from tests.d2_folders import SMALL_YAML, merged, write_d2_folder
 
-DATA = Path(__file__).parent / "data" / "detectron2"
+DATA = Path(__file__).parents[2] / "data" / "detectron2"
 
 
 def write(path: Path, doc: dict) -> Path:
@@ -208,7 +208,7 @@ def test_torchvision_weights_with_a_yaml_keep_their_old_reading(tmp_path: Path) 
 
 
 def test_the_demo_models_are_read_as_before() -> None:
-    root = Path(__file__).resolve().parent.parent / "configs" / "models"
+    root = Path(__file__).resolve().parents[3] / "configs" / "models"
     for name in ("demo-rgb", "demo-rgbd"):
         cfg = load_model_config(root / name)
         assert cfg.weights_format == "torchvision" and cfg.detectron2 is None and cfg.engine == "torchvision"

@@ -10,7 +10,7 @@ import numpy as np
 from dd.client import DetectorClient
 from tests.serverproc import ServerProcess
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def test_a_custom_engine_is_served(tmp_path: Path) -> None:

@@ -324,7 +324,7 @@ def test_log_files_rotate_and_stderr_follows(tmp_path: Path) -> None:
 
     script = f"""
 import logging, os, sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
 from dd.procutil import setup_logging
 fd = os.open({str(tmp_path / 'p.log')!r}, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
 os.dup2(fd, 2)  # as the supervisor starts its children under --log-dir

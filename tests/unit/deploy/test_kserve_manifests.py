@@ -19,7 +19,7 @@ import yaml
 
 from dd.cli import build_parser
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[3]
 DEPLOY = REPO / "deploy"
 # Flags the manifests pass that the CLI does not know yet; remove each from here when it lands
 # (the test then checks it like the others). --metrics-port landed with the metrics wiring.

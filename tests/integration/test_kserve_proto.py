@@ -13,7 +13,7 @@ environment, tests/tritonclient_env.py, since it pins protobuf < 7):
 
 The service here is a fixture of the wire, not deep-detection's server: the
 server's adapter (dd/frontend/protocols/kserve_v2.py) is tested against a real
-server with tritonclient in tests/test_kserve_serving.py.
+server with tritonclient in tests/integration/test_kserve_serving.py.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dd.proto.inference import model_config_pb2 as mc
 from tests import tritonclient_env
 from tests.descriptor_dump import dump
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]
 OURS = ("dd.proto.inference.grpc_service_pb2", "dd.proto.inference.model_config_pb2")
 THEIRS = ("tritonclient.grpc.service_pb2", "tritonclient.grpc.model_config_pb2")
 

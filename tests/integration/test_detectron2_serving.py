@@ -14,7 +14,7 @@ from dd.worker.engines.base import EngineInput
 from tests.conftest import scene
 from tests.d2_folders import write_d2_folder
 from tests.serverproc import ServerProcess
-from tests.test_serving import assert_same, png
+from tests.integration.test_serving import assert_same, png
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from dd.config import DETECTION_TYPES, ConfigError, load_model_config
 from dd.config.engines import REGISTRY, available_engines
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def _folder(root: Path, **keys: object) -> Path:

@@ -162,7 +162,7 @@ def test_async_client_raises_detection_error(server: ServerProcess) -> None:
     assert err.code() == grpc.StatusCode.NOT_FOUND and err.model == "nope"
 
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "models" / "demo-rgbd"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "models" / "demo-rgbd"
 
 
 @pytest.fixture(scope="module")

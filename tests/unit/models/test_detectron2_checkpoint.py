@@ -15,7 +15,7 @@ from dd.models.detectron2.checkpoint import WeightsError, read_weights, sniff_we
 from dd.models.detectron2.config import read_detectron2_yaml
 from tests.d2_folders import SMALL_YAML, d2_state_dict, save_weights, write_d2_folder
 
-DATA = Path(__file__).parent / "data" / "detectron2"
+DATA = Path(__file__).parents[2] / "data" / "detectron2"
 MARKER = Path("/tmp/dd-test-pickle-ran")
 
 
@@ -79,7 +79,7 @@ def test_every_container_is_read_and_recognised(tmp_path: Path, d2_state: dict, 
 
 
 def test_torchvision_names_and_module_prefixes(tmp_path: Path) -> None:
-    demo = Path(__file__).resolve().parent.parent / "configs" / "models" / "demo-rgb" / "model.pth"
+    demo = Path(__file__).resolve().parents[3] / "configs" / "models" / "demo-rgb" / "model.pth"
     assert sniff_weights_format(demo) == "torchvision"
     state = {"module.backbone.body.conv1.weight": torch.ones(2, 3, 1, 1),
              "module.rpn.head.cls_logits.bias": torch.ones(1)}

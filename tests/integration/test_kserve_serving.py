@@ -25,7 +25,7 @@ from dd.proto.inference import grpc_service_pb2_grpc as pb_grpc
 from tests import tritonclient_env
 from tests.serverproc import REPO, ServerProcess, free_port
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "models" / "demo-rgbd"
 COLOR = REPO / "test_imgs" / "rgbd" / "color" / "scene_900000.jpg"
 DEPTH = REPO / "test_imgs" / "rgbd" / "depth" / "scene_900000.png"
