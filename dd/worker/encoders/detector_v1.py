@@ -13,7 +13,7 @@ import time
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.worker.encoders import EncodeContext
 from dd.worker.engines.base import Detections
-from dd.worker.engines.masks import rle_encode
+from dd.worker.engines.host_rle import rle_encode
 
 
 def build_response(det: Detections, categories: tuple[str, ...], *, request_id: str, model: str,

@@ -37,8 +37,8 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_util
 
+from dd.worker.engines.host_rle import rle_encode  # noqa: F401 - masks' host encoder, re-exported
 from dd.worker.engines.kernels import paste as paste_kernel
 from dd.worker.engines.kernels import rle as rle_kernel
 from dd.worker.engines.kernels.switch import KernelSwitch
@@ -378,18 +378,6 @@ def _rle_strings_torch(inst: torch.Tensor, pos: torch.Tensor, count: int, height
     data = text.cpu().numpy().tobytes()
     cut = bounds.cpu().tolist()
     return [data[a:b] for a, b in zip(cut[:-1], cut[1:])]
-
-
-def rle_encode(masks: np.ndarray) -> list[bytes]:
-    """COCO compressed RLE of N x H x W boolean masks, one bytes string each.
-
-    pycocotools wants H x W x N in Fortran order; an N x W x H C-ordered array
-    is exactly that memory layout, so one transposing copy is all it costs.
-    """
-    if len(masks) == 0:
-        return []
-    fortran = np.ascontiguousarray(masks.transpose(0, 2, 1), dtype=np.uint8).transpose(2, 1, 0)
-    return [r["counts"] for r in mask_util.encode(fortran)]
 
 
 def paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, height: int, width: int,
