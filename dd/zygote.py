@@ -55,6 +55,8 @@ def serve(preload: list[str], parent_pid: int) -> int:
     for name in preload:
         try:
             importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # not installed (torch for a null-engine server): children do without
+            log.debug("zygote: %s is not installed (%s)", name, exc)
         except Exception as exc:  # noqa: BLE001 - a child imports it again itself and reports the error
             log.warning("zygote: cannot preload %s (%s: %s)", name, type(exc).__name__, exc)
     torch = sys.modules.get("torch")
