@@ -10,7 +10,9 @@ full-image tensor, which pycocotools then scans pixel by pixel. Here:
   with validity masks, NMS as a batched fixed point), so it is captured once
   per (batch bucket, input size) as one CUDA graph and replayed with one launch;
   a batch is padded up to the next captured bucket (1, 2, 4, 8, ...), as vLLM
-  does, so no new graph is ever captured while serving;
+  does; an input size not captured at load (warmup_sizes) is served at once on
+  the same network run op by op while one background thread captures its
+  graph (graph_cache.py), so no request waits for a capture;
 - preprocessing (convert, normalise, resize, pad) runs in that graph too, from
   the shared-memory slot copied through a pinned (page-locked) mapping;
 - backbone, FPN and RPN head run in fp16, channels-last, batch norm folded and
@@ -52,7 +54,8 @@ GPU only, needs fold_batchnorm), triton_fpn (true; GPU only), triton_nms (true;
 GPU only), triton_roi_align (true; GPU only), class_mask_head (true),
 pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
 8, ...] up to MAX_BATCH_SIZE), warmup_sizes ([[H, W], ...] input sizes to
-capture graphs for at load), allow_cpu (false; the CPU path exists for tests
+capture graphs for at load), background_capture (true), cudnn_benchmark (false),
+blocking_sync (false), allow_cpu (false; the CPU path exists for tests
 and has no graphs or fp16). Each Triton step falls back to torch operations,
 with a log line, where its kernel cannot compile (kernels/switch.py).
 """
