@@ -39,8 +39,9 @@ _proto = None  # the zygote's channel to the supervisor (its original stdout)
 
 
 def worker_preload(engine_modules: list[str]) -> list[str]:
-    """What the zygote imports for these workers: torch and the worker, and each engine's module."""
-    return ["torch", "torchvision", "dd.worker.server", *dict.fromkeys(engine_modules)]
+    """What the zygote imports for these workers: the worker, and each engine's module (which brings
+    torch, torchvision and Triton where the engine needs them; the null engine's does not)."""
+    return ["dd.worker.server", *dict.fromkeys(engine_modules)]
 
 
 # -- the zygote process -------------------------------------------------------------------------
