@@ -25,6 +25,7 @@ from dd.frontend.decode import check_options as _check_options
 from dd.frontend.errors import ServeError, Status
 from dd.frontend.inputs import DetectionRequest, ImageInput
 from dd.frontend.requests import RequestPath
+from dd.frontend.streams import serve_stream
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 
 log = logging.getLogger("dd.frontend")
@@ -33,7 +34,6 @@ PROTOCOL = "detector_v1"  # ipc InferRequest.protocol: the worker's encoder for 
 SERVICE = "deep_detection.v1.Detector"
 SERVICE_NAMES = (SERVICE,)
 MAX_STATUS_CHARS = 2048  # a status message must fit gRPC's metadata limit, whatever it quotes
-_END = object()
 _ENCODINGS = {pb.Image.ENCODED: "encoded", pb.Image.RAW: "raw", pb.Image.ZSTD: "zstd"}
 
 
@@ -205,80 +205,15 @@ class DetectorService:
 
     async def detect_stream(self, requests: AsyncIterator[pb.DetectRequest],
                             context: grpc.aio.ServicerContext) -> None:
-        """Requests are served concurrently (up to the stream's window); responses go out as they finish.
+        """Served concurrently up to the stream's window (dd.frontend.streams). A request that fails does
+        not end the stream: its response carries error_code/error_message and its request_id."""
 
-        The window counts a request from when it is read until its response has
-        been sent, so a client that reads slowly holds at most a window of
-        finished responses here (each at most max_message_mb); they count
-        towards max_pending, and in bytes towards max_held_response_mb, until sent
-        (RequestPath.hold). The window is at most half the ring, and slots go to
-        the caller that holds the fewest, so a stream never takes every slot of its frontend.
-
-        A request that fails does not end the stream: its response carries
-        error_code/error_message and its request_id, and the stream goes on.
-        When the stream ends early (cancelled, deadline), its requests still
-        in flight are cancelled too, which gives their slots back, and the
-        stream ends quietly: nobody is left to tell.
-        """
-        api = self.api
-        window = asyncio.Semaphore(api.cfg.resolved_stream_window())
-        done: asyncio.Queue = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
-        owner = object()  # this stream, for the slot pool's fair share
-        pending = 0  # requests read whose response has not been written yet
-
-        async def one(req: pb.DetectRequest) -> None:
+        async def answer(req: pb.DetectRequest, owner: object) -> bytes:
             try:
-                body = await self._run(req, context.time_remaining(), owner)
+                return await self._run(req, context.time_remaining(), owner)
             except ServeError as exc:
-                body = self._error_body(req, exc.status, exc.message)
+                return self._error_body(req, exc.status, exc.message)
             except Exception as exc:  # noqa: BLE001 - fail this request, not the stream
-                body = self._error_body(req, *internal(exc))
-            api.hold(body)  # until written
-            done.put_nowait(body)  # its window place is given back once the response is written
+                return self._error_body(req, *internal(exc))
 
-        async def reader() -> None:
-            nonlocal pending
-            try:
-                async for req in requests:
-                    await window.acquire()
-                    pending += 1
-                    task = asyncio.get_running_loop().create_task(one(req))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            finally:
-                done.put_nowait(_END)
-
-        read_task = asyncio.create_task(reader())
-        read_task.add_done_callback(_quiet_end)
-        try:
-            ended = False
-            while not (ended and pending == 0):
-                item = await done.get()
-                if item is _END:
-                    ended = True
-                    continue
-                pending -= 1
-                try:
-                    await context.write(item)
-                except Exception as exc:  # noqa: BLE001 - ExecuteBatchError and friends: the call has ended
-                    log.debug("DetectStream ended while writing a response (%s)", type(exc).__name__)
-                    raise asyncio.CancelledError() from None
-                finally:
-                    api.release(item)
-                window.release()
-        finally:
-            read_task.cancel()
-            for task in list(tasks):
-                task.cancel()
-            while not done.empty():  # finished responses nobody will read
-                item = done.get_nowait()
-                if item is not _END:
-                    api.release(item)
-
-
-def _quiet_end(task: asyncio.Task) -> None:
-    """A stream whose client went away ends its read with an error (ExecuteBatchError): nothing to report,
-    and retrieved here so that asyncio does not log it with a traceback at ERROR."""
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("DetectStream read ended with %s", type(task.exception()).__name__)
+        await serve_stream(self.api, requests, answer, context.write, "DetectStream")

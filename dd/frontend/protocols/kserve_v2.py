@@ -34,6 +34,7 @@ from dd.frontend.inputs import MASKS_NONE, MASKS_RLE, DetectionRequest, Outcome
 from dd.frontend.protocols.detector_v1 import MAX_STATUS_CHARS, abort, grpc_code, internal, parser
 from dd.frontend.protocols.kserve_inputs import OUTPUTS, VERSION, InferInputs, check_version, parse_infer
 from dd.frontend.requests import RequestPath
+from dd.frontend.streams import serve_stream
 from dd.logsafe import clip
 from dd.proto.inference import grpc_service_pb2 as pb
 from dd.proto.inference import model_config_pb2 as mc
@@ -334,66 +335,18 @@ class KServeV2:
         await abort(context, grpc_code(status), message)
 
     async def model_stream_infer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
-        """Requests are served concurrently, up to the frontend's stream window; responses go out as they
-        finish. A failed request gets a response with error_message (and its id) and the stream goes on,
-        as Triton's does. When the stream ends early, the requests still in flight are cancelled."""
-        window = asyncio.Semaphore(self.api.cfg.resolved_stream_window())
-        done: asyncio.Queue = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
-        owner = object()  # this stream, for the slot pool's fair share
-        end = object()
-        pending = 0  # requests read whose response has not been written yet
+        """Served concurrently up to the frontend's stream window (dd.frontend.streams). A failed request
+        gets a response with error_message (and its id) and the stream goes on, as Triton's does."""
 
-        async def one(req: Any) -> None:
+        async def answer(req: Any, owner: object) -> bytes:
             try:
-                body = stream_response(await self._infer(req, context.time_remaining(), owner))
+                return stream_response(await self._infer(req, context.time_remaining(), owner))
             except ServeError as exc:
-                body = stream_error(req, exc.message)
+                return stream_error(req, exc.message)
             except Exception as exc:  # noqa: BLE001 - fail this request, not the stream
-                body = stream_error(req, internal(exc)[1])
-            # Held until written: counted like a request in flight (RequestPath.hold), so that clients that
-            # do not read cannot make this frontend hold responses that no limit sees.
-            self.api.hold(body)
-            done.put_nowait(body)
+                return stream_error(req, internal(exc)[1])
 
-        async def reader() -> None:
-            nonlocal pending
-            try:
-                async for req in requests:
-                    await window.acquire()
-                    pending += 1
-                    task = asyncio.get_running_loop().create_task(one(req))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            finally:
-                done.put_nowait(end)
-
-        read_task = asyncio.create_task(reader())
-        read_task.add_done_callback(_quiet_end)
-        try:
-            ended = False
-            while not (ended and pending == 0):
-                item = await done.get()
-                if item is end:
-                    ended = True
-                    continue
-                pending -= 1
-                try:
-                    await context.write(item)
-                except Exception as exc:  # noqa: BLE001 - the call has ended
-                    log.debug("ModelStreamInfer ended while writing (%s)", type(exc).__name__)
-                    raise asyncio.CancelledError() from None
-                finally:
-                    self.api.release(item)
-                window.release()
-        finally:
-            read_task.cancel()
-            for task in list(tasks):
-                task.cancel()
-            while not done.empty():  # finished responses nobody will read
-                item = done.get_nowait()
-                if item is not end:
-                    self.api.release(item)
+        await serve_stream(self.api, requests, answer, context.write, "ModelStreamInfer")
 
 
 def to_request(inputs: InferInputs) -> DetectionRequest:
@@ -430,8 +383,3 @@ async def read_one(requests: AsyncIterator[Any], time_remaining: float | None, u
 def _check_parsed(request: Any) -> None:
     if type(request).__name__ == "CorruptMessage":
         raise ServeError(Status.INVALID_ARGUMENT, request.message)
-
-
-def _quiet_end(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.debug("ModelStreamInfer read ended with %s", type(task.exception()).__name__)
