@@ -167,6 +167,8 @@ class Supervisor:
         self._lock_fd: int | None = None
         self._fatal = ""
         self._zygote: Zygote | None = None
+        self._zygote_started = 0.0
+        self._zygote_waited = False
         self._metrics_dir: Path | None = None  # PROMETHEUS_MULTIPROC_DIR of this run, when metrics are on
         self._metrics_server = None
         self._recorder: metrics.Recorder | None = None
@@ -221,6 +223,8 @@ class Supervisor:
         if child.failure_file is not None:
             child.failure_file.unlink(missing_ok=True)
             child.load_failure = ""
+        if child.failure_file is not None and self._zygote is not None:
+            self._zygote_ready()
         try:
             if child.failure_file is not None and self._zygote is not None and self._zygote.alive():
                 child.proc = self._zygote.spawn(child.argv, child.env, stderr.name if stderr else None)
@@ -251,7 +255,10 @@ class Supervisor:
 
     def _start_zygote(self) -> None:
         """Workers are forked from a process that has imported torch and their engines, so that a worker
-        restarted after a crash skips its imports (about 7 s of a 10 s start on an H200 host)."""
+        restarted after a crash skips its imports (about 7 s of a 10 s start on an H200 host).
+
+        Started before anything else, and not waited for here: its imports are the longest step of a
+        start, and the frontends start meanwhile. The first worker's spawn waits for it (_zygote_ready)."""
         modules = []
         for m in self.models:
             spec = spec_for(m.engine)
@@ -262,6 +269,24 @@ class Supervisor:
         except Exception as exc:  # noqa: BLE001 - workers start the usual way, only slower
             log.warning("cannot start the worker zygote (%s); workers start as new processes", exc)
             self._zygote = None
+            return
+        self._zygote_started = time.monotonic()
+        log.info("started the worker zygote (pid %d), importing %s", self._zygote.proc.pid,
+                 ", ".join(self._zygote.preload))
+
+    def _zygote_ready(self) -> None:
+        """Waits for the zygote's imports (once); without a zygote, workers start as new processes."""
+        if self._zygote is None or self._zygote_waited:
+            return
+        self._zygote_waited = True
+        try:
+            self._zygote.wait_ready()
+        except Exception as exc:  # noqa: BLE001 - workers start the usual way, only slower
+            log.warning("cannot start the worker zygote (%s); workers start as new processes", exc)
+            self._zygote.close()
+            self._zygote = None
+            return
+        log.info("worker zygote ready: imports took %.1f s", time.monotonic() - self._zygote_started)
 
     def run(self) -> int:
         plans = plan_workers(self.models, visible_gpus())  # may refuse DEVICES: before anything is created
@@ -294,10 +319,10 @@ class Supervisor:
             self.children.append(child)
         for i in range(self.cfg.resolved_frontends()):
             self.children.append(self._child(f"frontend-{i}", self._base_argv("frontend"), {}))
-        # Frontends first: they are ready long before the workers, which wait for the zygote's imports.
+        # The zygote first, then the frontends while it imports, then the workers (forked once it is ready).
+        if plans and self.cfg.fork_workers:
+            self._start_zygote()
         for c in sorted(self.children, key=lambda c: c.failure_file is not None):
-            if c.failure_file is not None and self._zygote is None and self.cfg.fork_workers:
-                self._start_zygote()
             self._spawn(c)
         log.info("serving %s on %s:%d with %d worker(s) and %d frontend(s); run directory %s",
                  ", ".join(m.name for m in self.models), self.cfg.host, self.cfg.port, len(plans),

@@ -166,9 +166,13 @@ def _retitle(argv: list[str]) -> None:
 
 # -- the supervisor's side ---------------------------------------------------------------------
 class Zygote:
-    """The supervisor's connection to its zygote: spawn children, learn when they end."""
+    """The supervisor's connection to its zygote: spawn children, learn when they end.
+
+    Creating one starts the process and returns at once: the supervisor starts the frontends while the
+    zygote imports (the longest step of a start). spawn() waits for the imports first (wait_ready)."""
 
     def __init__(self, preload: list[str], env: dict[str, str], start_timeout_s: float = 120.0) -> None:
+        self.preload = preload
         self.proc = subprocess.Popen([sys.executable, "-m", "dd.zygote", "--parent-pid", str(os.getpid()),
                                       *preload], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._exited: dict[int, int] = {}
@@ -177,16 +181,24 @@ class Zygote:
         self._lock = threading.Lock()
         self._buf = b""
         os.set_blocking(self.proc.stdout.fileno(), False)
-        until = time.monotonic() + start_timeout_s
-        while not self._read_until(lambda m: "ready" in m or "fatal" in m, until):
-            if self.proc.poll() is not None or time.monotonic() >= until:
+        self._start_until = time.monotonic() + start_timeout_s
+        self._ready = False
+
+    def wait_ready(self) -> None:
+        """Returns once the zygote has imported its modules; RuntimeError if it did not start."""
+        if self._ready:
+            return
+        while not self._read_until(lambda m: "ready" in m or "fatal" in m, self._start_until):
+            if self.proc.poll() is not None or time.monotonic() >= self._start_until:
                 raise RuntimeError("the worker zygote did not start")
+        self._ready = True
 
     def alive(self) -> bool:
         return self.proc.poll() is None
 
     def spawn(self, argv: list[str], env: dict[str, str], log_path: str | None, timeout_s: float = 30.0
               ) -> "ZygoteProcess":
+        self.wait_ready()
         with self._lock:
             self._next += 1
             ident = self._next

@@ -42,6 +42,10 @@ PING_INTERVAL_S = 0.2
 # means hung or stopped (SIGSTOP, swapping), not busy. Long enough not to fire on a loaded host.
 DEAD_AFTER_S = 2.0
 DISCOVERY_INTERVAL_S = 0.5
+# While a model this frontend serves has no worker socket yet (at start: the workers bind theirs after
+# the zygote's imports), the run directory is listed this often, so that a worker is found within this
+# and not within DISCOVERY_INTERVAL_S of binding. A listing of a small directory: microseconds.
+WAITING_DISCOVERY_INTERVAL_S = 0.02
 
 
 @dataclass
@@ -84,8 +88,10 @@ class WorkerLink:
 
 class Dispatcher:
     def __init__(self, run_dir: Path, max_inflight: Callable[[str], int],
-                 on_change: Callable[[], None] | None = None, recorder: Recorder | None = None) -> None:
+                 on_change: Callable[[], None] | None = None, recorder: Recorder | None = None,
+                 models: tuple[str, ...] = ()) -> None:
         self.run_dir = run_dir
+        self.models = models  # the models this frontend serves: looked for often until each has a worker
         self.recorder = recorder or Recorder()
         self._max_inflight = max_inflight
         self._on_change = on_change or (lambda: None)
@@ -173,8 +179,13 @@ class Dispatcher:
 
     async def _discovery_loop(self) -> None:
         while True:
-            await asyncio.sleep(DISCOVERY_INTERVAL_S)
+            await asyncio.sleep(WAITING_DISCOVERY_INTERVAL_S if self.waiting_for_workers() else DISCOVERY_INTERVAL_S)
             self._discover()
+
+    def waiting_for_workers(self) -> bool:
+        """Whether a model this frontend serves has no worker socket found yet."""
+        found = {link.model for link in self.links.values()}
+        return any(m not in found for m in self.models)
 
     async def _ping_loop(self) -> None:
         while True:

@@ -33,8 +33,13 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+# numpy is imported where a ring is mapped, not here: the supervisor uses only this module's
+# housekeeping (sizes, names, stale segments), and importing numpy would delay every child's start
+# (about 0.15 s on a busy 2-core host; BENCHMARKS.md, "Start-up on the CPU box, session 7").
 
 SHM_DIR = Path("/dev/shm")
 MAGIC = b"DDRING02"
@@ -108,6 +113,8 @@ class ShmRing:
         self.slot_bytes = slot_bytes
         self.creator_pid = pid
         self._data_offset = data_offset
+        import numpy as np
+
         self.generations = np.frombuffer(mm, dtype=np.uint64, count=slots, offset=_HEADER.size)
         self.states = np.frombuffer(mm, dtype=np.uint8, count=slots, offset=_HEADER.size + 8 * slots)
         self._free: deque[int] = deque(range(slots)) if owner else deque()
@@ -169,6 +176,8 @@ class ShmRing:
 
     def in_use_slots(self) -> int:
         """Slots handed out and not yet given back, as the header says (any process may ask)."""
+        import numpy as np
+
         return int(np.count_nonzero(self.states))
 
     def allocate(self) -> tuple[int, int] | None:
@@ -204,6 +213,8 @@ class ShmRing:
 
     def array(self, slot: int, offset: int, shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
         """A view of part of a slot as an array; no copy."""
+        import numpy as np
+
         dtype = np.dtype(dtype)
         if not 0 <= slot < self.slots:
             raise RingError(f"slot {slot} out of range for ring {self.name} ({self.slots} slots)")

@@ -60,6 +60,9 @@ if TYPE_CHECKING:  # the engine modules import torch: only after pinning, inside
 log = logging.getLogger("dd.worker")
 
 _ALLOWED_DTYPES = {"uint8", "uint16", "float32"}
+# One frame on the inproc reply socket (a reply has an identity and more): the inference thread says
+# the worker's state changed (loaded, or failed to load), and the I/O thread tells every frontend.
+_STATE_CHANGED = b"state"
 
 
 @dataclass
@@ -115,6 +118,10 @@ class Worker:
         self.stop = threading.Event()
         self.ctx = zmq.Context()
         self._reply_addr = f"inproc://replies-{id(self)}"
+        # Identities that pinged before the load ended (I/O thread only), told of its outcome at once;
+        # collected until then only, so that frontends coming and going over months do not add up here.
+        self._frontends: set[bytes] = set()
+        self._announced = False
 
     # -- I/O thread --------------------------------------------------------------------
     def run(self) -> int:
@@ -143,11 +150,7 @@ class Worker:
             while not self.stop.is_set():
                 events = dict(poller.poll(200))
                 if replies in events:
-                    while True:
-                        try:
-                            router.send_multipart(replies.recv_multipart(zmq.NOBLOCK), copy=False)
-                        except zmq.Again:
-                            break
+                    self._forward_replies(router, replies)
                 if router in events:
                     self._drain(router)
                 if not parent_alive(self.parent_pid):
@@ -170,11 +173,7 @@ class Worker:
             self.batcher.close()
             infer_thread.join(timeout=self.server.grace_s + 5)
             # Flush the replies the inference thread produced while stopping.
-            while True:
-                try:
-                    router.send_multipart(replies.recv_multipart(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
+            self._forward_replies(router, replies)
             router.close(linger=100)
             replies.close(linger=0)
             self.socket_path.unlink(missing_ok=True)
@@ -184,6 +183,30 @@ class Worker:
             self.ctx.term()
             log.info("worker %s stopped", self.name)
         return 0
+
+    def _forward_replies(self, router: zmq.Socket, replies: zmq.Socket) -> None:
+        """Sends the frontends what the inference thread produced: replies, and state changes."""
+        while True:
+            try:
+                frames = replies.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(frames) == 1:  # _STATE_CHANGED
+                self._announce(router)
+            else:
+                router.send_multipart(frames, copy=False)
+
+    def _announce(self, router: zmq.Socket) -> None:
+        """An unasked pong to every frontend that has pinged: it learns that this worker is ready (or
+        why it is not) now, not at its next ping. Health turns SERVING that much sooner at start."""
+        pong = self._pong(messages.Ping(sent_at=0.0).SerializeToString())
+        for identity in self._frontends:
+            try:
+                router.send_multipart([identity, messages.PONG, pong], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:  # gone, or not reading: its next ping gets the same answer
+                pass
+        self._frontends.clear()
+        self._announced = True
 
     def _pong(self, ping: bytes) -> bytes:
         p = messages.Ping.FromString(ping)
@@ -196,6 +219,8 @@ class Worker:
             return
         identity, kind, payload = frames[0], frames[1], frames[2]
         if kind == messages.PING:
+            if not self._announced:
+                self._frontends.add(identity)
             router.send_multipart([identity, messages.PONG, self._pong(payload)])
             return
         if kind != messages.INFER:
@@ -283,6 +308,7 @@ class Worker:
             log.info("worker %s loaded %s engine in %.1f s", self.name, engine.name, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
             self._load_failed(exc)
+            out.send(_STATE_CHANGED)
             out.close()
             return
         self.engine_name = engine.name  # what runs, after any fallback (the fast engine without a GPU)
@@ -292,6 +318,7 @@ class Worker:
                      self.name)
         core = WorkerCore(self.model, engine, self.name)
         self.ready = True
+        out.send(_STATE_CHANGED)
         while True:
             batch = self.batcher.get_batch(timeout=0.2)
             self._release_retired(engine)
