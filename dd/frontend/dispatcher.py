@@ -76,6 +76,9 @@ class WorkerLink:
     device: str = ""
     gpu_jpeg: bool = False  # its engine decodes JPEGs on a GPU (Pong.gpu_jpeg)
     tasks: list[asyncio.Task] = field(default_factory=list)
+    # Its socket's event monitor; closed by its task, and by close() where the task never ran (closed
+    # right after the link was made), else the context's term() would wait for it for ever.
+    monitor: zmq.asyncio.Socket | None = None
 
     @property
     def name(self) -> str:
@@ -132,6 +135,8 @@ class Dispatcher:
         await asyncio.gather(*self._tasks, *(t for l in self.links.values() for t in l.tasks), return_exceptions=True)
         for link in self.links.values():
             link.sock.close(linger=0)
+            if link.monitor is not None:
+                link.monitor.close(linger=0)
         self.ctx.term()
 
     # -- state queries ---------------------------------------------------------------------
@@ -171,7 +176,7 @@ class Dispatcher:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(endpoints.ipc_address(path))
-        link = WorkerLink(model, index, path, sock, self._max_inflight(model))
+        link = WorkerLink(model, index, path, sock, self._max_inflight(model), monitor=monitor)
         link.tasks.append(asyncio.create_task(self._recv_loop(link), name=f"recv-{link.name}"))
         link.tasks.append(asyncio.create_task(self._monitor_loop(link, monitor), name=f"monitor-{link.name}"))
         self.links[path] = link
@@ -179,13 +184,15 @@ class Dispatcher:
 
     async def _discovery_loop(self) -> None:
         while True:
-            await asyncio.sleep(WAITING_DISCOVERY_INTERVAL_S if self.waiting_for_workers() else DISCOVERY_INTERVAL_S)
+            await asyncio.sleep(self.next_discovery_s())
             self._discover()
 
-    def waiting_for_workers(self) -> bool:
-        """Whether a model this frontend serves has no worker socket found yet."""
+    def next_discovery_s(self) -> float:
+        """How long until the run directory is listed again: briefly while a model this frontend serves
+        has no worker socket yet, DISCOVERY_INTERVAL_S once each has one."""
         found = {link.model for link in self.links.values()}
-        return any(m not in found for m in self.models)
+        waiting = any(m not in found for m in self.models)
+        return WAITING_DISCOVERY_INTERVAL_S if waiting else DISCOVERY_INTERVAL_S
 
     async def _ping_loop(self) -> None:
         while True:

@@ -76,3 +76,23 @@ def test_zygote_stops_when_the_supervisor_side_closes(tmp_path: Path) -> None:
     pid = z.proc.pid
     z.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_starting_a_zygote_does_not_wait_for_its_imports(tmp_path: Path) -> None:
+    """The supervisor starts the frontends while the zygote imports (issue #18, start-up): creating the
+    handle returns with the import still held open; the first spawn waits for it, then forks."""
+    from tests.faults import wait_for
+
+    gate = tmp_path / "gate"
+    z = Zygote(["tests.zygote_gate"], dict(os.environ, PYTHONPATH=str(REPO), DD_TEST_ZYGOTE_GATE=str(gate)),
+               start_timeout_s=120)
+    try:
+        wait_for(lambda: (tmp_path / "gate.importing").exists(), 60, "the zygote's import to begin")
+        assert z.alive() and not gate.exists()  # here while the import still waits
+        gate.touch()
+        proc = z.spawn(child_argv(tmp_path / "r.json"), dict(os.environ, PYTHONPATH=str(REPO)), None)
+        assert read_report(tmp_path / "r.json")["ppid"] == z.proc.pid
+        proc.kill()
+        proc.wait(30)
+    finally:
+        z.close()
