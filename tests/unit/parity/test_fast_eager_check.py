@@ -120,3 +120,28 @@ def test_markdown_states_threshold_and_verdict() -> None:
             "score_threshold": 0.5}
     md = fec.markdown(s, meta)
     assert "0.5 (the model's SCORE_THRESH_TEST" in md and "**PASS**" in md and "1 / 1 = 100.00%" in md
+
+
+def _bench_engine():
+    spec = importlib.util.spec_from_file_location(
+        "bench_engine", Path(__file__).resolve().parents[3] / "scripts" / "bench_engine.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # its "from fast_eager_check import" finds the module registered above
+    return mod
+
+
+def test_bench_engine_compare_counts_what_only_the_fast_engine_returns() -> None:
+    """bench_engine.py --check's per-image compare: a fast-only instance, and a fast answer on an image where
+    eager found nothing, used to leave matched_frac at 1.0 and 'matched 0' unremarked."""
+    compare = _bench_engine().compare
+    c = compare(dets([A, B], [0.9, 0.8]), dets([A, B, C], [0.9, 0.8, 0.7]), H, W)
+    assert (c["matched"], c["fast_only"], c["ref_only"]) == (2, 1, 0)
+    assert c["matched_frac"] == pytest.approx(2 / 3)
+    c = compare(dets([], []), dets([C], [0.9]), H, W)
+    assert (c["matched"], c["fast_only"], c["matched_frac"]) == (0, 1, 0.0)
+
+
+def test_bench_engine_compare_applies_the_mask_bound() -> None:
+    half = [A[0], A[1], A[2], A[3] - 10]
+    c = _bench_engine().compare(dets([A], [0.9]), dets([A], [0.9], masks=[half]), H, W)
+    assert c["matched"] == 0 and c["min_mask_iou"] == pytest.approx(0.5)
