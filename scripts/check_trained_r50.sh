@@ -56,7 +56,7 @@ fi
 # shellcheck disable=SC2086  # TRAIN_ARGS / CHECK_ARGS are word lists on purpose
 "$PYTHON" scripts/train_demo.py --arch r50 --kind rgbd --out "$OUT/model" --device "$DEVICE" \
     --minutes "$MINUTES" --batch "$BATCH" --width "$WIDTH" --height "$HEIGHT" --min-size "$MIN_SIZE" --max-size 1333 \
-    --workers "$WORKERS" --bn-scenes 64 --val-count 32 --log-every 20 "${AMP[@]}" ${TRAIN_ARGS:-} 2>&1 \
+    --workers "$WORKERS" --bn-scenes 64 --val-count 32 --log-every 20 ${AMP[@]+"${AMP[@]}"} ${TRAIN_ARGS:-} 2>&1 \
     | tee -a "$OUT/train.log"
 
 set +e
