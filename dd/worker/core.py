@@ -71,6 +71,17 @@ class Outcome:
     timings: Timings = field(default_factory=Timings)
 
 
+@dataclass
+class InferredBatch:
+    """A batch between its engine call and its encoding: per item either its final Outcome already
+    (refused, or the engine failed on it) or its Detections and Timings."""
+
+    items: list[WorkItem]
+    done: list[Outcome | None]
+    detections: dict[int, "Detections"]
+    timings: dict[int, Timings]
+
+
 class WorkerCore:
     """Runs batches through a loaded engine and encodes each answer in its request's protocol."""
 
@@ -82,30 +93,50 @@ class WorkerCore:
 
     def run(self, items: list[WorkItem], started: float | None = None) -> list[Outcome]:
         """One Outcome per item, in order. started: time.time() when the batch left the queue."""
+        return self.encode_batch(self.infer_batch(items, started))
+
+    def infer_batch(self, items: list[WorkItem], started: float | None = None) -> "InferredBatch":
+        """The batch's engine half: decode what the engine does not, run the engine. The encoding half
+        reads no input pixels (only their size), so it may run while the next batch is in the engine
+        (dd/worker/pipeline.py)."""
         started = time.time() if started is None else started
+        done: list[Outcome | None] = [None] * len(items)
         if not items:
-            return []
+            return InferredBatch(items, done, {}, {})
         refused, decode_us = self._decode_for_engine(items)
+        for k, outcome in refused.items():
+            done[k] = outcome
         runnable = [i for i, item in enumerate(items) if i not in refused]
         t_inf = time.perf_counter()
         results = dict(zip(runnable, self.infer([items[i] for i in runnable]))) if runnable else {}
         inference_us = int((time.perf_counter() - t_inf) * 1e6)
         if runnable:
             self.recorder.record_batch(self.model.name, len(runnable))
-        out: list[Outcome] = []
-        for k, item in enumerate(items):
-            if k in refused:
-                out.append(refused[k])
-                continue
-            det = results[k]
+        detections: dict[int, "Detections"] = {}
+        timings: dict[int, Timings] = {}
+        for k, det in results.items():
             if isinstance(det, Outcome):
-                out.append(det)
+                done[k] = det
                 continue
-            timings = Timings(queue_us=max(0, int((started - item.dispatched_at) * 1e6)) if item.dispatched_at
-                              else 0, decode_us=item.decode_us + decode_us.get(k, 0), inference_us=inference_us,
-                              batch_size=len(runnable))
+            item = items[k]
+            detections[k] = det
+            timings[k] = Timings(queue_us=max(0, int((started - item.dispatched_at) * 1e6)) if item.dispatched_at
+                                 else 0, decode_us=item.decode_us + decode_us.get(k, 0), inference_us=inference_us,
+                                 batch_size=len(runnable))
+        return InferredBatch(items, done, detections, timings)
+
+    def encode_batch(self, batch: "InferredBatch") -> list[Outcome]:
+        """The batch's host half: one encoded response per answered item (a failure to encode one
+        fails only that one), the engine's refusals as they were. Touches no device."""
+        out: list[Outcome] = []
+        for k, item in enumerate(batch.items):
+            ready = batch.done[k]
+            if ready is not None:
+                out.append(ready)
+                continue
+            timings = batch.timings[k]
             try:
-                body = self.encode(item, det, timings)
+                body = self.encode(item, batch.detections[k], timings)
             except RequestError as exc:  # e.g. an output region too small: this request's own fault
                 out.append(Outcome(exc.code, exc.message))
                 continue

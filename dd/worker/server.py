@@ -3,12 +3,13 @@
 This is the server around the worker's core (dd/worker/core.py: batch -> engine ->
 encoder, no sockets): sockets, pings, the frontends' shared-memory rings.
 
-Two threads. The I/O thread owns the ROUTER socket: it answers pings at once
+Three threads. The I/O thread owns the ROUTER socket: it answers pings at once
 (so a busy GPU never looks like a dead worker), checks each request (deadline,
 slot generation, array bounds) and queues it. The inference thread takes
-batches, runs the engine on views into the frontends' shared-memory rings,
-encodes and serializes the responses, and hands them back to the I/O thread
-over an inproc socket (ZeroMQ sockets are not shared between threads).
+batches and runs the engine on views into the frontends' shared-memory rings;
+the encoding thread (dd/worker/pipeline.py) encodes and serializes each batch's
+responses while the next batch is in the engine. Both hand their replies to the
+I/O thread over inproc sockets (ZeroMQ sockets are not shared between threads).
 
 The engine module, and with it torch, is imported only after
 CUDA_VISIBLE_DEVICES has been set, so each worker sees exactly its own GPU.
@@ -50,9 +51,10 @@ from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import RingError, ShmRing
 from dd.procutil import die_with_parent, parent_alive
 from dd.worker.batcher import Batcher
-from dd.worker.core import WorkerCore, WorkItem
+from dd.worker.core import Outcome, WorkerCore, WorkItem
 from dd.worker.engines.base import EncodedImage
 from dd.worker.output_regions import OutputRegions
+from dd.worker.pipeline import BatchPipeline
 
 if TYPE_CHECKING:  # the engine modules import torch: only after pinning, inside the inference thread
     from dd.worker.engines.base import Engine
@@ -291,21 +293,39 @@ class Worker:
             log.info("worker %s decodes JPEGs on its GPU: frontends with jpeg_decode auto send them compressed",
                      self.name)
         core = WorkerCore(self.model, engine, self.name)
+        # The encoding thread's own socket (ZeroMQ sockets are not shared between threads): made
+        # here, used only there from the pipeline's start to its close.
+        encoded = self.ctx.socket(zmq.PUSH)
+        encoded.setsockopt(zmq.LINGER, 1000)
+        encoded.connect(self._reply_addr)
+
+        def failed(live: list[Job], exc: BaseException) -> None:
+            for job in live:
+                _send(encoded, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
+
+        pipeline: BatchPipeline[list[Job]] = BatchPipeline(
+            core, lambda outcomes, live: _send_outcomes(encoded, live, outcomes), failed, depth=1, name=self.name)
         self.ready = True
-        while True:
-            batch = self.batcher.get_batch(timeout=0.2)
-            self._release_retired(engine)
-            if not batch:
-                if self.stop.is_set():
-                    break
-                continue
-            try:
-                self._run_batch(core, batch, out)
-            except Exception:  # noqa: BLE001 - never let one batch end the loop
-                log.exception("worker %s: unexpected error serving a batch of %d", self.name, len(batch))
-                for job in batch:
-                    _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
-            del batch
+        try:
+            while pipeline.alive:
+                batch = self.batcher.get_batch(timeout=0.2)
+                self._release_retired(engine)
+                if not batch:
+                    if self.stop.is_set():
+                        break
+                    continue
+                try:
+                    self._run_batch(pipeline, batch, out)
+                except Exception:  # noqa: BLE001 - never let one batch end the loop
+                    log.exception("worker %s: unexpected error serving a batch of %d", self.name, len(batch))
+                    for job in batch:
+                        _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
+                del batch
+            else:
+                log.error("worker %s: the encoding thread died", self.name)
+        finally:
+            pipeline.close()  # what was inferred is still encoded and answered
+            encoded.close()
         engine.close()
         self._release_retired(None)
         out.close()
@@ -333,7 +353,9 @@ class Worker:
         except OSError as err:
             log.warning("cannot write %s: %s", self.failure_file, err)
 
-    def _run_batch(self, core: WorkerCore, batch: list[Job], out: zmq.Socket) -> None:
+    def _run_batch(self, pipeline: "BatchPipeline[list[Job]]", batch: list[Job], out: zmq.Socket) -> None:
+        """Sends what is already decided (expired, abandoned) and submits the rest: their engine
+        call now, their answers from the encoding thread."""
         started = time.time()
         live: list[Job] = []
         for job in batch:
@@ -344,20 +366,23 @@ class Worker:
             elif job.ring.generation(job.req.slot) == job.req.generation:
                 live.append(job)
             # else: the frontend gave up on it (cancelled, retried elsewhere); nobody waits for it
-        if not live:
-            return
-        outcomes = core.run([_work_item(job) for job in live], started)
-        for job, outcome in zip(live, outcomes):
-            if outcome.code != "OK":
-                _send(out, job, outcome.code, outcome.message)
-                continue
-            if job.ring.generation(job.req.slot) != job.req.generation:
-                continue  # the frontend gave up on it meanwhile (and may have reused the slot)
-            t = outcome.timings
-            reply = messages.InferReply(id=job.req.id, code="OK", queue_us=t.queue_us, decode_us=t.decode_us,
-                                        inference_us=t.inference_us, encode_us=t.encode_us,
-                                        batch_size=t.batch_size)
-            out.send_multipart([job.identity, messages.REPLY, reply.SerializeToString(), outcome.body], copy=False)
+        if live:
+            pipeline.submit([_work_item(job) for job in live], live, started)
+
+
+def _send_outcomes(out: zmq.Socket, live: list[Job], outcomes: list[Outcome]) -> None:
+    """One reply per job: its error, or the reply envelope and the encoded body (sent without a copy)."""
+    for job, outcome in zip(live, outcomes):
+        if outcome.code != "OK":
+            _send(out, job, outcome.code, outcome.message)
+            continue
+        if job.ring.generation(job.req.slot) != job.req.generation:
+            continue  # the frontend gave up on it meanwhile (and may have reused the slot)
+        t = outcome.timings
+        reply = messages.InferReply(id=job.req.id, code="OK", queue_us=t.queue_us, decode_us=t.decode_us,
+                                    inference_us=t.inference_us, encode_us=t.encode_us,
+                                    batch_size=t.batch_size)
+        out.send_multipart([job.identity, messages.REPLY, reply.SerializeToString(), outcome.body], copy=False)
 
 
 def _work_item(job: Job) -> WorkItem:
