@@ -86,6 +86,9 @@ def run_engine_and_in_process(folder: Path, device: str, requests: dict[str, lis
     from dd.worker.core import WorkerCore, WorkItem
     from dd.worker.engines import load_engine
 
+    from dd.procutil import return_large_allocations
+
+    return_large_allocations()  # as a worker process does (its responses are ~1 MB)
     cfg = load_model_config(folder)
     engine = load_engine(cfg, device)
     core = WorkerCore(cfg, engine, "in-process")  # what a worker runs: engine, then the detector_v1 encoder

@@ -75,8 +75,14 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--switch-intervals", type=float, nargs="+", default=[0.005, 0.001, 0.0002],
                     help="sys.setswitchinterval values (s) for the pipelined runs (0.005 is Python's default)")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="keep glibc's allocator thresholds (a worker sets dd.procutil.return_large_allocations)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    if not args.glibc_defaults:
+        from dd.procutil import return_large_allocations
+
+        return_large_allocations()  # as a worker process does first
     args.out.mkdir(parents=True, exist_ok=True)
 
     import torch
@@ -96,6 +102,7 @@ def main() -> None:
     core = WorkerCore(cfg, engine, "profile")
     frames = shared_frames(max(args.batches), args.height, args.width)
     result: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "engine": engine.name,
+                    "glibc_defaults": args.glibc_defaults,
                     "arch": args.arch, "size": [args.height, args.width], "detections": args.detections,
                     "batches": {}}
 
