@@ -1,98 +1,89 @@
-"""Two stages per worker: the next batch's engine call overlaps this batch's response encoding.
+"""A worker's batches, overlapped: this batch's responses are encoded while the next one is on the device.
 
-A batch costs the GPU's time (the network, the masks' paste and RLE) and then the host's (one
-protobuf response per image: for 100 instances with masks about 0.5-1 ms each in Python). Run one
-after the other in one thread, a batch of 8 took the sum, and the GPU sat idle while the host
-encoded. Here the thread that calls the engine hands each inferred batch to an encoding thread and
-goes on with the next batch; while it waits for the GPU it holds no GIL, so the encoding runs then.
-At saturation a batch costs the larger of the two instead of their sum. At concurrency 1 nothing
-overlaps and the hand-over costs one thread wake-up.
+A batch costs the device's time (the network, the masks' paste and RLE) and the host's (one protobuf
+response per image: for 100 instances with masks about half a millisecond each). One after the other,
+a batch took their sum and the GPU sat idle while the host encoded. Here, in the one thread that
+calls the engine:
 
-The queue between the stages holds at most `depth` batches, so a slow encoder holds the engine
-back (and with it the batcher, and the frontends' credits) rather than piling up answers.
+    finish batch k (wait for the device, read its answers) -> start batch k+1 (Engine.start queues
+    its device work and returns) -> encode batch k's responses and hand them on -> finish k+1 ...
 
-The encoding thread must not die silently: every batch it takes ends in `on_done` (the outcomes)
-or `on_failed` (the exception), and `alive` says whether it still runs, so the worker can exit for
-a restart (as it does when its inference thread dies).
+so at saturation a batch costs the larger of the two, not their sum. The order is software
+pipelining, not a second thread: a thread that encodes beside the engine's thread fought it for
+the GIL (every torch call releases and retakes it, and waited for the encoder's switch interval
+each time); measured on an H200, the two-thread version served fewer images than no overlap at all.
+
+When no next batch is waiting (low load), the worker calls flush() and the batch is finished and
+encoded at once: the overlap never delays an answer for a batch that is not there.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from typing import Any, Callable, Generic, TypeVar
+from typing import Callable, Generic, TypeVar
 
-from dd.worker.core import InferredBatch, Outcome, WorkerCore, WorkItem
+from dd.worker.core import InferredBatch, Outcome, StartedBatch, WorkerCore, WorkItem
 
 log = logging.getLogger("dd.worker")
 
 T = TypeVar("T")
-_STOP = object()
 
 
 class BatchPipeline(Generic[T]):
-    """submit() runs a batch's engine half on the caller's thread and queues its encoding;
-    on_done(outcomes, tag) / on_failed(tag, exc) are called on the encoding thread, in submission order."""
+    """push() starts a batch and answers the one before it; flush() answers the one in flight.
+    on_done(outcomes, tag) gets each batch's outcomes in push order; on_failed(tag, exc) a batch that
+    could not be answered (a bug or a broken socket: per-image errors are outcomes). between() runs
+    while no batch is on the device (e.g. unpinning the memory of a frontend that has gone)."""
 
     def __init__(self, core: WorkerCore, on_done: Callable[[list[Outcome], T], None],
-                 on_failed: Callable[[T, BaseException], None] | None = None, depth: int = 1,
-                 name: str = "") -> None:
+                 on_failed: Callable[[T, BaseException], None] | None = None,
+                 between: Callable[[], None] | None = None) -> None:
         self.core = core
         self.on_done = on_done
         self.on_failed = on_failed or (lambda tag, exc: None)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
-        self._thread = threading.Thread(target=self._encode_loop, name=f"encode-{name}" if name else "encode",
-                                        daemon=True)
-        self._thread.start()
+        self.between = between or (lambda: None)
+        self._inflight: tuple[StartedBatch, T] | None = None
 
     @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+    def busy(self) -> bool:
+        """A batch has been started and not yet answered."""
+        return self._inflight is not None
 
-    def submit(self, items: list[WorkItem], tag: T, started: float | None = None) -> None:
-        """The engine half now, the encoding on the other thread. Blocks while `depth` batches wait
-        for encoding. An error in the engine half is raised here (the caller answers for the batch)."""
-        inferred = self.core.infer_batch(items, started)
-        self._queue.put((inferred, tag))
-
-    def drain(self) -> None:
-        """Returns once every batch submitted so far has been encoded and handed to on_done/on_failed."""
-        self._queue.join()
-
-    def close(self) -> None:
-        """Encodes what is queued, then stops the encoding thread."""
-        if self._thread.is_alive():
-            self._queue.put(_STOP)
-            self._thread.join()
-
-    def __enter__(self) -> "BatchPipeline[T]":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _encode_loop(self) -> None:
-        while True:
-            entry = self._queue.get()
-            try:
-                if entry is _STOP:
-                    return
-                inferred, tag = entry
-                self._finish(inferred, tag)
-            finally:
-                self._queue.task_done()
-
-    def _finish(self, inferred: InferredBatch, tag: T) -> None:
+    def push(self, items: list[WorkItem], tag: T, started: float | None = None) -> None:
+        """Finishes the batch in flight, starts this one, then encodes and answers the finished one."""
+        finished = self._finish()
         try:
-            outcomes = self.core.encode_batch(inferred)
-        except Exception as exc:  # noqa: BLE001 - encode_batch answers per item; this is a bug, not an input
-            log.exception("worker %s: cannot encode a batch of %d", self.core.name, len(inferred.items))
-            self.on_failed(tag, exc)
+            self._inflight = (self.core.start_batch(items, started), tag)
+        finally:  # a failure to start still answers the batch before it
+            if finished is not None:
+                self._answer(*finished)
+
+    def flush(self) -> None:
+        """Finishes and answers the batch in flight, if any."""
+        finished = self._finish()
+        if finished is not None:
+            self._answer(*finished)
+
+    def _finish(self) -> tuple[InferredBatch | BaseException, T] | None:
+        if self._inflight is None:
+            return None
+        started, tag = self._inflight
+        self._inflight = None
+        try:
+            inferred: InferredBatch | BaseException = self.core.finish_batch(started)
+        except Exception as exc:  # noqa: BLE001 - finish_batch answers engine errors per item; this is a bug
+            log.exception("worker %s: cannot finish a batch of %d", self.core.name, len(started.items))
+            inferred = exc
+        self.between()
+        return inferred, tag
+
+    def _answer(self, inferred: InferredBatch | BaseException, tag: T) -> None:
+        if isinstance(inferred, BaseException):
+            self.on_failed(tag, inferred)
             return
         try:
+            outcomes = self.core.encode_batch(inferred)
             self.on_done(outcomes, tag)
         except Exception as exc:  # noqa: BLE001 - e.g. a socket error: those waiting must still hear
-            log.exception("worker %s: cannot send the answers to a batch of %d", self.core.name,
-                          len(inferred.items))
+            log.exception("worker %s: cannot answer a batch of %d", self.core.name, len(inferred.items))
             self.on_failed(tag, exc)

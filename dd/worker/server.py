@@ -3,13 +3,13 @@
 This is the server around the worker's core (dd/worker/core.py: batch -> engine ->
 encoder, no sockets): sockets, pings, the frontends' shared-memory rings.
 
-Three threads. The I/O thread owns the ROUTER socket: it answers pings at once
+Two threads. The I/O thread owns the ROUTER socket: it answers pings at once
 (so a busy GPU never looks like a dead worker), checks each request (deadline,
 slot generation, array bounds) and queues it. The inference thread takes
-batches and runs the engine on views into the frontends' shared-memory rings;
-the encoding thread (dd/worker/pipeline.py) encodes and serializes each batch's
-responses while the next batch is in the engine. Both hand their replies to the
-I/O thread over inproc sockets (ZeroMQ sockets are not shared between threads).
+batches, runs the engine on views into the frontends' shared-memory rings,
+encodes and serializes the responses (each batch's while the next one is on
+the device: dd/worker/pipeline.py), and hands them back to the I/O thread
+over an inproc socket (ZeroMQ sockets are not shared between threads).
 
 The engine module, and with it torch, is imported only after
 CUDA_VISIBLE_DEVICES has been set, so each worker sees exactly its own GPU.
@@ -296,39 +296,35 @@ class Worker:
             log.info("worker %s decodes JPEGs on its GPU: frontends with jpeg_decode auto send them compressed",
                      self.name)
         core = WorkerCore(self.model, engine, self.name)
-        # The encoding thread's own socket (ZeroMQ sockets are not shared between threads): made
-        # here, used only there from the pipeline's start to its close.
-        encoded = self.ctx.socket(zmq.PUSH)
-        encoded.setsockopt(zmq.LINGER, 1000)
-        encoded.connect(self._reply_addr)
 
         def failed(live: list[Job], exc: BaseException) -> None:
             for job in live:
-                _send(encoded, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
+                _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
 
+        # A rings' page-lock goes only while no batch is on the device (it may be reading from it).
         pipeline: BatchPipeline[list[Job]] = BatchPipeline(
-            core, lambda outcomes, live: _send_outcomes(encoded, live, outcomes), failed, depth=1, name=self.name)
+            core, lambda outcomes, live: _send_outcomes(out, live, outcomes), failed,
+            between=lambda: self._release_retired(engine))
         self.ready = True
-        try:
-            while pipeline.alive:
-                batch = self.batcher.get_batch(timeout=0.2)
-                self._release_retired(engine)
-                if not batch:
-                    if self.stop.is_set():
-                        break
+        while True:
+            # With a batch on the device, take the next one only if it is there already; else answer.
+            batch = self.batcher.get_batch(timeout=0.0 if pipeline.busy else 0.2)
+            if not batch:
+                if pipeline.busy:
+                    pipeline.flush()
                     continue
-                try:
-                    self._run_batch(pipeline, batch, out)
-                except Exception:  # noqa: BLE001 - never let one batch end the loop
-                    log.exception("worker %s: unexpected error serving a batch of %d", self.name, len(batch))
-                    for job in batch:
-                        _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
-                del batch
-            else:
-                log.error("worker %s: the encoding thread died", self.name)
-        finally:
-            pipeline.close()  # what was inferred is still encoded and answered
-            encoded.close()
+                self._release_retired(engine)
+                if self.stop.is_set():
+                    break
+                continue
+            try:
+                self._run_batch(pipeline, batch, out)
+            except Exception:  # noqa: BLE001 - never let one batch end the loop
+                log.exception("worker %s: unexpected error serving a batch of %d", self.name, len(batch))
+                for job in batch:
+                    _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
+            del batch
+        pipeline.flush()
         engine.close()
         self._release_retired(None)
         out.close()
@@ -357,8 +353,8 @@ class Worker:
             log.warning("cannot write %s: %s", self.failure_file, err)
 
     def _run_batch(self, pipeline: "BatchPipeline[list[Job]]", batch: list[Job], out: zmq.Socket) -> None:
-        """Sends what is already decided (expired, abandoned) and submits the rest: their engine
-        call now, their answers from the encoding thread."""
+        """Sends what is already decided (expired, abandoned) and pushes the rest into the pipeline:
+        their engine call starts now, they are answered after the next batch has started (or flushed)."""
         started = time.time()
         live: list[Job] = []
         for job in batch:
@@ -370,7 +366,7 @@ class Worker:
                 live.append(job)
             # else: the frontend gave up on it (cancelled, retried elsewhere); nobody waits for it
         if live:
-            pipeline.submit([_work_item(job) for job in live], live, started)
+            pipeline.push([_work_item(job) for job in live], live, started)
 
 
 def _send_outcomes(out: zmq.Socket, live: list[Job], outcomes: list[Outcome]) -> None:

@@ -117,6 +117,8 @@ def test_bench_serve_writes_table_json_and_pictures(tmp_path: Path) -> None:
     kinds = res["kinds"]
     assert kinds[:2] == ["jpeg+png", "raw"]
     assert set(res["engine"]) == {"batch1", "batch2"} and res["engine_best"] in res["engine"]
+    assert set(res["core"]) == set(res["pipelined"]) == {"batch1", "batch2"}
+    assert all(r["images_per_s"] > 0 for what in ("engine", "core", "pipelined") for r in res[what].values())
     assert set(res["in_process"]) == set(kinds)
     for f in ("1", "2"):
         per = res["served"][f]
@@ -132,7 +134,7 @@ def test_bench_serve_writes_table_json_and_pictures(tmp_path: Path) -> None:
     md = (out / "serve.md").read_text()
     assert md.count("| served (deep-detection serve) | jpeg+png |") == 4
     assert md.count("| baseline (single-process gRPC server) |") == 2 * len(kinds)
-    assert "(best)" in md
+    assert "(best)" in md and md.count("| worker core, pipelined (as a worker serves), batch") == 2
     assert (out / "serve_frontends1.log").exists() and (out / "baseline.log").exists()
     if _has_matplotlib():
         assert (out / "serve_throughput.png").stat().st_size > 0 and (out / "serve_latency.png").stat().st_size > 0
