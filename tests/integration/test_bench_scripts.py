@@ -174,3 +174,13 @@ def test_bench_mixed_sizes_reports_each_size(tmp_path: Path) -> None:
     assert "| 160x120 |" in (out / "mixed.md").read_text()
     if _has_matplotlib():
         assert (out / "mixed.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_client_shm_measures_three_ways_in(tmp_path: Path) -> None:
+    out = tmp_path / "shm.json"
+    _run(["scripts/bench_client_shm.py", "--requests", "3", "--height", "96", "--width", "128", "--json", str(out)],
+         timeout=200)
+    res = json.loads(out.read_text())
+    assert set(res) == {"in the message", "in shared memory", "inputs and outputs in shared memory"}
+    assert all(r["p50_ms"] > 0 and r["client_cpu_ms"] > 0 for r in res.values())
