@@ -78,6 +78,15 @@ def gpu_count() -> int:
 
 
 # -- engine and in-process ---------------------------------------------------------------------------
+def page_locked(arr: np.ndarray) -> np.ndarray:
+    """A copy of arr in page-locked memory (torch's pinned allocator)."""
+    import torch
+
+    out = torch.empty(arr.shape, dtype=torch.from_numpy(arr[:0]).dtype, pin_memory=True)
+    out.numpy()[...] = arr
+    return out.numpy()
+
+
 def run_engine_and_in_process(folder: Path, device: str, requests: dict[str, list[bytes]], batches: list[int],
                               seconds: float) -> dict:
     """On decoded frames at each batch: the engine alone, the worker core serially and pipelined; then
@@ -96,6 +105,8 @@ def run_engine_and_in_process(folder: Path, device: str, requests: dict[str, lis
     parsed = {kind: [pb.DetectRequest.FromString(r) for r in reqs] for kind, reqs in requests.items()}
     first = next(iter(parsed.values()))
     decoded = [decode_request(r) for r in first]
+    if device.startswith("cuda"):  # as a worker's inputs, which lie in a ring page-locked for DMA copies
+        decoded = [tuple(page_locked(a) for a in d) for d in decoded]
     sizes: list[int] = []
 
     def run(items: list) -> None:
