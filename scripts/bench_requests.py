@@ -310,6 +310,10 @@ PHASES = {  # what a log line says about start-up -> a name for its numbers
     "restart": re.compile(r"(\S+) \(pid (\d+)\) exited with (.+?) after ([\d.]+) s; restarting in ([\d.]+) s"),
     "started": re.compile(r"started (\S+) \(pid (\d+)[,)]"),
     "serving": re.compile(r"serving (.+?) on (\S+) with (\d+) worker\(s\) and (\d+) frontend\(s\)"),
+    "zygote_started": re.compile(r"started the worker zygote \(pid (\d+)\)"),
+    "zygote_ready": re.compile(r"worker zygote ready: imports took ([\d.]+) s"),
+    "worker_listening": re.compile(r"worker (\S+) listening on "),
+    "ready_at_frontend": re.compile(r"^worker (\S+) ready$"),  # a frontend heard it (health follows)
 }
 
 

@@ -82,8 +82,12 @@ def phases(events: list[dict]) -> dict:
         elif e["kind"] == "restart":
             out.setdefault("restarts", []).append({"child": g[0], "exit": g[2], "ran_s": float(g[3]),
                                                    "delay_s": float(g[4]), "at_s": e["at_s"]})
-        elif e["kind"] in ("started", "serving"):
+        elif e["kind"] in ("started", "serving", "worker_listening", "ready_at_frontend"):
             out.setdefault(e["kind"], []).append({"what": g[0], "at_s": e["at_s"]})
+        elif e["kind"] == "zygote_started":
+            out.setdefault("zygote", {})["started_at_s"] = e["at_s"]
+        elif e["kind"] == "zygote_ready":
+            out.setdefault("zygote", {}).update(imports_s=float(g[0]), ready_at_s=e["at_s"])
     return out
 
 

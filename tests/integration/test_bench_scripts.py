@@ -43,12 +43,17 @@ def _stamp(wall: float) -> str:
 def test_log_events_parse_start_up_phases_captures_and_restarts() -> None:
     t0 = 1_800_000_000.0
     log = "\n".join([
+        f"{_stamp(t0 + 0.1)} INFO [supervisor] started the worker zygote (pid 40), importing dd.worker.server",
+        f"{_stamp(t0 + 0.15)} INFO [supervisor] started frontend-0 (pid 39)",
+        f"{_stamp(t0 + 0.19)} INFO [supervisor] worker zygote ready: imports took 0.1 s",
         f"{_stamp(t0 + 0.2)} INFO [supervisor] started worker-bench.0 (pid 41, forked with its imports done)",
+        f"{_stamp(t0 + 0.3)} INFO [worker-bench.0] worker bench.0 listening on /tmp/r/w-bench.0.sock (device cpu)",
         f"{_stamp(t0 + 9.5)} INFO [worker-bench.0] fast engine loaded in 9.1 s: weights and model 1.2 s, fusing and "
         "kernels 3.4 s, warm-up and graph captures 4.5 s",
         f"{_stamp(t0 + 9.0)} INFO [worker-bench.0] captured the network for 8 image(s) of 1333x750 + torch.uint16 "
         "depth in 0.3 s (warm-up runs 0.1 s)",
         f"{_stamp(t0 + 9.6)} INFO [worker-bench.0] worker bench.0 loaded fast engine in 9.4 s",
+        f"{_stamp(t0 + 9.61)} INFO [frontend-0] worker bench.0 ready",
         f"{_stamp(t0 + 20.0)} INFO [worker-bench.0] captured the network for 1 image(s) of 1067x800 + torch.uint16 "
         "depth in the background in 0.4 s; its requests were served op by op meanwhile",
         f"{_stamp(t0 + 21.0)} WARNING [worker-bench.0] captured the network for 1 image(s) of 1333x750 in 6.1 s "
@@ -59,12 +64,16 @@ def test_log_events_parse_start_up_phases_captures_and_restarts() -> None:
         f"{_stamp(t0 + 31.0)} INFO [frontend-0] nothing to see",
     ])
     events = bench_requests.log_events(log, t0)
-    assert [e["kind"] for e in events] == ["started", "engine_load", "capture_at_load", "worker_loaded",
+    assert [e["kind"] for e in events] == ["zygote_started", "started", "zygote_ready", "started", "worker_listening",
+                                           "engine_load", "capture_at_load", "worker_loaded", "ready_at_frontend",
                                            "capture_while_serving", "capture_while_serving", "restart",
                                            "capture_while_serving"]
-    assert events[4]["at_s"] == pytest.approx(20.0, abs=0.01)
-    assert events[7]["at_s"] is None
+    assert events[9]["at_s"] == pytest.approx(20.0, abs=0.01)
+    assert events[12]["at_s"] is None
     ph = bench_startup.phases(events)
+    assert ph["zygote"] == {"started_at_s": 0.1, "imports_s": 0.1, "ready_at_s": 0.19}
+    assert [s["what"] for s in ph["started"]] == ["frontend-0", "worker-bench.0"]
+    assert ph["worker_listening"][0]["at_s"] == 0.3 and ph["ready_at_frontend"][0]["at_s"] == 9.61
     assert ph["engine_load"][0]["warmup_and_captures_s"] == 4.5
     assert ph["worker_loaded"][0]["load_s"] == 9.4
     assert ph["captures_at_load"][0]["s"] == 0.3
