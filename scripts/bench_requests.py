@@ -313,6 +313,7 @@ PHASES = {  # what a log line says about start-up -> a name for its numbers
     "zygote_started": re.compile(r"started the worker zygote \(pid (\d+)\)"),
     "zygote_ready": re.compile(r"worker zygote ready: imports took ([\d.]+) s"),
     "worker_listening": re.compile(r"worker (\S+) listening on "),
+    "found_worker": re.compile(r"found worker (\S+) at "),  # a frontend found its socket
     "ready_at_frontend": re.compile(r"^worker (\S+) ready$"),  # a frontend heard it (health follows)
 }
 
