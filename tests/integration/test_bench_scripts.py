@@ -169,6 +169,22 @@ def test_bench_startup_times_starts_and_a_killed_worker(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_startup_phases_times_each_phase_of_a_null_server(tmp_path: Path) -> None:
+    from tests.faults import null_model
+
+    out = tmp_path / "phases"
+    _run(["scripts/startup_phases.py", "--model", str(null_model(tmp_path / "m")), "--runs", "1",
+          "--checkout", f"this={REPO}", "--out", str(out)], timeout=280)
+    res = json.loads((out / "startup_phases.json").read_text())
+    run = res["runs"]["this"][0]
+    # Each before the next by cause (one process's own order, or a message between them): compared, not timed.
+    for chain in (["zygote_started", "first_frontend_started", "zygote_ready", "worker_started"],
+                  ["worker_loaded", "ready_at_frontend", "serving"], ["found_worker", "ready_at_frontend"]):
+        assert [run[k] for k in chain] == sorted(run[k] for k in chain), (chain, run)
+    assert set(res["summary"]["this"]["gap_median_s"]) == {"first_spawn", "discover", "ready", "serving"}
+
+
+@pytest.mark.slow
 def test_bench_mixed_sizes_reports_each_size(tmp_path: Path) -> None:
     out = tmp_path / "mixed"
     _run(["scripts/bench_mixed_sizes.py", "--engine", "null", "--arch", "small", "--device", "cpu",
