@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """What client shared memory saves a local KServe client: raw RGB-D tensors in the message vs in a region.
 
-`deep-detection serve` with the null engine (no network: what is left is the transport) and
---allow-client-shm; one synchronous gRPC client at concurrency 1 sends the same 1280x720 RGB-D
-frame (UINT8 color, UINT16 depth, 4.6 MB) either in raw_input_contents or through a registered
-system shared-memory region, interleaved request by request so that a busy machine slows both
-alike. The shared-memory time includes the client copying the frame into its region each time
+`deep-detection serve` with the null engine (no network: what is left is the transport), or with
+--engine fast an R50-FPN on the GPU, and --allow-client-shm; one synchronous gRPC client at
+concurrency 1 sends the same 1280x720 RGB-D frame (UINT8 color, UINT16 depth, 4.6 MB) in
+raw_input_contents, through a registered system shared-memory region, or through one with the
+outputs written into a second region too, interleaved request by request so that a busy machine
+slows all alike. The shared-memory time includes the client copying the frame into its region each time
 (a camera frame has to get there). Prints one table; --json writes the numbers.
 
     python scripts/bench_client_shm.py --requests 300
+    python scripts/bench_client_shm.py --requests 300 --engine fast      # on a GPU: the fastest local path
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ def wait_health(target: str, proc: subprocess.Popen, timeout: float = 300) -> No
     raise SystemExit(f"the server at {target} was not serving after {timeout:.0f} s")
 
 
+# Outputs written into the client's region in the third kind: 100 boxes, scores, classes, and the
+# masks as COCO RLE (up to ~1 MB for 100 large masks of a 1280x720 frame).
+OUTPUTS = (("boxes", 4 << 10), ("scores", 1 << 10), ("classes", 1 << 10), ("masks", 4 << 20))
+OUTPUT_BYTES = sum(size for _, size in OUTPUTS)
+
+
 def null_model(root: Path) -> Path:
     folder = root / "null-rgbd"
     folder.mkdir()
@@ -77,6 +85,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300, help="requests of each kind (default 300)")
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--width", type=int, default=1280)
+    ap.add_argument("--engine", default="null", choices=("null", "fast", "torchvision"),
+                    help="null: the transport alone; fast/torchvision: a random R50-FPN RGB-D model with 100 "
+                         "detections (scripts/bench_serve.py's), on --device")
     ap.add_argument("--json", help="write the numbers here")
     args = ap.parse_args()
 
@@ -89,7 +100,14 @@ def main() -> None:
     color = rng.integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
     depth = rng.integers(300, 3000, (args.height, args.width), dtype=np.uint16)
     tmp = Path(tempfile.mkdtemp(prefix="dd-bench-shm-"))
-    folder = null_model(tmp)
+    if args.engine == "null":
+        folder = null_model(tmp)
+    else:
+        sys.path.insert(0, str(REPO / "scripts"))
+        from bench_serve import make_model
+
+        folder = make_model(tmp, args.engine, "r50", 1, args.height, args.width, 100, 800)
+    model = json.loads((folder / "node_config.json").read_text()).get("NAME", folder.name)
     port = free_port()
     log = open(tmp / "serve.log", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(folder), "--host", "127.0.0.1", "--port",
@@ -97,6 +115,7 @@ def main() -> None:
                              stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     region = shared_memory.SharedMemory(create=True, size=color.nbytes + depth.nbytes)
     key = "/" + region.name
+    out_region = shared_memory.SharedMemory(create=True, size=OUTPUT_BYTES)
     try:
         target = f"127.0.0.1:{port}"
         wait_health(target, serve)
@@ -105,6 +124,8 @@ def main() -> None:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
             name="frame", key=key, offset=0, byte_size=color.nbytes + depth.nbytes), timeout=30)
+        stub.SystemSharedMemoryRegister(pb.SystemSharedMemoryRegisterRequest(
+            name="answers", key="/" + out_region.name, offset=0, byte_size=OUTPUT_BYTES), timeout=30)
         color_dst = np.ndarray(color.shape, np.uint8, buffer=region.buf, offset=0)
         depth_dst = np.ndarray(depth.shape, np.uint16, buffer=region.buf, offset=color.nbytes)
 
@@ -114,22 +135,37 @@ def main() -> None:
             return c, d
 
         def in_message() -> pb.ModelInferResponse:
-            req = pb.ModelInferRequest(model_name="null-rgbd")
+            req = pb.ModelInferRequest(model_name=model)
             tensors(req)
             req.raw_input_contents.extend([color.tobytes(), depth.tobytes()])
             return stub.ModelInfer(req, timeout=60)
 
-        def in_shm() -> pb.ModelInferResponse:
+        def shm_request() -> pb.ModelInferRequest:
             np.copyto(color_dst, color)  # the frame has to get into the region too
             np.copyto(depth_dst, depth)
-            req = pb.ModelInferRequest(model_name="null-rgbd")
+            req = pb.ModelInferRequest(model_name=model)
             for t, offset, size in zip(tensors(req), (0, color.nbytes), (color.nbytes, depth.nbytes)):
                 t.parameters["shared_memory_region"].string_param = "frame"
                 t.parameters["shared_memory_offset"].int64_param = offset
                 t.parameters["shared_memory_byte_size"].int64_param = size
+            return req
+
+        def in_shm() -> pb.ModelInferResponse:
+            return stub.ModelInfer(shm_request(), timeout=60)
+
+        def both_in_shm() -> pb.ModelInferResponse:
+            req = shm_request()
+            offset = 0
+            for name, size in OUTPUTS:  # each output into its own range of the answers region
+                o = req.outputs.add(name=name)
+                o.parameters["shared_memory_region"].string_param = "answers"
+                o.parameters["shared_memory_offset"].int64_param = offset
+                o.parameters["shared_memory_byte_size"].int64_param = size
+                offset += size
             return stub.ModelInfer(req, timeout=60)
 
-        kinds = {"in the message": in_message, "in shared memory": in_shm}
+        kinds = {"in the message": in_message, "in shared memory": in_shm,
+                 "inputs and outputs in shared memory": both_in_shm}
         ms: dict[str, list[float]] = {k: [] for k in kinds}
         cpu: dict[str, float] = {k: 0.0 for k in kinds}
         for _ in range(10):  # warm-up
@@ -142,25 +178,27 @@ def main() -> None:
                 ms[name].append((time.perf_counter() - t0) * 1e3)
                 cpu[name] += time.process_time() - c0
         stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="frame"), timeout=30)
+        stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="answers"), timeout=30)
         channel.close()
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(60)
         log.close()
-        region.close()
-        region.unlink()
+        for r in (region, out_region):
+            r.close()
+            r.unlink()
 
     mb = (color.nbytes + depth.nbytes) / 1e6
-    print(f"{args.width}x{args.height} RGB-D raw tensors ({mb:.1f} MB), null engine, concurrency 1, "
+    print(f"{args.width}x{args.height} RGB-D raw tensors ({mb:.1f} MB), {args.engine} engine, concurrency 1, "
           f"{args.requests} requests each, interleaved; {os.cpu_count()} cores")
-    print(f"{'inputs':<18}{'p50 ms':>9}{'p90 ms':>9}{'mean ms':>9}{'client CPU ms':>15}")
+    print(f"{'inputs':<36}{'p50 ms':>9}{'p90 ms':>9}{'mean ms':>9}{'client CPU ms':>15}")
     result = {}
     for name in kinds:
         v = ms[name]
         row = {"p50_ms": round(statistics.median(v), 3), "p90_ms": round(percentile(v, 90), 3),
                "mean_ms": round(statistics.fmean(v), 3), "client_cpu_ms": round(cpu[name] * 1e3 / len(v), 3)}
         result[name] = row
-        print(f"{name:<18}{row['p50_ms']:>9.2f}{row['p90_ms']:>9.2f}{row['mean_ms']:>9.2f}{row['client_cpu_ms']:>15.2f}")
+        print(f"{name:<36}{row['p50_ms']:>9.2f}{row['p90_ms']:>9.2f}{row['mean_ms']:>9.2f}{row['client_cpu_ms']:>15.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -78,14 +78,26 @@ def gpu_count() -> int:
 
 
 # -- engine and in-process ---------------------------------------------------------------------------
-def run_engine_and_in_process(folder: Path, device: str, requests: dict[str, list[bytes]], batches: list[int],
-                              seconds: float) -> dict:
-    """The worker core on decoded frames at each batch (engine), and decode + core per kind (in-process)."""
+def page_locked(arr: np.ndarray) -> np.ndarray:
+    """A copy of arr in page-locked memory (torch's pinned allocator)."""
     import torch
 
+    out = torch.empty(arr.shape, dtype=torch.from_numpy(arr[:0]).dtype, pin_memory=True)
+    out.numpy()[...] = arr
+    return out.numpy()
+
+
+def run_engine_and_in_process(folder: Path, device: str, requests: dict[str, list[bytes]], batches: list[int],
+                              seconds: float) -> dict:
+    """On decoded frames at each batch: the engine alone, the worker core serially and pipelined; then
+    decode + core per kind (in-process)."""
+    import torch
+
+    from dd.procutil import return_large_allocations
     from dd.worker.core import WorkerCore, WorkItem
     from dd.worker.engines import load_engine
 
+    return_large_allocations()  # as a worker process does (its responses are ~1 MB)
     cfg = load_model_config(folder)
     engine = load_engine(cfg, device)
     core = WorkerCore(cfg, engine, "in-process")  # what a worker runs: engine, then the detector_v1 encoder
@@ -93,6 +105,8 @@ def run_engine_and_in_process(folder: Path, device: str, requests: dict[str, lis
     parsed = {kind: [pb.DetectRequest.FromString(r) for r in reqs] for kind, reqs in requests.items()}
     first = next(iter(parsed.values()))
     decoded = [decode_request(r) for r in first]
+    if device.startswith("cuda"):  # as a worker's inputs, which lie in a ring page-locked for DMA copies
+        decoded = [tuple(page_locked(a) for a in d) for d in decoded]
     sizes: list[int] = []
 
     def run(items: list) -> None:
@@ -116,12 +130,31 @@ def run_engine_and_in_process(folder: Path, device: str, requests: dict[str, lis
         s["images_per_s"] = n * len(lat) / wall
         return s
 
-    out: dict = {"engine": {}, "in_process": {}}
+    from dd.worker.engines.base import EngineInput
+    from dd.worker.pipeline import BatchPipeline
+
+    def inputs(k: int, n: int) -> list:
+        return [EngineInput(*decoded[(k + i) % len(decoded)][:2], cfg.score_threshold) for i in range(n)]
+
+    def items(k: int, n: int) -> list:
+        return [WorkItem(*decoded[(k + i) % len(decoded)]) for i in range(n)]
+
+    pipe = BatchPipeline(core, lambda outs, tag: sizes.extend(len(o.body) for o in outs))
+
+    def pipelined(k: int, n: int) -> None:
+        pipe.push(items(k, n), None)
+
+    # engine: the engine call alone (no responses); core: engine + responses one batch after another;
+    # pipelined: as a worker serves at saturation (a batch's responses encoded after the next batch started).
+    out: dict = {"engine": {}, "core": {}, "pipelined": {}, "in_process": {}}
     for n in sorted({1, *batches}):
-        out["engine"][f"batch{n}"] = timed(
-            lambda k, n: run([WorkItem(*decoded[(k + i) % len(decoded)]) for i in range(n)]), n)
-        print(f"engine batch {n}: p50 {out['engine'][f'batch{n}']['p50_ms']:.2f} ms, "
-              f"{out['engine'][f'batch{n}']['images_per_s']:.1f} images/s", flush=True)
+        out["engine"][f"batch{n}"] = timed(lambda k, n: (engine.infer(inputs(k, n)), sync()), n)
+        out["core"][f"batch{n}"] = timed(lambda k, n: run(items(k, n)), n)
+        out["pipelined"][f"batch{n}"] = timed(pipelined, n)
+        pipe.flush()
+        print(f"batch {n}: " + ", ".join(f"{what} p50 {out[what][f'batch{n}']['p50_ms']:.2f} ms, "
+                                          f"{out[what][f'batch{n}']['images_per_s']:.1f} images/s"
+                                          for what in ("engine", "core", "pipelined")), flush=True)
     best = max(out["engine"], key=lambda b: out["engine"][b]["images_per_s"])
     out["engine_best"] = best
     for kind, reqs in parsed.items():
@@ -268,12 +301,16 @@ def table(results: dict) -> list[str]:
     def rel(r: dict) -> str:
         return _f(r["images_per_s"] / best, 2) if best and r.get("images_per_s") else ""
 
-    for key, r in eng.items():
-        n = int(key.removeprefix("batch"))
-        mark = " (best)" if key == best_key else ""
-        lines.append(f"| engine (worker core, decoded frames), batch {n}{mark} | decoded | - | - | "
-                     f"{_f(r.get('p50_ms'))} per batch | {_f(r.get('p99_ms'))} | {_f(r.get('images_per_s'))} | "
-                     f"{rel(r)} | | | | | |")
+    paths = {"engine": "engine alone (engine call, no responses)",
+             "core": "worker core (engine + responses, one batch after another)",
+             "pipelined": "worker core, pipelined (as a worker serves)"}
+    for what, path in paths.items():
+        for key, r in results.get(what, {}).items():
+            n = int(key.removeprefix("batch"))
+            mark = " (best)" if what == "engine" and key == best_key else ""
+            lines.append(f"| {path}, batch {n}{mark} | decoded | - | - | "
+                         f"{_f(r.get('p50_ms'))} per batch | {_f(r.get('p99_ms'))} | {_f(r.get('images_per_s'))} | "
+                         f"{rel(r)} | | | | | |")
     for kind, r in results.get("in_process", {}).items():
         lines.append(f"| in-process (decode, then engine), batch 1 | {kind} | - | 1 | {_f(r.get('p50_ms'))} | "
                      f"{_f(r.get('p99_ms'))} | {_f(r.get('images_per_s'))} | {rel(r)} | | | | | |")

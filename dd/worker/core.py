@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from dd.worker.engines.base import EncodedImage, InputError, image_size
 from dd.worker.engines.jpeg_decode import decode_cpu
 
 if TYPE_CHECKING:  # the engine modules import torch: the server imports them only after pinning the GPU
-    from dd.worker.engines.base import Detections, Engine
+    from dd.worker.engines.base import Detections, Engine, EngineInput
 
 log = logging.getLogger("dd.worker")
 
@@ -71,6 +71,37 @@ class Outcome:
     timings: Timings = field(default_factory=Timings)
 
 
+@dataclass
+class StartedBatch:
+    """A batch whose engine call has started (WorkerCore.start_batch): items refused before it, and
+    the call that finishes the rest."""
+
+    items: list[WorkItem]
+    started: float  # time.time() when it left the queue
+    refused: dict[int, Outcome]
+    decode_us: dict[int, int]
+    runnable: list[int]
+    attempt: Callable[[], list["Detections"]] | None
+    t_inference: float  # perf_counter() when the engine was started
+
+
+def _raiser(exc: BaseException) -> Callable[[], list["Detections"]]:
+    def attempt() -> list["Detections"]:
+        raise exc
+    return attempt
+
+
+@dataclass
+class InferredBatch:
+    """A batch between its engine call and its encoding: per item either its final Outcome already
+    (refused, or the engine failed on it) or its Detections and Timings."""
+
+    items: list[WorkItem]
+    done: list[Outcome | None]
+    detections: dict[int, "Detections"]
+    timings: dict[int, Timings]
+
+
 class WorkerCore:
     """Runs batches through a loaded engine and encodes each answer in its request's protocol."""
 
@@ -82,30 +113,68 @@ class WorkerCore:
 
     def run(self, items: list[WorkItem], started: float | None = None) -> list[Outcome]:
         """One Outcome per item, in order. started: time.time() when the batch left the queue."""
+        return self.encode_batch(self.infer_batch(items, started))
+
+    def infer_batch(self, items: list[WorkItem], started: float | None = None) -> "InferredBatch":
+        """The batch's engine half, started and finished (see start_batch)."""
+        return self.finish_batch(self.start_batch(items, started))
+
+    def start_batch(self, items: list[WorkItem], started: float | None = None) -> "StartedBatch":
+        """Decodes what the engine does not and starts the engine on the rest (Engine.start: an engine
+        that works asynchronously returns with its device busy). finish_batch gets the answers; the
+        encoding half reads no input pixels (only their size), so the worker encodes the previous
+        batch between the two (dd/worker/pipeline.py)."""
         started = time.time() if started is None else started
-        if not items:
-            return []
         refused, decode_us = self._decode_for_engine(items)
         runnable = [i for i, item in enumerate(items) if i not in refused]
         t_inf = time.perf_counter()
-        results = dict(zip(runnable, self.infer([items[i] for i in runnable]))) if runnable else {}
-        inference_us = int((time.perf_counter() - t_inf) * 1e6)
+        attempt: Callable[[], list["Detections"]] | None = None
+        if runnable:
+            start = getattr(self.engine, "start", None)  # an engine object that is no Engine: infer only
+            if start is not None:
+                try:
+                    attempt = start(self._inputs([items[i] for i in runnable]),
+                                    want_masks=any(items[i].wants_masks for i in runnable))
+                except Exception as exc:  # noqa: BLE001 - answered as infer answers an engine error (finish_batch)
+                    attempt = _raiser(exc)
+        return StartedBatch(items, started, refused, decode_us, runnable, attempt, t_inf)
+
+    def finish_batch(self, batch: "StartedBatch") -> "InferredBatch":
+        """Waits for the engine's answers (an error there is retried image by image, as in infer)."""
+        items, runnable = batch.items, batch.runnable
+        done: list[Outcome | None] = [None] * len(items)
+        for k, outcome in batch.refused.items():
+            done[k] = outcome
+        results = dict(zip(runnable, self.infer([items[i] for i in runnable], batch.attempt))) if runnable else {}
+        inference_us = int((time.perf_counter() - batch.t_inference) * 1e6)
         if runnable:
             self.recorder.record_batch(self.model.name, len(runnable))
-        out: list[Outcome] = []
-        for k, item in enumerate(items):
-            if k in refused:
-                out.append(refused[k])
-                continue
-            det = results[k]
+        detections: dict[int, "Detections"] = {}
+        timings: dict[int, Timings] = {}
+        for k, det in results.items():
             if isinstance(det, Outcome):
-                out.append(det)
+                done[k] = det
                 continue
-            timings = Timings(queue_us=max(0, int((started - item.dispatched_at) * 1e6)) if item.dispatched_at
-                              else 0, decode_us=item.decode_us + decode_us.get(k, 0), inference_us=inference_us,
-                              batch_size=len(runnable))
+            item = items[k]
+            detections[k] = det
+            timings[k] = Timings(queue_us=max(0, int((batch.started - item.dispatched_at) * 1e6))
+                                 if item.dispatched_at else 0,
+                                 decode_us=item.decode_us + batch.decode_us.get(k, 0), inference_us=inference_us,
+                                 batch_size=len(runnable))
+        return InferredBatch(items, done, detections, timings)
+
+    def encode_batch(self, batch: "InferredBatch") -> list[Outcome]:
+        """The batch's host half: one encoded response per answered item (a failure to encode one
+        fails only that one), the engine's refusals as they were. Touches no device."""
+        out: list[Outcome] = []
+        for k, item in enumerate(batch.items):
+            ready = batch.done[k]
+            if ready is not None:
+                out.append(ready)
+                continue
+            timings = batch.timings[k]
             try:
-                body = self.encode(item, det, timings)
+                body = self.encode(item, batch.detections[k], timings)
             except RequestError as exc:  # e.g. an output region too small: this request's own fault
                 out.append(Outcome(exc.code, exc.message))
                 continue
@@ -134,16 +203,21 @@ class WorkerCore:
                 times[k] = int((time.perf_counter() - t0) * 1e6)
         return refused, times
 
-    def infer(self, items: list[WorkItem]) -> list[Union["Detections", Outcome]]:
-        """One Detections per item, or for an item the engine failed on, the Outcome to send instead
-        (INVALID_ARGUMENT for an image the engine found bad, InputError; else INTERNAL)."""
+    def _inputs(self, items: list[WorkItem]) -> list["EngineInput"]:
         from dd.worker.engines.base import EngineInput
 
-        inputs = [EngineInput(i.color, i.depth, i.score_threshold if i.score_threshold > 0
-                              else self.model.score_threshold) for i in items]
+        return [EngineInput(i.color, i.depth, i.score_threshold if i.score_threshold > 0
+                            else self.model.score_threshold) for i in items]
+
+    def infer(self, items: list[WorkItem], attempt: Callable[[], list["Detections"]] | None = None
+              ) -> list[Union["Detections", Outcome]]:
+        """One Detections per item, or for an item the engine failed on, the Outcome to send instead
+        (INVALID_ARGUMENT for an image the engine found bad, InputError; else INTERNAL). attempt: the
+        batch's first try when already started (Engine.start); the retries run image by image."""
         want_masks = any(i.wants_masks for i in items)
         try:
-            results = self.engine.infer(inputs, want_masks=want_masks)
+            results = attempt() if attempt is not None else self.engine.infer(self._inputs(items),
+                                                                              want_masks=want_masks)
             if len(results) != len(items):
                 raise RuntimeError(f"engine returned {len(results)} results for {len(items)} images")
             return list(results)

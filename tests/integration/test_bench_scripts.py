@@ -117,6 +117,8 @@ def test_bench_serve_writes_table_json_and_pictures(tmp_path: Path) -> None:
     kinds = res["kinds"]
     assert kinds[:2] == ["jpeg+png", "raw"]
     assert set(res["engine"]) == {"batch1", "batch2"} and res["engine_best"] in res["engine"]
+    assert set(res["core"]) == set(res["pipelined"]) == {"batch1", "batch2"}
+    assert all(r["images_per_s"] > 0 for what in ("engine", "core", "pipelined") for r in res[what].values())
     assert set(res["in_process"]) == set(kinds)
     for f in ("1", "2"):
         per = res["served"][f]
@@ -132,7 +134,7 @@ def test_bench_serve_writes_table_json_and_pictures(tmp_path: Path) -> None:
     md = (out / "serve.md").read_text()
     assert md.count("| served (deep-detection serve) | jpeg+png |") == 4
     assert md.count("| baseline (single-process gRPC server) |") == 2 * len(kinds)
-    assert "(best)" in md
+    assert "(best)" in md and md.count("| worker core, pipelined (as a worker serves), batch") == 2
     assert (out / "serve_frontends1.log").exists() and (out / "baseline.log").exists()
     if _has_matplotlib():
         assert (out / "serve_throughput.png").stat().st_size > 0 and (out / "serve_latency.png").stat().st_size > 0
@@ -172,3 +174,13 @@ def test_bench_mixed_sizes_reports_each_size(tmp_path: Path) -> None:
     assert "| 160x120 |" in (out / "mixed.md").read_text()
     if _has_matplotlib():
         assert (out / "mixed.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_client_shm_measures_three_ways_in(tmp_path: Path) -> None:
+    out = tmp_path / "shm.json"
+    _run(["scripts/bench_client_shm.py", "--requests", "3", "--height", "96", "--width", "128", "--json", str(out)],
+         timeout=200)
+    res = json.loads(out.read_text())
+    assert set(res) == {"in the message", "in shared memory", "inputs and outputs in shared memory"}
+    assert all(r["p50_ms"] > 0 and r["client_cpu_ms"] > 0 for r in res.values())

@@ -245,3 +245,20 @@ def test_rle_strings_are_pycocotools_strings() -> None:
     got = rle_strings(torch.from_numpy(inst[order]), torch.from_numpy(pos[order]), len(masks), height, width)
     expected = [r["counts"] for r in mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0)))]
     assert got == expected
+
+
+@pytest.mark.parametrize("options", [{}, {"nms_iterations": 2}], ids=["one-graph", "unsettled-nms-redone"])
+def test_a_started_batch_finishes_with_the_answers_of_infer(models: Path, options: dict) -> None:
+    """Engine.start queues one size's batch and returns; the worker encodes the previous batch
+    meanwhile (dd/worker/pipeline.py). Finishing gives infer's answers, redone images included; mixed
+    sizes and batches beyond the largest bucket run whole when finished."""
+    ref, fast = _engines(models / "rgbd", batch_buckets=[1, 2, 4], **options)
+    same = [EngineInput(*scene(k), 0.05) for k in range(3)]
+    mixed = same[:2] + [EngineInput(*scene(9, h=200, w=300), 0.1)]
+    too_many = [EngineInput(*scene(k % 3), 0.05) for k in range(5)]
+    for batch in (same, mixed, too_many):
+        assert (fast._one_graph_size(batch) is None) == (batch is not same)
+        expected = ref.infer(batch)
+        finish = fast.start(batch)
+        for r, f in zip(expected, finish()):
+            _assert_same(r, f)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import Callable, ClassVar, Mapping
 
 import numpy as np
 
@@ -100,6 +100,16 @@ class Engine(ABC):
     @abstractmethod
     def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
         """Runs one batch; returns one Detections per input, in order."""
+
+    def start(self, batch: list[EngineInput], want_masks: bool = True) -> Callable[[], list[Detections]]:
+        """Starts a batch; the call returned finishes it (infer's answers, or infer's errors).
+
+        An engine whose device works asynchronously queues the batch's device work here and returns
+        at once, so that the worker encodes the previous batch's responses on the host while the
+        device runs (dd/worker/pipeline.py); it must then make no device call until finished, and the
+        caller makes no other call to the engine until then. The default starts nothing: the batch
+        runs whole when finished, as infer."""
+        return lambda: self.infer(batch, want_masks)
 
     def decodes_jpeg_on_gpu(self) -> bool:
         """Whether JPEGs should reach this engine compressed when the policy is "auto" (the worker tells the

@@ -30,8 +30,8 @@ class PinnedMappings:
         if not self.enabled:
             return
         base = arr.base
-        while isinstance(base, np.ndarray):
-            base = base.base
+        while isinstance(base, (np.ndarray, memoryview)):  # np.frombuffer(mapping) keeps a memoryview of it
+            base = base.obj if isinstance(base, memoryview) else base.base
         if not isinstance(base, mmap.mmap) or id(base) in self._pinned:
             return
         try:

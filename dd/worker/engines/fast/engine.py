@@ -72,7 +72,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -505,6 +505,34 @@ class FastMaskRCNN(Engine):
         with self._graph_cache.recording:  # never while a background capture records
             return self._infer(batch, want_masks)
 
+    def start(self, batch: list[EngineInput], want_masks: bool = True) -> Callable[[], list[Detections]]:
+        """A batch that is one captured graph's (one size, within the largest bucket) is written into
+        the graph's inputs and its replay queued; the returned call waits for it and reads the answers.
+        Between the two the host is free (the worker encodes the previous batch's responses then) and
+        this engine makes no CUDA call, so a background capture may record. Anything else runs whole
+        when finished."""
+        size = self._one_graph_size(batch)
+        if size is None:
+            return lambda: self.infer(batch, want_masks)
+        h, w = size
+        with self._graph_cache.recording, torch.inference_mode():
+            _, out = self._run_fixed(batch, h, w)
+
+        def finish() -> list[Detections]:
+            with self._graph_cache.recording, torch.inference_mode():
+                self.model.roi_heads.score_thresh = min(x.score_threshold for x in batch)  # a redo's op-by-op run
+                return self._fixed_results(batch, h, w, want_masks, out)
+        return finish
+
+    def _one_graph_size(self, batch: list[EngineInput]) -> tuple[int, int] | None:
+        if not self.fixed or not batch or len(batch) > self.buckets[-1]:
+            return None
+        kinds = {(*image_size(x.color), None if x.depth is None else x.depth.dtype.str) for x in batch}
+        if len(kinds) != 1:
+            return None
+        h, w, _ = kinds.pop()
+        return h, w
+
     def _infer(self, batch: list[EngineInput], want_masks: bool) -> list[Detections]:
         self.model.roi_heads.score_thresh = min(x.score_threshold for x in batch)
         results: list[Detections | None] = [None] * len(batch)
@@ -630,6 +658,12 @@ class FastMaskRCNN(Engine):
         return _FixedGraph(color, depth, threshold, out, graph)
 
     def _infer_fixed(self, items: list[EngineInput], h: int, w: int, want_masks: bool) -> list[Detections]:
+        g, out = self._run_fixed(items, h, w)
+        return self._fixed_results(items, h, w, want_masks, out)
+
+    def _run_fixed(self, items: list[EngineInput], h: int, w: int) -> tuple[_FixedGraph, dict[str, torch.Tensor]]:
+        """Writes the batch into its graph's inputs and queues the graph (or runs the same network op by
+        op where the graph is not there yet). Returns with the device still working on a graph."""
         n = len(items)
         bucket = next(b for b in self.buckets if b >= n)
         depth_dtype = None
@@ -655,9 +689,14 @@ class FastMaskRCNN(Engine):
         g.threshold.fill_(min(it.score_threshold for it in items))
         if g.graph is not None:
             g.graph.replay()
-            out = g.out
-        else:  # the CPU (tests), or a shape whose graph is on its way: the same network, op by op
-            out = self._fixed_forward(g.color, g.depth, g.threshold)
+            return g, g.out
+        # the CPU (tests), or a shape whose graph is on its way: the same network, op by op
+        return g, self._fixed_forward(g.color, g.depth, g.threshold)
+
+    def _fixed_results(self, items: list[EngineInput], h: int, w: int, want_masks: bool,
+                       out: dict[str, torch.Tensor]) -> list[Detections]:
+        """Waits for the network, then reads its answers, pastes the masks and makes their RLE."""
+        n = len(items)
         summary = out["summary"][:n].cpu().numpy()
         self._mark("network (one graph)")
         d = out["probs"].shape[1]  # detections per image: detections_per_img, or fewer candidates if that is all
