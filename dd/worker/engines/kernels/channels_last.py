@@ -92,7 +92,8 @@ if triton is not None:
         y = x.to(tl.float32) + b.to(tl.float32)[None, :]
         tl.store(x_ptr + off, y.to(x_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=["H", "W", "h", "w", "n_wblocks"])  # sizes: one compilation for all (specialization.py)
+    # Sizes are not specialized: one compilation for all (specialization.py).
+    @triton.jit(do_not_specialize=["H", "W", "h", "w", "n_wblocks"])
     def _upsample_add_kernel(lat_ptr, top_ptr, b_ptr, out_ptr, H, W, h, w, C, scale_h, scale_w, n_wblocks,
                              HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
                              EVEN_C: tl.constexpr):
@@ -147,7 +148,8 @@ if triton is not None:
             m = _nan_max(m, v)
         return m
 
-    @triton.jit(do_not_specialize=["H", "W", "Ho", "Wo", "n_wblocks", "n_yblocks"])  # sizes: one compilation for all (specialization.py)
+    # Sizes are not specialized: one compilation for all (specialization.py).
+    @triton.jit(do_not_specialize=["H", "W", "Ho", "Wo", "n_wblocks", "n_yblocks"])
     def _max_pool_kernel(x_ptr, out_ptr, H, W, Ho, Wo, C, n_wblocks, n_yblocks, ROWS: tl.constexpr,
                          BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
         """One program: output rows oy0 .. oy0 + ROWS - 1 of image n, BLOCK_W pixels, BLOCK_C channels;

@@ -105,8 +105,9 @@ SPECIALIZED: dict[str, dict[str, str]] = {
         "boxes_ptr": _FRESH, "valid_ptr": _FRESH, "labels_ptr": _FRESH, "out_ptr": _FRESH,
         "threshold": "a float: Triton never specializes floats",
         "k": ("the NMS group's length: the RPN's min(pre_nms_top_n, the largest level's anchors), 1000 for "
-              "any resized input over about 75 x 75 pixels (inputs are resized to min_size), and the detections' pre_nms_topk (1024), so one "
-              "value per NMS at every served size; K % 16 lets the matrix rows' stores vectorise (1024)"),
+              "any resized input over about 75 x 75 pixels (inputs are resized to min_size), and the "
+              "detections' pre_nms_topk (1024), so one value per NMS at every served size; K % 16 lets the "
+              "matrix rows' stores vectorise (1024)"),
     },
     "paste:_paste_kernel": {
         "masks_ptr": _FRESH, "offsets_ptr": "the start of the packed buffer: aligned", "out_ptr": _FRESH,
