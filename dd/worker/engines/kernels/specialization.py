@@ -13,6 +13,11 @@ What stays specialized does not change with the size (or only outside the engine
 reason. NOT_SPECIALIZED and SPECIALIZED together name every non-constexpr argument of every kernel
 (tests/unit/engines/test_kernel_specialization.py checks that against the kernels' decorators, and that
 launches at different sizes share one key): a new argument needs a decision here.
+
+Constexprs are keys too: the channels-last kernels' tiles no longer shrink for narrow images (they did
+below 8-16 pixels of feature map), roi_align's WIDE changes only for a level of over 2**31 elements per
+image, and roi_align passes 0 as the stride of a dimension of size 1 (PyTorch reports 1 there, which
+Triton would turn into a constant) since that dimension is only read at index 0.
 """
 
 from __future__ import annotations
