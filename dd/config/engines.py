@@ -82,6 +82,8 @@ FAST_OPTIONS: dict[str, Option] = {
     "class_mask_head": Option(bool, True, "the mask head computes only each detection's class"),
     "batch_buckets": Option((list, type(None)), None, "batch sizes with a graph (default 1, 2, 4, ... MAX_BATCH_SIZE)"),
     "warmup_sizes": _SIZES,
+    "warmup_odd_size": Option(bool, True, "at load, one op-by-op run at a size whose feature maps divide differently "
+                                          "(compiles what is still keyed on that; GPU only by default)"),
 }
 
 NULL_OPTIONS: dict[str, Option] = {

@@ -12,7 +12,11 @@ full-image tensor, which pycocotools then scans pixel by pixel. Here:
   a batch is padded up to the next captured bucket (1, 2, 4, 8, ...), as vLLM
   does; an input size not captured at load (warmup_sizes) is served at once on
   the same network run op by op while one background thread captures its
-  graph (graph_cache.py), so no request waits for a capture;
+  graph (graph_cache.py), so no request waits for a capture, nor for a Triton
+  compilation: the kernels take every size-dependent number unspecialized
+  (kernels/specialization.py), so the warm-up's compilation serves every size,
+  and load also runs the network once op by op at an "odd" size whose feature
+  maps divide differently (odd_size.py) to compile whatever is still keyed on that;
 - preprocessing (convert, normalise, resize, pad) runs in that graph too, from
   the shared-memory slot copied through a pinned (page-locked) mapping;
 - backbone, FPN and RPN head run in fp16, channels-last, batch norm folded and
@@ -54,7 +58,8 @@ GPU only, needs fold_batchnorm), triton_fpn (true; GPU only), triton_nms (true;
 GPU only), triton_roi_align (true; GPU only), class_mask_head (true),
 pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
 8, ...] up to MAX_BATCH_SIZE), warmup_sizes ([[H, W], ...] input sizes to
-capture graphs for at load), background_capture (true), cudnn_benchmark (false),
+capture graphs for at load), warmup_odd_size (true on a GPU), background_capture (true),
+cudnn_benchmark (false),
 blocking_sync (false), allow_cpu (false; the CPU path exists for tests
 and has no graphs or fp16). Each Triton step falls back to torch operations,
 with a log line, where its kernel cannot compile (kernels/switch.py).
@@ -86,6 +91,7 @@ from dd.worker.engines.fast.fixed_shapes import FixedShapeHeads, large_enough, r
 from dd.worker.engines.fast.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
 from dd.worker.engines.fast.graph_cache import GraphCache
 from dd.worker.engines.fast.mask_head import ClassMaskHead
+from dd.worker.engines.fast.odd_size import odd_warmup_size
 from dd.worker.engines.jpeg_decode import decode_to_device
 from dd.worker.engines.masks import paste_and_encode
 from dd.worker.engines.fast.pil_resize import PilBilinear
@@ -230,11 +236,37 @@ class FastMaskRCNN(Engine):
                                      np.zeros((h, w), np.uint16) if cfg.input_kind == "rgbd" else None, 1.0)] * b
                 self.infer(dummy)
         self.redone_images = 0  # blank warm-up images tie everywhere and are redone; count real ones only
+        if self.fixed and bool(opts.get("warmup_odd_size", cuda)):
+            self._warm_odd_size(sizes)
         self._loaded = True
         done = time.perf_counter()
         log.info("fast engine loaded in %.1f s: weights and model %.1f s, fusing and kernels %.1f s, "
                  "warm-up and graph captures %.1f s", done - t_start, t_built - t_start,
                  t_prepared - t_built, done - t_prepared)
+
+    @torch.inference_mode()
+    def _warm_odd_size(self, sizes: list[list[int]]) -> None:
+        """One op-by-op run of the fixed-shape network, then a paste and RLE encoding of a few masks, at an
+        input size whose feature maps divide differently from the first warm-up size's (odd_size.py), no
+        graph captured. The Triton kernels were compiled by the warm-up already and are not specialized on
+        sizes (kernels/specialization.py); whatever is still compiled here (anything keyed on how a size
+        divides, and the paste and RLE kernels, which blank warm-up images may never reach) would
+        otherwise be compiled by the first request that needs it."""
+        cfg = self.config
+        h, w = odd_warmup_size(sizes, lambda a, b: self.semantics.resized_size(a, b, cfg.min_size, cfg.max_size))
+        depth_dtype = torch.uint16 if cfg.input_kind == "rgbd" else None
+        t0 = time.perf_counter()
+        color, depth, threshold = self._static_inputs((1, h, w, depth_dtype))
+        out = self._fixed_forward(color, depth, threshold)
+        probs = out["probs"].flatten(0, 1)[:3]
+        if probs.shape[0]:  # masks all on, in boxes inside the image: every kernel of the paste and RLE runs
+            corner = np.array([[0.1 * w, 0.1 * h], [0.5 * w, 0.3 * h], [0.2 * w, 0.6 * h]], np.float32)
+            boxes = np.concatenate([corner, corner + np.float32(0.3 * min(h, w))], 1)[:probs.shape[0]]
+            paste_and_encode(torch.ones_like(probs), boxes, h, w, cfg.mask_threshold, rule=self.semantics.paste)
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        log.info("ran the network op by op at %dx%d in %.2f s (what compiles per divisibility of a size "
+                 "compiles now, not at the first request of such a size)", w, h, time.perf_counter() - t0)
 
     def _blocking_sync(self) -> None:
         """The host sleeps while it waits for the GPU instead of spinning on a core (CUDA's default while

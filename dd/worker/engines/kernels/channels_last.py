@@ -74,7 +74,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])  # sizes: one compilation for all (specialization.py)
     def _bias_add_kernel(x_ptr, b_ptr, rows, C,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
         """x[r, c] += b[c] for r < rows, c < C, in float32, rounded once to x's dtype."""
@@ -92,7 +92,8 @@ if triton is not None:
         y = x.to(tl.float32) + b.to(tl.float32)[None, :]
         tl.store(x_ptr + off, y.to(x_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    # Sizes are not specialized: one compilation for all (specialization.py).
+    @triton.jit(do_not_specialize=["H", "W", "h", "w", "n_wblocks"])
     def _upsample_add_kernel(lat_ptr, top_ptr, b_ptr, out_ptr, H, W, h, w, C, scale_h, scale_w, n_wblocks,
                              HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
                              EVEN_C: tl.constexpr):
@@ -147,7 +148,8 @@ if triton is not None:
             m = _nan_max(m, v)
         return m
 
-    @triton.jit
+    # Sizes are not specialized: one compilation for all (specialization.py).
+    @triton.jit(do_not_specialize=["H", "W", "Ho", "Wo", "n_wblocks", "n_yblocks"])
     def _max_pool_kernel(x_ptr, out_ptr, H, W, Ho, Wo, C, n_wblocks, n_yblocks, ROWS: tl.constexpr,
                          BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
         """One program: output rows oy0 .. oy0 + ROWS - 1 of image n, BLOCK_W pixels, BLOCK_C channels;
@@ -197,12 +199,12 @@ def use_kernel(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda for t in tensors) or (_interpreting() and all(t.device.type == "cpu" for t in tensors))
 
 
-def _blocks(c: int, w: int, tile: int) -> tuple[int, int]:
+def _blocks(c: int, tile: int) -> tuple[int, int]:
     """(pixels, channels) of a tile: all of C up to MAX_BLOCK_C, pixels to make up about `tile`
-    elements, no more than the row (or run of rows) has."""
+    elements. Not fewer pixels for a narrow image: the tile is a constexpr, and one that followed the
+    width would compile a new variant of the kernel at a new input size (the extra pixels are masked)."""
     block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
-    block_w = max(1, min(triton.next_power_of_2(w), tile // block_c))
-    return block_w, block_c
+    return max(1, tile // block_c), block_c
 
 
 @functools.lru_cache(maxsize=256)
@@ -258,7 +260,7 @@ def bias_add_(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return bias_add_reference_(x, bias)
     n, c, h, w = x.shape
     rows = n * h * w
-    block_m, block_c = _blocks(c, rows, TILE)
+    block_m, block_c = _blocks(c, TILE)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(c, block_c))
     _bias_add_kernel[grid](x, _kernel_bias(bias), rows, c, BLOCK_M=block_m, BLOCK_C=block_c,
                            EVEN_C=c % block_c == 0, num_warps=NUM_WARPS)
@@ -308,7 +310,7 @@ def upsample_add(lateral: torch.Tensor, top: torch.Tensor, bias: torch.Tensor | 
     if out is None or not use_kernel(lateral, top, out) or lateral.numel() == 0:
         return upsample_add_reference(lateral, top, bias, out)
     h, w = top.shape[2], top.shape[3]
-    block_w, block_c = _blocks(c, ww, TILE)
+    block_w, block_c = _blocks(c, TILE)
     n_wblocks = triton.cdiv(ww, block_w)
     grid = (n * hh * n_wblocks, triton.cdiv(c, block_c))
     b = _kernel_bias(bias) if bias is not None else lateral
@@ -339,7 +341,7 @@ def max_pool_3x3_s2(x: torch.Tensor) -> torch.Tensor:
         return max_pool_3x3_s2_reference(x)
     ho, wo = (hh - 1) // 2 + 1, (ww - 1) // 2 + 1
     out = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-    block_w, block_c = _blocks(c, wo, POOL_TILE)
+    block_w, block_c = _blocks(c, POOL_TILE)
     n_wblocks = triton.cdiv(wo, block_w)
     n_yblocks = triton.cdiv(ho, POOL_ROWS)
     grid = (n * n_yblocks * n_wblocks, triton.cdiv(c, block_c))

@@ -135,7 +135,9 @@ if triton is not None:
         value = a * (sy * ex) + b * (sy * wx) + c * (ny * ex) + d * (ny * wx)
         return inside & (value >= threshold)
 
-    @triton.jit(do_not_specialize=["n", "height", "width", "step"])  # one compilation for all sizes
+    # One compilation for all sizes and detection counts: the fields sit after the n int64 offsets, so
+    # their pointer's 16-byte alignment follows n's parity (specialization.py).
+    @triton.jit(do_not_specialize=["fields_ptr", "floats_ptr", "n", "height", "width", "step"])
     def _paste_kernel(masks_ptr, offsets_ptr, fields_ptr, floats_ptr, out_ptr, n, height, width, threshold, step,
                       M: tl.constexpr, BLOCK: tl.constexpr, D2: tl.constexpr):
         t = tl.program_id(0)
@@ -190,7 +192,7 @@ if triton is not None:
             above = _pasted(base, row - 1, need_h, y0, height, scale_y, ix0, ix1, lx0, lx1, ok, threshold, M)
         tl.store(out_ptr + offset + e, (now != above).to(tl.uint8), mask=valid)
 
-    @triton.jit(do_not_specialize=["k", "n", "height", "step"])
+    @triton.jit(do_not_specialize=["fields_ptr", "k", "n", "height", "step"])
     def _position_kernel(hits_ptr, offsets_ptr, fields_ptr, inst_ptr, pos_ptr, k, n, height, step,
                          BLOCK: tl.constexpr):
         """Each hit (a change slot's index in the ragged buffer) as (instance, x * height + y)."""

@@ -91,7 +91,10 @@ if triton is not None:
             high = high.to(tl.int64)
         return inside, low, high, 1.0 - frac, frac
 
-    @triton.jit
+    # Level sizes and the batch change with the input size: not specialized, so one compilation serves
+    # every size (specialization.py says why per argument; the strides stay, see there).
+    @triton.jit(do_not_specialize=["h0", "h1", "h2", "h3", "h4", "w0", "w1", "w2", "w3", "w4",
+                                   "n_images"])
     def _roi_align_kernel(out_ptr, boxes_ptr, level_ptr, image_ptr,
                           f0, f1, f2, f3, f4,
                           h0, h1, h2, h3, h4, w0, w1, w2, w3, w4,
@@ -253,8 +256,11 @@ def roi_align_levels(levels: list[torch.Tensor], level: torch.Tensor, image: tor
     pad = [levels[0]] * (MAX_LEVELS - len(levels))  # unused pointer slots, never selected
     feats = list(levels) + pad
     args = [f.shape[2] for f in feats] + [f.shape[3] for f in feats]
-    for dim in range(4):
-        args += [f.stride(dim) for f in feats]
+    # A dimension of size 1 is only ever read at index 0, so its stride is any number: PyTorch gives 1 there
+    # (a 1 x 1 level, or one image) and Triton would make that a constant, a new variant of the kernel at
+    # the input size (or batch) that has such a level. 0 keys as every other stride of a channels-last level.
+    for dim in (0, 1, 2, 3):
+        args += [f.stride(dim) if f.shape[dim] != 1 else 0 for f in feats]
     block_c = min(BLOCK_C, triton.next_power_of_2(c))
     block_bins = min(BLOCK_BINS if oh * ow <= BLOCK_BINS else BLOCK_BINS_LARGE, triton.next_power_of_2(oh * ow))
     grid = (r, triton.cdiv(oh * ow, block_bins), triton.cdiv(c, block_c))
