@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import sys
+from pathlib import Path
 
 from dd.logsafe import RepeatFilter
 
@@ -146,3 +147,27 @@ def process_argv(proc: "psutil.Process") -> list[str]:  # noqa: F821 - psutil is
     if proc.name() == "dd-worker":
         return [proc.exe(), "-m", "dd", "worker"]
     return proc.cmdline()
+
+
+def prefetch_files(paths: list[Path]) -> list[Path]:
+    """Asks the kernel to read these files into the page cache now, in the background (readahead).
+
+    The supervisor does it for the models' weights at start: the worker reads them only after the
+    zygote's imports (seconds), and a first start after a boot or on a fresh volume would then wait for
+    the disk too. Nothing is read in this process or kept in its memory (safe before the zygote forks);
+    a file that cannot be opened is left to the worker, which says why. Returns the files asked for.
+    """
+    asked = []
+    for path in dict.fromkeys(paths):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            asked.append(path)
+        except (OSError, AttributeError):  # not Linux, or a file system without readahead: only slower
+            pass
+        finally:
+            os.close(fd)
+    return asked

@@ -42,7 +42,7 @@ from dd.ipc import endpoints
 from dd.ipc.client_segments import remove_registrations
 from dd.ipc.shm_ring import SHM_DIR, check_shm_capacity, remove_stale_segments, ring_size
 from dd import metrics
-from dd.procutil import LOG_NAME_ENV, parse_cpulist
+from dd.procutil import LOG_NAME_ENV, parse_cpulist, prefetch_files
 from dd.zygote import Zygote, ZygoteProcess, worker_preload
 
 log = logging.getLogger("dd.supervisor")
@@ -319,6 +319,8 @@ class Supervisor:
             self.children.append(child)
         for i in range(self.cfg.resolved_frontends()):
             self.children.append(self._child(f"frontend-{i}", self._base_argv("frontend"), {}))
+        # The weights into the page cache while the zygote imports (the workers read them after it).
+        prefetch_files([m.weights for m in self.models if m.weights is not None])
         # The zygote first, then the frontends while it imports, then the workers (forked once it is ready).
         if plans and self.cfg.fork_workers:
             self._start_zygote()
