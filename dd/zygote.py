@@ -188,7 +188,7 @@ class Zygote:
         """Returns once the zygote has imported its modules; RuntimeError if it did not start."""
         if self._ready:
             return
-        while not self._read_until(lambda m: "ready" in m or "fatal" in m, self._start_until):
+        while not self._ready and not self._read_until(lambda m: "ready" in m or "fatal" in m, self._start_until):
             if self.proc.poll() is not None or time.monotonic() >= self._start_until:
                 raise RuntimeError("the worker zygote did not start")
         self._ready = True
@@ -258,6 +258,8 @@ class Zygote:
             line, self._buf = self._buf.split(b"\n", 1)
             msg = json.loads(line)
             msgs.append(msg)
+            if "ready" in msg:  # whoever reads it: wait_ready() then returns at once
+                self._ready = True
             if "exited" in msg:
                 self._exited[msg["exited"]] = msg["rc"]
             elif "spawned" in msg:

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
     import numpy as np
 # numpy is imported where a ring is mapped, not here: the supervisor uses only this module's
 # housekeeping (sizes, names, stale segments), and importing numpy would delay every child's start
-# (about 0.15 s on a busy 2-core host; BENCHMARKS.md, "Start-up on the CPU box, session 7").
+# (numpy's import: 0.16 s under -X importtime on the 2-core CI box; BENCHMARKS.md, "Start-up on the CPU
+# box, session 7").
 
 SHM_DIR = Path("/dev/shm")
 MAGIC = b"DDRING02"
