@@ -92,8 +92,9 @@ class WorkerLink:
 class Dispatcher:
     def __init__(self, run_dir: Path, max_inflight: Callable[[str], int],
                  on_change: Callable[[], None] | None = None, recorder: Recorder | None = None,
-                 models: tuple[str, ...] = ()) -> None:
+                 models: tuple[str, ...] = (), ring: str = "") -> None:
         self.run_dir = run_dir
+        self.ring = ring  # this frontend's input ring, named in pings so workers prepare it before its first request
         self.models = models  # the models this frontend serves: looked for often until each has a worker
         self.recorder = recorder or Recorder()
         self._max_inflight = max_inflight
@@ -197,7 +198,7 @@ class Dispatcher:
     async def _ping_loop(self) -> None:
         while True:
             now = time.time()
-            ping = messages.Ping(sent_at=now).SerializeToString()
+            ping = messages.Ping(sent_at=now, ring=self.ring).SerializeToString()
             for link in list(self.links.values()):
                 if link.connected:
                     try:
@@ -215,7 +216,8 @@ class Dispatcher:
                 if event["event"] == zmq.EVENT_CONNECTED:
                     link.connected = True
                     link.last_pong = time.time()
-                    await link.sock.send_multipart([messages.PING, messages.Ping(sent_at=time.time()).SerializeToString()])
+                    await link.sock.send_multipart(
+                        [messages.PING, messages.Ping(sent_at=time.time(), ring=self.ring).SerializeToString()])
                 elif event["event"] == zmq.EVENT_DISCONNECTED:
                     link.connected = False
                     self._lost(link, "its socket closed")

@@ -99,7 +99,7 @@ class Frontend:
         recorder = Recorder()  # counts nothing unless the supervisor turned metrics on (dd/metrics.py)
         self.slots = SlotPool(self.ring, recorder)
         self.dispatcher = Dispatcher(self.run_dir, self._max_inflight, on_change=self._update_health,
-                                     recorder=recorder, models=tuple(self.models))
+                                     recorder=recorder, models=tuple(self.models), ring=self.ring.name)
         server = grpc.aio.server(interceptors=interceptors, options=self._grpc_options(),
                                  maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
         self.requests = RequestPath(self.models, self.default_model, self.cfg, self.ring, self.slots,

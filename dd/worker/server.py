@@ -111,6 +111,7 @@ class Worker:
         self.batcher: Batcher[Job] = Batcher(model.max_batch_size, model.max_queue_delay_ms / 1000.0, capacity)
         self.rings: dict[str, ShmRing] = {}
         self._retired: queue.SimpleQueue[ShmRing] = queue.SimpleQueue()
+        self._to_prepare: queue.SimpleQueue[ShmRing] = queue.SimpleQueue()  # mapped, not yet prepared
         self.ready = False
         self.engine_name = model.engine
         self.gpu_jpeg = False  # the loaded engine decodes JPEGs on its GPU (told to frontends in pongs)
@@ -227,6 +228,12 @@ class Worker:
             if not self._announced:
                 self._frontends.add(identity)
             router.send_multipart([identity, messages.PONG, self._pong(payload)])
+            ring = messages.Ping.FromString(payload).ring
+            if ring and ring not in self.rings:
+                try:  # mapped now, prepared by the inference thread before the frontend's first request
+                    self._ring(ring)
+                except (RingError, OSError) as exc:
+                    log.warning("cannot attach ring %s: %s", ring, exc)  # its first request will say so
             return
         if kind != messages.INFER:
             log.warning("unknown message kind %r from %r", kind, identity)
@@ -249,16 +256,12 @@ class Worker:
             return None, ("UNAVAILABLE", f"worker {self.name} is not ready")
         if req.deadline and time.time() > req.deadline:
             return None, ("DEADLINE_EXCEEDED", "deadline passed before the worker got the request")
-        ring = self.rings.get(req.ring)
-        if ring is None:
-            try:
-                ring = ShmRing.attach(req.ring)
-            except (RingError, OSError) as exc:
-                # Say so rather than drop it: the frontend (if alive) would wait until the deadline.
-                log.warning("cannot attach ring %s: %s", req.ring, exc)
-                return None, ("INTERNAL", f"worker {self.name} cannot map the frontend's shared memory: {exc}")
-            self.rings[req.ring] = ring
-            self._forget_dead_rings()
+        try:
+            ring = self._ring(req.ring)
+        except (RingError, OSError) as exc:
+            # Say so rather than drop it: the frontend (if alive) would wait until the deadline.
+            log.warning("cannot attach ring %s: %s", req.ring, exc)
+            return None, ("INTERNAL", f"worker {self.name} cannot map the frontend's shared memory: {exc}")
         if req.slot >= ring.slots or ring.generation(req.slot) != req.generation:
             return None, None  # stale: the slot has moved on
         try:
@@ -279,6 +282,29 @@ class Worker:
                 self._handle(router, frames)
             except DecodeError:
                 log.warning("malformed message from a frontend (%d frame(s)); dropped", len(frames))
+
+    def _ring(self, name: str) -> ShmRing:
+        """The frontend's ring, mapped at the first ping or request that names it; a new one is queued
+        for the inference thread to have the engine prepare (page-lock) it before its first batch."""
+        ring = self.rings.get(name)
+        if ring is None:
+            ring = ShmRing.attach(name)
+            self.rings[name] = ring
+            self._to_prepare.put(ring)
+            self._forget_dead_rings()
+        return ring
+
+    def _prepare_new_rings(self, engine: "Engine") -> None:
+        """Inference thread: the engine prepares each ring the I/O thread has mapped since the last call."""
+        while True:
+            try:
+                ring = self._to_prepare.get_nowait()
+            except queue.Empty:
+                return
+            if not ring.retired:
+                t0 = time.perf_counter()
+                engine.prepare_input_memory(ring.mapping)
+                log.debug("worker %s: ring %s prepared in %.3f s", self.name, ring.name, time.perf_counter() - t0)
 
     def _forget_dead_rings(self) -> None:
         """Retires the rings of frontends that have gone (their segment was removed): the inference
@@ -327,10 +353,14 @@ class Worker:
             for job in live:
                 _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
 
-        # A rings' page-lock goes only while no batch is on the device (it may be reading from it).
+        def between() -> None:  # no batch on the device
+            self._release_retired(engine)
+            self._prepare_new_rings(engine)
+
+        # A ring's page-lock is taken and dropped only while no batch is on the device (it may be reading from it).
         pipeline: BatchPipeline[list[Job]] = BatchPipeline(
-            core, lambda outcomes, live: _send_outcomes(out, live, outcomes), failed,
-            between=lambda: self._release_retired(engine))
+            core, lambda outcomes, live: _send_outcomes(out, live, outcomes), failed, between=between)
+        self._prepare_new_rings(engine)  # the rings of the frontends that pinged while the model loaded
         self.ready = True
         out.send(_STATE_CHANGED)
         while True:
@@ -340,10 +370,12 @@ class Worker:
                 if pipeline.busy:
                     pipeline.flush()
                     continue
-                self._release_retired(engine)
+                between()
                 if self.stop.is_set():
                     break
                 continue
+            if not pipeline.busy:
+                between()  # (with a batch in flight the pipeline calls it once that batch is finished)
             try:
                 self._run_batch(pipeline, batch, out)
             except Exception:  # noqa: BLE001 - never let one batch end the loop

@@ -116,6 +116,11 @@ class Engine(ABC):
         frontends in its Pong): it decodes them itself, and on a GPU, where that saves host CPU."""
         return self.decodes_jpeg and str(self.device).startswith("cuda")
 
+    def prepare_input_memory(self, mapping: object) -> None:
+        """Inputs will come from this shared-memory mapping (a frontend's ring, mmap.mmap): prepare it
+        now, e.g. page-lock it, so that the first batch from it does not pay that. Called by the
+        thread that calls infer, between batches (and before the worker says it is ready)."""
+
     def release_input_memory(self, mapping: object) -> None:
         """No more inputs will come from this shared-memory mapping (its frontend is gone): drop
         anything that refers to it, such as a page-lock registration, so that it can be unmapped.

@@ -32,7 +32,13 @@ class PinnedMappings:
         base = arr.base
         while isinstance(base, (np.ndarray, memoryview)):  # np.frombuffer(mapping) keeps a memoryview of it
             base = base.obj if isinstance(base, memoryview) else base.base
-        if not isinstance(base, mmap.mmap) or id(base) in self._pinned:
+        if isinstance(base, mmap.mmap):
+            self.pin_mapping(base)
+
+    def pin_mapping(self, base: mmap.mmap) -> None:
+        """Page-locks a shared-memory mapping, once: ahead of its first batch when the worker knows
+        the ring early (the first batch of each frontend paid it otherwise: tens of ms per 100 MB)."""
+        if not self.enabled or id(base) in self._pinned:
             return
         try:
             # The ctypes view exports the mapping's buffer, so the worker cannot unmap a ring while

@@ -70,6 +70,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
+import mmap
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -316,6 +317,11 @@ class FastMaskRCNN(Engine):
     def _pin_source(self, arr: np.ndarray) -> None:
         """Page-locks the shared-memory mapping an input lives in, once, so copies to the GPU are DMA."""
         self._pinned.pin_source(arr)
+
+    def prepare_input_memory(self, mapping: object) -> None:
+        if isinstance(mapping, mmap.mmap):
+            with self._graph_cache.recording:  # a CUDA call: never while a background capture records
+                self._pinned.pin_mapping(mapping)
 
     def release_input_memory(self, mapping: object) -> None:
         with self._graph_cache.recording:  # a CUDA call: never while a background capture records
