@@ -26,7 +26,8 @@ class Timings:
 
     queue_us: int = 0  # dispatched by the frontend -> its batch started
     decode_us: int = 0  # image decoding: the frontend's, plus the worker's CPU decode of a JPEG sent compressed
-    inference_us: int = 0  # the engine call of its batch
+    # its batch on the engine, started to answered (the previous batch was encoded meanwhile: pipeline.py)
+    inference_us: int = 0
     encode_us: int = 0  # this response's encoding
     batch_size: int = 0
     total_us: int = 0  # received by the frontend -> encoded (set by the encoder)
