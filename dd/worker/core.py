@@ -113,11 +113,7 @@ class WorkerCore:
 
     def run(self, items: list[WorkItem], started: float | None = None) -> list[Outcome]:
         """One Outcome per item, in order. started: time.time() when the batch left the queue."""
-        return self.encode_batch(self.infer_batch(items, started))
-
-    def infer_batch(self, items: list[WorkItem], started: float | None = None) -> "InferredBatch":
-        """The batch's engine half, started and finished (see start_batch)."""
-        return self.finish_batch(self.start_batch(items, started))
+        return self.encode_batch(self.finish_batch(self.start_batch(items, started)))
 
     def start_batch(self, items: list[WorkItem], started: float | None = None) -> "StartedBatch":
         """Decodes what the engine does not and starts the engine on the rest (Engine.start: an engine

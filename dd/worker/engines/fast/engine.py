@@ -137,6 +137,11 @@ class _FixedGraph:
     graph: torch.cuda.CUDAGraph | None  # None on the CPU: run eagerly
 
 
+def _shape_key(item: EngineInput) -> tuple[int, int, str | None]:
+    """Images with the same key run through the same network shapes: size and depth dtype."""
+    return (*image_size(item.color), None if item.depth is None else item.depth.dtype.str)
+
+
 def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
     """NMS within each group, as one NMS call: groups are moved apart so they cannot overlap.
 
@@ -522,7 +527,7 @@ class FastMaskRCNN(Engine):
             return lambda: self.infer(batch, want_masks)
         h, w = size
         with self._graph_cache.recording, torch.inference_mode():
-            _, out = self._run_fixed(batch, h, w)
+            out = self._run_fixed(batch, h, w)
 
         def finish() -> list[Detections]:
             with self._graph_cache.recording, torch.inference_mode():
@@ -533,7 +538,7 @@ class FastMaskRCNN(Engine):
     def _one_graph_size(self, batch: list[EngineInput]) -> tuple[int, int] | None:
         if not self.fixed or not batch or len(batch) > self.buckets[-1]:
             return None
-        kinds = {(*image_size(x.color), None if x.depth is None else x.depth.dtype.str) for x in batch}
+        kinds = {_shape_key(x) for x in batch}
         if len(kinds) != 1:
             return None
         h, w, _ = kinds.pop()
@@ -544,8 +549,7 @@ class FastMaskRCNN(Engine):
         results: list[Detections | None] = [None] * len(batch)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, item in enumerate(batch):
-            depth_type = None if item.depth is None else item.depth.dtype.str
-            groups.setdefault((*image_size(item.color), depth_type), []).append(i)
+            groups.setdefault(_shape_key(item), []).append(i)
         for (h, w, _), idx in groups.items():
             items = [batch[i] for i in idx]
             if self.fixed:
@@ -664,10 +668,9 @@ class FastMaskRCNN(Engine):
         return _FixedGraph(color, depth, threshold, out, graph)
 
     def _infer_fixed(self, items: list[EngineInput], h: int, w: int, want_masks: bool) -> list[Detections]:
-        g, out = self._run_fixed(items, h, w)
-        return self._fixed_results(items, h, w, want_masks, out)
+        return self._fixed_results(items, h, w, want_masks, self._run_fixed(items, h, w))
 
-    def _run_fixed(self, items: list[EngineInput], h: int, w: int) -> tuple[_FixedGraph, dict[str, torch.Tensor]]:
+    def _run_fixed(self, items: list[EngineInput], h: int, w: int) -> dict[str, torch.Tensor]:
         """Writes the batch into its graph's inputs and queues the graph (or runs the same network op by
         op where the graph is not there yet). Returns with the device still working on a graph."""
         n = len(items)
@@ -695,9 +698,9 @@ class FastMaskRCNN(Engine):
         g.threshold.fill_(min(it.score_threshold for it in items))
         if g.graph is not None:
             g.graph.replay()
-            return g, g.out
+            return g.out
         # the CPU (tests), or a shape whose graph is on its way: the same network, op by op
-        return g, self._fixed_forward(g.color, g.depth, g.threshold)
+        return self._fixed_forward(g.color, g.depth, g.threshold)
 
     def _fixed_results(self, items: list[EngineInput], h: int, w: int, want_masks: bool,
                        out: dict[str, torch.Tensor]) -> list[Detections]:
