@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import AsyncIterator, Callable, NoReturn
 
 import grpc
@@ -24,6 +23,7 @@ import grpc
 from dd.frontend.decode import check_options as _check_options
 from dd.frontend.errors import ServeError, Status
 from dd.frontend.inputs import DetectionRequest, ImageInput
+from dd.frontend.protocols.one_message import read_one
 from dd.frontend.requests import RequestPath
 from dd.frontend.streams import serve_stream
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
@@ -164,38 +164,14 @@ class DetectorService:
         arriving (a client stalled one byte short of 60 MB) is given up after upload_timeout_s instead
         of being held for as long as the client likes."""
         try:
-            request = await self._read_one(requests, context.time_remaining())
+            request = await read_one(requests, context.time_remaining(), self.api.cfg.upload_timeout_s, "Detect",
+                                     "DetectRequest", "DetectStream")
             return await self._run(request, context.time_remaining())
         except ServeError as exc:
             status, message = exc.status, exc.message
         except Exception as exc:  # noqa: BLE001 - a bug must fail this request only, and say so
             status, message = internal(exc)
         await abort(context, grpc_code(status), message)
-
-    async def _read_one(self, requests: AsyncIterator[pb.DetectRequest], time_remaining: float | None):
-        """The call's one message, and then the end of its stream (a unary client sends both at once).
-
-        The end is read too: a call whose handler ends before gRPC has seen the end of its request
-        stream keeps the received message in memory after the call is over (23 MB a call, measured).
-        """
-        upload = self.api.cfg.upload_timeout_s
-        wait = upload if time_remaining is None else min(upload, time_remaining)
-        until = time.monotonic() + wait
-        try:
-            request = await asyncio.wait_for(requests.__anext__(), timeout=wait)
-            try:
-                await asyncio.wait_for(requests.__anext__(), timeout=max(0.0, until - time.monotonic()))
-            except StopAsyncIteration:
-                return request
-            raise ServeError(Status.INVALID_ARGUMENT,
-                             "Detect takes one DetectRequest; use DetectStream for several")
-        except StopAsyncIteration:
-            raise ServeError(Status.INVALID_ARGUMENT, "the call carried no DetectRequest") from None
-        except asyncio.TimeoutError:
-            raise ServeError(Status.DEADLINE_EXCEEDED,
-                             f"the request message did not arrive within {wait:.0f} s of the call's start "
-                             "(upload_timeout_s); send smaller images or ask the operator to raise "
-                             "--upload-timeout") from None
 
     def _error_body(self, req: pb.DetectRequest | CorruptMessage, status: Status, message: str) -> bytes:
         """A stream's response for a failed request; what it echoes is cut to the limits."""

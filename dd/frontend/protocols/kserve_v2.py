@@ -20,7 +20,6 @@ registers it on the main port and, with --kserve-port, alone on a port of its ow
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from dd.frontend.errors import ServeError, Status
 from dd.frontend.inputs import MASKS_NONE, MASKS_RLE, DetectionRequest, Outcome
 from dd.frontend.protocols.detector_v1 import MAX_STATUS_CHARS, abort, grpc_code, internal, parser
 from dd.frontend.protocols.kserve_inputs import OUTPUTS, VERSION, InferInputs, check_version, parse_infer
+from dd.frontend.protocols.one_message import read_one
 from dd.frontend.requests import RequestPath
 from dd.frontend.streams import serve_stream
 from dd.logsafe import clip
@@ -326,7 +326,8 @@ class KServeV2:
 
     async def model_infer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> bytes:
         try:
-            request = await read_one(requests, context.time_remaining(), self.api.cfg.upload_timeout_s)
+            request = await read_one(requests, context.time_remaining(), self.api.cfg.upload_timeout_s, "ModelInfer",
+                                     "ModelInferRequest", "ModelStreamInfer")
             return await self._infer(request, context.time_remaining())
         except ServeError as exc:
             status, message = exc.status, exc.message
@@ -356,28 +357,6 @@ def to_request(inputs: InferInputs) -> DetectionRequest:
                             mask_format=MASKS_RLE if inputs.wants_masks else MASKS_NONE,
                             request_id=inputs.request_id, model_version=inputs.version, outputs=list(inputs.outputs),
                             output_regions=list(inputs.output_regions))
-
-
-async def read_one(requests: AsyncIterator[Any], time_remaining: float | None, upload_timeout_s: float) -> Any:
-    """The call's one message, and then the end of its stream (a unary client sends both at once);
-    DEADLINE_EXCEEDED if it has not all arrived within upload_timeout_s."""
-    wait = upload_timeout_s if time_remaining is None else min(upload_timeout_s, time_remaining)
-    until = time.monotonic() + wait
-    try:
-        request = await asyncio.wait_for(requests.__anext__(), timeout=wait)
-        try:
-            await asyncio.wait_for(requests.__anext__(), timeout=max(0.0, until - time.monotonic()))
-        except StopAsyncIteration:
-            return request
-        raise ServeError(Status.INVALID_ARGUMENT, "ModelInfer takes one ModelInferRequest; use ModelStreamInfer "
-                                                  "for several")
-    except StopAsyncIteration:
-        raise ServeError(Status.INVALID_ARGUMENT, "the call carried no ModelInferRequest") from None
-    except asyncio.TimeoutError:
-        raise ServeError(Status.DEADLINE_EXCEEDED,
-                         f"the request message did not arrive within {wait:.0f} s of the call's start "
-                         "(upload_timeout_s); send smaller images or ask the operator to raise "
-                         "--upload-timeout") from None
 
 
 def _check_parsed(request: Any) -> None:
