@@ -229,3 +229,29 @@ def test_a_name_registered_by_two_frontends_at_once_is_registered_once(segment, 
     _fails(Status.ALREADY_EXISTS, a.register, "in", _key(segment), 8, 8)
     assert [(r.offset, r.byte_size) for r in b.status("")] == [(0, 8)]
     assert sorted(p.name for p in (run_dir / client_shm.SUBDIR).iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_unchanged_registration_is_read_from_its_file_once(segment, run_dir, monkeypatch) -> None:
+    """Each request looks up up to six regions: the file is read again only when it is another file."""
+    other = shared_memory.SharedMemory(create=True, size=64)
+    try:
+        other.buf[:8] = b"ABCDEFGH"
+        a, b = ClientShmRegistry(run_dir), ClientShmRegistry(run_dir)
+        a.register("in", _key(segment), 0, 64)
+        reads = []
+        real_read = ClientShmRegistry._read
+        monkeypatch.setattr(ClientShmRegistry, "_read", lambda self, path: reads.append(path) or real_read(self, path))
+        for _ in range(5):
+            assert bytes(b.view("in", 0, 8)) == bytes(segment.buf[:8])
+        assert len(reads) == 1
+        a.unregister("in")  # gone: seen at once
+        _fails(Status.INVALID_ARGUMENT, b.view, "in", 0, 8)
+        a.register("in", "/" + other.name, 0, 64)  # the same name again: another file, read again
+        assert bytes(b.view("in", 0, 8)) == b"ABCDEFGH"
+        assert bytes(b.view("in", 0, 8)) == b"ABCDEFGH"
+        assert len(reads) == 2
+        a.close()
+        b.close()
+    finally:
+        other.close()
+        other.unlink()
