@@ -7,7 +7,12 @@ concurrency 1 sends the same 1280x720 RGB-D frame (UINT8 color, UINT16 depth, 4.
 raw_input_contents, through a registered system shared-memory region, or through one with the
 outputs written into a second region too, interleaved request by request so that a busy machine
 slows all alike. The shared-memory time includes the client copying the frame into its region each time
-(a camera frame has to get there). Prints one table; --json writes the numbers.
+(a camera frame has to get there). Prints one table, and a second with where the time went: the
+server's medians from ModelStatistics read after each request (untimed; KServe responses carry no
+timings): the frontend's total (from the parsed message to the worker's reply), decode (the copy into
+the ring), queued, inference, postprocess (the worker's encoding, and the outputs written into the
+client's region), then client + transport (p50 - total) and frontend + hand-offs (total - the four).
+--json writes the numbers.
 
     python scripts/bench_client_shm.py --requests 300
     python scripts/bench_client_shm.py --requests 300 --engine fast      # on a GPU: the fastest local path
@@ -65,6 +70,7 @@ def wait_health(target: str, proc: subprocess.Popen, timeout: float = 300) -> No
 # masks as COCO RLE (up to ~1 MB for 100 large masks of a 1280x720 frame).
 OUTPUTS = (("boxes", 4 << 10), ("scores", 1 << 10), ("classes", 1 << 10), ("masks", 4 << 20))
 OUTPUT_BYTES = sum(size for _, size in OUTPUTS)
+SPLIT = ("total", "decode", "queued", "inference", "postprocess")  # ModelStatistics, per request
 
 
 def null_model(root: Path) -> Path:
@@ -164,19 +170,28 @@ def main() -> None:
                 offset += size
             return stub.ModelInfer(req, timeout=60)
 
+        def server_ns() -> dict[str, int]:
+            i = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=30).model_stats[0].inference_stats
+            return {"total": i.success.ns, "decode": i.compute_input.ns, "queued": i.queue.ns,
+                    "inference": i.compute_infer.ns, "postprocess": i.compute_output.ns}
+
         kinds = {"in the message": in_message, "in shared memory": in_shm,
                  "inputs and outputs in shared memory": both_in_shm}
         ms: dict[str, list[float]] = {k: [] for k in kinds}
         cpu: dict[str, float] = {k: 0.0 for k in kinds}
+        server: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
         for _ in range(10):  # warm-up
             for fn in kinds.values():
                 fn()
         for _ in range(args.requests):
             for name, fn in kinds.items():
+                before = server_ns()
                 c0, t0 = time.process_time(), time.perf_counter()
                 fn()
                 ms[name].append((time.perf_counter() - t0) * 1e3)
                 cpu[name] += time.process_time() - c0
+                after = server_ns()
+                server[name].append({k: (after[k] - before[k]) / 1e6 for k in after})
         stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="frame"), timeout=30)
         stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="answers"), timeout=30)
         channel.close()
@@ -197,8 +212,17 @@ def main() -> None:
         v = ms[name]
         row = {"p50_ms": round(statistics.median(v), 3), "p90_ms": round(percentile(v, 90), 3),
                "mean_ms": round(statistics.fmean(v), 3), "client_cpu_ms": round(cpu[name] * 1e3 / len(v), 3)}
+        med = {k: statistics.median(x[k] for x in server[name]) for k in SPLIT}
+        row["server_ms"] = {k: round(v, 3) for k, v in med.items()}
+        row["client_transport_ms"] = round(row["p50_ms"] - med["total"], 3)
+        row["frontend_handoffs_ms"] = round(med["total"] - sum(med[k] for k in SPLIT[1:]), 3)
         result[name] = row
         print(f"{name:<36}{row['p50_ms']:>9.2f}{row['p90_ms']:>9.2f}{row['mean_ms']:>9.2f}{row['client_cpu_ms']:>15.2f}")
+    print("\nWhere the time went (medians, ms; the server's from ModelStatistics after each request):")
+    print(f"{'inputs':<36}" + "".join(f"{h:>19}" for h in (*SPLIT, "client+transport", "frontend+hand-offs")))
+    for name, row in result.items():
+        print(f"{name:<36}" + "".join(f"{row['server_ms'][k]:>19.2f}" for k in SPLIT)
+              + f"{row['client_transport_ms']:>19.2f}{row['frontend_handoffs_ms']:>19.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -342,15 +342,6 @@ def table(results: dict) -> list[str]:
         if "_error" in per:
             lines.append(f"- served with {f} frontend(s): **failed**: {per['_error'].splitlines()[0][:300]} "
                          f"(its log: serve_frontends{f}.log)")
-        for kind in results.get("kinds", []):
-            runs = per.get(kind, {})
-            if runs:
-                low = runs[min(runs, key=int)]
-                if "median_total_us" in low:
-                    lines.append(f"- served with {f} frontend(s), {kind}, concurrency {min(runs, key=int)}: server-side "
-                                 "medians (ms): " + ", ".join(
-                                     f"{k} {low[f'median_{k}_us'] / 1e3:.2f}"
-                                     for k in ("decode", "queued", "inference", "postprocess", "total")))
         for kind, why in per.get("_skipped", {}).items():
             lines.append(f"- served with {f} frontend(s): **{kind} skipped**: the server refused it ({why})")
     if "engine_error" in results:
@@ -365,7 +356,49 @@ def table(results: dict) -> list[str]:
                      f"{results['grpc_floor_ms']:.2f} ms (what any Python gRPC service pays here)")
     lines.append("- CPU ms per answered image (psutil, user + system, before and after each load; client warm-up "
                  "requests included); server = frontends + worker + supervisor, or the baseline's one process")
-    return lines
+    return lines + time_split_table(results)
+
+
+_SPLIT = ("decode", "queued", "inference", "postprocess")
+
+
+def time_split(r: dict) -> dict | None:
+    """Where a served request's time went, from one load's medians (ms): the server's Timing fields, and
+    client + transport (client p50 - server total: the client library, gRPC both ways, the worker's reply
+    back to the frontend) and frontend + hand-offs (total - decode - queued - inference - postprocess: the
+    frontend before and after decoding, the worker between the engine and the encoder). None without
+    timings (an older server, or no answers)."""
+    if not r.get("n") or "median_total_us" not in r:
+        return None
+    med = {k: r[f"median_{k}_us"] / 1e3 for k in (*_SPLIT, "total")}
+    return {"p50": r["p50_ms"], **med, "client_transport": r["p50_ms"] - med["total"],
+            "frontend_handoffs": med["total"] - sum(med[k] for k in _SPLIT)}
+
+
+def time_split_table(results: dict) -> list[str]:
+    """A second, small table: per request kind and frontend count, at the lowest concurrency loaded."""
+    rows = []
+    for kind in results.get("kinds", []):
+        for f, per in results.get("served", {}).items():
+            runs = per.get(kind, {})
+            if not runs:
+                continue
+            c = min(runs, key=int)
+            split = time_split(runs[c])
+            if split is not None:
+                rows.append(f"| {kind} | {f} | {c} | " + " | ".join(_f(split[k], 2) for k in (
+                    "p50", "total", *_SPLIT, "client_transport", "frontend_handoffs")) + " |")
+    if not rows:
+        return []
+    return ["", "### Where a served request's time goes (medians, ms, the lowest concurrency loaded)", "",
+            "| request | frontends | concurrency | client p50 | server total | decode | queued | inference | "
+            "postprocess | client + transport | frontend + hand-offs |", "|---|---|---|---|---|---|---|---|---|---|---|",
+            *rows, "",
+            "Server fields: the response's Timing (total: from the frontend's start on the request to the end of "
+            "the worker's encoding). client + transport = client p50 - total (the client library, gRPC both ways, "
+            "the reply's way back from the worker); frontend + hand-offs = total - decode - queued - inference - "
+            "postprocess (the frontend around the decode, the worker between the engine and the encoder). queued "
+            "spans the frontend's send to the worker's batch start (ZeroMQ, the worker's I/O thread, the batcher)."]
 
 
 def pictures(results: dict, out: Path) -> list[Path]:

@@ -92,6 +92,19 @@ def test_mixed_sizes_goal_per_size() -> None:
     assert out["d"] == {"n": 0, "errors_by_code": {}, "met": False}
 
 
+def test_time_split_derives_client_transport_and_frontend_handoffs() -> None:
+    r = {"n": 10, "p50_ms": 9.0, "median_total_us": 6000.0, "median_decode_us": 1000.0, "median_queued_us": 500.0,
+         "median_inference_us": 3000.0, "median_postprocess_us": 700.0}
+    split = bench_serve.time_split(r)
+    assert split["client_transport"] == pytest.approx(3.0)
+    assert split["frontend_handoffs"] == pytest.approx(0.8)
+    assert bench_serve.time_split({"n": 3, "p50_ms": 1.0}) is None  # a server without timings
+    results = {"kinds": ["raw"], "served": {"4": {"raw": {"64": {**r, "p50_ms": 50.0}, "1": r}}}}
+    lines = bench_serve.time_split_table(results)
+    rows = [line for line in lines if line.startswith("| raw |")]
+    assert rows == ["| raw | 4 | 1 | 9.00 | 6.00 | 1.00 | 0.50 | 3.00 | 0.70 | 3.00 | 0.80 |"]  # the lowest concurrency
+
+
 def test_requests_of_each_kind_decode_to_the_same_frame() -> None:
     frames = bench_requests.scenes(1, 48, 64)
     color, depth = frames[0]
@@ -144,6 +157,7 @@ def test_bench_serve_writes_table_json_and_pictures(tmp_path: Path) -> None:
     assert md.count("| served (deep-detection serve) | jpeg+png |") == 4
     assert md.count("| baseline (single-process gRPC server) |") == 2 * len(kinds)
     assert "(best)" in md and md.count("| worker core, pipelined (as a worker serves), batch") == 2
+    assert "Where a served request's time goes" in md and sum(line.startswith("| raw | ") for line in md.splitlines()) == 2  # per frontends
     assert (out / "serve_frontends1.log").exists() and (out / "baseline.log").exists()
     if _has_matplotlib():
         assert (out / "serve_throughput.png").stat().st_size > 0 and (out / "serve_latency.png").stat().st_size > 0
@@ -209,3 +223,19 @@ def test_bench_client_shm_measures_three_ways_in(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     assert set(res) == {"in the message", "in shared memory", "inputs and outputs in shared memory"}
     assert all(r["p50_ms"] > 0 and r["client_cpu_ms"] > 0 for r in res.values())
+    assert all(r["server_ms"]["total"] > 0 and r["server_ms"]["inference"] > 0 for r in res.values())
+
+
+@pytest.mark.slow
+def test_bench_fixed_cost_compares_trees_with_the_grpc_floor(tmp_path: Path) -> None:
+    out = tmp_path / "fixed"
+    _run(["scripts/bench_fixed_cost.py", "--tree", f"a={REPO}", "--tree", f"b={REPO}", "--rounds", "2",
+          "--requests", "2", "--height", "96", "--width", "128", "--out", str(out)], timeout=250)
+    rows = json.loads((out / "fixed_cost.json").read_text())["rows"]
+    assert {(r["tree"], r["kind"]) for r in rows} == {(t, k) for t in ("a", "b", "grpc floor")
+                                                      for k in ("raw 128x96", "kserve shm 128x96")}
+    for r in rows:
+        assert r["n"] == 4 and r["p50_ms"] > 0
+        if r["tree"] != "grpc floor":
+            assert r["total_ms"] > 0 and r["inference_ms"] > 0 and "client_transport_ms" in r
+    assert "| kserve shm 128x96 | grpc floor |" in (out / "fixed_cost.md").read_text()
