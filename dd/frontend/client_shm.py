@@ -106,9 +106,9 @@ class ClientShmRegistry:
         self.uid = os.geteuid() if uid is None else uid
         self.writable = writable
         self._maps: dict[str, _Mapping] = {}
-        # name -> (its file's identity when read, the Region read): registrations are written once (a new
-        # file, linked into place) and never changed in place, so an unchanged identity is an unchanged file.
-        self._read_cache: dict[str, tuple[tuple[int, int, int, int], Region]] = {}
+        # name -> (its file, the file's identity when read, the Region read): registrations are written once
+        # (a new file, linked into place) and never changed in place, so an unchanged identity is an unchanged file.
+        self._read_cache: dict[str, tuple[str, tuple[int, int, int, int], Region]] = {}
         self.dir.mkdir(mode=0o700, exist_ok=True)
 
     # -- the files ------------------------------------------------------------------------------
@@ -125,23 +125,23 @@ class ClientShmRegistry:
                                               "unregister the region and register it again") from None
 
     def _lookup(self, name: str) -> Region | None:
-        path = self._file(name)
+        cached = self._read_cache.get(name)
+        path = cached[0] if cached is not None else str(self._file(name))
         try:
             st = os.stat(path)
         except FileNotFoundError:
             self._read_cache.pop(name, None)
             return None
         identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        cached = self._read_cache.get(name)
-        if cached is not None and cached[0] == identity:
-            return cached[1]
-        region = self._read(path)
+        if cached is not None and cached[1] == identity:
+            return cached[2]
+        region = self._read(Path(path))
         if region is None or region.name != name:
             self._read_cache.pop(name, None)
             return None
         if len(self._read_cache) >= MAX_REGIONS:  # names of registrations gone since: forget them all
             self._read_cache.clear()
-        self._read_cache[name] = (identity, region)
+        self._read_cache[name] = (path, identity, region)
         return region
 
     def _all(self) -> list[Region]:
