@@ -5,16 +5,16 @@ its clock starts) before the message has arrived and a message that never finish
 given up after upload_timeout_s. The end of the stream is read too: a call whose handler ends before
 gRPC has seen it keeps the received message in memory after the call is over (23 MB a call, measured).
 
-Both reads run in the handler's own task under one deadline (asyncio.timeout). Not asyncio.wait_for
-around each read: on Python 3.11 that runs each read in a task of its own, and reading the end of the
-stream that way cost 1.8-3 ms per call with a 4.6 MB message on the CPU box (BENCHMARKS.md, "Where a
-request's time goes at concurrency 1"), against ~0.05 ms in the handler's task.
+Both reads run in one task under one deadline: the handler's own, with asyncio.timeout (Python 3.10:
+one wait_for around both). Not asyncio.wait_for around each read, which runs each in a task of its own:
+with a 4.6 MB message on the CPU box a bare grpc.aio server answered in 4.7-4.9 ms with plain reads or
+either of these, and in 7.4-8.4 ms with a wait_for per read (BENCHMARKS.md, "Where a request's time
+goes at concurrency 1").
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any, AsyncIterator
 
 from dd.frontend.errors import ServeError, Status
@@ -54,10 +54,9 @@ async def _reads(requests: AsyncIterator[Any]) -> Any:
     return _MORE
 
 
-if sys.version_info >= (3, 11):
-    async def _both(requests: AsyncIterator[Any], wait: float) -> Any:
-        async with asyncio.timeout(wait):
-            return await _reads(requests)
-else:  # Python 3.10 has no asyncio.timeout: one wait_for around both reads (one extra task, not two)
-    async def _both(requests: AsyncIterator[Any], wait: float) -> Any:
+async def _both(requests: AsyncIterator[Any], wait: float) -> Any:
+    timeout = getattr(asyncio, "timeout", None)
+    if timeout is None:  # Python 3.10 has no asyncio.timeout: one wait_for around both reads (one task, not two)
         return await asyncio.wait_for(_reads(requests), timeout=wait)
+    async with timeout(wait):
+        return await _reads(requests)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from typing import Any, AsyncIterator
 
 import pytest
@@ -69,7 +68,19 @@ def test_the_reads_run_in_the_callers_task() -> None:
         await read_one(recording(), None, 30.0, "Detect", "DetectRequest", "DetectStream")
         return asyncio.current_task()
 
-    if sys.version_info < (3, 11):
+    if not hasattr(asyncio, "timeout"):
         pytest.skip("Python 3.10 has no asyncio.timeout: one wait_for task around both reads")
     caller = asyncio.run(main())
     assert seen == [caller, caller]
+
+
+def test_without_asyncio_timeout_one_wait_for_does_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python 3.10 path."""
+    monkeypatch.delattr(asyncio, "timeout", raising=False)
+    assert read(messages("req")) == "req"
+    with pytest.raises(ServeError) as err:
+        read(messages("req", then_stall=True), upload_timeout_s=0.05)
+    assert err.value.status == Status.DEADLINE_EXCEEDED
+    with pytest.raises(ServeError) as err:
+        read(messages("a", "b"))
+    assert err.value.status == Status.INVALID_ARGUMENT
