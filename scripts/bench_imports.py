@@ -4,7 +4,7 @@
 The zygote imports `dd.zygote.worker_preload(...)` for the engines it serves before it can fork a
 worker: on the path start -> SERVING. Each run imports exactly that list in a fresh interpreter (the
 checkout's own `dd` first on PYTHONPATH) and times it; runs of the checkouts alternate (A B A B ...) so
-that a busy machine hurts each alike. Printed: the median wall time per checkout, whether torch._dynamo
+that a busy machine hurts each alike. Printed: the median wall and CPU time per checkout, whether torch._dynamo
 was imported, and (from `python -X importtime` of one more run) the cumulative import time of the
 largest packages.
 
@@ -26,13 +26,13 @@ from pathlib import Path
 
 CHILD = """
 import json, sys, time
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 from dd.config.engines import REGISTRY
 from dd.zygote import worker_preload
 mods = [REGISTRY[e].target.partition(':')[0] for e in sys.argv[1].split(',')]
 for m in worker_preload(mods):
     __import__(m)  # not importlib.import_module: -X importtime logs only what goes through __import__
-print(json.dumps({"s": time.perf_counter() - t0, "dynamo": "torch._dynamo" in sys.modules,
+print(json.dumps({"s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "dynamo": "torch._dynamo" in sys.modules,
                   "modules": len(sys.modules)}))
 """
 PACKAGES = ("torch", "torchvision", "torch._dynamo", "triton", "cv2", "numpy", "zmq", "dd.worker.server",
@@ -72,9 +72,11 @@ def main() -> int:
     print(f"| zygote imports for {args.engine}, {args.runs} runs each, interleaved | "
           + " | ".join(checkouts) + " |")
     print("|---|" + "---|" * len(checkouts))
-    print("| median s (min, max) | " + " | ".join(
+    print("| median wall s (min, max) | " + " | ".join(
         f"**{statistics.median(r['s'] for r in rs):.3f}** ({min(r['s'] for r in rs):.2f}, {max(r['s'] for r in rs):.2f})"
         for rs in runs.values()) + " |")
+    print("| median CPU s (user + system: less hurt by a busy machine) | " + " | ".join(
+        f"{statistics.median(r['cpu_s'] for r in rs):.3f}" for rs in runs.values()) + " |")
     print("| imports torch._dynamo | " + " | ".join(str(rs[0]["dynamo"]) for rs in runs.values()) + " |")
     print("| modules in sys.modules | " + " | ".join(str(rs[0]["modules"]) for rs in runs.values()) + " |")
     tops = {name: largest(run(path, args.engine, importtime=True)[1]) for name, path in checkouts.items()}
