@@ -2,11 +2,11 @@
 """What the worker zygote's imports cost, for one or more checkouts of this repository, interleaved.
 
 The zygote imports `dd.zygote.worker_preload(...)` for the engines it serves before it can fork a
-worker: on the path start -> SERVING. Each run imports exactly that list in a fresh interpreter (the
-checkout's own `dd` first on PYTHONPATH) and times it; runs of the checkouts alternate (A B A B ...) so
-that a busy machine hurts each alike. Printed: the median wall and CPU time per checkout, whether torch._dynamo
-was imported, and (from `python -X importtime` of one more run) the cumulative import time of the
-largest packages.
+worker: on the path start -> SERVING. Each run starts the checkout's own zygote (`python -m dd.zygote`,
+its `dd` first on PYTHONPATH) as the supervisor does and times it from its start to its "ready" line
+(wall time, and its CPU time: user + system, less hurt by a busy machine); runs of the checkouts
+alternate (A B A B ...) so that a busy machine hurts each alike. Then one plain import of the same list
+under `python -X importtime` says whether torch._dynamo was imported and what the largest packages cost.
 
     python scripts/bench_imports.py --engine fast --runs 9 --checkout main=/tmp/main --checkout new=.
 
@@ -19,30 +19,52 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-CHILD = """
-import json, sys, time
-t0, c0 = time.perf_counter(), time.process_time()
-from dd.config.engines import REGISTRY
-from dd.zygote import worker_preload
-mods = [REGISTRY[e].target.partition(':')[0] for e in sys.argv[1].split(',')]
-for m in worker_preload(mods):
-    __import__(m)  # not importlib.import_module: -X importtime logs only what goes through __import__
-print(json.dumps({"s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "dynamo": "torch._dynamo" in sys.modules,
-                  "modules": len(sys.modules)}))
-"""
 PACKAGES = ("torch", "torchvision", "torch._dynamo", "triton", "cv2", "numpy", "zmq", "dd.worker.server",
             "dd.worker.engines")
 
 
-def run(checkout: Path, engines: str, importtime: bool = False) -> tuple[dict, str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])))
-    argv = [sys.executable, *(["-X", "importtime"] if importtime else []), "-c", CHILD, engines]
-    out = subprocess.run(argv, cwd=checkout, env=env, capture_output=True, text=True, timeout=600)
+def checkout_env(checkout: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])))
+
+
+def preload(checkout: Path, engines: str) -> list[str]:
+    """The checkout's own worker_preload for these engines (what its supervisor would hand its zygote)."""
+    code = ("import json, sys; from dd.config.engines import REGISTRY; from dd.zygote import worker_preload; "
+            "print(json.dumps(worker_preload([REGISTRY[e].target.partition(':')[0] for e in sys.argv[1].split(',')])))")
+    out = subprocess.run([sys.executable, "-c", code, engines], cwd=checkout, env=checkout_env(checkout),
+                         capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout)
+
+
+def zygote_run(checkout: Path, modules: list[str]) -> dict:
+    """One zygote started, timed to its "ready" line, then stopped (the end of its stdin)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "dd.zygote", "--parent-pid", str(os.getpid()), *modules],
+                            cwd=checkout, env=checkout_env(checkout), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    line = proc.stdout.readline()
+    wall = time.perf_counter() - t0
+    proc.stdin.close()
+    proc.wait(60)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if b'"ready"' not in line:
+        raise SystemExit(f"{checkout}: the zygote did not start ({line!r}, rc {proc.returncode})")
+    return {"s": wall, "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)}
+
+
+def importtime_run(checkout: Path, modules: list[str]) -> tuple[dict, str]:
+    """The same modules imported once under -X importtime (through __import__, which is what it logs)."""
+    code = ("import json, sys\nfor m in sys.argv[1:]: __import__(m)\n"
+            "print(json.dumps({'dynamo': 'torch._dynamo' in sys.modules, 'modules': len(sys.modules)}))")
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", code, *modules], cwd=checkout,
+                         env=checkout_env(checkout), capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise SystemExit(f"{checkout}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
@@ -65,21 +87,23 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=7)
     args = ap.parse_args()
     checkouts = {name: Path(path).resolve() for name, path in (c.split("=", 1) for c in args.checkout)}
+    modules = {name: preload(path, args.engine) for name, path in checkouts.items()}
     runs: dict[str, list[dict]] = {name: [] for name in checkouts}
     for _ in range(args.runs):
         for name, path in checkouts.items():
-            runs[name].append(run(path, args.engine)[0])
-    print(f"| zygote imports for {args.engine}, {args.runs} runs each, interleaved | "
+            runs[name].append(zygote_run(path, modules[name]))
+    plain = {name: importtime_run(path, modules[name]) for name, path in checkouts.items()}
+    print(f"| zygote for {args.engine}: start to ready, {args.runs} runs each, interleaved | "
           + " | ".join(checkouts) + " |")
     print("|---|" + "---|" * len(checkouts))
     print("| median wall s (min, max) | " + " | ".join(
         f"**{statistics.median(r['s'] for r in rs):.3f}** ({min(r['s'] for r in rs):.2f}, {max(r['s'] for r in rs):.2f})"
         for rs in runs.values()) + " |")
-    print("| median CPU s (user + system: less hurt by a busy machine) | " + " | ".join(
+    print("| median CPU s (user + system) | " + " | ".join(
         f"{statistics.median(r['cpu_s'] for r in rs):.3f}" for rs in runs.values()) + " |")
-    print("| imports torch._dynamo | " + " | ".join(str(rs[0]["dynamo"]) for rs in runs.values()) + " |")
-    print("| modules in sys.modules | " + " | ".join(str(rs[0]["modules"]) for rs in runs.values()) + " |")
-    tops = {name: largest(run(path, args.engine, importtime=True)[1]) for name, path in checkouts.items()}
+    print("| imports torch._dynamo | " + " | ".join(str(plain[n][0]["dynamo"]) for n in checkouts) + " |")
+    print("| modules in sys.modules | " + " | ".join(str(plain[n][0]["modules"]) for n in checkouts) + " |")
+    tops = {name: largest(plain[name][1]) for name in checkouts}
     for pkg in PACKAGES:
         print(f"| of one `-X importtime` run: {pkg} | "
               + " | ".join(f"{tops[n][pkg]:.3f}" if pkg in tops[n] else "-" for n in checkouts) + " |")

@@ -189,7 +189,7 @@ def test_bench_imports_times_the_zygotes_imports_of_each_checkout() -> None:
     out = _run(["scripts/bench_imports.py", "--engine", "null", "--runs", "1", "--checkout", f"a={REPO}",
                 "--checkout", f"b={REPO}"], timeout=120)
     lines = out.splitlines()
-    assert lines[0].startswith("| zygote imports for null, 1 runs each") and lines[0].endswith("| a | b |")
+    assert lines[0].startswith("| zygote for null: start to ready, 1 runs each") and lines[0].endswith("| a | b |")
     assert "| imports torch._dynamo | False | False |" in lines
     assert any(ln.startswith("| of one `-X importtime` run: dd.worker.server | 0.") for ln in lines), out
 
