@@ -6,7 +6,8 @@ capture its graphs (scripts/profile_startup.py). A worker restarted after a cras
 that again while its GPU idles. The supervisor therefore starts one zygote, which imports
 those modules (without touching CUDA: a forked child must initialise CUDA itself, after
 its CUDA_VISIBLE_DEVICES is set), and asks it to fork each worker. The child starts with the
-imports done.
+imports done. The imports themselves are on the path start -> SERVING: they run without the cyclic GC,
+and without torch._dynamo (dd.lazy_dynamo; scripts/bench_imports.py times them).
 
 Protocol (JSON lines): the supervisor writes {"spawn": id, "argv": [python, "-m", module,
 ...], "env": {...}, "log": path or null} to the zygote's stdin; the zygote answers
