@@ -6,7 +6,8 @@ capture its graphs (scripts/profile_startup.py). A worker restarted after a cras
 that again while its GPU idles. The supervisor therefore starts one zygote, which imports
 those modules (without touching CUDA: a forked child must initialise CUDA itself, after
 its CUDA_VISIBLE_DEVICES is set), and asks it to fork each worker. The child starts with the
-imports done.
+imports done. The imports themselves are on the path start -> SERVING: they run without the cyclic GC,
+and without torch._dynamo (dd.lazy_dynamo; scripts/bench_imports.py times them).
 
 Protocol (JSON lines): the supervisor writes {"spawn": id, "argv": [python, "-m", module,
 ...], "env": {...}, "log": path or null} to the zygote's stdin; the zygote answers
@@ -22,6 +23,7 @@ subprocess.Popen's interface the supervisor uses.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import logging
@@ -53,6 +55,11 @@ def serve(preload: list[str], parent_pid: int) -> int:
     # The protocol keeps the original stdout to itself; whatever a module prints goes to stderr.
     _proto = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    # The cyclic GC would scan the growing heap of torch's modules over and over while they import (about a
+    # tenth of their CPU time on the CI box); after the imports, those objects are frozen (gc.freeze: kept
+    # out of every later collection, the zygote's and its children's, as the gc module's documentation advises
+    # before fork without exec) so that a worker's collections scan only its own objects.
+    gc.disable()
     for name in preload:
         try:
             importlib.import_module(name)
@@ -64,6 +71,8 @@ def serve(preload: list[str], parent_pid: int) -> int:
     if torch is not None and torch.cuda.is_initialized():  # pragma: no cover - a preloaded module broke the rule
         _write({"fatal": "a preloaded module initialised CUDA; workers cannot be forked from here"})
         return 1
+    gc.freeze()
+    gc.enable()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -108,6 +117,7 @@ def _spawn(req: dict, *close_fds: int) -> None:
     argv = list(req["argv"])
     if "--parent-pid" in argv:  # the child's parent is this process, and it stops when this one does
         argv[argv.index("--parent-pid") + 1] = str(os.getpid())
+    gc.freeze()  # what the zygote made since, too (cheap: a list moved, nothing scanned)
     try:
         pid = os.fork()
     except OSError as exc:

@@ -10,6 +10,7 @@ from torchvision.models.detection import MaskRCNN
 
 from dd.config import ModelConfig
 from dd.models.maskrcnn import build_maskrcnn, load_state_dict
+from dd.models.no_random_init import skip_random_init
 
 
 def build_loaded_model(cfg: ModelConfig) -> MaskRCNN:
@@ -30,10 +31,11 @@ def build_loaded_model(cfg: ModelConfig) -> MaskRCNN:
     if cfg.input_kind == "rgbd":
         mean.append(cfg.depth_mean_m)
         std.append(cfg.depth_std_m)
-    model = build_maskrcnn(cfg.architecture, cfg.num_classes, cfg.channels, cfg.min_size, cfg.max_size,
-                           mean, std, cfg.score_threshold)
     if cfg.weights is None:
         raise ValueError(f"model {cfg.name}: engine {cfg.engine!r} needs MODEL_WEIGHT")
+    with skip_random_init():  # every value is overwritten below, or the load fails: no random draws first
+        model = build_maskrcnn(cfg.architecture, cfg.num_classes, cfg.channels, cfg.min_size, cfg.max_size,
+                               mean, std, cfg.score_threshold)
     state = load_state_dict(cfg.weights)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -198,6 +198,16 @@ def test_startup_phases_times_each_phase_of_a_null_server(tmp_path: Path) -> Non
     assert set(res["summary"]["this"]["gap_median_s"]) == {"first_spawn", "discover", "ready", "serving"}
 
 
+def test_bench_imports_times_the_zygotes_imports_of_each_checkout() -> None:
+    """The null engine's preload (no torch): quick, and still the zygote's exact list."""
+    out = _run(["scripts/bench_imports.py", "--engine", "null", "--runs", "1", "--checkout", f"a={REPO}",
+                "--checkout", f"b={REPO}"], timeout=120)
+    lines = out.splitlines()
+    assert lines[0].startswith("| zygote for null: start to ready, 1 runs each") and lines[0].endswith("| a | b |")
+    assert "| imports torch._dynamo | False | False |" in lines
+    assert any(ln.startswith("| of one `-X importtime` run: dd.worker.server | 0.") for ln in lines), out
+
+
 @pytest.mark.slow
 def test_bench_mixed_sizes_reports_each_size(tmp_path: Path) -> None:
     out = tmp_path / "mixed"

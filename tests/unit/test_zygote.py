@@ -39,6 +39,8 @@ def test_child_runs_its_module_with_the_zygotes_imports_and_its_own_environment(
     proc = zygote.spawn(child_argv(tmp_path / "r.json"), {"ZYGOTE_TEST": "mine", "PYTHONPATH": str(REPO)}, None)
     report = read_report(tmp_path / "r.json")
     assert report["preloaded"], "the module the zygote imported is already there in the child"
+    # The zygote's objects are frozen (its children's collections never scan them); collection itself is on.
+    assert report["gc_enabled"] and report["frozen"] > 1000
     assert report["env"] == "mine"
     # Its parent is the zygote, and it was told so (it stops when the zygote does).
     assert report["ppid"] == zygote.proc.pid

@@ -11,6 +11,7 @@ from dd.models.detectron2.checkpoint import read_weights
 from dd.models.detectron2.config import Detectron2Spec
 from dd.models.detectron2.convert import convert_state_dict
 from dd.models.detectron2.network import build_network
+from dd.models.no_random_init import skip_random_init
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ def load_detectron2_model(spec: Detectron2Spec, weights: Path | str, *, score_th
     found = read_weights(weights)
     for note in found.notes:
         log.info("%s: %s", weights, note)
-    model = build_network(spec)
+    with skip_random_init():  # the strict load below overwrites every value: no random draws first
+        model = build_network(spec)
     state = convert_state_dict(found.state, spec, model.state_dict(), source=str(weights))
     model.load_state_dict(state, strict=True)
     if score_threshold is not None:

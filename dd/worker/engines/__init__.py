@@ -10,9 +10,12 @@ import dataclasses
 import importlib
 import logging
 
+from dd import lazy_dynamo
 from dd.config import ConfigError, ModelConfig
 from dd.config.engines import REGISTRY, Option, check_options, is_custom
 from dd.worker.engines.base import Engine, EngineUnavailable
+
+lazy_dynamo.install()  # before any engine imports torchvision: 1.2 s less of a worker's imports (see there)
 
 log = logging.getLogger(__name__)
 
