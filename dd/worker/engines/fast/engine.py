@@ -778,7 +778,10 @@ class FastMaskRCNN(Engine):
                 if rw < cw:
                     slot[:, :rh, rw:].zero_()
                 rows[i] = image_row(h, w, rh, rw)
-        g.sizes[:len(items)].copy_(torch.from_numpy(rows), non_blocking=self.dev.type == "cuda")
+        src = torch.from_numpy(rows)
+        if self.dev.type == "cuda":  # from PyTorch's caching host allocator: not reused before the copy ran
+            src = src.pin_memory()
+        g.sizes[:len(items)].copy_(src, non_blocking=True)
 
     def _fixed_results(self, items: list[EngineInput], want_masks: bool,
                        out: dict[str, torch.Tensor]) -> list[Detections]:
