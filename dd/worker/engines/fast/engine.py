@@ -5,20 +5,38 @@ image, hundreds of small kernels launched one by one, host syncs after every
 filtering step, and a Python loop that pastes every instance's mask into a
 full-image tensor, which pycocotools then scans pixel by pixel. Here:
 
-- the whole network, from the uint8 pixels to each detection's mask
-  probabilities, runs with fixed shapes (fixed_shapes.py: padded top-k lists
-  with validity masks, NMS as a batched fixed point), so it is captured once
-  per (batch bucket, input size) as one CUDA graph and replayed with one launch;
-  a batch is padded up to the next captured bucket (1, 2, 4, 8, ...), as vLLM
-  does; an input size not captured at load (warmup_sizes) is served at once on
-  the same network run op by op while one background thread captures its
-  graph (graph_cache.py), so no request waits for a capture, nor for a Triton
-  compilation: the kernels take every size-dependent number unspecialized
-  (kernels/specialization.py), so the warm-up's compilation serves every size,
-  and load also runs the network once op by op at an "odd" size whose feature
-  maps divide differently (odd_size.py) to compile whatever is still keyed on that;
-- preprocessing (convert, normalise, resize, pad) runs in that graph too, from
-  the shared-memory slot copied through a pinned (page-locked) mapping;
+- the whole network, from the normalised, resized and zero-padded network
+  input to each detection's mask probabilities, runs with fixed shapes
+  (fixed_shapes.py: padded top-k lists with validity masks, NMS as a batched
+  fixed point), so it is captured once per (batch bucket, canvas) as one CUDA
+  graph and replayed with one launch. A canvas is a padded network input size
+  (canvases.py): the warm-up sizes' own, and the largest two the resize rule
+  can make (landscape and portrait), so every input size fits one; a batch
+  of any sizes runs on the smallest canvas that holds all its images, each
+  image at the top left of its slot with zeros around it, and its sizes (the
+  resized size that bounds its boxes, the ratio and size back to input
+  pixels) as per-image tensors that the graph reads, so no input size needs
+  a capture of its own. A batch is padded up to the next captured bucket
+  (1, 2, 4, 8, ...), as vLLM does. The largest canvases are captured by a
+  background thread right after load (max_canvases_at_load: at load); a
+  batch whose canvas is still being captured, or that fits none of a
+  configured `canvases`, runs the same network op by op on its canvas
+  meanwhile (graph_cache.py), so no request waits for a capture, nor for a
+  Triton compilation: the kernels take every size-dependent number
+  unspecialized (kernels/specialization.py), and load also pastes masks at an
+  "odd" input size (odd_size.py) to compile whatever is still keyed on that;
+- an image whose canvas is its own padded size gets exactly the answers it
+  got with a graph per input size (the same network input bit for bit, the
+  same clamps); on a larger canvas (batched with a larger image, or where
+  its own canvas is not one of the canvases) it is padded more, as torchvision
+  and detectron2 pad an image batched with larger ones, and its answers may
+  differ slightly: features within reach of the extra padding, and RPN
+  anchors over it, change;
+- preprocessing runs eagerly before the replay, per group of equal input size
+  (convert, normalise, resize: elementwise ops, interpolate, PIL's taps;
+  nothing planned or compiled per size), from the shared-memory slot copied
+  through a pinned (page-locked) mapping or a batch's JPEGs decoded by nvJPEG,
+  written into each image's slot of the canvas;
 - backbone, FPN and RPN head run in fp16, channels-last, batch norm folded and
   a ResNet's ReLUs, residual adds and downsample biases inside cuDNN's
   convolutions, the RPN head's conv + ReLU as one (fused_blocks.py); the FPN's
@@ -57,8 +75,10 @@ fuse_conv_relu (true; ReLUs, residual adds and biases in cuDNN's convolutions,
 GPU only, needs fold_batchnorm), triton_fpn (true; GPU only), triton_nms (true;
 GPU only), triton_roi_align (true; GPU only), class_mask_head (true),
 pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
-8, ...] up to MAX_BATCH_SIZE), warmup_sizes ([[H, W], ...] input sizes to
-capture graphs for at load), warmup_odd_size (true on a GPU), background_capture (true),
+8, ...] up to MAX_BATCH_SIZE), warmup_sizes ([[H, W], ...] input sizes whose
+canvases are captured at load), canvases ([[H, W], ...] padded network inputs
+with graphs; default the warm-up sizes' and the largest two),
+max_canvases_at_load (false), warmup_odd_size (true on a GPU), background_capture (true),
 cudnn_benchmark (false),
 blocking_sync (false), allow_cpu (false; the CPU path exists for tests
 and has no graphs or fp16). Each Triton step falls back to torch operations,
