@@ -85,6 +85,8 @@ FAST_OPTIONS: dict[str, Option] = {
     "canvases": Option((list, type(None)), None, "padded network input sizes [[H, W], ...] with graphs; a batch runs on "
                                                  "the smallest that holds it (default: the warm-up sizes' own and the "
                                                  "largest the resize rule makes)"),
+    "exact_canvases": Option(bool, False, "each image on its own padded size only (answers independent of batching, "
+                                          "as parity checks want; a canvas per padded size, captured when first met)"),
     "max_canvases_at_load": Option(bool, False, "capture every canvas at load; false captures those beyond the "
                                                 "warm-up sizes' in the background right after load"),
     "warmup_odd_size": Option(bool, True, "at load, one op-by-op run at a size whose feature maps divide differently "

@@ -246,3 +246,17 @@ def test_a_size_beyond_every_canvas_runs_on_its_own_and_says_so(folders: Path,
     assert (192, 256) in engine.canvases  # later batches of that size find it
     (det,) = engine.infer([_item(1, 240, 320)])
     assert len(det.scores) > 0
+
+
+def test_exact_canvases_run_each_image_on_its_own_padded_size(folders: Path) -> None:
+    """exact_canvases (parity checks): a batch of two padded sizes runs as two graphs, each image with the
+    answers it gets alone on its own canvas, bit for bit (one bucket: same shapes)."""
+    engine = _engine(folders / "rgbd", batch_buckets=[2], exact_canvases=True)
+    by_default = _engine(folders / "rgbd", batch_buckets=[2], canvases=[[160, 256], [192, 256], [256, 192]])
+    items = [_item(0, 180, 320), _item(7, 240, 320), _item(1, 180, 320)]
+    assert engine._batch_canvas(items) is None and engine._batch_canvas(items[::2]) == (160, 256)
+    assert by_default._batch_canvas(items) == (192, 256)
+    for own, got in zip([by_default.infer([it])[0] for it in items], engine.infer(items)):
+        _same(own, got)
+    for own, got in zip([by_default.infer([it])[0] for it in items[::2]], engine.start(items[::2])()):
+        _same(own, got)

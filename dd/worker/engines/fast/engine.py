@@ -78,7 +78,8 @@ pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
 8, ...] up to MAX_BATCH_SIZE), warmup_sizes ([[H, W], ...] input sizes whose
 canvases are captured at load), canvases ([[H, W], ...] padded network inputs
 with graphs; default the warm-up sizes' and the largest two),
-max_canvases_at_load (false), warmup_odd_size (true on a GPU), background_capture (true),
+max_canvases_at_load (false), exact_canvases (false; true: each image on its own
+padded size only, as parity checks want), warmup_odd_size (true on a GPU), background_capture (true),
 cudnn_benchmark (false),
 blocking_sync (false), allow_cpu (false; the CPU path exists for tests
 and has no graphs or fp16). Each Triton step falls back to torch operations,
@@ -243,6 +244,9 @@ class FastMaskRCNN(Engine):
             parse_canvases(opts["canvases"]) if opts.get("canvases") is not None else
             default_canvases(sizes, lambda h, w: sem.resized_size(h, w, cfg.min_size, cfg.max_size),
                              cfg.min_size, cfg.max_size))
+        # Each image on its own padded size only (answers independent of batching and of the canvases, as a
+        # graph per input size gave them; its canvas is captured when first met): for parity checks.
+        self.exact_canvases = bool(opts.get("exact_canvases", False))
         self._mask_size: tuple[int, ...] = ()
         self._fixed_graphs: dict[tuple[Any, ...], _FixedGraph] = {}
         self._ratios: dict[tuple[int, ...], torch.Tensor] = {}
@@ -272,7 +276,8 @@ class FastMaskRCNN(Engine):
         # The other canvases (the largest ones, by default): captured here if asked, else by the background
         # thread right after load, so start-up does not wait for them; a batch on one of them runs op by op
         # on it until its graph is there.
-        rest = [(b, *c) for b in self.buckets for c in self.canvases] if self.use_graphs and self.fixed else []
+        rest = ([(b, *c) for b in self.buckets for c in self.canvases]
+                if self.use_graphs and self.fixed and not self.exact_canvases else [])
         if opts.get("max_canvases_at_load", False):
             for key in rest:
                 self._graph_cache.capture_now(key)
@@ -576,14 +581,25 @@ class FastMaskRCNN(Engine):
         images than the largest bucket."""
         if not self.fixed or not batch or len(batch) > self.buckets[-1]:
             return None
-        return self.canvas_for([image_size(x.color) for x in batch])
+        sizes = [image_size(x.color) for x in batch]
+        if self.exact_canvases and len({self._own_canvas(*s) for s in sizes}) > 1:
+            return None
+        return self.canvas_for(sizes)
+
+    def _own_canvas(self, h: int, w: int) -> Canvas:
+        cfg = self.config
+        return canvas_of(self.semantics.resized_size(h, w, cfg.min_size, cfg.max_size))
 
     def canvas_for(self, sizes: list[tuple[int, int]]) -> Canvas:
         """The smallest canvas holding every one of these input sizes (h, w) resized; where none does
         (canvases configured smaller than the resize rule allows), their enclosing canvas, which is
-        then added to the canvases (captured in the background like any shape without a graph)."""
-        cfg = self.config
-        needs = {canvas_of(self.semantics.resized_size(h, w, cfg.min_size, cfg.max_size)) for h, w in sizes}
+        then added to the canvases (captured in the background like any shape without a graph).
+        With exact_canvases, the images' own padded size (the caller groups images by it)."""
+        needs = {self._own_canvas(h, w) for h, w in sizes}
+        if self.exact_canvases:
+            if len(needs) != 1:
+                raise ValueError("exact_canvases: one batch per padded size (group the images by _own_canvas)")
+            return next(iter(needs))
         canvas = pick_canvas(needs, self.canvases)
         if canvas is None:
             canvas = enclosing(needs)
@@ -595,19 +611,25 @@ class FastMaskRCNN(Engine):
 
     def _infer(self, batch: list[EngineInput], want_masks: bool) -> list[Detections]:
         self.model.roi_heads.score_thresh = min(x.score_threshold for x in batch)
-        if self.fixed:  # one graph per chunk of the largest bucket, whatever its sizes
-            dets: list[Detections] = []
-            for lo in range(0, len(batch), self.buckets[-1]):
-                chunk = batch[lo:lo + self.buckets[-1]]
-                canvas = self.canvas_for([image_size(x.color) for x in chunk])
-                dets += self._fixed_results(chunk, want_masks, self._run_fixed(chunk, canvas))
-            return dets
         results: list[Detections | None] = [None] * len(batch)
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, item in enumerate(batch):
-            groups.setdefault(_shape_key(item), []).append(i)
-        for (h, w, _), idx in groups.items():
-            for i, det in zip(idx, self._infer_dynamic([batch[i] for i in idx], h, w, want_masks)):
+            if not self.fixed:
+                key: tuple[Any, ...] = _shape_key(item)
+            else:  # one graph per chunk of the largest bucket, whatever its sizes (exact_canvases: per padded size)
+                key = self._own_canvas(*image_size(item.color)) if self.exact_canvases else ()
+            groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            if not self.fixed:
+                h, w, _ = key
+                dets = self._infer_dynamic([batch[i] for i in idx], h, w, want_masks)
+            else:
+                dets = []
+                for lo in range(0, len(idx), self.buckets[-1]):
+                    chunk = [batch[i] for i in idx[lo:lo + self.buckets[-1]]]
+                    canvas = self.canvas_for([image_size(x.color) for x in chunk])
+                    dets += self._fixed_results(chunk, want_masks, self._run_fixed(chunk, canvas))
+            for i, det in zip(idx, dets):
                 results[i] = det
         return results  # type: ignore[return-value]
 
