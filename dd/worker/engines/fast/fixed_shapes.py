@@ -176,8 +176,10 @@ def nms_fixed(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float, it
 
 
 class FixedShapeHeads:
-    """The RPN filtering, box head, detection NMS and mask head of one torchvision MaskRCNN,
-    for a batch of equally sized images, with shapes that depend only on the batch and the size."""
+    """The RPN filtering, box head, detection NMS and mask head of one torchvision MaskRCNN, for a
+    batch on one canvas (padded network input), with shapes that depend only on the batch and the
+    canvas: each image's own size bounds its boxes, as numbers (every image the same) or as [B]
+    tensors (clip_boxes), so one captured graph serves every size that fits the canvas."""
 
     def __init__(self, model: torch.nn.Module, nms_iterations: int = 24, pre_nms_topk: int = 1024,
                  kernel: bool = False, roi_kernel: bool = False, semantics: Semantics = TORCHVISION) -> None:
