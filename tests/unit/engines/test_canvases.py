@@ -260,3 +260,31 @@ def test_exact_canvases_run_each_image_on_its_own_padded_size(folders: Path) -> 
         _same(own, got)
     for own, got in zip([by_default.infer([it])[0] for it in items[::2]], engine.start(items[::2])()):
         _same(own, got)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_the_canvas_graph_reads_each_images_sizes(folders: Path) -> None:
+    """The captured graph against the same network op by op (cuda_graphs false), on images of three sizes
+    that share one canvas: each image's sizes are tensors the graph reads at every replay, not numbers
+    baked in at capture (the capture saw canvas-filling images), so each box stays inside its own image
+    and the graph's answers are the op-by-op ones."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    options = {"warmup_sizes": [[240, 320]], "batch_buckets": [1, 4], "max_canvases_at_load": True}
+    graphs = _engine_on(folders / "rgbd", "cuda:0", **options)
+    eager = _engine_on(folders / "rgbd", "cuda:0", cuda_graphs=False, **options)
+    assert graphs._graph_cache.get((4, 192, 256)) is not None and graphs._graph_cache.pending() == 0
+    items = [_item(1, 240, 320), _item(2, 200, 300), _item(3, 180, 320)]
+    assert graphs._batch_canvas(items) == (192, 256)
+    for got, want, it in zip(graphs.infer(items), eager.infer(items), items):
+        h, w = it.color.shape[:2]
+        assert len(got.scores) == len(want.scores) > 0
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-2)
+        assert got.boxes[:, 3].max() <= h + 1e-3 and got.boxes[:, 2].max() <= w + 1e-3
+
+
+def _engine_on(folder: Path, device: str, **options: object) -> FastMaskRCNN:
+    cfg = load_model_config(folder)
+    engine = FastMaskRCNN(dataclasses.replace(cfg, engine_options=options), device)
+    engine.load()
+    return engine
