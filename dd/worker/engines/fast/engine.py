@@ -92,7 +92,7 @@ import ctypes
 import logging
 import mmap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -153,6 +153,10 @@ class _FixedGraph:
     threshold: torch.Tensor  # 0-d float32: the box score threshold of the batch
     out: dict[str, torch.Tensor]
     graph: torch.cuda.CUDAGraph | None  # None on the CPU: run eagerly
+    # Per slot, the (rows, columns) at its top left that may hold non-zero values (the last image written
+    # there; a slot not listed yet: all of it); the rest of the slot is zero. On the host, so that a slot
+    # is cleared only where an earlier image reached beyond the new one.
+    written: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _shape_key(item: EngineInput) -> tuple[int, int, str | None]:
@@ -779,7 +783,7 @@ class FastMaskRCNN(Engine):
         """Each image to the device at its own size (pinned copies; one nvJPEG call for the batch's
         JPEGs), normalised and resized with _resized's arithmetic, one call per group of equal size and
         depth type, and written into its slot of the canvas with the rest of the slot zero (an earlier,
-        larger image may have left values there); then every image's numbers (canvases.image_row) in
+        larger image may have left values there: cleared where _FixedGraph.written says); then every image's numbers (canvases.image_row) in
         one copy. Plain torch operations (elementwise, interpolate, PIL's taps): nothing here compiles
         or is planned per size. Slots past the batch keep what they had: their answers are not read."""
         cfg = self.config
@@ -815,10 +819,15 @@ class FastMaskRCNN(Engine):
             for j, i in enumerate(idx):
                 slot = g.x[i]
                 slot[:, :rh, :rw] = x[j]
-                if rh < ch:
-                    slot[:, rh:].zero_()
-                if rw < cw:
-                    slot[:, :rh, rw:].zero_()
+                # what an earlier image left beyond this one: rows below it, columns right of it
+                if len(g.written) <= i:
+                    g.written += [(ch, cw)] * (i + 1 - len(g.written))
+                old_h, old_w = g.written[i]
+                if old_h > rh:
+                    slot[:, rh:old_h, :old_w].zero_()
+                if old_w > rw:
+                    slot[:, :min(rh, old_h), rw:old_w].zero_()
+                g.written[i] = (rh, rw)
                 rows[i] = image_row(h, w, rh, rw)
         src = torch.from_numpy(rows)
         if self.dev.type == "cuda":  # from PyTorch's caching host allocator: not reused before the copy ran
