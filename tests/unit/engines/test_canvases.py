@@ -180,6 +180,19 @@ def test_a_batch_of_sizes_sharing_a_canvas_gives_each_image_its_answers_alone(fo
         _same(a, t)
 
 
+def test_portrait_and_landscape_in_one_batch_run_as_a_graph_each(folders: Path) -> None:
+    """No canvas holds a portrait and a landscape image together (that would take a square canvas of the
+    longer side, captured for nothing): the batch runs as one graph per canvas, each image with its
+    answers alone."""
+    engine = _engine(folders / "rgbd", batch_buckets=[4])
+    items = [_item(1, 240, 320), _item(2, 320, 240), _item(3, 200, 300)]
+    assert engine._batch_canvas(items) is None and engine._batch_canvas(items[::2]) == (192, 256)
+    alone = [engine.infer([it])[0] for it in items]
+    for a, t in zip(alone, engine.infer(items)):
+        _same(a, t)
+    assert engine.canvases == [(192, 192), (192, 256), (256, 192)]  # nothing added
+
+
 def _twins(a: Detections, b: Detections) -> float:
     """The fraction of a's detections with a twin in b: same label, box within 0.01 px, score within 1e-4."""
     found = 0

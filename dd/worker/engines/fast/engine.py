@@ -12,7 +12,8 @@ full-image tensor, which pycocotools then scans pixel by pixel. Here:
   graph and replayed with one launch. A canvas is a padded network input size
   (canvases.py): the warm-up sizes' own, and the largest two the resize rule
   can make (landscape and portrait), so every input size fits one; a batch
-  of any sizes runs on the smallest canvas that holds all its images, each
+  of any sizes runs on the smallest canvas that holds all its images (a
+  batch of portrait and landscape images: a graph per canvas), each
   image at the top left of its slot with zeros around it, and its sizes (the
   resized size that bounds its boxes, the ratio and size back to input
   pixels) as per-image tensors that the graph reads, so no input size needs
@@ -581,13 +582,14 @@ class FastMaskRCNN(Engine):
         return finish
 
     def _batch_canvas(self, batch: list[EngineInput]) -> Canvas | None:
-        """The canvas the whole batch runs on as one graph, or None: not on the fixed-shape path, or more
-        images than the largest bucket."""
+        """The canvas the whole batch runs on as one graph, or None: not on the fixed-shape path, more
+        images than the largest bucket, or no canvas that holds them all."""
         if not self.fixed or not batch or len(batch) > self.buckets[-1]:
             return None
         sizes = [image_size(x.color) for x in batch]
-        if self.exact_canvases and len({self._own_canvas(*s) for s in sizes}) > 1:
-            return None
+        needs = {self._own_canvas(*s) for s in sizes}
+        if len(needs) > 1 and (self.exact_canvases or pick_canvas(needs, self.canvases) is None):
+            return None  # a graph per canvas (portrait and landscape images, say): infer splits the batch
         return self.canvas_for(sizes)
 
     def _own_canvas(self, h: int, w: int) -> Canvas:
@@ -617,11 +619,18 @@ class FastMaskRCNN(Engine):
         self.model.roi_heads.score_thresh = min(x.score_threshold for x in batch)
         results: list[Detections | None] = [None] * len(batch)
         groups: dict[tuple[Any, ...], list[int]] = {}
+        sizes = [image_size(x.color) for x in batch]
+        # Fixed shapes: one graph per chunk of the largest bucket, whatever its sizes, where one canvas holds
+        # them all; else (portrait and landscape images, say) a graph per canvas; exact_canvases: per padded size.
+        one = self.fixed and not self.exact_canvases and pick_canvas(
+            {self._own_canvas(*s) for s in sizes}, self.canvases) is not None
         for i, item in enumerate(batch):
             if not self.fixed:
                 key: tuple[Any, ...] = _shape_key(item)
-            else:  # one graph per chunk of the largest bucket, whatever its sizes (exact_canvases: per padded size)
-                key = self._own_canvas(*image_size(item.color)) if self.exact_canvases else ()
+            elif one:
+                key = ()
+            else:
+                key = self._own_canvas(*sizes[i]) if self.exact_canvases else self.canvas_for([sizes[i]])
             groups.setdefault(key, []).append(i)
         for key, idx in groups.items():
             if not self.fixed:
