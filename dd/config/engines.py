@@ -116,7 +116,7 @@ REGISTRY: dict[str, EngineSpec] = {s.name: s for s in (
     EngineSpec("fast", "dd.worker.engines.fast.engine:FastMaskRCNN",
                {"RGBDMaskRCNNFastServicer": "rgbd", "RGBMaskRCNNFastServicer": "rgb"},
                FAST_OPTIONS, fallback="torchvision",
-               description="fast (one CUDA graph per input size on a GPU; falls back to the reference engine "
+               description="fast (one CUDA graph per padded input canvas on a GPU; falls back to the reference engine "
                            "without one)"),
     EngineSpec("null", "dd.worker.engines.null:NullEngine",
                {"RGBDNullServicer": "rgbd", "RGBNullServicer": "rgb"}, NULL_OPTIONS,
