@@ -321,12 +321,11 @@ def main() -> int:
                                   + prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
                 # The graph's kernels again, launched op by op, so each is attributed to the operator
                 # (and input shapes) that launched it.
-                g = fast._fixed_graph(max(args.batches), args.height, args.width, None if cfg.input_kind == "rgb"
-                                      else torch.from_numpy(scenes[0].depth[:1, :1]).dtype)
+                g = fast._fixed_graph(max(args.batches), fast.canvas_for([(args.height, args.width)]))
                 with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                                                      record_shapes=True) as prof:
                     for _ in range(3):
-                        fast._fixed_forward(g.color, g.depth, g.threshold)
+                        fast._fixed_forward(g.x, g.sizes, g.threshold)
                     torch.cuda.synchronize()
                 tables.append(f"# batch {max(args.batches)}, the network op by op (3 calls), by operator and shapes\n\n"
                               + prof.key_averages(group_by_input_shape=True).table(

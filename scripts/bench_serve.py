@@ -59,7 +59,7 @@ from dd.proto.deep_detection.v1 import detector_pb2 as pb  # noqa: E402
 
 def make_model(root: Path, engine: str, arch: str, batch: int, height: int, width: int, dets: int,
                min_size: int, placement: dict | None = None, name: str = "bench",
-               warmup_sizes: list[list[int]] | None = None) -> Path:
+               warmup_sizes: list[list[int]] | None = None, fast_options: dict | None = None) -> Path:
     from dd.models.model_folder import SMALL_ARCHITECTURE, random_model_folder  # torch: not in client processes
 
     architecture = dict(DEFAULT_ARCHITECTURE if arch == "r50" else SMALL_ARCHITECTURE, max_detections=dets)
@@ -68,7 +68,8 @@ def make_model(root: Path, engine: str, arch: str, batch: int, height: int, widt
                                extra={"ENGINE": engine, "MAX_BATCH_SIZE": batch, "MAX_QUEUE_DELAY_MS": 0,
                                       # options are checked against the engine named: only the fast engine has these
                                       "ENGINE_OPTIONS": ({"warmup_sizes": warmup_sizes or [[height, width]],
-                                                          "allow_cpu": True} if engine == "fast" else {}),
+                                                          "allow_cpu": True, **(fast_options or {})}
+                                                         if engine == "fast" else {}),
                                       **(placement or {})})
 
 

@@ -67,16 +67,17 @@ main() {
 
   local train_args=(--out "$MODEL" --kind "$KIND" --reference-scenes "$REF_SCENES" --check-scenes "$REF_SCENES")
   # one CUDA graph, captured at load for the scenes' size (the default would also capture MIN_SIZE squares
-  # for batch buckets 1, 2, 4: answers are the same, loads slower)
-  local g='"warmup_sizes": [[720, 1280]], "batch_buckets": [1]'
+  # for batch buckets 1, 2, 4: answers are the same, loads slower); each image on its own padded size
+  # (exact_canvases), as detectron2 runs it, and no other canvas captured
+  local g='"warmup_sizes": [[720, 1280]], "batch_buckets": [1], "exact_canvases": true'
   local cands=(--candidate "fast:cuda:{$g}" --candidate "fast:cuda:{$g, \"fp16\": false}" --candidate default:cpu)
   local fp32_cand="fast:cuda:{$g, \"fp16\": false}"
   if [ "$SMOKE" = 1 ]; then
     train_args=(--out "$MODEL" --kind "$KIND" --device cpu --iters 2 --tiny --batch 2 --workers 2 --log-every 1
                 --reference-scenes 2 --check-scenes 2 --test-size 320x180)
-    cands=(--candidate 'fast:cpu:{"allow_cpu": true}' --candidate 'fast:cpu:{"allow_cpu": true, "fp16": false}'
-           --candidate default:cpu)
-    fp32_cand='fast:cpu:{"allow_cpu": true, "fp16": false}'
+    cands=(--candidate 'fast:cpu:{"allow_cpu": true, "exact_canvases": true}'
+           --candidate 'fast:cpu:{"allow_cpu": true, "fp16": false, "exact_canvases": true}' --candidate default:cpu)
+    fp32_cand='fast:cpu:{"allow_cpu": true, "fp16": false, "exact_canvases": true}'
   else
     train_args+=(--device cuda --minutes "$TRAIN_MIN")
   fi

@@ -66,7 +66,7 @@ _SIZES = Option(list, None, "input sizes [[H, W], ...] whose graphs are captured
 FAST_OPTIONS: dict[str, Option] = {
     "allow_cpu": Option(bool, False, "run on a CPU (tests): no graphs, no fp16, no Triton kernels"),
     "fp16": Option(bool, True, "half-precision backbone and RPN head"),
-    "cuda_graphs": Option(bool, True, "replay one CUDA graph per input size and batch bucket"),
+    "cuda_graphs": Option(bool, True, "replay one CUDA graph per canvas and batch bucket"),
     "pin_memory": Option(bool, True, "page-locked input copies"),
     "fixed_shapes": Option(bool, True, "false runs the older op-by-op path"),
     "pre_nms_topk": Option(int, 1024, "detection candidates entering the class-wise NMS (4096 without fixed_shapes)"),
@@ -82,6 +82,13 @@ FAST_OPTIONS: dict[str, Option] = {
     "class_mask_head": Option(bool, True, "the mask head computes only each detection's class"),
     "batch_buckets": Option((list, type(None)), None, "batch sizes with a graph (default 1, 2, 4, ... MAX_BATCH_SIZE)"),
     "warmup_sizes": _SIZES,
+    "canvases": Option((list, type(None)), None, "padded network input sizes [[H, W], ...] with graphs; a batch runs on "
+                                                 "the smallest that holds it (default: the warm-up sizes' own and the "
+                                                 "largest the resize rule makes)"),
+    "exact_canvases": Option(bool, False, "each image on its own padded size only (answers independent of batching, "
+                                          "as parity checks want; a canvas per padded size, captured when first met)"),
+    "max_canvases_at_load": Option(bool, False, "capture every canvas at load; false captures those beyond the "
+                                                "warm-up sizes' in the background right after load"),
     "warmup_odd_size": Option(bool, True, "at load, one op-by-op run at a size whose feature maps divide differently "
                                           "(compiles what is still keyed on that; GPU only by default)"),
 }
@@ -109,7 +116,7 @@ REGISTRY: dict[str, EngineSpec] = {s.name: s for s in (
     EngineSpec("fast", "dd.worker.engines.fast.engine:FastMaskRCNN",
                {"RGBDMaskRCNNFastServicer": "rgbd", "RGBMaskRCNNFastServicer": "rgb"},
                FAST_OPTIONS, fallback="torchvision",
-               description="fast (one CUDA graph per input size on a GPU; falls back to the reference engine "
+               description="fast (one CUDA graph per padded input canvas on a GPU; falls back to the reference engine "
                            "without one)"),
     EngineSpec("null", "dd.worker.engines.null:NullEngine",
                {"RGBDNullServicer": "rgbd", "RGBNullServicer": "rgb"}, NULL_OPTIONS,

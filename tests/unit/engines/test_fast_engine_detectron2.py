@@ -24,6 +24,7 @@ from dd.models.model_folder import random_model_folder
 from dd.models.semantics import DETECTRON2, TORCHVISION
 from dd.worker.engines.fast import engine as fast_maskrcnn
 from dd.worker.engines.base import Detections, EngineInput
+from dd.worker.engines.fast.canvases import image_row
 from dd.worker.engines.fast.engine import FastMaskRCNN
 from tests import d2_reference
 from tests.conftest import scene
@@ -177,15 +178,25 @@ def test_boxes_back_to_input_pixels_by_each_librarys_rules() -> None:
     d2, tv = engine(DETECTRON2), engine(TORCHVISION)
     for w, rw in [(347, 255), (1280, 739), (641, 555), (333, 257), (719, 416), (1000, 877)]:
         assert torch.equal(FastMaskRCNN._ratio(d2, w, w, rw, rw), torch.tensor([w / rw] * 4, dtype=torch.float32))
+        # the fixed path's per-image numbers (canvases.image_row, made on the host) hold the same ratio
+        assert torch.equal(torch.from_numpy(image_row(w, w, rw, rw)[2:6]), FastMaskRCNN._ratio(d2, w, w, rw, rw))
     h, w, rh, rw = 200, 351, 316, 555  # float32(351 / 555) * 555 rounds to just above 351
     boxes = torch.tensor([[10.0, 20.0, 555.0, 316.0],  # to the resized image's edges
                           [30.0, 40.0, 30.0, 90.0],  # empty
                           [50.0, 60.0, 50.004, 60.004]])  # tiny: detectron2 keeps it
     valid = torch.ones(3, dtype=torch.bool)
-    b, v = FastMaskRCNN._to_input_pixels(d2, boxes, valid, h, w, rh, rw)
+    ratio = FastMaskRCNN._ratio(d2, h, w, rh, rw)
+    b, v = FastMaskRCNN._to_input_pixels(d2, boxes, valid, h, w, ratio)
     assert v.tolist() == [True, False, True]
     assert float(b[0, 2]) == w and float(b[0, 3]) <= h  # clipped to the image
-    b, v = FastMaskRCNN._to_input_pixels(tv, boxes, valid, h, w, rh, rw)
+    # as the graph computes it: a batch of images, each with its own numbers as tensors
+    row = torch.from_numpy(np.stack([image_row(h, w, rh, rw), image_row(h + 7, w - 5, rh, rw)]))
+    bb, vv = FastMaskRCNN._to_input_pixels(d2, boxes.expand(2, -1, -1), valid.expand(2, -1), row[:, 6, None, None],
+                                           row[:, 7, None, None], row[:, None, 2:6])
+    assert torch.equal(bb[0], b) and torch.equal(vv[0], v)
+    b1, v1 = FastMaskRCNN._to_input_pixels(d2, boxes, valid, h + 7, w - 5, FastMaskRCNN._ratio(d2, h + 7, w - 5, rh, rw))
+    assert torch.equal(bb[1], b1) and torch.equal(vv[1], v1)
+    b, v = FastMaskRCNN._to_input_pixels(tv, boxes, valid, h, w, ratio)
     assert v.all() and float(b[0, 2]) > w
     # an image's own threshold: detectron2 keeps scores above it, torchvision's engine at or above it
     scores = torch.tensor([0.5, 0.50001])

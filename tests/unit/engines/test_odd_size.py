@@ -1,6 +1,7 @@
 """The fast engine's load-time run at an "odd" input size (fast/odd_size.py): the size's padded feature maps
-divide differently from the first warm-up size's, and the engine runs its network op by op (and a paste and
-RLE encoding) there at load, so that nothing keyed on how a size divides is left to the first request."""
+divide differently from the first warm-up size's, and the engine prepares an input onto its canvas and runs a
+paste and RLE encoding at that size at load, so that nothing keyed on how a size divides is left to the first
+request."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dd.config import load_model_config
 from dd.models.model_folder import random_model_folder
 from dd.models.semantics import DETECTRON2, TORCHVISION
 from dd.worker.engines.base import EngineInput
+from dd.worker.engines.fast import engine as fast_engine
 from dd.worker.engines.fast.engine import FastMaskRCNN
 from dd.worker.engines.fast.odd_size import odd_warmup_size
 
@@ -59,16 +61,28 @@ def _engine(folder: Path, **options: object) -> FastMaskRCNN:
     return engine
 
 
-def test_load_runs_the_network_at_the_odd_size_when_asked(model: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_load_pastes_masks_at_the_odd_size_when_asked(model: Path, caplog: pytest.LogCaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The network sees only canvases (all captured at load or right after), so the odd size's run is its
+    input preparation onto a canvas and a mask paste and RLE encoding at the odd size itself."""
+    pasted: list[tuple[int, int]] = []
+    paste = fast_engine.paste_and_encode
+
+    def spy(probs, boxes, h, w, *args, **kwargs):
+        pasted.append((h, w))
+        return paste(probs, boxes, h, w, *args, **kwargs)
+
+    monkeypatch.setattr(fast_engine, "paste_and_encode", spy)
     with caplog.at_level(logging.INFO, logger="dd.worker.engines.fast.engine"):
         engine = _engine(model, warmup_sizes=[[72, 120]], warmup_odd_size=True)
     cfg = engine.config
     h, w = odd_warmup_size([[72, 120]], lambda a, b: engine.semantics.resized_size(a, b, cfg.min_size, cfg.max_size))
     messages = [r.getMessage() for r in caplog.records]
-    assert any(f"op by op at {w}x{h}" in m for m in messages), messages
-    # Its anchors were made: the network did run at that size (anchors are cached by feature-map sizes).
-    assert len(engine._anchors) == 2
-    # And the engine serves both sizes as before.
+    assert any(f"pasted masks at {w}x{h}" in m for m in messages), messages
+    assert (h, w) in pasted
+    # The network ran on the warm-up size's canvas only (anchors are cached by canvas).
+    assert len(engine._anchors) == 1
+    # And the engine serves both sizes.
     rng = np.random.default_rng(0)
     for size in ((72, 120), (h, w)):
         (det,) = engine.infer([EngineInput(rng.integers(0, 255, (*size, 3), np.uint8), None, 0.0)])
@@ -78,5 +92,5 @@ def test_load_runs_the_network_at_the_odd_size_when_asked(model: Path, caplog: p
 def test_the_odd_size_run_is_off_on_the_cpu_by_default(model: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="dd.worker.engines.fast.engine"):
         engine = _engine(model, warmup_sizes=[[72, 120]])
-    assert not any("op by op at" in r.getMessage() for r in caplog.records)
+    assert not any("pasted masks at" in r.getMessage() for r in caplog.records)
     assert len(engine._anchors) == 1

@@ -5,20 +5,39 @@ image, hundreds of small kernels launched one by one, host syncs after every
 filtering step, and a Python loop that pastes every instance's mask into a
 full-image tensor, which pycocotools then scans pixel by pixel. Here:
 
-- the whole network, from the uint8 pixels to each detection's mask
-  probabilities, runs with fixed shapes (fixed_shapes.py: padded top-k lists
-  with validity masks, NMS as a batched fixed point), so it is captured once
-  per (batch bucket, input size) as one CUDA graph and replayed with one launch;
-  a batch is padded up to the next captured bucket (1, 2, 4, 8, ...), as vLLM
-  does; an input size not captured at load (warmup_sizes) is served at once on
-  the same network run op by op while one background thread captures its
-  graph (graph_cache.py), so no request waits for a capture, nor for a Triton
-  compilation: the kernels take every size-dependent number unspecialized
-  (kernels/specialization.py), so the warm-up's compilation serves every size,
-  and load also runs the network once op by op at an "odd" size whose feature
-  maps divide differently (odd_size.py) to compile whatever is still keyed on that;
-- preprocessing (convert, normalise, resize, pad) runs in that graph too, from
-  the shared-memory slot copied through a pinned (page-locked) mapping;
+- the whole network, from the normalised, resized and zero-padded network
+  input to each detection's mask probabilities, runs with fixed shapes
+  (fixed_shapes.py: padded top-k lists with validity masks, NMS as a batched
+  fixed point), so it is captured once per (batch bucket, canvas) as one CUDA
+  graph and replayed with one launch. A canvas is a padded network input size
+  (canvases.py): the warm-up sizes' own, and the largest two the resize rule
+  can make (landscape and portrait), so every input size fits one; a batch
+  of any sizes runs on the smallest canvas that holds all its images (a
+  batch of portrait and landscape images: a graph per canvas), each
+  image at the top left of its slot with zeros around it, and its sizes (the
+  resized size that bounds its boxes, the ratio and size back to input
+  pixels) as per-image tensors that the graph reads, so no input size needs
+  a capture of its own. A batch is padded up to the next captured bucket
+  (1, 2, 4, 8, ...), as vLLM does. The largest canvases are captured by a
+  background thread right after load (max_canvases_at_load: at load); a
+  batch whose canvas is still being captured, or that fits none of a
+  configured `canvases`, runs the same network op by op on its canvas
+  meanwhile (graph_cache.py), so no request waits for a capture, nor for a
+  Triton compilation: the kernels take every size-dependent number
+  unspecialized (kernels/specialization.py), and load also pastes masks at an
+  "odd" input size (odd_size.py) to compile whatever is still keyed on that;
+- an image whose canvas is its own padded size gets exactly the answers it
+  got with a graph per input size (the same network input bit for bit, the
+  same clamps); on a larger canvas (batched with a larger image, or where
+  its own canvas is not one of the canvases) it is padded more, as torchvision
+  and detectron2 pad an image batched with larger ones, and its answers may
+  differ slightly: features within reach of the extra padding, and RPN
+  anchors over it, change;
+- preprocessing runs eagerly before the replay, per group of equal input size
+  (convert, normalise, resize: elementwise ops, interpolate, PIL's taps;
+  nothing planned or compiled per size), from the shared-memory slot copied
+  through a pinned (page-locked) mapping or a batch's JPEGs decoded by nvJPEG,
+  written into each image's slot of the canvas;
 - backbone, FPN and RPN head run in fp16, channels-last, batch norm folded and
   a ResNet's ReLUs, residual adds and downsample biases inside cuDNN's
   convolutions, the RPN head's conv + ReLU as one (fused_blocks.py); the FPN's
@@ -57,8 +76,11 @@ fuse_conv_relu (true; ReLUs, residual adds and biases in cuDNN's convolutions,
 GPU only, needs fold_batchnorm), triton_fpn (true; GPU only), triton_nms (true;
 GPU only), triton_roi_align (true; GPU only), class_mask_head (true),
 pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
-8, ...] up to MAX_BATCH_SIZE), warmup_sizes ([[H, W], ...] input sizes to
-capture graphs for at load), warmup_odd_size (true on a GPU), background_capture (true),
+8, ...] up to MAX_BATCH_SIZE), warmup_sizes ([[H, W], ...] input sizes whose
+canvases are captured at load), canvases ([[H, W], ...] padded network inputs
+with graphs; default the warm-up sizes' and the largest two),
+max_canvases_at_load (false), exact_canvases (false; true: each image on its own
+padded size only, as parity checks want), warmup_odd_size (true on a GPU), background_capture (true),
 cudnn_benchmark (false),
 blocking_sync (false), allow_cpu (false; the CPU path exists for tests
 and has no graphs or fp16). Each Triton step falls back to torch operations,
@@ -69,10 +91,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import mmap
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
@@ -88,6 +109,8 @@ from dd.models.build import build_loaded_model
 from dd.models.semantics import TORCHVISION, Semantics
 from dd.worker.engines.base import Detections, EncodedImage, Engine, EngineInput, EngineUnavailable, image_size
 from dd.worker.engines.fast.batchnorm_fold import fold_batchnorm
+from dd.worker.engines.fast.canvases import (ROW, Canvas, canvas_of, default_canvases, enclosing, image_row, padded,
+                                             parse_canvases, pick_canvas)
 from dd.worker.engines.fast.fixed_shapes import FixedShapeHeads, large_enough, rpn_min_size
 from dd.worker.engines.fast.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
 from dd.worker.engines.fast.graph_cache import GraphCache
@@ -108,10 +131,6 @@ def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int
     return TORCHVISION.resized_size(h, w, min_size, max_size)
 
 
-def padded(n: int, divisible: int = 32) -> int:
-    return int(math.ceil(n / divisible) * divisible)
-
-
 def batch_buckets(max_batch: int, given: list[int] | None = None) -> list[int]:
     """Batch sizes to capture graphs for: powers of two up to the model's maximum, and the maximum.
 
@@ -128,17 +147,22 @@ def batch_buckets(max_batch: int, given: list[int] | None = None) -> list[int]:
 
 @dataclass
 class _FixedGraph:
-    """Static inputs and outputs of the fixed-shape network for one (bucket, height, width, depth type)."""
+    """Static inputs and outputs of the fixed-shape network for one (bucket, canvas height, canvas width)."""
 
-    color: torch.Tensor  # bucket x H x W x 3 uint8, on the device
-    depth: torch.Tensor | None  # bucket x H x W, uint16 (mm) or float32 (m)
+    x: torch.Tensor  # bucket x C x CH x CW: the normalised, resized, zero-padded input (network dtype and layout)
+    sizes: torch.Tensor  # bucket x ROW float32: each image's numbers (canvases.image_row)
     threshold: torch.Tensor  # 0-d float32: the box score threshold of the batch
     out: dict[str, torch.Tensor]
     graph: torch.cuda.CUDAGraph | None  # None on the CPU: run eagerly
+    # Per slot, the (rows, columns) at its top left that may hold non-zero values (the last image written
+    # there; a slot not listed yet: all of it); the rest of the slot is zero. On the host, so that a slot
+    # is cleared only where an earlier image reached beyond the new one.
+    written: list[tuple[int, int]] = field(default_factory=list)
 
 
 def _shape_key(item: EngineInput) -> tuple[int, int, str | None]:
-    """Images with the same key run through the same network shapes: size and depth dtype."""
+    """Images with the same key run through the same op-by-op shapes (the dynamic path, and images
+    redone on it): size and depth dtype."""
     return (*image_size(item.color), None if item.depth is None else item.depth.dtype.str)
 
 
@@ -218,6 +242,17 @@ class FastMaskRCNN(Engine):
             except ValueError as exc:
                 log.info("mask head runs as torchvision's (%s)", exc)
         self.buckets = batch_buckets(cfg.max_batch_size, opts.get("batch_buckets"))
+        sizes = opts.get("warmup_sizes") or [[cfg.min_size, cfg.min_size]]
+        # The padded network inputs with a graph (canvases.py): the warm-up sizes' own and the largest the
+        # resize rule makes, unless named; a batch runs on the smallest that holds all its images.
+        self.canvases: list[Canvas] = (
+            parse_canvases(opts["canvases"]) if opts.get("canvases") is not None else
+            default_canvases(sizes, lambda h, w: sem.resized_size(h, w, cfg.min_size, cfg.max_size),
+                             cfg.min_size, cfg.max_size))
+        # Each image on its own padded size only (answers independent of batching and of the canvases, as a
+        # graph per input size gave them; its canvas is captured when first met): for parity checks.
+        self.exact_canvases = bool(opts.get("exact_canvases", False))
+        self._mask_size: tuple[int, ...] = ()
         self._fixed_graphs: dict[tuple[Any, ...], _FixedGraph] = {}
         self._ratios: dict[tuple[int, ...], torch.Tensor] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs and self.fixed else None
@@ -233,7 +268,6 @@ class FastMaskRCNN(Engine):
         self.stage_times: dict[str, list[float]] | None = None
         self._t_last = 0.0
         t_prepared = time.perf_counter()
-        sizes = opts.get("warmup_sizes") or [[cfg.min_size, cfg.min_size]]
         # Warm-up captures the graphs; without them (the CPU) one image proves the model runs.
         batches = (self.buckets if self.fixed else sorted({1, cfg.max_batch_size})) if self.use_graphs else [1]
         for h, w in sizes:
@@ -244,7 +278,17 @@ class FastMaskRCNN(Engine):
         self.redone_images = 0  # blank warm-up images tie everywhere and are redone; count real ones only
         if self.fixed and bool(opts.get("warmup_odd_size", cuda)):
             self._warm_odd_size(sizes)
+        # The other canvases (the largest ones, by default): captured here if asked, else by the background
+        # thread right after load, so start-up does not wait for them; a batch on one of them runs op by op
+        # on it until its graph is there.
+        rest = ([(b, *c) for b in self.buckets for c in self.canvases]
+                if self.use_graphs and self.fixed and not self.exact_canvases else [])
+        if opts.get("max_canvases_at_load", False):
+            for key in rest:
+                self._graph_cache.capture_now(key)
         self._loaded = True
+        for key in rest:
+            self._graph_cache.get(key)  # queued unless captured already
         done = time.perf_counter()
         log.info("fast engine loaded in %.1f s: weights and model %.1f s, fusing and kernels %.1f s, "
                  "warm-up and graph captures %.1f s", done - t_start, t_built - t_start,
@@ -252,27 +296,27 @@ class FastMaskRCNN(Engine):
 
     @torch.inference_mode()
     def _warm_odd_size(self, sizes: list[list[int]]) -> None:
-        """One op-by-op run of the fixed-shape network, then a paste and RLE encoding of a few masks, at an
-        input size whose feature maps divide differently from the first warm-up size's (odd_size.py), no
-        graph captured. The Triton kernels were compiled by the warm-up already and are not specialized on
-        sizes (kernels/specialization.py); whatever is still compiled here (anything keyed on how a size
-        divides, and the paste and RLE kernels, which blank warm-up images may never reach) would
-        otherwise be compiled by the first request that needs it."""
+        """An image at an input size whose resized size divides differently from the first warm-up size's
+        (odd_size.py) prepared onto its canvas, then a paste and RLE encoding of a few masks at that size.
+        The network sees only canvases, all captured (or being captured) already; the paste and RLE
+        kernels see the input size, and blank warm-up images may never reach them: whatever they still
+        compile per divisibility of a size (their Triton kernels are not specialized on sizes:
+        kernels/specialization.py) would otherwise be compiled by the first request that needs it."""
         cfg = self.config
         h, w = odd_warmup_size(sizes, lambda a, b: self.semantics.resized_size(a, b, cfg.min_size, cfg.max_size))
-        depth_dtype = torch.uint16 if cfg.input_kind == "rgbd" else None
         t0 = time.perf_counter()
-        color, depth, threshold = self._static_inputs((1, h, w, depth_dtype))
-        out = self._fixed_forward(color, depth, threshold)
-        probs = out["probs"].flatten(0, 1)[:3]
-        if probs.shape[0]:  # masks all on, in boxes inside the image: every kernel of the paste and RLE runs
-            corner = np.array([[0.1 * w, 0.1 * h], [0.5 * w, 0.3 * h], [0.2 * w, 0.6 * h]], np.float32)
-            boxes = np.concatenate([corner, corner + np.float32(0.3 * min(h, w))], 1)[:probs.shape[0]]
-            paste_and_encode(torch.ones_like(probs), boxes, h, w, cfg.mask_threshold, rule=self.semantics.paste)
+        item = EngineInput(np.zeros((h, w, 3), np.uint8),
+                           np.zeros((h, w), np.uint16) if cfg.input_kind == "rgbd" else None, 1.0)
+        self._write_inputs([item], _FixedGraph(*self._static_inputs((1, *self.canvas_for([(h, w)]))), {}, None))
+        corner = np.array([[0.1 * w, 0.1 * h], [0.5 * w, 0.3 * h], [0.2 * w, 0.6 * h]], np.float32)
+        boxes = np.concatenate([corner, corner + np.float32(0.3 * min(h, w))], 1)
+        # masks all on, in boxes inside the image: every kernel of the paste and RLE runs
+        paste_and_encode(torch.ones(len(boxes), *self._mask_size, device=self.dev), boxes, h, w, cfg.mask_threshold,
+                         rule=self.semantics.paste)
         if self.dev.type == "cuda":
             torch.cuda.synchronize(self.dev)
-        log.info("ran the network op by op at %dx%d in %.2f s (what compiles per divisibility of a size "
-                 "compiles now, not at the first request of such a size)", w, h, time.perf_counter() - t0)
+        log.info("prepared an input and pasted masks at %dx%d in %.2f s (what compiles per divisibility of an "
+                 "input size compiles now, not at the first request of such a size)", w, h, time.perf_counter() - t0)
 
     def _blocking_sync(self) -> None:
         """The host sleeps while it waits for the GPU instead of spinning on a core (CUDA's default while
@@ -364,15 +408,19 @@ class FastMaskRCNN(Engine):
         return self._normalize(torch.stack(colors), depth, rh, rw)
 
     def _normalize(self, color: torch.Tensor, depth: torch.Tensor | None, rh: int, rw: int) -> torch.Tensor:
-        """uint8 B x H x W x 3 (+ depth B x H x W) -> the padded, normalised network input, on the device.
+        """uint8 B x H x W x 3 (+ depth B x H x W) -> the padded, normalised network input, on the device."""
+        return self._pad(self._resized(color, depth, rh, rw), rh, rw)
+
+    def _resized(self, color: torch.Tensor, depth: torch.Tensor | None, rh: int, rw: int) -> torch.Tensor:
+        """uint8 B x H x W x 3 (+ depth B x H x W) -> float32 B x C x rh x rw, normalised and resized.
 
         Normalised, then resized with bilinear interpolation (the same up to rounding as the other way
         round, and what torchvision does); with detectron2's semantics an RGB image is resized first, as
-        PIL resizes a uint8 image (what detectron2's ResizeShortestEdge does), then normalised."""
+        PIL resizes a uint8 image (what detectron2's ResizeShortestEdge does), then normalised. Every
+        output value depends on its own image only, so a batch gives each image's values alone."""
         if self._pil is not None:
             x = self._pil(color, rh, rw).permute(0, 3, 1, 2).float().div_(255.0)
-            x = (x - self.mean) / self.std
-            return self._pad(x, rh, rw)
+            return (x - self.mean) / self.std
         x = color.permute(0, 3, 1, 2).float().div_(255.0)  # B x 3 x H x W
         if self.config.input_kind == "rgbd":
             assert depth is not None
@@ -382,8 +430,7 @@ class FastMaskRCNN(Engine):
             d = torch.where(d > 0, d, torch.full_like(d, self.fill))
             x = torch.cat([x, d], dim=1)
         x = (x - self.mean) / self.std
-        x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False)
-        return self._pad(x, rh, rw)
+        return F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False)
 
     def _pad(self, x: torch.Tensor, rh: int, rw: int) -> torch.Tensor:
         """Zero-padded to multiples of 32 (after normalisation, as both libraries pad), in the network's
@@ -517,60 +564,99 @@ class FastMaskRCNN(Engine):
             return self._infer(batch, want_masks)
 
     def start(self, batch: list[EngineInput], want_masks: bool = True) -> Callable[[], list[Detections]]:
-        """A batch that is one captured graph's (one size, within the largest bucket) is written into
-        the graph's inputs and its replay queued; the returned call waits for it and reads the answers.
-        Between the two the host is free (the worker encodes the previous batch's responses then) and
-        this engine makes no CUDA call, so a background capture may record. Anything else runs whole
-        when finished."""
-        size = self._one_graph_size(batch)
-        if size is None:
+        """A batch that is one graph's (within the largest bucket: any sizes, on the smallest canvas that
+        holds them all) is written into the graph's inputs and its replay queued; the returned call
+        waits for it and reads the answers. Between the two the host is free (the worker encodes the
+        previous batch's responses then) and this engine makes no CUDA call, so a background capture
+        may record. Anything else runs whole when finished."""
+        canvas = self._batch_canvas(batch)
+        if canvas is None:
             return lambda: self.infer(batch, want_masks)
-        h, w = size
         with self._graph_cache.recording, torch.inference_mode():
-            out = self._run_fixed(batch, h, w)
+            out = self._run_fixed(batch, canvas)
 
         def finish() -> list[Detections]:
             with self._graph_cache.recording, torch.inference_mode():
                 self.model.roi_heads.score_thresh = min(x.score_threshold for x in batch)  # a redo's op-by-op run
-                return self._fixed_results(batch, h, w, want_masks, out)
+                return self._fixed_results(batch, want_masks, out)
         return finish
 
-    def _one_graph_size(self, batch: list[EngineInput]) -> tuple[int, int] | None:
+    def _batch_canvas(self, batch: list[EngineInput]) -> Canvas | None:
+        """The canvas the whole batch runs on as one graph, or None: not on the fixed-shape path, more
+        images than the largest bucket, or no canvas that holds them all."""
         if not self.fixed or not batch or len(batch) > self.buckets[-1]:
             return None
-        kinds = {_shape_key(x) for x in batch}
-        if len(kinds) != 1:
-            return None
-        h, w, _ = kinds.pop()
-        return h, w
+        sizes = [image_size(x.color) for x in batch]
+        needs = {self._own_canvas(*s) for s in sizes}
+        if len(needs) > 1 and (self.exact_canvases or pick_canvas(needs, self.canvases) is None):
+            return None  # a graph per canvas (portrait and landscape images, say): infer splits the batch
+        return self.canvas_for(sizes)
+
+    def _own_canvas(self, h: int, w: int) -> Canvas:
+        cfg = self.config
+        return canvas_of(self.semantics.resized_size(h, w, cfg.min_size, cfg.max_size))
+
+    def canvas_for(self, sizes: list[tuple[int, int]]) -> Canvas:
+        """The smallest canvas holding every one of these input sizes (h, w) resized; where none does
+        (canvases configured smaller than the resize rule allows), their enclosing canvas, which is
+        then added to the canvases (captured in the background like any shape without a graph).
+        With exact_canvases, the images' own padded size (the caller groups images by it)."""
+        needs = {self._own_canvas(h, w) for h, w in sizes}
+        if self.exact_canvases:
+            if len(needs) != 1:
+                raise ValueError("exact_canvases: one batch per padded size (group the images by _own_canvas)")
+            return next(iter(needs))
+        canvas = pick_canvas(needs, self.canvases)
+        if canvas is None:
+            canvas = enclosing(needs)
+            self.canvases.append(canvas)
+            log.warning("input size(s) %s fit none of the canvases; running them on %dx%d (add it to ENGINE_OPTIONS "
+                        "canvases, or leave canvases out so that the largest ones are captured)",
+                        ", ".join(f"{w}x{h}" for h, w in sorted(set(sizes))), canvas[1], canvas[0])
+        return canvas
 
     def _infer(self, batch: list[EngineInput], want_masks: bool) -> list[Detections]:
         self.model.roi_heads.score_thresh = min(x.score_threshold for x in batch)
         results: list[Detections | None] = [None] * len(batch)
         groups: dict[tuple[Any, ...], list[int]] = {}
+        sizes = [image_size(x.color) for x in batch]
+        # Fixed shapes: one graph per chunk of the largest bucket, whatever its sizes, where one canvas holds
+        # them all; else (portrait and landscape images, say) a graph per canvas; exact_canvases: per padded size.
+        one = self.fixed and not self.exact_canvases and pick_canvas(
+            {self._own_canvas(*s) for s in sizes}, self.canvases) is not None
         for i, item in enumerate(batch):
-            groups.setdefault(_shape_key(item), []).append(i)
-        for (h, w, _), idx in groups.items():
-            items = [batch[i] for i in idx]
-            if self.fixed:
-                dets = []
-                for lo in range(0, len(items), self.buckets[-1]):
-                    dets += self._infer_fixed(items[lo:lo + self.buckets[-1]], h, w, want_masks)
+            if not self.fixed:
+                key: tuple[Any, ...] = _shape_key(item)
+            elif one:
+                key = ()
             else:
-                dets = self._infer_dynamic(items, h, w, want_masks)
+                key = self._own_canvas(*sizes[i]) if self.exact_canvases else self.canvas_for([sizes[i]])
+            groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            if not self.fixed:
+                h, w, _ = key
+                dets = self._infer_dynamic([batch[i] for i in idx], h, w, want_masks)
+            else:
+                dets = []
+                for lo in range(0, len(idx), self.buckets[-1]):
+                    chunk = [batch[i] for i in idx[lo:lo + self.buckets[-1]]]
+                    canvas = self.canvas_for([image_size(x.color) for x in chunk])
+                    dets += self._fixed_results(chunk, want_masks, self._run_fixed(chunk, canvas))
             for i, det in zip(idx, dets):
                 results[i] = det
         return results  # type: ignore[return-value]
 
-    # -- the fixed-shape path: one graph from pixels to mask probabilities ----------------------
-    def _fixed_forward(self, color: torch.Tensor, depth: torch.Tensor | None, threshold: torch.Tensor
-                       ) -> dict[str, torch.Tensor]:
-        cfg = self.config
-        n, h, w = color.shape[:3]
-        rh, rw = self.semantics.resized_size(h, w, cfg.min_size, cfg.max_size)
-        x = self._normalize(color, depth, rh, rw)
+    # -- the fixed-shape path: one graph from the canvas to mask probabilities ----------------------
+    def _fixed_forward(self, x: torch.Tensor, sizes: torch.Tensor, threshold: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The network on a canvas: x [B, C, CH, CW] (prepared by _write_inputs), sizes [B, ROW] each
+        image's numbers (canvases.image_row). Every size bound inside is a per-image tensor, so the
+        same graph serves every input size that fits the canvas."""
+        n = x.shape[0]
+        canvas = (int(x.shape[-2]), int(x.shape[-1]))
+        rh, rw = sizes[:, 0], sizes[:, 1]
         feats, objectness, deltas = self._trunk(x)
-        anchors = self._anchors_for(ImageList(x, [(rh, rw)] * n), list(feats.values()))
+        # Anchors follow the feature maps (the canvas), never the image sizes.
+        anchors = self._anchors_for(ImageList(x, [canvas] * n), list(feats.values()))
         props, props_valid, settled = self.heads.proposals([o.float() for o in objectness],
                                                            [d.float() for d in deltas], anchors, n, rh, rw)
         autocast = self.dev.type == "cuda" and self.fp16
@@ -580,9 +666,11 @@ class FastMaskRCNN(Engine):
         names = heads.box_roi_pool.featmap_names
         stacks = (self.heads.level_stack([feats[k] for k in names])
                   if names == heads.mask_roi_pool.featmap_names and not self.heads.roi_kernel else None)
-        det = self.heads.detections(feats, props, props_valid, rh, rw, threshold, autocast, stacks)
-        probs = self.heads.mask_probs(feats, det["boxes"], det["labels"], rh, rw, autocast, stacks)
-        boxes, valid = self._to_input_pixels(det["boxes"], det["valid"], h, w, rh, rw)
+        det = self.heads.detections(feats, props, props_valid, rh, rw, threshold, autocast, stacks, canvas=canvas)
+        probs = self.heads.mask_probs(feats, det["boxes"], det["labels"], rh, rw, autocast, stacks, canvas=canvas)
+        self._mask_size = tuple(probs.shape[-2:])
+        boxes, valid = self._to_input_pixels(det["boxes"], det["valid"], sizes[:, 6, None, None],
+                                             sizes[:, 7, None, None], sizes[:, None, 2:6])
         exact = det["exact"] & settled
         # Everything the host needs to know, in one tensor: one copy, one sync.
         summary = torch.cat([boxes.flatten(1), det["scores"], det["labels"].float(), valid.float(),
@@ -590,11 +678,11 @@ class FastMaskRCNN(Engine):
         return {"summary": summary, "probs": probs}
 
     def _ratio(self, h: int, w: int, rh: int, rw: int) -> torch.Tensor:
-        """Back to input pixels with torchvision's arithmetic (float32 ratios of the sizes); made on
-        the first (uncaptured) call, since a capture cannot copy a constant to the device. detectron2
-        multiplies by the Python float w / rw, which torch rounds to float32: the same value (a float32
-        quotient is correctly rounded, and rounding the double quotient of two float32 integers to
-        float32 is too)."""
+        """Back to input pixels with torchvision's arithmetic (float32 ratios of the sizes), for the
+        dynamic path; the fixed path gets the same numbers per image from canvases.image_row.
+        detectron2 multiplies by the Python float w / rw, which torch rounds to float32: the same value
+        (a float32 quotient is correctly rounded, and rounding the double quotient of two float32
+        integers to float32 is too)."""
         key = (h, w, rh, rw)
         if key not in self._ratios:
             self._ratios[key] = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.dev) / torch.tensor(
@@ -606,23 +694,30 @@ class FastMaskRCNN(Engine):
         torchvision engine keeps them, > it as detectron2 does."""
         return scores > threshold if self.semantics.postprocess == "detectron2" else scores >= threshold
 
-    def _to_input_pixels(self, boxes: torch.Tensor, valid: torch.Tensor, h: int, w: int, rh: int, rw: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_input_pixels(self, boxes: torch.Tensor, valid: torch.Tensor, h: int | torch.Tensor,
+                         w: int | torch.Tensor, ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Detections' boxes [..., 4] from the resized image to the input's pixels, and which stay valid:
         torchvision scales them (its small boxes went before the NMS); detectron2's detector_postprocess
-        scales, clips them to the image and drops those with a side not above min_box_size (empty ones)."""
-        boxes = boxes * self._ratio(h, w, rh, rw)
+        scales, clips them to the image and drops those with a side not above min_box_size (empty ones).
+        h, w: numbers, or tensors that broadcast against the boxes' coordinates (per image);
+        ratio: [..., 4] (w / rw, h / rh, w / rw, h / rh) in float32, broadcasting likewise."""
+        boxes = boxes * ratio
         sem = self.semantics
         if sem.postprocess == "detectron2":
-            x, y = boxes[..., 0::2].clamp(0, w), boxes[..., 1::2].clamp(0, h)
+            x, y = boxes[..., 0::2], boxes[..., 1::2]
+            if isinstance(w, torch.Tensor):
+                x, y = torch.minimum(x.clamp(min=0), w), torch.minimum(y.clamp(min=0), h)
+            else:
+                x, y = x.clamp(0, w), y.clamp(0, h)
             boxes = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
             valid = valid & large_enough(boxes[..., 2:] - boxes[..., :2], sem.min_box_size, sem.min_size_strict)
         return boxes, valid
 
-    def _fixed_graph(self, bucket: int, h: int, w: int, depth_dtype: torch.dtype | None) -> _FixedGraph | None:
-        """The captured network for this shape; None while it is being captured in the background (the
-        caller then runs the same network op by op). At load, captures in this thread."""
-        key = (bucket, h, w, depth_dtype)
+    def _fixed_graph(self, bucket: int, canvas: Canvas) -> _FixedGraph | None:
+        """The captured network for this bucket and canvas; None while it is being captured in the
+        background (the caller then runs the same network op by op on that canvas). At load, captures
+        in this thread."""
+        key = (bucket, *canvas)
         if not self.use_graphs:  # the CPU (tests): static buffers of the padded bucket, run eagerly
             entry = self._fixed_graphs.get(key)
             if entry is None:
@@ -632,117 +727,170 @@ class FastMaskRCNN(Engine):
             return self._graph_cache.capture_now(key)
         return self._graph_cache.get(key)
 
-    def _static_inputs(self, key: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        bucket, h, w, depth_dtype = key
-        color = torch.zeros(bucket, h, w, 3, dtype=torch.uint8, device=self.dev)
-        depth = None if depth_dtype is None else torch.zeros(bucket, h, w, dtype=depth_dtype, device=self.dev)
-        return color, depth, torch.zeros((), dtype=torch.float32, device=self.dev)
+    def _static_inputs(self, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zeros on the canvas, each slot's numbers those of an image filling the canvas (the capture's
+        warm-up runs then see a plausible batch)."""
+        bucket, ch, cw = key
+        x = torch.zeros(bucket, self.mean.numel(), ch, cw, dtype=self.dtype, device=self.dev)
+        if self.dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        rows = torch.from_numpy(np.tile(image_row(ch, cw, ch, cw), (bucket, 1)))
+        return x, rows.to(self.dev), torch.zeros((), dtype=torch.float32, device=self.dev)
 
     def _describe(self, key: tuple[Any, ...]) -> str:
-        bucket, h, w, depth_dtype = key
-        return f"{bucket} image(s) of {w}x{h}" + ("" if depth_dtype is None else f" + {depth_dtype} depth")
+        bucket, ch, cw = key
+        return f"{bucket} image(s) on the {cw}x{ch} canvas"
 
     @torch.inference_mode()
     def _capture(self, key: tuple[Any, ...]) -> _FixedGraph:
         """Warm-up runs and one capture on a stream of its own. At load it runs in the engine's thread
-        into the shared pool; later in the capture thread (GraphCache), into a pool of its own, while the engine's thread keeps serving on the default stream (it waits
-        only while the graph records: GraphCache.recording)."""
+        into the shared pool; later in the capture thread (GraphCache), into a pool of its own, while the
+        engine's thread keeps serving on the default stream (it waits only while the graph records:
+        GraphCache.recording)."""
         background = self._loaded
         torch.cuda.set_device(self.dev)
-        color, depth, threshold = self._static_inputs(key)
+        x, sizes, threshold = self._static_inputs(key)
         t0 = time.perf_counter()
         stream = torch.cuda.Stream(self.dev)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):  # cudnn autotuning, lazy init, anchors and pooler scales outside the capture
-                self._fixed_forward(color, depth, threshold)
+                self._fixed_forward(x, sizes, threshold)
         stream.synchronize()
         warmed = time.perf_counter() - t0
         graph = torch.cuda.CUDAGraph()
         with self._graph_cache.recording, torch.cuda.graph(graph, pool=None if background else self._pool,
                                                            stream=stream):
-            out = self._fixed_forward(color, depth, threshold)
+            out = self._fixed_forward(x, sizes, threshold)
         if not background:
             log.info("captured the network for %s in %.1f s (warm-up runs %.1f s)", self._describe(key),
                      time.perf_counter() - t0, warmed)
-        return _FixedGraph(color, depth, threshold, out, graph)
+        return _FixedGraph(x, sizes, threshold, out, graph)
 
-    def _infer_fixed(self, items: list[EngineInput], h: int, w: int, want_masks: bool) -> list[Detections]:
-        return self._fixed_results(items, h, w, want_masks, self._run_fixed(items, h, w))
-
-    def _run_fixed(self, items: list[EngineInput], h: int, w: int) -> dict[str, torch.Tensor]:
-        """Writes the batch into its graph's inputs and queues the graph (or runs the same network op by
-        op where the graph is not there yet). Returns with the device still working on a graph."""
+    def _run_fixed(self, items: list[EngineInput], canvas: Canvas) -> dict[str, torch.Tensor]:
+        """Writes the batch into its canvas graph's inputs and queues the graph (or runs the same network
+        op by op on that canvas where the graph is not there yet). Returns with the device still working
+        on a graph."""
         n = len(items)
         bucket = next(b for b in self.buckets if b >= n)
-        depth_dtype = None
-        if self.config.input_kind == "rgbd":
-            if any(it.depth is None for it in items):
-                raise ValueError("RGB-D model needs depth")
-            depth_dtype = torch.from_numpy(items[0].depth[:1, :1]).dtype  # type: ignore[index]
+        if self.config.input_kind == "rgbd" and any(it.depth is None for it in items):
+            raise ValueError("RGB-D model needs depth")
         self._mark(None)
-        g = self._fixed_graph(bucket, h, w, depth_dtype)
-        if g is None:  # its graph is being captured: these images run op by op meanwhile, unpadded
-            g = _FixedGraph(*self._static_inputs((n, h, w, depth_dtype)), {}, None)
-        encoded = [i for i, it in enumerate(items) if isinstance(it.color, EncodedImage)]
-        if encoded:  # one decode for the batch's JPEGs, written into the graph's input
-            for i, rgb in zip(encoded, decode_to_device([items[i].color for i in encoded], self.dev)):  # type: ignore[misc]
-                g.color[i].copy_(rgb)
-        for i, it in enumerate(items):
-            if not isinstance(it.color, EncodedImage):
-                self._pin_source(it.color)
-                g.color[i].copy_(torch.from_numpy(it.color), non_blocking=True)
-            if g.depth is not None:
-                self._pin_source(it.depth)  # type: ignore[arg-type]
-                g.depth[i].copy_(torch.from_numpy(it.depth), non_blocking=True)  # type: ignore[arg-type]
+        g = self._fixed_graph(bucket, canvas)
+        if g is None:  # its graph is being captured: these images run op by op meanwhile, on that canvas
+            g = _FixedGraph(*self._static_inputs((n, *canvas)), {}, None)
+        self._write_inputs(items, g)
         g.threshold.fill_(min(it.score_threshold for it in items))
+        self._mark("preprocess (eager, onto the canvas)")
         if g.graph is not None:
             g.graph.replay()
             return g.out
-        # the CPU (tests), or a shape whose graph is on its way: the same network, op by op
-        return self._fixed_forward(g.color, g.depth, g.threshold)
+        # the CPU (tests), or a canvas whose graph is on its way: the same network, op by op
+        return self._fixed_forward(g.x, g.sizes, g.threshold)
 
-    def _fixed_results(self, items: list[EngineInput], h: int, w: int, want_masks: bool,
+    def _write_inputs(self, items: list[EngineInput], g: _FixedGraph) -> None:
+        """Each image to the device at its own size (pinned copies; one nvJPEG call for the batch's
+        JPEGs), normalised and resized with _resized's arithmetic, one call per group of equal size and
+        depth type, and written into its slot of the canvas with the rest of the slot zero (an earlier,
+        larger image may have left values there: cleared where _FixedGraph.written says); then every image's numbers (canvases.image_row) in
+        one copy. Plain torch operations (elementwise, interpolate, PIL's taps): nothing here compiles
+        or is planned per size. Slots past the batch keep what they had: their answers are not read."""
+        cfg = self.config
+        colors: dict[int, torch.Tensor] = {}
+        encoded = [i for i, it in enumerate(items) if isinstance(it.color, EncodedImage)]
+        if encoded:  # one decode for the batch's JPEGs
+            for i, rgb in zip(encoded, decode_to_device([items[i].color for i in encoded], self.dev)):  # type: ignore[misc]
+                colors[i] = rgb
+        groups: dict[tuple[Any, ...], list[int]] = {}
+        for i, it in enumerate(items):
+            depth_type = None if it.depth is None or cfg.input_kind != "rgbd" else it.depth.dtype.str
+            groups.setdefault((*image_size(it.color), depth_type), []).append(i)
+        rows = np.zeros((len(items), ROW), np.float32)
+        ch, cw = g.x.shape[-2:]
+        for (h, w, depth_type), idx in groups.items():
+            rh, rw = self.semantics.resized_size(h, w, cfg.min_size, cfg.max_size)
+            color = torch.empty(len(idx), h, w, 3, dtype=torch.uint8, device=self.dev)
+            for j, i in enumerate(idx):
+                it = items[i]
+                if i in colors:
+                    color[j].copy_(colors[i])
+                else:
+                    self._pin_source(it.color)  # type: ignore[arg-type]
+                    color[j].copy_(torch.from_numpy(it.color), non_blocking=True)  # type: ignore[arg-type]
+            depth = None
+            if depth_type is not None:
+                depth = torch.empty(len(idx), h, w, dtype=torch.from_numpy(items[idx[0]].depth[:1, :1]).dtype,  # type: ignore[index]
+                                    device=self.dev)
+                for j, i in enumerate(idx):
+                    self._pin_source(items[i].depth)  # type: ignore[arg-type]
+                    depth[j].copy_(torch.from_numpy(items[i].depth), non_blocking=True)  # type: ignore[arg-type]
+            x = self._resized(color, depth, rh, rw)
+            for j, i in enumerate(idx):
+                slot = g.x[i]
+                slot[:, :rh, :rw] = x[j]
+                # what an earlier image left beyond this one: rows below it, columns right of it
+                if len(g.written) <= i:
+                    g.written += [(ch, cw)] * (i + 1 - len(g.written))
+                old_h, old_w = g.written[i]
+                if old_h > rh:
+                    slot[:, rh:old_h, :old_w].zero_()
+                if old_w > rw:
+                    slot[:, :min(rh, old_h), rw:old_w].zero_()
+                g.written[i] = (rh, rw)
+                rows[i] = image_row(h, w, rh, rw)
+        src = torch.from_numpy(rows)
+        if self.dev.type == "cuda":  # from PyTorch's caching host allocator: not reused before the copy ran
+            src = src.pin_memory()
+        g.sizes[:len(items)].copy_(src, non_blocking=True)
+
+    def _fixed_results(self, items: list[EngineInput], want_masks: bool,
                        out: dict[str, torch.Tensor]) -> list[Detections]:
-        """Waits for the network, then reads its answers, pastes the masks and makes their RLE."""
+        """Waits for the network, then reads its answers, pastes the masks and makes their RLE (one
+        paste per input size of the batch: each image's masks at its own size)."""
         n = len(items)
         summary = out["summary"][:n].cpu().numpy()
         self._mark("network (one graph)")
         d = out["probs"].shape[1]  # detections per image: detections_per_img, or fewer candidates if that is all
         results: list[Detections | None] = [None] * n
-        redo, picked, picked_boxes, spans, offset = [], [], [], [], 0
+        redo: dict[tuple[Any, ...], list[int]] = {}
+        by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
         for i, it in enumerate(items):
             row = summary[i]
+            size = image_size(it.color)
             if row[-1] < 0.5:
-                redo.append(i)
+                redo.setdefault(_shape_key(it), []).append(i)
                 continue
             scores = row[4 * d:5 * d]
             keep = np.flatnonzero((row[6 * d:7 * d] > 0.5) & self._passes(scores, it.score_threshold))
             results[i] = Detections(row[:4 * d].reshape(d, 4)[keep].copy(), scores[keep].copy(),
                                     row[5 * d:6 * d][keep].astype(np.int64), None, [] if want_masks else None)
-            spans.append((i, offset, len(keep)))
-            picked.append(keep + i * d)
-            picked_boxes.append(results[i].boxes)  # type: ignore[union-attr]
-            offset += len(keep)
-        if want_masks and offset:
-            index = torch.from_numpy(np.concatenate(picked)).to(self.dev)
-            probs = out["probs"].flatten(0, 1)[index]
-            # The boxes the device holds, as the host read them: the paste plans on the host, no sync.
-            rles = paste_and_encode(probs, np.concatenate(picked_boxes), h, w, self.config.mask_threshold,
-                                    rule=self.semantics.paste)
-            for i, start, count in spans:
-                results[i].rle = rles[start:start + count]  # type: ignore[union-attr]
+            if len(keep):
+                by_size.setdefault(size, []).append((i, keep))
+        if want_masks:
+            flat = out["probs"].flatten(0, 1)
+            for (h, w), picked in by_size.items():
+                index = torch.from_numpy(np.concatenate([keep + i * d for i, keep in picked])).to(self.dev)
+                # The boxes the device holds, as the host read them: the paste plans on the host, no sync.
+                boxes = np.concatenate([results[i].boxes for i, _ in picked])  # type: ignore[union-attr]
+                rles = paste_and_encode(flat[index], boxes, h, w, self.config.mask_threshold,
+                                        rule=self.semantics.paste)
+                start = 0
+                for i, keep in picked:
+                    results[i].rle = rles[start:start + len(keep)]  # type: ignore[union-attr]
+                    start += len(keep)
         self._mark("paste and RLE")
         if redo:
             # Rare: NMS did not settle in the graph's iterations, or the top-k was too small.
-            before, self.redone_images = self.redone_images, self.redone_images + len(redo)
+            count = sum(len(v) for v in redo.values())
+            before, self.redone_images = self.redone_images, self.redone_images + count
             if before == 0 or before // 1000 != self.redone_images // 1000:
                 log.warning("%d image(s) so far needed the slower op-by-op path (NMS not settled in %d "
                             "iterations, or more than %d detection candidates needed); if that is frequent, "
                             "raise ENGINE_OPTIONS nms_iterations or pre_nms_topk", self.redone_images,
                             self.heads.iterations, self.pre_nms_topk)
-            for i, det in zip(redo, self._infer_dynamic([items[i] for i in redo], h, w, want_masks)):
-                results[i] = det
+            for (h, w, _), idx in redo.items():  # op by op at each input size and depth type
+                for i, det in zip(idx, self._infer_dynamic([items[i] for i in idx], h, w, want_masks)):
+                    results[i] = det
         return results  # type: ignore[return-value]
 
     # -- the dynamic path: op by op, torchvision's shapes ---------------------------------------
@@ -781,7 +929,7 @@ class FastMaskRCNN(Engine):
         out = []
         for k, item in enumerate(items):
             b, keep = self._to_input_pixels(det_boxes[k], self._passes(det_scores[k], item.score_threshold),
-                                            h, w, rh, rw)
+                                            h, w, self._ratio(h, w, rh, rw))
             b = b[keep]
             rle = None
             if want_masks:

@@ -82,6 +82,20 @@ def decode_boxes(coder: torch.nn.Module, rel_codes: torch.Tensor, boxes: torch.T
                         pred_ctr_y + c_to_c_h), dim=2)
 
 
+def clip_boxes(boxes: torch.Tensor, h: int | float | torch.Tensor, w: int | float | torch.Tensor) -> torch.Tensor:
+    """[B, ..., 4] boxes clipped to [0, w] x [0, h]: h and w numbers (every image the same size) or [B]
+    tensors (each image its own, as on a canvas: captured as tensors, so one graph serves every size
+    that fits it). The tensor bounds give the same float32 values as the number bounds."""
+    x, y = boxes[..., 0::2], boxes[..., 1::2]
+    if isinstance(h, torch.Tensor) or isinstance(w, torch.Tensor):
+        shape = (-1,) + (1,) * (boxes.dim() - 1)
+        x = torch.minimum(x.clamp(min=0), torch.as_tensor(w).to(x.dtype).view(shape))
+        y = torch.minimum(y.clamp(min=0), torch.as_tensor(h).to(y.dtype).view(shape))
+    else:
+        x, y = x.clamp(0, w), y.clamp(0, h)
+    return torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
+
+
 def large_enough(wh: torch.Tensor, min_size: float, strict: bool) -> torch.Tensor:
     """[..., 2] box sides -> [...] whether both pass the minimum: >= it (torchvision's
     remove_small_boxes) or, strict, > it (detectron2's Boxes.nonempty, which drops empty boxes at 0)."""
@@ -162,8 +176,10 @@ def nms_fixed(boxes: torch.Tensor, valid: torch.Tensor, iou_threshold: float, it
 
 
 class FixedShapeHeads:
-    """The RPN filtering, box head, detection NMS and mask head of one torchvision MaskRCNN,
-    for a batch of equally sized images, with shapes that depend only on the batch and the size."""
+    """The RPN filtering, box head, detection NMS and mask head of one torchvision MaskRCNN, for a
+    batch on one canvas (padded network input), with shapes that depend only on the batch and the
+    canvas: each image's own size bounds its boxes, as numbers (every image the same) or as [B]
+    tensors (clip_boxes), so one captured graph serves every size that fits the canvas."""
 
     def __init__(self, model: torch.nn.Module, nms_iterations: int = 24, pre_nms_topk: int = 1024,
                  kernel: bool = False, roi_kernel: bool = False, semantics: Semantics = TORCHVISION) -> None:
@@ -201,9 +217,11 @@ class FixedShapeHeads:
 
     # -- RPN --------------------------------------------------------------------------------
     def proposals(self, objectness: list[torch.Tensor], deltas: list[torch.Tensor], anchors: list[torch.Tensor],
-                  n_images: int, rh: int, rw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  n_images: int, rh: int | torch.Tensor, rw: int | torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """torchvision's filter_proposals: top-k per level, clip, drop small and low boxes, NMS per
         level, best post_nms_top_n. Returns boxes [B, P, 4], valid [B, P], settled [B].
+        rh, rw: the resized image size, numbers or [B] tensors (each image on a canvas: clip_boxes).
         With detectron2's semantics (its find_top_rpn_proposals), the ranking is by logit, with no score
         threshold, and only empty boxes are dropped."""
         rpn = self.model.rpn
@@ -227,9 +245,7 @@ class FixedShapeHeads:
         cand = torch.stack(lvl_boxes, 1)  # B x L x kmax x 4, each level in descending score
         scores = torch.stack(lvl_scores, 1)
         valid = torch.stack(lvl_valid, 1)
-        x = cand[..., 0::2].clamp(0, rw)
-        y = cand[..., 1::2].clamp(0, rh)
-        cand = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
+        cand = clip_boxes(cand, rh, rw)
         wh = cand[..., 2:] - cand[..., :2]
         valid = valid & large_enough(wh, rpn_min_size(rpn, sem), sem.min_size_strict)
         if not sem.rpn_rank_by_logit:
@@ -310,8 +326,8 @@ class FixedShapeHeads:
         return which, flat * scale_t[which][:, None]
 
     def roi_pool(self, pooler: torch.nn.Module, feats: dict[str, torch.Tensor], boxes: torch.Tensor,
-                 image_size: tuple[int, int], stacks: list[torch.Tensor] | None = None,
-                 channels_last: bool = False) -> torch.Tensor:
+                 image_size: tuple[int | torch.Tensor, int | torch.Tensor], stacks: list[torch.Tensor] | None = None,
+                 channels_last: bool = False, canvas: tuple[int, int] | None = None) -> torch.Tensor:
         """MultiScaleRoIAlign for [B, N, 4] boxes, as one roi_align call per level_stack.
 
         torchvision pools each level's boxes separately, which needs the number of boxes per level
@@ -319,16 +335,20 @@ class FixedShapeHeads:
         scale, so the sample positions are torchvision's) and pointed at that level's images in the
         stack. The pooled values match torchvision's up to the last bit of the bilinear weights at a
         level's bottom and right edges. The levels, the sampling grid and the half-pixel alignment
-        follow the semantics (detectron2's ROIPooler with ROIAlignV2, where the model's are)."""
+        follow the semantics (detectron2's ROIPooler with ROIAlignV2, where the model's are).
+        image_size: (h, w) numbers, or [B] tensors of each image's own size on a canvas; then `canvas`
+        (the padded network input's size) sets the levels' scales, as the feature maps' size does."""
         levels = [feats[name] for name in pooler.featmap_names]
         sampling, aligned = self.roi_align_rule(pooler)
         b, n = boxes.shape[:2]
         # Clipped to the image (the heads' boxes already are): the stack holds nothing readable
         # beyond a level's edge, where torchvision's per-level tensors would read zeros.
-        flat = boxes.reshape(-1, 4).float()
-        x, y = flat[:, 0::2].clamp(0, image_size[1]), flat[:, 1::2].clamp(0, image_size[0])
-        flat = torch.stack([x[:, 0], y[:, 0], x[:, 1], y[:, 1]], 1)
-        which, scaled = self._levels_of(pooler, levels, flat, image_size)
+        flat = clip_boxes(boxes.float(), image_size[0], image_size[1]).reshape(-1, 4)
+        if canvas is None:
+            if isinstance(image_size[0], torch.Tensor) or isinstance(image_size[1], torch.Tensor):
+                raise ValueError("roi_pool: per-image sizes need the canvas (the padded input size) for the levels' scales")
+            canvas = (int(image_size[0]), int(image_size[1]))
+        which, scaled = self._levels_of(pooler, levels, flat, canvas)
 
         def kernel() -> torch.Tensor:
             image = torch.arange(b, device=boxes.device).repeat_interleave(n)
@@ -373,8 +393,9 @@ class FixedShapeHeads:
 
     # -- box head and class-wise NMS --------------------------------------------------------
     def detections(self, feats: dict[str, torch.Tensor], props: torch.Tensor, props_valid: torch.Tensor,
-                   rh: int, rw: int, score_thresh: torch.Tensor, autocast: bool,
-                   stacks: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                   rh: int | torch.Tensor, rw: int | torch.Tensor, score_thresh: torch.Tensor, autocast: bool,
+                   stacks: list[torch.Tensor] | None = None, canvas: tuple[int, int] | None = None
+                   ) -> dict[str, torch.Tensor]:
         """torchvision's box head and postprocess_detections, at most detections_per_img per image
         (detectron2's fast_rcnn_inference with its semantics: no size filter here).
 
@@ -385,16 +406,14 @@ class FixedShapeHeads:
         no valid candidate was left out ("exact"; the caller redoes other images)."""
         heads = self.model.roi_heads
         b, n = props.shape[:2]
-        pooled = self.roi_pool(heads.box_roi_pool, feats, props, (rh, rw), stacks)
+        pooled = self.roi_pool(heads.box_roi_pool, feats, props, (rh, rw), stacks, canvas=canvas)
         with torch.autocast("cuda", dtype=torch.float16, enabled=autocast):
             bf = heads.box_head(pooled)
             class_logits, box_regression = heads.box_predictor(bf)
         class_logits, box_regression = class_logits.float(), box_regression.float()
         n_classes = class_logits.shape[-1]
         pred = decode_boxes(heads.box_coder, box_regression, props.reshape(-1, 4))  # B*N x C x 4
-        x = pred[..., 0::2].clamp(0, rw)
-        y = pred[..., 1::2].clamp(0, rh)
-        pred = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
+        pred = clip_boxes(pred.view(b, n * n_classes, 4), rh, rw)
         boxes = pred.view(b, n, n_classes, 4)[:, :, 1:].reshape(b, -1, 4)
         scores = F.softmax(class_logits, -1).view(b, n, n_classes)[:, :, 1:].reshape(b, -1)
         labels = torch.arange(1, n_classes, device=props.device).repeat(n)
@@ -416,11 +435,12 @@ class FixedShapeHeads:
 
     # -- mask head --------------------------------------------------------------------------
     def mask_probs(self, feats: dict[str, torch.Tensor], boxes: torch.Tensor, labels: torch.Tensor,
-                   rh: int, rw: int, autocast: bool, stacks: list[torch.Tensor] | None = None) -> torch.Tensor:
+                   rh: int | torch.Tensor, rw: int | torch.Tensor, autocast: bool,
+                   stacks: list[torch.Tensor] | None = None, canvas: tuple[int, int] | None = None) -> torch.Tensor:
         """Mask probabilities of each detection's own class: [B, D, M, M] (maskrcnn_inference)."""
         heads = self.model.roi_heads
         pooled = self.roi_pool(heads.mask_roi_pool, feats, boxes, (rh, rw), stacks,
-                               channels_last=self.class_mask_head is not None)
+                               channels_last=self.class_mask_head is not None, canvas=canvas)
         if self.class_mask_head is not None:
             probs = self.class_mask_head(pooled, labels.reshape(-1))
             return probs.view(*boxes.shape[:2], *probs.shape[-2:])

@@ -1,12 +1,13 @@
-"""CUDA graphs by input shape, captured without making requests wait.
+"""CUDA graphs by shape, captured without making requests wait.
 
-A graph is captured per (batch bucket, input size, depth type). The shapes named at
-load are captured then; a request at any other shape used to wait while its graph was
-captured in service (seconds with cuDNN's autotuning; measured on an H200: 1.0-2.9 s for
-a 640x480 image against a 4 ms replay). Here such a shape is served at once on the
-same network run op by op (about 3x a replay, no stall), while one background thread
-captures its graph; later requests replay it. A capture that fails leaves that shape on
-the op-by-op path for good, with one warning.
+The fast engine captures a graph per (batch bucket, canvas) (canvases.py). The shapes
+named at load are captured then, others (the largest canvases, by default) right after
+load by the background thread here; a request at a shape without a graph used to wait
+while its graph was captured in service (seconds with cuDNN's autotuning; measured on
+an H200: 1.0-2.9 s for a 640x480 image against a 4 ms replay). Here such a shape is
+served at once on the same network run op by op (about 3x a replay, no stall), while
+one background thread captures its graph; later requests replay it. A capture that
+fails leaves that shape on the op-by-op path for good, with one warning.
 
 The cache is generic (keys and a capture function), so that its threading is tested
 on the CPU without CUDA; the engine supplies a capture function that records on its own
