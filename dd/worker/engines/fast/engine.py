@@ -98,6 +98,8 @@ from dd.worker.engines.masks import paste_and_encode
 from dd.worker.engines.fast.pil_resize import PilBilinear
 from dd.worker.engines.kernels.switch import KernelSwitch
 from dd.worker.engines.pinned import PinnedMappings
+from dd.worker.engines.png_unfilter import depth_dtype as depth_dtype_of
+from dd.worker.engines.png_unfilter import depth_to_device, host_array
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,7 @@ def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
 class FastMaskRCNN(Engine):
     name = "fast"
     decodes_jpeg = True  # a batch's JPEGs in one nvJPEG call, straight into the graph's input (jpeg_decode)
+    unfilters_png_rows = True  # 16-bit PNG depth rows reconstructed on the GPU into the graph's input (png_unfilter)
 
     def load(self) -> None:
         opts: dict[str, Any] = self.config.engine_options
@@ -358,8 +361,8 @@ class FastMaskRCNN(Engine):
             for it in items:
                 if it.depth is None:
                     raise ValueError("RGB-D model needs depth")
-                self._pin_source(it.depth)
-                depths.append(torch.from_numpy(it.depth).to(self.dev, non_blocking=True))
+                self._pin_source(host_array(it.depth))
+                depths.append(depth_to_device(it.depth, self.dev))
             depth = torch.stack(depths)
         return self._normalize(torch.stack(colors), depth, rh, rw)
 
@@ -679,7 +682,7 @@ class FastMaskRCNN(Engine):
         if self.config.input_kind == "rgbd":
             if any(it.depth is None for it in items):
                 raise ValueError("RGB-D model needs depth")
-            depth_dtype = torch.from_numpy(items[0].depth[:1, :1]).dtype  # type: ignore[index]
+            depth_dtype = depth_dtype_of(items[0].depth)  # type: ignore[arg-type]
         self._mark(None)
         g = self._fixed_graph(bucket, h, w, depth_dtype)
         if g is None:  # its graph is being captured: these images run op by op meanwhile, unpadded
@@ -693,8 +696,8 @@ class FastMaskRCNN(Engine):
                 self._pin_source(it.color)
                 g.color[i].copy_(torch.from_numpy(it.color), non_blocking=True)
             if g.depth is not None:
-                self._pin_source(it.depth)  # type: ignore[arg-type]
-                g.depth[i].copy_(torch.from_numpy(it.depth), non_blocking=True)  # type: ignore[arg-type]
+                self._pin_source(host_array(it.depth))  # type: ignore[arg-type]
+                depth_to_device(it.depth, self.dev, g.depth[i])  # type: ignore[arg-type]
         g.threshold.fill_(min(it.score_threshold for it in items))
         if g.graph is not None:
             g.graph.replay()
