@@ -18,11 +18,16 @@ import grpc
 import numpy as np
 import pytest
 
+from dd.frontend.dispatcher import Dispatcher, WorkerLink
+from dd.ipc import messages
+from dd.ipc.shm_ring import SHM_DIR, RingError, ShmRing, segment_name
+from dd.png_rows import PngRows
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
 from dd.synth.scenes import generate_scene
 from tests.jpeg_samples import jpeg
 from tests.png_writer import PAETH, SUB, UP, png16, random_filters
+from dd.worker.server import _depth
 from tests.serverproc import ServerProcess
 
 H, W = 90, 120
@@ -105,3 +110,51 @@ def test_a_broken_png_is_refused_on_both_paths(server) -> None:
             _instances(srv, model, color, bytes(bad))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, model
         assert err.value.details().startswith("depth: "), err.value.details()
+
+
+def _link(model: str, ready: bool, gpu_png_rows: bool) -> WorkerLink:
+    link = WorkerLink(model, 0, Path("/nonexistent"), None, 8)  # type: ignore[arg-type]
+    link.ready = link.connected = ready
+    link.gpu_png_rows = gpu_png_rows
+    return link
+
+
+def test_rows_go_only_when_every_ready_worker_reconstructs_them_on_a_gpu() -> None:
+    d = Dispatcher.__new__(Dispatcher)
+    d.links = {}
+    assert not d.unfilters_png_rows_on_gpu("m")  # no worker yet
+    d.links = {Path("a"): _link("m", True, True), Path("b"): _link("other", True, False)}
+    assert d.unfilters_png_rows_on_gpu("m")
+    d.links[Path("c")] = _link("m", True, False)  # a CPU worker of the same model may get a retry
+    assert not d.unfilters_png_rows_on_gpu("m")
+    d.links[Path("c")] = _link("m", False, False)  # ... unless it is not ready
+    assert d.unfilters_png_rows_on_gpu("m")
+
+
+def test_the_worker_reads_rows_in_place_and_checks_their_reference() -> None:
+    name = segment_name("feedc0ffe2", "fe")
+    (SHM_DIR / name).unlink(missing_ok=True)
+    ring = ShmRing.create(name, slots=2, slot_bytes=10_000)
+    try:
+        ring.slot_buffer(1)[64:64 + 4 * 9] = bytes(range(36))
+        rows = _depth(ring, 1, messages.ArrayRef(offset=64, shape=[4, 4], dtype="uint16", encoding="png_rows",
+                                                 nbytes=36))
+        assert isinstance(rows, PngRows) and rows.data.shape == (4, 9) and rows.data.tobytes() == bytes(range(36))
+        ring.slot_buffer(1)[64] = 2  # a view of the slot, not a copy
+        assert rows.data[0, 0] == 2
+        del rows
+        with pytest.raises(ValueError, match="are 36 bytes, not 35"):
+            _depth(ring, 1, messages.ArrayRef(shape=[4, 4], dtype="uint16", encoding="png_rows", nbytes=35))
+        with pytest.raises(ValueError, match="reconstruct to"):
+            _depth(ring, 1, messages.ArrayRef(shape=[4, 4], dtype="float32", encoding="png_rows", nbytes=36))
+        with pytest.raises(RingError):  # past the slot's end
+            _depth(ring, 1, messages.ArrayRef(offset=ring.slot_bytes - 20, shape=[4, 4], dtype="uint16", encoding="png_rows",
+                                              nbytes=36))
+        with pytest.raises(ValueError, match="not known"):
+            _depth(ring, 1, messages.ArrayRef(shape=[4, 4], dtype="uint16", encoding="jpeg", nbytes=36))
+        plain = _depth(ring, 1, messages.ArrayRef(offset=64, shape=[4, 4], dtype="uint16"))
+        assert isinstance(plain, np.ndarray) and plain.shape == (4, 4)
+        del plain
+    finally:
+        ring.close()
+        ring.unlink()
