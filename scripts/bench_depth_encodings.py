@@ -4,6 +4,12 @@
 The numbers behind the client's choice of depth encoding (dd.client.api.pick_encoding): one
 1280x720 16-bit depth frame from dd.synth per seed, one thread, medians over the frames.
 
+A second table splits a 16-bit PNG's decode as the server now does it where the workers reconstruct
+rows on their GPU (dd/frontend/png_depth.py, dd.png_rows): the frontend's part (chunks, CRCs, ISA-L
+inflate into a slot-sized buffer, stopped at the first Average or Paeth row), whether the rows may go
+as rows (all None, Sub or Up; else OpenCV decodes the file after that), and the reconstruction: the worker core's numpy fallback and the engines' torch function run on
+the CPU here, for reference (on a GPU it is a few kernels).
+
     python scripts/bench_depth_encodings.py [--seeds 5000 5001 5002 --width 1280 --height 720 --iters 10]
 """
 
@@ -21,6 +27,8 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dd.frontend.png_depth import inflate_into, parse  # noqa: E402
+from dd.png_rows import unfilter  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
 
 cv2.setNumThreads(1)
@@ -71,7 +79,45 @@ def main() -> int:
     for name, r in rows.items():
         a = np.array(r, dtype=float)
         print(f"| {name} | {np.median(a[:, 0]) / 1024:.0f} | {np.median(a[:, 1]):.2f} | {np.median(a[:, 2]):.2f} |")
+    _png_rows_table(args)
     return 0
+
+
+def _png_rows_table(args: argparse.Namespace) -> None:
+    import torch
+
+    from dd.worker.engines.png_unfilter import unfilter_rows
+
+    torch.set_num_threads(1)
+    h, w = args.height, args.width
+    buf = np.empty(h * (1 + 2 * w), np.uint8)
+    table: dict[str, list[tuple[float, ...]]] = {}
+    for seed in args.seeds:
+        depth = generate_scene(seed, w, h).depth
+        for name, params in (("png (cv2 default)", []), ("png level 1", [cv2.IMWRITE_PNG_COMPRESSION, 1])):
+            data = cv2.imencode(".png", depth, params)[1].tobytes()
+
+            front_ms, rows = _best_ms(lambda: inflate_into(parse(data), buf), args.iters)
+            sent = rows is not None
+            cv_ms, _ = _best_ms(lambda: cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED), args.iters)
+            np_ms = torch_ms = float("nan")
+            if sent:
+                np_ms, back = _best_ms(lambda: unfilter(rows, h, w), args.iters)
+                assert np.array_equal(back, depth), name
+                t_rows = torch.from_numpy(rows)
+                torch_ms, back = _best_ms(lambda: unfilter_rows(t_rows, w), args.iters)
+                assert np.array_equal(back.numpy(), depth), name
+            table.setdefault(name, []).append((front_ms, float(sent), np_ms, torch_ms, cv_ms))
+    print()
+    print("16-bit PNG as rows: the frontend's part, and the reconstruction (medians, one thread)")
+    print("| png | frontend: parse + CRC + ISA-L inflate (until an Average/Paeth row) ms | frames sent as rows | "
+          "numpy unfilter ms (worker fallback) | torch unfilter on the CPU ms | OpenCV decode ms (before) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in table.items():
+        a = np.array(r, dtype=float)
+        unfilters = [f"{np.median(c[~np.isnan(c)]):.2f}" if (~np.isnan(c)).any() else "-" for c in (a[:, 2], a[:, 3])]
+        print(f"| {name} | {np.median(a[:, 0]):.2f} | {int(a[:, 1].sum())}/{len(a)} | {unfilters[0]} | "
+              f"{unfilters[1]} | {np.median(a[:, 4]):.2f} |")
 
 
 if __name__ == "__main__":

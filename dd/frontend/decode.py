@@ -57,7 +57,7 @@ from dd.frontend.errors import ServeError, Status
 from dd.frontend.image_cost import CostError, jpeg_scans, png_pixel_chunks
 from dd.frontend.inputs import ENCODED, MASKS_NONE, MASKS_RLE, RAW, ZSTD, ImageInput
 from dd.frontend.jpeg_header import worker_decodable
-from dd.frontend.png_depth import Gray16, PngError, filters_sent, inflate_into
+from dd.frontend.png_depth import Gray16, PngError, inflate_into
 from dd.frontend.png_depth import parse as parse_png
 from dd.png_rows import ENCODING as PNG_ROWS
 
@@ -442,8 +442,7 @@ def _rows_or_pixels(image: Gray16, data: bytes, dst: np.ndarray) -> np.ndarray |
     (each None, Sub or Up); otherwise its pixels, decoded by OpenCV as without rows (they are copied over
     the rows). INVALID_ARGUMENT for a broken stream."""
     try:
-        rows = inflate_into(image, dst)
-        if filters_sent(rows):
+        if inflate_into(image, dst) is not None:
             return None
     except PngError as exc:
         raise _invalid(f"depth: {exc}") from None

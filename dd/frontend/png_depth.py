@@ -5,7 +5,7 @@ about 10 ms on one core, of which zlib's inflate is 5-7 ms and libpng's row filt
 ISA-L (`isal`) inflates the same data in about 3 ms. Where every worker of the model reconstructs
 rows on its GPU (Pong.gpu_png_rows), the frontend stops there: the rows go into the ring slot as
 they are (dd.png_rows), provided each is filtered with None, Sub or Up; otherwise OpenCV decodes
-the file as before.
+the file as before (inflating stops at the first Average or Paeth row, so that costs little more).
 
 Only the simple, common case is read here (`parse` answers None for anything else, which then takes
 the OpenCV path unchanged): colour type 0 (grayscale), bit depth 16, no interlacing, and no chunks
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from isal import isal_zlib
 
-from dd.png_rows import SENT_FILTERS, rows_nbytes
+from dd.png_rows import PAETH, UP, rows_nbytes
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _CRITICAL_READ = frozenset({b"IHDR", b"IDAT", b"IEND"})
@@ -96,35 +96,53 @@ def parse(data: bytes) -> Gray16 | None:
     return Gray16(width, height, b"".join(idat))
 
 
-def inflate_into(image: Gray16, out: np.ndarray) -> np.ndarray:
-    """Inflates the rows into `out` (at least image.nbytes uint8, e.g. a view of the ring slot); returns
-    them, height x (1 + 2 x width). PngError if the stream is not zlib data or holds another amount."""
+def inflate_into(image: Gray16, out: np.ndarray) -> np.ndarray | None:
+    """Inflates the rows into `out` (at least image.nbytes uint8, e.g. a view of the ring slot) and returns
+    them, height x (1 + 2 x width), if every row is filtered with None, Sub or Up (dd.png_rows.SENT_FILTERS).
+    Returns None as soon as a row filtered with Average or Paeth appears: the image then goes as pixels,
+    and the rest is not inflated (libpng's adaptive filtering, what any explicit compression level in
+    OpenCV asks for, mixes in Average rows from the second row on, so such images cost little here).
+    PngError if the stream is not zlib data, holds another amount, or a row has a filter type PNG does
+    not define."""
     expected = image.nbytes
+    row = 1 + 2 * image.width
+    dst = out[:expected]
     inflater = isal_zlib.decompressobj()
+    stream = image.stream
+    done = 0
     try:
-        rows = inflater.decompress(image.stream, expected + 1)
+        for target in _pieces(image.height, row):
+            piece = inflater.decompress(stream, target - done)
+            stream = inflater.unconsumed_tail
+            end = done + len(piece)
+            dst[done:end] = np.frombuffer(piece, np.uint8)
+            filters = dst[done:end - (end - done) % row:row]  # the first byte of each whole row
+            if filters.size and int(filters.max()) > UP:
+                bad = int(np.argmax(filters > UP))
+                if filters[bad] > PAETH:
+                    raise PngError(f"PNG row {done // row + bad} has filter type {int(filters[bad])}; PNG defines "
+                                   "0 to 4: the file is corrupt")
+                return None
+            done = end
+            if end < target:
+                break
+        extra = inflater.decompress(stream, 1) if done == expected else b""
     except isal_zlib.error as exc:
         raise PngError(f"PNG pixel data (IDAT) is not valid zlib data ({exc}); the file is corrupt") from None
-    if len(rows) > expected:
+    if extra:
         raise PngError(f"PNG pixel data inflates to more than the {expected} bytes a {image.width}x{image.height} "
                        "16-bit grayscale image holds; the file is corrupt")
     if not inflater.eof:
-        raise PngError(f"PNG pixel data ends after {len(rows)} of {expected} bytes (its zlib stream is cut "
+        raise PngError(f"PNG pixel data ends after {done} of {expected} bytes (its zlib stream is cut "
                        "short); the file is truncated")
-    if len(rows) < expected:
-        raise PngError(f"PNG pixel data holds {len(rows)} bytes but a {image.width}x{image.height} 16-bit "
+    if done < expected:
+        raise PngError(f"PNG pixel data holds {done} bytes but a {image.width}x{image.height} 16-bit "
                        f"grayscale image needs {expected}; the file is corrupt")
-    dst = out[:expected].reshape(image.height, 1 + 2 * image.width)
-    dst.reshape(-1)[:] = np.frombuffer(rows, np.uint8)
-    return dst
+    return dst.reshape(image.height, row)
 
 
-def filters_sent(rows: np.ndarray) -> bool:
-    """Whether these rows may go to the worker as rows: each filtered with None, Sub or Up. PngError for a
-    filter type PNG does not define (libpng refuses those too)."""
-    filters = rows[:, 0]
-    top = int(filters.max())
-    if top > 4:
-        row = int(np.argmax(filters > 4))
-        raise PngError(f"PNG row {row} has filter type {int(filters[row])}; PNG defines 0 to 4: the file is corrupt")
-    return bool(np.isin(filters, tuple(SENT_FILTERS)).all())
+def _pieces(height: int, row: int) -> list[int]:
+    """Where inflating pauses to look at the filter types so far (bytes, whole rows): after 4 rows, then
+    every eighth of the image, so that an image with an Average or Paeth row stops early."""
+    marks = {min(height, 4)} | {min(height, -(-height * k // 8)) for k in range(1, 9)}
+    return [m * row for m in sorted(marks)]

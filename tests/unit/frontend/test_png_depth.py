@@ -13,7 +13,7 @@ import pytest
 from dd.frontend.decode import decode_into_slot
 from dd.frontend.errors import ServeError, Status
 from dd.frontend.inputs import ImageInput
-from dd.frontend.png_depth import parse
+from dd.frontend.png_depth import inflate_into, parse
 from dd.png_rows import unfilter
 from dd.synth.scenes import generate_scene
 from tests.png_writer import AVERAGE, NONE, PAETH, SUB, UP, chunk, filtered_rows, ihdr, png16, random_filters
@@ -173,3 +173,17 @@ def test_odd_sizes_match_opencv() -> None:
         rows = np.frombuffer(slot, np.uint8, d.nbytes, d.offset).reshape(h, 1 + 2 * w)
         expected = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         assert np.array_equal(unfilter(rows, h, w), expected)
+
+
+def test_inflating_stops_at_the_first_average_or_paeth_row() -> None:
+    """Such an image goes as pixels (OpenCV decodes it): the rest of its stream is not inflated, so a
+    stream cut short after an early Average row is not even looked at here."""
+    depth = _depth(13)
+    kinds = [SUB, AVERAGE] + [UP] * (H - 2)
+    z = zlib.compress(filtered_rows(depth, kinds))
+    image = parse(png16(depth, kinds, stream=z[:len(z) // 2]))
+    assert image is not None
+    assert inflate_into(image, np.empty(image.nbytes, np.uint8)) is None
+    whole = parse(png16(depth, [SUB] * H))
+    rows = inflate_into(whole, np.empty(whole.nbytes + 10, np.uint8))
+    assert rows is not None and rows.shape == (H, 1 + 2 * W)
