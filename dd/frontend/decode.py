@@ -36,6 +36,11 @@ worker's decoders read as this one does (dd.frontend.jpeg_header) and whose
 compressed bytes are fewer than its pixels is checked exactly as above, but its
 bytes are copied into the slot instead of its pixels, for the worker to decode
 (on its GPU). Its decoded size is the header's, which is what was checked.
+
+Where the caller says so (png_rows_to_worker: every ready worker reconstructs PNG rows on its GPU),
+a 16-bit grayscale depth PNG is read and inflated here (dd.frontend.png_depth: chunks, CRCs, ISA-L)
+straight into the slot, and stays there as its filtered rows if each is None, Sub or Up
+(dd.png_rows); one with an Average or Paeth row is decoded by OpenCV as above.
 """
 
 from __future__ import annotations
