@@ -63,10 +63,12 @@ class NullEngine(Engine):
         self.instances = int(opts.get("instances", 4))
         self.fail_marker = opts.get("fail_on_pixel")  # tests: raise when color[0, 0, 0] equals this
         # Benchmarks of the frontend's share of a PNG depth: rows come here as they would to a GPU engine.
-        self.unfilters_png_rows = bool(opts.get("png_rows", False))
+        self.png_rows = bool(opts.get("png_rows", False))
+        if self.png_rows:
+            self.unfilters_png_rows = True
 
     def unfilters_png_rows_on_gpu(self) -> bool:
-        return self.unfilters_png_rows  # png_rows: as if on a GPU (the option exists for that)
+        return self.png_rows or super().unfilters_png_rows_on_gpu()  # png_rows: as if on a GPU
 
     def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
         start = time.perf_counter()

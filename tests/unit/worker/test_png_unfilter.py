@@ -4,6 +4,7 @@ both against OpenCV's decoder of the same file, written with an explicit filter 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from pathlib import Path
@@ -181,3 +182,18 @@ def test_the_core_refuses_rows_it_cannot_reconstruct(tmp_path: Path) -> None:
     out = core.run([WorkItem(color, bad), WorkItem(color, good)])
     assert out[0].code == "INVALID_ARGUMENT" and "filter type 4" in out[0].message
     assert out[1].code == "OK"
+
+
+def test_the_null_engines_png_rows_option(tmp_path: Path) -> None:
+    """Benchmarks (scripts/bench_frontend_cpu.py --png-rows): the null engine takes rows as a GPU engine would."""
+    core = _core(tmp_path)
+    assert not core.engine.unfilters_png_rows and not core.engine.unfilters_png_rows_on_gpu()
+    cfg = dataclasses.replace(core.model, engine_options={**core.model.engine_options, "png_rows": True})
+    engine = NullEngine(cfg, "cpu")
+    engine.load()
+    assert engine.unfilters_png_rows and engine.unfilters_png_rows_on_gpu()
+    color = np.full((30, 40, 3), 90, np.uint8)
+    depth = generate_scene(12, 40, 30).depth
+    rows = PngRows(_rows(depth, random_filters(np.random.default_rng(2), 30)), 30, 40)
+    got = WorkerCore(cfg, engine, "t.0").run([WorkItem(color, rows)])[0]
+    assert _answer(got.body) == _answer(core.run([WorkItem(color, depth)])[0].body)
