@@ -9,12 +9,16 @@ per byte lane (PNG samples are big-endian byte pairs, filtered byte by byte, mod
      (a segmented prefix sum: the total minus the total before the segment's first row);
   3. the two lanes joined into native uint16.
 
-Prefix sums run in int32 (exact: at most 255 x max(H, W) per lane) and are reduced modulo 256
-afterwards. The same function runs on CPU and CUDA tensors; tests check it against OpenCV's
-decoder. torch is imported here only: the worker's core imports dd.png_rows (numpy) instead.
+Everything runs in uint8, whose wrap-around is PNG's modulo 256 (a prefix sum's difference too),
+so each pass reads and writes the rows' size, and the lanes become uint16 by a byte swap and a view.
+A batch of same-size images runs in one set of kernels. The same function runs on CPU and CUDA
+tensors; tests check it against OpenCV's decoder. torch is imported here only: the worker's core
+imports dd.png_rows (numpy) instead.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import torch
@@ -23,22 +27,25 @@ from dd.png_rows import SUB, UP, PngRows
 
 
 def unfilter_rows(rows: torch.Tensor, width: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """H x W uint16 pixels from H x (1 + 2 x width) uint8 filtered rows (filters None, Sub or Up; any other
-    filter byte is read as None: the frontend sends no other), on rows' device; into `out` when given."""
-    height = rows.shape[0]
-    if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape[1] != 1 + 2 * width:
-        raise ValueError(f"rows must be H x {1 + 2 * width} uint8 for width {width}, got {list(rows.shape)} "
+    """... x H x W uint16 pixels (native byte order) from ... x H x (1 + 2 x width) uint8 filtered rows (filters
+    None, Sub or Up; any other filter byte is read as None: the frontend sends no other), on rows' device;
+    leading dimensions are a batch of images of one size. Into `out` when given. No host synchronisation."""
+    if rows.dtype != torch.uint8 or rows.dim() < 2 or rows.shape[-1] != 1 + 2 * width:
+        raise ValueError(f"rows must be [..., H, {1 + 2 * width}] uint8 for width {width}, got {list(rows.shape)} "
                          f"{rows.dtype}")
-    filters = rows[:, 0].long()
-    samples = rows[:, 1:].reshape(height, width, 2).int()
-    along = torch.where((filters == SUB)[:, None, None], samples.cumsum(1, dtype=torch.int32), samples) & 0xFF
-    down = along.cumsum(0, dtype=torch.int32)
+    height = rows.shape[-2]
+    filters = rows[..., 0]  # ... x H
+    samples = rows[..., 1:].unflatten(-1, (width, 2))  # ... x H x W x 2 (big-endian byte lanes)
+    along = torch.where((filters == SUB)[..., None, None], samples.cumsum(-2, dtype=torch.uint8), samples)
+    down = along.cumsum(-3, dtype=torch.uint8)
     index = torch.arange(height, device=rows.device)
     is_up = (filters == UP) & (index > 0)  # the first row's prior is zero: Up is None there
-    start = torch.where(is_up, torch.zeros_like(index), index).cummax(0).values
-    before = torch.cat([torch.zeros_like(down[:1]), down[:-1]])
-    recon = (down - before[start]) & 0xFF
-    pixels = ((recon[..., 0] << 8) | recon[..., 1]).to(torch.uint16)
+    start = torch.where(is_up, torch.zeros_like(index), index).cummax(-1).values  # each row's segment start
+    before = torch.cat([torch.zeros_like(down.narrow(-3, 0, 1)), down.narrow(-3, 0, height - 1)], dim=-3)
+    recon = down - before.gather(-3, start[..., None, None].expand_as(before))
+    if sys.byteorder == "little":
+        recon = recon.flip(-1)
+    pixels = recon.contiguous().view(torch.uint16).squeeze(-1)
     if out is None:
         return pixels
     return out.copy_(pixels)

@@ -96,6 +96,14 @@ def test_opencv_s_own_encodings_reconstruct() -> None:
             assert np.array_equal(unfilter_rows(torch.from_numpy(rows.copy()), 160).numpy(), depth)
 
 
+def test_a_batch_of_images_in_one_call() -> None:
+    rng = np.random.default_rng(6)
+    depths = [generate_scene(20 + k, 33, 21).depth for k in range(3)]
+    rows = np.stack([_rows(d, random_filters(rng, 21)) for d in depths])
+    got = unfilter_rows(torch.from_numpy(rows), 33)
+    assert got.shape == (3, 21, 33) and np.array_equal(got.numpy(), np.stack(depths))
+
+
 def test_numpy_refuses_average_paeth_and_wrong_sizes() -> None:
     depth = np.arange(12, dtype=np.uint16).reshape(3, 4)
     for kind in (AVERAGE, PAETH):
