@@ -79,3 +79,25 @@ def depth_to_device(depth: np.ndarray | PngRows, device: torch.device, out: torc
     if out is None:
         return torch.from_numpy(depth).to(device, non_blocking=True)
     return out.copy_(torch.from_numpy(depth), non_blocking=True)
+
+
+def depths_into(depths: list[np.ndarray | PngRows], out: torch.Tensor) -> None:
+    """Writes a batch's depth inputs into out[0], out[1], ... (a device tensor, e.g. a CUDA graph's static
+    input): arrays are copied as they are; PNG rows (all of one size, as a batch's images are) are copied
+    into one device buffer and reconstructed in one call, whatever their number."""
+    rows = [i for i, d in enumerate(depths) if isinstance(d, PngRows)]
+    for i, d in enumerate(depths):
+        if not isinstance(d, PngRows):
+            out[i].copy_(torch.from_numpy(d), non_blocking=True)
+    if not rows:
+        return
+    first: PngRows = depths[rows[0]]  # type: ignore[assignment]
+    staged = torch.empty((len(rows), *first.data.shape), dtype=torch.uint8, device=out.device)
+    for j, i in enumerate(rows):
+        staged[j].copy_(torch.from_numpy(depths[i].data), non_blocking=True)  # type: ignore[union-attr]
+    pixels = unfilter_rows(staged, first.width)
+    if rows == list(range(len(rows))):
+        out[:len(rows)].copy_(pixels)
+        return
+    for j, i in enumerate(rows):  # a batch of rows and arrays: device copies, no index tensor to upload
+        out[i].copy_(pixels[j])

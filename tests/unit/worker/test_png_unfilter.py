@@ -22,7 +22,7 @@ from dd.worker.core import WorkerCore, WorkItem
 from dd.worker.engines import load_engine
 from dd.worker.engines.base import EngineInput
 from dd.worker.engines.null import NullEngine
-from dd.worker.engines.png_unfilter import depth_dtype, depth_to_device, host_array, unfilter_rows
+from dd.worker.engines.png_unfilter import depth_dtype, depth_to_device, depths_into, host_array, unfilter_rows
 from tests.png_writer import AVERAGE, NONE, PAETH, SUB, UP, filtered_rows, png16, random_filters
 
 
@@ -102,6 +102,17 @@ def test_a_batch_of_images_in_one_call() -> None:
     rows = np.stack([_rows(d, random_filters(rng, 21)) for d in depths])
     got = unfilter_rows(torch.from_numpy(rows), 33)
     assert got.shape == (3, 21, 33) and np.array_equal(got.numpy(), np.stack(depths))
+
+
+def test_a_batch_of_inputs_into_a_static_tensor() -> None:
+    """As the fast engine writes a batch into its graph's input: rows and arrays mixed, or rows only."""
+    rng = np.random.default_rng(7)
+    depths = [generate_scene(30 + k, 24, 18).depth for k in range(4)]
+    as_rows = [PngRows(_rows(d, random_filters(rng, 18)), 18, 24) for d in depths]
+    for batch in ([as_rows[0], depths[1], as_rows[2]], as_rows[:3], [depths[0], as_rows[1], as_rows[2]]):
+        out = torch.zeros(4, 18, 24, dtype=torch.uint16)
+        depths_into(batch, out)
+        assert np.array_equal(out[:3].numpy(), np.stack(depths[:3])) and not out[3].any()
 
 
 def test_numpy_refuses_average_paeth_and_wrong_sizes() -> None:

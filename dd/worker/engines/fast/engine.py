@@ -99,7 +99,7 @@ from dd.worker.engines.fast.pil_resize import PilBilinear
 from dd.worker.engines.kernels.switch import KernelSwitch
 from dd.worker.engines.pinned import PinnedMappings
 from dd.worker.engines.png_unfilter import depth_dtype as depth_dtype_of
-from dd.worker.engines.png_unfilter import depth_to_device, host_array
+from dd.worker.engines.png_unfilter import depth_to_device, depths_into, host_array
 
 log = logging.getLogger(__name__)
 
@@ -697,7 +697,8 @@ class FastMaskRCNN(Engine):
                 g.color[i].copy_(torch.from_numpy(it.color), non_blocking=True)
             if g.depth is not None:
                 self._pin_source(host_array(it.depth))  # type: ignore[arg-type]
-                depth_to_device(it.depth, self.dev, g.depth[i])  # type: ignore[arg-type]
+        if g.depth is not None:  # PNG rows reconstructed on the device, the batch's in one call (png_unfilter)
+            depths_into([it.depth for it in items], g.depth)  # type: ignore[misc]
         g.threshold.fill_(min(it.score_threshold for it in items))
         if g.graph is not None:
             g.graph.replay()
