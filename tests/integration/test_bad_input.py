@@ -25,6 +25,7 @@ from dd.frontend.protocols.detector_v1 import check_options, image_inputs
 from dd.png_rows import unfilter
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from tests.faults import Server, answer_problem, detect, null_case, null_model
+from tests.png_writer import png16
 
 MAX_PIXELS = 500_000
 MAX_MESSAGE_MB = 2
@@ -243,6 +244,7 @@ _rng = np.random.default_rng(0)
 _SEEDS = [encode(".png", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
           encode(".jpg", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
           encode(".png", _rng.integers(0, 5000, (9, 7), dtype=np.uint16)),
+          png16(_rng.integers(0, 65535, (9, 7), dtype=np.uint16), [0, 1, 2, 2, 1, 0, 2, 1, 2]),  # rows may go as rows
           encode(".png", _rng.integers(0, 255, (9, 7), dtype=np.uint8)),
           encode(".bmp", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
           encode(".tiff", _rng.integers(0, 5000, (9, 7), dtype=np.uint16)),

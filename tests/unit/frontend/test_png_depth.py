@@ -187,3 +187,12 @@ def test_inflating_stops_at_the_first_average_or_paeth_row() -> None:
     whole = parse(png16(depth, [SUB] * H))
     rows = inflate_into(whole, np.empty(whole.nbytes + 10, np.uint8))
     assert rows is not None and rows.shape == (H, 1 + 2 * W)
+
+
+def test_the_chunk_limit_still_applies() -> None:
+    """dd.frontend.image_cost's walk runs before the rows are read: a PNG of too many chunks is refused."""
+    depth = _depth(14, 8, 8)
+    z = zlib.compress(filtered_rows(depth, [SUB] * 8))
+    many = b"\x89PNG\r\n\x1a\n" + ihdr(8, 8) + chunk(b"IDAT", z) + chunk(b"tEXt", b"k\x00v") * 17000 + chunk(b"IEND", b"")
+    with pytest.raises(ServeError, match="more than 16384 chunks"):
+        _decode(many, h=8, w=8)
