@@ -10,7 +10,7 @@ inflate into a slot-sized buffer, stopped at the first Average or Paeth row), wh
 as rows (all None, Sub or Up; else OpenCV decodes the file after that), and the reconstruction: the worker core's numpy fallback and the engines' torch function run on
 the CPU here, for reference (on a GPU it is a few kernels).
 
-    python scripts/bench_depth_encodings.py [--seeds 5000 5001 5002 --width 1280 --height 720 --iters 10]
+    python scripts/bench_depth_encodings.py [--seeds 5000 5001 5002 --width 1280 --height 720 --iters 10] [--device cuda]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def main() -> int:
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--height", type=int, default=720)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--device", default="", help="also time the rows' reconstruction on this torch device "
+                    "(e.g. cuda): one frame, and a batch of 16 in one call, synchronised")
     args = ap.parse_args()
 
     def png(level: int | None) -> tuple[Callable, Callable]:
@@ -80,7 +82,41 @@ def main() -> int:
         a = np.array(r, dtype=float)
         print(f"| {name} | {np.median(a[:, 0]) / 1024:.0f} | {np.median(a[:, 1]):.2f} | {np.median(a[:, 2]):.2f} |")
     _png_rows_table(args)
+    if args.device:
+        _device_table(args)
     return 0
+
+
+def _device_table(args: argparse.Namespace) -> None:
+    """The fast engine's reconstruction (png_unfilter.unfilter_rows) on a device: what it adds to a batch."""
+    import torch
+
+    from dd.worker.engines.png_unfilter import unfilter_rows
+
+    dev = torch.device(args.device)
+    h, w = args.height, args.width
+    depth = generate_scene(args.seeds[0], w, h).depth
+    data = cv2.imencode(".png", depth)[1].tobytes()
+    rows = inflate_into(parse(data), np.empty(h * (1 + 2 * w), np.uint8))
+    assert rows is not None, "cv2's default PNG goes as rows"
+    print()
+    print(f"rows reconstructed on {dev} (png_unfilter.unfilter_rows, synchronised, median of {args.iters})")
+    print("| batch | ms per call | ms per image |")
+    print("|---|---|---|")
+    for batch in (1, 16):
+        staged = torch.from_numpy(np.stack([rows] * batch)).to(dev)
+        out = torch.empty((batch, h, w), dtype=torch.uint16, device=dev)
+
+        def run() -> torch.Tensor:
+            unfilter_rows(staged, w, out)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            return out
+
+        run()  # warm-up
+        ms, got = _best_ms(run, args.iters)
+        assert np.array_equal(got[0].cpu().numpy(), depth)
+        print(f"| {batch} | {ms:.3f} | {ms / batch:.3f} |")
 
 
 def _png_rows_table(args: argparse.Namespace) -> None:
