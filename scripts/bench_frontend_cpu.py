@@ -9,7 +9,12 @@ costs for the same request in this process (process CPU time, both decode thread
 dispatcher. Kinds are the client's encodings (dd.client.encoding) of 1280x720 dd.synth frames:
 raw (4.6 MB), jpeg+png (the standard request, ~1 MB), jpeg+zstd.
 
-    python scripts/bench_frontend_cpu.py [--requests 200 --kinds raw jpeg+png jpeg+zstd]
+    python scripts/bench_frontend_cpu.py [--requests 200 --kinds raw jpeg+png jpeg+zstd] [--png-rows]
+
+--png-rows serves the null engine with ENGINE_OPTIONS png_rows: it says it reconstructs 16-bit PNG
+depth rows, as the fast engine on a GPU does, so the frontend sends a PNG depth as its inflated rows
+(dd/frontend/png_depth.py) instead of decoding it; the worker then reconstructs them with numpy (on a
+GPU that is device work). Run with and without it to see the frontend's share of the standard request.
 """
 
 from __future__ import annotations
@@ -36,12 +41,13 @@ from bench_requests import _role_of, cpu_by_role, free_port, wait_health  # noqa
 from dd.synth.scenes import generate_scene  # noqa: E402
 
 
-def null_model(folder: Path, instances: int) -> Path:
+def null_model(folder: Path, instances: int, png_rows: bool = False) -> Path:
     folder.mkdir(parents=True)
     (folder / "categories.txt").write_text("carton\n")
+    options = {"instances": instances, **({"png_rows": True} if png_rows else {})}
     (folder / "node_config.json").write_text(json.dumps({
         "DETECTION_TYPE": "RGBDNullServicer", "CATEGORY_FILE": "categories.txt", "SCORE_THRESH_TEST": 0.0,
-        "MAX_BATCH_SIZE": 1, "DEVICES": "cpu", "ENGINE_OPTIONS": {"instances": instances}}))
+        "MAX_BATCH_SIZE": 1, "DEVICES": "cpu", "ENGINE_OPTIONS": options}))
     return folder
 
 
@@ -64,16 +70,16 @@ def _frontend_rss_mib(server_pid: int) -> float:
                if _role_of(c) == "frontend") / 2**20
 
 
-def decode_cpu_ms(request, repeats: int) -> float:
+def decode_cpu_ms(request, repeats: int, png_rows: bool = False) -> float:
     from dd.frontend.decode import decode_into_slot
     from dd.frontend.protocols.detector_v1 import image_inputs
 
     slot = memoryview(bytearray(8 << 20))
     images = image_inputs(request)
-    decode_into_slot(*images, True, slot, 1 << 24)
+    decode_into_slot(*images, True, slot, 1 << 24, png_rows_to_worker=png_rows)
     t0 = time.process_time()
     for _ in range(repeats):
-        decode_into_slot(*images, True, slot, 1 << 24)
+        decode_into_slot(*images, True, slot, 1 << 24, png_rows_to_worker=png_rows)
     return (time.process_time() - t0) / repeats * 1e3
 
 
@@ -88,6 +94,8 @@ def main() -> int:
     ap.add_argument("--py-spy", metavar="DIR", type=Path,
                     help="record the frontend with py-spy during each kind's requests: DIR/KIND.txt, collapsed "
                          "stacks (pip install py-spy; it adds its own CPU to the numbers)")
+    ap.add_argument("--png-rows", action="store_true",
+                    help="the null engine takes PNG depths as rows, as the fast engine on a GPU (the docstring)")
     ap.add_argument("--native", action="store_true", help="with --py-spy: C/C++ frames too")
     ap.add_argument("--server-repo", metavar="DIR", type=Path, default=REPO,
                     help="serve the `dd` of this checkout (e.g. a `git worktree` of an older commit, for a "
@@ -109,7 +117,7 @@ def main() -> int:
                           for k, (s, j) in enumerate(zip(scenes, jpegs))]
 
     tmp = Path(tempfile.mkdtemp(prefix="dd-fecpu-"))
-    folder = null_model(tmp / "null", args.instances)
+    folder = null_model(tmp / "null", args.instances, args.png_rows)
     port = free_port()
     log = open(tmp / "serve.log", "wb")
     serve = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(folder), "--host", "127.0.0.1", "--port",
@@ -140,7 +148,7 @@ def main() -> int:
                     spy.wait(60)
                 per = {role: (after.get(role, 0.0) - before.get(role, 0.0)) / args.requests * 1e3
                        for role in ("frontend", "worker")}
-                dec = statistics.median(decode_cpu_ms(r, 10) for r in reqs)
+                dec = statistics.median(decode_cpu_ms(r, 10, args.png_rows) for r in reqs)
                 size = statistics.mean(r.ByteSize() for r in reqs) / 2**20
                 rows.append((kind, size, per["frontend"], dec, per["frontend"] - dec, per["worker"],
                              statistics.median(lat), _frontend_rss_mib(serve.pid)))
@@ -148,7 +156,8 @@ def main() -> int:
         serve.terminate()
         serve.wait(30)
     print(f"{args.requests} requests per kind at concurrency 1, {args.width}x{args.height} RGB-D, null engine "
-          f"({args.instances} instances with RLE masks), 1 frontend")
+          f"({args.instances} instances with RLE masks{', PNG depth sent as rows' if args.png_rows else ''}), "
+          "1 frontend")
     print("| request | MB | frontend CPU ms/req | of which decode | rest | worker CPU ms/req | p50 ms | frontend RSS MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for kind, size, fe, dec, rest, wk, p50, rss in rows:

@@ -98,6 +98,8 @@ NULL_OPTIONS: dict[str, Option] = {
     "cost_ms_per_image": Option(float, 0.0, "milliseconds each image of a batch adds"),
     "instances": Option(int, 4, "instances per image"),
     "fail_on_pixel": Option((int, type(None)), None, "tests: fail a batch whose image has this value at [0, 0, 0]"),
+    "png_rows": Option(bool, False, "benchmarks: take 16-bit PNG depths as their filtered rows, as the fast engine "
+                       "on a GPU does (frontends are told to send them), and reconstruct them here with numpy"),
 }
 
 ORT_OPTIONS: dict[str, Option] = {

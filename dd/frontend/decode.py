@@ -36,6 +36,11 @@ worker's decoders read as this one does (dd.frontend.jpeg_header) and whose
 compressed bytes are fewer than its pixels is checked exactly as above, but its
 bytes are copied into the slot instead of its pixels, for the worker to decode
 (on its GPU). Its decoded size is the header's, which is what was checked.
+
+Where the caller says so (png_rows_to_worker: every ready worker reconstructs PNG rows on its GPU),
+a 16-bit grayscale depth PNG is read and inflated here (dd.frontend.png_depth: chunks, CRCs, ISA-L)
+straight into the slot, and stays there as its filtered rows if each is None, Sub or Up
+(dd.png_rows); one with an Average or Paeth row is decoded by OpenCV as above.
 """
 
 from __future__ import annotations
@@ -57,6 +62,9 @@ from dd.frontend.errors import ServeError, Status
 from dd.frontend.image_cost import CostError, jpeg_scans, png_pixel_chunks
 from dd.frontend.inputs import ENCODED, MASKS_NONE, MASKS_RLE, RAW, ZSTD, ImageInput
 from dd.frontend.jpeg_header import worker_decodable
+from dd.frontend.png_depth import Gray16, PngError, inflate_into
+from dd.frontend.png_depth import parse as parse_png
+from dd.png_rows import ENCODING as PNG_ROWS
 
 # Decoding must not spawn OpenCV's own thread pool inside each of ours.
 cv2.setNumThreads(1)
@@ -93,7 +101,8 @@ def _invalid(message: str) -> ServeError:
 @dataclass
 class Placed:
     """Where an image now lies in its slot: decoded (`shape`, `dtype`), or compressed (`encoding` "jpeg",
-    `nbytes` long, decoding to `shape`, `dtype`)."""
+    `nbytes` long, decoding to `shape`, `dtype`), or a depth as its PNG's filtered rows (`encoding`
+    "png_rows", `nbytes` = H x (1 + 2W), reconstructing to `shape` uint16: dd.png_rows)."""
 
     offset: int
     shape: tuple[int, ...]
@@ -298,13 +307,15 @@ def _check_abandoned(abandoned: threading.Event | None) -> None:
 def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: bool, slot: memoryview,
                      max_pixels: int, *, max_jpeg_scans: int = MAX_JPEG_SCANS,
                      resize: tuple[int, int] | None = None, abandoned: threading.Event | None = None,
-                     jpeg_to_worker: bool = False) -> Decoded:
+                     jpeg_to_worker: bool = False, png_rows_to_worker: bool = False) -> Decoded:
     """Decodes color (and depth) into `slot`; color at offset 0 as H x W x 3 RGB, depth after it.
 
     `depth` None is an empty image (refused when the model needs depth, ignored otherwise).
     `resize`: the model's (MIN_SIZE, MAX_SIZE), for check_aspect. `abandoned`: set by the caller
     when nobody waits for the answer any more; checked before each decode starts. `jpeg_to_worker`:
     a JPEG color the worker can decode goes into the slot compressed (the module's docstring).
+    `png_rows_to_worker`: a 16-bit grayscale depth PNG whose rows are all None, Sub or Up goes into the
+    slot as its inflated, still filtered rows (dd.frontend.png_depth, dd.png_rows).
     """
     color_img, depth_img = color, depth if depth is not None else ImageInput(b"")
     _check_encoding(color_img, "color")
@@ -319,6 +330,7 @@ def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: b
     # 1. Sizes, from RAW shapes or headers; nothing decoded yet.
     color_raw = depth_raw = None
     color_data = depth_data = b""
+    depth_png: Gray16 | None = None  # a depth PNG whose rows may go to the worker
     if color_img.encoding == RAW:
         color_raw = _raw_array(color_img, "color", 3)
         h, w = color_raw.shape[:2]
@@ -342,6 +354,8 @@ def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: b
         else:
             dw, dh, depth_data = _inspect(depth_img.data, "depth", max_jpeg_scans)
             itemsize = 2
+            if png_rows_to_worker:
+                depth_png = _rows_png(depth_data, depth_offset, len(slot))
         if (dw, dh) != (w, h):
             raise _invalid(f"depth is {dw}x{dh} but color is {w}x{h}; they must be the same size (registered)")
         end = depth_offset + h * w * itemsize
@@ -359,6 +373,9 @@ def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: b
     if needs_depth and depth_img.encoding == ZSTD:  # straight into the slot, beside the color decode
         dst = _slot_array(slot, depth_offset, (h, w), depth_dtype)
         depth_future = _DEPTH_POOL.submit(_unless_abandoned, abandoned, _zstd_into, depth_img.data, dst, "depth")
+    elif needs_depth and depth_png is not None:  # its rows into the slot; pixels if a row is Average or Paeth
+        dst = _slot_array(slot, depth_offset, (depth_png.nbytes,), np.uint8)
+        depth_future = _DEPTH_POOL.submit(_unless_abandoned, abandoned, _rows_or_pixels, depth_png, depth_data, dst)
     elif needs_depth and depth_raw is None:
         depth_future = _DEPTH_POOL.submit(_decode_unless, abandoned, depth_data, _DEPTH_FLAGS)
     try:
@@ -387,6 +404,9 @@ def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: b
     if depth_raw is None:
         assert depth_future is not None
         depth_raw = depth_future.result()
+        if depth_png is not None and depth_raw is None:  # the rows are in the slot
+            return Decoded(color, Placed(depth_offset, (h, w), "uint16", encoding=PNG_ROWS,
+                                         nbytes=depth_png.nbytes), h, w)
         if depth_raw is None:
             raise _invalid("depth: the image could not be decoded (corrupt or unsupported data)")
         if depth_raw.ndim != 2 or depth_raw.dtype != np.uint16:
@@ -408,6 +428,30 @@ def _check_depth_range(depth: np.ndarray) -> None:
     if lo < 0.0 or hi > MAX_DEPTH_M:
         raise _invalid(f"depth (FLOAT32, metres) must lie in [0, {MAX_DEPTH_M}] (0: missing), got values from "
                        f"{lo:g} to {hi:g}; send metres, not millimetres")
+
+
+def _rows_png(data: bytes, offset: int, slot_bytes: int) -> Gray16 | None:
+    """The depth PNG, if its rows may go to the worker: a 16-bit grayscale PNG read by png_depth whose
+    rows fit in the slot after the color. Refuses a broken one (bad CRC, cut short) before any decode."""
+    try:
+        image = parse_png(data)
+    except PngError as exc:
+        raise _invalid(f"depth: {exc}") from None
+    if image is None or offset + image.nbytes > slot_bytes:
+        return None
+    return image
+
+
+def _rows_or_pixels(image: Gray16, data: bytes, dst: np.ndarray) -> np.ndarray | None:
+    """Inflates the depth PNG's rows into `dst` (the slot) and returns None when they may go as they are
+    (each None, Sub or Up); otherwise its pixels, decoded by OpenCV as without rows (they are copied over
+    the rows). INVALID_ARGUMENT for a broken stream."""
+    try:
+        if inflate_into(image, dst) is not None:
+            return None
+    except PngError as exc:
+        raise _invalid(f"depth: {exc}") from None
+    return _imdecode(data, _DEPTH_FLAGS)
 
 
 def _decode_color(color_raw: np.ndarray | None, data: bytes, slot: memoryview, h: int, w: int) -> Placed:

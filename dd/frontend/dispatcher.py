@@ -75,6 +75,7 @@ class WorkerLink:
     engine: str = ""
     device: str = ""
     gpu_jpeg: bool = False  # its engine decodes JPEGs on a GPU (Pong.gpu_jpeg)
+    gpu_png_rows: bool = False  # its engine reconstructs 16-bit PNG depth rows on a GPU (Pong.gpu_png_rows)
     tasks: list[asyncio.Task] = field(default_factory=list)
     # Its socket's event monitor; closed by its task, and by close() where the task never ran (closed
     # right after the link was made), else the context's term() would wait for it for ever.
@@ -153,6 +154,13 @@ class Dispatcher:
         then sends them compressed. A retry may land on any of them, so all must."""
         ready = [l for l in self.links.values() if l.model == model and l.ready and l.connected]
         return bool(ready) and all(l.gpu_jpeg for l in ready)
+
+    def unfilters_png_rows_on_gpu(self, model: str) -> bool:
+        """Whether every ready worker of the model (at least one) reconstructs 16-bit PNG depth rows on a GPU:
+        depth PNGs then go to it as their inflated rows. Any worker would serve them (its core reconstructs
+        them on the CPU), but only one that does it on a GPU saves host CPU."""
+        ready = [l for l in self.links.values() if l.model == model and l.ready and l.connected]
+        return bool(ready) and all(l.gpu_png_rows for l in ready)
 
     def model_error(self, model: str) -> str:
         """Why a model's workers are not ready, if they said (a load failure)."""
@@ -267,6 +275,7 @@ class Dispatcher:
             link.engine = pong.engine
             link.device = pong.device
             link.gpu_jpeg = pong.gpu_jpeg
+            link.gpu_png_rows = pong.gpu_png_rows
             link.last_pong = time.time()
             if changed:
                 # A load failure's reason is the worker's (or its supervisor's) to log, once.

@@ -157,7 +157,8 @@ class RequestPath:
             work = self.pool.submit(decode_into_slot, request.color, request.depth, model.input_kind == "rgbd",
                                     self.ring.slot_buffer(slot), self.cfg.max_image_pixels,
                                     max_jpeg_scans=self.cfg.max_jpeg_scans, resize=(model.min_size, model.max_size),
-                                    abandoned=abandoned, jpeg_to_worker=self._jpeg_to_worker(model.name))
+                                    abandoned=abandoned, jpeg_to_worker=self._jpeg_to_worker(model.name),
+                                    png_rows_to_worker=self.dispatcher.unfilters_png_rows_on_gpu(model.name))
             decoded = await asyncio.wrap_future(work)
             decode_us = int((time.perf_counter() - t0) * 1e6)
             req = messages.InferRequest(
@@ -174,7 +175,8 @@ class RequestPath:
                                        byte_size=region.byte_size)
             if decoded.depth is not None:
                 req.depth.CopyFrom(messages.ArrayRef(offset=decoded.depth.offset, shape=decoded.depth.shape,
-                                                     dtype=decoded.depth.dtype))
+                                                     dtype=decoded.depth.dtype, encoding=decoded.depth.encoding,
+                                                     nbytes=decoded.depth.nbytes))
             reply = await self.dispatcher.submit_reply(req, deadline, rebind=lambda: self.ring.bump(slot),
                                                        give_up_at=give_up_at)
             return Outcome(reply.body, _timings(reply.envelope))

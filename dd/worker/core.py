@@ -9,7 +9,9 @@ response fails that response.
 A color image may arrive as a compressed JPEG (EncodedImage, ServerConfig.jpeg_decode). An engine
 that decodes JPEGs itself (Engine.decodes_jpeg) gets it as it is; for any other engine it is
 decoded here first, on the CPU, exactly as the frontend would have; a JPEG that does not decode
-fails its own request with INVALID_ARGUMENT.
+fails its own request with INVALID_ARGUMENT. A depth that arrived as 16-bit PNG rows (dd.png_rows.PngRows)
+is reconstructed here, with numpy, for an engine that does not do it itself (Engine.unfilters_png_rows),
+so that a retry on any worker is served.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 from dd.config import ModelConfig
 from dd.logsafe import clip
 from dd.metrics import Recorder
+from dd.png_rows import PngRows, RowsError, unfilter
 from dd.worker.encoders import EncodeContext, OutputSink, RequestError, Timings, encoder_for
 from dd.worker.engines.base import EncodedImage, InputError, image_size
 from dd.worker.engines.jpeg_decode import decode_cpu
@@ -43,7 +46,7 @@ class WorkItem:
     Times are time.time() seconds (0: unknown)."""
 
     color: np.ndarray | EncodedImage
-    depth: np.ndarray | None
+    depth: np.ndarray | PngRows | None
     score_threshold: float = 0.0  # 0: the model's own
     mask_format: int = RLE
     request_id: str = ""
@@ -183,20 +186,28 @@ class WorkerCore:
         return out
 
     def _decode_for_engine(self, items: list[WorkItem]) -> tuple[dict[int, Outcome], dict[int, int]]:
-        """Decodes, in place, the compressed colors of an engine that does not decode them itself.
-        Returns the items refused (index -> INVALID_ARGUMENT) and each decoded item's decode time (us)."""
+        """Decodes, in place, the compressed colors of an engine that does not decode them itself, and
+        reconstructs the PNG depth rows of one that does not reconstruct them. Returns the items refused
+        (index -> INVALID_ARGUMENT) and each decoded item's decode time (us)."""
         refused: dict[int, Outcome] = {}
         times: dict[int, int] = {}
-        if getattr(self.engine, "decodes_jpeg", False):  # an object that is no Engine (tests) decodes nothing
-            return refused, times
+        # An object that is no Engine (tests) decodes nothing itself.
+        jpeg = not getattr(self.engine, "decodes_jpeg", False)
+        rows = not getattr(self.engine, "unfilters_png_rows", False)
         for k, item in enumerate(items):
-            if isinstance(item.color, EncodedImage):
-                t0 = time.perf_counter()
-                try:
-                    item.color = decode_cpu(item.color)
-                except InputError as exc:
-                    refused[k] = Outcome("INVALID_ARGUMENT", str(exc))
-                times[k] = int((time.perf_counter() - t0) * 1e6)
+            color_todo = jpeg and isinstance(item.color, EncodedImage)
+            depth_todo = rows and isinstance(item.depth, PngRows)
+            if not (color_todo or depth_todo):
+                continue
+            t0 = time.perf_counter()
+            try:
+                if color_todo:
+                    item.color = decode_cpu(item.color)  # type: ignore[arg-type]
+                if depth_todo:
+                    item.depth = unfilter(item.depth.data, item.depth.height, item.depth.width)  # type: ignore[union-attr]
+            except (InputError, RowsError) as exc:
+                refused[k] = Outcome("INVALID_ARGUMENT", str(exc))
+            times[k] = int((time.perf_counter() - t0) * 1e6)
         return refused, times
 
     def _inputs(self, items: list[WorkItem]) -> list["EngineInput"]:

@@ -49,6 +49,8 @@ from google.protobuf.message import DecodeError
 from dd.config import ModelConfig, ServerConfig
 from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import RingError, ShmRing
+from dd.png_rows import ENCODING as PNG_ROWS
+from dd.png_rows import PngRows, rows_nbytes
 from dd.procutil import die_with_parent, parent_alive, return_large_allocations
 from dd.worker.batcher import Batcher
 from dd.worker.core import Outcome, WorkerCore, WorkItem
@@ -73,7 +75,7 @@ class Job:
     req: messages.InferRequest
     ring: ShmRing
     color: np.ndarray | EncodedImage
-    depth: np.ndarray | None
+    depth: np.ndarray | PngRows | None
 
 
 def pin_process(gpu: int | None, cpus: list[int] | None) -> str:
@@ -115,6 +117,7 @@ class Worker:
         self.ready = False
         self.engine_name = model.engine
         self.gpu_jpeg = False  # the loaded engine decodes JPEGs on its GPU (told to frontends in pongs)
+        self.gpu_png_rows = False  # the loaded engine reconstructs PNG depth rows on its GPU (told in pongs)
         self.load_error = ""
         self.load_failed_for_good = False  # set with load_error when retrying cannot help
         self.failure_file = endpoints.load_failure_file(run_dir, model.name, index)
@@ -217,7 +220,8 @@ class Worker:
     def _pong(self, ping: bytes) -> bytes:
         p = messages.Ping.FromString(ping)
         pong = messages.Pong(sent_at=p.sent_at, incarnation=self.incarnation, pid=os.getpid(), ready=self.ready, engine=self.engine_name,
-                             device=self.device, error=self.load_error, gpu_jpeg=self.gpu_jpeg)
+                             device=self.device, error=self.load_error, gpu_jpeg=self.gpu_jpeg,
+                             gpu_png_rows=self.gpu_png_rows)
         return pong.SerializeToString()
 
     def _handle(self, router: zmq.Socket, frames: list[bytes]) -> None:
@@ -266,7 +270,7 @@ class Worker:
             return None, None  # stale: the slot has moved on
         try:
             color = _color(ring, req.slot, req.color)
-            depth = _view(ring, req.slot, req.depth) if req.has_depth else None
+            depth = _depth(ring, req.slot, req.depth) if req.has_depth else None
         except (RingError, ValueError) as exc:
             return None, ("INTERNAL", f"bad array reference from the frontend: {exc}")
         return Job(identity, req, ring, color, depth), None
@@ -347,6 +351,9 @@ class Worker:
         if self.gpu_jpeg:
             log.info("worker %s decodes JPEGs on its GPU: frontends with jpeg_decode auto send them compressed",
                      self.name)
+        self.gpu_png_rows = engine.unfilters_png_rows_on_gpu()
+        if self.gpu_png_rows:
+            log.info("worker %s reconstructs 16-bit PNG depth rows on its GPU: frontends send them as rows", self.name)
         core = WorkerCore(self.model, engine, self.name)
 
         def failed(live: list[Job], exc: BaseException) -> None:
@@ -472,9 +479,23 @@ def _color(ring: ShmRing, slot: int, ref: messages.ArrayRef) -> np.ndarray | Enc
     return _view(ring, slot, ref)
 
 
+def _depth(ring: ShmRing, slot: int, ref: messages.ArrayRef) -> np.ndarray | PngRows:
+    """The depth image: pixels, or a 16-bit PNG's filtered rows (a view of the slot, no copy) that the engine
+    or the core reconstructs."""
+    if ref.encoding == PNG_ROWS:
+        if len(ref.shape) != 2 or min(ref.shape) < 1 or ref.dtype != "uint16":
+            raise ValueError(f"PNG rows must reconstruct to [H, W] uint16, got {list(ref.shape)} {ref.dtype}")
+        h, w = int(ref.shape[0]), int(ref.shape[1])
+        if int(ref.nbytes) != rows_nbytes(h, w):
+            raise ValueError(f"PNG rows of a {w}x{h} image are {rows_nbytes(h, w)} bytes, not {ref.nbytes}")
+        return PngRows(ring.array(slot, int(ref.offset), (h, 1 + 2 * w), "uint8"), h, w)
+    return _view(ring, slot, ref)
+
+
 def _view(ring: ShmRing, slot: int, ref: messages.ArrayRef) -> np.ndarray:
     if ref.encoding:
-        raise ValueError(f"encoding {ref.encoding!r} is not known here (raw, or jpeg for the color)")
+        raise ValueError(f"encoding {ref.encoding!r} is not known here (raw; jpeg for the color, png_rows for "
+                         "the depth)")
     if ref.dtype not in _ALLOWED_DTYPES:
         raise ValueError(f"dtype {ref.dtype!r} not allowed")
     return ring.array(slot, int(ref.offset), tuple(int(s) for s in ref.shape), ref.dtype)

@@ -22,8 +22,10 @@ from PIL import Image as PILImage
 from dd.frontend.decode import decode_into_slot
 from dd.frontend.errors import ServeError, Status
 from dd.frontend.protocols.detector_v1 import check_options, image_inputs
+from dd.png_rows import unfilter
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from tests.faults import Server, answer_problem, detect, null_case, null_model
+from tests.png_writer import png16
 
 MAX_PIXELS = 500_000
 MAX_MESSAGE_MB = 2
@@ -242,6 +244,7 @@ _rng = np.random.default_rng(0)
 _SEEDS = [encode(".png", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
           encode(".jpg", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
           encode(".png", _rng.integers(0, 5000, (9, 7), dtype=np.uint16)),
+          png16(_rng.integers(0, 65535, (9, 7), dtype=np.uint16), [0, 1, 2, 2, 1, 0, 2, 1, 2]),  # rows may go as rows
           encode(".png", _rng.integers(0, 255, (9, 7), dtype=np.uint8)),
           encode(".bmp", _rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)),
           encode(".tiff", _rng.integers(0, 5000, (9, 7), dtype=np.uint16)),
@@ -276,12 +279,14 @@ def images(draw: st.DrawFn) -> pb.Image:
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 @given(color=images(), depth=images(), needs_depth=st.booleans(), slot_size=st.sampled_from([256, 4096, 1 << 16]),
        threshold=st.floats(allow_nan=True, allow_infinity=True, width=32), mask_format=st.integers(-2, 3),
-       jpeg_to_worker=st.booleans())
+       jpeg_to_worker=st.booleans(), png_rows_to_worker=st.booleans())
 def test_fuzz_validation_and_decoding(color: pb.Image, depth: pb.Image, needs_depth: bool, slot_size: int,
-                                      threshold: float, mask_format: int, jpeg_to_worker: bool) -> None:
+                                      threshold: float, mask_format: int, jpeg_to_worker: bool,
+                                      png_rows_to_worker: bool) -> None:
     """decode_into_slot and check_options only ever succeed or raise ServeError; on success what they
-    wrote fits the slot and the limits, RAW pixels arrive unchanged, and a JPEG sent on compressed
-    (jpeg_to_worker) arrives as its bytes, no more than its pixels would take."""
+    wrote fits the slot and the limits, RAW pixels arrive unchanged, a JPEG sent on compressed
+    (jpeg_to_worker) arrives as its bytes, no more than its pixels would take, and a depth sent as PNG rows
+    (png_rows_to_worker) reconstructs to what OpenCV decodes."""
     req = pb.DetectRequest(color=color, depth=depth, score_threshold=threshold, mask_format=mask_format)
     try:
         check_options(req)
@@ -290,7 +295,8 @@ def test_fuzz_validation_and_decoding(color: pb.Image, depth: pb.Image, needs_de
         assert exc.status == Status.INVALID_ARGUMENT and exc.message
     slot = memoryview(bytearray(slot_size))
     try:
-        out = decode_into_slot(*image_inputs(req), needs_depth, slot, max_pixels=2000, jpeg_to_worker=jpeg_to_worker)
+        out = decode_into_slot(*image_inputs(req), needs_depth, slot, max_pixels=2000, jpeg_to_worker=jpeg_to_worker,
+                               png_rows_to_worker=png_rows_to_worker)
     except ServeError as exc:
         assert exc.status == Status.INVALID_ARGUMENT and exc.message
         return
@@ -301,6 +307,13 @@ def test_fuzz_validation_and_decoding(color: pb.Image, depth: pb.Image, needs_de
         assert out.depth.shape == (out.height, out.width) and out.depth.dtype in ("uint16", "float32")
         end = out.depth.offset + out.height * out.width * np.dtype(out.depth.dtype).itemsize
         assert out.depth.offset >= out.height * out.width * 3 and end <= slot_size
+        assert out.depth.encoding in ("", "png_rows") and (out.depth.encoding == "png_rows") <= png_rows_to_worker
+    if out.depth is not None and out.depth.encoding == "png_rows":
+        h, w = out.height, out.width
+        assert out.depth.nbytes == h * (1 + 2 * w) and out.depth.offset + out.depth.nbytes <= slot_size
+        rows = np.frombuffer(slot, np.uint8, out.depth.nbytes, out.depth.offset).reshape(h, 1 + 2 * w)
+        expected = cv2.imdecode(np.frombuffer(depth.data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert expected is not None and np.array_equal(unfilter(rows, h, w), expected)
     if color.encoding == pb.Image.RAW:
         placed = np.frombuffer(slot, np.uint8, out.height * out.width * 3).reshape(out.height, out.width, 3)
         assert placed.tobytes() == color.data

@@ -41,7 +41,7 @@ def test_registry_is_read_without_torch() -> None:
 def test_misspelled_option_is_named_with_the_allowed_ones(tmp_path: Path) -> None:
     folder = _folder(tmp_path / "m", ENGINE_OPTIONS={"instanses": 3})
     with pytest.raises(ConfigError, match=r"'instanses' is not an option of engine 'null'; allowed: cost_ms, "
-                                          r"cost_ms_per_image, fail_on_pixel, instances"):
+                                          r"cost_ms_per_image, fail_on_pixel, instances, png_rows"):
         load_model_config(folder)
 
 

@@ -9,6 +9,10 @@ compressed bytes (ServerConfig.jpeg_decode), an EncodedImage. Only an engine
 that says so (`decodes_jpeg = True`: it decodes them itself, on its GPU) ever
 sees one; for every other engine the worker's core decodes it on the CPU first,
 with the frontend's decoder and flags, so its pixels are the frontend's.
+
+Likewise a 16-bit depth PNG may arrive as its inflated, still filtered rows (dd.png_rows.PngRows)
+where the frontend was told the engine reconstructs them on its GPU (`unfilters_png_rows = True`);
+every other engine gets the depth's pixels, reconstructed by the core with numpy.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 
 from dd.config import ModelConfig
 from dd.config.engines import Option
+from dd.png_rows import PngRows
 
 
 @dataclass
@@ -50,10 +55,11 @@ def image_size(color: "np.ndarray | EncodedImage") -> tuple[int, int]:
 @dataclass
 class EngineInput:
     """One image. color: H x W x 3 uint8 RGB, or an EncodedImage for an engine with decodes_jpeg; depth:
-    H x W uint16 (x DEPTH_UNIT metres, default mm) or float32 metres, or None."""
+    H x W uint16 (x DEPTH_UNIT metres, default mm) or float32 metres, a PngRows (uint16) for an engine with
+    unfilters_png_rows, or None."""
 
     color: "np.ndarray | EncodedImage"
-    depth: np.ndarray | None
+    depth: "np.ndarray | PngRows | None"
     score_threshold: float  # already resolved: the request's, or the model's own
 
 
@@ -88,6 +94,9 @@ class Engine(ABC):
     # True: infer accepts EncodedImage colors and decodes them itself (on its GPU: worth sending JPEGs
     # compressed). False: the worker decodes them on the CPU before calling infer.
     decodes_jpeg: ClassVar[bool] = False
+    # True: infer accepts PngRows depths and reconstructs them itself (dd.png_rows; on its GPU: worth
+    # sending them as rows). False: the worker reconstructs them on the CPU before calling infer.
+    unfilters_png_rows: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, device: str) -> None:
         self.config = config
@@ -115,6 +124,11 @@ class Engine(ABC):
         """Whether JPEGs should reach this engine compressed when the policy is "auto" (the worker tells the
         frontends in its Pong): it decodes them itself, and on a GPU, where that saves host CPU."""
         return self.decodes_jpeg and str(self.device).startswith("cuda")
+
+    def unfilters_png_rows_on_gpu(self) -> bool:
+        """Whether 16-bit depth PNGs should reach this engine as their filtered rows (the worker tells the
+        frontends in its Pong): it reconstructs them itself, and on a GPU, where that saves host CPU."""
+        return self.unfilters_png_rows and str(self.device).startswith("cuda")
 
     def prepare_input_memory(self, mapping: object) -> None:
         """Inputs will come from this shared-memory mapping (a frontend's ring, mmap.mmap): prepare it

@@ -2,7 +2,8 @@
 
 Its instances are a pure function of the input pixels, so a test can recompute
 them and prove each response belongs to its own request. Its cost is fixed and
-configurable (ENGINE_OPTIONS: cost_ms per batch, cost_ms_per_image, instances),
+configurable (ENGINE_OPTIONS: cost_ms per batch, cost_ms_per_image, instances; png_rows: take
+16-bit PNG depths as their filtered rows, as the fast engine on a GPU does, to measure the frontend),
 so that a benchmark measures serving overhead against a known engine time.
 Never a default: a model must ask for it by DETECTION_TYPE or ENGINE.
 """
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 
+from dd.png_rows import PngRows, unfilter
 from dd.worker.engines.base import Detections, Engine, EngineInput
 
 
@@ -60,6 +62,13 @@ class NullEngine(Engine):
         self.cost_per_image_s = float(opts.get("cost_ms_per_image", 0.0)) / 1000.0
         self.instances = int(opts.get("instances", 4))
         self.fail_marker = opts.get("fail_on_pixel")  # tests: raise when color[0, 0, 0] equals this
+        # Benchmarks of the frontend's share of a PNG depth: rows come here as they would to a GPU engine.
+        self.png_rows = bool(opts.get("png_rows", False))
+        if self.png_rows:
+            self.unfilters_png_rows = True
+
+    def unfilters_png_rows_on_gpu(self) -> bool:
+        return self.png_rows or super().unfilters_png_rows_on_gpu()  # png_rows: as if on a GPU
 
     def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
         start = time.perf_counter()
@@ -67,6 +76,9 @@ class NullEngine(Engine):
             for item in batch:
                 if int(item.color[0, 0, 0]) == int(self.fail_marker):
                     raise RuntimeError("null engine asked to fail on this image (fail_on_pixel)")
+        for x in batch:
+            if isinstance(x.depth, PngRows):
+                x.depth = unfilter(x.depth.data, x.depth.height, x.depth.width)
         out = [null_detections(x.color, x.depth, self.instances, len(self.config.categories),
                                x.score_threshold, want_masks) for x in batch]
         remaining = self.cost_s + self.cost_per_image_s * len(batch) - (time.perf_counter() - start)

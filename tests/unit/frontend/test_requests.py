@@ -20,6 +20,7 @@ from dd.frontend.requests import RequestPath
 from dd.frontend.slots import SlotPool
 from dd.ipc import messages
 from dd.ipc.shm_ring import SHM_DIR, ShmRing, segment_name
+from dd.png_rows import unfilter
 
 TAG = "5107510752"  # a run tag no real run has
 
@@ -33,6 +34,7 @@ class Workers:
         self.ready, self.error = ready, error
         self.release: asyncio.Event | None = None
         self.gpu_jpeg = False  # what the workers' pongs say: they decode JPEGs on a GPU
+        self.gpu_png_rows = False  # ... and reconstruct PNG depth rows on a GPU
         self.failures: list[tuple[str, BaseException]] = []  # what the request path counted as failed
         self._ids = 0
 
@@ -51,6 +53,9 @@ class Workers:
 
     def decodes_jpeg_on_gpu(self, model: str) -> bool:
         return self.gpu_jpeg
+
+    def unfilters_png_rows_on_gpu(self, model: str) -> bool:
+        return self.gpu_png_rows
 
     async def submit_reply(self, req, deadline, rebind, give_up_at=None) -> Reply:
         self.sent.append(req)
@@ -235,4 +240,26 @@ def test_jpeg_decode_decides_whether_a_jpeg_travels_compressed(ring: ShmRing, po
         assert bytes(ring.slot_buffer(sent.slot)[:len(data)]) == data
     else:
         assert (sent.color.encoding, sent.color.nbytes) == ("", 0)
+    path.close()
+
+
+@pytest.mark.parametrize("gpu_png_rows", [True, False])
+def test_a_depth_png_travels_as_rows_when_the_workers_reconstruct_them(ring: ShmRing, gpu_png_rows: bool) -> None:
+    workers = Workers()
+    workers.gpu_png_rows = gpu_png_rows
+    path = path_for(ring, workers)
+    depth = (np.arange(24 * 32) * 37 % 65536).astype(np.uint16).reshape(24, 32)
+    request = DetectionRequest(protocol="test_v0", model="rgbd", color=ImageInput(png((24, 32, 3))),
+                               depth=ImageInput(cv2.imencode(".png", depth)[1].tobytes()))
+    asyncio.run(path.run(request, 30.0))
+    (sent,) = workers.sent
+    assert list(sent.depth.shape) == [24, 32] and sent.depth.dtype == "uint16"
+    buf = ring.slot_buffer(sent.slot)
+    if gpu_png_rows:
+        assert (sent.depth.encoding, sent.depth.nbytes) == ("png_rows", 24 * (1 + 2 * 32))
+        rows = np.ndarray((24, 65), np.uint8, buffer=buf, offset=sent.depth.offset)
+        assert np.array_equal(unfilter(rows, 24, 32), depth)
+    else:
+        assert (sent.depth.encoding, sent.depth.nbytes) == ("", 0)
+        assert np.array_equal(np.ndarray((24, 32), np.uint16, buffer=buf, offset=sent.depth.offset), depth)
     path.close()

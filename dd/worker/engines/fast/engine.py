@@ -121,6 +121,8 @@ from dd.worker.engines.masks import paste_and_encode
 from dd.worker.engines.fast.pil_resize import PilBilinear
 from dd.worker.engines.kernels.switch import KernelSwitch
 from dd.worker.engines.pinned import PinnedMappings
+from dd.worker.engines.png_unfilter import depth_dtype as depth_dtype_of
+from dd.worker.engines.png_unfilter import depth_to_device, depths_into, host_array
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,7 @@ def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
 class FastMaskRCNN(Engine):
     name = "fast"
     decodes_jpeg = True  # a batch's JPEGs in one nvJPEG call, straight into the graph's input (jpeg_decode)
+    unfilters_png_rows = True  # 16-bit PNG depth rows reconstructed on the GPU into the graph's input (png_unfilter)
 
     def load(self) -> None:
         opts: dict[str, Any] = self.config.engine_options
@@ -402,8 +405,8 @@ class FastMaskRCNN(Engine):
             for it in items:
                 if it.depth is None:
                     raise ValueError("RGB-D model needs depth")
-                self._pin_source(it.depth)
-                depths.append(torch.from_numpy(it.depth).to(self.dev, non_blocking=True))
+                self._pin_source(host_array(it.depth))
+                depths.append(depth_to_device(it.depth, self.dev))
             depth = torch.stack(depths)
         return self._normalize(torch.stack(colors), depth, rh, rw)
 
@@ -819,11 +822,12 @@ class FastMaskRCNN(Engine):
                     color[j].copy_(torch.from_numpy(it.color), non_blocking=True)  # type: ignore[arg-type]
             depth = None
             if depth_type is not None:
-                depth = torch.empty(len(idx), h, w, dtype=torch.from_numpy(items[idx[0]].depth[:1, :1]).dtype,  # type: ignore[index]
+                depth = torch.empty(len(idx), h, w, dtype=depth_dtype_of(items[idx[0]].depth),  # type: ignore[arg-type]
                                     device=self.dev)
-                for j, i in enumerate(idx):
-                    self._pin_source(items[i].depth)  # type: ignore[arg-type]
-                    depth[j].copy_(torch.from_numpy(items[i].depth), non_blocking=True)  # type: ignore[arg-type]
+                for i in idx:
+                    self._pin_source(host_array(items[i].depth))  # type: ignore[arg-type]
+                # PNG rows reconstructed on the device, the group's in one call (png_unfilter)
+                depths_into([items[i].depth for i in idx], depth)  # type: ignore[misc]
             x = self._resized(color, depth, rh, rw)
             for j, i in enumerate(idx):
                 slot = g.x[i]

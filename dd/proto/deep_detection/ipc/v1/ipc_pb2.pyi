@@ -102,7 +102,7 @@ class Ping(_message.Message):
     def __init__(self, sent_at: _Optional[float] = ..., ring: _Optional[str] = ...) -> None: ...
 
 class Pong(_message.Message):
-    __slots__ = ("sent_at", "incarnation", "pid", "ready", "engine", "device", "error", "gpu_jpeg")
+    __slots__ = ("sent_at", "incarnation", "pid", "ready", "engine", "device", "error", "gpu_jpeg", "gpu_png_rows")
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,7 @@ class Pong(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     GPU_JPEG_FIELD_NUMBER: _ClassVar[int]
+    GPU_PNG_ROWS_FIELD_NUMBER: _ClassVar[int]
     sent_at: float
     incarnation: str
     pid: int
@@ -119,4 +120,5 @@ class Pong(_message.Message):
     device: str
     error: str
     gpu_jpeg: bool
-    def __init__(self, sent_at: _Optional[float] = ..., incarnation: _Optional[str] = ..., pid: _Optional[int] = ..., ready: bool = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., error: _Optional[str] = ..., gpu_jpeg: bool = ...) -> None: ...
+    gpu_png_rows: bool
+    def __init__(self, sent_at: _Optional[float] = ..., incarnation: _Optional[str] = ..., pid: _Optional[int] = ..., ready: bool = ..., engine: _Optional[str] = ..., device: _Optional[str] = ..., error: _Optional[str] = ..., gpu_jpeg: bool = ..., gpu_png_rows: bool = ...) -> None: ...
