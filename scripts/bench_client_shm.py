@@ -110,9 +110,9 @@ def main() -> None:
         folder = null_model(tmp)
     else:
         sys.path.insert(0, str(REPO / "scripts"))
-        from bench_serve import make_model
+        from bench_serve import STEADY_FAST, make_model
 
-        folder = make_model(tmp, args.engine, "r50", 1, args.height, args.width, 100, 800)
+        folder = make_model(tmp, args.engine, "r50", 1, args.height, args.width, 100, 800, fast_options=STEADY_FAST)
     model = json.loads((folder / "node_config.json").read_text()).get("NAME", folder.name)
     port = free_port()
     log = open(tmp / "serve.log", "wb")

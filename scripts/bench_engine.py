@@ -206,6 +206,10 @@ def main() -> int:
             if "fast" in args.engines or args.check or args.profile:
                 fast = FastMaskRCNN(cfg, "cuda:0")
                 fast.load()
+                # the canvases beyond the warm-up size's are captured by a background thread right after load:
+                # timed rows must not share the GPU with it
+                if not fast._graph_cache.wait_idle(600):
+                    raise SystemExit("the fast engine's background captures did not finish in 600 s")
             dynamic = None
             if "fast-dynamic" in args.engines:
                 opts = dict(cfg.engine_options, fixed_shapes=False)
