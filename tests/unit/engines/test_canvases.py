@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import box_iou
 
 from dd.config import load_model_config
 from dd.models.model_folder import random_model_folder
@@ -276,7 +275,7 @@ def test_exact_canvases_run_each_image_on_its_own_padded_size(folders: Path) -> 
 
 
 @pytest.mark.gpu
-def test_on_a_gpu_the_canvas_graph_reads_each_images_sizes(folders: Path) -> None:
+def test_on_a_gpu_the_canvas_graph_reads_each_images_sizes(folders: Path, request: pytest.FixtureRequest) -> None:
     """The captured graph against the same network op by op (cuda_graphs false), on images of three sizes
     that share one canvas: each image's sizes are tensors the graph reads at every replay, not numbers
     baked in at capture (the capture saw canvas-filling images), so each box stays inside its own image
@@ -286,6 +285,8 @@ def test_on_a_gpu_the_canvas_graph_reads_each_images_sizes(folders: Path) -> Non
     options = {"warmup_sizes": [[240, 320]], "batch_buckets": [1, 4], "max_canvases_at_load": True}
     graphs = _engine_on(folders / "rgbd", "cuda:0", **options)
     eager = _engine_on(folders / "rgbd", "cuda:0", cuda_graphs=False, **options)
+    request.addfinalizer(graphs.close)
+    request.addfinalizer(eager.close)
     assert graphs._graph_cache.get((4, 192, 256)) is not None and graphs._graph_cache.pending() == 0
     items = [_item(1, 240, 320), _item(2, 200, 300), _item(3, 180, 320)]
     assert graphs._batch_canvas(items) == (192, 256)

@@ -60,7 +60,7 @@ def test_compressed_inputs_give_the_pixels_answers_on_the_cpu(folder: Path, opti
 
 
 @pytest.mark.gpu
-def test_nvjpeg_decoded_inputs_stay_close_to_the_frontends_pixels() -> None:
+def test_nvjpeg_decoded_inputs_stay_close_to_the_frontends_pixels(request: pytest.FixtureRequest) -> None:
     """The trained demo model on the GPU: detections from nvJPEG's pixels against those from the frontend's
     (libjpeg-turbo) pixels. They do NOT meet the fast engine's parity bounds (measured on an H200, run S6-9:
     202/205 matched, 3 confident unmatched, box p99 1.1 px, scores within 0.057; hence jpeg_decode
@@ -73,6 +73,7 @@ def test_nvjpeg_decoded_inputs_stay_close_to_the_frontends_pixels() -> None:
     cfg = load_model_config(DEMO, name="demo-rgbd")
     engine = FastMaskRCNN(dataclasses.replace(cfg, engine="fast", engine_options={}), "cuda:0")
     engine.load()
+    request.addfinalizer(engine.close)  # its background captures end before the next test's load
     assert engine.decodes_jpeg_on_gpu()
     scenes = [generate_scene(40_000_000 + k, 640, 480) for k in range(24)]
     pixels, encoded = _inputs([s.color for s in scenes], [s.depth for s in scenes], cfg.score_threshold)

@@ -64,7 +64,7 @@ def test_rows_give_the_pixels_answers_on_the_cpu(folder: Path, options: dict) ->
 
 
 @pytest.mark.gpu
-def test_rows_on_the_gpu() -> None:
+def test_rows_on_the_gpu(request: pytest.FixtureRequest) -> None:
     """On CUDA: the reconstruction equals the CPU's for full-size frames, and the trained demo model gives
     the same answers for rows as for pixels (pinned ring memory is not needed for that)."""
     if not torch.cuda.is_available():
@@ -78,6 +78,7 @@ def test_rows_on_the_gpu() -> None:
     cfg = load_model_config(DEMO, name="demo-rgbd")
     engine = FastMaskRCNN(dataclasses.replace(cfg, engine="fast", engine_options={}), "cuda:0")
     engine.load()
+    request.addfinalizer(engine.close)  # its background captures end before the next test's load
     assert engine.unfilters_png_rows_on_gpu()
     scenes = [generate_scene(40_000_000 + k, 640, 480) for k in range(8)]
     pixels = [EngineInput(s.color, s.depth, cfg.score_threshold) for s in scenes]

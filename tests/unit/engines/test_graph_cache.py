@@ -92,3 +92,49 @@ def test_close_drops_queued_shapes() -> None:
     cap.release.set()
     assert cache.get("c") is None  # closed: nothing new is queued
     assert "c" not in cap.calls
+
+
+def test_close_waits_for_the_capture_under_way() -> None:
+    """close() returns only once the capture thread is out of its capture: another engine's capture in
+    the same process (CUDA's capture mode is global at load) or the CUDA context's teardown must not meet
+    it. Before, close() only flagged the thread."""
+    cap = Capturer()
+    cache = GraphCache(cap)
+    assert cache.get("a") is None and cache.get("b") is None
+    while not cap.calls:  # the thread is inside the capture of "a"
+        threading.Event().wait(0.01)
+    closer = threading.Thread(target=cache.close)
+    closer.start()
+    closer.join(0.5)
+    assert closer.is_alive(), "close() returned while a capture was still running"
+    cap.release.set()
+    closer.join(30)
+    assert not closer.is_alive()
+    assert cap.calls == ["a"], "no capture starts after close"
+    assert cache.get("c") is None
+
+
+def test_an_exiting_interpreter_lets_a_background_capture_end(tmp_path) -> None:
+    """A process that exits while the daemon thread captures: with CUDA that aborted the process
+    ("terminate called without an active exception", exit 134: the worker, scripts and pytest itself
+    after a fast engine was loaded). At exit the cache now waits for the capture; here the capture
+    writes a file when it ends, which a killed thread never does."""
+    import subprocess
+    import sys
+    done = tmp_path / "done"
+    code = f"""
+import threading, time
+from dd.worker.engines.fast.graph_cache import GraphCache
+started = threading.Event()
+def capture(key):
+    started.set()
+    time.sleep(1.0)
+    open({str(done)!r}, "w").write("captured")
+    return key
+cache = GraphCache(capture)
+cache.get("k")
+started.wait(30)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert done.read_text() == "captured"

@@ -17,9 +17,11 @@ work while a capture is under way.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -72,6 +74,10 @@ class GraphCache(Generic[Entry]):
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="graph-capture", daemon=True)
                 self._thread.start()
+                # A daemon thread still inside CUDA when the interpreter finalises aborts the process
+                # ("terminate called without an active exception"): at exit, let its capture end first.
+                ref = weakref.ref(self)
+                atexit.register(lambda: (cache := ref()) is not None and cache.close())
             self._wake.notify()
         return None
 
@@ -90,11 +96,22 @@ class GraphCache(Generic[Entry]):
                 self._wake.wait(left)
         return True
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = 120.0) -> bool:
+        """No capture starts after this; waits (up to `timeout` s) for one under way to end, so that no
+        thread records into a pool or a context being torn down (another engine loading in the same
+        process, or the interpreter exiting). False if the capture was still running at the timeout."""
         with self._lock:
             self._closed = True
             self._queued.clear()
             self._wake.notify_all()
+            thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("a background graph capture was still running %s s after close", timeout)
+            return False
+        return True
 
     def _run(self) -> None:
         while True:
