@@ -89,6 +89,9 @@ FAST_OPTIONS: dict[str, Option] = {
                                           "as parity checks want; a canvas per padded size, captured when first met)"),
     "max_canvases_at_load": Option(bool, False, "capture every canvas at load; false captures those beyond the "
                                                 "warm-up sizes' in the background right after load"),
+    "warmup_compressed": Option(bool, True, "at load, one image as a JPEG and depth as PNG rows, where this engine "
+                                            "decodes them (nvJPEG's set-up and first kernel launches; GPU only by "
+                                            "default)"),
     "warmup_odd_size": Option(bool, True, "at load, one op-by-op run at a size whose feature maps divide differently "
                                           "(compiles what is still keyed on that; GPU only by default)"),
 }

@@ -85,3 +85,25 @@ def test_rows_on_the_gpu(request: pytest.FixtureRequest) -> None:
     rows = [EngineInput(s.color, _rows(s.depth, k), cfg.score_threshold) for k, s in enumerate(scenes)]
     for lo in range(0, len(scenes), 4):
         _same(engine.infer(pixels[lo:lo + 4]), engine.infer(rows[lo:lo + 4]))
+
+
+def test_load_warms_the_compressed_inputs_paths(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """warmup_compressed (on by default on a GPU): the load runs one JPEG and one depth as PNG rows through
+    the engine, so that nvJPEG's set-up and the rows' first kernel launches are not paid by the first
+    requests after SERVING (about 80 ms each on the H200 before, run S9-1). Off: neither path runs at load."""
+    import dd.worker.engines.fast.engine as fast_engine
+    from dd.worker.engines.base import EncodedImage
+
+    seen: list[str] = []
+    decode, into = fast_engine.decode_to_device, fast_engine.depths_into
+    monkeypatch.setattr(fast_engine, "decode_to_device", lambda images, dev: (
+        seen.extend(type(i).__name__ for i in images), decode(images, dev))[1])
+    monkeypatch.setattr(fast_engine, "depths_into", lambda depths, out: (
+        seen.extend(type(d).__name__ for d in depths), into(depths, out))[1])
+    cfg = load_model_config(folder)
+    for on in (False, True):
+        seen.clear()
+        engine = FastMaskRCNN(dataclasses.replace(cfg, engine_options={
+            "allow_cpu": True, "warmup_compressed": on, "warmup_sizes": [[200, 240]]}), "cpu")
+        engine.load()
+        assert (EncodedImage.__name__ in seen, PngRows.__name__ in seen) == (on, on), seen

@@ -80,7 +80,8 @@ pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
 canvases are captured at load), canvases ([[H, W], ...] padded network inputs
 with graphs; default the warm-up sizes' and the largest two),
 max_canvases_at_load (false), exact_canvases (false; true: each image on its own
-padded size only, as parity checks want), warmup_odd_size (true on a GPU), background_capture (true),
+padded size only, as parity checks want), warmup_odd_size (true on a GPU),
+warmup_compressed (true on a GPU), background_capture (true),
 cudnn_benchmark (false),
 blocking_sync (false), allow_cpu (false; the CPU path exists for tests
 and has no graphs or fp16). Each Triton step falls back to torch operations,
@@ -99,6 +100,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.io import encode_jpeg
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.roi_heads import maskrcnn_inference
 from torchvision.models.detection.rpn import concat_box_prediction_layers
@@ -107,6 +109,7 @@ from torchvision.ops import boxes as box_ops
 
 from dd.models.build import build_loaded_model
 from dd.models.semantics import TORCHVISION, Semantics
+from dd.png_rows import PngRows
 from dd.worker.engines.base import Detections, EncodedImage, Engine, EngineInput, EngineUnavailable, image_size
 from dd.worker.engines.fast.batchnorm_fold import fold_batchnorm
 from dd.worker.engines.fast.canvases import (ROW, Canvas, canvas_of, default_canvases, enclosing, image_row, padded,
@@ -281,6 +284,8 @@ class FastMaskRCNN(Engine):
         self.redone_images = 0  # blank warm-up images tie everywhere and are redone; count real ones only
         if self.fixed and bool(opts.get("warmup_odd_size", cuda)):
             self._warm_odd_size(sizes)
+        if bool(opts.get("warmup_compressed", cuda)):
+            self._warm_compressed(*sizes[0])
         # The other canvases (the largest ones, by default): captured here if asked, else by the background
         # thread right after load, so start-up does not wait for them; a batch on one of them runs op by op
         # on it until its graph is there.
@@ -560,6 +565,22 @@ class FastMaskRCNN(Engine):
             out_s.append(top_s[keep])
             out_l.append(labels[top_i][keep])
         return out_b, out_s, out_l
+
+    def _warm_compressed(self, h: int, w: int) -> None:
+        """One image as the frontends send it to this engine: a JPEG (decoded here, on the GPU: nvJPEG's
+        handle and buffers are made at its first call) and depth as PNG rows (kernels launched for the
+        first time: with CUDA's lazy module loading each first launch loads its module). Otherwise the
+        first requests after SERVING paid that, tens of ms each."""
+        color: np.ndarray | EncodedImage = np.zeros((h, w, 3), np.uint8)
+        if self.decodes_jpeg:
+            color = EncodedImage(encode_jpeg(torch.from_numpy(color).permute(2, 0, 1)).numpy(), h, w)
+        depth: np.ndarray | PngRows | None = None
+        if self.config.input_kind == "rgbd":
+            # every row filter None (0), samples zero: a valid PNG's rows, the kernels of any filter
+            depth = PngRows(np.zeros((h, 1 + 2 * w), np.uint8), h, w) if self.unfilters_png_rows else \
+                np.zeros((h, w), np.uint16)
+        self.infer([EngineInput(color, depth, 1.0)])
+        self.redone_images = 0
 
     @torch.inference_mode()
     def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
