@@ -89,6 +89,8 @@ FAST_OPTIONS: dict[str, Option] = {
                                           "as parity checks want; a canvas per padded size, captured when first met)"),
     "max_canvases_at_load": Option(bool, False, "capture every canvas at load; false captures those beyond the "
                                                 "warm-up sizes' in the background right after load"),
+    "native_depthwise": Option(bool, True, "depthwise convolutions (MobileNetV3's) on PyTorch's own kernel: cuDNN "
+                                           "builds one per new shape (0.2-0.5 s each, every capture)"),
     "warmup_compressed": Option(bool, True, "at load, one image as a JPEG and depth as PNG rows, where this engine "
                                             "decodes them (nvJPEG's set-up and first kernel launches; GPU only by "
                                             "default)"),

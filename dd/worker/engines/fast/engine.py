@@ -81,7 +81,7 @@ canvases are captured at load), canvases ([[H, W], ...] padded network inputs
 with graphs; default the warm-up sizes' and the largest two),
 max_canvases_at_load (false), exact_canvases (false; true: each image on its own
 padded size only, as parity checks want), warmup_odd_size (true on a GPU),
-warmup_compressed (true on a GPU), background_capture (true),
+warmup_compressed (true on a GPU), native_depthwise (true), background_capture (true),
 cudnn_benchmark (false),
 blocking_sync (false), allow_cpu (false; the CPU path exists for tests
 and has no graphs or fp16). Each Triton step falls back to torch operations,
@@ -114,6 +114,7 @@ from dd.worker.engines.base import Detections, EncodedImage, Engine, EngineInput
 from dd.worker.engines.fast.batchnorm_fold import fold_batchnorm
 from dd.worker.engines.fast.canvases import (ROW, Canvas, canvas_of, default_canvases, enclosing, image_row, padded,
                                              parse_canvases, pick_canvas)
+from dd.worker.engines.fast.depthwise import native_depthwise
 from dd.worker.engines.fast.fixed_shapes import FixedShapeHeads, large_enough, rpn_min_size
 from dd.worker.engines.fast.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
 from dd.worker.engines.fast.graph_cache import GraphCache
@@ -226,6 +227,8 @@ class FastMaskRCNN(Engine):
         if self.fp16:
             self.model.backbone.half()
             self.model.rpn.head.half()
+        if cuda and opts.get("native_depthwise", True):  # MobileNetV3's: no per-shape cuDNN build (depthwise.py)
+            log.debug("%d depthwise convolutions on PyTorch's native kernel", native_depthwise(self.model.backbone)[0])
         self.dtype = torch.float16 if self.fp16 else torch.float32
         cfg = self.config
         # The normalisation torchvision's transform would apply (color, then depth for RGB-D).
