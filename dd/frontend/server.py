@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from dd.config import ModelConfig, ServerConfig, default_model_name
 from dd.frontend.auth import TokenAuth, read_token, server_credentials
 from dd.frontend.client_shm import ClientShmRegistry
+from dd.frontend.decode import warm_up as warm_up_decoding
 from dd.frontend.dispatcher import Dispatcher
 from dd.frontend.protocols import detector_v1, kserve_v2
 from dd.frontend.requests import RequestPath
@@ -96,6 +97,7 @@ class Frontend:
         interceptors = [TokenAuth(read_token(self.cfg.auth_token_file))] if self.cfg.auth_token_file else []
         remove_stale_segments(self.tag, only_dead=True)
         self.ring = ShmRing.create(segment_name(self.tag, "fe"), self.cfg.ring_slots, self.cfg.slot_bytes())
+        warm_up_decoding()  # the decoders' first-call costs here, not in the first request's time
         recorder = Recorder()  # counts nothing unless the supervisor turned metrics on (dd/metrics.py)
         self.slots = SlotPool(self.ring, recorder)
         self.dispatcher = Dispatcher(self.run_dir, self._max_inflight, on_change=self._update_health,

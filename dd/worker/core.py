@@ -27,12 +27,12 @@ from dd.config import ModelConfig
 from dd.logsafe import clip
 from dd.metrics import Recorder
 from dd.png_rows import PngRows, RowsError, unfilter
-from dd.worker.encoders import EncodeContext, OutputSink, RequestError, Timings, encoder_for
-from dd.worker.engines.base import EncodedImage, InputError, image_size
+from dd.worker.encoders import ENCODERS, EncodeContext, OutputSink, RequestError, Timings, encoder_for
+from dd.worker.engines.base import Detections, EncodedImage, InputError, image_size
 from dd.worker.engines.jpeg_decode import decode_cpu
 
 if TYPE_CHECKING:  # the engine modules import torch: the server imports them only after pinning the GPU
-    from dd.worker.engines.base import Detections, Engine, EngineInput
+    from dd.worker.engines.base import Engine, EngineInput
 
 log = logging.getLogger("dd.worker")
 
@@ -237,6 +237,18 @@ class WorkerCore:
             log.warning("worker %s: engine failed on a batch of %d (%s: %s); retrying one at a time",
                         self.name, len(items), type(exc).__name__, exc)
         return [self.infer([item])[0] for item in items]
+
+    def warm_up(self) -> None:
+        """Each protocol's encoder once, on a made-up answer (one instance with its mask), before the
+        worker says it is ready: an encoder's import and first calls (protobuf, the RLE) otherwise
+        land on the first request (4.5 instead of 1.2 ms of encoding on the CI box)."""
+        h = w = 32
+        masks = np.zeros((1, h, w), bool)
+        masks[0, 8:24, 8:24] = True
+        det = Detections(np.array([[8, 8, 24, 24]], np.float32), np.array([0.9], np.float32),
+                         np.array([1], np.int64), masks)
+        for protocol in ENCODERS:
+            self.encode(WorkItem(np.zeros((h, w, 3), np.uint8), None, protocol=protocol), det, Timings())
 
     def encode(self, item: WorkItem, det: "Detections", timings: Timings) -> bytes:
         h, w = image_size(item.color)

@@ -355,6 +355,10 @@ class Worker:
         if self.gpu_png_rows:
             log.info("worker %s reconstructs 16-bit PNG depth rows on its GPU: frontends send them as rows", self.name)
         core = WorkerCore(self.model, engine, self.name)
+        try:
+            core.warm_up()
+        except Exception:  # noqa: BLE001 - a warm-up only moves first-call costs; the first request would say more
+            log.exception("worker %s: warming up the response encoders failed", self.name)
 
         def failed(live: list[Job], exc: BaseException) -> None:
             for job in live:
