@@ -789,6 +789,11 @@ class FastMaskRCNN(Engine):
         with self._graph_cache.recording, torch.cuda.graph(graph, pool=None if background else self._pool,
                                                            stream=stream):
             out = self._fixed_forward(x, sizes, threshold)
+        # A graph's first launch also uploads it to the device (what cudaGraphUpload would do): here, on
+        # the capture's stream, rather than in the first request that replays it.
+        with torch.cuda.stream(stream):
+            graph.replay()
+        stream.synchronize()
         if not background:
             log.info("captured the network for %s in %.1f s (warm-up runs %.1f s)", self._describe(key),
                      time.perf_counter() - t0, warmed)
