@@ -46,7 +46,7 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kserve-port", dest="kserve_port", type=int,
                    help="also serve the KServe v2 / Triton protocol alone on this port (default 0: only on --port, "
                         "beside the Detector API)")
-    g.add_argument("--frontends", type=int, help="frontend processes sharing the port (default: the cores left after two per worker, 1 to 32)")
+    g.add_argument("--frontends", type=int, help="frontend processes sharing the port (default: half the cores, less one per worker beyond the first, 1 to 32)")
     g.add_argument("--ring-slots", dest="ring_slots", type=int, help="shared-memory slots per frontend (default 16)")
     g.add_argument("--slot-mb", dest="slot_mb", type=float,
                    help="bytes per slot in MiB (default: fits the largest allowed RGB-D image)")

@@ -524,17 +524,19 @@ class ServerConfig:
         return self.max_inflight_per_worker if self.max_inflight_per_worker > 0 else 2 * max_batch_size
 
     def resolved_frontends(self, workers: int = 1) -> int:
-        """`frontends`, or from the cores this process may use: the cores left after two per worker
-        (its loop and its encoding threads), 1 to 32. Decoding and request handling are the frontends'
-        CPU work, and a frontend's Python is one core at most: on an H200 host (16 cores) 12 frontends
-        served 1.4x the images of 4 (issue #18's measurements)."""
+        """`frontends`, or from the cores this process may use: half of them, less one per worker beyond
+        the first, 1 to 32. Decoding and request handling are the frontends' CPU work, and a frontend's
+        Python is one core at most, but frontends also take cores from the workers that keep the GPUs
+        fed: on an H200 host (16 cores, one worker, JPEG+PNG at concurrency 64) 4 frontends served 198
+        images/s (S7-4), 8 served 394, 12 375 and 16 only 298, in batches of 12 instead of 16
+        (BENCHMARKS.md, session 9)."""
         if self.frontends > 0:
             return self.frontends
         try:
             cores = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):  # not Linux
             cores = os.cpu_count() or 2
-        return max(1, min(32, cores - 2 * max(workers, 0)))
+        return max(1, min(32, cores // 2 - max(workers, 1) + 1))
 
     def slot_bytes(self) -> int:
         """One ring slot holds one color image (3 bytes a pixel) and one depth image (up to 4)."""
