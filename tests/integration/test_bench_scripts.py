@@ -249,3 +249,12 @@ def test_bench_fixed_cost_compares_trees_with_the_grpc_floor(tmp_path: Path) -> 
         if r["tree"] != "grpc floor":
             assert r["total_ms"] > 0 and r["inference_ms"] > 0 and "client_transport_ms" in r
     assert "| kserve shm 128x96 | grpc floor |" in (out / "fixed_cost.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_first_request_compares_the_first_request_with_later_ones() -> None:
+    text = _run(["scripts/bench_first_request.py", "--tree", f"a={REPO}", "--rounds", "1", "--requests", "3",
+                 "--height", "96", "--width", "128"], timeout=250)
+    (row,) = [line for line in text.splitlines() if line.startswith("| a |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 5 and all(float(c) > 0 for c in cells[1:])
