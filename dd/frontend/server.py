@@ -97,7 +97,10 @@ class Frontend:
         interceptors = [TokenAuth(read_token(self.cfg.auth_token_file))] if self.cfg.auth_token_file else []
         remove_stale_segments(self.tag, only_dead=True)
         self.ring = ShmRing.create(segment_name(self.tag, "fe"), self.cfg.ring_slots, self.cfg.slot_bytes())
-        warm_up_decoding()  # the decoders' first-call costs here, not in the first request's time
+        try:
+            warm_up_decoding()  # the decoders' first-call costs here, not in the first request's time
+        except Exception:  # noqa: BLE001 - a warm-up only moves first-call costs; requests say more if decoding fails
+            log.exception("frontend: warming up the decoders failed; the first requests pay their first calls")
         recorder = Recorder()  # counts nothing unless the supervisor turned metrics on (dd/metrics.py)
         self.slots = SlotPool(self.ring, recorder)
         self.dispatcher = Dispatcher(self.run_dir, self._max_inflight, on_change=self._update_health,
