@@ -258,3 +258,11 @@ def test_bench_first_request_compares_the_first_request_with_later_ones() -> Non
     (row,) = [line for line in text.splitlines() if line.startswith("| a |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 5 and all(float(c) > 0 for c in cells[1:])
+
+
+@pytest.mark.slow
+def test_bench_conv_first_call_tables_first_and_second_calls() -> None:
+    text = _run(["scripts/bench_conv_first_call.py", "--device", "cpu", "--channels", "8"], timeout=250)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "first / second" not in line]
+    assert len(rows) == 8  # four convolutions, two layouts, fp32 (the CPU has no cuDNN and no native path)
+    assert all(len(r.strip("|").split("|")) == 6 for r in rows)

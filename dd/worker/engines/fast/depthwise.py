@@ -2,8 +2,8 @@
 
 MobileNetV3 (the demo models' backbone) has a depthwise convolution (groups = channels) in
 every block. In half precision, or channels-last, PyTorch hands those to cuDNN, and cuDNN 9
-builds a kernel for each new shape at its first call: measured on an H200 (run S9-1,
-`.dev/demo_probe.py`), 157-490 ms per depthwise shape against 0.1 ms for the second call,
+builds a kernel for each new shape at its first call: measured on an H200 (run S9-1, the probe that
+is now `scripts/bench_conv_first_call.py`), 157-490 ms per depthwise shape against 0.1 ms for the second call,
 while PyTorch's native depthwise kernel (what it uses for fp32 NCHW) costs 0-3 ms the first
 time. Every batch bucket and canvas has new shapes, so each graph capture of the demo model
 took 1.8-2.7 s (0.2-0.3 s for an R50), and its warm start 18.5 s.
