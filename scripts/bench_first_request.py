@@ -18,9 +18,8 @@ the rounds).
 from __future__ import annotations
 
 import argparse
-import signal
+import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,40 +30,29 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_fixed_cost import null_model  # noqa: E402
-from bench_requests import free_port, requests_of, scenes, wait_health  # noqa: E402
+from bench_requests import Served, free_port, requests_of, scenes  # noqa: E402
 
 
 def one_round(root: Path, model: Path, tmp: Path, requests: list, n: int) -> list[tuple[float, float]]:
     """(client ms, server total ms) of n requests sent one at a time to a server just started from root."""
-    import os
-
     from dd.client import DetectorClient
 
     port = free_port()
-    log_path = tmp / f"serve-{root.name}-{port}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dd", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-             "--frontends", "1", "--run-dir", str(tmp / f"run-{port}"), "--metrics-port", "0"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
-        try:
-            target = f"127.0.0.1:{port}"
-            wait_health(target, 300, proc, log_path=log_path)
-            client = DetectorClient(target, timeout=60)
-            client.list_models()
-            out = []
-            for k in range(n):
-                t = time.perf_counter()
-                result = client.detect_request(requests[k % len(requests)])
-                out.append(((time.perf_counter() - t) * 1e3, result.timing["total_us"] / 1e3))
-            client.close()
-            return out
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    served = Served(model, tmp / f"run-{port}", tmp / f"serve-{root.name}-{port}.log", 1,
+                    env=dict(os.environ, PYTHONPATH=str(root)), ring_slots=8, port=port, cwd=root).start()
+    try:
+        served.wait_serving(300)
+        client = DetectorClient(served.target, timeout=60)
+        client.list_models()  # connected: the channel's set-up is not the first request's
+        out = []
+        for k in range(n):
+            t = time.perf_counter()
+            result = client.detect_request(requests[k % len(requests)])
+            out.append(((time.perf_counter() - t) * 1e3, result.timing["total_us"] / 1e3))
+        client.close()
+        return out
+    finally:
+        served.stop()
 
 
 def main() -> int:

@@ -87,7 +87,8 @@ async def mixed_load(target: str, by_size: dict[str, list[bytes]], concurrency: 
     return records
 
 
-def per_size(records: list[tuple[str, float, float, str]], names: list[str], factor: float) -> dict:
+def per_size(records: list[tuple], names: list[str], factor: float) -> dict:
+    """Per size from records (size, sent s, latency ms, status[, the server's total ms])."""
     out = {}
     for name in names:
         lat = [r[2] for r in records if r[0] == name and r[3] == "OK"]
@@ -201,7 +202,8 @@ def main() -> int:
 
     def save(records: list | None = None) -> None:
         if records is not None:
-            results["records"] = [[r[0], round(r[1], 4), round(r[2], 3), r[3]] for r in records]
+            results["records"] = [[r[0], round(r[1], 4), round(r[2], 3), r[3], None if r[4] is None else round(r[4], 3)]
+                                  for r in records]
         (out / "mixed.json").write_text(json.dumps(results, indent=1, default=str))
         (out / "mixed.md").write_text("\n".join(table(results)) + "\n")
 

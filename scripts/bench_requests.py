@@ -195,6 +195,7 @@ class Served:
     slot_mb: int = 8
     ring_slots: int = 64
     extra_args: list[str] = field(default_factory=list)  # more flags for `serve` (--jpeg-decode worker)
+    cwd: Path = REPO  # the source tree `python -m dd` runs from (another checkout: its dd comes first)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     started_at: float = 0.0  # perf_counter at Popen
@@ -215,7 +216,7 @@ class Served:
         argv += self.extra_args
         self.started_wall = time.time()
         self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
         return self
 
     def wait_serving(self, timeout: float = 300, poll_s: float = 0.5) -> float:

@@ -152,15 +152,18 @@ class Dispatcher:
     def decodes_jpeg_on_gpu(self, model: str) -> bool:
         """Whether every ready worker of the model (at least one) decodes JPEGs on a GPU: jpeg_decode "auto"
         then sends them compressed. A retry may land on any of them, so all must."""
-        ready = [l for l in self.links.values() if l.model == model and l.ready and l.connected]
-        return bool(ready) and all(l.gpu_jpeg for l in ready)
+        return self._every_ready_worker(model, lambda link: link.gpu_jpeg)
 
     def unfilters_png_rows_on_gpu(self, model: str) -> bool:
         """Whether every ready worker of the model (at least one) reconstructs 16-bit PNG depth rows on a GPU:
         depth PNGs then go to it as their inflated rows. Any worker would serve them (its core reconstructs
         them on the CPU), but only one that does it on a GPU saves host CPU."""
+        return self._every_ready_worker(model, lambda link: link.gpu_png_rows)
+
+    def _every_ready_worker(self, model: str, says: Callable[[WorkerLink], bool]) -> bool:
+        """At least one worker of the model is ready, and every ready one says so (its last pong)."""
         ready = [l for l in self.links.values() if l.model == model and l.ready and l.connected]
-        return bool(ready) and all(l.gpu_png_rows for l in ready)
+        return bool(ready) and all(says(l) for l in ready)
 
     def model_error(self, model: str) -> str:
         """Why a model's workers are not ready, if they said (a load failure)."""
