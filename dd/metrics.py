@@ -245,16 +245,49 @@ def remove_multiproc_dir(multiproc_dir: Path) -> None:
 
 # --- the endpoint ---------------------------------------------------------------
 
+# The 8-byte header of a prometheus-client value file: a file smaller than this is being created.
+_VALUE_FILE_HEADER = 8
+
+
+def read_multiproc_files(multiproc_dir: Path, attempts: int = 3) -> list[Any]:
+    """Every process's value files in ``multiproc_dir``, merged into metric families.
+
+    Not ``MultiProcessCollector.collect()`` as it is: a process creates its file
+    empty and sizes it a moment later, and a scrape that reads it in between
+    fails with ``struct.error`` (prometheus/client_python#1199), a 500 for the
+    whole endpoint. It happened when the supervisor counted its first worker
+    restart while a scraper was polling. An empty file holds no values yet, so
+    it is left out of this scrape. A file removed between the listing and the
+    read (a dead frontend's gauges, or shutdown) makes it list again."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    def readable() -> list[str]:
+        files = []
+        for path in sorted(multiproc_dir.glob("*.db")):
+            try:
+                if path.stat().st_size >= _VALUE_FILE_HEADER:
+                    files.append(str(path))
+            except FileNotFoundError:
+                continue
+        return files
+
+    for _ in range(attempts - 1):
+        try:
+            return list(MultiProcessCollector.merge(readable(), accumulate=True))
+        except FileNotFoundError:
+            continue
+    return list(MultiProcessCollector.merge(readable(), accumulate=True))
+
+
 class _TritonNames:
     """The files' metrics, with Triton's counters under Triton's names (no ``_total``)."""
 
     def __init__(self, multiproc_dir: Path) -> None:
-        from prometheus_client import multiprocess
-        self._files = multiprocess.MultiProcessCollector(None, path=str(multiproc_dir))
+        self._dir = multiproc_dir
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.metrics_core import Metric
-        for family in self._files.collect():
+        for family in read_multiproc_files(self._dir):
             if family.name in TRITON_COUNTERS and family.type == "counter":
                 renamed = Metric(family.name, family.documentation, "unknown")
                 for s in family.samples:

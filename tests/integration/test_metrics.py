@@ -148,6 +148,46 @@ def test_counts_of_several_processes_add_up_exactly(multiproc_dir: Path) -> None
     assert requests == {k: v for k, v in want.items() if k[0] == metrics.REQUEST_SUCCESS}
 
 
+def test_a_file_being_created_does_not_fail_the_scrape(multiproc_dir: Path) -> None:
+    """A process creates its value file empty and sizes it a moment later
+    (prometheus/client_python#1199). The supervisor does so when it counts its
+    first worker restart; a scrape in that moment was a 500 (a CI failure)."""
+    run_all([(record, (WORKER_RGB,))])
+    (multiproc_dir / "counter_999999.db").touch()  # created, not yet sized
+    (multiproc_dir / "histogram_999999.db").touch()
+    server = metrics.start_metrics_server(0, multiproc_dir, host="127.0.0.1", gpu_collector=GpuCollector(nvml=None))
+    try:
+        got = scrape(server.server_port)
+    finally:
+        server.shutdown()
+    want = expected([WORKER_RGB])
+    assert {k: got.get(k) for k in want} == pytest.approx(want, rel=1e-12)
+
+
+def test_a_file_removed_between_listing_and_reading_is_listed_again(multiproc_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dead frontend's gauge files, or shutdown, remove files while a scrape reads."""
+    run_all([(record, (WORKER_RGB,))])
+    gone = multiproc_dir / "counter_999998.db"
+    gone.write_bytes((multiproc_dir / next(p.name for p in multiproc_dir.glob("counter_*.db"))).read_bytes())
+    from prometheus_client.multiprocess import MultiProcessCollector
+    real_merge = MultiProcessCollector.merge
+    calls = []
+
+    def merge_after_removal(files: list[str], accumulate: bool = True) -> Any:
+        calls.append(list(files))
+        gone.unlink(missing_ok=True)  # removed after the listing, before the read
+        return real_merge(files, accumulate)
+
+    monkeypatch.setattr(MultiProcessCollector, "merge", staticmethod(merge_after_removal))
+    families = metrics.read_multiproc_files(multiproc_dir)
+    assert len(calls) == 2 and str(gone) in calls[0] and str(gone) not in calls[1]
+    counts = {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
+    want = expected([WORKER_RGB])
+    assert counts[(metrics.INFERENCE_COUNT + "_total", frozenset({("model", "rgb"), ("version", "1")}))] == \
+        want[(metrics.INFERENCE_COUNT, frozenset({("model", "rgb"), ("version", "1")}))]
+
+
 def test_request_histograms_give_quantiles_in_the_right_bucket(multiproc_dir: Path) -> None:
     run_all([(record, (FRONTEND_A,))])
     server = metrics.start_metrics_server(0, multiproc_dir, host="127.0.0.1", gpu_collector=GpuCollector(nvml=None))
