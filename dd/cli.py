@@ -74,6 +74,9 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
                    help="where JPEG color images are decoded: frontend (CPU: detectron2's pixels; default), worker "
                         "(sent compressed; its GPU where the engine can), auto (worker when the model's workers "
                         "decode JPEG on a GPU)")
+    g.add_argument("--frontend-nice", dest="frontend_nice", type=int,
+                   help="nice value of the frontend processes, 0-19: higher lets the workers that feed the GPUs "
+                        "run first when the cores are all busy (default 0)")
     lim = p.add_argument_group("limits against hostile and clumsy clients (docs/operations.md, Limits)")
     lim.add_argument("--max-jpeg-scans", dest="max_jpeg_scans", type=int,
                      help="scans one JPEG may have, counted before decoding (default 32)")
@@ -241,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         return Worker(match[0], server, args.index, run_dir, device, args.parent_pid).run()
 
     if args.command == "frontend":
+        from dd.procutil import lower_priority
+
+        lower_priority(server.frontend_nice)  # before the frontend starts its threads: they inherit it
         setup_logging(server.log_level, "frontend", server.log_dir, **logs)
         from dd.ipc.endpoints import prepare_run_dir
         from dd.frontend.server import run_frontend

@@ -171,3 +171,24 @@ def prefetch_files(paths: list[Path]) -> list[Path]:
         finally:
             os.close(fd)
     return asked
+
+
+def lower_priority(nice: int) -> int:
+    """Raises this process's nice value to at least ``nice``, in every thread it has (on Linux a nice
+    value is a thread's, and threads started later inherit their creator's). Returns the value set.
+
+    Frontends use it so that, when the host's cores are all busy, the worker thread that feeds the GPU
+    is scheduled before them. Raising one's own nice value needs no privilege; lowering it would."""
+    if nice <= 0:
+        return os.getpriority(os.PRIO_PROCESS, 0)
+    try:
+        threads = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # not Linux: the process's value
+        threads = [0]
+    for tid in threads:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except (ProcessLookupError, PermissionError):
+            continue  # a thread that ended meanwhile
+    return os.getpriority(os.PRIO_PROCESS, 0)

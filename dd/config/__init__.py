@@ -517,6 +517,9 @@ class ServerConfig:
     # ready workers all decode JPEGs on a GPU, else "frontend". "frontend" by default: measured on an
     # H200, nvJPEG's pixels moved 3 of 205 confident detections of the demo model (BENCHMARKS.md, S6-9).
     jpeg_decode: str = "frontend"
+    # Nice value of the frontend processes (0-19; 0: the supervisor's own). Higher: when every core is
+    # busy, the worker threads that feed the GPUs run before the frontends' decoding.
+    frontend_nice: int = 0
 
     def worker_credits(self, max_batch_size: int) -> int:
         """Requests one frontend may have at one worker at once: max_inflight_per_worker, else
@@ -578,6 +581,8 @@ class ServerConfig:
             problems.append("max_pending must be at least 1")
         if self.max_inflight_per_worker < 0:
             problems.append("max_inflight_per_worker must be >= 0 (0: 2 x MAX_BATCH_SIZE)")
+        if not 0 <= self.frontend_nice <= 19:
+            problems.append(f"frontend_nice must be in [0, 19] (0: as the supervisor), got {self.frontend_nice}")
         if self.jpeg_decode not in JPEG_DECODE_CHOICES:
             problems.append(f"jpeg_decode must be one of {', '.join(JPEG_DECODE_CHOICES)}, got {self.jpeg_decode!r}")
         problems += self._limit_problems()
