@@ -245,13 +245,29 @@ def run_baseline(folder: Path, device: str, out_dir: Path, requests: dict[str, l
 
 
 # -- served ----------------------------------------------------------------------------------------
+def parse_variants(given: list[str], no_plain: bool = False) -> dict[str, tuple[list[str], dict | None]]:
+    """--variant LABEL=WHAT values: label -> (serve flags, ENGINE_OPTIONS or None), the plain one ("") first."""
+    import shlex
+
+    out: dict[str, tuple[list[str], dict | None]] = {} if no_plain and given else {"": ([], None)}
+    for text in given:
+        label, sep, what = text.partition("=")
+        if not sep or not label or not label.replace("-", "").replace("_", "").isalnum():
+            raise SystemExit(f"--variant {text!r}: write LABEL=WHAT, LABEL letters, digits, - or _")
+        what = what.strip()
+        out[label] = ([], json.loads(what)) if what.startswith("{") else (shlex.split(what), None)
+    return out
+
+
 def serve_and_load(folder: Path, out_dir: Path, frontends: int, env: dict[str, str],
                    requests: dict[str, list[bytes]], concurrencies: list[int], seconds: float, clients: ClientPool,
-                   slot: int, save, results: dict, ring_slots: int = 32, serve_args: list[str] | None = None) -> None:
+                   slot: int, save, results: dict, ring_slots: int = 32, serve_args: list[str] | None = None,
+                   label: str = "") -> None:
     """`deep-detection serve FOLDER` with this many frontends, each kind at each concurrency, then stopped.
     Fills results[kind][concurrency]; results["_skipped"][kind] says why a kind was not loaded."""
     tmp = Path(tempfile.mkdtemp(prefix="ddbench-run-", dir="/tmp"))
-    server = Served(folder, tmp / "run", out_dir / f"serve_frontends{frontends}.log", frontends, env, slot_mb=slot,
+    log_name = f"serve_frontends{frontends}{'_' + label if label else ''}.log"
+    server = Served(folder, tmp / "run", out_dir / log_name, frontends, env, slot_mb=slot,
                     ring_slots=ring_slots, extra_args=list(serve_args or []))
     server.start()
     try:
@@ -347,7 +363,7 @@ def table(results: dict) -> list[str]:
             lines.append(f"- served with {f} frontend(s): start to SERVING {per['start_to_serving_s']} s")
         if "_error" in per:
             lines.append(f"- served with {f} frontend(s): **failed**: {per['_error'].splitlines()[0][:300]} "
-                         f"(its log: serve_frontends{f}.log)")
+                         f"(its log: serve_frontends{f.replace(' ', '_')}.log)")
         for kind, why in per.get("_skipped", {}).items():
             lines.append(f"- served with {f} frontend(s): **{kind} skipped**: the server refused it ({why})")
     if "engine_error" in results:
@@ -613,6 +629,12 @@ def main() -> int:
     ap.add_argument("--json", help="also write serve.json's content here (older runs' flag)")
     ap.add_argument("--serve-arg", action="append", default=[],
                     help="passed on to `deep-detection serve`, once per use: --serve-arg=--jpeg-decode=worker")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL=WHAT",
+                    help="a served configuration besides the plain one, for each --frontends count, in the same run: "
+                         "WHAT is `deep-detection serve` flags (--variant nice5=--frontend-nice=5) or, starting "
+                         "with {, ENGINE_OPTIONS for its own model folder (--variant 'bsync={\"blocking_sync\": "
+                         "true}'); the plain configuration is the variant \"\"; repeatable")
+    ap.add_argument("--no-plain", action="store_true", help="with --variant: leave out the plain configuration")
     ap.add_argument("--baseline-server", nargs=3, metavar=("FOLDER", "DEVICE", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_server:
@@ -677,16 +699,22 @@ def main() -> int:
         gpu = args.device.split(":")[1] if args.device.startswith("cuda") else ""
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu) if gpu else dict(os.environ)
         results["served"] = {}
+        variants = parse_variants(args.variant, args.no_plain)
         for f in args.frontends:
-            results["served"][str(f)] = {}
-            try:
-                serve_and_load(folder, out, f, env, requests, args.concurrency, args.seconds, clients,
-                               slot_mb(args.height, args.width), save, results["served"][str(f)], args.ring_slots,
-                               args.serve_arg)
-            except Exception as exc:  # noqa: BLE001 - in the table; the other frontend counts still run
-                results["served"][str(f)]["_error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
-                print(f"served with {f} frontend(s) failed: {exc}", flush=True)
-            save()
+            for label, (flags, options) in variants.items():
+                key = f"{f} {label}".strip()  # "8", or "8 nice5": the frontends column of the table
+                results["served"][key] = {}
+                served_folder = folder if options is None else make_model(
+                    tmp, args.engine, args.arch, args.batch, args.height, args.width, args.detections,
+                    args.min_size, name=f"bench-{label}", fast_options={**STEADY_FAST, **options})
+                try:
+                    serve_and_load(served_folder, out, f, env, requests, args.concurrency, args.seconds, clients,
+                                   slot_mb(args.height, args.width), save, results["served"][key], args.ring_slots,
+                                   args.serve_arg + flags, label=label)
+                except Exception as exc:  # noqa: BLE001 - in the table; the other frontend counts still run
+                    results["served"][key]["_error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
+                    print(f"served with {key} frontend(s) failed: {exc}", flush=True)
+                save()
         if not args.no_baseline:
             results["baseline"] = {}
             try:

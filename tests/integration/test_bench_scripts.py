@@ -128,6 +128,32 @@ def _run(argv: list[str], timeout: float) -> str:
 TINY = ["--height", "96", "--width", "128", "--min-size", "96", "--detections", "5", "--batch", "2"]
 
 
+def test_bench_serve_variants_parse_into_flags_or_engine_options() -> None:
+    got = bench_serve.parse_variants(["nice5=--frontend-nice=5 --max-pending 9", 'bsync={"blocking_sync": true}'])
+    assert got == {"": ([], None), "nice5": (["--frontend-nice=5", "--max-pending", "9"], None),
+                   "bsync": ([], {"blocking_sync": True})}
+    assert list(bench_serve.parse_variants(["a=--x"], no_plain=True)) == ["a"]
+    for bad in ("nolabel", "=--x", "a b=--x"):
+        with pytest.raises(SystemExit):
+            bench_serve.parse_variants([bad])
+
+
+@pytest.mark.slow
+def test_bench_serve_serves_each_variant_in_one_run(tmp_path: Path) -> None:
+    out = tmp_path / "serve"
+    _run(["scripts/bench_serve.py", "--engine", "null", "--arch", "small", "--device", "cpu", *TINY,
+          "--engine-batches", "2", "--encodings", "raw", "--concurrency", "1", "--frontends", "1", "--seconds", "0.5",
+          "--frames", "2", "--no-baseline", "--no-plain", "--variant", "nice3=--frontend-nice=3",
+          "--variant", 'opts={"warmup_sizes": [[96, 128]]}', "--out", str(out)], timeout=280)
+    res = json.loads((out / "serve.json").read_text())
+    assert set(res["served"]) == {"1 nice3", "1 opts"}
+    for per in res["served"].values():
+        assert per["raw"]["1"]["n"] > 0 and per["raw"]["1"]["errors"] == 0, per
+    md = (out / "serve.md").read_text()
+    assert "| served (deep-detection serve) | raw | 1 nice3 | 1 |" in md and "| raw | 1 opts | 1 |" in md
+    assert (out / "serve_frontends1_nice3.log").exists() and (out / "serve_frontends1_opts.log").exists()
+
+
 @pytest.mark.slow
 def test_bench_serve_writes_table_json_and_pictures(tmp_path: Path) -> None:
     out = tmp_path / "serve"
