@@ -47,14 +47,16 @@ from bench_serve import make_model  # noqa: E402
 CACHE_VARS = ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH", "XDG_CACHE_HOME")
 
 
-def demo_folder(root: Path, engine: str, height: int, width: int, batch: int) -> Path:
+def demo_folder(root: Path, engine: str, height: int, width: int, batch: int,
+                fast_options: dict | None = None) -> Path:
     """The demo RGB-D model, copied, on the engine asked for (warm-up at the bench's frame size)."""
     dest = root / "demo-rgbd"
     shutil.copytree(REPO / "configs" / "models" / "demo-rgbd", dest)
     cfg_path = dest / "node_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg.update({"ENGINE": engine, "MAX_BATCH_SIZE": batch,
-                "ENGINE_OPTIONS": {"warmup_sizes": [[height, width]], "allow_cpu": True} if engine == "fast" else {}})
+                "ENGINE_OPTIONS": ({"warmup_sizes": [[height, width]], "allow_cpu": True, **(fast_options or {})}
+                                   if engine == "fast" else {})})
     cfg_path.write_text(json.dumps(cfg, indent=1))
     return dest
 
@@ -261,6 +263,7 @@ def main() -> int:
     ap.add_argument("--kill-before", type=float, default=3.0, help="seconds of load before the kill")
     ap.add_argument("--kill-after", type=float, default=2.0, help="seconds of load after recovery")
     ap.add_argument("--timeout", type=float, default=180.0, help="per start, and for recovery")
+    ap.add_argument("--fast-options", default="{}", help="more ENGINE_OPTIONS for the fast engine, as JSON")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     stop_on_sigterm()
@@ -281,10 +284,11 @@ def main() -> int:
         base_env["CUDA_VISIBLE_DEVICES"] = ""
     slot = slot_mb(args.height, args.width)
     folders = {}
+    fast = json.loads(args.fast_options)
     for name in args.models:
-        folders[name] = (demo_folder(tmp, args.engine, args.height, args.width, args.batch) if name == "demo" else
+        folders[name] = (demo_folder(tmp, args.engine, args.height, args.width, args.batch, fast) if name == "demo" else
                          make_model(tmp, args.engine, args.arch, args.batch, args.height, args.width, args.detections,
-                                    args.min_size))
+                                    args.min_size, fast_options=fast))
     kill_model = "r50" if "r50" in folders else args.models[-1]
     labels = {"demo": "demo-rgbd", "r50": f"random {args.arch} ({args.detections} detections)"}
     for name, folder in folders.items():

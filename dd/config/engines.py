@@ -81,6 +81,8 @@ FAST_OPTIONS: dict[str, Option] = {
     "triton_roi_align": Option(bool, True, "RoI Align as one Triton kernel"),
     "class_mask_head": Option(bool, True, "the mask head computes only each detection's class"),
     "batch_buckets": Option((list, type(None)), None, "batch sizes with a graph (default 1, 2, 4, ... MAX_BATCH_SIZE)"),
+    "buckets_at_load": Option((list, type(None)), None, "batch buckets captured at load for the warm-up sizes "
+                                                        "(default all); the others in the background after load"),
     "warmup_sizes": _SIZES,
     "canvases": Option((list, type(None)), None, "padded network input sizes [[H, W], ...] with graphs; a batch runs on "
                                                  "the smallest that holds it (default: the warm-up sizes' own and the "

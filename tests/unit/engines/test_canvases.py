@@ -302,3 +302,31 @@ def _engine_on(folder: Path, device: str, **options: object) -> FastMaskRCNN:
     engine = FastMaskRCNN(dataclasses.replace(cfg, engine_options=options), device)
     engine.load()
     return engine
+
+
+def test_buckets_at_load_must_name_batch_buckets(folders: Path) -> None:
+    """Checked on every device, so that a folder that would fail on the GPU fails in a CPU test too."""
+    for bad in ([3], [], [1, 16]):
+        with pytest.raises(ValueError, match="buckets_at_load"):
+            _engine(folders / "rgbd", batch_buckets=[1, 2, 4], buckets_at_load=bad)
+    assert _engine(folders / "rgbd", batch_buckets=[1, 2, 4], buckets_at_load=[4, 1]).infer([_item(1, 240, 320)])
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_buckets_left_out_at_load_come_in_the_background(folders: Path,
+                                                                 request: pytest.FixtureRequest) -> None:
+    """buckets_at_load [1]: bucket 4 is not captured at load but queued, and a batch of 3 gets the same
+    answers before its graph is there (op by op) and after."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    options = {"warmup_sizes": [[240, 320]], "batch_buckets": [1, 4]}
+    engine = _engine_on(folders / "rgbd", "cuda:0", buckets_at_load=[1], **options)
+    request.addfinalizer(engine.close)
+    items = [_item(1, 240, 320), _item(2, 240, 320), _item(3, 240, 320)]
+    canvas = engine.canvas_for([(240, 320)])
+    early = engine.infer(items)
+    assert engine._graph_cache.wait_idle(120)
+    assert engine._graph_cache.get((4, *canvas)) is not None and engine._graph_cache.get((1, *canvas)) is not None
+    for a, b in zip(early, engine.infer(items)):
+        assert len(a.scores) == len(b.scores) > 0
+        np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-2)

@@ -76,7 +76,7 @@ fuse_conv_relu (true; ReLUs, residual adds and biases in cuDNN's convolutions,
 GPU only, needs fold_batchnorm), triton_fpn (true; GPU only), triton_nms (true;
 GPU only), triton_roi_align (true; GPU only), class_mask_head (true),
 pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
-8, ...] up to MAX_BATCH_SIZE), warmup_sizes ([[H, W], ...] input sizes whose
+8, ...] up to MAX_BATCH_SIZE), buckets_at_load (all; the others captured in the background), warmup_sizes ([[H, W], ...] input sizes whose
 canvases are captured at load), canvases ([[H, W], ...] padded network inputs
 with graphs; default the warm-up sizes' and the largest two),
 max_canvases_at_load (false), exact_canvases (false; true: each image on its own
@@ -279,6 +279,10 @@ class FastMaskRCNN(Engine):
         t_prepared = time.perf_counter()
         # Warm-up captures the graphs; without them (the CPU) one image proves the model runs.
         batches = (self.buckets if self.fixed else sorted({1, cfg.max_batch_size})) if self.use_graphs else [1]
+        if self.fixed and opts.get("buckets_at_load") is not None:
+            at_load = self._buckets_at_load(opts["buckets_at_load"])
+            if self.use_graphs:  # the others go to the background thread with the other canvases (a batch
+                batches = at_load  # at one of them runs op by op until its graph is there): serving sooner
         for h, w in sizes:
             for b in batches:
                 dummy = [EngineInput(np.zeros((h, w, 3), np.uint8),
@@ -304,6 +308,14 @@ class FastMaskRCNN(Engine):
         log.info("fast engine loaded in %.1f s: weights and model %.1f s, fusing and kernels %.1f s, "
                  "warm-up and graph captures %.1f s", done - t_start, t_built - t_start,
                  t_prepared - t_built, done - t_prepared)
+
+    def _buckets_at_load(self, given: list[Any]) -> list[int]:
+        wanted = sorted({int(b) for b in given})
+        unknown = [b for b in wanted if b not in self.buckets]
+        if not wanted or unknown:
+            raise ValueError(f"ENGINE_OPTIONS buckets_at_load {given}: name some of the batch buckets "
+                             f"{self.buckets} (batch_buckets, default powers of two up to MAX_BATCH_SIZE)")
+        return wanted
 
     @torch.inference_mode()
     def _warm_odd_size(self, sizes: list[list[int]]) -> None:
@@ -781,8 +793,11 @@ class FastMaskRCNN(Engine):
         stream = torch.cuda.Stream(self.dev)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(3):  # cudnn autotuning, lazy init, anchors and pooler scales outside the capture
-                self._fixed_forward(x, sizes, threshold)
+            # One run, outside the capture, does what must not be recorded: the stream's cuBLAS and cuDNN
+            # handles, Triton compiling for these shapes, the anchors and pooler scales. torch's examples
+            # run three (training's optimizers and DDP need more); a second run found nothing new to set
+            # up, and each cost 30-100 ms of start-up per graph.
+            self._fixed_forward(x, sizes, threshold)
         stream.synchronize()
         warmed = time.perf_counter() - t0
         graph = torch.cuda.CUDAGraph()
