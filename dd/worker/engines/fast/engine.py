@@ -793,11 +793,8 @@ class FastMaskRCNN(Engine):
         stream = torch.cuda.Stream(self.dev)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            # One run, outside the capture, does what must not be recorded: the stream's cuBLAS and cuDNN
-            # handles, Triton compiling for these shapes, the anchors and pooler scales. torch's examples
-            # run three (training's optimizers and DDP need more); a second run found nothing new to set
-            # up, and each cost 30-100 ms of start-up per graph.
-            self._fixed_forward(x, sizes, threshold)
+            for _ in range(3):  # cudnn autotuning, lazy init, anchors and pooler scales outside the capture
+                self._fixed_forward(x, sizes, threshold)
         stream.synchronize()
         warmed = time.perf_counter() - t0
         graph = torch.cuda.CUDAGraph()
