@@ -33,7 +33,9 @@ if str(REPO) not in sys.path:
 from dd.proto.deep_detection.v1 import detector_pb2 as pb  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
 
-KINDS = ("jpeg+png", "raw", "jpeg+zstd")
+# jpeg-rst+png: the JPEG as the client library writes it (a restart marker at each MCU row, which the
+# frontend decodes in strips on several cores: dd/frontend/jpeg_strips.py), at the same quality.
+KINDS = ("jpeg+png", "raw", "jpeg+zstd", "jpeg-rst+png")
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -64,10 +66,15 @@ def encode_request(kind: str, color: np.ndarray, depth: np.ndarray, request_id: 
         req.depth.CopyFrom(pb.Image(data=depth.tobytes(), encoding=pb.Image.RAW, shape=list(depth.shape),
                                     dtype=pb.UINT16))
         return req
-    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(color, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    req.color.CopyFrom(pb.Image(data=jpg.tobytes()))
-    if kind == "jpeg+png":
+    if kind == "jpeg-rst+png":
+        from dd.client.encoding import encode_jpeg
+
+        req.color.CopyFrom(pb.Image(data=encode_jpeg(color, quality=90)))
+    else:
+        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(color, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        assert ok
+        req.color.CopyFrom(pb.Image(data=jpg.tobytes()))
+    if kind in ("jpeg+png", "jpeg-rst+png"):
         ok, png = cv2.imencode(".png", depth)
         assert ok
         req.depth.CopyFrom(pb.Image(data=png.tobytes()))

@@ -37,6 +37,10 @@ compressed bytes are fewer than its pixels is checked exactly as above, but its
 bytes are copied into the slot instead of its pixels, for the worker to decode
 (on its GPU). Its decoded size is the header's, which is what was checked.
 
+A JPEG color image with a restart marker at the start of its MCU rows (what the client library
+writes) is decoded in strips on several threads when no other color decode runs in this frontend
+(dd.frontend.jpeg_strips): the same pixels, bit for bit, in a fraction of the time.
+
 Where the caller says so (png_rows_to_worker: every ready worker reconstructs PNG rows on its GPU),
 a 16-bit grayscale depth PNG is read and inflated here (dd.frontend.png_depth: chunks, CRCs, ISA-L)
 straight into the slot, and stays there as its filtered rows if each is None, Sub or Up
@@ -62,6 +66,7 @@ from dd.frontend.errors import ServeError, Status
 from dd.frontend.image_cost import CostError, jpeg_scans, png_pixel_chunks
 from dd.frontend.inputs import ENCODED, MASKS_NONE, MASKS_RLE, RAW, ZSTD, ImageInput
 from dd.frontend.jpeg_header import worker_decodable
+from dd.frontend.jpeg_strips import decode_in_strips, restart_layout
 from dd.frontend.png_depth import Gray16, PngError, inflate_into
 from dd.frontend.png_depth import parse as parse_png
 from dd.png_rows import ENCODING as PNG_ROWS
@@ -92,6 +97,17 @@ _DEPTH_FLAGS = cv2.IMREAD_UNCHANGED  # keeps 16 bits; ignores EXIF orientation
 # the request waits for the slower of the two instead of their sum (a noisy 16-bit PNG can
 # cost as much as the JPEG). Bounded, like every pool here.
 _DEPTH_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="depth-decode")
+# A JPEG with a restart marker at its MCU rows (the client library writes them) is decoded in up to
+# this many strips at once (dd.frontend.jpeg_strips), when no other color decode runs in this process:
+# a lone request's decode then takes a fraction of its time, and a busy frontend, whose cores are taken
+# by other requests anyway, decodes whole as before. Strips of at least _MIN_STRIP_ROWS MCU rows.
+# With a depth image decoding beside it, half the cores each (a 2-core machine then decodes as before).
+STRIPS = max(1, min(4, os.cpu_count() or 1))
+STRIPS_BESIDE_DEPTH = max(1, min(STRIPS, (os.cpu_count() or 1) // 2))
+_MIN_STRIP_ROWS = 6
+_STRIP_POOL = ThreadPoolExecutor(max_workers=max(1, STRIPS - 1), thread_name_prefix="jpeg-strip")
+_color_decodes = 0  # in progress in this process
+_color_lock = threading.Lock()
 
 
 def _invalid(message: str) -> ServeError:
@@ -385,7 +401,8 @@ def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: b
         elif jpeg_to_worker and color_raw is None and _send_compressed(color_data, h, w):
             color = _place_compressed(color_data, slot, h, w)
         else:
-            color = _decode_color(color_raw, color_data, slot, h, w)
+            color = _decode_color(color_raw, color_data, slot, h, w,
+                                  STRIPS if depth_future is None else STRIPS_BESIDE_DEPTH)
     except BaseException:
         if depth_future is not None and not depth_future.cancel():
             # Running: let it end before this request does, so that its cost stays with it
@@ -454,11 +471,12 @@ def _rows_or_pixels(image: Gray16, data: bytes, dst: np.ndarray) -> np.ndarray |
     return _imdecode(data, _DEPTH_FLAGS)
 
 
-def _decode_color(color_raw: np.ndarray | None, data: bytes, slot: memoryview, h: int, w: int) -> Placed:
+def _decode_color(color_raw: np.ndarray | None, data: bytes, slot: memoryview, h: int, w: int,
+                  max_strips: int = 1) -> Placed:
     dst = _slot_array(slot, 0, (h, w, 3), np.uint8)
     if color_raw is not None:
         np.copyto(dst, color_raw)
-    else:
+    elif not _decoded_in_strips(data, dst, max_strips):
         bgr = _imdecode(data, _COLOR_FLAGS)
         if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
             raise _invalid("color: the image could not be decoded (corrupt or unsupported data)")
@@ -466,6 +484,29 @@ def _decode_color(color_raw: np.ndarray | None, data: bytes, slot: memoryview, h
             raise _invalid(f"color: decoded size {bgr.shape[1]}x{bgr.shape[0]} differs from its header's {w}x{h}")
         cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=dst)
     return Placed(0, (h, w, 3), "uint8")
+
+
+def _decoded_in_strips(data: bytes, dst: np.ndarray, max_strips: int) -> bool:
+    """Decodes a JPEG with restart markers at its MCU rows in up to `max_strips` strips on as many threads,
+    when it is the only color decode of this process now; False (nothing decoded, or rows to be
+    overwritten) otherwise."""
+    global _color_decodes
+    if max_strips < 2 or data[:2] != b"\xff\xd8":
+        return False
+    with _color_lock:
+        _color_decodes += 1
+        alone = _color_decodes == 1
+    try:
+        if not alone:
+            return False
+        layout = restart_layout(data)
+        if layout is None or (layout.height, layout.width) != dst.shape[:2]:
+            return False
+        strips = min(max_strips, layout.mcu_rows // _MIN_STRIP_ROWS)
+        return strips >= 2 and decode_in_strips(data, layout, dst, strips, _STRIP_POOL)
+    finally:
+        with _color_lock:
+            _color_decodes -= 1
 
 
 def _send_compressed(data: bytes, h: int, w: int) -> bool:
@@ -526,3 +567,8 @@ def warm_up() -> None:
                          png_rows_to_worker=rows)
     zst = zstandard.ZstdCompressor().compress(depth.tobytes())
     decode_into_slot(ImageInput(jpg.tobytes()), ImageInput(zst, ZSTD, (16, 16), "uint16"), True, slot, 16 * 16)
+    # Restart markers at each MCU row, tall enough for strips: the strip threads start here.
+    tall = np.zeros((16 * STRIPS * _MIN_STRIP_ROWS, 16, 3), np.uint8)
+    ok, jpg = cv2.imencode(".jpg", tall, [cv2.IMWRITE_JPEG_RST_INTERVAL, 1])
+    if ok:
+        _decoded_in_strips(jpg.tobytes(), np.empty(tall.shape, np.uint8), STRIPS)

@@ -178,6 +178,28 @@ def test_each_encoding_of_arrays_and_files(tmp_path: Path) -> None:
     assert kinds(make_request(b"not an image", b"nor this", encoding="raw")) == (pb.Image.ENCODED, pb.Image.ENCODED)
 
 
+@pytest.mark.parametrize("h, w", [(720, 1280), (97, 131)])
+def test_the_clients_jpegs_restart_at_every_mcu_row_and_decode_in_strips(h: int, w: int) -> None:
+    """The client library's JPEG: a restart marker at each 16-pixel row, so the server may decode it in
+    strips (dd.frontend.jpeg_strips), to the pixels of one decode."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dd.frontend.jpeg_strips import decode_in_strips, restart_layout
+    from tests.conftest import scene
+
+    color, depth = scene(5, h=h, w=w)
+    data = make_request(color, depth, encoding="jpeg+png").color.data
+    layout = restart_layout(data)
+    assert layout is not None and layout.mcu_height == 16 and sorted(layout.row_segment) == list(range(-(-h // 16)))
+    whole = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    out = np.zeros_like(whole)
+    with ThreadPoolExecutor(2) as pool:
+        assert decode_in_strips(data, layout, out, 3, pool)
+    assert np.array_equal(out, whole)
+    plain = cv2.imencode(".jpg", color[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])[1]
+    assert len(data) - len(plain) <= 8 * -(-h // 16)  # the cost: a marker, its padding, the DC values anew
+
+
 class _OldServer(pb_grpc.DetectorServicer):
     """Answers as servers before ZSTD did (dd/frontend/decode.py, session 5)."""
 

@@ -54,3 +54,71 @@ def test_refusals_name_what_was_sent(image: ImageInput, words: str) -> None:
     with pytest.raises(ServeError) as err:
         decode(image)
     assert err.value.status == Status.INVALID_ARGUMENT and words in err.value.message
+
+
+def _rst_jpeg(h: int, w: int, seed: int = 0) -> tuple[bytes, np.ndarray]:
+    from tests.conftest import scene
+
+    color, _ = scene(seed, h=h, w=w)
+    ok, buf = cv2.imencode(".jpg", color[..., ::-1], [cv2.IMWRITE_JPEG_RST_INTERVAL, -(-w // 16)])
+    assert ok
+    whole = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION), cv2.COLOR_BGR2RGB)
+    return buf.tobytes(), whole
+
+
+def test_a_jpeg_with_restart_markers_is_decoded_in_strips_to_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dd.frontend import decode as dec
+
+    data, want = _rst_jpeg(480, 640)
+    split = []
+    real = dec.decode_in_strips
+    monkeypatch.setattr(dec, "STRIPS", 4)
+    monkeypatch.setattr(dec, "decode_in_strips", lambda *a: split.append(a[3]) or real(*a))
+    slot = memoryview(bytearray(480 * 640 * 3))
+    out = decode_into_slot(ImageInput(data), None, False, slot, 1 << 20)
+    assert split == [4], "decoded whole"
+    assert np.array_equal(np.ndarray((480, 640, 3), np.uint8, buffer=slot, offset=out.color.offset), want)
+
+
+def test_a_color_decode_beside_another_one_is_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy frontend's cores are taken by its other requests: strips would only add hand-offs."""
+    from dd.frontend import decode as dec
+
+    data, want = _rst_jpeg(480, 640)
+    monkeypatch.setattr(dec, "STRIPS", 4)
+    monkeypatch.setattr(dec, "_color_decodes", 1)  # another request's color decode is running
+    monkeypatch.setattr(dec, "restart_layout", lambda data: pytest.fail("looked for strips"))
+    slot = memoryview(bytearray(480 * 640 * 3))
+    out = decode_into_slot(ImageInput(data), None, False, slot, 1 << 20)
+    assert np.array_equal(np.ndarray((480, 640, 3), np.uint8, buffer=slot, offset=out.color.offset), want)
+    assert dec._color_decodes == 1
+
+
+def test_a_jpeg_whose_strips_fail_is_decoded_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dd.frontend import decode as dec
+
+    data, want = _rst_jpeg(480, 640)
+    monkeypatch.setattr(dec, "STRIPS", 4)
+    monkeypatch.setattr(dec, "decode_in_strips", lambda *a: False)
+    slot = memoryview(bytearray(480 * 640 * 3))
+    out = decode_into_slot(ImageInput(data), None, False, slot, 1 << 20)
+    assert np.array_equal(np.ndarray((480, 640, 3), np.uint8, buffer=slot, offset=out.color.offset), want)
+    assert dec._color_decodes == 0
+
+
+def test_beside_a_depth_decode_the_color_takes_fewer_strips(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half the cores for each image: on a 2-core machine (STRIPS_BESIDE_DEPTH 1) the color is whole."""
+    from dd.frontend import decode as dec
+
+    data, want = _rst_jpeg(480, 640)
+    depth = cv2.imencode(".png", np.full((480, 640), 1200, np.uint16))[1].tobytes()
+    for beside, expect in ((2, [2]), (1, [])):
+        split = []
+        real = dec.decode_in_strips
+        monkeypatch.setattr(dec, "STRIPS", 4)
+        monkeypatch.setattr(dec, "STRIPS_BESIDE_DEPTH", beside)
+        monkeypatch.setattr(dec, "decode_in_strips", lambda *a: split.append(a[3]) or real(*a))
+        slot = memoryview(bytearray(480 * 640 * 5 + 4096))
+        out = decode_into_slot(ImageInput(data), ImageInput(depth), True, slot, 1 << 20)
+        assert split == expect
+        assert np.array_equal(np.ndarray((480, 640, 3), np.uint8, buffer=slot, offset=out.color.offset), want)
