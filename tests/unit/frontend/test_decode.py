@@ -86,12 +86,12 @@ def test_a_color_decode_beside_another_one_is_whole(monkeypatch: pytest.MonkeyPa
 
     data, want = _rst_jpeg(480, 640)
     monkeypatch.setattr(dec, "STRIPS", 4)
-    monkeypatch.setattr(dec, "_color_decodes", 1)  # another request's color decode is running
+    monkeypatch.setattr(dec._COLOR, "count", 1)  # another request's color decode is running
     monkeypatch.setattr(dec, "restart_layout", lambda data: pytest.fail("looked for strips"))
     slot = memoryview(bytearray(480 * 640 * 3))
     out = decode_into_slot(ImageInput(data), None, False, slot, 1 << 20)
     assert np.array_equal(np.ndarray((480, 640, 3), np.uint8, buffer=slot, offset=out.color.offset), want)
-    assert dec._color_decodes == 1
+    assert dec._COLOR.count == 1
 
 
 def test_a_jpeg_whose_strips_fail_is_decoded_whole(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,7 +103,7 @@ def test_a_jpeg_whose_strips_fail_is_decoded_whole(monkeypatch: pytest.MonkeyPat
     slot = memoryview(bytearray(480 * 640 * 3))
     out = decode_into_slot(ImageInput(data), None, False, slot, 1 << 20)
     assert np.array_equal(np.ndarray((480, 640, 3), np.uint8, buffer=slot, offset=out.color.offset), want)
-    assert dec._color_decodes == 0
+    assert dec._COLOR.count == 0
 
 
 def test_beside_a_depth_decode_the_color_takes_fewer_strips(monkeypatch: pytest.MonkeyPatch) -> None:
