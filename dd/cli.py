@@ -74,6 +74,9 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
                    help="where JPEG color images are decoded: frontend (CPU: detectron2's pixels; default), worker "
                         "(sent compressed; its GPU where the engine can), auto (worker when the model's workers "
                         "decode JPEG on a GPU)")
+    g.add_argument("--decode-parts", dest="decode_parts", type=int,
+                   help="parts one JPEG or PNG may be decoded in at once where its file allows (the client "
+                        "library's do): 0 from the cores (default), 1 never")
     g.add_argument("--frontend-nice", dest="frontend_nice", type=int,
                    help="nice value of the frontend processes, 0-19: higher lets the workers that feed the GPUs "
                         "run first when the cores are all busy (default 0)")

@@ -44,9 +44,8 @@ def writers(scene) -> dict[str, tuple[bytes, bytes]]:
 
 
 def set_parts(parts: int) -> None:
-    """The frontend's parts per image, as it would pick them on a machine with 2 x parts cores."""
-    frontend_decode.STRIPS = parts
-    frontend_decode.STRIPS_BESIDE_DEPTH = parts
+    """The frontend's parts per image, as --decode-parts sets them."""
+    frontend_decode.set_parts(parts)
 
 
 def main() -> int:
@@ -62,9 +61,6 @@ def main() -> int:
     h, w = args.height, args.width
     scene = generate_scene(5000, w, h)
     files = writers(scene)
-    pool_needed = 2 * (args.parts - 1)
-    if frontend_decode._PARTS_POOL._max_workers < pool_needed:  # a --parts above this machine's default
-        frontend_decode._PARTS_POOL._max_workers = pool_needed
     slot = memoryview(bytearray(h * w * 5 + 4096))
     rows = not args.pixels
     cases = []

@@ -520,6 +520,9 @@ class ServerConfig:
     # Nice value of the frontend processes (0-19; 0: the supervisor's own). Higher: when every core is
     # busy, the worker threads that feed the GPUs run before the frontends' decoding.
     frontend_nice: int = 0
+    # Parts one image may be decoded in at once, where its file allows (docs/operations.md, "Decoding in
+    # parts"): 0 from the cores (up to 4, half the cores each for color and depth), 1 never.
+    decode_parts: int = 0
 
     def worker_credits(self, max_batch_size: int) -> int:
         """Requests one frontend may have at one worker at once: max_inflight_per_worker, else
@@ -581,6 +584,8 @@ class ServerConfig:
             problems.append("max_pending must be at least 1")
         if self.max_inflight_per_worker < 0:
             problems.append("max_inflight_per_worker must be >= 0 (0: 2 x MAX_BATCH_SIZE)")
+        if not 0 <= self.decode_parts <= 16:
+            problems.append(f"decode_parts must be in [0, 16] (0: from the cores, 1: never split), got {self.decode_parts}")
         if not 0 <= self.frontend_nice <= 19:
             problems.append(f"frontend_nice must be in [0, 19] (0: as the supervisor), got {self.frontend_nice}")
         if self.jpeg_decode not in JPEG_DECODE_CHOICES:

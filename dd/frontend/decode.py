@@ -111,6 +111,17 @@ _MIN_STRIP_ROWS = 6  # MCU rows a JPEG strip has at least
 _PARTS_POOL = ThreadPoolExecutor(max_workers=max(1, 2 * (STRIPS - 1)), thread_name_prefix="decode-part")
 
 
+def set_parts(parts: int) -> None:
+    """At most `parts` parts per image (ServerConfig.decode_parts; 1: never split; 0: from the cores,
+    as above). Call before serving: the pool grows to fit, it never shrinks."""
+    global STRIPS, STRIPS_BESIDE_DEPTH, _PARTS_POOL
+    if parts <= 0:
+        return
+    STRIPS = STRIPS_BESIDE_DEPTH = parts
+    if _PARTS_POOL._max_workers < 2 * (parts - 1):
+        _PARTS_POOL = ThreadPoolExecutor(max_workers=2 * (parts - 1), thread_name_prefix="decode-part")
+
+
 class _InProgress:
     """How many decodes of one kind (color, depth) run in this process now."""
 

@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from dd.config import ModelConfig, ServerConfig, default_model_name
 from dd.frontend.auth import TokenAuth, read_token, server_credentials
 from dd.frontend.client_shm import ClientShmRegistry
+from dd.frontend.decode import set_parts as set_decode_parts
 from dd.frontend.decode import warm_up as warm_up_decoding
 from dd.frontend.dispatcher import Dispatcher
 from dd.frontend.protocols import detector_v1, kserve_v2
@@ -97,6 +98,7 @@ class Frontend:
         interceptors = [TokenAuth(read_token(self.cfg.auth_token_file))] if self.cfg.auth_token_file else []
         remove_stale_segments(self.tag, only_dead=True)
         self.ring = ShmRing.create(segment_name(self.tag, "fe"), self.cfg.ring_slots, self.cfg.slot_bytes())
+        set_decode_parts(self.cfg.decode_parts)
         try:
             warm_up_decoding()  # the decoders' first-call costs here, not in the first request's time
         except Exception:  # noqa: BLE001 - a warm-up only moves first-call costs; requests say more if decoding fails
