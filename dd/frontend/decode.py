@@ -500,15 +500,15 @@ def _rows_or_pixels(image: Gray16, data: bytes, dst: np.ndarray, max_parts: int 
     (each None, Sub or Up); otherwise its pixels, decoded by OpenCV as without rows (they are copied over
     the rows). INVALID_ARGUMENT for a broken stream. Its stream in up to `max_parts` parts at once where
     it has flush points and no other depth decodes in this process."""
-    try:
-        with _DEPTH.alone() as alone:
+    with _DEPTH.alone() as alone:
+        try:
             parts = max_parts if alone and image.flush_points else 1
             rows = inflate_parts_into(image, dst, parts, _PARTS_POOL) if parts > 1 else inflate_into(image, dst)
-        if rows is not None:
-            return None
-    except PngError as exc:
-        raise _invalid(f"depth: {exc}") from None
-    return _imdecode(data, _DEPTH_FLAGS)
+            if rows is not None:
+                return None
+        except PngError as exc:
+            raise _invalid(f"depth: {exc}") from None
+        return _imdecode(data, _DEPTH_FLAGS)
 
 
 def _decode_color(color_raw: np.ndarray | None, data: bytes, slot: memoryview, h: int, w: int,
@@ -516,30 +516,29 @@ def _decode_color(color_raw: np.ndarray | None, data: bytes, slot: memoryview, h
     dst = _slot_array(slot, 0, (h, w, 3), np.uint8)
     if color_raw is not None:
         np.copyto(dst, color_raw)
-    elif not _decoded_in_strips(data, dst, max_strips):
-        bgr = _imdecode(data, _COLOR_FLAGS)
-        if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
-            raise _invalid("color: the image could not be decoded (corrupt or unsupported data)")
-        if bgr.shape[:2] != (h, w):
-            raise _invalid(f"color: decoded size {bgr.shape[1]}x{bgr.shape[0]} differs from its header's {w}x{h}")
-        cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=dst)
+        return Placed(0, (h, w, 3), "uint8")
+    with _COLOR.alone() as alone:  # every color decode counted: a JPEG beside another one is decoded whole
+        if not (alone and _decoded_in_strips(data, dst, max_strips)):
+            bgr = _imdecode(data, _COLOR_FLAGS)
+            if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
+                raise _invalid("color: the image could not be decoded (corrupt or unsupported data)")
+            if bgr.shape[:2] != (h, w):
+                raise _invalid(f"color: decoded size {bgr.shape[1]}x{bgr.shape[0]} differs from its header's "
+                               f"{w}x{h}")
+            cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=dst)
     return Placed(0, (h, w, 3), "uint8")
 
 
 def _decoded_in_strips(data: bytes, dst: np.ndarray, max_strips: int) -> bool:
-    """Decodes a JPEG with restart markers at its MCU rows in up to `max_strips` strips on as many threads,
-    when it is the only color decode of this process now; False (nothing decoded, or rows to be
-    overwritten) otherwise."""
+    """Decodes a JPEG with restart markers at its MCU rows in up to `max_strips` strips on as many
+    threads; False (nothing decoded, or rows to be overwritten) where it cannot."""
     if max_strips < 2 or data[:2] != b"\xff\xd8":
         return False
-    with _COLOR.alone() as alone:
-        if not alone:
-            return False
-        layout = restart_layout(data)
-        if layout is None or (layout.height, layout.width) != dst.shape[:2]:
-            return False
-        strips = min(max_strips, layout.mcu_rows // _MIN_STRIP_ROWS)
-        return strips >= 2 and decode_in_strips(data, layout, dst, strips, _PARTS_POOL)
+    layout = restart_layout(data)
+    if layout is None or (layout.height, layout.width) != dst.shape[:2]:
+        return False
+    strips = min(max_strips, layout.mcu_rows // _MIN_STRIP_ROWS)
+    return strips >= 2 and decode_in_strips(data, layout, dst, strips, _PARTS_POOL)
 
 
 def _send_compressed(data: bytes, h: int, w: int) -> bool:
@@ -557,7 +556,8 @@ def _decode_unless(abandoned: threading.Event | None, data: bytes, flags: int) -
     """A depth decode that does not start for a request that is gone (its color decode failed, or
     its caller left) while it waited for a thread."""
     _check_abandoned(abandoned)
-    return _imdecode(data, flags)
+    with _DEPTH.alone():  # counted, so that a depth PNG beside it is inflated whole
+        return _imdecode(data, flags)
 
 
 def _unless_abandoned(abandoned: threading.Event | None, fn, *args):  # noqa: ANN001, ANN202

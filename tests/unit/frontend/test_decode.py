@@ -122,3 +122,26 @@ def test_beside_a_depth_decode_the_color_takes_fewer_strips(monkeypatch: pytest.
         out = decode_into_slot(ImageInput(data), ImageInput(depth), True, slot, 1 << 20)
         assert split == expect
         assert np.array_equal(np.ndarray((480, 640, 3), np.uint8, buffer=slot, offset=out.color.offset), want)
+
+
+def test_a_depth_png_is_inflated_in_parts_only_when_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dd.client.encoding import encode_png16
+    from dd.frontend import decode as dec
+    from dd.png_rows import unfilter
+    from tests.conftest import scene
+
+    color, depth = scene(4, h=480, w=640)
+    png = encode_png16(depth)
+    jpg = cv2.imencode(".png", color[..., ::-1])[1].tobytes()
+    real = dec.inflate_parts_into
+    for busy, expect in ((0, [3]), (1, [])):
+        split = []
+        monkeypatch.setattr(dec, "STRIPS_BESIDE_DEPTH", 3)
+        monkeypatch.setattr(dec._DEPTH, "count", busy)  # another request's depth decode is running, or none
+        monkeypatch.setattr(dec, "inflate_parts_into", lambda *a: split.append(a[2]) or real(*a))
+        slot = memoryview(bytearray(480 * 640 * 5 + 4096))
+        out = decode_into_slot(ImageInput(jpg), ImageInput(png), True, slot, 1 << 20, png_rows_to_worker=True)
+        assert split == expect and dec._DEPTH.count == busy
+        d = out.depth
+        rows = np.frombuffer(slot, np.uint8, d.nbytes, d.offset).reshape(480, 1 + 2 * 640)
+        assert np.array_equal(unfilter(rows, 480, 640), depth)
