@@ -27,6 +27,7 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dd.client.encoding import encode_png16  # noqa: E402
 from dd.frontend.png_depth import inflate_into, parse  # noqa: E402
 from dd.png_rows import unfilter  # noqa: E402
 from dd.synth.scenes import generate_scene  # noqa: E402
@@ -65,6 +66,7 @@ def main() -> int:
 
     kinds = {"raw": (lambda d: d.tobytes(), lambda b, shape: np.frombuffer(b, np.uint16).reshape(shape)),
              "png (cv2 default)": png(None), "png level 1": png(1),
+             "png (client library: Sub rows, ISA-L, 8 flushed runs)": (encode_png16, png(None)[1]),
              "zstd level 1": zstd(1), "zstd level 3": zstd(3)}
     rows: dict[str, list[tuple[int, float, float]]] = {k: [] for k in kinds}
     for seed in args.seeds:
@@ -130,8 +132,9 @@ def _png_rows_table(args: argparse.Namespace) -> None:
     table: dict[str, list[tuple[float, ...]]] = {}
     for seed in args.seeds:
         depth = generate_scene(seed, w, h).depth
-        for name, params in (("png (cv2 default)", []), ("png level 1", [cv2.IMWRITE_PNG_COMPRESSION, 1])):
-            data = cv2.imencode(".png", depth, params)[1].tobytes()
+        for name, params in (("png (cv2 default)", []), ("png level 1", [cv2.IMWRITE_PNG_COMPRESSION, 1]),
+                             ("png (client library)", None)):
+            data = encode_png16(depth) if params is None else cv2.imencode(".png", depth, params)[1].tobytes()
 
             front_ms, rows = _best_ms(lambda: inflate_into(parse(data), buf), args.iters)
             sent = rows is not None
