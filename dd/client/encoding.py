@@ -2,9 +2,9 @@
 
 What an image costs is paid twice: by the client that encodes it and by the server that decodes it,
 and the link carries what is left. Measured on dd.synth 1280x720 depth frames
-(scripts/bench_depth_encodings.py, one core; BENCHMARKS.md): 16-bit PNG 796 KiB, 16 ms to encode,
-9 ms to decode; zstd level 1 749 KiB, 6 ms to encode, 1.6 ms to decode (level 3: 692 KiB, 11 ms and
-2 ms). So:
+(scripts/bench_depth_encodings.py, one core; BENCHMARKS.md): 16-bit PNG 796 KiB, 16 ms to encode
+with OpenCV (5 ms as written here), 9 ms to decode; zstd level 1 749 KiB, 6 ms to encode, 1.6 ms to
+decode (level 3: 692 KiB, 11 ms and 2 ms). So:
 
 - `raw`: arrays as they are (files are decoded by the client first). Nothing is encoded or decoded
   on either side; 4.6 MB per 1280x720 RGB-D frame, which a local link moves for less than any codec
@@ -13,7 +13,8 @@ and the link carries what is left. Measured on dd.synth 1280x720 depth frames
   server decodes it on several cores at once), depth as zstd level 1 (smaller than its PNG and
   six times cheaper to decode). What `auto` picks for any other server. Encoded color files are sent
   as they are (never re-encoded); a depth file is decoded and recompressed (lossless).
-- `jpeg+png`: color arrays as JPEG, depth arrays as 16-bit PNG; files as they are. For servers that
+- `jpeg+png`: color arrays as JPEG, depth arrays as 16-bit PNG (written here: Sub rows in 8 runs
+  compressed apart, which the server inflates on several cores at once); files as they are. For servers that
   predate ZSTD (float32 depth, which PNG cannot hold, goes raw).
 - `as-is`: arrays raw, files and bytes as they are (the server decodes them): what
   `make_request` does unless told otherwise.
@@ -92,7 +93,8 @@ def _zstd(arr: np.ndarray) -> pb.Image:
 def encode_jpeg(rgb: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     """An RGB array as a baseline JPEG (4:2:0) with a restart marker at the start of every MCU row
     (16 pixel rows): any decoder reads it as usual, and the server decodes it in strips on several cores
-    at once (dd/frontend/jpeg_strips.py), to the same pixels. About 5 bytes a row (0.07% of a 1280x720 frame)."""
+    at once (dd/frontend/jpeg_strips.py), to the same pixels. About 5 bytes a row (0.1% of a 1280x720
+    frame), and a whole decode about 5% slower (libjpeg-turbo leaves its fast path near each marker)."""
     import cv2
 
     params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
@@ -129,8 +131,8 @@ def encode_png16(depth: np.ndarray, segments: int = PNG_SEGMENTS) -> bytes:
     stream of its own ended by a full flush and stored in an IDAT chunk of its own: no run refers to
     another, so the frontend inflates them in parallel (dd/frontend/png_depth.py), while any PNG
     decoder reads one ordinary zlib stream. Written here rather than by OpenCV (libpng), which can do
-    neither; measured on a 1280x720 dd.synth frame on one core: 799 KB in 5 ms, against OpenCV's
-    815 KB in 16 ms."""
+    neither; on 1280x720 dd.synth frames, one core: 791 KiB in 5.3 ms, against OpenCV's 796 KiB in
+    16.5 ms (scripts/bench_depth_encodings.py, BENCHMARKS.md session 10)."""
     from isal import isal_zlib
 
     h, w = depth.shape
@@ -146,8 +148,8 @@ def encode_png16(depth: np.ndarray, segments: int = PNG_SEGMENTS) -> bytes:
         part = compressor.compress(rows[top:top + step].data)
         last = top + step >= h
         zdata.append(part + compressor.flush(isal_zlib.Z_FINISH if last else isal_zlib.Z_FULL_FLUSH))
-    zdata[-1] += struct.pack(">I", isal_zlib.adler32(rows.data))
-    zdata[1] = zdata[0] + zdata[1]
+    zdata[-1] += struct.pack(">I", isal_zlib.adler32(rows.data))  # the zlib trailer, after the last run
+    zdata[1] = zdata[0] + zdata[1]  # and its header before the first
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 0, 0, 0, 0)
     return b"".join([b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", ihdr), *(_chunk(b"IDAT", z) for z in zdata[1:]),
                      _chunk(b"IEND", b"")])

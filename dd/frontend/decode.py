@@ -37,9 +37,11 @@ compressed bytes are fewer than its pixels is checked exactly as above, but its
 bytes are copied into the slot instead of its pixels, for the worker to decode
 (on its GPU). Its decoded size is the header's, which is what was checked.
 
-A JPEG color image with a restart marker at the start of its MCU rows (what the client library
-writes) is decoded in strips on several threads when no other color decode runs in this frontend
-(dd.frontend.jpeg_strips): the same pixels, bit for bit, in a fraction of the time.
+A JPEG color image with a restart marker at the start of its MCU rows, and a depth PNG (going as rows)
+whose IDAT chunks end in full flushes, which is how the client library writes them, are decoded in
+parts on several threads when no other image of their kind decodes in this frontend
+(dd.frontend.jpeg_strips, png_depth.inflate_parts_into): the same pixels, bit for bit, in a fraction
+of the time.
 
 Where the caller says so (png_rows_to_worker: every ready worker reconstructs PNG rows on its GPU),
 a 16-bit grayscale depth PNG is read and inflated here (dd.frontend.png_depth: chunks, CRCs, ISA-L)
@@ -108,18 +110,21 @@ _DEPTH_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread
 STRIPS = max(1, min(4, os.cpu_count() or 1))
 STRIPS_BESIDE_DEPTH = max(1, min(STRIPS, (os.cpu_count() or 1) // 2))
 _MIN_STRIP_ROWS = 6  # MCU rows a JPEG strip has at least
-_PARTS_POOL = ThreadPoolExecutor(max_workers=max(1, 2 * (STRIPS - 1)), thread_name_prefix="decode-part")
+# The parts but each image's first (decoded by the thread that has the image), color's and depth's at once.
+_PARTS_THREADS = max(1, 2 * (STRIPS - 1))
+_PARTS_POOL = ThreadPoolExecutor(max_workers=_PARTS_THREADS, thread_name_prefix="decode-part")
 
 
 def set_parts(parts: int) -> None:
     """At most `parts` parts per image (ServerConfig.decode_parts; 1: never split; 0: from the cores,
     as above). Call before serving: the pool grows to fit, it never shrinks."""
-    global STRIPS, STRIPS_BESIDE_DEPTH, _PARTS_POOL
+    global STRIPS, STRIPS_BESIDE_DEPTH, _PARTS_POOL, _PARTS_THREADS
     if parts <= 0:
         return
     STRIPS = STRIPS_BESIDE_DEPTH = parts
-    if _PARTS_POOL._max_workers < 2 * (parts - 1):
-        _PARTS_POOL = ThreadPoolExecutor(max_workers=2 * (parts - 1), thread_name_prefix="decode-part")
+    if _PARTS_THREADS < 2 * (parts - 1):
+        _PARTS_THREADS = 2 * (parts - 1)
+        _PARTS_POOL = ThreadPoolExecutor(max_workers=_PARTS_THREADS, thread_name_prefix="decode-part")
 
 
 class _InProgress:
@@ -600,8 +605,13 @@ def warm_up() -> None:
                          png_rows_to_worker=rows)
     zst = zstandard.ZstdCompressor().compress(depth.tobytes())
     decode_into_slot(ImageInput(jpg.tobytes()), ImageInput(zst, ZSTD, (16, 16), "uint16"), True, slot, 16 * 16)
-    # Restart markers at each MCU row, tall enough for strips: the strip threads start here.
+    # Restart markers at each MCU row, tall enough for strips: the strip path's first calls.
     tall = np.zeros((16 * STRIPS * _MIN_STRIP_ROWS, 16, 3), np.uint8)
     ok, jpg = cv2.imencode(".jpg", tall, [cv2.IMWRITE_JPEG_RST_INTERVAL, 1])
     if ok:
         _decoded_in_strips(jpg.tobytes(), np.empty(tall.shape, np.uint8), STRIPS)
+    # Every thread of the parts' pool started (a pool starts one per task until it has them all).
+    started = threading.Barrier(_PARTS_THREADS + 1)
+    for _ in range(_PARTS_THREADS):
+        _PARTS_POOL.submit(started.wait, 10.0)
+    started.wait(10.0)

@@ -86,10 +86,14 @@ def restart_layout(data: bytes) -> RestartLayout | None:
         if marker in _SOF_OTHER:
             return None
         if marker in _SOF_SEQUENTIAL:
+            if length < 8 or length != 8 + 3 * data[i + 9]:
+                return None  # its component list does not fit its length: let the decoder say so
             sof_at = i
         elif marker == _DRI and length == 4:
             interval = struct.unpack_from(">H", data, i + 4)[0]
         elif marker == _SOS:
+            if length < 3 or length != 6 + 2 * data[i + 4]:
+                return None
             return _layout(data, sof_at, interval, i, i + 2 + length)
         elif marker == _EOI:
             return None

@@ -121,3 +121,18 @@ def test_a_strip_opencv_cannot_decode_says_so(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(jpeg_strips.cv2, "imdecode", refuse_second)
     assert not decode_in_strips(data, layout, np.zeros((240, 320, 3), np.uint8), 3, POOL)
     assert len(calls) == 3  # every strip ended before the answer
+
+
+def test_damaged_headers_and_data_never_raise() -> None:
+    """Bytes flipped anywhere (headers included): a layout or None, and a decode that succeeds or says it
+    failed; never an exception (the frontend's fuzz test covers what the client then hears)."""
+    data = encode(97, 130, "420", 9)
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        damaged = bytearray(data)
+        for pos in rng.integers(0, len(data), int(rng.integers(1, 4))):
+            damaged[pos] = int(rng.integers(0, 256))
+        cut = bytes(damaged[:int(rng.integers(2, len(data) + 1))]) if rng.random() < 0.2 else bytes(damaged)
+        layout = restart_layout(cut)
+        if layout is not None and layout.height * layout.width <= 4 * 97 * 130:  # the frontend checks the size
+            decode_in_strips(cut, layout, np.zeros((layout.height, layout.width, 3), np.uint8), 3, POOL)

@@ -76,8 +76,9 @@ fuse_conv_relu (true; ReLUs, residual adds and biases in cuDNN's convolutions,
 GPU only, needs fold_batchnorm), triton_fpn (true; GPU only), triton_nms (true;
 GPU only), triton_roi_align (true; GPU only), class_mask_head (true),
 pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
-8, ...] up to MAX_BATCH_SIZE), buckets_at_load (all; the others captured in the background), warmup_sizes ([[H, W], ...] input sizes whose
-canvases are captured at load), canvases ([[H, W], ...] padded network inputs
+8, ...] up to MAX_BATCH_SIZE), buckets_at_load (all; the others captured in
+the background), warmup_sizes ([[H, W], ...] input sizes whose canvases are
+captured at load), canvases ([[H, W], ...] padded network inputs
 with graphs; default the warm-up sizes' and the largest two),
 max_canvases_at_load (false), exact_canvases (false; true: each image on its own
 padded size only, as parity checks want), warmup_odd_size (true on a GPU),
