@@ -158,19 +158,19 @@ def test_bench_serve_serves_each_variant_in_one_run(tmp_path: Path) -> None:
 def test_bench_serve_writes_table_json_and_pictures(tmp_path: Path) -> None:
     out = tmp_path / "serve"
     _run(["scripts/bench_serve.py", "--engine", "null", "--arch", "small", "--device", "cpu", *TINY,
-          "--engine-batches", "2", "--encodings", "jpeg+png", "raw", "jpeg+zstd", "--concurrency", "1", "2",
+          "--engine-batches", "2", "--encodings", "jpeg+png", "raw", "jpeg+zstd", "jpeg+png-lib", "--concurrency", "1", "2",
           "--frontends", "1", "2", "--seconds", "0.5", "--frames", "2", "--client-procs", "2", "--out", str(out)],
          timeout=280)
     res = json.loads((out / "serve.json").read_text())
     kinds = res["kinds"]
-    assert kinds[:2] == ["jpeg+png", "raw"]
+    assert kinds[:2] == ["jpeg+png", "raw"] and kinds[-1] == "jpeg+png-lib"
     assert set(res["engine"]) == {"batch1", "batch2"} and res["engine_best"] in res["engine"]
     assert set(res["core"]) == set(res["pipelined"]) == {"batch1", "batch2"}
     assert all(r["images_per_s"] > 0 for what in ("engine", "core", "pipelined") for r in res[what].values())
     assert set(res["in_process"]) == set(kinds)
     for f in ("1", "2"):
         per = res["served"][f]
-        for kind in ("jpeg+png", "raw"):  # every server takes these
+        for kind in ("jpeg+png", "raw", "jpeg+png-lib"):  # every server takes these
             for c in ("1", "2"):
                 r = per[kind][c]
                 assert r["n"] > 0 and r["errors"] == 0, r
