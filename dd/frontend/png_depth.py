@@ -13,7 +13,8 @@ but IHDR, IDAT, IEND and ancillary ones that OpenCV's path drops anyway (dd.fron
 a tRNS or PLTE, which can change what OpenCV returns, also goes the OpenCV way). The checks are
 libpng's for what is read: every critical chunk's CRC, the zlib stream's own checksum, exactly
 H x (1 + 2W) bytes inflated, and filter types 0-4. Inflating stops at that many bytes plus one, so
-a small file cannot make the frontend allocate more than its image's size.
+a small file cannot make the frontend allocate more than its image's size (inflated in N parts, N
+times that at most, for the one request a frontend splits at a time).
 """
 
 from __future__ import annotations
@@ -169,8 +170,8 @@ def inflate_parts_into(image: Gray16, out: np.ndarray, parts: int, pool: Executo
     without a final block and the last with one, followed by exactly the 4-byte checksum; the parts
     together must hold exactly the image's bytes, whose Adler-32 must be that checksum. Anything else
     (and a stream without flush points) is inflated in one piece by inflate_into, which says what is
-    wrong, if anything. Each part is inflated into memory of its own, at most the image's size, then
-    copied into place."""
+    wrong, if anything. Each part is inflated into memory of its own, at most the image's size (the
+    decoder says where a part ends only once it is inflated), then copied into place."""
     starts = _part_starts(image, parts)
     if len(starts) < 2 or not _plain_zlib_header(image.stream):
         return inflate_into(image, out)
