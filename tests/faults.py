@@ -45,6 +45,17 @@ def null_model(folder: Path, *, kind: str = "rgbd", instances: int = 4, batch: i
     return folder
 
 
+def model_repo(root: Path, models: dict[str, dict[str, Any]]) -> Path:
+    """A folder of model folders, one per name: two categories, threshold 0, and the node_config keys given."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, cfg in models.items():
+        (root / name).mkdir()
+        (root / name / "categories.txt").write_text("a\nb\n")
+        (root / name / "node_config.json").write_text(json.dumps(
+            {"CATEGORY_FILE": "categories.txt", "SCORE_THRESH_TEST": 0.0, **cfg}))
+    return root
+
+
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
     """Polls until condition() is truthy (and returns it); fails with `what` after `timeout` seconds."""
     end = time.monotonic() + timeout

@@ -9,7 +9,6 @@ received the rows of both depth PNGs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -22,22 +21,17 @@ from dd.client import make_request
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
 from dd.synth.scenes import generate_scene
+from tests.faults import model_repo
 from tests.serverproc import ServerProcess
 
 H, W = 480, 640
 
 
 def _repo(root: Path) -> Path:
-    root.mkdir()
-    models = {"rows": {"DETECTION_TYPE": "RGBDPngRowsProbe", "ENGINE": "tests.png_rows_probe_engine:RowsProbe",
-                       "ENGINE_OPTIONS": {"record": str(root / "rows.log"), "instances": 5}},
-              "rgb": {"DETECTION_TYPE": "RGBNullServicer", "ENGINE_OPTIONS": {"instances": 5}}}
-    for name, cfg in models.items():
-        (root / name).mkdir()
-        (root / name / "categories.txt").write_text("a\nb\n")
-        (root / name / "node_config.json").write_text(json.dumps(
-            {"CATEGORY_FILE": "categories.txt", "SCORE_THRESH_TEST": 0.0, **cfg}))
-    return root
+    return model_repo(root, {
+        "rows": {"DETECTION_TYPE": "RGBDPngRowsProbe", "ENGINE": "tests.png_rows_probe_engine:RowsProbe",
+                 "ENGINE_OPTIONS": {"record": str(root / "rows.log"), "instances": 5}},
+        "rgb": {"DETECTION_TYPE": "RGBNullServicer", "ENGINE_OPTIONS": {"instances": 5}}})
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ that was, so the comparison cannot pass by both servers decoding in the frontend
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -22,6 +21,7 @@ from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
 from tests.conftest import scene
 from tests.jpeg_samples import exif_rotated, jpeg, photo
+from tests.faults import model_repo
 from tests.serverproc import ServerProcess
 
 
@@ -43,17 +43,10 @@ COLORS = {
 
 
 def _repo(root: Path) -> Path:
-    root.mkdir()
-    for name, cfg in {
+    return model_repo(root, {
         "probe": {"DETECTION_TYPE": "RGBJpegProbe", "ENGINE": "tests.jpeg_probe_engine:JpegProbe",
                   "ENGINE_OPTIONS": {"record": str(root / "probe.log"), "instances": 9}},
-        "null": {"DETECTION_TYPE": "RGBDNullServicer", "ENGINE_OPTIONS": {"instances": 9}},
-    }.items():
-        (root / name).mkdir()
-        (root / name / "categories.txt").write_text("a\nb\n")
-        (root / name / "node_config.json").write_text(json.dumps(
-            {"CATEGORY_FILE": "categories.txt", "SCORE_THRESH_TEST": 0.0, **cfg}))
-    return root
+        "null": {"DETECTION_TYPE": "RGBDNullServicer", "ENGINE_OPTIONS": {"instances": 9}}})
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ so the comparison cannot pass by every depth going as pixels.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -28,24 +27,18 @@ from dd.synth.scenes import generate_scene
 from tests.jpeg_samples import jpeg
 from tests.png_writer import PAETH, SUB, UP, png16, random_filters
 from dd.worker.server import _depth
+from tests.faults import model_repo
 from tests.serverproc import ServerProcess
 
 H, W = 90, 120
 
 
 def _repo(root: Path) -> Path:
-    root.mkdir()
     engines = {"rows": "tests.png_rows_probe_engine:RowsProbe", "pixels": "tests.png_rows_probe_engine:PixelsProbe"}
-    for name in ("rows", "pixels", "null"):
-        cfg: dict = {"DETECTION_TYPE": "RGBDNullServicer", "ENGINE_OPTIONS": {"instances": 9}}
-        if name in engines:
-            cfg = {"DETECTION_TYPE": "RGBDPngRowsProbe", "ENGINE": engines[name],
-                   "ENGINE_OPTIONS": {"record": str(root / f"{name}.log"), "instances": 9}}
-        (root / name).mkdir()
-        (root / name / "categories.txt").write_text("a\nb\n")
-        (root / name / "node_config.json").write_text(json.dumps(
-            {"CATEGORY_FILE": "categories.txt", "SCORE_THRESH_TEST": 0.0, **cfg}))
-    return root
+    models = {name: {"DETECTION_TYPE": "RGBDPngRowsProbe", "ENGINE": engine,
+                     "ENGINE_OPTIONS": {"record": str(root / f"{name}.log"), "instances": 9}}
+              for name, engine in engines.items()}
+    return model_repo(root, {**models, "null": {"DETECTION_TYPE": "RGBDNullServicer", "ENGINE_OPTIONS": {"instances": 9}}})
 
 
 @pytest.fixture(scope="module")

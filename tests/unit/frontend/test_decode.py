@@ -66,6 +66,13 @@ def _rst_jpeg(h: int, w: int, seed: int = 0) -> tuple[bytes, np.ndarray]:
     return buf.tobytes(), whole
 
 
+def _color_of(data: bytes, h: int, w: int) -> np.ndarray:
+    """The color image an RGB request with this file puts into a slot."""
+    slot = memoryview(bytearray(h * w * 3))
+    out = decode_into_slot(ImageInput(data), None, False, slot, 1 << 20)
+    return np.ndarray((h, w, 3), np.uint8, buffer=slot, offset=out.color.offset)
+
+
 def test_a_jpeg_with_restart_markers_is_decoded_in_strips_to_the_same_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
     from dd.frontend import decode as dec
 
@@ -74,10 +81,8 @@ def test_a_jpeg_with_restart_markers_is_decoded_in_strips_to_the_same_pixels(mon
     real = dec.decode_in_strips
     monkeypatch.setattr(dec, "STRIPS", 4)
     monkeypatch.setattr(dec, "decode_in_strips", lambda *a: split.append(a[3]) or real(*a))
-    slot = memoryview(bytearray(480 * 640 * 3))
-    out = decode_into_slot(ImageInput(data), None, False, slot, 1 << 20)
+    assert np.array_equal(_color_of(data, 480, 640), want)
     assert split == [4], "decoded whole"
-    assert np.array_equal(np.ndarray((480, 640, 3), np.uint8, buffer=slot, offset=out.color.offset), want)
 
 
 def test_a_color_decode_beside_another_one_is_whole(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,9 +93,7 @@ def test_a_color_decode_beside_another_one_is_whole(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(dec, "STRIPS", 4)
     monkeypatch.setattr(dec._COLOR, "count", 1)  # another request's color decode is running
     monkeypatch.setattr(dec, "restart_layout", lambda data: pytest.fail("looked for strips"))
-    slot = memoryview(bytearray(480 * 640 * 3))
-    out = decode_into_slot(ImageInput(data), None, False, slot, 1 << 20)
-    assert np.array_equal(np.ndarray((480, 640, 3), np.uint8, buffer=slot, offset=out.color.offset), want)
+    assert np.array_equal(_color_of(data, 480, 640), want)
     assert dec._COLOR.count == 1
 
 
@@ -100,9 +103,7 @@ def test_a_jpeg_whose_strips_fail_is_decoded_whole(monkeypatch: pytest.MonkeyPat
     data, want = _rst_jpeg(480, 640)
     monkeypatch.setattr(dec, "STRIPS", 4)
     monkeypatch.setattr(dec, "decode_in_strips", lambda *a: False)
-    slot = memoryview(bytearray(480 * 640 * 3))
-    out = decode_into_slot(ImageInput(data), None, False, slot, 1 << 20)
-    assert np.array_equal(np.ndarray((480, 640, 3), np.uint8, buffer=slot, offset=out.color.offset), want)
+    assert np.array_equal(_color_of(data, 480, 640), want)
     assert dec._COLOR.count == 0
 
 
