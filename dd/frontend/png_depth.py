@@ -193,9 +193,9 @@ def inflate_parts_into(image: Gray16, out: np.ndarray, parts: int, pool: Executo
     if isal_zlib.adler32(dst) != struct.unpack(">I", tail)[0]:
         return inflate_into(image, out)
     filters = dst[::row]
-    if int(filters.max()) > UP:
-        if int(filters.max()) > PAETH:
-            bad = int(np.argmax(filters > PAETH))
+    if int(filters.max()) > UP:  # as inflate_into judges: by the first row that is not None, Sub or Up
+        bad = int(np.argmax(filters > UP))
+        if filters[bad] > PAETH:
             raise PngError(f"PNG row {bad} has filter type {int(filters[bad])}; PNG defines 0 to 4: the file is "
                            "corrupt")
         return None

@@ -128,3 +128,22 @@ def test_a_stream_without_flush_points_is_one_inflate() -> None:
     image = parse(buf.tobytes())
     assert image.flush_points == () and png_depth._part_starts(image, 4) == [0]
     assert inflate_parts_into(image, np.zeros(image.nbytes, np.uint8), 4, POOL).tobytes() == sequential(image)
+
+
+def test_a_bad_filter_type_after_an_average_row_is_judged_as_one_inflate_judges_it() -> None:
+    """The first row that is not None, Sub or Up decides: Average there means pixels, whatever follows."""
+    d = depth(240, 320)
+    rows = bytearray(filtered_rows(d, [SUB] * 240))
+    row = 1 + 2 * 320
+    for first, later in ((AVERAGE, 9), (9, AVERAGE)):
+        rows[30 * row], rows[200 * row] = first, later
+        image = parse(segmented(bytes(rows), 240, 320, 6))
+        if first == AVERAGE:
+            assert sequential(image) is None
+            assert inflate_parts_into(image, np.zeros(image.nbytes, np.uint8), 4, POOL) is None
+        else:
+            with pytest.raises(PngError) as one:
+                sequential(image)
+            with pytest.raises(PngError) as parts:
+                inflate_parts_into(image, np.zeros(image.nbytes, np.uint8), 4, POOL)
+            assert str(parts.value) == str(one.value) and "row 30 has filter type 9" in str(one.value)
