@@ -43,11 +43,6 @@ def writers(scene) -> dict[str, tuple[bytes, bytes]]:
             "client library": (encode_jpeg(scene.color, quality=90), encode_png16(scene.depth))}
 
 
-def set_parts(parts: int) -> None:
-    """The frontend's parts per image, as --decode-parts sets them."""
-    frontend_decode.set_parts(parts)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--width", type=int, default=1280)
@@ -71,7 +66,7 @@ def main() -> int:
 
     def run(case) -> float:
         writer, what, parts, jpg, png = case
-        set_parts(parts)
+        frontend_decode.set_parts(parts)  # as --decode-parts sets them
         if what == "depth":  # depth alone: the color as raw pixels (a copy, no decode)
             color = ImageInput(scene.color.tobytes(), "raw", (h, w, 3), "uint8")
         else:

@@ -45,7 +45,7 @@ def null_model(folder: Path, *, kind: str = "rgbd", instances: int = 4, batch: i
     return folder
 
 
-def model_repo(root: Path, models: dict[str, dict[str, Any]]) -> Path:
+def write_model_folders(root: Path, models: dict[str, dict[str, Any]]) -> Path:
     """A folder of model folders, one per name: two categories, threshold 0, and the node_config keys given."""
     root.mkdir(parents=True, exist_ok=True)
     for name, cfg in models.items():

@@ -21,14 +21,14 @@ from dd.client import make_request
 from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
 from dd.synth.scenes import generate_scene
-from tests.faults import model_repo
+from tests.faults import write_model_folders
 from tests.serverproc import ServerProcess
 
 H, W = 480, 640
 
 
 def _repo(root: Path) -> Path:
-    return model_repo(root, {
+    return write_model_folders(root, {
         "rows": {"DETECTION_TYPE": "RGBDPngRowsProbe", "ENGINE": "tests.png_rows_probe_engine:RowsProbe",
                  "ENGINE_OPTIONS": {"record": str(root / "rows.log"), "instances": 5}},
         "rgb": {"DETECTION_TYPE": "RGBNullServicer", "ENGINE_OPTIONS": {"instances": 5}}})

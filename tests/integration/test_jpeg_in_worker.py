@@ -21,7 +21,7 @@ from dd.proto.deep_detection.v1 import detector_pb2 as pb
 from dd.proto.deep_detection.v1 import detector_pb2_grpc as pb_grpc
 from tests.conftest import scene
 from tests.jpeg_samples import exif_rotated, jpeg, photo
-from tests.faults import model_repo
+from tests.faults import write_model_folders
 from tests.serverproc import ServerProcess
 
 
@@ -43,7 +43,7 @@ COLORS = {
 
 
 def _repo(root: Path) -> Path:
-    return model_repo(root, {
+    return write_model_folders(root, {
         "probe": {"DETECTION_TYPE": "RGBJpegProbe", "ENGINE": "tests.jpeg_probe_engine:JpegProbe",
                   "ENGINE_OPTIONS": {"record": str(root / "probe.log"), "instances": 9}},
         "null": {"DETECTION_TYPE": "RGBDNullServicer", "ENGINE_OPTIONS": {"instances": 9}}})
@@ -116,23 +116,26 @@ def test_a_bad_jpeg_is_refused_on_both_paths(servers) -> None:
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "truncated" in err.value.details()
 
 
-def _link(model: str, ready: bool, gpu_jpeg: bool) -> WorkerLink:
-    link = WorkerLink(model, 0, Path("/nonexistent"), None, 8)  # type: ignore[arg-type]
-    link.ready = link.connected = ready
-    link.gpu_jpeg = gpu_jpeg
-    return link
+@pytest.mark.parametrize("capability, asks", [("gpu_jpeg", "decodes_jpeg_on_gpu"),
+                                               ("gpu_png_rows", "unfilters_png_rows_on_gpu")])
+def test_compressed_inputs_go_only_when_every_ready_worker_takes_them_on_a_gpu(capability: str, asks: str) -> None:
+    """JPEGs (jpeg_decode auto) and PNG rows go to the workers only where each ready one says it takes them."""
+    def link(model: str, ready: bool, takes: bool) -> WorkerLink:
+        made = WorkerLink(model, 0, Path("/nonexistent"), None, 8)  # type: ignore[arg-type]
+        made.ready = made.connected = ready
+        setattr(made, capability, takes)
+        return made
 
-
-def test_auto_sends_jpegs_compressed_only_when_every_ready_worker_decodes_them_on_a_gpu() -> None:
     d = Dispatcher.__new__(Dispatcher)
     d.links = {}
-    assert not d.decodes_jpeg_on_gpu("m")  # no worker yet
-    d.links = {Path("a"): _link("m", True, True), Path("b"): _link("other", True, False)}
-    assert d.decodes_jpeg_on_gpu("m")
-    d.links[Path("c")] = _link("m", True, False)  # a CPU worker of the same model may get a retry
-    assert not d.decodes_jpeg_on_gpu("m")
-    d.links[Path("c")] = _link("m", False, False)  # ... unless it is not ready
-    assert d.decodes_jpeg_on_gpu("m")
+    ask = getattr(d, asks)
+    assert not ask("m")  # no worker yet
+    d.links = {Path("a"): link("m", True, True), Path("b"): link("other", True, False)}
+    assert ask("m")
+    d.links[Path("c")] = link("m", True, False)  # a CPU worker of the same model may get a retry
+    assert not ask("m")
+    d.links[Path("c")] = link("m", False, False)  # ... unless it is not ready
+    assert ask("m")
 
 
 def test_the_worker_reads_a_compressed_color_in_place_and_checks_its_reference() -> None:

@@ -17,7 +17,6 @@ import grpc
 import numpy as np
 import pytest
 
-from dd.frontend.dispatcher import Dispatcher, WorkerLink
 from dd.ipc import messages
 from dd.ipc.shm_ring import SHM_DIR, RingError, ShmRing, segment_name
 from dd.png_rows import PngRows
@@ -27,7 +26,7 @@ from dd.synth.scenes import generate_scene
 from tests.jpeg_samples import jpeg
 from tests.png_writer import PAETH, SUB, UP, png16, random_filters
 from dd.worker.server import _depth
-from tests.faults import model_repo
+from tests.faults import write_model_folders
 from tests.serverproc import ServerProcess
 
 H, W = 90, 120
@@ -38,7 +37,7 @@ def _repo(root: Path) -> Path:
     models = {name: {"DETECTION_TYPE": "RGBDPngRowsProbe", "ENGINE": engine,
                      "ENGINE_OPTIONS": {"record": str(root / f"{name}.log"), "instances": 9}}
               for name, engine in engines.items()}
-    return model_repo(root, {**models, "null": {"DETECTION_TYPE": "RGBDNullServicer", "ENGINE_OPTIONS": {"instances": 9}}})
+    return write_model_folders(root, {**models, "null": {"DETECTION_TYPE": "RGBDNullServicer", "ENGINE_OPTIONS": {"instances": 9}}})
 
 
 @pytest.fixture(scope="module")
@@ -103,25 +102,6 @@ def test_a_broken_png_is_refused_on_both_paths(server) -> None:
             _instances(srv, model, color, bytes(bad))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, model
         assert err.value.details().startswith("depth: "), err.value.details()
-
-
-def _link(model: str, ready: bool, gpu_png_rows: bool) -> WorkerLink:
-    link = WorkerLink(model, 0, Path("/nonexistent"), None, 8)  # type: ignore[arg-type]
-    link.ready = link.connected = ready
-    link.gpu_png_rows = gpu_png_rows
-    return link
-
-
-def test_rows_go_only_when_every_ready_worker_reconstructs_them_on_a_gpu() -> None:
-    d = Dispatcher.__new__(Dispatcher)
-    d.links = {}
-    assert not d.unfilters_png_rows_on_gpu("m")  # no worker yet
-    d.links = {Path("a"): _link("m", True, True), Path("b"): _link("other", True, False)}
-    assert d.unfilters_png_rows_on_gpu("m")
-    d.links[Path("c")] = _link("m", True, False)  # a CPU worker of the same model may get a retry
-    assert not d.unfilters_png_rows_on_gpu("m")
-    d.links[Path("c")] = _link("m", False, False)  # ... unless it is not ready
-    assert d.unfilters_png_rows_on_gpu("m")
 
 
 def test_the_worker_reads_rows_in_place_and_checks_their_reference() -> None:

@@ -6,11 +6,7 @@ timing cannot flake on: after the warm-up, decoding JPEG + PNG requests imports 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[3]
+from tests.fresh import run_fresh
 
 CODE = """
 import sys
@@ -35,9 +31,7 @@ print(sorted(set(sys.modules) - before))
 
 
 def _imported_by_first_requests(mode: str) -> str:
-    out = subprocess.run([sys.executable, "-c", CODE, mode], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    return run_fresh(CODE, mode)
 
 
 def test_after_the_warm_up_the_first_requests_import_nothing() -> None:

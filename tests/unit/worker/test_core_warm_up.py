@@ -4,11 +4,7 @@ interpreter: after the warm-up, encoding a response in each protocol imports no 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[3]
+from tests.fresh import run_fresh
 
 CODE = """
 import sys
@@ -31,9 +27,7 @@ print(sorted(set(sys.modules) - before))
 
 
 def _imported_by_first_encodes(mode: str) -> str:
-    out = subprocess.run([sys.executable, "-c", CODE, mode], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    return run_fresh(CODE, mode)
 
 
 def test_after_the_warm_up_the_first_responses_import_nothing() -> None:
