@@ -182,6 +182,10 @@ def inflate_parts_into(image: Gray16, out: np.ndarray, parts: int, pool: Executo
     pieces = [r[0] for r in results if r is not None]
     finals = [r[1] for r in results if r is not None]
     tail = results[-1][2] if results[-1] is not None else b""
+    if not tail:
+        # isal before 1.9 reports nothing after a raw stream's final block (unused_data stays empty):
+        # the checksum is then read from the stream's end, and a wrong one is refused below as any is.
+        tail = image.stream[-4:]
     if (len(pieces) != len(results) or any(finals[:-1]) or not finals[-1] or len(tail) != 4
             or sum(len(p) for p in pieces) != expected):
         return inflate_into(image, out)

@@ -147,3 +147,39 @@ def test_a_bad_filter_type_after_an_average_row_is_judged_as_one_inflate_judges_
             with pytest.raises(PngError) as parts:
                 inflate_parts_into(image, np.zeros(image.nbytes, np.uint8), 4, POOL)
             assert str(parts.value) == str(one.value) and "row 30 has filter type 9" in str(one.value)
+
+
+class _NoUnusedData:
+    """isal_zlib's decompressor as isal 1.7 and 1.8 behave: after a raw stream's final block,
+    unused_data stays empty (the checksum that follows is swallowed)."""
+
+    def __init__(self, real) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str):
+        return b"" if name == "unused_data" else getattr(self._real, name)
+
+
+def test_parts_do_not_fall_back_where_isal_reports_no_unused_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With isal 1.7.1 (setup.cfg's floor; what the H200 runs of session 11 carried) every split PNG fell
+    back to one inflate after its parts: twice the work, and slower than no split (6.0 -> 10.2 ms there)."""
+    image = parse(encode_png16(depth()))
+    expected = sequential(image)
+    real = png_depth.isal_zlib.decompressobj
+    monkeypatch.setattr(png_depth.isal_zlib, "decompressobj",
+                        lambda *a: _NoUnusedData(real(*a)) if a == (-15,) else real(*a))
+    called = []
+    monkeypatch.setattr(png_depth, "inflate_into", lambda *a: called.append(1))
+    rows = inflate_parts_into(image, np.zeros(image.nbytes, np.uint8), 4, POOL)
+    assert not called and rows is not None and rows.tobytes() == expected
+
+
+def test_a_wrong_checksum_is_refused_where_isal_reports_no_unused_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    d = depth(240, 320)
+    rows = filtered_rows(d, [SUB] * 240)
+    image = parse(segmented(rows, 240, 320, 6, trailer=zlib.adler32(rows) ^ 1))
+    real = png_depth.isal_zlib.decompressobj
+    monkeypatch.setattr(png_depth.isal_zlib, "decompressobj",
+                        lambda *a: _NoUnusedData(real(*a)) if a == (-15,) else real(*a))
+    with pytest.raises(PngError):
+        inflate_parts_into(image, np.zeros(image.nbytes, np.uint8), 4, POOL)
