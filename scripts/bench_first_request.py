@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_fixed_cost import null_model  # noqa: E402
-from bench_requests import Served, free_port, requests_of, scenes  # noqa: E402
+from bench_requests import Served, env_with_repo, free_port, requests_of, scenes  # noqa: E402
 
 
 def one_round(root: Path, model: Path, tmp: Path, requests: list, n: int) -> list[tuple[float, float]]:
@@ -39,7 +39,7 @@ def one_round(root: Path, model: Path, tmp: Path, requests: list, n: int) -> lis
 
     port = free_port()
     served = Served(model, tmp / f"run-{port}", tmp / f"serve-{root.name}-{port}.log", 1,
-                    env=dict(os.environ, PYTHONPATH=str(root)), ring_slots=8, port=port, cwd=root).start()
+                    env=env_with_repo(root), ring_slots=8, port=port, cwd=root).start()
     try:
         served.wait_serving(300)
         client = DetectorClient(served.target, timeout=60)

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_requests import free_port, wait_health  # noqa: E402
+from bench_requests import env_with_repo, free_port, wait_health  # noqa: E402
 
 TIMING_KEYS = ("queued_us", "decode_us", "inference_us", "postprocess_us", "total_us")
 OUTPUTS = (("boxes", 4 << 10), ("scores", 1 << 10), ("classes", 1 << 10), ("masks", 4 << 20))
@@ -119,7 +119,7 @@ class Tree:
         self.port = free_port()
         run = tmp / f"run-{name}"
         self.log = open(tmp / f"serve-{name}.log", "wb")
-        env = dict(os.environ, PYTHONPATH=str(root))
+        env = env_with_repo(root)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dd", "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
              "--frontends", "1", "--run-dir", str(run), "--metrics-port", "0", "--allow-client-shm"],

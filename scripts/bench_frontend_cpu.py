@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_requests import _role_of, cpu_by_role, free_port, wait_health  # noqa: E402
+from bench_requests import _role_of, cpu_by_role, env_with_repo, free_port, wait_health  # noqa: E402
 
 from dd.synth.scenes import generate_scene  # noqa: E402
 
@@ -123,11 +123,11 @@ def main() -> int:
     serve = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(folder), "--host", "127.0.0.1", "--port",
                               str(port), "--frontends", "1", "--run-dir", str(tmp / "run"), "--slot-mb", "8",
                               "--ring-slots", "16"], stdout=log, stderr=subprocess.STDOUT, cwd=args.server_repo,
-                             env=dict(os.environ, PYTHONPATH=str(args.server_repo.resolve())))
+                             env=env_with_repo(args.server_repo))
     rows = []
     try:
         target = f"127.0.0.1:{port}"
-        wait_health(target)
+        wait_health(target, proc=serve, log_path=tmp / "serve.log")
         opts = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
         with grpc.insecure_channel(target, opts) as ch:
             stub = pb_grpc.DetectorStub(ch)

@@ -153,6 +153,13 @@ def stats(lat_ms: list[float], wall_s: float, keep: bool = True) -> dict:
 
 
 # -- a served process -------------------------------------------------------------------------------
+def env_with_repo(root: Path) -> dict[str, str]:
+    """This environment with `root`'s dd first on PYTHONPATH, the rest of PYTHONPATH kept (packages
+    installed with --target, as on the GPU machine, stay importable by the server)."""
+    rest = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(root).resolve())] + ([rest] if rest else [])))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
