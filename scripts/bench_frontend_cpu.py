@@ -63,6 +63,27 @@ def _py_spy(server_pid: int, out: Path, native: bool) -> subprocess.Popen:
     return spy
 
 
+def _frontend_threads(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the frontend's threads, by the name the operating system has for them (the
+    frontend names its decode threads, dd.procutil.name_os_thread; gRPC and ZeroMQ name theirs), digits
+    at the end dropped so that a pool's threads add up; the main thread (asyncio: gRPC handlers, protobuf,
+    the ring, the dispatcher) apart from other unnamed Python threads (gRPC's poller)."""
+    import re
+
+    import psutil
+
+    frontend = next(c for c in psutil.Process(server_pid).children(recursive=True) if _role_of(c) == "frontend")
+    out: dict[str, float] = {}
+    for t in frontend.threads():
+        try:
+            name = Path(f"/proc/{frontend.pid}/task/{t.id}/comm").read_text().strip()
+        except OSError:
+            continue
+        name = "main thread" if t.id == frontend.pid else re.sub(r"[_/-]?\d+$", "", name) or name
+        out[name] = out.get(name, 0.0) + t.user_time + t.system_time
+    return out
+
+
 def _frontend_rss_mib(server_pid: int) -> float:
     import psutil
 
@@ -97,6 +118,8 @@ def main() -> int:
     ap.add_argument("--png-rows", action="store_true",
                     help="the null engine takes PNG depths as rows, as the fast engine on a GPU (the docstring)")
     ap.add_argument("--native", action="store_true", help="with --py-spy: C/C++ frames too")
+    ap.add_argument("--threads", action="store_true",
+                    help="also the frontend's CPU per request by thread (Linux: by the names in /proc)")
     ap.add_argument("--server-repo", metavar="DIR", type=Path, default=REPO,
                     help="serve the `dd` of this checkout (e.g. a `git worktree` of an older commit, for a "
                          "before/after comparison); requests are built by this one")
@@ -125,6 +148,7 @@ def main() -> int:
                               "--ring-slots", "16"], stdout=log, stderr=subprocess.STDOUT, cwd=args.server_repo,
                              env=env_with_repo(args.server_repo))
     rows = []
+    by_thread: dict[str, dict[str, float]] = {}
     try:
         target = f"127.0.0.1:{port}"
         wait_health(target, proc=serve, log_path=tmp / "serve.log")
@@ -137,12 +161,17 @@ def main() -> int:
                     stub.Detect(r, timeout=30)
                 spy = _py_spy(serve.pid, args.py_spy / f"{kind}.txt", args.native) if args.py_spy else None
                 before = cpu_by_role(serve.pid)
+                threads_before = _frontend_threads(serve.pid) if args.threads else {}
                 lat = []
                 for i in range(args.requests):
                     t0 = time.perf_counter()
                     stub.Detect(reqs[i % len(reqs)], timeout=30)
                     lat.append((time.perf_counter() - t0) * 1e3)
                 after = cpu_by_role(serve.pid)
+                if args.threads:
+                    threads_after = _frontend_threads(serve.pid)
+                    by_thread[kind] = {name: (cpu - threads_before.get(name, 0.0)) / args.requests * 1e3
+                                       for name, cpu in threads_after.items()}
                 if spy is not None:
                     spy.send_signal(signal.SIGINT)
                     spy.wait(60)
@@ -162,6 +191,14 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for kind, size, fe, dec, rest, wk, p50, rss in rows:
         print(f"| {kind} | {size:.2f} | {fe:.1f} | {dec:.1f} | {rest:.1f} | {wk:.1f} | {p50:.1f} | {rss:.0f} |")
+    if by_thread:
+        names = sorted({n for per in by_thread.values() for n in per},
+                       key=lambda n: -max(per.get(n, 0.0) for per in by_thread.values()))
+        print("\nFrontend CPU ms per request by thread (the operating system's thread names):")
+        print("| thread | " + " | ".join(by_thread) + " |")
+        print("|---|" + "---|" * len(by_thread))
+        for name in names:
+            print(f"| {name} | " + " | ".join(f"{per.get(name, 0.0):.2f}" for per in by_thread.values()) + " |")
     return 0
 
 

@@ -74,6 +74,7 @@ from dd.frontend.jpeg_strips import decode_in_strips, restart_layout
 from dd.frontend.png_depth import Gray16, PngError, inflate_into, inflate_parts_into
 from dd.frontend.png_depth import parse as parse_png
 from dd.png_rows import ENCODING as PNG_ROWS
+from dd.procutil import name_os_thread
 
 # Decoding must not spawn OpenCV's own thread pool inside each of ours.
 cv2.setNumThreads(1)
@@ -100,7 +101,8 @@ _DEPTH_FLAGS = cv2.IMREAD_UNCHANGED  # keeps 16 bits; ignores EXIF orientation
 # A request's depth image decodes here while its color image decodes in the caller's thread:
 # the request waits for the slower of the two instead of their sum (a noisy 16-bit PNG can
 # cost as much as the JPEG). Bounded, like every pool here.
-_DEPTH_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="depth-decode")
+_DEPTH_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="depth-decode",
+                                 initializer=name_os_thread)
 # Images written to allow it (the client library's: a JPEG with a restart marker at each MCU row, a
 # depth PNG whose pixel data is flushed every eighth of its rows) are decoded in up to this many parts
 # at once (dd.frontend.jpeg_strips, png_depth.inflate_parts_into) when no other image of their kind
@@ -112,7 +114,8 @@ STRIPS_BESIDE_DEPTH = max(1, min(STRIPS, (os.cpu_count() or 1) // 2))
 _MIN_STRIP_ROWS = 6  # MCU rows a JPEG strip has at least
 # The parts but each image's first (decoded by the thread that has the image), color's and depth's at once.
 _PARTS_THREADS = max(1, 2 * (STRIPS - 1))
-_PARTS_POOL = ThreadPoolExecutor(max_workers=_PARTS_THREADS, thread_name_prefix="decode-part")
+_PARTS_POOL = ThreadPoolExecutor(max_workers=_PARTS_THREADS, thread_name_prefix="decode-part",
+                                 initializer=name_os_thread)
 
 
 def set_parts(parts: int) -> None:
@@ -124,7 +127,8 @@ def set_parts(parts: int) -> None:
     STRIPS = STRIPS_BESIDE_DEPTH = parts
     if _PARTS_THREADS < 2 * (parts - 1):
         _PARTS_THREADS = 2 * (parts - 1)
-        _PARTS_POOL = ThreadPoolExecutor(max_workers=_PARTS_THREADS, thread_name_prefix="decode-part")
+        _PARTS_POOL = ThreadPoolExecutor(max_workers=_PARTS_THREADS, thread_name_prefix="decode-part",
+                                         initializer=name_os_thread)
 
 
 class _InProgress:

@@ -27,6 +27,7 @@ from dd.frontend.errors import ServeError, Status
 from dd.frontend.inputs import DetectionRequest, Outcome, Timings
 from dd.ipc import messages
 from dd.logsafe import clip
+from dd.procutil import name_os_thread
 
 if TYPE_CHECKING:
     from dd.frontend.dispatcher import Dispatcher
@@ -53,7 +54,7 @@ class RequestPath:
         self.slots = slots
         self.dispatcher = dispatcher
         self.pool = pool or ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2)),
-                                               thread_name_prefix="decode")
+                                               thread_name_prefix="decode", initializer=name_os_thread)
         self.stopping = False
         self.pending = 0  # requests admitted and not finished, plus finished responses adapters hold
         self.held_bytes = 0  # bytes of finished responses that adapters hold for their clients
