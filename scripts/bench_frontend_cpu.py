@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_requests import _role_of, cpu_by_role, env_with_repo, free_port, wait_health  # noqa: E402
+from bench_requests import _role_of, cpu_by_role, env_with_repo, free_port, thread_cpu, wait_health  # noqa: E402
 
 from dd.synth.scenes import generate_scene  # noqa: E402
 
@@ -64,24 +64,11 @@ def _py_spy(server_pid: int, out: Path, native: bool) -> subprocess.Popen:
 
 
 def _frontend_threads(server_pid: int) -> dict[str, float]:
-    """CPU seconds so far of the frontend's threads, by the name the operating system has for them (the
-    frontend names its decode threads, dd.procutil.name_os_thread; gRPC and ZeroMQ name theirs), digits
-    at the end dropped so that a pool's threads add up; the main thread (asyncio: gRPC handlers, protobuf,
-    the ring, the dispatcher) apart from other unnamed Python threads (gRPC's poller)."""
-    import re
-
+    """thread_cpu of the server's frontend (one here)."""
     import psutil
 
-    frontend = next(c for c in psutil.Process(server_pid).children(recursive=True) if _role_of(c) == "frontend")
-    out: dict[str, float] = {}
-    for t in frontend.threads():
-        try:
-            name = Path(f"/proc/{frontend.pid}/task/{t.id}/comm").read_text().strip()
-        except OSError:
-            continue
-        name = "main thread" if t.id == frontend.pid else re.sub(r"[_/-]?\d+$", "", name) or name
-        out[name] = out.get(name, 0.0) + t.user_time + t.system_time
-    return out
+    return thread_cpu(next(c for c in psutil.Process(server_pid).children(recursive=True)
+                           if _role_of(c) == "frontend"))
 
 
 def _frontend_rss_mib(server_pid: int) -> float:

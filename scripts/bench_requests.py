@@ -274,6 +274,73 @@ def _role_of(proc) -> str:
     return argv[3] if len(argv) > 3 and argv[1:3] == ["-m", "dd"] else "other"
 
 
+def thread_times(proc) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of each of a process's threads, by thread id, with the operating system's name
+    for it (frontends name their decode threads and workers their inference thread,
+    dd.procutil.name_os_thread; gRPC, ZeroMQ and CUDA name theirs; a thread inherits its creator's name,
+    so torch's CPU threads carry "inference"), digits at the end dropped so that a pool's threads add up,
+    and "main thread" for the main one. Linux only ({} elsewhere)."""
+    import psutil
+
+    out: dict[int, tuple[str, float]] = {}
+    try:
+        threads = proc.threads()
+    except (psutil.Error, OSError):
+        return out
+    for t in threads:
+        try:
+            name = Path(f"/proc/{proc.pid}/task/{t.id}/comm").read_text().strip()
+        except OSError:
+            continue
+        name = "main thread" if t.id == proc.pid else re.sub(r"[_/-]?\d+$", "", name) or name
+        out[t.id] = (name, t.user_time + t.system_time)
+    return out
+
+
+def thread_cpu(proc) -> dict[str, float]:
+    """thread_times summed by name."""
+    out: dict[str, float] = {}
+    for name, cpu in thread_times(proc).values():
+        out[name] = out.get(name, 0.0) + cpu
+    return out
+
+
+def threads_by_role(server_pid: int) -> dict[int, tuple[str, float]]:
+    """thread_times of a server's frontends and workers, the names prefixed "frontend: " or "worker: "."""
+    import psutil
+
+    out: dict[int, tuple[str, float]] = {}
+    try:
+        children = psutil.Process(server_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return out
+    for child in children:
+        try:
+            role = _role_of(child)
+        except psutil.NoSuchProcess:
+            continue
+        if role in ("frontend", "worker"):
+            out.update({tid: (f"{role}: {name}", cpu) for tid, (name, cpu) in thread_times(child).items()})
+    return out
+
+
+def thread_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds between two threads_by_role snapshots by name, and for a name that several threads
+    share, its busiest thread's as "NAME (busiest)": one thread that stays near a whole core is a limit
+    that a sum over its pool hides."""
+    total: dict[str, float] = {}
+    busiest: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for tid, (name, cpu) in after.items():
+        d = cpu - before.get(tid, (name, 0.0))[1]
+        total[name] = total.get(name, 0.0) + d
+        busiest[name] = max(busiest.get(name, 0.0), d)
+        count[name] = count.get(name, 0) + 1
+    out = dict(total)
+    out.update({f"{name} (busiest)": busiest[name] for name, k in count.items() if k > 1})
+    return out
+
+
 def cpu_by_role(server_pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of a server's processes by role (frontend, worker, supervisor;
     "server" for a single-process server) and of this benchmark's client (this process and its other
@@ -307,11 +374,18 @@ def cpu_by_role(server_pid: int) -> dict[str, float]:
     return out
 
 
-def cpu_delta(before: dict[str, float], after: dict[str, float], answered: int, wall_s: float) -> dict:
-    """CPU ms per answered image by role, and cores busy meanwhile (warm-up requests counted: upper bounds)."""
+def cpu_delta(before: dict[str, float], after: dict[str, float], answered: int, wall_s: float,
+              threads_before: dict[int, tuple[str, float]] | None = None,
+              threads_after: dict[int, tuple[str, float]] | None = None) -> dict:
+    """CPU ms per answered image by role (and by thread, given threads_by_role before and after), and
+    cores busy meanwhile (warm-up requests counted: upper bounds)."""
     n = max(1, answered)
-    return {"cpu_ms_per_image": {k: round((after[k] - before.get(k, 0.0)) * 1e3 / n, 2) for k in after},
-            "cores_busy": {k: round((after[k] - before.get(k, 0.0)) / max(wall_s, 1e-9), 2) for k in after}}
+    out = {"cpu_ms_per_image": {k: round((after[k] - before.get(k, 0.0)) * 1e3 / n, 2) for k in after},
+           "cores_busy": {k: round((after[k] - before.get(k, 0.0)) / max(wall_s, 1e-9), 2) for k in after}}
+    if threads_after:
+        out["thread_cpu_ms_per_image"] = {k: round(v * 1e3 / n, 2) for k, v in
+                                          sorted(thread_delta(threads_before or {}, threads_after).items())}
+    return out
 
 
 # -- server logs ----------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_requests import (KINDS, REPO, ClientPool, Served, cpu_by_role, cpu_delta, decode_per_core,  # noqa: E402
                             decode_request, free_port, probe, requests_of, scenes, slot_mb, stats, stop_on_sigterm,
-                            zstd_available)
+                            threads_by_role, zstd_available)
 
 from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
 from dd.proto.deep_detection.v1 import detector_pb2 as pb  # noqa: E402
@@ -280,9 +280,10 @@ def serve_and_load(folder: Path, out_dir: Path, frontends: int, env: dict[str, s
                 continue
             results[kind] = {}
             for c in concurrencies:
-                before = cpu_by_role(server.proc.pid)
+                before, threads_before = cpu_by_role(server.proc.pid), threads_by_role(server.proc.pid)
                 r = clients.load(server.target, reqs, c, seconds)
-                r.update(cpu_delta(before, cpu_by_role(server.proc.pid), r.get("n", 0), _wall(r, seconds)))
+                r.update(cpu_delta(before, cpu_by_role(server.proc.pid), r.get("n", 0), _wall(r, seconds),
+                                   threads_before, threads_by_role(server.proc.pid)))
                 results[kind][c] = r
                 print(f"served, {frontends} frontend(s), {kind} c={c}: {_brief(r)}", flush=True)
                 save()
@@ -378,7 +379,36 @@ def table(results: dict) -> list[str]:
                      f"{results['grpc_floor_ms']:.2f} ms (what any Python gRPC service pays here)")
     lines.append("- CPU ms per answered image (psutil, user + system, before and after each load; client warm-up "
                  "requests included); server = frontends + worker + supervisor, or the baseline's one process")
-    return lines + time_split_table(results)
+    return lines + time_split_table(results) + thread_table(results)
+
+
+def thread_table(results: dict) -> list[str]:
+    """A third table: the server's CPU ms per image by thread (frontends summed), per request kind and
+    frontend count, at the highest concurrency loaded, where it was recorded: which thread saturates
+    first (a worker's inference thread at 1000 ms per second of load cannot feed the GPU faster)."""
+    cols, names = [], set()
+    for kind in results.get("kinds", []):
+        for f, per in results.get("served", {}).items():
+            runs = per.get(kind, {})
+            if not runs:
+                continue
+            c = max(runs, key=int)
+            r = runs[c]
+            threads = r.get("thread_cpu_ms_per_image")
+            if threads and r.get("images_per_s"):
+                cols.append((f"{kind}, {f}, c={c}", threads, r["images_per_s"]))
+                names.update(threads)
+    if not cols:
+        return []
+    keep = sorted((n for n in names if max(t.get(n, 0.0) for _, t, _ in cols) >= 0.05),
+                  key=lambda n: (not n.startswith("worker"), -max(t.get(n, 0.0) for _, t, _ in cols)))
+    lines = ["", "### Server CPU by thread (ms per image; in brackets, the share of one core it kept busy)", "",
+             "| thread | " + " | ".join(label for label, _, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    for n in keep:
+        lines.append(f"| {n} | " + " | ".join(
+            f"{t.get(n, 0.0):.2f} ({t.get(n, 0.0) * ips / 1e3:.2f})" for _, t, ips in cols) + " |")
+    return lines + ["", "Threads by the operating system's names (frontends name their decode threads, workers "
+                        "their inference thread); \"main thread\" is a frontend's asyncio loop or a worker's I/O loop."]
 
 
 _SPLIT = ("decode", "queued", "inference", "postprocess")

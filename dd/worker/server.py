@@ -51,7 +51,7 @@ from dd.ipc import endpoints, messages
 from dd.ipc.shm_ring import RingError, ShmRing
 from dd.png_rows import ENCODING as PNG_ROWS
 from dd.png_rows import PngRows, rows_nbytes
-from dd.procutil import die_with_parent, parent_alive, return_large_allocations
+from dd.procutil import die_with_parent, name_os_thread, parent_alive, return_large_allocations
 from dd.worker.batcher import Batcher
 from dd.worker.core import Outcome, WorkerCore, WorkItem
 from dd.worker.engines.base import EncodedImage
@@ -332,6 +332,7 @@ class Worker:
 
     # -- inference thread ----------------------------------------------------------------
     def _inference_loop(self) -> None:
+        name_os_thread()  # "inference" in top -H and per-thread CPU (scripts/bench_serve.py)
         out = self.ctx.socket(zmq.PUSH)
         out.setsockopt(zmq.LINGER, 1000)
         out.connect(self._reply_addr)
