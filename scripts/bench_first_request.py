@@ -18,7 +18,6 @@ the rounds).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
