@@ -175,6 +175,9 @@ def test_bench_serve_writes_table_json_and_pictures(tmp_path: Path) -> None:
                 r = per[kind][c]
                 assert r["n"] > 0 and r["errors"] == 0, r
                 assert r["cpu_ms_per_image"]["frontend"] > 0 and r["cpu_ms_per_image"]["worker"] > 0
+                if sys.platform.startswith("linux"):  # by thread, from /proc
+                    threads = r["thread_cpu_ms_per_image"]
+                    assert "worker: inference" in threads and "frontend: main thread" in threads, threads
         if "jpeg+zstd" in kinds:  # answered, or skipped with the server's reason
             assert "jpeg+zstd" in per or "jpeg+zstd" in per["_skipped"]
     for kind in kinds:
@@ -185,6 +188,8 @@ def test_bench_serve_writes_table_json_and_pictures(tmp_path: Path) -> None:
     assert "(best)" in md and md.count("| worker core, pipelined (as a worker serves), batch") == 2
     assert "Where a served request's time goes" in md and sum(line.startswith("| raw | ") for line in md.splitlines()) == 2  # per frontends
     assert (out / "serve_frontends1.log").exists() and (out / "baseline.log").exists()
+    if sys.platform.startswith("linux"):
+        assert "### Server CPU by thread" in md and "| worker: inference | " in md
     if _has_matplotlib():
         assert (out / "serve_throughput.png").stat().st_size > 0 and (out / "serve_latency.png").stat().st_size > 0
 
@@ -232,6 +237,24 @@ def test_bench_imports_times_the_zygotes_imports_of_each_checkout() -> None:
     assert lines[0].startswith("| zygote for null: start to ready, 1 runs each") and lines[0].endswith("| a | b |")
     assert "| imports torch._dynamo | False | False |" in lines
     assert any(ln.startswith("| of one `-X importtime` run: dd.worker.server | 0.") for ln in lines), out
+
+
+def test_thread_delta_adds_a_pool_and_names_its_busiest_thread() -> None:
+    before = {1: ("frontend: main thread", 1.0), 2: ("frontend: decode", 2.0), 3: ("frontend: decode", 0.5)}
+    after = {1: ("frontend: main thread", 1.5), 2: ("frontend: decode", 2.1), 3: ("frontend: decode", 1.0),
+             4: ("frontend: decode", 0.2)}  # a thread started meanwhile counts from 0
+    delta = bench_requests.thread_delta(before, after)
+    assert delta["frontend: main thread"] == 0.5 and "frontend: main thread (busiest)" not in delta
+    assert abs(delta["frontend: decode"] - 0.8) < 1e-9 and delta["frontend: decode (busiest)"] == 0.5
+
+
+def test_bench_encode_times_each_protocol_for_each_checkout() -> None:
+    out = _run(["scripts/bench_encode.py", "--checkout", f"a={REPO}", "--checkout", f"b={REPO}", "--rounds", "1",
+                "--encodes", "2", "--cases", "3x10"], timeout=120)
+    lines = out.splitlines()
+    assert lines[1] == "| protocol, instances x mask bytes | a | b |", out
+    assert any(ln.startswith("| detector_v1 3 x 10 B | 0.") for ln in lines) and any(
+        ln.startswith("| kserve_v2 3 x 10 B | 0.") for ln in lines), out
 
 
 @pytest.mark.slow
