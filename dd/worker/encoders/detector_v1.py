@@ -27,7 +27,8 @@ def build_response(det: Detections, categories: tuple[str, ...], *, request_id: 
     add = resp.instances.add
     # The worker's one inference thread encodes every response while the GPU runs the next batch, and at
     # saturation it is the limit (BENCHMARKS.md, S11-7): each submessage is looked up once (every
-    # `inst.box` makes a new wrapper), 0.46 -> 0.34 ms for 100 instances with 6 KB masks on the CPU box (scripts/bench_encode.py).
+    # `inst.box` makes a new wrapper): 0.46 -> 0.34 ms for 100 instances with 6 KB masks on the CPU box
+    # (scripts/bench_encode.py).
     for i in range(len(scores)):
         label = int(labels[i])
         inst = add(class_id=label, score=scores[i],
