@@ -70,6 +70,34 @@ def _frontend_threads(server_pid: int) -> dict[str, float]:
                            if _role_of(c) == "frontend"))
 
 
+_IDLE_FRAMES = ("epoll_wait", "EpollSelector.select", "PyThread_acquire_lock_timed")
+
+
+def busy_main_thread(raw: Path, top: int = 25) -> list[str]:
+    """The frontend main thread's busy samples of a py-spy raw file (recorded with --idle, which keeps
+    every sample; samples waiting in epoll or on a lock are dropped here, since py-spy's own idle test
+    counted every thread as busy on the machines tried): each Python frame's inclusive share, highest
+    first."""
+    frames: dict[str, int] = {}
+    busy = total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        parts = stack.split(";")
+        if not parts or "MainThread" not in parts[0] or not count.isdigit():
+            continue
+        total += int(count)
+        if any(idle in part for part in parts for idle in _IDLE_FRAMES):
+            continue
+        busy += int(count)
+        for frame in {part for part in parts[1:] if ".py:" in part}:
+            frames[frame] = frames.get(frame, 0) + int(count)
+    if not busy:
+        return [f"no busy main-thread samples in {raw}"]
+    ranked = sorted(frames.items(), key=lambda kv: -kv[1])[:top]
+    return ([f"main thread: {busy} of {total} samples busy ({busy / total:.0%}); inclusive share of the busy ones:"]
+            + [f"  {n / busy:6.1%}  {frame}" for frame, n in ranked])
+
+
 def _frontend_rss_mib(server_pid: int) -> float:
     import psutil
 
@@ -177,6 +205,11 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for kind, size, fe, dec, rest, wk, p50, rss in rows:
         print(f"| {kind} | {size:.2f} | {fe:.1f} | {dec:.1f} | {rest:.1f} | {wk:.1f} | {p50:.1f} | {rss:.0f} |")
+    if args.py_spy:
+        for kind in args.kinds:
+            raw = args.py_spy / f"{kind}.txt"
+            if raw.exists():
+                print(f"\n{kind}: " + "\n".join(busy_main_thread(raw)))
     if by_thread:
         names = sorted({n for per in by_thread.values() for n in per},
                        key=lambda n: -max(per.get(n, 0.0) for per in by_thread.values()))

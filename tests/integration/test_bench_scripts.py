@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
+import bench_frontend_cpu  # noqa: E402
 import bench_mixed_sizes  # noqa: E402
 import bench_requests  # noqa: E402
 import bench_serve  # noqa: E402
@@ -246,6 +247,19 @@ def test_thread_delta_adds_a_pool_and_names_its_busiest_thread() -> None:
     delta = bench_requests.thread_delta(before, after)
     assert delta["frontend: main thread"] == 0.5 and "frontend: main thread (busiest)" not in delta
     assert abs(delta["frontend: decode"] - 0.8) < 1e-9 and delta["frontend: decode (busiest)"] == 0.5
+
+
+def test_busy_main_thread_leaves_out_samples_waiting_in_epoll(tmp_path: Path) -> None:
+    raw = tmp_path / "spy.txt"
+    raw.write_text("\n".join([
+        "thread (1): MainThread;run (asyncio/runners.py:1);select (selectors.py:468);epoll_wait (libc.so.6) 90",
+        "thread (1): MainThread;run (asyncio/runners.py:1);read_one (dd/frontend/protocols/one_message.py:32) 6",
+        "thread (1): MainThread;run (asyncio/runners.py:1);_admit (dd/frontend/requests.py:133) 4",
+        "thread (7): decode_0;decode (dd/frontend/decode.py:1) 50"]) + "\n")
+    lines = bench_frontend_cpu.busy_main_thread(raw)
+    assert lines[0].startswith("main thread: 10 of 100 samples busy (10%)")
+    assert lines[1].endswith("run (asyncio/runners.py:1)") and "100.0%" in lines[1]
+    assert "60.0%" in lines[2] and "read_one" in lines[2] and "40.0%" in lines[3] and "_admit" in lines[3]
 
 
 def test_bench_encode_times_each_protocol_for_each_checkout() -> None:
