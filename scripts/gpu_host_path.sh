@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Issue #18's host-path measurements in one command, on a bare GPU machine (one H200, 16 cores), time-boxed so
+# that the whole stays under DEADLINE_S (default 560 s) of one device call:
+#
+#   1. installs the missing Python packages from wheels in .whl/ (scripts/device_wheels.sh makes them) into
+#      /tmp/site (no network) and prints the versions;
+#   2. the GPU tests of the engines and the worker (TESTS=0 leaves them out);
+#   3. scripts/bench_decode.py: one RGB-D frame's decode, whole and in parts;
+#   4. scripts/bench_serve.py: JPEG + PNG as OpenCV and as the client library write them, concurrency 1 and 64,
+#      the server's default frontends, with the server's CPU by thread; VARIANTS adds served configurations
+#      (bench_serve's --variant, separated by ';', e.g. VARIANTS='bsync={"blocking_sync": true};nice5=--frontend-nice=5');
+#   5. scripts/bench_client_shm.py: KServe with client shared memory at concurrency 1;
+#   6. scripts/bench_startup.py: start to SERVING, fresh and warm caches.
+# Everything lands in $OUT/host_path.tgz (logs, JSON, tables, pictures) and $OUT/summary.md (the tables).
+#
+# On the GPU machine, from the repository root (carry .whl):
+#   bash scripts/gpu_host_path.sh
+# CPU smoke test of the same steps (torchvision engine, tiny frames; GPU tests left out):
+#   SMOKE=1 OUT=/tmp/hp bash scripts/gpu_host_path.sh
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/host-path-out}
+SMOKE=${SMOKE:-0}
+TESTS=${TESTS:-1}
+PY=${PY:-python3}
+WHL=${WHL:-.whl}
+SITE=${SITE:-/tmp/site}
+VARIANTS=${VARIANTS:-}
+DEADLINE_S=${DEADLINE_S:-560}
+RES=$(mktemp -d /tmp/host-path-XXXX)
+mkdir -p "$OUT"
+T0=$(date +%s)
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+left() { echo $(( DEADLINE_S - $(date +%s) + T0 )); }
+# budget WANT RESERVE: seconds for a step that wants WANT and must leave RESERVE for the steps after it
+budget() { local b=$(( $(left) - $2 )); (( b > $1 )) && b=$1; echo $b; }
+# step NAME SECONDS CMD...: runs CMD under timeout, its output in $RES/NAME.log, and logs its exit status
+step() {
+  local name=$1 limit=$2; shift 2
+  if (( limit < 15 )); then echo "[$(elapsed) s] == $name: skipped (only ${limit} s left)"; return 124; fi
+  echo "[$(elapsed) s] == $name (limit ${limit} s): $*"
+  timeout -k 10 "$limit" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  tail -n 3 "$RES/$name.log"
+  echo "[$(elapsed) s] == $name: exit $rc$( ((rc == 124)) && echo ' (timed out)')"
+  return $rc
+}
+
+main() {
+  echo "gpu_host_path.sh: SMOKE=$SMOKE TESTS=$TESTS DEADLINE_S=$DEADLINE_S; $(nproc) cores; $(date -u +%FT%TZ)"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  if compgen -G "$WHL/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHL"/*.whl \
+      || return 1
+    export PYTHONPATH="$SITE:$PWD" PATH="$SITE/bin:$PATH"
+  else
+    export PYTHONPATH="$PWD"
+  fi
+  "$PY" -c "import sys, torch, grpc, google.protobuf, zmq, cv2, isal, numpy
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'grpc', grpc.__version__,
+      'protobuf', google.protobuf.__version__, 'zmq', zmq.__version__, 'cv2', cv2.__version__, 'isal', isal.__version__,
+      'numpy', numpy.__version__)" | tee "$RES/versions.txt" || return 1
+
+  local engine=(--engine fast) size=() serve_extra=(--batch 16 --engine-batches 16 --client-procs 4 --seconds 4)
+  local startup=(--engine fast --models r50 --no-kill) shm=(--engine fast --requests 150) conc=(1 64)
+  if [ "$SMOKE" = 1 ]; then
+    engine=(--engine torchvision --arch small --device cpu)
+    size=(--height 96 --width 128 --min-size 96 --detections 5)
+    serve_extra=(--batch 2 --engine-batches 2 --seconds 0.5 --frames 2)
+    startup=(--engine torchvision --arch small --device cpu --height 96 --width 128 --min-size 96 --models r50 --no-kill)
+    shm=(--engine null --requests 5 --height 96 --width 128)
+    conc=(1 2)
+  fi
+  local variants=()
+  IFS=';' read -ra parts <<< "$VARIANTS"
+  for v in "${parts[@]}"; do [ -n "$v" ] && variants+=(--variant "$v"); done
+
+  if [ "$TESTS" = 1 ] && [ "$SMOKE" != 1 ]; then
+    step gpu_tests "$(budget 90 420)" "$PY" -m pytest -p no:cacheprovider -q -o addopts="" -m gpu --timeout 80 \
+      tests/unit/engines tests/unit/worker
+  fi
+  step decode "$(budget 60 340)" "$PY" scripts/bench_decode.py --rounds 3 --iters 20 \
+    $([ "$SMOKE" = 1 ] && echo --width 128 --height 96 --rounds 1 --iters 2)
+  step serve "$(budget 240 100)" "$PY" scripts/bench_serve.py "${engine[@]}" "${size[@]}" "${serve_extra[@]}" \
+    --frontends 0 --encodings jpeg+png jpeg+png-lib --concurrency "${conc[@]}" --no-baseline "${variants[@]}" \
+    --out "$RES/serve"
+  step client_shm "$(budget 70 40)" "$PY" scripts/bench_client_shm.py "${shm[@]}"
+  step startup "$(budget 90 5)" "$PY" scripts/bench_startup.py "${startup[@]}" --out "$RES/startup"
+
+  {
+    echo "# gpu_host_path.sh, $(date -u +%FT%TZ), $(nproc) cores"; echo; cat "$RES/versions.txt"; echo
+    for f in decode.log serve/serve.md client_shm.log startup/startup.md; do
+      [ -f "$RES/$f" ] && { echo "## $f"; echo; cat "$RES/$f"; echo; }
+    done
+  } > "$OUT/summary.md"
+  tar -czf "$OUT/host_path.tgz" -C "$RES" .
+  echo "[$(elapsed) s] wrote $OUT/summary.md and $OUT/host_path.tgz"
+}
+
+main 2>&1 | tee "$OUT/run.log"
