@@ -329,3 +329,20 @@ def test_bench_conv_first_call_tables_first_and_second_calls() -> None:
     rows = [line for line in text.splitlines() if line.startswith("| ") and "first / second" not in line]
     assert len(rows) == 8  # four convolutions, two layouts, fp32 (the CPU has no cuDNN and no native path)
     assert all(len(r.strip("|").split("|")) == 6 for r in rows)
+
+
+@pytest.mark.slow
+def test_gpu_host_path_runs_every_step_on_a_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_host_path.sh in SMOKE mode: the device call's steps, each writing what summary.md gathers."""
+    import os
+
+    env = dict(os.environ, SMOKE="1", OUT=str(tmp_path / "out"), WHL=str(tmp_path / "no-wheels"), PY=sys.executable,
+               VARIANTS='n3=--frontend-nice=3')
+    done = subprocess.run(["bash", "scripts/gpu_host_path.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=400)
+    log = done.stdout + done.stderr
+    for name in ("decode", "serve", "client_shm", "startup"):
+        assert f"== {name}: exit 0" in log, log[-4000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## serve/serve.md" in summary and "| jpeg+png-lib | 0 n3 |" in summary, summary[-3000:]
+    assert "## startup/startup.md" in summary and (tmp_path / "out" / "host_path.tgz").stat().st_size > 0
