@@ -406,6 +406,9 @@ PHASES = {  # what a log line says about start-up -> a name for its numbers
     "worker_listening": re.compile(r"worker (\S+) listening on "),
     "found_worker": re.compile(r"found worker (\S+) at "),  # a frontend found its socket
     "ready_at_frontend": re.compile(r"^worker (\S+) ready$"),  # a frontend heard it (health follows)
+    "compressed_warmup": re.compile(r"warmed up compressed inputs \(a JPEG on the GPU: (\w+); "
+                                    r"PNG depth rows: (\w+)\) in ([\d.]+) s"),
+    "rings_prepared": re.compile(r"worker (\S+) prepared (\d+) frontend ring\(s\) for its engine in ([\d.]+) s"),
 }
 
 

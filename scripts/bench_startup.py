@@ -86,6 +86,12 @@ def phases(events: list[dict]) -> dict:
                                                    "delay_s": float(g[4]), "at_s": e["at_s"]})
         elif e["kind"] in ("started", "serving", "worker_listening", "ready_at_frontend"):
             out.setdefault(e["kind"], []).append({"what": g[0], "at_s": e["at_s"]})
+        elif e["kind"] == "compressed_warmup":
+            out.setdefault("compressed_warmup", []).append({"jpeg": g[0] == "yes", "png_rows": g[1] == "yes",
+                                                            "s": float(g[2])})
+        elif e["kind"] == "rings_prepared":
+            out.setdefault("rings_prepared", []).append({"worker": g[0], "rings": int(g[1]), "s": float(g[2]),
+                                                         "at_s": e["at_s"]})
         elif e["kind"] == "zygote_started":
             out.setdefault("zygote", {})["started_at_s"] = e["at_s"]
         elif e["kind"] == "zygote_ready":

@@ -299,16 +299,20 @@ class Worker:
         return ring
 
     def _prepare_new_rings(self, engine: "Engine") -> None:
-        """Inference thread: the engine prepares each ring the I/O thread has mapped since the last call."""
+        """Inference thread: the engine prepares each ring the I/O thread has mapped since the last call
+        (the fast engine page-locks it: on the path to ready at start-up, so it is logged)."""
+        count, t0 = 0, time.perf_counter()
         while True:
             try:
                 ring = self._to_prepare.get_nowait()
             except queue.Empty:
-                return
+                break
             if not ring.retired:
-                t0 = time.perf_counter()
                 engine.prepare_input_memory(ring.mapping)
-                log.debug("worker %s: ring %s prepared in %.3f s", self.name, ring.name, time.perf_counter() - t0)
+                count += 1
+        if count:
+            log.info("worker %s prepared %d frontend ring(s) for its engine in %.2f s", self.name, count,
+                     time.perf_counter() - t0)
 
     def _forget_dead_rings(self) -> None:
         """Retires the rings of frontends that have gone (their segment was removed): the inference

@@ -82,6 +82,17 @@ def test_log_events_parse_start_up_phases_captures_and_restarts() -> None:
     assert ph["restarts"][0]["delay_s"] == 0.2 and ph["restarts"][0]["exit"] == "signal SIGKILL"
 
 
+def test_log_events_parse_the_compressed_warm_up_and_the_rings_prepared() -> None:
+    t0 = 1_800_000_000.0
+    log = "\n".join([
+        f"{_stamp(t0 + 3.1)} INFO [worker-bench.0] warmed up compressed inputs (a JPEG on the GPU: yes; PNG depth "
+        "rows: yes) in 0.66 s",
+        f"{_stamp(t0 + 3.5)} INFO [worker-bench.0] worker bench.0 prepared 4 frontend ring(s) for its engine in 0.29 s"])
+    ph = bench_startup.phases(bench_requests.log_events(log, t0))
+    assert ph["compressed_warmup"] == [{"jpeg": True, "png_rows": True, "s": 0.66}]
+    assert ph["rings_prepared"] == [{"worker": "bench.0", "rings": 4, "s": 0.29, "at_s": 3.5}]
+
+
 def test_mixed_sizes_goal_per_size() -> None:
     records = [("a", 0.0, 10.0, "OK"), ("a", 0.1, 10.0, "OK"), ("a", 0.2, 29.0, "OK"),
                ("b", 0.0, 10.0, "OK"), ("b", 0.1, 10.0, "OK"), ("b", 0.2, 31.0, "OK"),

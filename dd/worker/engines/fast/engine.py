@@ -587,6 +587,7 @@ class FastMaskRCNN(Engine):
         handle and buffers are made at its first call) and depth as PNG rows (kernels launched for the
         first time: with CUDA's lazy module loading each first launch loads its module). Otherwise the
         first requests after SERVING paid that, tens of ms each."""
+        t0 = time.perf_counter()
         color: np.ndarray | EncodedImage = np.zeros((h, w, 3), np.uint8)
         if self.decodes_jpeg:
             color = EncodedImage(encode_jpeg(torch.from_numpy(color).permute(2, 0, 1)).numpy(), h, w)
@@ -597,6 +598,9 @@ class FastMaskRCNN(Engine):
                 np.zeros((h, w), np.uint16)
         self.infer([EngineInput(color, depth, 1.0)])
         self.redone_images = 0
+        log.info("warmed up compressed inputs (a JPEG on the GPU: %s; PNG depth rows: %s) in %.2f s",
+                 "yes" if self.decodes_jpeg else "no",
+                 "yes" if depth is not None and self.unfilters_png_rows else "no", time.perf_counter() - t0)
 
     @torch.inference_mode()
     def infer(self, batch: list[EngineInput], want_masks: bool = True) -> list[Detections]:
