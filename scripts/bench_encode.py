@@ -22,6 +22,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_requests import env_with_repo  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
@@ -53,10 +57,6 @@ print(json.dumps(out))
 """
 
 
-def env_for(checkout: Path) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkout", action="append", default=[], metavar="NAME=PATH",
@@ -73,7 +73,7 @@ def main() -> int:
     medians: dict[str, dict[str, list[float]]] = {name: {} for name, _ in checkouts}
     for _ in range(args.rounds):
         for name, path in checkouts:
-            run = subprocess.run([sys.executable, "-c", CHILD, spec], cwd=path, env=env_for(path), check=True,
+            run = subprocess.run([sys.executable, "-c", CHILD, spec], cwd=path, env=env_with_repo(path), check=True,
                                  capture_output=True, text=True)
             for key, ms in json.loads(run.stdout.strip().splitlines()[-1]).items():
                 medians[name].setdefault(key, []).append(ms)

@@ -26,19 +26,19 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_requests import env_with_repo  # noqa: E402
+
 PACKAGES = ("torch", "torchvision", "torch._dynamo", "triton", "cv2", "numpy", "zmq", "dd.worker.server",
             "dd.worker.engines")
-
-
-def checkout_env(checkout: Path) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])))
 
 
 def preload(checkout: Path, engines: str) -> list[str]:
     """The checkout's own worker_preload for these engines (what its supervisor would hand its zygote)."""
     code = ("import json, sys; from dd.config.engines import REGISTRY; from dd.zygote import worker_preload; "
             "print(json.dumps(worker_preload([REGISTRY[e].target.partition(':')[0] for e in sys.argv[1].split(',')])))")
-    out = subprocess.run([sys.executable, "-c", code, engines], cwd=checkout, env=checkout_env(checkout),
+    out = subprocess.run([sys.executable, "-c", code, engines], cwd=checkout, env=env_with_repo(checkout),
                          capture_output=True, text=True, timeout=120, check=True)
     return json.loads(out.stdout)
 
@@ -48,7 +48,7 @@ def zygote_run(checkout: Path, modules: list[str]) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "dd.zygote", "--parent-pid", str(os.getpid()), *modules],
-                            cwd=checkout, env=checkout_env(checkout), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                            cwd=checkout, env=env_with_repo(checkout), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     line = proc.stdout.readline()
     wall = time.perf_counter() - t0
     proc.kill()  # not its clean exit: the CPU time counted is the start's, without the interpreter's teardown
@@ -65,7 +65,7 @@ def importtime_run(checkout: Path, modules: list[str]) -> tuple[dict, str]:
     code = ("import json, sys\nfor m in sys.argv[1:]: __import__(m)\n"
             "print(json.dumps({'dynamo': 'torch._dynamo' in sys.modules, 'modules': len(sys.modules)}))")
     out = subprocess.run([sys.executable, "-X", "importtime", "-c", code, *modules], cwd=checkout,
-                         env=checkout_env(checkout), capture_output=True, text=True, timeout=600)
+                         env=env_with_repo(checkout), capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise SystemExit(f"{checkout}: {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr

@@ -36,20 +36,7 @@ DEADLINE_S=${DEADLINE_S:-565}
 mkdir -p "$OUT"
 T0=$(date +%s)
 
-elapsed() { echo $(( $(date +%s) - T0 )); }
-left() { echo $(( DEADLINE_S - $(date +%s) + T0 )); }
-# budget WANT RESERVE: seconds for a step that wants WANT and must leave RESERVE for the steps after it
-budget() { local b=$(( $(left) - $2 )); (( b > $1 )) && b=$1; echo $b; }
-# step NAME SECONDS CMD...: runs CMD under timeout, logs its exit status
-step() {
-  local name=$1 limit=$2; shift 2
-  if (( limit < 15 )); then echo "[$(elapsed) s] == $name: skipped (only ${limit} s left)"; return 124; fi
-  echo "[$(elapsed) s] == $name (limit ${limit} s): $*"
-  timeout -k 10 "$limit" "$@"
-  local rc=$?
-  echo "[$(elapsed) s] == $name: exit $rc$( ((rc == 124)) && echo ' (timed out)')"
-  return $rc
-}
+source scripts/timebox.sh  # elapsed, left, budget, step
 
 main() {
   echo "gpu_detectron2_parity.sh: SMOKE=$SMOKE MODEL=$MODEL KIND=$KIND TRAIN_MIN=$TRAIN_MIN REF_SCENES=$REF_SCENES" \

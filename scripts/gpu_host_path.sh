@@ -32,21 +32,8 @@ RES=$(mktemp -d /tmp/host-path-XXXX)
 mkdir -p "$OUT"
 T0=$(date +%s)
 
-elapsed() { echo $(( $(date +%s) - T0 )); }
-left() { echo $(( DEADLINE_S - $(date +%s) + T0 )); }
-# budget WANT RESERVE: seconds for a step that wants WANT and must leave RESERVE for the steps after it
-budget() { local b=$(( $(left) - $2 )); (( b > $1 )) && b=$1; echo $b; }
-# step NAME SECONDS CMD...: runs CMD under timeout, its output in $RES/NAME.log, and logs its exit status
-step() {
-  local name=$1 limit=$2; shift 2
-  if (( limit < 15 )); then echo "[$(elapsed) s] == $name: skipped (only ${limit} s left)"; return 124; fi
-  echo "[$(elapsed) s] == $name (limit ${limit} s): $*"
-  timeout -k 10 "$limit" "$@" > "$RES/$name.log" 2>&1
-  local rc=$?
-  tail -n 3 "$RES/$name.log"
-  echo "[$(elapsed) s] == $name: exit $rc$( ((rc == 124)) && echo ' (timed out)')"
-  return $rc
-}
+STEP_LOG_DIR=$RES
+source scripts/timebox.sh  # elapsed, left, budget, step (its output in $RES/NAME.log)
 
 main() {
   echo "gpu_host_path.sh: SMOKE=$SMOKE TESTS=$TESTS DEADLINE_S=$DEADLINE_S; $(nproc) cores; $(date -u +%FT%TZ)"

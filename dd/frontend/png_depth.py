@@ -182,10 +182,6 @@ def inflate_parts_into(image: Gray16, out: np.ndarray, parts: int, pool: Executo
     pieces = [r[0] for r in results if r is not None]
     finals = [r[1] for r in results if r is not None]
     tail = results[-1][2] if results[-1] is not None else b""
-    if not tail:
-        # isal before 1.9 reports nothing after a raw stream's final block (unused_data stays empty):
-        # the checksum is then read from the stream's end, and a wrong one is refused below as any is.
-        tail = image.stream[-4:]
     if (len(pieces) != len(results) or any(finals[:-1]) or not finals[-1] or len(tail) != 4
             or sum(len(p) for p in pieces) != expected):
         return inflate_into(image, out)
@@ -236,4 +232,9 @@ def _inflate_part(stream: bytes, start: int, end: int, limit: int) -> tuple[byte
         return None
     if len(piece) > limit or (inflater.unconsumed_tail and not inflater.eof):
         return None
-    return piece, inflater.eof, bytes(inflater.unused_data)
+    after = bytes(inflater.unused_data)
+    if inflater.eof and not after:
+        # isal before 1.9 reports nothing after a raw stream's final block (unused_data stays empty): what
+        # follows is taken to be the part's last 4 bytes, and a wrong checksum is refused as any is.
+        after = bytes(stream[max(start, end - 4):end])
+    return piece, inflater.eof, after
