@@ -9,6 +9,7 @@ server's log and how they judge the goals.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -278,8 +279,9 @@ def test_bench_encode_times_each_protocol_for_each_checkout() -> None:
                 "--encodes", "2", "--cases", "3x10"], timeout=120)
     lines = out.splitlines()
     assert lines[1] == "| protocol, instances x mask bytes | a | b |", out
-    assert any(ln.startswith("| detector_v1 3 x 10 B | 0.") for ln in lines) and any(
-        ln.startswith("| kserve_v2 3 x 10 B | 0.") for ln in lines), out
+    for protocol in ("detector_v1", "kserve_v2"):  # a time in each checkout's column, whatever the machine's load
+        row = next(ln for ln in lines if ln.startswith(f"| {protocol} 3 x 10 B | "))
+        assert len(re.findall(r"\| \d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", row)) == 2, row
 
 
 @pytest.mark.slow
