@@ -8,6 +8,7 @@ order, the mappings it was asked to prepare and the mapping each image it inferr
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -51,6 +52,10 @@ def test_every_frontends_ring_is_prepared_before_its_first_image(tmp_path: Path)
             for _ in range(8):
                 stub.Detect(pb.DetectRequest(model="probe", color=pb.Image(
                     encoding=pb.Image.RAW, shape=[48, 64, 3], dtype=pb.UINT8, data=img.tobytes())), timeout=60)
+        log = srv.log()
+    # the worker says how many rings it prepared and in how long (a step of start-up: bench_startup's phases)
+    logged = re.findall(r"worker \S+ prepared (\d+) frontend ring\(s\) for its engine in [\d.]+ s", log)
+    assert sum(int(n) for n in logged) == FRONTENDS, log
     lines = _lines(record)
     prepared: set[str] = set()
     inferred = 0
