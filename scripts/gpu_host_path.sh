@@ -10,7 +10,11 @@
 #      the server's default frontends, with the server's CPU by thread; VARIANTS adds served configurations
 #      (bench_serve's --variant, separated by ';', e.g. VARIANTS='bsync={"blocking_sync": true};nice5=--frontend-nice=5');
 #   5. scripts/bench_client_shm.py: KServe with client shared memory at concurrency 1;
-#   6. scripts/bench_startup.py: start to SERVING, fresh and warm caches.
+#   6. scripts/bench_startup.py: start to SERVING, fresh and warm caches;
+#   7. scripts/profile_worker.py (only when STEPS names it): the worker's batch in-process, its host time
+#      by phase, with ENGINE_OPTIONS blocking_sync so that its CPU time is its own work.
+# STEPS picks and orders the steps (default: "gpu_tests decode serve client_shm startup"); ENCODINGS and CONC
+# override the serve step's encodings and concurrencies.
 # Everything lands in $OUT/host_path.tgz (logs, JSON, tables, pictures) and $OUT/summary.md (the tables).
 #
 # On the GPU machine, from the repository root (carry .whl):
@@ -27,6 +31,8 @@ PY=${PY:-python3}
 WHL=${WHL:-.whl}
 SITE=${SITE:-/tmp/site}
 VARIANTS=${VARIANTS:-}
+STEPS=${STEPS:-gpu_tests decode serve client_shm startup}
+ENCODINGS=${ENCODINGS:-jpeg+png jpeg+png-lib}
 DEADLINE_S=${DEADLINE_S:-560}
 RES=$(mktemp -d /tmp/host-path-XXXX)
 mkdir -p "$OUT"
@@ -52,7 +58,8 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
       'numpy', numpy.__version__)" | tee "$RES/versions.txt" || return 1
 
   local engine=(--engine fast) size=() serve_extra=(--batch 16 --engine-batches 16 --client-procs 4 --seconds 4)
-  local startup=(--engine fast --models r50 --no-kill) shm=(--engine fast --requests 150) conc=(1 64)
+  local startup=(--engine fast --models r50 --no-kill) shm=(--engine fast --requests 150) conc=(${CONC:-1 64})
+  local worker=(--batches 16 --seconds 3)
   if [ "$SMOKE" = 1 ]; then
     engine=(--engine torchvision --arch small --device cpu)
     size=(--height 96 --width 128 --min-size 96 --detections 5)
@@ -60,26 +67,41 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
     startup=(--engine torchvision --arch small --device cpu --height 96 --width 128 --min-size 96 --models r50 --no-kill)
     shm=(--engine null --requests 5 --height 96 --width 128)
     conc=(1 2)
+    worker=(--device cpu --arch small --height 96 --width 128 --min-size 96 --detections 5 --batches 2 --seconds 0.5)
   fi
   local variants=()
   IFS=';' read -ra parts <<< "$VARIANTS"
   for v in "${parts[@]}"; do [ -n "$v" ] && variants+=(--variant "$v"); done
 
-  if [ "$TESTS" = 1 ] && [ "$SMOKE" != 1 ]; then
-    step gpu_tests "$(budget 90 420)" "$PY" -m pytest -p no:cacheprovider -q -o addopts="" -m gpu --timeout 80 \
-      tests/unit/engines tests/unit/worker
-  fi
-  step decode "$(budget 60 340)" "$PY" scripts/bench_decode.py --rounds 3 --iters 20 \
-    $([ "$SMOKE" = 1 ] && echo --width 128 --height 96 --rounds 1 --iters 2)
-  step serve "$(budget 240 100)" "$PY" scripts/bench_serve.py "${engine[@]}" "${size[@]}" "${serve_extra[@]}" \
-    --frontends 0 --encodings jpeg+png jpeg+png-lib --concurrency "${conc[@]}" --no-baseline "${variants[@]}" \
-    --out "$RES/serve"
-  step client_shm "$(budget 70 40)" "$PY" scripts/bench_client_shm.py "${shm[@]}"
-  step startup "$(budget 90 5)" "$PY" scripts/bench_startup.py "${startup[@]}" --out "$RES/startup"
+  local encodings=($ENCODINGS)
+  for name in $STEPS; do
+    case $name in
+      gpu_tests)
+        if [ "$TESTS" = 1 ] && [ "$SMOKE" != 1 ]; then
+          step gpu_tests "$(budget 90 420)" "$PY" -m pytest -p no:cacheprovider -q -o addopts="" -m gpu --timeout 80 \
+            tests/unit/engines tests/unit/worker
+        fi ;;
+      decode)
+        step decode "$(budget 60 340)" "$PY" scripts/bench_decode.py --rounds 3 --iters 20 \
+          $([ "$SMOKE" = 1 ] && echo --width 128 --height 96 --rounds 1 --iters 2) ;;
+      serve)
+        step serve "$(budget 240 100)" "$PY" scripts/bench_serve.py "${engine[@]}" "${size[@]}" "${serve_extra[@]}" \
+          --frontends 0 --encodings "${encodings[@]}" --concurrency "${conc[@]}" --no-baseline "${variants[@]}" \
+          --out "$RES/serve" ;;
+      client_shm)
+        step client_shm "$(budget 70 40)" "$PY" scripts/bench_client_shm.py "${shm[@]}" ;;
+      startup)
+        step startup "$(budget 90 5)" "$PY" scripts/bench_startup.py "${startup[@]}" --out "$RES/startup" ;;
+      worker)
+        step worker "$(budget 150 5)" "$PY" scripts/profile_worker.py "${worker[@]}" \
+          --fast-options '{"blocking_sync": true}' --out "$RES/worker" ;;
+      *) echo "unknown step $name (gpu_tests decode serve client_shm startup worker)"; return 1 ;;
+    esac
+  done
 
   {
     echo "# gpu_host_path.sh, $(date -u +%FT%TZ), $(nproc) cores"; echo; cat "$RES/versions.txt"; echo
-    for f in decode.log serve/serve.md client_shm.log startup/startup.md; do
+    for f in decode.log serve/serve.md client_shm.log startup/startup.md worker.log; do
       [ -f "$RES/$f" ] && { echo "## $f"; echo; cat "$RES/$f"; echo; }
     done
   } > "$OUT/summary.md"

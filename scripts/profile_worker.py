@@ -12,11 +12,17 @@ as in a served worker:
 - the encoding alone per image, per protocol;
 - the core as the worker now runs it (dd/worker/pipeline.py: a batch's responses are encoded after
   the next batch has started on the device);
-- a cProfile of the serial core, top functions by own time.
+- a cProfile of the serial core, top functions by own time;
+- the pipelined loop's host time by phase (finish a batch, start the next, encode and answer the
+  finished one), wall and the thread's CPU, and a cProfile of it timed by the thread's CPU: with
+  ENGINE_OPTIONS blocking_sync (--fast-options) the CPU is the host's own work, waits left out.
+  At saturation that thread's host work per batch, against the GPU's time per batch, says which
+  one limits a worker.
 
     python scripts/profile_worker.py --out $OUT/worker            # R50-FPN RGB-D, 100 detections, 1280x720
     python scripts/profile_worker.py --device cpu --arch small --height 96 --width 128 --batches 2 \
         --seconds 1 --out /tmp/pw                                  # CPU smoke run
+    python scripts/profile_worker.py --batches 16 --fast-options '{"blocking_sync": true}' --out $OUT/w
 """
 
 from __future__ import annotations
@@ -62,6 +68,51 @@ def p50(values: list[float]) -> float:
     return float(np.median(values)) if values else float("nan")
 
 
+def pipelined_phases(core, batch, seconds: float, profile_path: Path) -> dict:
+    """The pipelined loop (as BatchPipeline runs it: finish k, start k+1, encode k) written out by
+    phase, each timed by the wall clock and by this thread's CPU clock; then the same loop under a
+    cProfile whose clock is the thread's CPU. Per batch, in ms."""
+    phases = ("finish", "start", "encode")
+    wall = {k: [] for k in phases}
+    cpu = {k: [] for k in phases}
+
+    def loop(until: float, record: bool) -> int:
+        inflight = core.start_batch(batch())
+        count = 0
+        while time.perf_counter() < until or count < 5:
+            marks = [(time.perf_counter(), time.thread_time())]
+            inferred = core.finish_batch(inflight)
+            marks.append((time.perf_counter(), time.thread_time()))
+            inflight = core.start_batch(batch())
+            marks.append((time.perf_counter(), time.thread_time()))
+            core.encode_batch(inferred)
+            marks.append((time.perf_counter(), time.thread_time()))
+            if record:
+                for k, name in enumerate(phases):
+                    wall[name].append((marks[k + 1][0] - marks[k][0]) * 1e3)
+                    cpu[name].append((marks[k + 1][1] - marks[k][1]) * 1e3)
+            count += 1
+        core.finish_batch(inflight)
+        return count
+
+    loop(time.perf_counter() + 0.5, False)
+    loop(time.perf_counter() + seconds, True)
+    row = {f"pipelined_{name}_wall_ms": p50(wall[name]) for name in phases}
+    row.update({f"pipelined_{name}_cpu_ms": p50(cpu[name]) for name in phases})
+    row["pipelined_cycle_wall_ms"] = p50([sum(v) for v in zip(*wall.values())])
+    row["pipelined_cycle_cpu_ms"] = p50([sum(v) for v in zip(*cpu.values())])
+    prof = cProfile.Profile(time.thread_time)
+    prof.enable()
+    loop(time.perf_counter() + min(seconds, 2.0), False)
+    prof.disable()
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(40)
+    profile_path.write_text(text.getvalue())
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda:0")
@@ -73,6 +124,8 @@ def main() -> None:
     ap.add_argument("--detections", type=int, default=100)
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--fast-options", default="{}", help="ENGINE_OPTIONS for the fast engine, as JSON "
+                    "(e.g. '{\"blocking_sync\": true}')")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="keep glibc's allocator thresholds (a worker sets dd.procutil.return_large_allocations)")
     ap.add_argument("--out", type=Path, required=True)
@@ -93,14 +146,15 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     tmp = Path(tempfile.mkdtemp(prefix="dd-profile-worker-"))
+    fast_options = json.loads(args.fast_options)
     folder = make_model(tmp, args.engine, args.arch, max(args.batches), args.height, args.width, args.detections,
-                        args.min_size)
+                        args.min_size, fast_options=fast_options)
     cfg = load_model_config(folder)
     engine = load_engine(cfg, args.device)
     core = WorkerCore(cfg, engine, "profile")
     frames = shared_frames(max(args.batches), args.height, args.width)
     result: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "engine": engine.name,
-                    "glibc_defaults": args.glibc_defaults,
+                    "glibc_defaults": args.glibc_defaults, "fast_options": fast_options,
                     "arch": args.arch, "size": [args.height, args.width], "detections": args.detections,
                     "batches": {}}
 
@@ -160,6 +214,7 @@ def main() -> None:
         wall = time.perf_counter() - start
         row["pipelined_ms"] = p50(lat)
         row["pipelined_images_per_s"] = sum(done) / wall
+        row.update(pipelined_phases(core, lambda: items(n), args.seconds, args.out / f"cprofile_pipelined_cpu_batch{n}.txt"))
         # Where the serial core's host time goes.
         prof = cProfile.Profile()
         prof.enable()

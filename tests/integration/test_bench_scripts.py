@@ -359,3 +359,25 @@ def test_gpu_host_path_runs_every_step_on_a_cpu(tmp_path: Path) -> None:
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "## serve/serve.md" in summary and "| jpeg+png-lib | 0 n3 |" in summary, summary[-3000:]
     assert "## startup/startup.md" in summary and (tmp_path / "out" / "host_path.tgz").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_gpu_host_path_worker_step_splits_the_pipelined_loop(tmp_path: Path) -> None:
+    """STEPS=worker: profile_worker.py's host time by phase lands in summary.md, with its CPU profile in the archive."""
+    import json
+    import os
+    import tarfile
+
+    env = dict(os.environ, SMOKE="1", OUT=str(tmp_path / "out"), WHL=str(tmp_path / "no-wheels"), PY=sys.executable,
+               STEPS="worker")
+    done = subprocess.run(["bash", "scripts/gpu_host_path.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    log = done.stdout + done.stderr
+    assert "== worker: exit 0" in log and "== serve" not in log, log[-4000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "## worker.log" in summary
+    with tarfile.open(tmp_path / "out" / "host_path.tgz") as tar:
+        names = tar.getnames()
+        row = json.load(tar.extractfile("./worker/worker.json"))["batches"]["2"]  # type: ignore[arg-type]
+    assert "./worker/cprofile_pipelined_cpu_batch2.txt" in names
+    assert row["pipelined_cycle_cpu_ms"] > 0 and row["pipelined_start_wall_ms"] > 0
