@@ -369,11 +369,10 @@ class Worker:
             for job in live:
                 _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
 
-        def between() -> None:  # no batch on the device
-            self._release_retired(engine)
+        def between() -> None:  # after a batch is finished; the next may be on the device (the engine waits for it
+            self._release_retired(engine)  # before unpinning a ring it may be copying from)
             self._prepare_new_rings(engine)
 
-        # A ring's page-lock is taken and dropped only while no batch is on the device (it may be reading from it).
         pipeline: BatchPipeline[list[Job]] = BatchPipeline(
             core, lambda outcomes, live: _send_outcomes(out, live, outcomes), failed, between=between)
         self._prepare_new_rings(engine)  # the rings of the frontends that pinged while the model loaded

@@ -115,9 +115,11 @@ class Engine(ABC):
 
         An engine whose device works asynchronously queues the batch's device work here and returns
         at once, so that the worker encodes the previous batch's responses on the host while the
-        device runs (dd/worker/pipeline.py); it must then make no device call until finished, and the
-        caller makes no other call to the engine until then. The default starts nothing: the batch
-        runs whole when finished, as infer."""
+        device runs (dd/worker/pipeline.py). The worker starts the next batch before it finishes this
+        one (so the device has it queued while this one's last steps run) and finishes batches in the
+        order it started them, at most two at a time; it calls nothing else on the engine until
+        they are finished, save prepare_input_memory and release_input_memory between them. The
+        default starts nothing: the batch runs whole when finished, as infer."""
         return lambda: self.infer(batch, want_masks)
 
     def decodes_jpeg_on_gpu(self) -> bool:
@@ -138,7 +140,8 @@ class Engine(ABC):
     def release_input_memory(self, mapping: object) -> None:
         """No more inputs will come from this shared-memory mapping (its frontend is gone): drop
         anything that refers to it, such as a page-lock registration, so that it can be unmapped.
-        Called by the thread that calls infer, between batches."""
+        Called by the thread that calls infer, between batches; a started batch may still be reading
+        from it (wait for it first)."""
 
     def close(self) -> None:
         """Releases device memory; called once at worker exit."""

@@ -330,3 +330,47 @@ def test_on_a_gpu_buckets_left_out_at_load_come_in_the_background(folders: Path,
     for a, b in zip(early, engine.infer(items)):
         assert len(a.scores) == len(b.scores) > 0
         np.testing.assert_allclose(a.boxes, b.boxes, atol=1e-2)
+
+
+def _started_two_deep(engine: FastMaskRCNN, batches: list[list[EngineInput]]) -> list[list[Detections]]:
+    """As the worker's pipeline calls the engine: batch k+1 is started before batch k is finished."""
+    finishes = [engine.start(batches[0])]
+    answers = []
+    for batch in batches[1:]:
+        finishes.append(engine.start(batch))
+        answers.append(finishes.pop(0)())
+    answers.append(finishes.pop(0)())
+    return answers
+
+
+def test_a_batch_started_before_the_last_is_finished_leaves_its_answers_alone(folders: Path) -> None:
+    """The pipelined worker starts batch k+1 (same bucket, same canvas: the same graph on a GPU) before it
+    finishes batch k; each batch gets the answers it gets alone."""
+    engine = _engine(folders / "rgbd", batch_buckets=[2])
+    batches = [[_item(1, 240, 320), _item(2, 200, 300)], [_item(3, 240, 320), _item(4, 240, 320)],
+               [_item(5, 200, 300)]]
+    alone = [engine.infer(b) for b in batches]
+    for want, got in zip(alone, _started_two_deep(engine, batches)):
+        for a, b in zip(want, got):
+            _same(a, b)
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_a_graph_replayed_again_before_its_answers_are_read_keeps_them(
+        folders: Path, request: pytest.FixtureRequest) -> None:
+    """Batch k+1's replay of the same graph overwrites the graph's outputs: batch k's answers must have
+    been copied out behind its own replay (a read after the next replay got batch k+1's detections),
+    and batch k's masks, pasted on their own stream beside k+1's network, must be k's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    engine = _engine_on(folders / "rgbd", "cuda:0", warmup_sizes=[[240, 320]], batch_buckets=[2],
+                        max_canvases_at_load=True)
+    request.addfinalizer(engine.close)
+    batches = [[_item(1, 240, 320), _item(2, 240, 320)], [_item(3, 240, 320), _item(4, 200, 300)],
+               [_item(5, 240, 320), _item(6, 240, 320)]]
+    assert engine._graph_cache.get((2, *engine.canvas_for([(240, 320)]))) is not None
+    alone = [engine.infer(b) for b in batches]
+    for _ in range(3):  # the device's timing varies; the answers may not
+        for want, got in zip(alone, _started_two_deep(engine, batches)):
+            for a, b in zip(want, got):
+                _same(a, b)

@@ -1,4 +1,4 @@
-"""dd.worker.pipeline: a batch's responses are encoded after the next batch has started on the engine.
+"""dd.worker.pipeline: a batch is finished and encoded after the next batch has started on the engine.
 
 Order, not time: each test records the calls as they happen and checks their sequence.
 """
@@ -74,7 +74,7 @@ def test_a_batch_is_encoded_while_the_next_is_on_the_engine(tmp_path: Path) -> N
     pipe.flush()
     assert done == ["a", "b"]
     assert events == ["start r1",
-                      "finish r1", "between", "start r2", "encode r1",  # r1's encoding after r2 started
+                      "start r2", "finish r1", "between", "encode r1",  # r1 finished and encoded after r2 started
                       "finish r2", "between", "encode r2"]
 
 

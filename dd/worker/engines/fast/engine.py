@@ -91,6 +91,7 @@ with a log line, where its kernel cannot compile (kernels/switch.py).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import mmap
@@ -167,6 +168,19 @@ class _FixedGraph:
     written: list[tuple[int, int]] = field(default_factory=list)
 
 
+@dataclass
+class _Answers:
+    """A batch's network answers, taken from its graph's outputs in stream order right after its replay,
+    so that the next batch's replay (which overwrites them) may be queued before these are read: the
+    summary on its way to page-locked host memory, the mask probabilities copied on the device, and
+    the event after both. On the CPU the network has run when start returns: no copies, no event."""
+
+    summary: torch.Tensor  # n x (7 d + 1): boxes, scores, labels, kept flags, settled flag (canvases.py)
+    probs: torch.Tensor | None  # n x d x M x M mask probabilities; None when no masks are wanted
+    detections: int  # d: detections per image
+    ready: "torch.cuda.Event | None"
+
+
 def _shape_key(item: EngineInput) -> tuple[int, int, str | None]:
     """Images with the same key run through the same op-by-op shapes (the dynamic path, and images
     redone on it): size and depth dtype."""
@@ -207,8 +221,12 @@ class FastMaskRCNN(Engine):
         self.pre_nms_topk = int(opts.get("pre_nms_topk", 1024 if self.fixed else 4096))
         # Off by default: measured on an H200 (R50-FPN RGB-D 1280x720, batch 1, 100 in a row) blocking
         # waits cost 5.2 instead of 4.4 ms per image and save 2.5 ms of host CPU (1.9 instead of 4.4 ms).
-        if cuda and opts.get("blocking_sync", False):
+        self.blocking = cuda and bool(opts.get("blocking_sync", False))
+        if self.blocking:
             self._blocking_sync()
+        # A batch's masks are pasted on a stream of their own, at high priority, while the next batch's
+        # network runs on the serving stream (start, _fixed_results).
+        self._paste_stream = torch.cuda.Stream(self.dev, priority=-1) if cuda else None
         t_start = time.perf_counter()
         self.model = build_loaded_model(self.config).eval().to(self.dev)
         t_built = time.perf_counter()
@@ -398,6 +416,10 @@ class FastMaskRCNN(Engine):
 
     def release_input_memory(self, mapping: object) -> None:
         with self._graph_cache.recording:  # a CUDA call: never while a background capture records
+            if self.dev.type == "cuda":
+                # A started batch may still be copying from it (the worker starts the next batch before
+                # it finishes the last): rare (a frontend went), so wait for the device rather than track.
+                torch.cuda.synchronize(self.dev)
             self._pinned.release(mapping)
 
     # -- stages -----------------------------------------------------------------------------
@@ -609,20 +631,22 @@ class FastMaskRCNN(Engine):
 
     def start(self, batch: list[EngineInput], want_masks: bool = True) -> Callable[[], list[Detections]]:
         """A batch that is one graph's (within the largest bucket: any sizes, on the smallest canvas that
-        holds them all) is written into the graph's inputs and its replay queued; the returned call
-        waits for it and reads the answers. Between the two the host is free (the worker encodes the
-        previous batch's responses then) and this engine makes no CUDA call, so a background capture
-        may record. Anything else runs whole when finished."""
+        holds them all) is written into the graph's inputs, its replay queued, and its answers copied
+        out of the graph's outputs behind it (_collect); the returned call waits for those and pastes
+        the masks. The next batch may be started before this one is finished: its network then runs
+        while this batch's masks are pasted (on a stream of their own) and its responses encoded.
+        Between the calls this engine makes no CUDA call, so a background capture may record.
+        Anything else runs whole when finished."""
         canvas = self._batch_canvas(batch)
         if canvas is None:
             return lambda: self.infer(batch, want_masks)
         with self._graph_cache.recording, torch.inference_mode():
-            out = self._run_fixed(batch, canvas)
+            answers = self._collect(self._run_fixed(batch, canvas), len(batch), want_masks)
 
         def finish() -> list[Detections]:
             with self._graph_cache.recording, torch.inference_mode():
                 self.model.roi_heads.score_thresh = min(x.score_threshold for x in batch)  # a redo's op-by-op run
-                return self._fixed_results(batch, want_masks, out)
+                return self._fixed_results(batch, want_masks, answers)
         return finish
 
     def _batch_canvas(self, batch: list[EngineInput]) -> Canvas | None:
@@ -685,7 +709,8 @@ class FastMaskRCNN(Engine):
                 for lo in range(0, len(idx), self.buckets[-1]):
                     chunk = [batch[i] for i in idx[lo:lo + self.buckets[-1]]]
                     canvas = self.canvas_for([image_size(x.color) for x in chunk])
-                    dets += self._fixed_results(chunk, want_masks, self._run_fixed(chunk, canvas))
+                    answers = self._collect(self._run_fixed(chunk, canvas), len(chunk), want_masks)
+                    dets += self._fixed_results(chunk, want_masks, answers)
             for i, det in zip(idx, dets):
                 results[i] = det
         return results  # type: ignore[return-value]
@@ -893,14 +918,30 @@ class FastMaskRCNN(Engine):
             src = src.pin_memory()
         g.sizes[:len(items)].copy_(src, non_blocking=True)
 
-    def _fixed_results(self, items: list[EngineInput], want_masks: bool,
-                       out: dict[str, torch.Tensor]) -> list[Detections]:
-        """Waits for the network, then reads its answers, pastes the masks and makes their RLE (one
-        paste per input size of the batch: each image's masks at its own size)."""
-        n = len(items)
-        summary = out["summary"][:n].cpu().numpy()
-        self._mark("network (one graph)")
+    def _collect(self, out: dict[str, torch.Tensor], n: int, want_masks: bool) -> _Answers:
+        """The batch's answers out of the network's outputs (a graph's are overwritten by its next
+        replay), queued behind the network: the summary to page-locked host memory, the masks'
+        probabilities to a device buffer of their own (about 5 MB for 16 images), then an event."""
         d = out["probs"].shape[1]  # detections per image: detections_per_img, or fewer candidates if that is all
+        if self.dev.type != "cuda":
+            return _Answers(out["summary"][:n], out["probs"][:n] if want_masks else None, d, None)
+        summary = torch.empty(out["summary"][:n].shape, dtype=out["summary"].dtype, pin_memory=True)
+        summary.copy_(out["summary"][:n], non_blocking=True)
+        probs = out["probs"][:n].clone() if want_masks else None
+        ready = torch.cuda.Event(blocking=self.blocking)
+        ready.record()
+        return _Answers(summary, probs, d, ready)
+
+    def _fixed_results(self, items: list[EngineInput], want_masks: bool, answers: _Answers) -> list[Detections]:
+        """Waits for the network, then reads its answers, pastes the masks and makes their RLE (one
+        paste per input size of the batch: each image's masks at its own size), on the paste stream:
+        a batch started after this one runs its network meanwhile."""
+        n = len(items)
+        if answers.ready is not None:
+            answers.ready.synchronize()  # this batch's network and copies only, not a batch queued behind it
+        summary = answers.summary.numpy()
+        self._mark("network (one graph)")
+        d = answers.detections
         results: list[Detections | None] = [None] * n
         redo: dict[tuple[Any, ...], list[int]] = {}
         by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
@@ -916,18 +957,25 @@ class FastMaskRCNN(Engine):
                                     row[5 * d:6 * d][keep].astype(np.int64), None, [] if want_masks else None)
             if len(keep):
                 by_size.setdefault(size, []).append((i, keep))
-        if want_masks:
-            flat = out["probs"].flatten(0, 1)
-            for (h, w), picked in by_size.items():
-                index = torch.from_numpy(np.concatenate([keep + i * d for i, keep in picked])).to(self.dev)
-                # The boxes the device holds, as the host read them: the paste plans on the host, no sync.
-                boxes = np.concatenate([results[i].boxes for i, _ in picked])  # type: ignore[union-attr]
-                rles = paste_and_encode(flat[index], boxes, h, w, self.config.mask_threshold,
-                                        rule=self.semantics.paste)
-                start = 0
-                for i, keep in picked:
-                    results[i].rle = rles[start:start + len(keep)]  # type: ignore[union-attr]
-                    start += len(keep)
+        if want_masks and by_size:
+            assert answers.probs is not None
+            flat = answers.probs.flatten(0, 1)
+            side = self._paste_stream
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                if side is not None:
+                    side.wait_event(answers.ready)
+                    answers.probs.record_stream(side)  # not reused by the serving stream before the paste ran
+                for (h, w), picked in by_size.items():
+                    index = torch.from_numpy(np.concatenate([keep + i * d for i, keep in picked])).to(self.dev)
+                    # The boxes the device holds, as the host read them: the paste plans on the host, no sync.
+                    boxes = np.concatenate([results[i].boxes for i, _ in picked])  # type: ignore[union-attr]
+                    # Returns with the stream's work done: the strings are read back to the host.
+                    rles = paste_and_encode(flat[index], boxes, h, w, self.config.mask_threshold,
+                                            rule=self.semantics.paste)
+                    start = 0
+                    for i, keep in picked:
+                        results[i].rle = rles[start:start + len(keep)]  # type: ignore[union-attr]
+                        start += len(keep)
         self._mark("paste and RLE")
         if redo:
             # Rare: NMS did not settle in the graph's iterations, or the top-k was too small.
