@@ -13,8 +13,9 @@
 #   6. scripts/bench_startup.py: start to SERVING, fresh and warm caches;
 #   7. scripts/profile_worker.py (only when STEPS names it): the worker's batch in-process, its host time
 #      by phase, with ENGINE_OPTIONS blocking_sync so that its CPU time is its own work.
-# STEPS picks and orders the steps (default: "gpu_tests decode serve client_shm startup"); ENCODINGS and CONC
-# override the serve step's encodings and concurrencies.
+# STEPS picks and orders the steps (default: "gpu_tests decode serve client_shm startup"); ENCODINGS, CONC and
+# FRONTENDS override the serve step's encodings, concurrencies and frontend counts (0: the server's default).
+# Each step gets at most what it wants, less what the steps after it need at least (MIN_S below).
 # Everything lands in $OUT/host_path.tgz (logs, JSON, tables, pictures) and $OUT/summary.md (the tables).
 #
 # On the GPU machine, from the repository root (carry .whl):
@@ -33,6 +34,7 @@ SITE=${SITE:-/tmp/site}
 VARIANTS=${VARIANTS:-}
 STEPS=${STEPS:-gpu_tests decode serve client_shm startup}
 ENCODINGS=${ENCODINGS:-jpeg+png jpeg+png-lib}
+FRONTENDS=${FRONTENDS:-0}
 DEADLINE_S=${DEADLINE_S:-560}
 RES=$(mktemp -d /tmp/host-path-XXXX)
 mkdir -p "$OUT"
@@ -73,27 +75,31 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
   IFS=';' read -ra parts <<< "$VARIANTS"
   for v in "${parts[@]}"; do [ -n "$v" ] && variants+=(--variant "$v"); done
 
-  local encodings=($ENCODINGS)
-  for name in $STEPS; do
+  local encodings=($ENCODINGS) frontends=($FRONTENDS)
+  declare -A MIN_S=([gpu_tests]=90 [decode]=40 [serve]=100 [client_shm]=40 [startup]=60 [worker]=45)
+  local todo=($STEPS)
+  for ((k = 0; k < ${#todo[@]}; k++)); do
+    local name=${todo[k]} later=0
+    for rest in "${todo[@]:k+1}"; do later=$((later + ${MIN_S[$rest]:-0})); done
     case $name in
       gpu_tests)
         if [ "$TESTS" = 1 ] && [ "$SMOKE" != 1 ]; then
-          step gpu_tests "$(budget 90 420)" "$PY" -m pytest -p no:cacheprovider -q -o addopts="" -m gpu --timeout 80 \
+          step gpu_tests "$(budget 90 $later)" "$PY" -m pytest -p no:cacheprovider -q -o addopts="" -m gpu --timeout 80 \
             tests/unit/engines tests/unit/worker
         fi ;;
       decode)
-        step decode "$(budget 60 340)" "$PY" scripts/bench_decode.py --rounds 3 --iters 20 \
+        step decode "$(budget 60 $later)" "$PY" scripts/bench_decode.py --rounds 3 --iters 20 \
           $([ "$SMOKE" = 1 ] && echo --width 128 --height 96 --rounds 1 --iters 2) ;;
       serve)
-        step serve "$(budget 240 100)" "$PY" scripts/bench_serve.py "${engine[@]}" "${size[@]}" "${serve_extra[@]}" \
-          --frontends 0 --encodings "${encodings[@]}" --concurrency "${conc[@]}" --no-baseline "${variants[@]}" \
+        step serve "$(budget 240 $later)" "$PY" scripts/bench_serve.py "${engine[@]}" "${size[@]}" "${serve_extra[@]}" \
+          --frontends "${frontends[@]}" --encodings "${encodings[@]}" --concurrency "${conc[@]}" --no-baseline "${variants[@]}" \
           --out "$RES/serve" ;;
       client_shm)
-        step client_shm "$(budget 70 40)" "$PY" scripts/bench_client_shm.py "${shm[@]}" ;;
+        step client_shm "$(budget 70 $later)" "$PY" scripts/bench_client_shm.py "${shm[@]}" ;;
       startup)
-        step startup "$(budget 90 5)" "$PY" scripts/bench_startup.py "${startup[@]}" --out "$RES/startup" ;;
+        step startup "$(budget 90 $later)" "$PY" scripts/bench_startup.py "${startup[@]}" --out "$RES/startup" ;;
       worker)
-        step worker "$(budget 150 5)" "$PY" scripts/profile_worker.py "${worker[@]}" \
+        step worker "$(budget 150 $later)" "$PY" scripts/profile_worker.py "${worker[@]}" \
           --fast-options '{"blocking_sync": true}' --out "$RES/worker" ;;
       *) echo "unknown step $name (gpu_tests decode serve client_shm startup worker)"; return 1 ;;
     esac

@@ -10,11 +10,11 @@ as in a served worker:
 - the engine call alone, by stage (the fast engine's own stage marks, synchronised);
 - the core (engine + encoding) one batch after another;
 - the encoding alone per image, per protocol;
-- the core as the worker now runs it (dd/worker/pipeline.py: a batch's responses are encoded after
-  the next batch has started on the device);
+- the core as the worker now runs it (dd/worker/pipeline.py: a batch is finished and its responses
+  encoded after the next batch has started on the device);
 - a cProfile of the serial core, top functions by own time;
-- the pipelined loop's host time by phase (finish a batch, start the next, encode and answer the
-  finished one), wall and the thread's CPU, and a cProfile of it timed by the thread's CPU: with
+- the pipelined loop's host time by phase (start the next batch, finish this one, encode its
+  responses), wall and the thread's CPU, and a cProfile of it timed by the thread's CPU: with
   ENGINE_OPTIONS blocking_sync (--fast-options) the CPU is the host's own work, waits left out.
   At saturation that thread's host work per batch, against the GPU's time per batch, says which
   one limits a worker.
@@ -69,10 +69,10 @@ def p50(values: list[float]) -> float:
 
 
 def pipelined_phases(core, batch, seconds: float, profile_path: Path) -> dict:
-    """The pipelined loop (as BatchPipeline runs it: finish k, start k+1, encode k) written out by
+    """The pipelined loop (as BatchPipeline runs it: start k+1, finish k, encode k) written out by
     phase, each timed by the wall clock and by this thread's CPU clock; then the same loop under a
     cProfile whose clock is the thread's CPU. Per batch, in ms."""
-    phases = ("finish", "start", "encode")
+    phases = ("start", "finish", "encode")
     wall = {k: [] for k in phases}
     cpu = {k: [] for k in phases}
 
@@ -81,12 +81,13 @@ def pipelined_phases(core, batch, seconds: float, profile_path: Path) -> dict:
         count = 0
         while time.perf_counter() < until or count < 5:
             marks = [(time.perf_counter(), time.thread_time())]
-            inferred = core.finish_batch(inflight)
+            following = core.start_batch(batch())
             marks.append((time.perf_counter(), time.thread_time()))
-            inflight = core.start_batch(batch())
+            inferred = core.finish_batch(inflight)
             marks.append((time.perf_counter(), time.thread_time()))
             core.encode_batch(inferred)
             marks.append((time.perf_counter(), time.thread_time()))
+            inflight = following
             if record:
                 for k, name in enumerate(phases):
                     wall[name].append((marks[k + 1][0] - marks[k][0]) * 1e3)
@@ -198,7 +199,7 @@ def main() -> None:
                 for d in dets:
                     enc(d, EncodeContext(cfg.categories, "r", cfg.name, "w", args.height, args.width, 0, Timings()))
             row[f"encode_{proto}_ms_per_image"] = p50(timed(encode_all, 1.0)) / n
-        # Pipelined, as a worker runs at saturation: batch k is encoded after batch k+1 has started.
+        # Pipelined, as a worker runs at saturation: batch k is finished and encoded after batch k+1 has started.
         done: list[int] = []
         pipe = BatchPipeline(core, lambda outs, tag: done.append(len(outs)))
         for _ in range(3):
