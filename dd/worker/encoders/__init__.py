@@ -26,7 +26,8 @@ class Timings:
 
     queue_us: int = 0  # dispatched by the frontend -> its batch started
     decode_us: int = 0  # image decoding: the frontend's, plus the worker's CPU decode of a JPEG sent compressed
-    # its batch on the engine, started to answered (the previous batch was encoded meanwhile: pipeline.py)
+    # its batch on the engine, started to answered: queued behind the batch before it, which was finished
+    # and encoded meanwhile (pipeline.py), so at saturation up to about two batches' device time
     inference_us: int = 0
     encode_us: int = 0  # this response's encoding
     batch_size: int = 0

@@ -33,11 +33,13 @@ two agree value for value.
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dd.worker.engines.base import RleText
 from dd.worker.engines.host_rle import rle_encode  # noqa: F401 - masks' host encoder, re-exported
 from dd.worker.engines.kernels import paste as paste_kernel
 from dd.worker.engines.kernels import rle as rle_kernel
@@ -296,7 +298,7 @@ def _paste_transitions_torch(masks: torch.Tensor, host: np.ndarray, ib: np.ndarr
 
 
 def rle_strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, width: int,
-                presorted: bool = False, kernel: bool | None = None) -> list[bytes]:
+                presorted: bool = False, kernel: bool | None = None) -> Sequence[bytes]:
     """COCO compressed RLE strings of `count` instances from their change positions, on their device.
 
     COCO's column-major run lengths are the differences between consecutive
@@ -332,7 +334,7 @@ def rle_strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, 
 
 
 def _rle_strings_torch(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, width: int,
-                       presorted: bool = False) -> list[bytes]:
+                       presorted: bool = False) -> Sequence[bytes]:
     """rle_strings in torch operations (the CPU's path, and the fallback where the kernels cannot run)."""
     if count == 0:
         return []
@@ -375,13 +377,11 @@ def _rle_strings_torch(inst: torch.Tensor, pos: torch.Tensor, count: int, height
     text = chars[place < n_chars[:, None]].to(torch.uint8)
     per_inst = torch.zeros(count, dtype=torch.int64, device=dev).index_add_(0, run_inst, n_chars.long())
     bounds = torch.cat([per_inst.new_zeros(1), torch.cumsum(per_inst, 0)])
-    data = text.cpu().numpy().tobytes()
-    cut = bounds.cpu().tolist()
-    return [data[a:b] for a, b in zip(cut[:-1], cut[1:])]
+    return RleText(text.cpu().numpy(), bounds.cpu().tolist())
 
 
 def paste_and_encode(masks: torch.Tensor, boxes: torch.Tensor | np.ndarray, height: int, width: int,
-                     threshold: float = 0.5, rule: str = "torchvision") -> list[bytes]:
+                     threshold: float = 0.5, rule: str = "torchvision") -> Sequence[bytes]:
     """COCO compressed RLE of each mask pasted into its box of a height x width image, by torchvision's
     paste rule or detectron2's (paste_transitions)."""
     inst, pos = paste_transitions(masks, boxes, height, width, threshold, rule=rule)

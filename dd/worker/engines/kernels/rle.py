@@ -48,6 +48,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dd.worker.engines.base import RleText
+
 try:
     import triton
     import triton.language as tl
@@ -171,7 +173,7 @@ def _pow2_floor(v: int) -> int:
 
 
 def strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, width: int,
-            presorted: bool = False, block: int | None = None) -> list[bytes]:
+            presorted: bool = False, block: int | None = None) -> RleText | list[bytes]:
     """mask_rle.rle_strings with the kernels above: pycocotools' compressed RLE string of each of
     `count` instances, from (instance, column-major position) of each change of its mask.
 
@@ -220,6 +222,5 @@ def strings(inst: torch.Tensor, pos: torch.Tensor, count: int, height: int, widt
         value, chars, ends, run_start, buf, bounds, runs, count, head, BLOCK=block, num_warps=NUM_WARPS)
     size = int(bounds[count])  # the one sync before the copy: how much to copy
     host = buf[:head + size].cpu().numpy()
-    cut = host[:head].view(np.int64).tolist()
-    data = host[head:].tobytes()
-    return [data[a:b] for a, b in zip(cut[:-1], cut[1:])]
+    # The strings stay where they arrived (RleText): no copy per string, none into one bytes object.
+    return RleText(host[head:], host[:head].view(np.int64).tolist())
