@@ -279,7 +279,9 @@ def thread_times(proc) -> dict[int, tuple[str, float]]:
     for it (frontends name their decode threads and workers their inference thread,
     dd.procutil.name_os_thread; gRPC, ZeroMQ and CUDA name theirs; a thread inherits its creator's name,
     so torch's CPU threads carry "inference"), digits at the end dropped so that a pool's threads add up,
-    and "main thread" for the main one. Linux only ({} elsewhere)."""
+    and "main thread" for the main one. Also, under the negative thread id, the seconds the thread was
+    ready to run but waited for a core (the kernel's schedstat run delay), named "NAME (waiting for a
+    core)": a thread that waits long there is short of cores, not of work. Linux only ({} elsewhere)."""
     import psutil
 
     out: dict[int, tuple[str, float]] = {}
@@ -294,14 +296,20 @@ def thread_times(proc) -> dict[int, tuple[str, float]]:
             continue
         name = "main thread" if t.id == proc.pid else re.sub(r"[_/-]?\d+$", "", name) or name
         out[t.id] = (name, t.user_time + t.system_time)
+        try:
+            waited_ns = int(Path(f"/proc/{proc.pid}/task/{t.id}/schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):  # no schedstats in this kernel
+            continue
+        out[-t.id] = (f"{name} (waiting for a core)", waited_ns / 1e9)
     return out
 
 
 def thread_cpu(proc) -> dict[str, float]:
-    """thread_times summed by name."""
+    """thread_times summed by name (CPU only)."""
     out: dict[str, float] = {}
-    for name, cpu in thread_times(proc).values():
-        out[name] = out.get(name, 0.0) + cpu
+    for tid, (name, cpu) in thread_times(proc).items():
+        if tid > 0:
+            out[name] = out.get(name, 0.0) + cpu
     return out
 
 

@@ -402,7 +402,8 @@ def thread_table(results: dict) -> list[str]:
         return []
     keep = sorted((n for n in names if max(t.get(n, 0.0) for _, t, _ in cols) >= 0.05),
                   key=lambda n: (not n.startswith("worker"), -max(t.get(n, 0.0) for _, t, _ in cols)))
-    lines = ["", "### Server CPU by thread (ms per image; in brackets, the share of one core it kept busy)", "",
+    lines = ["", "### Server CPU by thread (ms per image; in brackets, the share of one core it kept busy, or for "
+             "\"waiting for a core\", the cores' worth of threads ready to run that none ran)", "",
              "| thread | " + " | ".join(label for label, _, _ in cols) + " |", "|---|" + "---|" * len(cols)]
     for n in keep:
         lines.append(f"| {n} | " + " | ".join(

@@ -261,6 +261,20 @@ def test_thread_delta_adds_a_pool_and_names_its_busiest_thread() -> None:
     assert abs(delta["frontend: decode"] - 0.8) < 1e-9 and delta["frontend: decode (busiest)"] == 0.5
 
 
+@pytest.mark.skipif(not Path("/proc/self/schedstat").exists(), reason="the kernel keeps no schedstats")
+def test_thread_times_give_each_thread_its_cpu_and_its_wait_for_a_core() -> None:
+    """Under -tid, "NAME (waiting for a core)": what the kernel's schedstat says the thread waited ready to run;
+    thread_cpu (CPU only) leaves those out."""
+    import psutil
+
+    times = bench_requests.thread_times(psutil.Process())
+    main = psutil.Process().pid
+    assert times[main][0] == "main thread" and times[main][1] > 0
+    assert times[-main][0] == "main thread (waiting for a core)" and times[-main][1] >= 0
+    assert all((tid > 0) != name.endswith("(waiting for a core)") for tid, (name, _) in times.items())
+    assert not any(name.endswith("(waiting for a core)") for name in bench_requests.thread_cpu(psutil.Process()))
+
+
 def test_busy_main_thread_leaves_out_samples_waiting_in_epoll(tmp_path: Path) -> None:
     raw = tmp_path / "spy.txt"
     raw.write_text("\n".join([
