@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_requests import (KINDS, REPO, ClientPool, Served, cpu_by_role, cpu_delta, decode_per_core,  # noqa: E402
                             decode_request, free_port, probe, requests_of, scenes, slot_mb, stats, stop_on_sigterm,
                             threads_by_role, zstd_available)
+from thread_states import StateSampler  # noqa: E402
 
 from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
 from dd.proto.deep_detection.v1 import detector_pb2 as pb  # noqa: E402
@@ -262,9 +263,11 @@ def parse_variants(given: list[str], no_plain: bool = False) -> dict[str, tuple[
 def serve_and_load(folder: Path, out_dir: Path, frontends: int, env: dict[str, str],
                    requests: dict[str, list[bytes]], concurrencies: list[int], seconds: float, clients: ClientPool,
                    slot: int, save, results: dict, ring_slots: int = 32, serve_args: list[str] | None = None,
-                   label: str = "") -> None:
+                   label: str = "", thread_states: float = 0.0) -> None:
     """`deep-detection serve FOLDER` with this many frontends, each kind at each concurrency, then stopped.
-    Fills results[kind][concurrency]; results["_skipped"][kind] says why a kind was not loaded."""
+    Fills results[kind][concurrency]; results["_skipped"][kind] says why a kind was not loaded.
+    thread_states > 0: at the highest concurrency, the server's Python threads' states from py-spy dumps
+    this many seconds apart (scripts/thread_states.py), in results[kind][concurrency]["thread_states"]."""
     tmp = Path(tempfile.mkdtemp(prefix="ddbench-run-", dir="/tmp"))
     log_name = f"serve_frontends{frontends}{'_' + label if label else ''}.log"
     server = Served(folder, tmp / "run", out_dir / log_name, frontends, env, slot_mb=slot,
@@ -281,7 +284,15 @@ def serve_and_load(folder: Path, out_dir: Path, frontends: int, env: dict[str, s
             results[kind] = {}
             for c in concurrencies:
                 before, threads_before = cpu_by_role(server.proc.pid), threads_by_role(server.proc.pid)
+                sampler = None
+                if thread_states > 0 and c == max(concurrencies):
+                    sampler = StateSampler({role: server.pids(role) for role in ("frontend", "worker")},
+                                           thread_states)
+                    sampler.start()
                 r = clients.load(server.target, reqs, c, seconds)
+                if sampler is not None:
+                    r["thread_states"] = sampler.stop()
+                    r["thread_state_dumps"] = sampler.dumps
                 r.update(cpu_delta(before, cpu_by_role(server.proc.pid), r.get("n", 0), _wall(r, seconds),
                                    threads_before, threads_by_role(server.proc.pid)))
                 results[kind][c] = r
@@ -379,7 +390,7 @@ def table(results: dict) -> list[str]:
                      f"{results['grpc_floor_ms']:.2f} ms (what any Python gRPC service pays here)")
     lines.append("- CPU ms per answered image (psutil, user + system, before and after each load; client warm-up "
                  "requests included); server = frontends + worker + supervisor, or the baseline's one process")
-    return lines + time_split_table(results) + thread_table(results)
+    return lines + time_split_table(results) + thread_table(results) + state_table(results)
 
 
 def thread_table(results: dict) -> list[str]:
@@ -410,6 +421,36 @@ def thread_table(results: dict) -> list[str]:
             f"{t.get(n, 0.0):.2f} ({t.get(n, 0.0) * ips / 1e3:.2f})" for _, t, ips in cols) + " |")
     return lines + ["", "Threads by the operating system's names (frontends name their decode threads, workers "
                         "their inference thread); \"main thread\" is a frontend's asyncio loop or a worker's I/O loop."]
+
+
+def state_table(results: dict) -> list[str]:
+    """The server's Python threads' states at the highest concurrency (--thread-states), one row per
+    thread name and column per served configuration and kind: how many of those threads were in each
+    state in one process, on average over the dumps."""
+    cols = []
+    for f, per in results.get("served", {}).items():
+        for kind, runs in per.items():
+            if kind.startswith("_") or not isinstance(runs, dict) or not runs:
+                continue
+            r = runs[max(runs, key=int)]
+            if r.get("thread_states"):
+                cols.append((f"{kind}, {f}, c={max(runs, key=int)}, {r.get('thread_state_dumps', 0)} dumps",
+                             r["thread_states"]))
+    if not cols:
+        return []
+    names = sorted({n for _, t in cols for n in t}, key=lambda n: (not n.startswith("worker"), n))
+    short = {"holds the GIL": "GIL", "waits for the GIL": "waits GIL", "runs without the GIL": "runs",
+             "sleeps": "sleeps"}
+    lines = ["", "### Server threads' states (py-spy dumps: threads of each name in one process, on average, that "
+                 "hold the GIL / wait for it / run without it / sleep)", "", "| thread | " + " | ".join(label for label, _ in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for n in names:
+        cells = []
+        for _, t in cols:
+            st = t.get(n)
+            cells.append(" / ".join(f"{st[k]:.2f}" for k in short) if st else "")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
 
 
 _SPLIT = ("decode", "queued", "inference", "postprocess")
@@ -667,6 +708,9 @@ def main() -> int:
                          "with {, ENGINE_OPTIONS for its own model folder (--variant 'bsync={\"blocking_sync\": "
                          "true}'); the plain configuration is the variant \"\"; repeatable")
     ap.add_argument("--no-plain", action="store_true", help="with --variant: leave out the plain configuration")
+    ap.add_argument("--thread-states", type=float, default=0.0, metavar="SECONDS",
+                    help="at the highest concurrency, py-spy dumps of the frontends and workers this many seconds "
+                         "apart: which threads hold the GIL, wait for it, run C code or sleep (needs py-spy)")
     ap.add_argument("--baseline-server", nargs=3, metavar=("FOLDER", "DEVICE", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_server:
@@ -742,7 +786,7 @@ def main() -> int:
                 try:
                     serve_and_load(served_folder, out, f, env, requests, args.concurrency, args.seconds, clients,
                                    slot_mb(args.height, args.width), save, results["served"][key], args.ring_slots,
-                                   args.serve_arg + flags, label=label)
+                                   args.serve_arg + flags, label=label, thread_states=args.thread_states)
                 except Exception as exc:  # noqa: BLE001 - in the table; the other frontend counts still run
                     results["served"][key]["_error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
                     print(f"served with {key} frontend(s) failed: {exc}", flush=True)

@@ -16,6 +16,8 @@
 # STEPS picks and orders the steps (default: "gpu_tests decode serve client_shm startup"); ENCODINGS, CONC and
 # FRONTENDS override the serve step's encodings, concurrencies and frontend counts (0: the server's default).
 # Each step gets at most what it wants, less what the steps after it need at least (MIN_S below).
+# THREAD_STATES=SECONDS: the serve step also takes py-spy dumps of the server at the highest concurrency,
+# that many seconds apart (scripts/thread_states.py: which threads hold the GIL, wait for it, or sleep).
 # Everything lands in $OUT/host_path.tgz (logs, JSON, tables, pictures) and $OUT/summary.md (the tables).
 #
 # On the GPU machine, from the repository root (carry .whl):
@@ -35,6 +37,7 @@ VARIANTS=${VARIANTS:-}
 STEPS=${STEPS:-gpu_tests decode serve client_shm startup}
 ENCODINGS=${ENCODINGS:-jpeg+png jpeg+png-lib}
 FRONTENDS=${FRONTENDS:-0}
+THREAD_STATES=${THREAD_STATES:-0}
 DEADLINE_S=${DEADLINE_S:-560}
 RES=$(mktemp -d /tmp/host-path-XXXX)
 mkdir -p "$OUT"
@@ -93,7 +96,7 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
       serve)
         step serve "$(budget 240 $later)" "$PY" scripts/bench_serve.py "${engine[@]}" "${size[@]}" "${serve_extra[@]}" \
           --frontends "${frontends[@]}" --encodings "${encodings[@]}" --concurrency "${conc[@]}" --no-baseline "${variants[@]}" \
-          --out "$RES/serve" ;;
+          --thread-states "$THREAD_STATES" --out "$RES/serve" ;;
       client_shm)
         step client_shm "$(budget 70 $later)" "$PY" scripts/bench_client_shm.py "${shm[@]}" ;;
       startup)

@@ -121,8 +121,8 @@ class WorkerCore:
     def start_batch(self, items: list[WorkItem], started: float | None = None) -> "StartedBatch":
         """Decodes what the engine does not and starts the engine on the rest (Engine.start: an engine
         that works asynchronously returns with its device busy). finish_batch gets the answers; the
-        encoding half reads no input pixels (only their size), so the worker encodes the previous
-        batch between the two (dd/worker/pipeline.py)."""
+        worker starts the next batch before it finishes this one, and the encoding half reads no
+        input pixels (only their size) (dd/worker/pipeline.py)."""
         started = time.time() if started is None else started
         refused, decode_us = self._decode_for_engine(items)
         runnable = [i for i, item in enumerate(items) if i not in refused]

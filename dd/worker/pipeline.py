@@ -13,9 +13,10 @@ so at saturation a batch costs the larger of the two, not their sum. Starting k+
 k (rather than after) keeps the device's queue full while batch k's masks are pasted: the fast
 engine pastes them on a stream of their own beside k+1's network. On an H200 (R50-FPN, 16 images
 of 1280x720 with 100 instances each) that paste is 9 of the 35 ms an engine call takes alone.
-The order is software pipelining, not a second thread: a thread that encodes beside the engine's thread fought it for
-the GIL (every torch call releases and retakes it, and waited for the encoder's switch interval
-each time); measured on an H200, the two-thread version served fewer images than no overlap at all.
+The order is software pipelining, not a second thread: a thread that encodes beside the engine's
+thread fought it for the GIL (every torch call releases and retakes it, and waited for the
+encoder's switch interval each time); measured on an H200, the two-thread version served fewer
+images than no overlap at all.
 
 When no next batch is waiting (low load), the worker calls flush() and the batch is finished and
 encoded at once: the overlap never delays an answer for a batch that is not there.

@@ -7,8 +7,8 @@ Two threads. The I/O thread owns the ROUTER socket: it answers pings at once
 (so a busy GPU never looks like a dead worker), checks each request (deadline,
 slot generation, array bounds) and queues it. The inference thread takes
 batches, runs the engine on views into the frontends' shared-memory rings,
-encodes and serializes the responses (each batch's while the next one is on
-the device: dd/worker/pipeline.py), and hands them back to the I/O thread
+finishes and encodes each batch while the next one is on the device
+(dd/worker/pipeline.py), and hands the responses back to the I/O thread
 over an inproc socket (ZeroMQ sockets are not shared between threads).
 
 The engine module, and with it torch, is imported only after

@@ -26,6 +26,7 @@ import bench_mixed_sizes  # noqa: E402
 import bench_requests  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_startup  # noqa: E402
+import thread_states  # noqa: E402
 
 
 def _has_matplotlib() -> bool:
@@ -395,3 +396,62 @@ def test_gpu_host_path_worker_step_splits_the_pipelined_loop(tmp_path: Path) -> 
         row = json.load(tar.extractfile("./worker/worker.json"))["batches"]["2"]  # type: ignore[arg-type]
     assert "./worker/cprofile_pipelined_cpu_batch2.txt" in names
     assert row["pipelined_cycle_cpu_ms"] > 0 and row["pipelined_start_wall_ms"] > 0
+
+
+DUMP = """Process 16331: python -c ...
+Python v3.11.7 (/usr/bin/python3.11)
+
+Thread 16330 (idle): "MainThread"
+    epoll_wait (libc.so.6)
+    select (selectors.py:468)
+Thread 16373 (active+gil): "decode_0"
+    spin (<string>:6)
+Thread 16374 (idle): "decode_1"
+    pthread_cond_timedwait (libc.so.6)
+    take_gil (libpython3.11.so.1.0)
+    PyEval_RestoreThread (libpython3.11.so.1.0)
+    imdecode (cv2.abi3.so)
+Thread 16375 (active): "depth-decode_3"
+    isal_inflate (isal_zlib.so)
+Thread 0x7F00 (idle)
+    futex_wait (libc.so.6)
+"""
+
+
+def test_thread_states_reads_each_threads_state_from_a_dump() -> None:
+    assert thread_states.parse_dump(DUMP) == [("main thread", "sleeps"), ("decode", "holds the GIL"),
+                                              ("decode", "waits for the GIL"),
+                                              ("depth-decode", "runs without the GIL"), ("0x7F00", "sleeps")]
+
+
+@pytest.mark.skipif(not thread_states.available(), reason="py-spy is not installed")
+def test_thread_states_sees_a_thread_wait_for_the_gil_that_another_holds(tmp_path: Path) -> None:
+    """A real process: one thread runs Python without pause, one copies a large array (numpy gives the GIL
+    up for it) in a loop and so keeps waiting to take it back."""
+    code = ("import threading, time, numpy as np\n"
+            "a = np.zeros(5_000_000)\n"
+            "def spin():\n    while True: pass\n"
+            "def copier():\n    while True: a.copy()\n"
+            "threading.Thread(target=spin, name='spinner', daemon=True).start()\n"
+            "threading.Thread(target=copier, name='copier', daemon=True).start()\n"
+            "print('up', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        sampler = thread_states.StateSampler({"test": [proc.pid]}, interval=0.05)
+        sampler.start()
+        deadline = time.monotonic() + 60
+        while sampler.dumps < 12 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        states = sampler.stop()
+    finally:
+        proc.kill()
+        proc.wait()
+    if not states:
+        pytest.skip("py-spy cannot read another process here (ptrace not permitted)")
+    # one thread of each name: the average count of it in a state is the share of dumps in it
+    assert all(abs(sum(per.values()) - 1) < 0.02 for per in states.values()), states
+    assert states["test: spinner"]["holds the GIL"] > 0.5, states
+    assert states["test: copier"]["holds the GIL"] + states["test: copier"]["sleeps"] < 0.9, states
+    assert states["test: copier"]["waits for the GIL"] + states["test: copier"]["runs without the GIL"] > 0.1, states
+    assert states["test: main thread"]["sleeps"] > 0.9, states
