@@ -41,8 +41,9 @@ _BOX = (4 << 3) | _LEN  # Instance.box
 _MASK = (5 << 3) | _LEN  # Instance.mask
 _COUNTS = (4 << 3) | _LEN  # Mask.counts
 _BOX_FIELDS = [((k + 1) << 3) | _FIXED32 for k in range(4)]  # Box.x1, y1, x2, y2
-# RLE bytes in a response from which its instances are written here rather than built by protobuf
-# (CI box, 100 instances: 0.25 ms by protobuf, 0.28 here with 300 B masks; 0.45 and 0.34 with 7 KB ones).
+# RLE bytes in a response from which its instances are written here rather than built by protobuf (CI box,
+# strings in one buffer, one response: 100 instances x 7 KB 0.75-0.79 ms by protobuf, 0.49-0.63 here; 100 x
+# 300 B 0.27-0.50 and 0.31-0.58; 20 x 300 B 0.06-0.11 and 0.22-0.42; BENCHMARKS.md, session 12).
 WIRE_FROM_BYTES = 64 * 1024
 _VARINT_MAX = 5  # bytes: every length here is below 2**35
 _SHIFTS = np.arange(_VARINT_MAX, dtype=np.int64) * 7

@@ -58,8 +58,8 @@ class RleText(Sequence[bytes]):
     list of bytes would give it), and views() of the strings without a copy, for a response encoder
     that writes them straight into its response (detector_v1). A GPU batch of 16 images with 100
     instances each carries megabytes of them with random weights; copying them out one by one, then
-    into a protobuf message and again when serializing, cost the worker's one inference thread about
-    5 ms a batch on the H200's host."""
+    into a protobuf message and again when serializing, cost the worker's one inference thread 4-5 ms
+    a batch on the H200's host (BENCHMARKS.md, S12-4)."""
 
     __slots__ = ("_data", "_bounds")
 
