@@ -393,22 +393,26 @@ def table(results: dict) -> list[str]:
     return lines + time_split_table(results) + thread_table(results) + state_table(results)
 
 
+def _highest_loads(results: dict):  # noqa: ANN202 - yields (kind, frontends, concurrency, result)
+    """Each request kind's load at its highest concurrency, per served configuration, kinds in order."""
+    for kind in results.get("kinds", []):
+        for f, per in results.get("served", {}).items():
+            runs = per.get(kind, {})
+            if runs:
+                c = max(runs, key=int)
+                yield kind, f, c, runs[c]
+
+
 def thread_table(results: dict) -> list[str]:
     """A third table: the server's CPU ms per image by thread (frontends summed), per request kind and
     frontend count, at the highest concurrency loaded, where it was recorded: which thread saturates
     first (a worker's inference thread at 1000 ms per second of load cannot feed the GPU faster)."""
     cols, names = [], set()
-    for kind in results.get("kinds", []):
-        for f, per in results.get("served", {}).items():
-            runs = per.get(kind, {})
-            if not runs:
-                continue
-            c = max(runs, key=int)
-            r = runs[c]
-            threads = r.get("thread_cpu_ms_per_image")
-            if threads and r.get("images_per_s"):
-                cols.append((f"{kind}, {f}, c={c}", threads, r["images_per_s"]))
-                names.update(threads)
+    for kind, f, c, r in _highest_loads(results):
+        threads = r.get("thread_cpu_ms_per_image")
+        if threads and r.get("images_per_s"):
+            cols.append((f"{kind}, {f}, c={c}", threads, r["images_per_s"]))
+            names.update(threads)
     if not cols:
         return []
     keep = sorted((n for n in names if max(t.get(n, 0.0) for _, t, _ in cols) >= 0.05),
@@ -427,15 +431,8 @@ def state_table(results: dict) -> list[str]:
     """The server's Python threads' states at the highest concurrency (--thread-states), one row per
     thread name and column per served configuration and kind: how many of those threads were in each
     state in one process, on average over the dumps."""
-    cols = []
-    for f, per in results.get("served", {}).items():
-        for kind, runs in per.items():
-            if kind.startswith("_") or not isinstance(runs, dict) or not runs:
-                continue
-            r = runs[max(runs, key=int)]
-            if r.get("thread_states"):
-                cols.append((f"{kind}, {f}, c={max(runs, key=int)}, {r.get('thread_state_dumps', 0)} dumps",
-                             r["thread_states"]))
+    cols = [(f"{kind}, {f}, c={c}, {r.get('thread_state_dumps', 0)} dumps", r["thread_states"])
+            for kind, f, c, r in _highest_loads(results) if r.get("thread_states")]
     if not cols:
         return []
     names = sorted({n for _, t in cols for n in t}, key=lambda n: (not n.startswith("worker"), n))

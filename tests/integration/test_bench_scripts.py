@@ -359,16 +359,21 @@ def test_bench_conv_first_call_tables_first_and_second_calls() -> None:
     assert all(len(r.strip("|").split("|")) == 6 for r in rows)
 
 
-@pytest.mark.slow
-def test_gpu_host_path_runs_every_step_on_a_cpu(tmp_path: Path) -> None:
-    """scripts/gpu_host_path.sh in SMOKE mode: the device call's steps, each writing what summary.md gathers."""
+def _host_path_smoke(tmp_path: Path, timeout: float, **settings: str) -> str:
+    """scripts/gpu_host_path.sh in SMOKE mode (CPU, tiny frames, no wheels) into tmp_path/out; its output."""
     import os
 
     env = dict(os.environ, SMOKE="1", OUT=str(tmp_path / "out"), WHL=str(tmp_path / "no-wheels"), PY=sys.executable,
-               VARIANTS='n3=--frontend-nice=3')
+               **settings)
     done = subprocess.run(["bash", "scripts/gpu_host_path.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=400)
-    log = done.stdout + done.stderr
+                          timeout=timeout)
+    return done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_gpu_host_path_runs_every_step_on_a_cpu(tmp_path: Path) -> None:
+    """scripts/gpu_host_path.sh in SMOKE mode: the device call's steps, each writing what summary.md gathers."""
+    log = _host_path_smoke(tmp_path, 400, VARIANTS='n3=--frontend-nice=3')
     for name in ("decode", "serve", "client_shm", "startup"):
         assert f"== {name}: exit 0" in log, log[-4000:]
     summary = (tmp_path / "out" / "summary.md").read_text()
@@ -379,15 +384,9 @@ def test_gpu_host_path_runs_every_step_on_a_cpu(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_gpu_host_path_worker_step_splits_the_pipelined_loop(tmp_path: Path) -> None:
     """STEPS=worker: profile_worker.py's host time by phase lands in summary.md, with its CPU profile in the archive."""
-    import json
-    import os
     import tarfile
 
-    env = dict(os.environ, SMOKE="1", OUT=str(tmp_path / "out"), WHL=str(tmp_path / "no-wheels"), PY=sys.executable,
-               STEPS="worker")
-    done = subprocess.run(["bash", "scripts/gpu_host_path.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    log = done.stdout + done.stderr
+    log = _host_path_smoke(tmp_path, 300, STEPS="worker")
     assert "== worker: exit 0" in log and "== serve" not in log, log[-4000:]
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "## worker.log" in summary

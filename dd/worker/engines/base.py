@@ -82,7 +82,8 @@ class RleText(Sequence[bytes]):
         if isinstance(i, slice):
             start, stop, step = i.indices(len(self))
             if step != 1:
-                return RleText(b"".join(self.views()[i]), _offsets([len(v) for v in self.views()[i]]))
+                picked = self.views()[i]
+                return RleText(b"".join(picked), _offsets([len(v) for v in picked]))
             return RleText(self._data, self._bounds[start:max(start, stop) + 1])
         n = len(self)
         if not -n <= i < n:
