@@ -352,7 +352,8 @@ def thread_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[st
 def cpu_by_role(server_pid: int) -> dict[str, float]:
     """CPU seconds (user + system) so far of a server's processes by role (frontend, worker, supervisor;
     "server" for a single-process server) and of this benchmark's client (this process and its other
-    children: the client processes)."""
+    children: the client processes). Each frontend also apart, as "frontend#PID" (cpu_delta keeps the
+    busiest and the idlest: the kernel gives each client connection to one frontend)."""
     import psutil
 
     out: dict[str, float] = {}
@@ -374,6 +375,8 @@ def cpu_by_role(server_pid: int) -> dict[str, float]:
         except psutil.NoSuchProcess:
             continue
         add(role, child)
+        if role == "frontend":
+            add(f"frontend#{child.pid}", child)
     me = psutil.Process()
     add("client", me)
     for child in me.children(recursive=True):
@@ -388,8 +391,14 @@ def cpu_delta(before: dict[str, float], after: dict[str, float], answered: int, 
     """CPU ms per answered image by role (and by thread, given threads_by_role before and after), and
     cores busy meanwhile (warm-up requests counted: upper bounds)."""
     n = max(1, answered)
-    out = {"cpu_ms_per_image": {k: round((after[k] - before.get(k, 0.0)) * 1e3 / n, 2) for k in after},
-           "cores_busy": {k: round((after[k] - before.get(k, 0.0)) / max(wall_s, 1e-9), 2) for k in after}}
+    spent = {k: after[k] - before.get(k, 0.0) for k in after if "#" not in k}
+    out: dict = {"cpu_ms_per_image": {k: round(v * 1e3 / n, 2) for k, v in spent.items()},
+                 "cores_busy": {k: round(v / max(wall_s, 1e-9), 2) for k, v in spent.items()}}
+    each = sorted(after[k] - before.get(k, 0.0) for k in after if k.startswith("frontend#"))
+    if each:  # how evenly the kernel spread the clients' connections over the frontends
+        out["frontend_processes"] = {"busiest_ms_per_image": round(each[-1] * 1e3 / n, 2),
+                                     "idlest_ms_per_image": round(each[0] * 1e3 / n, 2),
+                                     "cores_each": [round(v / max(wall_s, 1e-9), 2) for v in each]}
     if threads_after:
         out["thread_cpu_ms_per_image"] = {k: round(v * 1e3 / n, 2) for k, v in
                                           sorted(thread_delta(threads_before or {}, threads_after).items())}
@@ -439,15 +448,18 @@ def log_events(text: str, since_wall: float = 0.0) -> list[dict]:
 
 # -- the client load ---------------------------------------------------------------------------------
 async def load_raw(target: str, requests: list[bytes], concurrency: int, seconds: float,
-                   start_at: float | None = None, warmup: int = 4) -> tuple[list[float], list[dict], dict, float]:
-    """Closed-loop load: latencies (ms), the servers' timing fields, errors by status, and the wall time."""
+                   start_at: float | None = None, warmup: int = 4,
+                   connections: int | None = None) -> tuple[list[float], list[dict], dict, float]:
+    """Closed-loop load: latencies (ms), the servers' timing fields, errors by status, and the wall time.
+    `connections`: the client's (None: the client library's default)."""
     from dd.client import AsyncDetectorClient
 
     reqs = [pb.DetectRequest.FromString(r) for r in requests]
     lat: list[float] = []
     timings: list[dict] = []
     errors: dict[str, int] = {}
-    async with AsyncDetectorClient(target, timeout=60) as client:
+    async with AsyncDetectorClient(target, timeout=60, **({} if connections is None else
+                                                          {"connections": connections})) as client:
         for r in reqs[:warmup]:
             await client.detect_request(r)
         if start_at is not None:  # several client processes start loading together
@@ -484,8 +496,9 @@ def summarize(lat: list[float], timings: list[dict], errors: dict, wall: float) 
     return out
 
 
-def _load_in_child(target: str, requests: list[bytes], concurrency: int, seconds: float, start_at: float):
-    return asyncio.run(load_raw(target, requests, concurrency, seconds, start_at))
+def _load_in_child(target: str, requests: list[bytes], concurrency: int, seconds: float, start_at: float,
+                   connections: int | None = None):
+    return asyncio.run(load_raw(target, requests, concurrency, seconds, start_at, connections=connections))
 
 
 def _ready(_: int) -> int:
@@ -510,14 +523,16 @@ class ClientPool:
             self.pool = futures.ProcessPoolExecutor(self.procs, mp_context=multiprocessing.get_context("spawn"))
             list(self.pool.map(_ready, range(self.procs * 4)))
 
-    def load(self, target: str, requests: list[bytes], concurrency: int, seconds: float) -> dict:
+    def load(self, target: str, requests: list[bytes], concurrency: int, seconds: float,
+             connections: int | None = None) -> dict:
+        """`connections`: each client process's (None: the client library's default)."""
         procs = min(self.procs, concurrency)
         if procs == 1 or self.pool is None:
-            return summarize(*asyncio.run(load_raw(target, requests, concurrency, seconds)))
+            return summarize(*asyncio.run(load_raw(target, requests, concurrency, seconds, connections=connections)))
         shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
         start_at = time.time() + 1.0  # each (already started) process connects and warms up first
         parts = list(self.pool.map(_load_in_child, [target] * procs, [requests] * procs, shares,
-                                   [seconds] * procs, [start_at] * procs))
+                                   [seconds] * procs, [start_at] * procs, [connections] * procs))
         errors: dict[str, int] = {}
         for p in parts:
             for k, v in p[2].items():

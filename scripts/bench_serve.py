@@ -34,6 +34,7 @@ meaningful numbers; runs anywhere.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -52,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_requests import (KINDS, REPO, ClientPool, Served, cpu_by_role, cpu_delta, decode_per_core,  # noqa: E402
                             decode_request, free_port, probe, requests_of, scenes, slot_mb, stats, stop_on_sigterm,
                             threads_by_role, zstd_available)
+from thread_stacks import Recording  # noqa: E402
 from thread_states import StateSampler  # noqa: E402
 
 from dd.config import DEFAULT_ARCHITECTURE, load_model_config  # noqa: E402
@@ -263,11 +265,14 @@ def parse_variants(given: list[str], no_plain: bool = False) -> dict[str, tuple[
 def serve_and_load(folder: Path, out_dir: Path, frontends: int, env: dict[str, str],
                    requests: dict[str, list[bytes]], concurrencies: list[int], seconds: float, clients: ClientPool,
                    slot: int, save, results: dict, ring_slots: int = 32, serve_args: list[str] | None = None,
-                   label: str = "", thread_states: float = 0.0) -> None:
+                   label: str = "", thread_states: float = 0.0, thread_stacks: float = 0.0,
+                   connections: int | None = None) -> None:
     """`deep-detection serve FOLDER` with this many frontends, each kind at each concurrency, then stopped.
     Fills results[kind][concurrency]; results["_skipped"][kind] says why a kind was not loaded.
     thread_states > 0: at the highest concurrency, the server's Python threads' states from py-spy dumps
-    this many seconds apart (scripts/thread_states.py), in results[kind][concurrency]["thread_states"]."""
+    this many seconds apart (scripts/thread_states.py), in results[kind][concurrency]["thread_states"].
+    thread_stacks > 0: at the highest concurrency, where the first frontend's and the first worker's threads
+    are, from a py-spy recording of that many seconds (scripts/thread_stacks.py), in ...["thread_stacks"]."""
     tmp = Path(tempfile.mkdtemp(prefix="ddbench-run-", dir="/tmp"))
     log_name = f"serve_frontends{frontends}{'_' + label if label else ''}.log"
     server = Served(folder, tmp / "run", out_dir / log_name, frontends, env, slot_mb=slot,
@@ -289,7 +294,14 @@ def serve_and_load(folder: Path, out_dir: Path, frontends: int, env: dict[str, s
                     sampler = StateSampler({role: server.pids(role) for role in ("frontend", "worker")},
                                            thread_states)
                     sampler.start()
-                r = clients.load(server.target, reqs, c, seconds)
+                recordings = {}
+                if thread_stacks > 0 and c == max(concurrencies):
+                    # past the clients' connection and warm-up (ClientPool.load starts them together 1 s on)
+                    recordings = {role: Recording(server.pids(role)[0], min(thread_stacks, seconds), delay=1.5)
+                                  for role in ("frontend", "worker") if server.pids(role)}
+                r = clients.load(server.target, reqs, c, seconds, connections)
+                if recordings:
+                    r["thread_stacks"] = {role: rec.result() for role, rec in recordings.items()}
                 if sampler is not None:
                     r["thread_states"] = sampler.stop()
                     r["thread_state_dumps"] = sampler.dumps
@@ -311,7 +323,8 @@ def _brief(r: dict) -> str:
         return f"no answers, errors {r.get('errors_by_code')}"
     cpu = r.get("cpu_ms_per_image", {})
     return (f"p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, {r['images_per_s']:.1f} images/s, "
-            f"CPU ms/image {cpu}, errors {r['errors']}")
+            f"CPU ms/image {cpu}, frontends' cores each {r.get('frontend_processes', {}).get('cores_each')}, "
+            f"errors {r['errors']}")
 
 
 # -- the table and the pictures ----------------------------------------------------------------------
@@ -390,7 +403,8 @@ def table(results: dict) -> list[str]:
                      f"{results['grpc_floor_ms']:.2f} ms (what any Python gRPC service pays here)")
     lines.append("- CPU ms per answered image (psutil, user + system, before and after each load; client warm-up "
                  "requests included); server = frontends + worker + supervisor, or the baseline's one process")
-    return lines + time_split_table(results) + thread_table(results) + state_table(results)
+    return (lines + time_split_table(results) + thread_table(results) + state_table(results)
+            + stack_table(results))
 
 
 def _highest_loads(results: dict):  # noqa: ANN202 - yields (kind, frontends, concurrency, result)
@@ -411,6 +425,9 @@ def thread_table(results: dict) -> list[str]:
     for kind, f, c, r in _highest_loads(results):
         threads = r.get("thread_cpu_ms_per_image")
         if threads and r.get("images_per_s"):
+            fp = r.get("frontend_processes", {})
+            threads = {**threads, **{f"frontend (the {w} process)": fp[f"{w}_ms_per_image"]
+                                     for w in ("busiest", "idlest") if f"{w}_ms_per_image" in fp}}
             cols.append((f"{kind}, {f}, c={c}", threads, r["images_per_s"]))
             names.update(threads)
     if not cols:
@@ -447,6 +464,23 @@ def state_table(results: dict) -> list[str]:
             st = t.get(n)
             cells.append(" / ".join(f"{st[k]:.2f}" for k in short) if st else "")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def stack_table(results: dict) -> list[str]:
+    """Where one frontend's and one worker's threads were at the highest concurrency (--thread-stacks): per
+    thread name, its samples, the share waiting for the GIL, and its most frequent places."""
+    lines = []
+    for kind, f, c, r in _highest_loads(results):
+        for role, names in (r.get("thread_stacks") or {}).items():
+            if not names:
+                continue
+            lines += ["", f"### Where the {role}'s threads were ({kind}, {f} frontends, c={c}; py-spy record, one "
+                          "process; samples of all threads of a name; share waiting for the GIL)", "",
+                      "| thread | samples | GIL wait | places (share of its samples) |", "|---|---|---|---|"]
+            for name, s in names.items():
+                places = "<br>".join(f"{share:.2f} {where.replace('|', '/')}" for where, share in s["where"])
+                lines.append(f"| {name} | {s['samples']} | {s['gil_wait']:.2f} | {places} |")
     return lines
 
 
@@ -704,10 +738,18 @@ def main() -> int:
                          "WHAT is `deep-detection serve` flags (--variant nice5=--frontend-nice=5) or, starting "
                          "with {, ENGINE_OPTIONS for its own model folder (--variant 'bsync={\"blocking_sync\": "
                          "true}'); the plain configuration is the variant \"\"; repeatable")
+    ap.add_argument("--connections", type=int, nargs="+", default=[0], metavar="N",
+                    help="TCP connections of each client process (dd.client's `connections`; 0: the library's "
+                         "default); several are loaded one after another, each labelled connN in the frontends "
+                         "column but the default")
     ap.add_argument("--no-plain", action="store_true", help="with --variant: leave out the plain configuration")
     ap.add_argument("--thread-states", type=float, default=0.0, metavar="SECONDS",
                     help="at the highest concurrency, py-spy dumps of the frontends and workers this many seconds "
                          "apart: which threads hold the GIL, wait for it, run C code or sleep (needs py-spy)")
+    ap.add_argument("--thread-stacks", type=float, default=0.0, metavar="SECONDS",
+                    help="at the highest concurrency, a py-spy recording of this many seconds (at most the load's) "
+                         "of the first frontend and the first worker: where each thread's samples were, and the "
+                         "share waiting for the GIL (needs py-spy)")
     ap.add_argument("--baseline-server", nargs=3, metavar=("FOLDER", "DEVICE", "PORT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_server:
@@ -774,8 +816,9 @@ def main() -> int:
         results["served"] = {}
         variants = parse_variants(args.variant, args.no_plain)
         for f in args.frontends:
-            for label, (flags, options) in variants.items():
-                key = f"{f} {label}".strip()  # "8", or "8 nice5": the frontends column of the table
+            for (label, (flags, options)), conns in itertools.product(variants.items(), args.connections):
+                # "8", "8 nice5" or "8 conn1": the frontends column of the table
+                key = f"{f} {label} {f'conn{conns}' if conns else ''}".strip().replace("  ", " ")
                 results["served"][key] = {}
                 served_folder = folder if options is None else make_model(
                     tmp, args.engine, args.arch, args.batch, args.height, args.width, args.detections,
@@ -783,7 +826,10 @@ def main() -> int:
                 try:
                     serve_and_load(served_folder, out, f, env, requests, args.concurrency, args.seconds, clients,
                                    slot_mb(args.height, args.width), save, results["served"][key], args.ring_slots,
-                                   args.serve_arg + flags, label=label, thread_states=args.thread_states)
+                                   args.serve_arg + flags,
+                                   label="_".join(x for x in (label, conns and f"conn{conns}") if x),
+                                   thread_states=args.thread_states, thread_stacks=args.thread_stacks,
+                                   connections=conns or None)
                 except Exception as exc:  # noqa: BLE001 - in the table; the other frontend counts still run
                     results["served"][key]["_error"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
                     print(f"served with {key} frontend(s) failed: {exc}", flush=True)

@@ -18,6 +18,10 @@
 # Each step gets at most what it wants, less what the steps after it need at least (MIN_S below).
 # THREAD_STATES=SECONDS: the serve step also takes py-spy dumps of the server at the highest concurrency,
 # that many seconds apart (scripts/thread_states.py: which threads hold the GIL, wait for it, or sleep).
+# CONNECTIONS: each client process's TCP connections, several loaded one after another (bench_serve --connections;
+# default 0: the client library's).
+# THREAD_STACKS=SECONDS: the serve step also records one frontend and one worker with py-spy for that many seconds
+# at the highest concurrency (scripts/thread_stacks.py: where each thread's samples were, and GIL waits).
 # Everything lands in $OUT/host_path.tgz (logs, JSON, tables, pictures) and $OUT/summary.md (the tables).
 #
 # On the GPU machine, from the repository root (carry .whl):
@@ -38,6 +42,8 @@ STEPS=${STEPS:-gpu_tests decode serve client_shm startup}
 ENCODINGS=${ENCODINGS:-jpeg+png jpeg+png-lib}
 FRONTENDS=${FRONTENDS:-0}
 THREAD_STATES=${THREAD_STATES:-0}
+THREAD_STACKS=${THREAD_STACKS:-0}
+CONNECTIONS=${CONNECTIONS:-0}
 DEADLINE_S=${DEADLINE_S:-560}
 RES=$(mktemp -d /tmp/host-path-XXXX)
 mkdir -p "$OUT"
@@ -62,6 +68,9 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
       'protobuf', google.protobuf.__version__, 'zmq', zmq.__version__, 'cv2', cv2.__version__, 'isal', isal.__version__,
       'numpy', numpy.__version__)" | tee "$RES/versions.txt" || return 1
 
+  # The machine's CPU each second (its st column: time the hypervisor gave this VM's cores to others).
+  local vmstat_pid=""
+  command -v vmstat >/dev/null && { vmstat -n -t 1 > "$RES/vmstat.log" 2>&1 & vmstat_pid=$!; }
   local engine=(--engine fast) size=() serve_extra=(--batch 16 --engine-batches 16 --client-procs 4 --seconds 4)
   local startup=(--engine fast --models r50 --no-kill) shm=(--engine fast --requests 150) conc=(${CONC:-1 64})
   local worker=(--batches 16 --seconds 3)
@@ -96,7 +105,7 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
       serve)
         step serve "$(budget 240 $later)" "$PY" scripts/bench_serve.py "${engine[@]}" "${size[@]}" "${serve_extra[@]}" \
           --frontends "${frontends[@]}" --encodings "${encodings[@]}" --concurrency "${conc[@]}" --no-baseline "${variants[@]}" \
-          --thread-states "$THREAD_STATES" --out "$RES/serve" ;;
+          --thread-states "$THREAD_STATES" --thread-stacks "$THREAD_STACKS" --connections $CONNECTIONS --out "$RES/serve" ;;
       client_shm)
         step client_shm "$(budget 70 $later)" "$PY" scripts/bench_client_shm.py "${shm[@]}" ;;
       startup)
@@ -108,6 +117,7 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
     esac
   done
 
+  [ -n "$vmstat_pid" ] && kill "$vmstat_pid" 2>/dev/null
   {
     echo "# gpu_host_path.sh, $(date -u +%FT%TZ), $(nproc) cores"; echo; cat "$RES/versions.txt"; echo
     for f in decode.log serve/serve.md client_shm.log startup/startup.md worker.log; do

@@ -11,6 +11,7 @@ never gRPC's internal error types.
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterable, Iterator
 
@@ -104,23 +105,62 @@ def _channel_options(max_message_mb: float) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
 
 
+# Connections a client opens by default. A server's frontends share its port (SO_REUSEPORT): the
+# kernel gives each TCP connection to one frontend, so a client with one connection is decoded by one
+# process however many the server runs (H200, S13-2: 4 client processes, one connection each, left all
+# of one of the 8 frontends idle). Channels connect lazily: a client that never has two calls in
+# flight opens one.
+CONNECTIONS = 8
+
+
+class _Connections:
+    """A client's channels, each its own TCP connection, and the calls in flight on each: a call goes to
+    the one with the fewest (the first of those), so a frontend that answers slower (busier) gets fewer
+    new calls, and a client with one call in flight at a time keeps to one warm connection. Safe to
+    share between threads."""
+
+    def __init__(self, make_channel, target: str, credentials: grpc.ChannelCredentials | None,
+                 opts: list[tuple[str, int]], n: int) -> None:
+        if n < 1:
+            raise ValueError(f"connections must be at least 1, got {n}")
+        # Without a local subchannel pool, gRPC shares one connection among channels with equal arguments.
+        opts = opts + [("grpc.use_local_subchannel_pool", 1)] if n > 1 else opts
+        self.channels = [make_channel(target, credentials, opts) if credentials else make_channel(target, opts)
+                         for _ in range(n)]
+        self.stubs = [pb_grpc.DetectorStub(ch) for ch in self.channels]
+        self.in_flight = [0] * n
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self._lock:
+            i = self.in_flight.index(min(self.in_flight))
+            self.in_flight[i] += 1
+            return i
+
+    def release(self, i: int) -> None:
+        with self._lock:
+            self.in_flight[i] -= 1
+
+
 def _metadata(token: str | None) -> list[tuple[str, str]] | None:
     return [("authorization", f"Bearer {token}")] if token else None
 
 
 class DetectorClient:
-    """Blocking client. One channel; safe to share between threads."""
+    """Blocking client; safe to share between threads."""
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float = 30.0, max_message_mb: float = 64.0,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                 encoding: str = "auto") -> None:
+                 encoding: str = "auto", connections: int = CONNECTIONS) -> None:
         """`encoding`: how detect() sends images (dd.client.encoding); `auto` picks raw arrays for a
-        local server (loopback or unix socket) and JPEG + zstd depth for a remote one."""
+        local server (loopback or unix socket) and JPEG + zstd depth for a remote one. `connections`:
+        at most this many TCP connections, so that calls from several threads spread over the server's
+        frontends (CONNECTIONS)."""
         self.encoding = wire.resolve(encoding, target)
-        opts = _channel_options(max_message_mb)
-        self.channel = (grpc.secure_channel(target, credentials, opts) if credentials
-                        else grpc.insecure_channel(target, opts))
-        self.stub = pb_grpc.DetectorStub(self.channel)
+        self._conns = _Connections(grpc.secure_channel if credentials else grpc.insecure_channel, target,
+                                   credentials, _channel_options(max_message_mb), connections)
+        self.channel = self._conns.channels[0]  # for callers that wait on or inspect one channel
+        self.stub = self._conns.stubs[0]
         self.target = target
         self.timeout = timeout
         self.metadata = _metadata(token)
@@ -132,7 +172,8 @@ class DetectorClient:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self._conns.channels:
+            channel.close()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Waits until a connection to the server is up; DetectionError (UNAVAILABLE) if none within `timeout`."""
@@ -151,21 +192,27 @@ class DetectorClient:
         return self.detect_request(self.make_request(color, depth, **kwargs), timeout=timeout)
 
     def detect_request(self, request: pb.DetectRequest, timeout: float | None = None) -> Result:
+        i = self._conns.acquire()
         try:
-            resp = self.stub.Detect(request, timeout=timeout or self.timeout, metadata=self.metadata)
+            resp = self._conns.stubs[i].Detect(request, timeout=timeout or self.timeout, metadata=self.metadata)
         except grpc.RpcError as exc:
             raise _call_error(exc, request, self.target) from None
+        finally:
+            self._conns.release(i)
         return Result.from_proto(resp)
 
     def detect_stream(self, requests: Iterable[pb.DetectRequest], timeout: float | None = None) -> Iterator[Result]:
         """Results as they come (in any order; match them by request_id). A request that fails
         alone comes back as a Result with error_code/error_message; DetectionError ends the
         stream when the call itself fails (no server, no token, its deadline)."""
+        i = self._conns.acquire()  # a stream is one call in flight on one connection, for as long as it lasts
         try:
-            for resp in self.stub.DetectStream(iter(requests), timeout=timeout, metadata=self.metadata):
+            for resp in self._conns.stubs[i].DetectStream(iter(requests), timeout=timeout, metadata=self.metadata):
                 yield Result.from_proto(resp)
         except grpc.RpcError as exc:
             raise DetectionError.from_rpc(exc, target=self.target) from None
+        finally:
+            self._conns.release(i)
 
     def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
         try:
@@ -181,14 +228,16 @@ class AsyncDetectorClient:
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float = 30.0, max_message_mb: float = 64.0,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
-                 encoding: str = "auto") -> None:
+                 encoding: str = "auto", connections: int = CONNECTIONS) -> None:
         """`encoding`: how detect() sends images (dd.client.encoding); `auto` picks raw arrays for a
-        local server (loopback or unix socket) and JPEG + zstd depth for a remote one."""
+        local server (loopback or unix socket) and JPEG + zstd depth for a remote one. `connections`:
+        at most this many TCP connections, so that concurrent calls spread over the server's frontends
+        (CONNECTIONS)."""
         self.encoding = wire.resolve(encoding, target)
-        opts = _channel_options(max_message_mb)
-        self.channel = (grpc.aio.secure_channel(target, credentials, opts) if credentials
-                        else grpc.aio.insecure_channel(target, opts))
-        self.stub = pb_grpc.DetectorStub(self.channel)
+        self._conns = _Connections(grpc.aio.secure_channel if credentials else grpc.aio.insecure_channel, target,
+                                   credentials, _channel_options(max_message_mb), connections)
+        self.channel = self._conns.channels[0]
+        self.stub = self._conns.stubs[0]
         self.target = target
         self.timeout = timeout
         self.metadata = _metadata(token)
@@ -200,7 +249,7 @@ class AsyncDetectorClient:
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close()
+        await asyncio.gather(*(channel.close() for channel in self._conns.channels))
 
     def make_request(self, color: ImageLike, depth: ImageLike | None = None, **kwargs: object) -> pb.DetectRequest:
         """make_request in this client's encoding, in the calling thread."""
@@ -213,20 +262,27 @@ class AsyncDetectorClient:
         return await self.detect_request(request, timeout=timeout)
 
     async def detect_request(self, request: pb.DetectRequest, timeout: float | None = None) -> Result:
+        i = self._conns.acquire()
         try:
-            resp = await self.stub.Detect(request, timeout=timeout or self.timeout, metadata=self.metadata)
+            resp = await self._conns.stubs[i].Detect(request, timeout=timeout or self.timeout,
+                                                     metadata=self.metadata)
         except grpc.RpcError as exc:
             raise _call_error(exc, request, self.target) from None
+        finally:
+            self._conns.release(i)
         return Result.from_proto(resp)
 
     async def detect_stream(self, requests: AsyncIterator[pb.DetectRequest] | Iterable[pb.DetectRequest],
                             timeout: float | None = None) -> AsyncIterator[Result]:
-        call = self.stub.DetectStream(requests, timeout=timeout, metadata=self.metadata)
+        i = self._conns.acquire()
+        call = self._conns.stubs[i].DetectStream(requests, timeout=timeout, metadata=self.metadata)
         try:
             async for resp in call:
                 yield Result.from_proto(resp)
         except grpc.RpcError as exc:
             raise DetectionError.from_rpc(exc, target=self.target) from None
+        finally:
+            self._conns.release(i)
 
     async def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
         try:

@@ -332,3 +332,76 @@ def test_serve_without_path_serves_node_config_file(tmp_path: Path) -> None:
             assert len(client.detect(color, depth).instances) == 4
         log = srv.log()
     assert "no PATH given: serving model_repository/x/node_config.json ($NODE_CONFIG_FILE)" in log, log
+
+
+_CONNECTIONS_CHILD = """
+import asyncio, sys, threading
+from dd.client import AsyncDetectorClient, DetectorClient, make_request
+from tests.conftest import scene
+target, kind, n, streams = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+color, depth = scene(1)
+request = make_request(color, depth, model="null")
+if kind == "sync":
+    client = DetectorClient(target, connections=n)
+    for _ in range(3):  # one call at a time: one connection
+        client.detect_request(request)
+    answered, hold = threading.Barrier(streams + 1), threading.Event()
+
+    def requests():
+        yield request
+        hold.wait()  # the stream stays open, a call in flight, until the parent has counted
+
+    def stream():
+        for _ in client.detect_stream(requests()):
+            answered.wait()
+
+    for _ in range(streams):
+        threading.Thread(target=stream, daemon=True).start()
+    answered.wait()
+else:
+    async def main():
+        client = AsyncDetectorClient(target, connections=n)
+        for _ in range(3):
+            await client.detect_request(request)
+        hold = asyncio.Event()
+
+        async def requests():
+            yield request
+            await hold.wait()
+
+        streams_ = [client.detect_stream(requests()) for _ in range(streams)]
+        for s in streams_:
+            await s.__anext__()  # its answer came: the stream is open
+        print("done", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+    asyncio.run(main())
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("kind,n,streams,expected", [("sync", 1, 3, 1), ("sync", 4, 3, 3), ("async", 4, 0, 1),
+                                                     ("async", 4, 6, 4)])
+def test_a_client_spreads_concurrent_calls_over_connections_of_its_own(server: ServerProcess, kind: str, n: int,
+                                                                        streams: int, expected: int) -> None:
+    """The server's frontends share its port and the kernel gives each TCP connection to one of them: a
+    client whose calls all go over one connection is decoded by one frontend. Calls one at a time keep to
+    one connection; calls in flight together (streams held open) take one each, up to `connections`, each
+    a TCP connection of its own (counted in the client's process)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    port = int(server.target.rsplit(":", 1)[1])
+    child = subprocess.Popen([sys.executable, "-c", _CONNECTIONS_CHILD, server.target, kind, str(n), str(streams)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert child.stdout.readline().strip() == "done"
+        tcp = [c for c in psutil.Process(child.pid).net_connections("tcp")
+               if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED]
+        assert len(tcp) == expected, tcp
+    finally:
+        child.kill()
+        child.wait()
