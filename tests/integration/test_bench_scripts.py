@@ -26,6 +26,7 @@ import bench_mixed_sizes  # noqa: E402
 import bench_requests  # noqa: E402
 import bench_serve  # noqa: E402
 import bench_startup  # noqa: E402
+import thread_stacks  # noqa: E402
 import thread_states  # noqa: E402
 
 
@@ -454,3 +455,51 @@ def test_thread_states_sees_a_thread_wait_for_the_gil_that_another_holds(tmp_pat
     assert states["test: copier"]["holds the GIL"] + states["test: copier"]["sleeps"] < 0.9, states
     assert states["test: copier"]["waits for the GIL"] + states["test: copier"]["runs without the GIL"] > 0.1, states
     assert states["test: main thread"]["sleeps"] > 0.9, states
+
+
+RAW = """thread (0x1): decode_2;0x7f (libc.so.6);_bootstrap (threading.py:1002);_worker (thread.py:89);\
+decode_into_slot (/srv/dd/frontend/decode.py:468);wait (threading.py:355);PyThread_acquire_lock_timed (python3.12) 30
+thread (0x2): decode_3;_worker (thread.py:89);decode_into_slot (/srv/dd/frontend/decode.py:479);\
+_imdecode (/srv/dd/frontend/decode.py:579);cv::imdecode (cv2.abi3.so);0x7e (libc.so.6);\
+pthread_cond_timedwait (libc.so.6) 10
+thread (0x3): MainThread;run_frontend (/srv/dd/frontend/server.py:228);select (selectors.py:468);\
+epoll_wait (libc.so.6) 50
+thread (0x4): Thread-1 (_poll_wrapper);run (threading.py:1010) 5
+"""
+
+
+def test_thread_stacks_names_each_threads_places_and_its_gil_waits() -> None:
+    where = thread_stacks.summarize(RAW)  # a backslash at a line's end continues it: one line per stack
+    assert set(where) == {"decode", "main thread", "Thread"}
+    decode = where["decode"]
+    assert decode["samples"] == 40 and decode["gil_wait"] == 0.25
+    assert decode["where"] == [
+        ("decode_into_slot (decode.py:468) > wait (threading.py:355) > PyThread_acquire_lock_timed", 0.75),
+        ("_imdecode (decode.py:579) > cv::imdecode > pthread_cond_timedwait", 0.25)]
+    assert where["main thread"]["where"] == [
+        ("run_frontend (server.py:228) > select (selectors.py:468) > epoll_wait", 1.0)]
+
+
+@pytest.mark.skipif(not thread_stacks.available(), reason="py-spy is not installed")
+def test_thread_stacks_sees_a_thread_wait_for_the_gil_that_another_holds() -> None:
+    """A real process, as for thread_states: the copier gives the GIL up for each copy and waits to take it
+    back from the spinner, which never blocks."""
+    code = ("import threading, time, numpy as np\n"
+            "a = np.zeros(5_000_000)\n"
+            "def spin():\n    while True: pass\n"
+            "def copier():\n    while True: a.copy()\n"
+            "threading.Thread(target=spin, name='spinner', daemon=True).start()\n"
+            "threading.Thread(target=copier, name='copier', daemon=True).start()\n"
+            "print('up', flush=True)\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        where = thread_stacks.Recording(proc.pid, seconds=2, rate=50).result()
+    finally:
+        proc.kill()
+        proc.wait()
+    if not where:
+        pytest.skip("py-spy cannot read another process here (ptrace not permitted)")
+    assert where["copier"]["gil_wait"] > 0.1, where
+    assert where["spinner"]["gil_wait"] < where["copier"]["gil_wait"], where
+    assert where["main thread"]["gil_wait"] < 0.2 and where["main thread"]["samples"] > 20, where
