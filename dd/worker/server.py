@@ -344,7 +344,8 @@ class Worker:
             from dd.worker.engines import load_engine
 
             t0 = time.perf_counter()
-            engine = load_engine(self.model, self.device)
+            # With jpeg_decode "frontend" no JPEG reaches the engine: its warm-up may leave them out.
+            engine = load_engine(self.model, self.device, receives_jpeg=self.server.jpeg_decode != "frontend")
             log.info("worker %s loaded %s engine in %.1f s", self.name, engine.name, time.perf_counter() - t0)
         except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
             self._load_failed(exc)

@@ -45,7 +45,8 @@ COLORS = {
 def _repo(root: Path) -> Path:
     return write_model_folders(root, {
         "probe": {"DETECTION_TYPE": "RGBJpegProbe", "ENGINE": "tests.jpeg_probe_engine:JpegProbe",
-                  "ENGINE_OPTIONS": {"record": str(root / "probe.log"), "instances": 9}},
+                  "ENGINE_OPTIONS": {"record": str(root / "probe.log"), "record_load": str(root / "load.log"),
+                                     "instances": 9}},
         "null": {"DETECTION_TYPE": "RGBDNullServicer", "ENGINE_OPTIONS": {"instances": 9}}})
 
 
@@ -94,6 +95,13 @@ def test_the_worker_server_sent_the_jpegs_compressed(servers) -> None:
         seen = log.read_text().split()
         expected = ["jpeg" if policy == "worker" and compressed else "pixels" for _, compressed in COLORS.values()]
         assert seen == expected, policy
+
+
+def test_the_engine_knows_at_load_whether_jpegs_reach_it(servers) -> None:
+    """With jpeg_decode frontend no JPEG reaches the engine, and its warm-up may leave nvJPEG out (the fast
+    engine's `_warm_compressed`); with worker (and auto) it must not."""
+    for policy, (_, repo) in servers.items():
+        assert (repo / "load.log").read_text().split() == [f"receives_jpeg={policy != 'frontend'}"], policy
 
 
 def test_rgbd_with_a_compressed_color_and_an_engine_that_does_not_decode(servers) -> None:

@@ -50,9 +50,11 @@ def create_engine(config: ModelConfig, device: str) -> Engine:
     return cls(config, device)
 
 
-def load_engine(config: ModelConfig, device: str) -> Engine:
-    """Creates and loads the configured engine, or its fallback (with a log line) where it cannot run."""
+def load_engine(config: ModelConfig, device: str, receives_jpeg: bool = True) -> Engine:
+    """Creates and loads the configured engine, or its fallback (with a log line) where it cannot run.
+    `receives_jpeg`: Engine.receives_jpeg."""
     engine = create_engine(config, device)
+    engine.receives_jpeg = receives_jpeg
     try:
         engine.load()
         return engine
@@ -63,5 +65,6 @@ def load_engine(config: ModelConfig, device: str) -> Engine:
             raise
         log.warning("engine %r cannot run here (%s); falling back to %r", config.engine, exc, fallback)
     engine = create_engine(dataclasses.replace(config, engine=fallback), device)
+    engine.receives_jpeg = receives_jpeg
     engine.load()
     return engine

@@ -169,6 +169,10 @@ class Engine(ABC):
     def __init__(self, config: ModelConfig, device: str) -> None:
         self.config = config
         self.device = device
+        # False when no JPEG will reach infer compressed (the worker's frontends decode every one:
+        # ServerConfig.jpeg_decode "frontend"); set before load(), so that its warm-up can leave out
+        # what serves only them (the fast engine: nvJPEG's set-up).
+        self.receives_jpeg = True
 
     @abstractmethod
     def load(self) -> None:

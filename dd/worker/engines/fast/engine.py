@@ -611,7 +611,8 @@ class FastMaskRCNN(Engine):
         first requests after SERVING paid that, tens of ms each."""
         t0 = time.perf_counter()
         color: np.ndarray | EncodedImage = np.zeros((h, w, 3), np.uint8)
-        if self.decodes_jpeg:
+        jpeg = self.decodes_jpeg and self.receives_jpeg  # none reaches it where the frontends decode them all
+        if jpeg:
             color = EncodedImage(encode_jpeg(torch.from_numpy(color).permute(2, 0, 1)).numpy(), h, w)
         depth: np.ndarray | PngRows | None = None
         if self.config.input_kind == "rgbd":
@@ -621,7 +622,7 @@ class FastMaskRCNN(Engine):
         self.infer([EngineInput(color, depth, 1.0)])
         self.redone_images = 0
         log.info("warmed up compressed inputs (a JPEG on the GPU: %s; PNG depth rows: %s) in %.2f s",
-                 "yes" if self.decodes_jpeg else "no",
+                 "yes" if jpeg else "no",
                  "yes" if depth is not None and self.unfilters_png_rows else "no", time.perf_counter() - t0)
 
     @torch.inference_mode()
