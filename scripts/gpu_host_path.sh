@@ -18,6 +18,7 @@
 # Each step gets at most what it wants, less what the steps after it need at least (MIN_S below).
 # THREAD_STATES=SECONDS: the serve step also takes py-spy dumps of the server at the highest concurrency,
 # that many seconds apart (scripts/thread_states.py: which threads hold the GIL, wait for it, or sleep).
+# STARTUP_KILL=1: the startup step also kills the worker under load and times its return (bench_startup.py).
 # CONNECTIONS: each client process's TCP connections, several loaded one after another (bench_serve --connections;
 # default 0: the client library's).
 # THREAD_STACKS=SECONDS: the serve step also records one frontend and one worker with py-spy for that many seconds
@@ -72,7 +73,7 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
   local vmstat_pid=""
   command -v vmstat >/dev/null && { vmstat -n -t 1 > "$RES/vmstat.log" 2>&1 & vmstat_pid=$!; }
   local engine=(--engine fast) size=() serve_extra=(--batch 16 --engine-batches 16 --client-procs 4 --seconds 4)
-  local startup=(--engine fast --models r50 --no-kill) shm=(--engine fast --requests 150) conc=(${CONC:-1 64})
+  local startup=(--engine fast --models r50 $([ "${STARTUP_KILL:-0}" = 1 ] || echo --no-kill)) shm=(--engine fast --requests 150) conc=(${CONC:-1 64})
   local worker=(--batches 16 --seconds 3)
   if [ "$SMOKE" = 1 ]; then
     engine=(--engine torchvision --arch small --device cpu)
