@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import grpc
 
@@ -105,11 +105,11 @@ def _channel_options(max_message_mb: float) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", n), ("grpc.max_receive_message_length", n)]
 
 
-# Connections a client opens by default. A server's frontends share its port (SO_REUSEPORT): the
-# kernel gives each TCP connection to one frontend, so a client with one connection is decoded by one
-# process however many the server runs (H200, S13-2: 4 client processes, one connection each, left all
-# of one of the 8 frontends idle). Channels connect lazily: a client that never has two calls in
-# flight opens one.
+# Connections a client opens at most by default. A server's frontends share its port (SO_REUSEPORT): the
+# kernel gives each TCP connection to one frontend, so the calls of a client with one connection are all
+# decoded by one process however many the server runs (H200, BENCHMARKS.md S13-2 and S13-4: 4 client
+# processes with one connection each left frontends without a request and served 0.75 of the engine;
+# with 8 each, 0.93). Channels connect lazily: a client that never has two calls in flight opens one.
 CONNECTIONS = 8
 
 
@@ -119,7 +119,7 @@ class _Connections:
     new calls, and a client with one call in flight at a time keeps to one warm connection. Safe to
     share between threads."""
 
-    def __init__(self, make_channel, target: str, credentials: grpc.ChannelCredentials | None,
+    def __init__(self, make_channel: Callable[..., Any], target: str, credentials: grpc.ChannelCredentials | None,
                  opts: list[tuple[str, int]], n: int) -> None:
         if n < 1:
             raise ValueError(f"connections must be at least 1, got {n}")
@@ -275,9 +275,8 @@ class AsyncDetectorClient:
     async def detect_stream(self, requests: AsyncIterator[pb.DetectRequest] | Iterable[pb.DetectRequest],
                             timeout: float | None = None) -> AsyncIterator[Result]:
         i = self._conns.acquire()
-        call = self._conns.stubs[i].DetectStream(requests, timeout=timeout, metadata=self.metadata)
         try:
-            async for resp in call:
+            async for resp in self._conns.stubs[i].DetectStream(requests, timeout=timeout, metadata=self.metadata):
                 yield Result.from_proto(resp)
         except grpc.RpcError as exc:
             raise DetectionError.from_rpc(exc, target=self.target) from None
