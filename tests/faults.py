@@ -221,7 +221,10 @@ async def run_cases(target: str, cases: Iterable[Case], *, concurrency: int, tim
                     metadata: tuple | None = None) -> list[Outcome]:
     """Sends every case with at most `concurrency` in flight; checks each OK answer."""
     cases = list(cases)
-    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    # Each channel a connection of its own: gRPC otherwise shares one among channels with equal options, and
+    # `concurrency` calls on one connection past the server's max_streams_per_connection (256) are refused.
+    opts = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.use_local_subchannel_pool", 1)]
     chans = [grpc.aio.secure_channel(target, credentials, opts) if credentials
              else grpc.aio.insecure_channel(target, opts) for _ in range(channels)]
     stubs = [pb_grpc.DetectorStub(c) for c in chans]

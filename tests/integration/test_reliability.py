@@ -59,13 +59,17 @@ def test_worker_sigkill_with_requests_in_flight(tmp_path: Path) -> None:
     """200+ requests in flight when a worker is SIGKILLed: each ends OK or UNAVAILABLE, in time, with its
     own answer; the supervisor restarts the worker after its shortest backoff (0.2 s: a first failure);
     every slot comes back. How long the new
-    worker takes to be ready is printed, not asserted: on a busy machine that is the machine's."""
-    null_model(tmp_path / "null", per_device=2, batch=8, cost_ms=40)
+    worker takes to be ready is printed, not asserted: on a busy machine that is the machine's.
+
+    The workers answer 80 images/s together (a batch of 8 costs 200 ms), slower than any client here
+    sends: the 200 in flight pile up whatever the machine's speed. (At 400 images/s a client starved of
+    CPU on a busy 2-core machine never had 200 in flight, and the test failed waiting for them.)"""
+    null_model(tmp_path / "null", per_device=2, batch=8, cost_ms=200)
     with Server(tmp_path / "null", ring_slots=256, slot_mb=0.0625,
                 args=["--max-inflight-per-worker", "64", "--max-pending", "1000"]) as srv:
         srv.start().wait_serving(120)
         wait_for(lambda: srv.ready_workers("null") == 2, 60, "two ready workers")
-        load = Load(srv.target, [null_case(i) for i in range(2000)], concurrency=320, timeout=30.0)
+        load = Load(srv.target, [null_case(i) for i in range(600)], concurrency=320, timeout=30.0)
         in_flight = wait_for(lambda: (n := srv.slots_in_use()) >= 200 and n, 60, "200 requests in flight")
         victim = srv.worker("null", 0)
         killed_at = time.monotonic()
@@ -545,7 +549,11 @@ def test_ten_times_overload_for_30_s_memory_bounded_and_recovers(tmp_path: Path)
         print(f"  {roles.get(pid, pid)}: RSS {warm[pid] / 2**20:.0f} MiB after 5 s, peak {peak / 2**20:.0f} MiB, "
               f"end {rss[-1].get(pid, 0) / 2**20:.0f} MiB")
         assert peak < warm[pid] + 64 * 2**20, f"pid {pid} grew from {warm[pid] >> 20} to {peak >> 20} MiB"
-    assert {o.code for o in outcomes} <= {OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+    # A refusal is RESOURCE_EXHAUSTED (max_pending, slots), DEADLINE_EXCEEDED, or a stream the server's HTTP/2
+    # layer refused (RST_STREAM REFUSED_STREAM, code 7: a connection past max_streams_per_connection), which
+    # gRPC reports as UNAVAILABLE. Whether streams get that far depends on how fast this machine sends.
+    others = {o.code for o in outcomes if not (o.code == UNAVAILABLE and "RST_STREAM with error code 7" in o.details)}
+    assert others <= {OK, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}, codes(outcomes)
     assert_no_wrong_answers(outcomes + recovered)
     assert {o.code for o in recovered} == {OK}
     rec_latency = sorted(o.latency for o in recovered)[len(recovered) // 2]
@@ -554,7 +562,9 @@ def test_ten_times_overload_for_30_s_memory_bounded_and_recovers(tmp_path: Path)
 
 
 async def _open_loop(target: str, rate: float, seconds: float, timeout: float) -> list[Outcome]:
-    """Offers `rate` requests a second whatever the server does (an open loop), for `seconds`."""
+    """Offers `rate` requests a second whatever the server does (an open loop), for `seconds`. Its 8
+    channels share one connection (gRPC's default for channels with equal options): past the server's
+    max_streams_per_connection the HTTP/2 layer refuses streams before the frontend's Python sees them."""
     chans = [grpc.aio.insecure_channel(target) for _ in range(8)]
     stubs = [pb_grpc.DetectorStub(c) for c in chans]
     out: list[Outcome] = []
