@@ -503,3 +503,15 @@ def test_thread_stacks_sees_a_thread_wait_for_the_gil_that_another_holds() -> No
     assert where["copier"]["gil_wait"] > 0.1, where
     assert where["spinner"]["gil_wait"] < where["copier"]["gil_wait"], where
     assert where["main thread"]["gil_wait"] < 0.2 and where["main thread"]["samples"] > 20, where
+
+
+def test_cpu_delta_reports_each_frontend_apart_and_counts_it_once() -> None:
+    """Each frontend's CPU apart (how the kernel spread the connections), kept out of the per-role totals: a
+    first version summed the busiest and the idlest into the server's CPU per image as well."""
+    before = {"frontend": 1.0, "frontend#11": 0.5, "frontend#12": 0.5, "worker": 2.0, "client": 0.0}
+    after = {"frontend": 4.0, "frontend#11": 3.0, "frontend#12": 1.0, "worker": 3.0, "client": 1.0}
+    out = bench_requests.cpu_delta(before, after, answered=100, wall_s=2.0)
+    assert out["cpu_ms_per_image"] == {"frontend": 30.0, "worker": 10.0, "client": 10.0}
+    assert out["cores_busy"] == {"frontend": 1.5, "worker": 0.5, "client": 0.5}
+    assert out["frontend_processes"] == {"busiest_ms_per_image": 25.0, "idlest_ms_per_image": 5.0,
+                                         "cores_each": [0.25, 1.25]}
