@@ -242,23 +242,42 @@ def test_next_start_removes_what_a_killed_run_left(tmp_path: Path) -> None:
 
 # -- overload, deadlines, cancellation -------------------------------------------------------------
 def test_full_ring_and_busy_workers_wait_then_resource_exhausted(tmp_path: Path) -> None:
-    """4 slots, 2 credits, an engine slower than every deadline: two requests reach the worker, two wait
-    for a credit, the rest for a slot; the waiters get RESOURCE_EXHAUSTED with the reason just before
-    their deadline, not earlier and not later."""
+    """4 slots, 2 credits, an engine slower than every deadline: of four requests two reach the worker and
+    two wait for a credit; three sent after them wait for a slot. Each waiter gets RESOURCE_EXHAUSTED with
+    its reason just before its deadline, not earlier and not later.
+
+    The three come with the shorter deadline, so no slot frees before they give up. With one deadline for
+    all seven, which reason a waiter got depended on the order the requests arrived in (a slot freed by a
+    credit waiter a moment before a slot waiter's deadline sent it on to wait for a credit instead)."""
     null_model(tmp_path / "slow", kind="rgb", batch=1, cost_ms=8000)
+    holders_timeout, waiters_timeout = 4.0, 2.0  # the frontend gives up GIVE_UP_MARGIN_S (0.2 s) before each
     with Server(tmp_path / "slow", ring_slots=4, slot_mb=0.0625) as srv:
         srv.start().wait_serving(120)
-        timeout = 3.0  # the frontend gives up GIVE_UP_MARGIN_S (0.2 s) before it
-        outcomes = asyncio.run(run_cases(srv.target, [null_case(i, depth=False) for i in range(7)],
-                                         concurrency=7, timeout=timeout))
+
+        async def load() -> tuple[list[Outcome], list[Outcome]]:
+            holders = asyncio.ensure_future(run_cases(srv.target, [null_case(i, depth=False) for i in range(4)],
+                                                      concurrency=4, timeout=holders_timeout))
+            end = time.monotonic() + 30
+            while srv.slots_in_use() < 4:
+                assert time.monotonic() < end, "the first four requests never held the four slots"
+                await asyncio.sleep(0.02)
+            waiters = await run_cases(srv.target, [null_case(4 + i, depth=False) for i in range(3)], concurrency=3,
+                                      timeout=waiters_timeout)
+            return await holders, waiters
+
+        holders, waiters = asyncio.run(load())
         wait_for(lambda: srv.slots_in_use() == 0, 10, "every ring slot to be free")
-    exhausted = [o for o in outcomes if o.code == grpc.StatusCode.RESOURCE_EXHAUSTED]
-    assert {o.code for o in outcomes} <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
-    assert any("shared-memory slots" in o.details for o in exhausted), [o.details for o in exhausted]
-    assert any("every worker of model 'slow' is busy" in o.details for o in exhausted), [o.details for o in exhausted]
-    for o in exhausted:  # waited until shortly before the deadline (not refused early), then gave up
-        assert timeout - 0.5 <= o.latency <= timeout + 0.5, o.latency
-    assert_within_deadlines(outcomes, slack=2.0)  # not held until the engine is done (8 s)
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert [o.code for o in waiters] == [exhausted] * 3, codes(waiters)
+    assert all("shared-memory slots" in o.details for o in waiters), [o.details for o in waiters]
+    busy = [o for o in holders if o.code == exhausted]
+    assert {o.code for o in holders} <= {exhausted, grpc.StatusCode.DEADLINE_EXCEEDED}, codes(holders)
+    assert len(busy) == 2 and all("every worker of model 'slow' is busy" in o.details for o in busy), \
+        [o.details for o in holders]
+    for timeout, group in ((waiters_timeout, waiters), (holders_timeout, busy)):
+        for o in group:  # waited until shortly before the deadline (not refused early), then gave up
+            assert timeout - 0.5 <= o.latency <= timeout + 0.5, o.latency
+    assert_within_deadlines(holders + waiters, slack=2.0)  # not held until the engine is done (8 s)
 
 
 def test_max_pending_refuses_at_once(tmp_path: Path) -> None:
