@@ -16,16 +16,13 @@ Needs py-spy on PATH (and ptrace rights over the server: the same user, or root)
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import threading
 
+from thread_stacks import available, thread_name  # noqa: F401 - callers ask this module for available()
+
 STATES = ("holds the GIL", "waits for the GIL", "runs without the GIL", "sleeps")
 _HEADER = re.compile(r'^Thread (\S+) \(([^)]*)\)(?:: "(.*)")?\s*$')
-
-
-def available() -> bool:
-    return shutil.which("py-spy") is not None
 
 
 def parse_dump(text: str) -> list[tuple[str, str]]:
@@ -53,9 +50,7 @@ def parse_dump(text: str) -> list[tuple[str, str]]:
         m = _HEADER.match(line)
         if m:
             flush()
-            raw = m.group(3)
-            name = (m.group(1) if raw is None else "main thread" if raw == "MainThread"
-                    else re.sub(r"[_/-]?\d+$", "", raw) or raw)
+            name = thread_name(m.group(3), m.group(1))
             flags = m.group(2)
             frames = []
         elif name is not None and line.startswith("    "):

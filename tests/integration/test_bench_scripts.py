@@ -13,7 +13,9 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -424,29 +426,38 @@ def test_thread_states_reads_each_threads_state_from_a_dump() -> None:
                                               ("depth-decode", "runs without the GIL"), ("0x7F00", "sleeps")]
 
 
-@pytest.mark.skipif(not thread_states.available(), reason="py-spy is not installed")
-def test_thread_states_sees_a_thread_wait_for_the_gil_that_another_holds(tmp_path: Path) -> None:
-    """A real process: one thread runs Python without pause, one copies a large array (numpy gives the GIL
-    up for it) in a loop and so keeps waiting to take it back."""
-    code = ("import threading, time, numpy as np\n"
-            "a = np.zeros(5_000_000)\n"
-            "def spin():\n    while True: pass\n"
-            "def copier():\n    while True: a.copy()\n"
-            "threading.Thread(target=spin, name='spinner', daemon=True).start()\n"
-            "threading.Thread(target=copier, name='copier', daemon=True).start()\n"
-            "print('up', flush=True)\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+_GIL_CONTENTION = ("import threading, time, numpy as np\n"
+                   "a = np.zeros(5_000_000)\n"
+                   "def spin():\n    while True: pass\n"
+                   "def copier():\n    while True: a.copy()\n"
+                   "threading.Thread(target=spin, name='spinner', daemon=True).start()\n"
+                   "threading.Thread(target=copier, name='copier', daemon=True).start()\n"
+                   "print('up', flush=True)\ntime.sleep(60)\n")
+
+
+@contextmanager
+def _gil_contention() -> Iterator[int]:
+    """A real process (its pid): one thread runs Python without pause, one copies a large array (numpy gives
+    the GIL up for it) in a loop and so keeps waiting to take it back."""
+    proc = subprocess.Popen([sys.executable, "-c", _GIL_CONTENTION], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "up"
-        sampler = thread_states.StateSampler({"test": [proc.pid]}, interval=0.05)
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(not thread_states.available(), reason="py-spy is not installed")
+def test_thread_states_sees_a_thread_wait_for_the_gil_that_another_holds(tmp_path: Path) -> None:
+    """_gil_contention's copier keeps waiting for the GIL that its spinner holds."""
+    with _gil_contention() as pid:
+        sampler = thread_states.StateSampler({"test": [pid]}, interval=0.05)
         sampler.start()
         deadline = time.monotonic() + 60
         while sampler.dumps < 12 and time.monotonic() < deadline:
             time.sleep(0.1)
         states = sampler.stop()
-    finally:
-        proc.kill()
-        proc.wait()
     if not states:
         pytest.skip("py-spy cannot read another process here (ptrace not permitted)")
     # one thread of each name: the average count of it in a state is the share of dumps in it
@@ -482,22 +493,10 @@ def test_thread_stacks_names_each_threads_places_and_its_gil_waits() -> None:
 
 @pytest.mark.skipif(not thread_stacks.available(), reason="py-spy is not installed")
 def test_thread_stacks_sees_a_thread_wait_for_the_gil_that_another_holds() -> None:
-    """A real process, as for thread_states: the copier gives the GIL up for each copy and waits to take it
+    """As for thread_states: _gil_contention's copier gives the GIL up for each copy and waits to take it
     back from the spinner, which never blocks."""
-    code = ("import threading, time, numpy as np\n"
-            "a = np.zeros(5_000_000)\n"
-            "def spin():\n    while True: pass\n"
-            "def copier():\n    while True: a.copy()\n"
-            "threading.Thread(target=spin, name='spinner', daemon=True).start()\n"
-            "threading.Thread(target=copier, name='copier', daemon=True).start()\n"
-            "print('up', flush=True)\ntime.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "up"
-        where = thread_stacks.Recording(proc.pid, seconds=2, rate=50).result()
-    finally:
-        proc.kill()
-        proc.wait()
+    with _gil_contention() as pid:
+        where = thread_stacks.Recording(pid, seconds=2, rate=50).result()
     if not where:
         pytest.skip("py-spy cannot read another process here (ptrace not permitted)")
     assert where["copier"]["gil_wait"] > 0.1, where
