@@ -140,11 +140,23 @@ def main() -> None:
             d = req.inputs.add(name="depth", datatype="UINT16", shape=list(depth.shape))
             return c, d
 
+        traces: dict[str, list[dict[str, float]]] = {}
+        tracing: list[str] = []  # the kind whose next call is traced (dd-trace metadata), if any
+
+        def infer(req: pb.ModelInferRequest) -> pb.ModelInferResponse:
+            if not tracing:
+                return stub.ModelInfer(req, timeout=60)
+            sent = time.time()
+            resp, call = stub.ModelInfer.with_call(req, timeout=60, metadata=[("dd-trace", "1")])
+            hops = json.loads(dict(call.trailing_metadata())["dd-trace"])
+            traces.setdefault(tracing[0], []).append({"client_sent": sent, **hops, "client_received": time.time()})
+            return resp
+
         def in_message() -> pb.ModelInferResponse:
             req = pb.ModelInferRequest(model_name=model)
             tensors(req)
             req.raw_input_contents.extend([color.tobytes(), depth.tobytes()])
-            return stub.ModelInfer(req, timeout=60)
+            return infer(req)
 
         def shm_request() -> pb.ModelInferRequest:
             np.copyto(color_dst, color)  # the frame has to get into the region too
@@ -157,7 +169,7 @@ def main() -> None:
             return req
 
         def in_shm() -> pb.ModelInferResponse:
-            return stub.ModelInfer(shm_request(), timeout=60)
+            return infer(shm_request())
 
         def both_in_shm() -> pb.ModelInferResponse:
             req = shm_request()
@@ -168,7 +180,7 @@ def main() -> None:
                 o.parameters["shared_memory_offset"].int64_param = offset
                 o.parameters["shared_memory_byte_size"].int64_param = size
                 offset += size
-            return stub.ModelInfer(req, timeout=60)
+            return infer(req)
 
         def server_ns() -> dict[str, int]:
             i = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=30).model_stats[0].inference_stats
@@ -192,6 +204,10 @@ def main() -> None:
                 cpu[name] += time.process_time() - c0
                 after = server_ns()
                 server[name].append({k: (after[k] - before[k]) / 1e6 for k in after})
+            for name, fn in kinds.items():  # one more of each, traced: its hops (not in the numbers above)
+                tracing[:] = [name]
+                fn()
+                tracing.clear()
         stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="frame"), timeout=30)
         stub.SystemSharedMemoryUnregister(pb.SystemSharedMemoryUnregisterRequest(name="answers"), timeout=30)
         channel.close()
@@ -223,6 +239,17 @@ def main() -> None:
     for name, row in result.items():
         print(f"{name:<36}" + "".join(f"{row['server_ms'][k]:>19.2f}" for k in SPLIT)
               + f"{row['client_transport_ms']:>19.2f}{row['frontend_handoffs_ms']:>19.2f}")
+    from bench_requests import TRACE_HOPS, hop_medians
+
+    hops = {name: hop_medians(traces.get(name, [])) for name in kinds}
+    if any(hops.values()):
+        print("\nA traced request's hops (one traced after each round, medians, ms):")
+        print(f"{'step':<36}" + "".join(f"{name[:30]:>32}" for name in kinds))
+        for a, b in zip(TRACE_HOPS, TRACE_HOPS[1:]):
+            step = f"{a}>{b}"
+            print(f"{step:<36}" + "".join(f"{hops[name].get(step, float('nan')):>32.2f}" for name in kinds))
+        for name in kinds:
+            result[name]["hops_ms"] = hops[name]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -449,14 +449,17 @@ def log_events(text: str, since_wall: float = 0.0) -> list[dict]:
 # -- the client load ---------------------------------------------------------------------------------
 async def load_raw(target: str, requests: list[bytes], concurrency: int, seconds: float,
                    start_at: float | None = None, warmup: int = 4,
-                   connections: int | None = None) -> tuple[list[float], list[dict], dict, float]:
+                   connections: int | None = None, trace_every: int = 0) -> tuple[list[float], list[dict], dict, float]:
     """Closed-loop load: latencies (ms), the servers' timing fields, errors by status, and the wall time.
-    `connections`: the client's (None: the client library's default)."""
+    `connections`: the client's (None: the client library's default). `trace_every` k > 0: every k-th
+    request is traced (Result.trace, in its timing dict under "trace") and left out of the latencies and
+    timings, so that the trace's own cost (a JSON object in the trailing metadata) is in no percentile."""
     from dd.client import AsyncDetectorClient
 
     reqs = [pb.DetectRequest.FromString(r) for r in requests]
     lat: list[float] = []
     timings: list[dict] = []
+    traces: list[dict] = []
     errors: dict[str, int] = {}
     async with AsyncDetectorClient(target, timeout=60, **({} if connections is None else
                                                           {"connections": connections})) as client:
@@ -468,12 +471,18 @@ async def load_raw(target: str, requests: list[bytes], concurrency: int, seconds
 
         async def worker(w: int) -> None:
             k = w
+            n = 0
             while time.perf_counter() < stop_at:
                 t0 = time.perf_counter()
+                n += 1
+                traced = trace_every > 0 and n % trace_every == 0
                 try:
-                    res = await client.detect_request(reqs[k % len(reqs)])
-                    lat.append((time.perf_counter() - t0) * 1e3)
-                    timings.append(res.timing)
+                    res = await client.detect_request(reqs[k % len(reqs)], trace=traced)
+                    if traced:
+                        traces.append(res.trace)
+                    else:
+                        lat.append((time.perf_counter() - t0) * 1e3)
+                        timings.append(res.timing)
                 except Exception as exc:  # noqa: BLE001 - counted, reported
                     name = exc.code().name if hasattr(exc, "code") else type(exc).__name__
                     errors[name] = errors.get(name, 0) + 1
@@ -483,13 +492,32 @@ async def load_raw(target: str, requests: list[bytes], concurrency: int, seconds
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         wall = time.perf_counter() - start
+    if traces:  # rides along with the timings, which every caller passes on to summarize
+        timings.append({"traces": traces})
     return lat, timings, errors, wall
 
 
+# A traced request's hops in order (dd.client.api.Result.trace): each step is from one to the next.
+TRACE_HOPS = ("client_sent", "handler", "received", "decoded", "dispatched", "accepted", "batch_started",
+              "replied", "arrived", "returned", "client_received")
+
+
+def hop_medians(traces: list[dict]) -> dict[str, float]:
+    """Median ms of each step between consecutive hops ("a>b"), over traces that have them all."""
+    whole = [t for t in traces if t and all(t.get(h, 0) > 0 for h in TRACE_HOPS)]
+    return {f"{a}>{b}": float(np.median([(t[b] - t[a]) * 1e3 for t in whole]))
+            for a, b in zip(TRACE_HOPS, TRACE_HOPS[1:])} if whole else {}
+
+
 def summarize(lat: list[float], timings: list[dict], errors: dict, wall: float) -> dict:
+    traces = [t for entry in timings if "traces" in entry for t in entry["traces"]]
+    timings = [entry for entry in timings if "traces" not in entry]
     out = stats(lat, wall)
     out["errors"] = sum(errors.values())
     out["errors_by_code"] = errors
+    if traces:
+        out["traced"] = len(traces)
+        out["hops_ms"] = hop_medians(traces)
     if timings and "total_us" in timings[0]:
         for key in ("queued_us", "decode_us", "inference_us", "postprocess_us", "total_us", "batch_size"):
             out[f"median_{key}"] = float(np.median([t[key] for t in timings]))
@@ -497,8 +525,9 @@ def summarize(lat: list[float], timings: list[dict], errors: dict, wall: float) 
 
 
 def _load_in_child(target: str, requests: list[bytes], concurrency: int, seconds: float, start_at: float,
-                   connections: int | None = None):
-    return asyncio.run(load_raw(target, requests, concurrency, seconds, start_at, connections=connections))
+                   connections: int | None = None, trace_every: int = 0):
+    return asyncio.run(load_raw(target, requests, concurrency, seconds, start_at, connections=connections,
+                                trace_every=trace_every))
 
 
 def _ready(_: int) -> int:
@@ -524,15 +553,18 @@ class ClientPool:
             list(self.pool.map(_ready, range(self.procs * 4)))
 
     def load(self, target: str, requests: list[bytes], concurrency: int, seconds: float,
-             connections: int | None = None) -> dict:
-        """`connections`: each client process's (None: the client library's default)."""
+             connections: int | None = None, trace_every: int = 0) -> dict:
+        """`connections`: each client process's (None: the client library's default). `trace_every`:
+        see load_raw."""
         procs = min(self.procs, concurrency)
         if procs == 1 or self.pool is None:
-            return summarize(*asyncio.run(load_raw(target, requests, concurrency, seconds, connections=connections)))
+            return summarize(*asyncio.run(load_raw(target, requests, concurrency, seconds, connections=connections,
+                                                   trace_every=trace_every)))
         shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
         start_at = time.time() + 1.0  # each (already started) process connects and warms up first
         parts = list(self.pool.map(_load_in_child, [target] * procs, [requests] * procs, shares,
-                                   [seconds] * procs, [start_at] * procs, [connections] * procs))
+                                   [seconds] * procs, [start_at] * procs, [connections] * procs,
+                                   [trace_every] * procs))
         errors: dict[str, int] = {}
         for p in parts:
             for k, v in p[2].items():

@@ -299,7 +299,8 @@ def serve_and_load(folder: Path, out_dir: Path, frontends: int, env: dict[str, s
                     # past the clients' connection and warm-up (ClientPool.load starts them together 1 s on)
                     recordings = {role: Recording(server.pids(role)[0], min(thread_stacks, seconds), delay=1.5)
                                   for role in ("frontend", "worker") if server.pids(role)}
-                r = clients.load(server.target, reqs, c, seconds, connections)
+                # A lone request's hops: every second one traced (and left out of the percentiles).
+                r = clients.load(server.target, reqs, c, seconds, connections, trace_every=2 if c == 1 else 0)
                 if recordings:
                     r["thread_stacks"] = {role: rec.result() for role, rec in recordings.items()}
                 if sampler is not None:
@@ -403,7 +404,7 @@ def table(results: dict) -> list[str]:
                      f"{results['grpc_floor_ms']:.2f} ms (what any Python gRPC service pays here)")
     lines.append("- CPU ms per answered image (psutil, user + system, before and after each load; client warm-up "
                  "requests included); server = frontends + worker + supervisor, or the baseline's one process")
-    return (lines + time_split_table(results) + thread_table(results) + state_table(results)
+    return (lines + time_split_table(results) + hop_table(results) + thread_table(results) + state_table(results)
             + stack_table(results))
 
 
@@ -498,6 +499,40 @@ def time_split(r: dict) -> dict | None:
     med = {k: r[f"median_{k}_us"] / 1e3 for k in (*_SPLIT, "total")}
     return {"p50": r["p50_ms"], **med, "client_transport": r["p50_ms"] - med["total"],
             "frontend_handoffs": med["total"] - sum(med[k] for k in _SPLIT)}
+
+
+# What each step between two traced hops holds (bench_requests.TRACE_HOPS), for the table's notes.
+_HOP_NOTES = {
+    "client_sent>handler": "the call's start reaching the frontend's handler (gRPC both sides)",
+    "handler>received": "the message arriving and parsed, read to its end, admitted",
+    "received>decoded": "a ring slot, the decode (its threads' hand-offs included)",
+    "decoded>dispatched": "the worker message built, a worker credit",
+    "dispatched>accepted": "ZeroMQ to the worker's I/O thread, its checks",
+    "accepted>batch_started": "the batcher to the inference thread",
+    "batch_started>replied": "engine, finishing call, encoding",
+    "replied>arrived": "the inference thread to the I/O thread, ZeroMQ back, the frontend's loop",
+    "arrived>returned": "the frontend's handler resumed",
+    "returned>client_received": "gRPC's response both sides, the client's parse",
+}
+
+
+def hop_table(results: dict) -> list[str]:
+    """Where a lone traced request's time went, step by step (medians, ms): per request kind and frontend
+    count, at concurrency 1 (bench_requests.load_raw's trace_every)."""
+    cols = []
+    for kind in results.get("kinds", []):
+        for f, per in results.get("served", {}).items():
+            r = per.get(kind, {}).get(1) or per.get(kind, {}).get("1")
+            if r and r.get("hops_ms"):
+                cols.append((f"{kind}, {f} frontends ({r['traced']} traced)", r["hops_ms"]))
+    if not cols:
+        return []
+    lines = ["", "### A lone request's hops (concurrency 1, every second request traced; medians, ms)", "",
+             "| step | " + " | ".join(label for label, _ in cols) + " | what it holds |", "|---|" + "---|" * (len(cols) + 1)]
+    for step, note in _HOP_NOTES.items():
+        lines.append(f"| {step.replace('>', ' > ')} | " + " | ".join(_f(h.get(step), 2) for _, h in cols) + f" | {note} |")
+    lines.append("| sum | " + " | ".join(_f(sum(h.values()), 2) for _, h in cols) + " | |")
+    return lines
 
 
 def time_split_table(results: dict) -> list[str]:

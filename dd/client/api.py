@@ -11,7 +11,9 @@ never gRPC's internal error types.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
@@ -82,6 +84,10 @@ class Result:
     worker: str = ""
     error_code: int = 0
     error_message: str = ""
+    # detect_request(trace=True): when (time.time() seconds) the request passed each hop, the client's
+    # `client_sent` and `client_received` (the response parsed) around the server's (dd.frontend.protocols.trace).
+    # Meaningful as differences only where client and server share a clock (the same host).
+    trace: dict[str, float] | None = None
 
     @classmethod
     def from_proto(cls, resp: pb.DetectResponse) -> "Result":
@@ -146,6 +152,24 @@ def _metadata(token: str | None) -> list[tuple[str, str]] | None:
     return [("authorization", f"Bearer {token}")] if token else None
 
 
+TRACE_KEY = "dd-trace"  # the metadata a traced call sends and gets back (dd.frontend.protocols.trace)
+
+
+def _traced(metadata: list[tuple[str, str]] | None) -> list[tuple[str, str]]:
+    return [*(metadata or ()), (TRACE_KEY, "1")]
+
+
+def _with_trace(result: Result, sent: float, trailing: Any) -> Result:
+    """The server's hops from the trailing metadata, between the client's own; a server that does not
+    trace (an older one) leaves only the client's."""
+    server = {}
+    for key, value in trailing or ():
+        if key == TRACE_KEY:
+            server = {k: float(v) for k, v in json.loads(value).items()}
+    result.trace = {"client_sent": sent, **server, "client_received": time.time()}
+    return result
+
+
 class DetectorClient:
     """Blocking client; safe to share between threads."""
 
@@ -191,15 +215,22 @@ class DetectorClient:
                **kwargs: object) -> Result:
         return self.detect_request(self.make_request(color, depth, **kwargs), timeout=timeout)
 
-    def detect_request(self, request: pb.DetectRequest, timeout: float | None = None) -> Result:
+    def detect_request(self, request: pb.DetectRequest, timeout: float | None = None, *,
+                       trace: bool = False) -> Result:
+        """`trace`: fill Result.trace with the request's hops (for latency work on the server's host)."""
         i = self._conns.acquire()
         try:
-            resp = self._conns.stubs[i].Detect(request, timeout=timeout or self.timeout, metadata=self.metadata)
+            if not trace:
+                resp = self._conns.stubs[i].Detect(request, timeout=timeout or self.timeout, metadata=self.metadata)
+                return Result.from_proto(resp)
+            sent = time.time()
+            resp, call = self._conns.stubs[i].Detect.with_call(request, timeout=timeout or self.timeout,
+                                                               metadata=_traced(self.metadata))
+            return _with_trace(Result.from_proto(resp), sent, call.trailing_metadata())
         except grpc.RpcError as exc:
             raise _call_error(exc, request, self.target) from None
         finally:
             self._conns.release(i)
-        return Result.from_proto(resp)
 
     def detect_stream(self, requests: Iterable[pb.DetectRequest], timeout: float | None = None) -> Iterator[Result]:
         """Results as they come (in any order; match them by request_id). A request that fails
@@ -261,16 +292,24 @@ class AsyncDetectorClient:
         request = await asyncio.to_thread(self.make_request, color, depth, **kwargs)
         return await self.detect_request(request, timeout=timeout)
 
-    async def detect_request(self, request: pb.DetectRequest, timeout: float | None = None) -> Result:
+    async def detect_request(self, request: pb.DetectRequest, timeout: float | None = None, *,
+                             trace: bool = False) -> Result:
+        """`trace`: fill Result.trace with the request's hops (for latency work on the server's host)."""
         i = self._conns.acquire()
         try:
-            resp = await self._conns.stubs[i].Detect(request, timeout=timeout or self.timeout,
-                                                     metadata=self.metadata)
+            if not trace:
+                resp = await self._conns.stubs[i].Detect(request, timeout=timeout or self.timeout,
+                                                         metadata=self.metadata)
+                return Result.from_proto(resp)
+            sent = time.time()
+            call = self._conns.stubs[i].Detect(request, timeout=timeout or self.timeout,
+                                               metadata=_traced(self.metadata))
+            resp = await call
+            return _with_trace(Result.from_proto(resp), sent, await call.trailing_metadata())
         except grpc.RpcError as exc:
             raise _call_error(exc, request, self.target) from None
         finally:
             self._conns.release(i)
-        return Result.from_proto(resp)
 
     async def detect_stream(self, requests: AsyncIterator[pb.DetectRequest] | Iterable[pb.DetectRequest],
                             timeout: float | None = None) -> AsyncIterator[Result]:

@@ -54,6 +54,7 @@ class Reply:
     message: str
     body: bytes | None
     envelope: messages.InferReply | None = None  # the worker's timings, for the metrics
+    arrived_at: float = 0.0  # time.time() when this frontend read it (a traced request's hops)
 
 
 _WORKER_DIED = Reply("WORKER_DIED", "", None)
@@ -265,7 +266,8 @@ class Dispatcher:
             rep = messages.InferReply.FromString(frames[1])
             fut = link.inflight.pop(rep.id, None)
             if fut is not None and not fut.done():
-                fut.set_result(Reply(rep.code, rep.message, frames[2] if len(frames) > 2 else None, rep))
+                fut.set_result(Reply(rep.code, rep.message, frames[2] if len(frames) > 2 else None, rep,
+                                     time.time()))
             self._credit_freed(link.model)
         elif kind == messages.PONG:
             pong = messages.Pong.FromString(frames[1])

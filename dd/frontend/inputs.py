@@ -60,6 +60,7 @@ class DetectionRequest:
     model_version: str = ""
     outputs: list[str] = field(default_factory=list)
     output_regions: list[OutputRegion] = field(default_factory=list)
+    trace: bool = False  # the caller wants the request's hops (Outcome.stamps)
 
 
 @dataclass
@@ -79,3 +80,14 @@ class Outcome:
 
     body: bytes
     timings: Timings
+    # For a traced request (DetectionRequest.trace): when (time.time() seconds) it passed each hop, in
+    # order; HOPS names them. None otherwise.
+    stamps: dict[str, float] | None = None
+
+
+# A traced request's hops, in the order it passes them: the frontend admitted it (its message parsed),
+# its images were decoded into the slot, it was sent to a worker; the worker's I/O thread accepted it,
+# its batch left the worker's queue, the worker handed the encoded reply to its I/O thread; the reply
+# reached this frontend. Protocol adapters add their own before and after (when the handler started,
+# when it returned the response to gRPC).
+HOPS = ("received", "decoded", "dispatched", "accepted", "batch_started", "replied", "arrived")

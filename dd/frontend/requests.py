@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING
 from dd.config import ModelConfig, ServerConfig
 from dd.frontend.decode import check_options, decode_into_slot
 from dd.frontend.errors import ServeError, Status
-from dd.frontend.inputs import DetectionRequest, Outcome, Timings
+from dd.frontend.inputs import HOPS, DetectionRequest, Outcome, Timings
 from dd.ipc import messages
 from dd.logsafe import clip
 from dd.procutil import name_os_thread
 
 if TYPE_CHECKING:
-    from dd.frontend.dispatcher import Dispatcher
+    from dd.frontend.dispatcher import Dispatcher, Reply
     from dd.frontend.slots import SlotPool
     from dd.ipc.shm_ring import ShmRing
 
@@ -162,6 +162,7 @@ class RequestPath:
                                     png_rows_to_worker=self.dispatcher.unfilters_png_rows_on_gpu(model.name))
             decoded = await asyncio.wrap_future(work)
             decode_us = int((time.perf_counter() - t0) * 1e6)
+            decoded_at = time.time()
             req = messages.InferRequest(
                 id=self.dispatcher.next_id(), ring=self.ring.name, slot=slot, generation=gen,
                 color=messages.ArrayRef(offset=decoded.color.offset, shape=decoded.color.shape,
@@ -180,11 +181,19 @@ class RequestPath:
                                                      nbytes=decoded.depth.nbytes))
             reply = await self.dispatcher.submit_reply(req, deadline, rebind=lambda: self.ring.bump(slot),
                                                        give_up_at=give_up_at)
-            return Outcome(reply.body, _timings(reply.envelope))
+            stamps = _stamps(received, decoded_at, req, reply) if request.trace else None
+            return Outcome(reply.body, _timings(reply.envelope), stamps)
         finally:
             abandoned.set()
             # Not before the decode thread is done with the slot, even when this task was cancelled.
             self.slots.release_after(slot, work)
+
+
+def _stamps(received: float, decoded: float, req: messages.InferRequest, reply: "Reply") -> dict[str, float]:
+    """A traced request's hops (inputs.HOPS); the worker's from its reply envelope (0 if it has none)."""
+    env = reply.envelope or messages.InferReply()
+    return dict(zip(HOPS, (received, decoded, req.dispatched_at, env.accepted_at, env.batch_started_at,
+                           env.replied_at, reply.arrived_at)))
 
 
 def _timings(envelope: messages.InferReply | None) -> Timings:

@@ -76,6 +76,8 @@ class Job:
     ring: ShmRing
     color: np.ndarray | EncodedImage
     depth: np.ndarray | PngRows | None
+    accepted_at: float = 0.0  # time.time() when the I/O thread took it (a traced request's hops)
+    batch_started_at: float = 0.0  # time.time() when its batch left the queue
 
 
 def pin_process(gpu: int | None, cpus: list[int] | None) -> str:
@@ -273,7 +275,7 @@ class Worker:
             depth = _depth(ring, req.slot, req.depth) if req.has_depth else None
         except (RingError, ValueError) as exc:
             return None, ("INTERNAL", f"bad array reference from the frontend: {exc}")
-        return Job(identity, req, ring, color, depth), None
+        return Job(identity, req, ring, color, depth, time.time()), None
 
     def _drain(self, router: zmq.Socket) -> None:
         """Handles every message waiting on the frontends' socket."""
@@ -433,6 +435,7 @@ class Worker:
         started = time.time()
         live: list[Job] = []
         for job in batch:
+            job.batch_started_at = started
             if job.ring.retired:
                 continue  # its frontend is gone, and with it whoever asked
             if job.req.deadline and started > job.req.deadline:
@@ -455,7 +458,8 @@ def _send_outcomes(out: zmq.Socket, live: list[Job], outcomes: list[Outcome]) ->
         t = outcome.timings
         reply = messages.InferReply(id=job.req.id, code="OK", queue_us=t.queue_us, decode_us=t.decode_us,
                                     inference_us=t.inference_us, encode_us=t.encode_us,
-                                    batch_size=t.batch_size)
+                                    batch_size=t.batch_size, accepted_at=job.accepted_at,
+                                    batch_started_at=job.batch_started_at, replied_at=time.time())
         out.send_multipart([job.identity, messages.REPLY, reply.SerializeToString(), outcome.body], copy=False)
 
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import AsyncIterator, Callable, NoReturn
 
 import grpc
 
 from dd.frontend.decode import check_options as _check_options
 from dd.frontend.errors import ServeError, Status
-from dd.frontend.inputs import DetectionRequest, ImageInput
+from dd.frontend.inputs import DetectionRequest, ImageInput, Outcome
+from dd.frontend.protocols import trace
 from dd.frontend.protocols.one_message import read_one
 from dd.frontend.requests import RequestPath
 from dd.frontend.streams import serve_stream
@@ -139,10 +141,12 @@ class DetectorService:
         })
 
     async def _run(self, request: pb.DetectRequest | CorruptMessage, time_remaining: float | None,
-                   owner: object | None = None) -> bytes:
+                   owner: object | None = None, traced: bool = False) -> Outcome:
         if isinstance(request, CorruptMessage):
             raise ServeError(Status.INVALID_ARGUMENT, request.message)
-        return (await self.api.run(to_request(request), time_remaining, owner)).body
+        req = to_request(request)
+        req.trace = traced
+        return await self.api.run(req, time_remaining, owner)
 
     async def list_models(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         if isinstance(request, CorruptMessage):
@@ -162,11 +166,16 @@ class DetectorService:
     async def detect(self, requests: AsyncIterator[pb.DetectRequest], context: grpc.aio.ServicerContext) -> bytes:
         """A unary call, served as a client stream of one message so that a message that never finishes
         arriving (a client stalled one byte short of 60 MB) is given up after upload_timeout_s instead
-        of being held for as long as the client likes."""
+        of being held for as long as the client likes. Traced on request (dd.frontend.protocols.trace)."""
+        handler_at = time.time()
         try:
+            traced = trace.wanted(context)
             request = await read_one(requests, context.time_remaining(), self.api.cfg.upload_timeout_s, "Detect",
                                      "DetectRequest", "DetectStream")
-            return await self._run(request, context.time_remaining())
+            outcome = await self._run(request, context.time_remaining(), traced=traced)
+            if traced:
+                trace.answer(context, handler_at, outcome.stamps)
+            return outcome.body
         except ServeError as exc:
             status, message = exc.status, exc.message
         except Exception as exc:  # noqa: BLE001 - a bug must fail this request only, and say so
@@ -186,7 +195,7 @@ class DetectorService:
 
         async def answer(req: pb.DetectRequest, owner: object) -> bytes:
             try:
-                return await self._run(req, context.time_remaining(), owner)
+                return (await self._run(req, context.time_remaining(), owner)).body
             except ServeError as exc:
                 return self._error_body(req, exc.status, exc.message)
             except Exception as exc:  # noqa: BLE001 - fail this request, not the stream

@@ -32,6 +32,7 @@ from dd.frontend.errors import ServeError, Status
 from dd.frontend.inputs import MASKS_NONE, MASKS_RLE, DetectionRequest, Outcome
 from dd.frontend.protocols.detector_v1 import MAX_STATUS_CHARS, abort, grpc_code, internal, parser
 from dd.frontend.protocols.kserve_inputs import OUTPUTS, VERSION, InferInputs, check_version, parse_infer
+from dd.frontend.protocols import trace
 from dd.frontend.protocols.one_message import read_one
 from dd.frontend.requests import RequestPath
 from dd.frontend.streams import serve_stream
@@ -302,8 +303,9 @@ class KServeV2:
         return pb.SystemSharedMemoryUnregisterResponse()
 
     # -- inference ---------------------------------------------------------------------------------
-    async def _infer(self, request: Any, time_remaining: float | None, owner: object | None = None) -> bytes:
-        """The worker's encoded ModelInferResponse, or ServeError; counted for ModelStatistics."""
+    async def _infer(self, request: Any, time_remaining: float | None, owner: object | None = None,
+                     traced: bool = False) -> Outcome:
+        """The worker's encoded ModelInferResponse (Outcome.body), or ServeError; counted for ModelStatistics."""
         _check_parsed(request)
         t0 = time.perf_counter_ns()
         try:  # refused here, before the request path (which counts its own): counted for the metrics
@@ -317,18 +319,26 @@ class KServeV2:
             except ServeError as exc:
                 self.api.count_failure(model.name, exc)
                 raise
-            outcome = await self.api.run(to_request(inputs), time_remaining, owner)
+            req = to_request(inputs)
+            req.trace = traced
+            outcome = await self.api.run(req, time_remaining, owner)
         except ServeError:
             self.counts[model.name].add(time.perf_counter_ns() - t0, None)
             raise
         self.counts[model.name].add(time.perf_counter_ns() - t0, outcome)
-        return outcome.body
+        return outcome
 
     async def model_infer(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> bytes:
+        """Traced on request (dd.frontend.protocols.trace)."""
+        handler_at = time.time()
         try:
+            traced = trace.wanted(context)
             request = await read_one(requests, context.time_remaining(), self.api.cfg.upload_timeout_s, "ModelInfer",
                                      "ModelInferRequest", "ModelStreamInfer")
-            return await self._infer(request, context.time_remaining())
+            outcome = await self._infer(request, context.time_remaining(), traced=traced)
+            if traced:
+                trace.answer(context, handler_at, outcome.stamps)
+            return outcome.body
         except ServeError as exc:
             status, message = exc.status, exc.message
         except Exception as exc:  # noqa: BLE001 - a bug fails this request only, and says so
@@ -341,7 +351,7 @@ class KServeV2:
 
         async def answer(req: Any, owner: object) -> bytes:
             try:
-                return stream_response(await self._infer(req, context.time_remaining(), owner))
+                return stream_response((await self._infer(req, context.time_remaining(), owner)).body)
             except ServeError as exc:
                 return stream_error(req, exc.message)
             except Exception as exc:  # noqa: BLE001 - fail this request, not the stream

@@ -74,7 +74,7 @@ class InferRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ..., ring: _Optional[str] = ..., slot: _Optional[int] = ..., generation: _Optional[int] = ..., color: _Optional[_Union[ArrayRef, _Mapping]] = ..., depth: _Optional[_Union[ArrayRef, _Mapping]] = ..., has_depth: bool = ..., score_threshold: _Optional[float] = ..., mask_format: _Optional[int] = ..., deadline: _Optional[float] = ..., received_at: _Optional[float] = ..., dispatched_at: _Optional[float] = ..., decode_us: _Optional[int] = ..., request_id: _Optional[str] = ..., model: _Optional[str] = ..., protocol: _Optional[str] = ..., outputs: _Optional[_Iterable[str]] = ..., model_version: _Optional[str] = ..., output_regions: _Optional[_Iterable[_Union[OutputRegion, _Mapping]]] = ...) -> None: ...
 
 class InferReply(_message.Message):
-    __slots__ = ("id", "code", "message", "queue_us", "decode_us", "inference_us", "encode_us", "batch_size")
+    __slots__ = ("id", "code", "message", "queue_us", "decode_us", "inference_us", "encode_us", "batch_size", "accepted_at", "batch_started_at", "replied_at")
     ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +83,9 @@ class InferReply(_message.Message):
     INFERENCE_US_FIELD_NUMBER: _ClassVar[int]
     ENCODE_US_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_AT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    REPLIED_AT_FIELD_NUMBER: _ClassVar[int]
     id: int
     code: str
     message: str
@@ -91,7 +94,10 @@ class InferReply(_message.Message):
     inference_us: int
     encode_us: int
     batch_size: int
-    def __init__(self, id: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., queue_us: _Optional[int] = ..., decode_us: _Optional[int] = ..., inference_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    accepted_at: float
+    batch_started_at: float
+    replied_at: float
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., queue_us: _Optional[int] = ..., decode_us: _Optional[int] = ..., inference_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., batch_size: _Optional[int] = ..., accepted_at: _Optional[float] = ..., batch_started_at: _Optional[float] = ..., replied_at: _Optional[float] = ...) -> None: ...
 
 class Ping(_message.Message):
     __slots__ = ("sent_at", "ring")
