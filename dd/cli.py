@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from dd.config import EVENT_LOOP_CHOICES, JPEG_DECODE_CHOICES, ConfigError, ServerConfig, discover_models, load_server_config
+from dd.config import JPEG_DECODE_CHOICES, ConfigError, ServerConfig, discover_models, load_server_config
 
 BUILTIN_MODELS = Path(__file__).resolve().parent.parent / "configs" / "models"
 # The users' deployments set this (`docker run -e NODE_CONFIG_FILE=model_repository/x/node_config.json`):
@@ -77,9 +77,6 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-parts", dest="decode_parts", type=int,
                    help="parts one JPEG or PNG may be decoded in at once where its file allows (the client "
                         "library's do): 0 from the cores (default), 1 never")
-    g.add_argument("--event-loop", dest="event_loop", choices=EVENT_LOOP_CHOICES,
-                   help="the frontends' event loop: uvloop, asyncio (the standard library's), auto (uvloop where "
-                        "installed; default)")
     g.add_argument("--frontend-nice", dest="frontend_nice", type=int,
                    help="nice value of the frontend processes, 0-19: higher lets the workers that feed the GPUs "
                         "run first when the cores are all busy (default 0)")

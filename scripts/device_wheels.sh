@@ -15,5 +15,5 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
   pyzmq==27.1.0 prometheus-client==0.21.1 nvidia-ml-py==12.570.86 zstandard==0.25.0 isal==1.9.1 \
   pycocotools==2.0.8 grpcio-health-checking==1.66.2 grpcio-reflection==1.66.2 \
   pytest==8.3.4 pluggy==1.5.0 iniconfig==2.0.0 pytest-timeout==2.3.1 hypothesis==6.122.3 \
-  sortedcontainers==2.4.0 attrs==24.3.0 py-spy==0.4.3 uvloop==0.23.0
+  sortedcontainers==2.4.0 attrs==24.3.0 py-spy==0.4.3
 ls "$DEST"

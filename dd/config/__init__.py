@@ -8,7 +8,6 @@ and no gRPC.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -454,7 +453,6 @@ def default_model_name(models: Iterable[ModelConfig]) -> str:
 
 
 JPEG_DECODE_CHOICES = ("auto", "frontend", "worker")  # ServerConfig.jpeg_decode
-EVENT_LOOP_CHOICES = ("auto", "uvloop", "asyncio")  # ServerConfig.event_loop
 
 
 @dataclass
@@ -525,10 +523,6 @@ class ServerConfig:
     # Parts one image may be decoded in at once, where its file allows (docs/operations.md, "Decoding in
     # parts"): 0 from the cores (up to 4, half the cores each for color and depth), 1 never.
     decode_parts: int = 0
-    # The frontends' event loop: "uvloop" (libuv's, the uvloop package), "asyncio" (the standard
-    # library's), "auto": uvloop where it is installed. Measured in BENCHMARKS.md (session 14): the
-    # frontend's loop spends less CPU per request on uvloop.
-    event_loop: str = "auto"
 
     def worker_credits(self, max_batch_size: int) -> int:
         """Requests one frontend may have at one worker at once: max_inflight_per_worker, else
@@ -596,11 +590,6 @@ class ServerConfig:
             problems.append(f"frontend_nice must be in [0, 19] (0: as the supervisor), got {self.frontend_nice}")
         if self.jpeg_decode not in JPEG_DECODE_CHOICES:
             problems.append(f"jpeg_decode must be one of {', '.join(JPEG_DECODE_CHOICES)}, got {self.jpeg_decode!r}")
-        if self.event_loop not in EVENT_LOOP_CHOICES:
-            problems.append(f"event_loop must be one of {', '.join(EVENT_LOOP_CHOICES)}, got {self.event_loop!r}")
-        elif self.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
-            problems.append("event_loop uvloop: the uvloop package is not installed here; pip install uvloop, "
-                            "or use event_loop asyncio")
         problems += self._limit_problems()
         problems += self._security_problems()
         if problems:

@@ -27,15 +27,13 @@ import logging
 import os
 import resource
 import signal
-import sys
 from pathlib import Path
-from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from dd.config import ConfigError, ModelConfig, ServerConfig, default_model_name
+from dd.config import ModelConfig, ServerConfig, default_model_name
 from dd.frontend.auth import TokenAuth, read_token, server_credentials
 from dd.frontend.client_shm import ClientShmRegistry
 from dd.frontend.decode import set_parts as set_decode_parts
@@ -208,37 +206,7 @@ class Frontend:
 
 
 def run_frontend(models: list[ModelConfig], server: ServerConfig, run_dir: Path, parent_pid: int | None) -> int:
-    frontend = Frontend(models, server, run_dir, parent_pid)
-    factory = event_loop_factory(server.event_loop)
-    if factory is None:
-        return asyncio.run(frontend.serve())
-    if sys.version_info < (3, 11):  # no asyncio.Runner: the policy makes asyncio.run's loop uvloop's
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        return asyncio.run(frontend.serve())
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(frontend.serve())
-
-
-def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop for ServerConfig.event_loop `choice`: uvloop's new_event_loop, or None for asyncio's.
-    uvloop runs the loop's own work (ready callbacks, the selector, futures) in C: the frontend's loop,
-    which hands every request between gRPC, the decode threads and ZeroMQ, spends less CPU per request
-    on it (BENCHMARKS.md, session 14)."""
-    if choice == "asyncio":
-        log.info("frontend event loop: asyncio's")
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        if choice == "uvloop":
-            raise ConfigError("event_loop uvloop: the uvloop package is not installed here; pip install uvloop, "
-                              "or use --event-loop asyncio") from None
-        log.info("frontend event loop: asyncio's (uvloop is not installed)")
-        return None
-    log.info("frontend event loop: uvloop %s", uvloop.__version__)
-    return uvloop.new_event_loop
+    return asyncio.run(Frontend(models, server, run_dir, parent_pid).serve())
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
