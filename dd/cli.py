@@ -77,6 +77,9 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-parts", dest="decode_parts", type=int,
                    help="parts one JPEG or PNG may be decoded in at once where its file allows (the client "
                         "library's do): 0 from the cores (default), 1 never")
+    g.add_argument("--preload-kernels", dest="preload_kernels", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the fast engine's Triton kernels in several processes while the workers' imports "
+                        "run, so that a start with an empty Triton cache is sooner (default on)")
     g.add_argument("--frontend-nice", dest="frontend_nice", type=int,
                    help="nice value of the frontend processes, 0-19: higher lets the workers that feed the GPUs "
                         "run first when the cores are all busy (default 0)")

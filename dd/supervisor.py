@@ -167,6 +167,7 @@ class Supervisor:
         self._lock_fd: int | None = None
         self._fatal = ""
         self._zygote: Zygote | None = None
+        self._preload: subprocess.Popen | None = None  # compiling Triton kernels ahead (_start_kernel_preload)
         self._zygote_started = 0.0
         self._zygote_waited = False
         self._metrics_dir: Path | None = None  # PROMETHEUS_MULTIPROC_DIR of this run, when metrics are on
@@ -274,6 +275,38 @@ class Supervisor:
         log.info("started the worker zygote (pid %d), importing %s", self._zygote.proc.pid,
                  ", ".join(self._zygote.preload))
 
+    def _start_kernel_preload(self, plans: list[WorkerPlan]) -> None:
+        """Compiles the fast engine's Triton kernels into Triton's cache, in processes of their own, while the
+        zygote imports (dd/worker/engines/kernels/preload.py): with an empty cache the workers' loads then
+        find most of them compiled. Not waited for; a kernel not there yet is compiled by the load itself.
+        On the GPU of the first fast-engine worker, whose architecture the kernels are compiled for."""
+        fast = {m.name for m in self.models if m.engine == "fast"}
+        gpus = [p.gpu for p in plans if p.gpu is not None and p.model in fast]
+        if not self.cfg.preload_kernels or not gpus:
+            return
+        env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(gpus[0])}
+        try:  # a session of its own: stopped with its pool at shutdown (_stop_kernel_preload)
+            self._preload = subprocess.Popen([sys.executable, "-m", "dd.worker.engines.kernels.preload",
+                                              "--parent-pid", str(os.getpid())], env=env, stdin=subprocess.DEVNULL,
+                                             start_new_session=True)
+        except OSError as exc:
+            log.warning("cannot start compiling the Triton kernels ahead (%s); the workers compile them", exc)
+
+    def _stop_kernel_preload(self) -> None:
+        if self._preload is None:
+            return
+        if self._preload.poll() is None:
+            try:
+                os.killpg(self._preload.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        try:
+            self._preload.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._preload.pid, signal.SIGKILL)
+            self._preload.wait()
+        self._preload = None
+
     def _zygote_ready(self) -> None:
         """Waits for the zygote's imports (once); without a zygote, workers start as new processes."""
         if self._zygote is None or self._zygote_waited:
@@ -324,6 +357,7 @@ class Supervisor:
         # The zygote first, then the frontends while it imports, then the workers (forked once it is ready).
         if plans and self.cfg.fork_workers:
             self._start_zygote()
+        self._start_kernel_preload(plans)
         for c in sorted(self.children, key=lambda c: c.failure_file is not None):
             self._spawn(c)
         log.info("serving %s on %s:%d with %d worker(s) and %d frontend(s); run directory %s",
@@ -457,6 +491,7 @@ class Supervisor:
         self._stop_group(workers, WORKER_STOP_S)
         if self._zygote is not None:
             self._zygote.close()
+        self._stop_kernel_preload()
         tag = endpoints.run_tag(self.run_dir)
         remove_stale_segments(tag, only_dead=False)
         remove_registrations(self.run_dir)  # client shared memory: every registration goes with the run

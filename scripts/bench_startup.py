@@ -100,9 +100,9 @@ def phases(events: list[dict]) -> dict:
 
 
 def start_once(folder: Path, out_dir: Path, name: str, env: dict[str, str], frontends: int, slot: int,
-               timeout: float) -> tuple[Served, dict]:
+               timeout: float, extra_args: list[str] | None = None) -> tuple[Served, dict]:
     server = Served(folder, Path(tempfile.mkdtemp(prefix="ddstart-", dir="/tmp")) / "run", out_dir / f"{name}.log",
-                    frontends, env, slot_mb=slot, ring_slots=16)
+                    frontends, env, slot_mb=slot, ring_slots=16, extra_args=list(extra_args or []))
     server.start()
     try:
         took = server.wait_serving(timeout, poll_s=0.05)
@@ -270,6 +270,9 @@ def main() -> int:
     ap.add_argument("--kill-after", type=float, default=2.0, help="seconds of load after recovery")
     ap.add_argument("--timeout", type=float, default=180.0, help="per start, and for recovery")
     ap.add_argument("--fast-options", default="{}", help="more ENGINE_OPTIONS for the fast engine, as JSON")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="also start each model with these serve flags (space-separated; caches of their own), "
+                         "e.g. 'nopre=--no-preload-kernels'")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     stop_on_sigterm()
@@ -297,25 +300,28 @@ def main() -> int:
                                     args.min_size, fast_options=fast))
     kill_model = "r50" if "r50" in folders else args.models[-1]
     labels = {"demo": "demo-rgbd", "r50": f"random {args.arch} ({args.detections} detections)"}
-    for name, folder in folders.items():
-        env = cache_env(base_env, tmp / f"cache-{name}")
-        results["models"][labels[name]] = {}
+    variants = [("", [])] + [(v.partition("=")[0], v.partition("=")[2].split()) for v in args.variant]
+    for (name, folder), (variant, extra) in [(f, v) for f in folders.items() for v in variants]:
+        env = cache_env(base_env, tmp / f"cache-{name}-{variant}")
+        label = labels[name] + (f", {variant} ({' '.join(extra)})" if variant else "")
+        results["models"][label] = {}
         for start in ("cold", "warm"):
             try:
-                server, res = start_once(folder, out, f"{name}_{start}", env, args.frontends, slot, args.timeout)
+                server, res = start_once(folder, out, f"{name}{variant}_{start}", env, args.frontends, slot,
+                                         args.timeout, extra)
             except Exception as exc:  # noqa: BLE001 - reported in the table; the other starts go on
-                results["models"][labels[name]][start] = {"error": f"{type(exc).__name__}: {exc}"}
+                results["models"][label][start] = {"error": f"{type(exc).__name__}: {exc}"}
                 print(f"{name} {start}: failed: {exc}", flush=True)
                 save()
                 continue
-            results["models"][labels[name]][start] = res
+            results["models"][label][start] = res
             print(f"{name} {start}: start to SERVING {res['start_to_serving_s']:.2f} s; phases {res['phases']}",
                   flush=True)
             save()
             try:
-                if start == "warm" and name == kill_model and not args.no_kill:
+                if start == "warm" and name == kill_model and not variant and not args.no_kill:
                     frames = scenes(4, args.height, args.width)
-                    results["kill"] = {"model": labels[name], **kill_under_load(
+                    results["kill"] = {"model": label, **kill_under_load(
                         server, requests_of("jpeg+png", frames), args.kill_concurrency, args.kill_before,
                         args.kill_after, args.timeout)}
                     print(f"kill: {json.dumps({k: v for k, v in results['kill'].items() if k != 'phases_after_kill'})}",

@@ -19,6 +19,7 @@
 # THREAD_STATES=SECONDS: the serve step also takes py-spy dumps of the server at the highest concurrency,
 # that many seconds apart (scripts/thread_states.py: which threads hold the GIL, wait for it, or sleep).
 # STARTUP_KILL=1: the startup step also kills the worker under load and times its return (bench_startup.py).
+# STARTUP_VARIANT=NAME=FLAGS: the startup step also starts with these serve flags (bench_startup.py --variant).
 # CONNECTIONS: each client process's TCP connections, several loaded one after another (bench_serve --connections;
 # default 0: the client library's).
 # THREAD_STACKS=SECONDS: the serve step also records one frontend and one worker with py-spy for that many seconds
@@ -84,6 +85,7 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
     conc=(1 2)
     worker=(--device cpu --arch small --height 96 --width 128 --min-size 96 --detections 5 --batches 2 --seconds 0.5)
   fi
+  [ -n "${STARTUP_VARIANT:-}" ] && startup+=(--variant "$STARTUP_VARIANT")
   local variants=()
   IFS=';' read -ra parts <<< "$VARIANTS"
   for v in "${parts[@]}"; do [ -n "$v" ] && variants+=(--variant "$v"); done
@@ -110,7 +112,7 @@ print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torc
       client_shm)
         step client_shm "$(budget 70 $later)" "$PY" scripts/bench_client_shm.py "${shm[@]}" ;;
       startup)
-        step startup "$(budget 90 $later)" "$PY" scripts/bench_startup.py "${startup[@]}" --out "$RES/startup" ;;
+        step startup "$(budget 150 $later)" "$PY" scripts/bench_startup.py "${startup[@]}" --out "$RES/startup" ;;
       worker)
         step worker "$(budget 150 $later)" "$PY" scripts/profile_worker.py "${worker[@]}" \
           --fast-options '{"blocking_sync": true}' --out "$RES/worker" ;;

@@ -523,6 +523,10 @@ class ServerConfig:
     # Parts one image may be decoded in at once, where its file allows (docs/operations.md, "Decoding in
     # parts"): 0 from the cores (up to 4, half the cores each for color and depth), 1 never.
     decode_parts: int = 0
+    # At start, compile the fast engine's Triton kernels into Triton's cache in several processes while
+    # the zygote imports (dd/worker/engines/kernels/preload.py): a machine with an empty cache then
+    # starts sooner; with a warm one it costs a lookup per kernel. Only where a fast-engine worker has a GPU.
+    preload_kernels: bool = True
 
     def worker_credits(self, max_batch_size: int) -> int:
         """Requests one frontend may have at one worker at once: max_inflight_per_worker, else
