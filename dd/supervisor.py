@@ -66,6 +66,20 @@ def longest_clean_stop_s(cfg: ServerConfig) -> float:
     return cfg.grace_s + FRONTEND_STOP_EXTRA_S + WORKER_STOP_S
 
 
+def gpu_model(index: int) -> str:
+    """The model of the GPU CUDA numbers `index` in PCI bus order ("NVIDIA H200"), from the driver's
+    /proc files (no CUDA here); "" where they do not say."""
+    root = Path("/proc/driver/nvidia/gpus")
+    try:
+        bus = sorted(p.name for p in root.iterdir())[index]
+        for line in (root / bus / "information").read_text().splitlines():
+            if line.startswith("Model:"):
+                return line.partition(":")[2].strip()
+    except (OSError, IndexError):
+        pass
+    return ""
+
+
 def visible_gpus() -> list[dict[str, str]]:
     """GPUs on this host, in PCI bus order, without initialising CUDA in the supervisor.
 
@@ -284,11 +298,16 @@ class Supervisor:
         gpus = [p.gpu for p in plans if p.gpu is not None and p.model in fast]
         if not self.cfg.preload_kernels or not gpus:
             return
+        from dd.worker.engines.kernels.preload import marker  # no Triton, no torch: a path and a hash
+
+        model = gpu_model(gpus[0])
+        if marker(model).exists():  # compiled by an earlier start on this machine
+            return
         env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(gpus[0])}
         try:  # a session of its own: stopped with its pool at shutdown (_stop_kernel_preload)
             self._preload = subprocess.Popen([sys.executable, "-m", "dd.worker.engines.kernels.preload",
-                                              "--parent-pid", str(os.getpid())], env=env, stdin=subprocess.DEVNULL,
-                                             start_new_session=True)
+                                              "--parent-pid", str(os.getpid()), "--gpu", model], env=env,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as exc:
             log.warning("cannot start compiling the Triton kernels ahead (%s); the workers compile them", exc)
 

@@ -85,3 +85,22 @@ def test_the_description_names_this_tritons_libdevice() -> None:
     data = json.dumps({"name": "k", "options": {"extern_libs": [["libdevice", "/elsewhere/libdevice.10.bc"]]}})
     libs = json.loads(preload._local_paths(data))["options"]["extern_libs"]
     assert libs == [["libdevice", str(lib) if lib.exists() else "/elsewhere/libdevice.10.bc"]]
+
+
+def test_once_all_are_compiled_later_runs_stop_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+
+    def fake(path: Path, processes: int) -> tuple[int, int, float]:
+        calls.append(path)
+        return results.pop(0)
+
+    monkeypatch.setattr(preload, "preload", fake)
+    results = [(12, 1, 1.0), (13, 0, 1.0)]
+    assert preload.main(["--gpu", "NVIDIA H200"]) == 0  # one refused: no marker
+    assert not preload.marker("NVIDIA H200").exists()
+    assert preload.main(["--gpu", "NVIDIA H200"]) == 0  # all compiled: the marker
+    assert preload.marker("NVIDIA H200").exists() and len(calls) == 2
+    assert preload.main(["--gpu", "NVIDIA H200"]) == 0 and len(calls) == 2  # stopped at once
+    assert not preload.marker("NVIDIA A100").exists()  # another GPU model compiles for itself
+    assert preload.marker("NVIDIA H200").parent == tmp_path / "cache"

@@ -14,6 +14,10 @@ every process of a user. So:
   - `preload()` compiles the manifest's kernels in several processes into the cache, while the
     supervisor's zygote imports torch, so that the worker's load then finds them there.
 
+Once every kernel of the manifest has been compiled for a GPU model, a marker in Triton's cache says so,
+and later starts skip the preload (which otherwise costs its processes' imports and CUDA contexts: on
+an H200 host a start with a warm cache took 1.3 s longer with it than without; BENCHMARKS.md, S14).
+
 Nothing here is needed for correctness: a kernel the manifest lacks, or one whose description this
 Triton or GPU cannot use (another version, another architecture: preload refuses it), is compiled at
 its first launch as before, and the compiled code is the same either way (the cache key is the
@@ -23,6 +27,7 @@ description's). A warm cache makes each preload a lookup.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import logging
@@ -117,6 +122,24 @@ def _local_paths(data: str) -> str:
     return json.dumps(spec)
 
 
+def triton_cache_dir() -> Path:
+    """Where Triton keeps its compiled kernels: TRITON_CACHE_DIR, else TRITON_HOME (or home)/.triton/cache."""
+    given = os.environ.get("TRITON_CACHE_DIR")
+    if given:
+        return Path(given)
+    return Path(os.environ.get("TRITON_HOME") or Path.home()) / ".triton" / "cache"
+
+
+def marker(gpu: str, path: Path = MANIFEST) -> Path:
+    """The file that says this manifest's kernels are in Triton's cache for GPUs of model `gpu`."""
+    try:
+        content = path.read_bytes()
+    except OSError:
+        content = b""
+    digest = hashlib.sha256(content + b"\0" + gpu.encode()).hexdigest()[:20]
+    return triton_cache_dir() / f"deep-detection-kernels-{digest}.done"
+
+
 def preload_entries(entries: list[dict[str, str]]) -> tuple[int, int]:
     """Compiles (or finds in the cache) each entry's kernel in this process: (done, refused). Refused: a
     kernel this package no longer has, or a description for another GPU or Triton."""
@@ -163,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", type=Path, default=MANIFEST)
     ap.add_argument("--processes", type=int, default=0, help="0: one per 2 cores, at most 8")
     ap.add_argument("--parent-pid", type=int, help="exit when this process (the supervisor) does")
+    ap.add_argument("--gpu", default="", help="the GPU model compiled for: once all are compiled, later runs "
+                                              "for it stop at once (a marker in Triton's cache)")
     ap.add_argument("--record", metavar="MODEL_FOLDER", type=Path,
                     help="load this model's fast engine on the GPU and write the kernels it compiles to --manifest")
     args = ap.parse_args(argv)
@@ -179,8 +204,18 @@ def main(argv: list[str] | None = None) -> int:
             load_engine(load_model_config(args.record), "cuda:0").close()
         log.info("wrote %d kernel descriptions to %s", write_manifest(entries, args.manifest), args.manifest)
         return 0
+    done_marker = marker(args.gpu, args.manifest)
+    if done_marker.exists():
+        log.info("the Triton kernels are compiled already (%s)", done_marker)
+        return 0
     done, refused, seconds = preload(args.manifest, args.processes)
     log.info("preloaded %d Triton kernels (%d refused) in %.1f s", done, refused, seconds)
+    if done and not refused:
+        try:
+            done_marker.parent.mkdir(parents=True, exist_ok=True)
+            done_marker.write_text(f"{done} kernels\n")
+        except OSError as exc:
+            log.debug("cannot write %s: %s", done_marker, exc)
     return 0
 
 
