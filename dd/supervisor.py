@@ -39,6 +39,7 @@ from pathlib import Path
 from dd.config import ConfigError, ModelConfig, ServerConfig
 from dd.config.engines import spec_for
 from dd.ipc import endpoints
+from dd.kernel_cache import marker
 from dd.ipc.client_segments import remove_registrations
 from dd.ipc.shm_ring import SHM_DIR, check_shm_capacity, remove_stale_segments, ring_size
 from dd import metrics
@@ -298,8 +299,6 @@ class Supervisor:
         gpus = [p.gpu for p in plans if p.gpu is not None and p.model in fast]
         if not self.cfg.preload_kernels or not gpus:
             return
-        from dd.worker.engines.kernels.preload import marker  # no Triton, no torch: a path and a hash
-
         model = gpu_model(gpus[0])
         if marker(model).exists():  # compiled by an earlier start on this machine
             return

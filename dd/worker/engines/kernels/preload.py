@@ -27,7 +27,6 @@ description's). A warm cache makes each preload a lookup.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib
 import json
 import logging
@@ -37,10 +36,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from dd.kernel_cache import MANIFEST, marker
+
 log = logging.getLogger("dd.kernels")
 
 PACKAGE = "dd.worker.engines.kernels"
-MANIFEST = Path(__file__).with_name("manifest.json")
 
 
 def _triton_version() -> str | None:
@@ -120,24 +120,6 @@ def _local_paths(data: str) -> str:
     spec["options"]["extern_libs"] = [[name, str(here / Path(path).name) if (here / Path(path).name).exists()
                                        else path] for name, path in libs]
     return json.dumps(spec)
-
-
-def triton_cache_dir() -> Path:
-    """Where Triton keeps its compiled kernels: TRITON_CACHE_DIR, else TRITON_HOME (or home)/.triton/cache."""
-    given = os.environ.get("TRITON_CACHE_DIR")
-    if given:
-        return Path(given)
-    return Path(os.environ.get("TRITON_HOME") or Path.home()) / ".triton" / "cache"
-
-
-def marker(gpu: str, path: Path = MANIFEST) -> Path:
-    """The file that says this manifest's kernels are in Triton's cache for GPUs of model `gpu`."""
-    try:
-        content = path.read_bytes()
-    except OSError:
-        content = b""
-    digest = hashlib.sha256(content + b"\0" + gpu.encode()).hexdigest()[:20]
-    return triton_cache_dir() / f"deep-detection-kernels-{digest}.done"
 
 
 def preload_entries(entries: list[dict[str, str]]) -> tuple[int, int]:

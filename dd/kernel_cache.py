@@ -1,0 +1,33 @@
+"""Where Triton keeps compiled kernels, and the marker that says the fast engine's are all there.
+
+Stdlib only: the supervisor reads the marker before deciding to start the kernel preload
+(dd/worker/engines/kernels/preload.py), without importing the engines (numpy, torch) on its way to
+starting everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+# The fast engine's Triton kernels as a load compiles them (written by preload.py --record).
+MANIFEST = Path(__file__).resolve().parent / "worker" / "engines" / "kernels" / "manifest.json"
+
+
+def triton_cache_dir() -> Path:
+    """Where Triton keeps its compiled kernels: TRITON_CACHE_DIR, else TRITON_HOME (or home)/.triton/cache."""
+    given = os.environ.get("TRITON_CACHE_DIR")
+    if given:
+        return Path(given)
+    return Path(os.environ.get("TRITON_HOME") or Path.home()) / ".triton" / "cache"
+
+
+def marker(gpu: str, manifest: Path = MANIFEST) -> Path:
+    """The file that says `manifest`'s kernels are in Triton's cache for GPUs of model `gpu`."""
+    try:
+        content = manifest.read_bytes()
+    except OSError:
+        content = b""
+    digest = hashlib.sha256(content + b"\0" + gpu.encode()).hexdigest()[:20]
+    return triton_cache_dir() / f"deep-detection-kernels-{digest}.done"
