@@ -122,6 +122,18 @@ def test_time_split_derives_client_transport_and_frontend_handoffs() -> None:
     assert rows == ["| raw | 4 | 1 | 9.00 | 6.00 | 1.00 | 0.50 | 3.00 | 0.70 | 3.00 | 0.80 |"]  # the lowest concurrency
 
 
+def test_hop_medians_are_the_steps_between_consecutive_hops() -> None:
+    import bench_requests
+
+    hops = bench_requests.TRACE_HOPS
+    whole = [{h: 10.0 + k * step for k, h in enumerate(hops)} for step in (0.001, 0.003)]  # 1 and 3 ms a step
+    partial = {h: 1.0 for h in hops[:4]}  # a server that does not trace: left out
+    got = bench_requests.hop_medians([*whole, partial])
+    assert list(got) == [f"{a}>{b}" for a, b in zip(hops, hops[1:])]
+    assert all(v == pytest.approx(2.0) for v in got.values())
+    assert bench_requests.hop_medians([partial]) == {}
+
+
 def test_requests_of_each_kind_decode_to_the_same_frame() -> None:
     frames = bench_requests.scenes(1, 48, 64)
     color, depth = frames[0]
@@ -204,6 +216,10 @@ def test_bench_serve_writes_table_json_and_pictures(tmp_path: Path) -> None:
     assert md.count("| baseline (single-process gRPC server) |") == 2 * len(kinds)
     assert "(best)" in md and md.count("| worker core, pipelined (as a worker serves), batch") == 2
     assert "Where a served request's time goes" in md and sum(line.startswith("| raw | ") for line in md.splitlines()) == 2  # per frontends
+    lone = res["served"]["1"]["raw"]["1"]  # every second request at concurrency 1 traced, hop by hop
+    assert lone["traced"] > 0 and len(lone["hops_ms"]) == 10 and all(v >= 0 for v in lone["hops_ms"].values())
+    assert "traced" not in res["served"]["1"]["raw"]["2"]
+    assert "### A lone request's hops" in md and "| replied > arrived | " in md
     assert (out / "serve_frontends1.log").exists() and (out / "baseline.log").exists()
     if sys.platform.startswith("linux"):
         assert "### Server CPU by thread" in md and "| worker: inference | " in md
@@ -328,6 +344,7 @@ def test_bench_client_shm_measures_three_ways_in(tmp_path: Path) -> None:
     assert set(res) == {"in the message", "in shared memory", "inputs and outputs in shared memory"}
     assert all(r["p50_ms"] > 0 and r["client_cpu_ms"] > 0 for r in res.values())
     assert all(r["server_ms"]["total"] > 0 and r["server_ms"]["inference"] > 0 for r in res.values())
+    assert all(len(r["hops_ms"]) == 10 and min(r["hops_ms"].values()) >= 0 for r in res.values())  # traced ones
 
 
 @pytest.mark.slow
