@@ -39,9 +39,9 @@ from pathlib import Path
 from dd.config import ConfigError, ModelConfig, ServerConfig
 from dd.config.engines import spec_for
 from dd.ipc import endpoints
-from dd.kernel_cache import marker
 from dd.ipc.client_segments import remove_registrations
 from dd.ipc.shm_ring import SHM_DIR, check_shm_capacity, remove_stale_segments, ring_size
+from dd.kernel_cache import marker
 from dd import metrics
 from dd.procutil import LOG_NAME_ENV, parse_cpulist, prefetch_files
 from dd.zygote import Zygote, ZygoteProcess, worker_preload
