@@ -8,7 +8,9 @@ starting everything else.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from importlib import metadata
 from pathlib import Path
 
 # The fast engine's Triton kernels as a load compiles them (written by preload.py --record).
@@ -21,6 +23,24 @@ def triton_cache_dir() -> Path:
     if given:
         return Path(given)
     return Path(os.environ.get("TRITON_HOME") or Path.home()) / ".triton" / "cache"
+
+
+def manifest_applies(manifest: Path = MANIFEST) -> bool:
+    """Whether the manifest may serve the Triton installed here, told from the installed package's metadata
+    without importing it: False for another version (its descriptions would be refused one by one) or no
+    manifest; True where the metadata does not say (a Triton under another distribution name), for the
+    preload itself to check against triton.__version__."""
+    try:
+        recorded = json.loads(manifest.read_text()).get("triton")
+    except (OSError, ValueError):
+        return False
+    if not recorded:
+        return False
+    try:
+        installed = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        return True
+    return recorded.split("+")[0] == installed.split("+")[0]
 
 
 def marker(gpu: str, manifest: Path = MANIFEST) -> Path:

@@ -41,7 +41,7 @@ from dd.config.engines import spec_for
 from dd.ipc import endpoints
 from dd.ipc.client_segments import remove_registrations
 from dd.ipc.shm_ring import SHM_DIR, check_shm_capacity, remove_stale_segments, ring_size
-from dd.kernel_cache import marker
+from dd.kernel_cache import manifest_applies, marker
 from dd import metrics
 from dd.procutil import LOG_NAME_ENV, parse_cpulist, prefetch_files
 from dd.zygote import Zygote, ZygoteProcess, worker_preload
@@ -297,7 +297,7 @@ class Supervisor:
         On the GPU of the first fast-engine worker, whose architecture the kernels are compiled for."""
         fast = {m.name for m in self.models if m.engine == "fast"}
         gpus = [p.gpu for p in plans if p.gpu is not None and p.model in fast]
-        if not self.cfg.preload_kernels or not gpus:
+        if not self.cfg.preload_kernels or not gpus or not manifest_applies():
             return
         model = gpu_model(gpus[0])
         if marker(model).exists():  # compiled by an earlier start on this machine

@@ -104,3 +104,15 @@ def test_once_all_are_compiled_later_runs_stop_at_once(tmp_path: Path, monkeypat
     assert preload.main(["--gpu", "NVIDIA H200"]) == 0 and len(calls) == 2  # stopped at once
     assert not preload.marker("NVIDIA A100").exists()  # another GPU model compiles for itself
     assert preload.marker("NVIDIA H200").parent == tmp_path / "cache"
+
+
+def test_the_supervisor_reads_whether_the_manifest_applies_without_importing_triton(tmp_path: Path) -> None:
+    from importlib import metadata
+
+    from dd.kernel_cache import manifest_applies
+
+    installed = metadata.version("triton")
+    assert manifest_applies(_manifest(tmp_path, installed, []))
+    assert not manifest_applies(_manifest(tmp_path, "0.0.1", []))
+    assert not manifest_applies(tmp_path / "absent.json")
+    assert manifest_applies() == (json.loads(preload.MANIFEST.read_text())["triton"] == installed)
