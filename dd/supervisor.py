@@ -67,6 +67,13 @@ def longest_clean_stop_s(cfg: ServerConfig) -> float:
     return cfg.grace_s + FRONTEND_STOP_EXTRA_S + WORKER_STOP_S
 
 
+def kernel_preload_gpu(models: list[ModelConfig], plans: list[WorkerPlan]) -> int | None:
+    """The GPU the fast engine's Triton kernels are compiled ahead on: the first fast-engine worker's; None
+    where no fast-engine worker has a GPU (nothing to compile for)."""
+    fast = {m.name for m in models if m.engine == "fast"}
+    return next((p.gpu for p in plans if p.gpu is not None and p.model in fast), None)
+
+
 def gpu_model(index: int) -> str:
     """The model of the GPU CUDA numbers `index` in PCI bus order ("NVIDIA H200"), from the driver's
     /proc files (no CUDA here); "" where they do not say."""
@@ -295,14 +302,13 @@ class Supervisor:
         zygote imports (dd/worker/engines/kernels/preload.py): with an empty cache the workers' loads then
         find most of them compiled. Not waited for; a kernel not there yet is compiled by the load itself.
         On the GPU of the first fast-engine worker, whose architecture the kernels are compiled for."""
-        fast = {m.name for m in self.models if m.engine == "fast"}
-        gpus = [p.gpu for p in plans if p.gpu is not None and p.model in fast]
-        if not self.cfg.preload_kernels or not gpus or not manifest_applies():
+        gpu = kernel_preload_gpu(self.models, plans)
+        if not self.cfg.preload_kernels or gpu is None or not manifest_applies():
             return
-        model = gpu_model(gpus[0])
+        model = gpu_model(gpu)
         if marker(model).exists():  # compiled by an earlier start on this machine
             return
-        env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(gpus[0])}
+        env = {**os.environ, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": str(gpu)}
         try:  # a session of its own: stopped with its pool at shutdown (_stop_kernel_preload)
             self._preload = subprocess.Popen([sys.executable, "-m", "dd.worker.engines.kernels.preload",
                                               "--parent-pid", str(os.getpid()), "--gpu", model], env=env,

@@ -17,13 +17,15 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_requests import free_port  # noqa: E402
 
 MB = 1 << 20
 # Variants: channel and server options (both sides), how long the handler waits before it answers (as a
@@ -43,12 +45,6 @@ SETS = {
     "Detector protobufs, handler waits 8 ms": {"protobuf": True, "wait_ms": 8.0},
 }
 BASE = [("grpc.max_send_message_length", 64 * MB), ("grpc.max_receive_message_length", 64 * MB)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _response(nbytes: int) -> bytes:

@@ -35,12 +35,6 @@ LOAD = ("import logging, sys; logging.basicConfig(level=logging.INFO); "
 LOADED = re.compile(r"fast engine loaded in ([\d.]+) s")
 
 
-def caches(root: Path) -> dict[str, str]:
-    root.mkdir(parents=True, exist_ok=True)
-    return {k: str(root / k.lower()) for k in ("TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "CUDA_CACHE_PATH",
-                                               "XDG_CACHE_HOME")}
-
-
 def run(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
     t0 = time.perf_counter()
     p = subprocess.run(argv, env={**os.environ, **env, "PYTHONPATH": os.pathsep.join(
@@ -64,19 +58,20 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
     from bench_serve import make_model
+    from bench_startup import cache_env
 
     tmp = Path(tempfile.mkdtemp(prefix="dd-preload-"))
     folder = make_model(tmp, "fast", "r50", 16, 720, 1280, 100, 800)
     py = sys.executable
     wall, out = run([py, "-m", "dd.worker.engines.kernels.preload", "--record", str(folder), "--manifest",
-                     str(args.manifest)], caches(tmp / "record"))
+                     str(args.manifest)], cache_env({}, tmp / "record"))
     print(f"record (a cold load): engine load {load_s(out):.1f} s; {out.strip().splitlines()[-1]}", flush=True)
     rows = []
     for r in range(args.rounds):
-        cold_env = caches(tmp / f"cold{r}")
+        cold_env = cache_env({}, tmp / f"cold{r}")
         rows.append(("cold", load_s(run([py, "-c", LOAD, str(folder)], cold_env)[1]), None))
         rows.append(("warm (the cold one's caches)", load_s(run([py, "-c", LOAD, str(folder)], cold_env)[1]), None))
-        pre_env = caches(tmp / f"pre{r}")
+        pre_env = cache_env({}, tmp / f"pre{r}")
         pre_wall, pre_out = run([py, "-m", "dd.worker.engines.kernels.preload", "--manifest", str(args.manifest),
                                  "--processes", str(args.processes)], pre_env)
         rows.append(("preloaded into empty caches", load_s(run([py, "-c", LOAD, str(folder)], pre_env)[1]),

@@ -116,3 +116,15 @@ def test_the_supervisor_reads_whether_the_manifest_applies_without_importing_tri
     assert not manifest_applies(_manifest(tmp_path, "0.0.1", []))
     assert not manifest_applies(tmp_path / "absent.json")
     assert manifest_applies() == (json.loads(preload.MANIFEST.read_text())["triton"] == installed)
+
+
+def test_the_supervisor_compiles_ahead_on_the_first_fast_engine_workers_gpu() -> None:
+    from types import SimpleNamespace
+
+    from dd.supervisor import WorkerPlan, kernel_preload_gpu
+
+    models = [SimpleNamespace(name="tv", engine="torchvision"), SimpleNamespace(name="fast", engine="fast")]
+    plans = [WorkerPlan("tv", 0, 0, []), WorkerPlan("fast", 0, None, []), WorkerPlan("fast", 1, 3, [])]
+    assert kernel_preload_gpu(models, plans) == 3
+    assert kernel_preload_gpu(models, plans[:2]) is None  # the fast engine's workers on the CPU only
+    assert kernel_preload_gpu(models[:1], plans) is None  # no fast engine
