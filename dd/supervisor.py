@@ -217,6 +217,7 @@ class Supervisor:
         remove_registrations(self.run_dir)  # a crashed run's client shared-memory registrations
         for _, _, path in endpoints.list_worker_sockets(self.run_dir):
             path.unlink(missing_ok=True)
+        endpoints.remove_reply_sockets(self.run_dir, only_dead=False)
         for path in self.run_dir.glob(f"*{endpoints.LOAD_FAILURE_SUFFIX}*"):
             path.unlink(missing_ok=True)
         if removed:
@@ -521,6 +522,7 @@ class Supervisor:
         remove_registrations(self.run_dir)  # client shared memory: every registration goes with the run
         for _, _, path in endpoints.list_worker_sockets(self.run_dir):
             path.unlink(missing_ok=True)
+        endpoints.remove_reply_sockets(self.run_dir, only_dead=False)
         for path in self.run_dir.glob(f"*{endpoints.LOAD_FAILURE_SUFFIX}*"):
             path.unlink(missing_ok=True)
         (self.run_dir / PROCESS_TABLE).unlink(missing_ok=True)

@@ -5,7 +5,10 @@ robin) decides where each request goes: to the ready worker of the model with
 the fewest requests in flight from this frontend, and never past its credit
 limit (Mask R-CNN times vary with the image, so round robin would queue behind
 slow ones). Workers are found by listing the run directory, so they may come
-and go and be started by anything.
+and go and be started by anything. Replies come back on one socket of the
+frontend's own (a PULL in the run directory, named in every ping), to which
+each worker's inference thread sends them itself; a worker that is not
+connected to it yet answers through the DEALER the request went out on.
 
 A worker is declared dead when its socket disconnects (a killed process: at
 once) or it misses pings for DEAD_AFTER_S (a hung or stopped one), or when it
@@ -46,6 +49,9 @@ DISCOVERY_INTERVAL_S = 0.5
 # the zygote's imports), the run directory is listed this often, so that a worker is found within this
 # and not within DISCOVERY_INTERVAL_S of binding. A listing of a small directory: microseconds.
 WAITING_DISCOVERY_INTERVAL_S = 0.02
+# A reply is 1 KB to 1 MB: a receive buffer that holds a whole one lets the worker write it at once
+# (the kernel caps this at net.core.rmem_max).
+REPLY_RCVBUF_BYTES = 2 * 1024 * 1024
 
 
 @dataclass
@@ -103,7 +109,11 @@ class Dispatcher:
         self._on_change = on_change or (lambda: None)
         self.ctx = zmq.asyncio.Context()
         self.identity = f"fe-{os.getpid()}".encode()
+        self.reply_path = endpoints.frontend_reply_socket(run_dir, self.identity)
+        self._replies: zmq.asyncio.Socket | None = None
         self.links: dict[Path, WorkerLink] = {}
+        self._by_name: dict[bytes, WorkerLink] = {}  # a link by its worker's name (a direct reply's first frame)
+        self.direct_replies = 0  # replies that came on the reply socket (the others came through the DEALERs)
         # Requests waiting for a credit: plain futures, woken synchronously. Not an asyncio.Condition:
         # wait_for(cond.wait()) cancelled at the wrong moment (a client cancel, a deadline) leaves the
         # condition's lock released twice or held forever, after which every request of this
@@ -121,6 +131,15 @@ class Dispatcher:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
+        replies = self.ctx.socket(zmq.PULL)
+        replies.setsockopt(zmq.LINGER, 0)
+        replies.setsockopt(zmq.RCVHWM, 10_000)  # the credits bound the replies
+        replies.setsockopt(zmq.RCVBUF, REPLY_RCVBUF_BYTES)
+        self.reply_path.unlink(missing_ok=True)  # a previous frontend's of this pid
+        replies.bind(endpoints.ipc_address(self.reply_path))
+        os.chmod(self.reply_path, 0o600)
+        self._replies = replies
+        self._tasks.append(asyncio.create_task(self._replies_loop(replies), name="replies"))
         self._discover()
         self._tasks.append(asyncio.create_task(self._discovery_loop(), name="discovery"))
         self._tasks.append(asyncio.create_task(self._ping_loop(), name="ping"))
@@ -140,6 +159,9 @@ class Dispatcher:
             link.sock.close(linger=0)
             if link.monitor is not None:
                 link.monitor.close(linger=0)
+        if self._replies is not None:
+            self._replies.close(linger=0)
+            self.reply_path.unlink(missing_ok=True)
         self.ctx.term()
 
     # -- state queries ---------------------------------------------------------------------
@@ -190,6 +212,7 @@ class Dispatcher:
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(endpoints.ipc_address(path))
         link = WorkerLink(model, index, path, sock, self._max_inflight(model), monitor=monitor)
+        self._by_name[link.name.encode()] = link
         link.tasks.append(asyncio.create_task(self._recv_loop(link), name=f"recv-{link.name}"))
         link.tasks.append(asyncio.create_task(self._monitor_loop(link, monitor), name=f"monitor-{link.name}"))
         self.links[path] = link
@@ -210,7 +233,7 @@ class Dispatcher:
     async def _ping_loop(self) -> None:
         while True:
             now = time.time()
-            ping = messages.Ping(sent_at=now, ring=self.ring).SerializeToString()
+            ping = self._ping(now)
             for link in list(self.links.values()):
                 if link.connected:
                     try:
@@ -221,6 +244,10 @@ class Dispatcher:
                     self._lost(link, f"no answer to pings for {DEAD_AFTER_S:.0f} s")
             await asyncio.sleep(PING_INTERVAL_S)
 
+    def _ping(self, now: float) -> bytes:
+        reply_to = endpoints.ipc_address(self.reply_path) if self._replies is not None else ""
+        return messages.Ping(sent_at=now, ring=self.ring, reply_to=reply_to).SerializeToString()
+
     async def _monitor_loop(self, link: WorkerLink, monitor: zmq.asyncio.Socket) -> None:
         try:
             while True:
@@ -228,8 +255,7 @@ class Dispatcher:
                 if event["event"] == zmq.EVENT_CONNECTED:
                     link.connected = True
                     link.last_pong = time.time()
-                    await link.sock.send_multipart(
-                        [messages.PING, messages.Ping(sent_at=time.time(), ring=self.ring).SerializeToString()])
+                    await link.sock.send_multipart([messages.PING, self._ping(time.time())])
                 elif event["event"] == zmq.EVENT_DISCONNECTED:
                     link.connected = False
                     self._lost(link, "its socket closed")
@@ -255,6 +281,20 @@ class Dispatcher:
             frames = await link.sock.recv_multipart()
             try:
                 self._on_message(link, frames)
+            except Exception:  # noqa: BLE001 - a malformed frame must not stop this loop
+                log.exception("bad message from worker %s (%d frame(s)); ignored", link.name, len(frames))
+
+    async def _replies_loop(self, replies: zmq.asyncio.Socket) -> None:
+        """The replies workers send to this frontend's reply socket: [worker name, R, envelope, body]."""
+        while True:
+            frames = await replies.recv_multipart()
+            link = self._by_name.get(frames[0]) if frames else None
+            if link is None:
+                log.warning("a reply from an unknown worker %r on the reply socket; dropped", frames[:1])
+                continue
+            self.direct_replies += 1
+            try:
+                self._on_message(link, frames[1:])
             except Exception:  # noqa: BLE001 - a malformed frame must not stop this loop
                 log.exception("bad message from worker %s (%d frame(s)); ignored", link.name, len(frames))
 

@@ -97,6 +97,7 @@ class Frontend:
             loop.add_signal_handler(signal.SIGINT, stop.set)
         interceptors = [TokenAuth(read_token(self.cfg.auth_token_file))] if self.cfg.auth_token_file else []
         remove_stale_segments(self.tag, only_dead=True)
+        endpoints.remove_reply_sockets(self.run_dir, only_dead=True)
         self.ring = ShmRing.create(segment_name(self.tag, "fe"), self.cfg.ring_slots, self.cfg.slot_bytes())
         set_decode_parts(self.cfg.decode_parts)
         try:

@@ -14,6 +14,8 @@ from pathlib import Path
 WORKER_PREFIX = "worker."
 WORKER_SUFFIX = ".ipc"
 LOAD_FAILURE_SUFFIX = ".load-failed"
+FRONTEND_PREFIX = "frontend."
+REPLIES_SUFFIX = ".replies.ipc"
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 _MAX_SOCKET_PATH = 107
 
@@ -45,6 +47,36 @@ def worker_socket(run_dir: Path, model: str, index: int) -> Path:
         raise EndpointError(f"socket path {path} is longer than {_MAX_SOCKET_PATH} bytes (a Unix limit); "
                             "choose a shorter --run-dir")
     return path
+
+
+def frontend_reply_socket(run_dir: Path, identity: bytes) -> Path:
+    """Where a frontend receives the replies that workers' inference threads send it directly
+    (messages.Ping.reply_to). Not a worker socket: frontends listing the directory pass it by."""
+    path = run_dir / f"{FRONTEND_PREFIX}{identity.decode()}{REPLIES_SUFFIX}"
+    if len(str(path)) > _MAX_SOCKET_PATH:
+        raise EndpointError(f"socket path {path} is longer than {_MAX_SOCKET_PATH} bytes (a Unix limit); "
+                            "choose a shorter --run-dir")
+    return path
+
+
+def remove_reply_sockets(run_dir: Path, only_dead: bool = True) -> None:
+    """Removes the frontends' reply sockets in the run directory: of frontends whose process is gone
+    (a crashed one leaves its socket file), or all of them (the supervisor, at start and stop)."""
+    for path in run_dir.glob(f"{FRONTEND_PREFIX}*{REPLIES_SUFFIX}"):
+        pid = path.name[len(FRONTEND_PREFIX):-len(REPLIES_SUFFIX)].rpartition("-")[2]
+        if only_dead and pid.isdigit() and _alive(int(pid)):
+            continue
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_failure_file(run_dir: Path, model: str, index: int) -> Path:

@@ -3,7 +3,10 @@
 Each ZeroMQ message is a kind byte followed by a protobuf (never pickle):
   I  InferRequest            frontend -> worker
   R  InferReply [+ response] worker -> frontend; on OK a second frame holds the
-                             serialized DetectResponse, handed to gRPC untouched
+                             serialized DetectResponse, handed to gRPC untouched.
+                             Sent by the worker's inference thread to the frontend's
+                             reply socket (Ping.reply_to) after a frame with the worker's
+                             name, or through the worker's ROUTER until that is connected
   P  Ping                    frontend -> worker
   O  Pong                    worker -> frontend
 """

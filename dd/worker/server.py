@@ -8,8 +8,10 @@ Two threads. The I/O thread owns the ROUTER socket: it answers pings at once
 slot generation, array bounds) and queues it. The inference thread takes
 batches, runs the engine on views into the frontends' shared-memory rings,
 finishes and encodes each batch while the next one is on the device
-(dd/worker/pipeline.py), and hands the responses back to the I/O thread
-over an inproc socket (ZeroMQ sockets are not shared between threads).
+(dd/worker/pipeline.py), and sends each response to its frontend itself, over
+a socket of its own to the frontend's reply socket (dd/worker/reply_routes.py);
+until that is connected, it hands them to the I/O thread over an inproc socket
+(ZeroMQ sockets are not shared between threads), which sends them on.
 
 The engine module, and with it torch, is imported only after
 CUDA_VISIBLE_DEVICES has been set, so each worker sees exactly its own GPU.
@@ -40,7 +42,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import zmq
@@ -57,6 +59,7 @@ from dd.worker.core import Outcome, WorkerCore, WorkItem
 from dd.worker.engines.base import EncodedImage
 from dd.worker.output_regions import OutputRegions
 from dd.worker.pipeline import BatchPipeline
+from dd.worker.reply_routes import MAX_ROUTES, ReplyRoutes
 
 if TYPE_CHECKING:  # the engine modules import torch: only after pinning, inside the inference thread
     from dd.worker.engines.base import Engine
@@ -64,6 +67,7 @@ if TYPE_CHECKING:  # the engine modules import torch: only after pinning, inside
 log = logging.getLogger("dd.worker")
 
 _ALLOWED_DTYPES = {"uint8", "uint16", "float32"}
+Send = Callable[[bytes, list], None]  # the inference thread's way to answer a frontend: (identity, frames)
 # One frame on the inproc reply socket (a reply has an identity and more): the inference thread says
 # the worker's state changed (loaded, or failed to load), and the I/O thread tells every frontend.
 _STATE_CHANGED = b"state"
@@ -130,6 +134,10 @@ class Worker:
         # collected until then only, so that frontends coming and going over months do not add up here.
         self._frontends: set[bytes] = set()
         self._announced = False
+        # The frontends' reply sockets, for the inference thread to send to directly (told by the I/O
+        # thread); and, I/O thread only, what each frontend last said: (reply socket, ring).
+        self.routes = ReplyRoutes(self.ctx, self.name.encode())
+        self._reply_to: dict[bytes, tuple[str, str]] = {}
 
     # -- I/O thread --------------------------------------------------------------------
     def run(self) -> int:
@@ -210,7 +218,7 @@ class Worker:
     def _announce(self, router: zmq.Socket) -> None:
         """An unasked pong to every frontend that has pinged: it learns that this worker is ready (or
         why it is not) now, not at its next ping. Health turns SERVING that much sooner at start."""
-        pong = self._pong(messages.Ping(sent_at=0.0).SerializeToString())
+        pong = self._pong(0.0)
         for identity in self._frontends:
             try:
                 router.send_multipart([identity, messages.PONG, pong], flags=zmq.NOBLOCK)
@@ -219,9 +227,8 @@ class Worker:
         self._frontends.clear()
         self._announced = True
 
-    def _pong(self, ping: bytes) -> bytes:
-        p = messages.Ping.FromString(ping)
-        pong = messages.Pong(sent_at=p.sent_at, incarnation=self.incarnation, pid=os.getpid(), ready=self.ready, engine=self.engine_name,
+    def _pong(self, sent_at: float) -> bytes:
+        pong = messages.Pong(sent_at=sent_at, incarnation=self.incarnation, pid=os.getpid(), ready=self.ready, engine=self.engine_name,
                              device=self.device, error=self.load_error, gpu_jpeg=self.gpu_jpeg,
                              gpu_png_rows=self.gpu_png_rows)
         return pong.SerializeToString()
@@ -233,8 +240,10 @@ class Worker:
         if kind == messages.PING:
             if not self._announced:
                 self._frontends.add(identity)
-            router.send_multipart([identity, messages.PONG, self._pong(payload)])
-            ring = messages.Ping.FromString(payload).ring
+            ping = messages.Ping.FromString(payload)
+            router.send_multipart([identity, messages.PONG, self._pong(ping.sent_at)])
+            self._route(identity, ping.reply_to, ping.ring)
+            ring = ping.ring
             if ring and ring not in self.rings:
                 try:  # mapped now, prepared by the inference thread before the frontend's first request
                     self._ring(ring)
@@ -253,6 +262,16 @@ class Worker:
         if not self.batcher.put(job):
             router.send_multipart([identity, messages.REPLY,
                                    _reply(req.id, "RESOURCE_EXHAUSTED", f"worker {self.name} queue is full")])
+
+    def _route(self, identity: bytes, reply_to: str, ring: str) -> None:
+        """Tells the inference thread where this frontend takes its replies, when that is new."""
+        if self._reply_to.get(identity, ("", ""))[0] != reply_to:
+            self.routes.tell(identity, reply_to)
+        self._reply_to[identity] = (reply_to, ring)
+        if len(self._reply_to) > MAX_ROUTES:  # frontends gone without their ring being removed
+            oldest = next(iter(self._reply_to))
+            del self._reply_to[oldest]
+            self.routes.tell(oldest, "")
 
     def _accept(self, identity: bytes, req: messages.InferRequest) -> tuple[Job | None, tuple[str, str] | None]:
         """A Job, or why not. (None, None) means drop silently: the frontend no longer waits for it."""
@@ -325,6 +344,10 @@ class Worker:
                 ring = self.rings.pop(name)
                 ring.retired = True
                 self._retired.put(ring)
+                for identity, (_, its_ring) in list(self._reply_to.items()):
+                    if its_ring == name:  # that frontend is gone: so is its reply socket
+                        del self._reply_to[identity]
+                        self.routes.tell(identity, "")
 
     def _release_retired(self, engine: "Engine | None") -> None:
         while True:
@@ -342,6 +365,12 @@ class Worker:
         out = self.ctx.socket(zmq.PUSH)
         out.setsockopt(zmq.LINGER, 1000)
         out.connect(self._reply_addr)
+
+        def send(identity: bytes, frames: list) -> None:
+            """To the frontend's reply socket; through the I/O thread where that cannot take it now."""
+            if not self.routes.send(identity, frames):
+                out.send_multipart([identity, *frames], copy=False)
+
         try:
             from dd.worker.engines import load_engine
 
@@ -352,6 +381,7 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - any load failure is reported the same way
             self._load_failed(exc)
             out.send(_STATE_CHANGED)
+            self.routes.close()
             out.close()
             return
         self.engine_name = engine.name  # what runs, after any fallback (the fast engine without a GPU)
@@ -370,14 +400,15 @@ class Worker:
 
         def failed(live: list[Job], exc: BaseException) -> None:
             for job in live:
-                _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
+                _send(send, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
 
         def between() -> None:  # after a batch is finished; the next may be on the device (the engine waits for it
             self._release_retired(engine)  # before unpinning a ring it may be copying from)
             self._prepare_new_rings(engine)
+            self.routes.apply()  # connected while idle, so that the next reply finds its route up
 
         pipeline: BatchPipeline[list[Job]] = BatchPipeline(
-            core, lambda outcomes, live: _send_outcomes(out, live, outcomes), failed, between=between)
+            core, lambda outcomes, live: _send_outcomes(send, live, outcomes), failed, between=between)
         self._prepare_new_rings(engine)  # the rings of the frontends that pinged while the model loaded
         self.ready = True
         out.send(_STATE_CHANGED)
@@ -395,15 +426,16 @@ class Worker:
             if not pipeline.busy:
                 between()  # (with a batch in flight the pipeline calls it once that batch is finished)
             try:
-                self._run_batch(pipeline, batch, out)
+                self._run_batch(pipeline, batch, send)
             except Exception:  # noqa: BLE001 - never let one batch end the loop
                 log.exception("worker %s: unexpected error serving a batch of %d", self.name, len(batch))
                 for job in batch:
-                    _send(out, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
+                    _send(send, job, "INTERNAL", f"worker {self.name} failed on this batch; see its log")
             del batch
         pipeline.flush()
         engine.close()
         self._release_retired(None)
+        self.routes.close()
         out.close()
 
     def _load_failed(self, exc: Exception) -> None:
@@ -429,7 +461,7 @@ class Worker:
         except OSError as err:
             log.warning("cannot write %s: %s", self.failure_file, err)
 
-    def _run_batch(self, pipeline: "BatchPipeline[list[Job]]", batch: list[Job], out: zmq.Socket) -> None:
+    def _run_batch(self, pipeline: "BatchPipeline[list[Job]]", batch: list[Job], send: "Send") -> None:
         """Sends what is already decided (expired, abandoned) and pushes the rest into the pipeline:
         their engine call starts now, they are answered after the next batch has started (or flushed)."""
         started = time.time()
@@ -439,7 +471,7 @@ class Worker:
             if job.ring.retired:
                 continue  # its frontend is gone, and with it whoever asked
             if job.req.deadline and started > job.req.deadline:
-                _send(out, job, "DEADLINE_EXCEEDED", "deadline passed while queued at the worker")
+                _send(send, job, "DEADLINE_EXCEEDED", "deadline passed while queued at the worker")
             elif job.ring.generation(job.req.slot) == job.req.generation:
                 live.append(job)
             # else: the frontend gave up on it (cancelled, retried elsewhere); nobody waits for it
@@ -447,11 +479,11 @@ class Worker:
             pipeline.push([_work_item(job) for job in live], live, started)
 
 
-def _send_outcomes(out: zmq.Socket, live: list[Job], outcomes: list[Outcome]) -> None:
+def _send_outcomes(send: "Send", live: list[Job], outcomes: list[Outcome]) -> None:
     """One reply per job: its error, or the reply envelope and the encoded body (sent without a copy)."""
     for job, outcome in zip(live, outcomes):
         if outcome.code != "OK":
-            _send(out, job, outcome.code, outcome.message)
+            _send(send, job, outcome.code, outcome.message)
             continue
         if job.ring.generation(job.req.slot) != job.req.generation:
             continue  # the frontend gave up on it meanwhile (and may have reused the slot)
@@ -460,7 +492,7 @@ def _send_outcomes(out: zmq.Socket, live: list[Job], outcomes: list[Outcome]) ->
                                     inference_us=t.inference_us, encode_us=t.encode_us,
                                     batch_size=t.batch_size, accepted_at=job.accepted_at,
                                     batch_started_at=job.batch_started_at, replied_at=time.time())
-        out.send_multipart([job.identity, messages.REPLY, reply.SerializeToString(), outcome.body], copy=False)
+        send(job.identity, [messages.REPLY, reply.SerializeToString(), outcome.body])
 
 
 def _work_item(job: Job) -> WorkItem:
@@ -477,8 +509,8 @@ def _may_pass(exc: BaseException) -> bool:
     return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
 
 
-def _send(out: zmq.Socket, job: Job, code: str, message: str) -> None:
-    out.send_multipart([job.identity, messages.REPLY, _reply(job.req.id, code, message)])
+def _send(send: "Send", job: Job, code: str, message: str) -> None:
+    send(job.identity, [messages.REPLY, _reply(job.req.id, code, message)])
 
 
 def _color(ring: ShmRing, slot: int, ref: messages.ArrayRef) -> np.ndarray | EncodedImage:

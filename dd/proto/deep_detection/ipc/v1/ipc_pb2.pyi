@@ -100,12 +100,14 @@ class InferReply(_message.Message):
     def __init__(self, id: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ..., queue_us: _Optional[int] = ..., decode_us: _Optional[int] = ..., inference_us: _Optional[int] = ..., encode_us: _Optional[int] = ..., batch_size: _Optional[int] = ..., accepted_at: _Optional[float] = ..., batch_started_at: _Optional[float] = ..., replied_at: _Optional[float] = ...) -> None: ...
 
 class Ping(_message.Message):
-    __slots__ = ("sent_at", "ring")
+    __slots__ = ("sent_at", "ring", "reply_to")
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
     RING_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     sent_at: float
     ring: str
-    def __init__(self, sent_at: _Optional[float] = ..., ring: _Optional[str] = ...) -> None: ...
+    reply_to: str
+    def __init__(self, sent_at: _Optional[float] = ..., ring: _Optional[str] = ..., reply_to: _Optional[str] = ...) -> None: ...
 
 class Pong(_message.Message):
     __slots__ = ("sent_at", "incarnation", "pid", "ready", "engine", "device", "error", "gpu_jpeg", "gpu_png_rows")

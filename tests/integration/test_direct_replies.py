@@ -1,0 +1,63 @@
+"""Replies sent by the worker's inference thread straight to the frontend's reply socket (Ping.reply_to),
+on a real server: once a worker's route to a frontend is up, every answer takes it, and answers are right;
+a frontend's reply socket goes with it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from dd.ipc import endpoints
+from tests.faults import Server, null_model
+from tests.integration.test_flow_control import _detect_null, _start_and_wait_ready
+
+
+def test_once_a_route_is_up_every_reply_takes_it(tmp_path: Path) -> None:
+    """Through the test's own Dispatcher (the frontend's, in this process) against a running server's worker.
+    The first replies may come through the worker's I/O thread while its inference thread connects; from the
+    first that comes on the reply socket on, all do (nothing else refuses a reply on a quiet connection)."""
+    from dd.frontend.dispatcher import Dispatcher
+    from dd.ipc.shm_ring import ShmRing, segment_name
+
+    null_model(tmp_path / "null", kind="rgb")
+    with Server(tmp_path / "null") as srv:
+        srv.start().wait_serving(120)
+
+        async def scenario() -> tuple[int, list[str | None], bool, Path]:
+            dispatcher = Dispatcher(srv.run_dir, lambda model: 4, on_change=lambda: None)
+            ring = ShmRing.create(segment_name(srv.tag, "test"), 2, 1 << 16)
+            try:
+                await _start_and_wait_ready(dispatcher)
+                had_socket = dispatcher.reply_path.exists()
+                problems, end = [], time.monotonic() + 60
+                while dispatcher.direct_replies == 0:
+                    assert time.monotonic() < end, "no reply came on the reply socket in 60 s"
+                    problems.append(await _detect_null(dispatcher, ring, len(problems)))
+                before = dispatcher.direct_replies
+                problems += [await _detect_null(dispatcher, ring, i) for i in range(20)]
+                return dispatcher.direct_replies - before, problems, had_socket, dispatcher.reply_path
+            finally:
+                await dispatcher.close()
+                ring.close()
+                ring.unlink()
+
+        direct, problems, had_socket, path = asyncio.run(scenario())
+        assert had_socket
+        assert not path.exists(), "the frontend left its reply socket behind"
+    assert not any(problems), next(p for p in problems if p)
+    assert direct == 20, f"{20 - direct} of 20 replies went through the worker's I/O thread with the route up"
+
+
+def test_a_dead_frontends_reply_socket_is_removed_by_the_next_frontend(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    dead = endpoints.frontend_reply_socket(run_dir, b"fe-999999999")  # no such process
+    mine = endpoints.frontend_reply_socket(run_dir, b"fe-1")  # pid 1 is alive
+    for p in (dead, mine):
+        p.touch()
+    endpoints.remove_reply_sockets(run_dir, only_dead=True)
+    assert not dead.exists() and mine.exists()
+    endpoints.remove_reply_sockets(run_dir, only_dead=False)
+    assert not mine.exists()
+    assert endpoints.list_worker_sockets(run_dir) == []
