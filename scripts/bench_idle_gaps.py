@@ -6,8 +6,11 @@ A lone served request's steps took longer than the same steps timed back to back
 decode 4.7 against 3.2 ms, the engine's part 7.1-8.0 against 5.3 ms with its responses): either what
 serving adds, or the machine itself, whose cores (and GPU) go idle while a request is elsewhere. Here
 each step runs in one process, interleaved: back to back, then with a sleep of --gap-ms before each
-call, then with the calling thread spinning that long instead (its core kept busy, the GPU idle). The engine's calls are also timed on the GPU (CUDA events around each call), to tell the
-device's time from the host's. Prints one table of medians.
+call, then with the calling thread spinning that long instead (its core kept busy, the GPU idle), then
+with the GPU kept busy for the gap's last --lead-ms (one block spinning; or matrix products on every
+SM, as a worker could start when a frontend begins to decode a request). The engine's calls are also
+timed on the GPU (CUDA events around each call), to tell the device's time from the host's, and the
+GPU's clocks are read (NVML, where pynvml is installed) just before each call. Prints tables of medians.
 
     python scripts/bench_idle_gaps.py --calls 200 --gap-ms 12
 """
@@ -78,6 +81,7 @@ def main() -> int:
     gaps = {"back to back": None, f"after {args.gap_ms:g} ms idle": lambda: time.sleep(gap_s),
             f"after {args.gap_ms:g} ms spinning": lambda: spin(gap_s)}
     cases = {"frontend decode (client library's JPEG + PNG, as rows)": (decode, None, None)}
+    clocks: dict = {}
     if not args.no_engine:
         import torch
 
@@ -125,11 +129,35 @@ def main() -> int:
             time.sleep(lead_s)
 
         gaps[f"after {args.gap_ms - args.lead_ms:g} ms idle and {args.lead_ms:g} ms of a GPU spin kernel"] = gpu_warmed
+
+        # Matrix products on every SM for the gap's last `lead` ms: as many as fill it, timed here.
+        a = torch.randn(4096, 4096, device=args.device, dtype=torch.float16)
+        torch.mm(a, a)
+        torch.cuda.synchronize()
+        t_start.record()
+        for _ in range(10):
+            torch.mm(a, a)
+        t_end.record()
+        t_end.synchronize()
+        mm_ms = t_start.elapsed_time(t_end) / 10
+        mms = max(1, round(args.lead_ms * 0.9 / mm_ms))
+
+        def gpu_loaded() -> None:
+            time.sleep(gap_s - lead_s)
+            with torch.cuda.stream(side):
+                for _ in range(mms):
+                    torch.mm(a, a)
+            time.sleep(lead_s)
+
+        gaps[f"after {args.gap_ms - args.lead_ms:g} ms idle and {args.lead_ms:g} ms of products on every SM"] = \
+            gpu_loaded
+        clocks.update(_clock_reader())
         cases["engine call, batch 1"] = (infer, gpu_time, gpu_ms)
         cases["worker core, batch 1 (engine + response)"] = (lambda: core.run([WorkItem(scene.color, depth)]), None,
                                                              None)
     results: dict[str, dict[str, list[float]]] = {}
     gpu: dict[str, list[float]] = {}
+    seen_clocks: dict[str, list[tuple[int, int]]] = {}
     for name, (fn, after, _) in cases.items():  # warm-up
         timed(fn, 10, None, after)
     for _ in range(args.rounds):
@@ -137,6 +165,10 @@ def main() -> int:
             for label, gap in gaps.items():
                 if gpu_list is not None:
                     gpu_list.clear()
+                if gpu_list is not None and clocks:  # the clocks just before each engine call
+                    read, inner = clocks["read"], gap
+                    gap = (lambda inner=inner, label=label: (inner() if inner else None,
+                                                             seen_clocks.setdefault(label, []).append(read())))
                 results.setdefault(name, {}).setdefault(label, []).extend(timed(fn, args.calls, gap, after))
                 if gpu_list is not None:
                     gpu.setdefault(f"{name}|{label}", []).extend(gpu_list)
@@ -153,9 +185,32 @@ def main() -> int:
             g = [statistics.median(gpu[f"{name}|{label}"]) for label in labels]
             print("| of it on the GPU (CUDA events) | " + " | ".join(f"{m:.2f}" for m in g) + " |")
             summary[name + ", GPU"] = dict(zip(labels, g))
+    if seen_clocks:
+        print("\n## The GPU's clocks just before each engine call (NVML, medians; min-max), MHz\n")
+        print("| clock | " + " | ".join(labels) + " |")
+        print("|---|" + "---|" * len(labels))
+        for i, clock in enumerate(("SM", "memory")):
+            cells = []
+            for label in labels:
+                v = [c[i] for c in seen_clocks.get(label, [])]
+                cells.append(f"{statistics.median(v):.0f} ({min(v)}-{max(v)})" if v else "-")
+            print(f"| {clock} | " + " | ".join(cells) + " |")
+        summary["clocks"] = {label: seen_clocks[label] for label in seen_clocks}
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
     return 0
+
+
+def _clock_reader() -> dict:
+    """{"read": () -> (SM MHz, memory MHz)} of GPU 0 through NVML, or {} where pynvml is not installed."""
+    try:
+        import pynvml
+    except ImportError:
+        return {}
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    return {"read": lambda: (pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                             pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM))}
 
 
 if __name__ == "__main__":
