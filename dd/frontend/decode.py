@@ -112,7 +112,6 @@ _DEPTH_POOL = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread
 STRIPS = max(1, min(4, os.cpu_count() or 1))
 STRIPS_BESIDE_DEPTH = max(1, min(STRIPS, (os.cpu_count() or 1) // 2))
 _MIN_STRIP_ROWS = 6  # MCU rows a JPEG strip has at least
-_MIN_COPY_PART_BYTES = 256 * 1024  # a RAW image is copied in bands of at least this much
 # The parts but each image's first (decoded by the thread that has the image), color's and depth's at once.
 _PARTS_THREADS = max(1, 2 * (STRIPS - 1))
 _PARTS_POOL = ThreadPoolExecutor(max_workers=_PARTS_THREADS, thread_name_prefix="decode-part",
@@ -440,10 +439,6 @@ def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: b
                                           STRIPS_BESIDE_DEPTH)
     elif needs_depth and depth_raw is None:
         depth_future = _DEPTH_POOL.submit(_decode_unless, abandoned, depth_data, _DEPTH_FLAGS)
-    elif needs_depth:  # RAW: copied into the slot beside the color's copy
-        dst = _slot_array(slot, depth_offset, depth_raw.shape, depth_raw.dtype)
-        depth_future = _DEPTH_POOL.submit(_unless_abandoned, abandoned, _copy_raw, dst, depth_raw, _DEPTH,
-                                          STRIPS_BESIDE_DEPTH)
     try:
         if color_img.encoding == ZSTD:
             color = Placed(0, (h, w, 3), "uint8")
@@ -468,10 +463,6 @@ def decode_into_slot(color: ImageInput, depth: ImageInput | None, needs_depth: b
         if depth.dtype == np.float32:
             _check_depth_range(depth)
         return Decoded(color, Placed(depth_offset, (h, w), depth.dtype.name), h, w)
-    if depth_raw is not None:
-        assert depth_future is not None
-        depth_future.result()  # copied into its place
-        return Decoded(color, Placed(depth_offset, tuple(depth_raw.shape), depth_raw.dtype.name), h, w)
     if depth_raw is None:
         assert depth_future is not None
         depth_raw = depth_future.result()
@@ -533,7 +524,7 @@ def _decode_color(color_raw: np.ndarray | None, data: bytes, slot: memoryview, h
                   max_strips: int = 1) -> Placed:
     dst = _slot_array(slot, 0, (h, w, 3), np.uint8)
     if color_raw is not None:
-        _copy_raw(dst, color_raw, _COLOR, max_strips)
+        np.copyto(dst, color_raw)
         return Placed(0, (h, w, 3), "uint8")
     with _COLOR.alone() as alone:  # every color decode counted: a JPEG beside another one is decoded whole
         if not (alone and _decoded_in_strips(data, dst, max_strips)):
@@ -545,28 +536,6 @@ def _decode_color(color_raw: np.ndarray | None, data: bytes, slot: memoryview, h
                                f"{w}x{h}")
             cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=dst)
     return Placed(0, (h, w, 3), "uint8")
-
-
-def _copy_raw(dst: np.ndarray, src: np.ndarray, kind: _InProgress, max_parts: int) -> np.ndarray:
-    """Copies a RAW image into the slot, in up to `max_parts` bands of rows on as many threads when no
-    other image of its kind is being placed in this process (as a decode in parts, above).
-
-    Why: one core moved a 1280x720 RGB-D frame's 4.6 MB at 3.7 GB/s on the H200 host (1.26 ms of a
-    lone KServe request with its inputs in client shared memory); several cores move it at once."""
-    with kind.alone() as alone:
-        parts = min(max_parts, src.nbytes // _MIN_COPY_PART_BYTES, src.shape[0]) if alone else 1
-        if parts < 2:
-            np.copyto(dst, src)
-            return dst
-        bounds = [src.shape[0] * i // parts for i in range(parts + 1)]
-        futures = [_PARTS_POOL.submit(np.copyto, dst[a:b], src[a:b]) for a, b in zip(bounds[1:-1], bounds[2:])]
-        try:
-            np.copyto(dst[:bounds[1]], src[:bounds[1]])
-        finally:
-            wait_futures(futures)  # the slot is untouched once this returns, also when it raises
-        for f in futures:
-            f.result()
-    return dst
 
 
 def _decoded_in_strips(data: bytes, dst: np.ndarray, max_strips: int) -> bool:

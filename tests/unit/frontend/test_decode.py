@@ -146,33 +146,3 @@ def test_a_depth_png_is_inflated_in_parts_only_when_alone(monkeypatch: pytest.Mo
         d = out.depth
         rows = np.frombuffer(slot, np.uint8, d.nbytes, d.offset).reshape(480, 1 + 2 * 640)
         assert np.array_equal(unfilter(rows, 480, 640), depth)
-
-
-def test_a_raw_frame_is_copied_in_bands_only_when_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A RAW color and depth land in the slot byte for byte, each in bands of rows on several threads when
-    no other image of its kind is being placed, whole beside another one."""
-    from dd.frontend import decode as dec
-
-    rng = np.random.default_rng(5)
-    color = rng.integers(0, 255, (480, 640, 3), np.uint8)
-    depth = rng.integers(0, 65535, (480, 640), np.uint16)
-    real = np.copyto
-    for busy, color_copies, depth_copies in (
-            (0, [(160, 640, 3)] * 3, [(240, 640)] * 2),  # 614 KB of depth: two bands of at least 256 KB
-            (1, [(480, 640, 3)], [(480, 640)])):
-        copies: list[tuple[int, ...]] = []
-        monkeypatch.setattr(dec, "STRIPS_BESIDE_DEPTH", 3)
-        monkeypatch.setattr(dec, "_MIN_COPY_PART_BYTES", 256 * 1024)
-        monkeypatch.setattr(dec._COLOR, "count", busy)  # another request's color is being placed, or none
-        monkeypatch.setattr(dec._DEPTH, "count", busy)
-        monkeypatch.setattr(dec.np, "copyto", lambda dst, src: copies.append(src.shape) or real(dst, src))
-        slot = memoryview(bytearray(480 * 640 * 5 + 4096))
-        out = decode_into_slot(ImageInput(color.tobytes(), "raw", (480, 640, 3), "uint8"),
-                               ImageInput(depth.tobytes(), "raw", (480, 640, 1), "uint16"), True, slot, 1 << 20)
-        monkeypatch.setattr(dec.np, "copyto", real)
-        assert [s for s in copies if len(s) == 3] == color_copies
-        assert [s for s in copies if len(s) == 2] == depth_copies
-        assert dec._COLOR.count == busy and dec._DEPTH.count == busy
-        assert np.array_equal(np.ndarray((480, 640, 3), np.uint8, buffer=slot, offset=out.color.offset), color)
-        assert out.depth is not None and out.depth.dtype == "uint16"
-        assert np.array_equal(np.ndarray((480, 640), np.uint16, buffer=slot, offset=out.depth.offset), depth)
