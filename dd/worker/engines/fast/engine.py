@@ -125,7 +125,6 @@ from dd.worker.engines.fast.odd_size import odd_warmup_size
 from dd.worker.engines.jpeg_decode import decode_to_device
 from dd.worker.engines.masks import paste_and_encode
 from dd.worker.engines.fast.pil_resize import PilBilinear
-from dd.worker.engines.kernels import triton_key
 from dd.worker.engines.kernels.switch import KernelSwitch
 from dd.worker.engines.pinned import PinnedMappings
 from dd.worker.engines.png_unfilter import depth_dtype as depth_dtype_of
@@ -213,8 +212,6 @@ class FastMaskRCNN(Engine):
         cuda = self.dev.type == "cuda"
         if not cuda and not opts.get("allow_cpu", False):
             raise EngineUnavailable("the fast engine needs a CUDA GPU and this worker has none")
-        if cuda:  # Triton's key of itself, beside CUDA's start and the weights (triton_key.py)
-            triton_key.start()
         self.fp16 = cuda and bool(opts.get("fp16", True))
         self.use_graphs = cuda and bool(opts.get("cuda_graphs", True))
         self.pin = cuda and bool(opts.get("pin_memory", True))
@@ -233,7 +230,6 @@ class FastMaskRCNN(Engine):
         t_start = time.perf_counter()
         self.model = build_loaded_model(self.config).eval().to(self.dev)
         t_built = time.perf_counter()
-        triton_key.wait()  # before any kernel: computed once
         # The inference rules the weights were trained with: torchvision's, or detectron2's.
         self.semantics: Semantics = getattr(self.model, "semantics", TORCHVISION)
         sem = self.semantics
