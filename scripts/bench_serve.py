@@ -510,7 +510,7 @@ _HOP_NOTES = {
     "dispatched>accepted": "ZeroMQ to the worker's I/O thread, its checks",
     "accepted>batch_started": "the batcher to the inference thread",
     "batch_started>replied": "engine, finishing call, encoding",
-    "replied>arrived": "the inference thread to the I/O thread, ZeroMQ back, the frontend's loop",
+    "replied>arrived": "ZeroMQ from the inference thread back to the frontend's loop",
     "arrived>returned": "the frontend's handler resumed",
     "returned>client_received": "gRPC's response both sides, the client's parse",
 }
