@@ -38,6 +38,17 @@ def parent_alive(parent_pid: int | None) -> bool:
     return not parent_pid or os.getppid() == parent_pid
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user counts: it cannot be signalled)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def setup_logging(level: str, name: str, log_dir: str = "", max_mb: float = 0.0, backups: int = 3) -> None:
     """One line a record, prefixed by the process's role, to stderr or to LOG_DIR/NAME.log.
 

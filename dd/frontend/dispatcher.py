@@ -131,15 +131,19 @@ class Dispatcher:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        replies = self.ctx.socket(zmq.PULL)
-        replies.setsockopt(zmq.LINGER, 0)
-        replies.setsockopt(zmq.RCVHWM, 10_000)  # the credits bound the replies
-        replies.setsockopt(zmq.RCVBUF, REPLY_RCVBUF_BYTES)
-        self.reply_path.unlink(missing_ok=True)  # a previous frontend's of this pid
-        replies.bind(endpoints.ipc_address(self.reply_path))
-        os.chmod(self.reply_path, 0o600)
-        self._replies = replies
-        self._tasks.append(asyncio.create_task(self._replies_loop(replies), name="replies"))
+        if self.reply_path is not None:
+            replies = self.ctx.socket(zmq.PULL)
+            replies.setsockopt(zmq.LINGER, 0)
+            replies.setsockopt(zmq.RCVHWM, 10_000)  # the credits bound the replies
+            replies.setsockopt(zmq.RCVBUF, REPLY_RCVBUF_BYTES)
+            self.reply_path.unlink(missing_ok=True)  # a previous frontend's of this pid
+            replies.bind(endpoints.ipc_address(self.reply_path))
+            os.chmod(self.reply_path, 0o600)
+            self._replies = replies
+            self._tasks.append(asyncio.create_task(self._replies_loop(replies), name="replies"))
+        else:
+            log.info("the run directory %s is too long a path for this frontend's reply socket: replies come "
+                     "through the workers' sockets (a shorter --run-dir saves each about 0.2 ms)", self.run_dir)
         self._discover()
         self._tasks.append(asyncio.create_task(self._discovery_loop(), name="discovery"))
         self._tasks.append(asyncio.create_task(self._ping_loop(), name="ping"))
@@ -159,7 +163,7 @@ class Dispatcher:
             link.sock.close(linger=0)
             if link.monitor is not None:
                 link.monitor.close(linger=0)
-        if self._replies is not None:
+        if self._replies is not None and self.reply_path is not None:
             self._replies.close(linger=0)
             self.reply_path.unlink(missing_ok=True)
         self.ctx.term()
@@ -245,7 +249,7 @@ class Dispatcher:
             await asyncio.sleep(PING_INTERVAL_S)
 
     def _ping(self, now: float) -> bytes:
-        reply_to = endpoints.ipc_address(self.reply_path) if self._replies is not None else ""
+        reply_to = endpoints.ipc_address(self.reply_path) if self._replies is not None and self.reply_path else ""
         return messages.Ping(sent_at=now, ring=self.ring, reply_to=reply_to).SerializeToString()
 
     async def _monitor_loop(self, link: WorkerLink, monitor: zmq.asyncio.Socket) -> None:

@@ -11,6 +11,8 @@ import os
 import stat
 from pathlib import Path
 
+from dd.procutil import pid_alive
+
 WORKER_PREFIX = "worker."
 WORKER_SUFFIX = ".ipc"
 LOAD_FAILURE_SUFFIX = ".load-failed"
@@ -49,14 +51,12 @@ def worker_socket(run_dir: Path, model: str, index: int) -> Path:
     return path
 
 
-def frontend_reply_socket(run_dir: Path, identity: bytes) -> Path:
+def frontend_reply_socket(run_dir: Path, identity: bytes) -> Path | None:
     """Where a frontend receives the replies that workers' inference threads send it directly
-    (messages.Ping.reply_to). Not a worker socket: frontends listing the directory pass it by."""
+    (messages.Ping.reply_to); None where that path would be too long for a Unix socket (the replies then
+    come through the workers' sockets). Not a worker socket: frontends listing the directory pass it by."""
     path = run_dir / f"{FRONTEND_PREFIX}{identity.decode()}{REPLIES_SUFFIX}"
-    if len(str(path)) > _MAX_SOCKET_PATH:
-        raise EndpointError(f"socket path {path} is longer than {_MAX_SOCKET_PATH} bytes (a Unix limit); "
-                            "choose a shorter --run-dir")
-    return path
+    return path if len(str(path)) <= _MAX_SOCKET_PATH else None
 
 
 def remove_reply_sockets(run_dir: Path, only_dead: bool = True) -> None:
@@ -64,19 +64,9 @@ def remove_reply_sockets(run_dir: Path, only_dead: bool = True) -> None:
     (a crashed one leaves its socket file), or all of them (the supervisor, at start and stop)."""
     for path in run_dir.glob(f"{FRONTEND_PREFIX}*{REPLIES_SUFFIX}"):
         pid = path.name[len(FRONTEND_PREFIX):-len(REPLIES_SUFFIX)].rpartition("-")[2]
-        if only_dead and pid.isdigit() and _alive(int(pid)):
+        if only_dead and pid.isdigit() and pid_alive(int(pid)):
             continue
         path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_failure_file(run_dir: Path, model: str, index: int) -> Path:

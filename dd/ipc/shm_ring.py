@@ -23,7 +23,6 @@ exits -- the 3.11 pitfall that would delete a frontend's ring under its feet.
 
 from __future__ import annotations
 
-import errno
 import math
 import mmap
 import os
@@ -34,6 +33,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from dd.procutil import pid_alive
 
 if TYPE_CHECKING:
     import numpy as np
@@ -298,7 +299,7 @@ def remove_stale_segments(tag: str, only_dead: bool = True) -> list[str]:
     removed = []
     for name in run_segments(tag):
         pid_text = name.rsplit("-", 1)[-1]
-        if only_dead and pid_text.isdigit() and _pid_alive(int(pid_text)):
+        if only_dead and pid_text.isdigit() and pid_alive(int(pid_text)):
             continue
         try:
             (SHM_DIR / name).unlink()
@@ -306,11 +307,3 @@ def remove_stale_segments(tag: str, only_dead: bool = True) -> list[str]:
         except FileNotFoundError:
             pass
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno == errno.EPERM
-    return True

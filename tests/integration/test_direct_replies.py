@@ -61,3 +61,26 @@ def test_a_dead_frontends_reply_socket_is_removed_by_the_next_frontend(tmp_path:
     endpoints.remove_reply_sockets(run_dir, only_dead=False)
     assert not mine.exists()
     assert endpoints.list_worker_sockets(run_dir) == []
+
+
+def test_a_run_dir_too_long_for_the_reply_socket_keeps_the_old_way(tmp_path: Path) -> None:
+    """Worker sockets have short names; a run directory that fits them but not the frontend's reply socket
+    must not stop the frontend: its pings name no reply socket, and the workers answer through theirs."""
+    from dd.frontend.dispatcher import Dispatcher
+    from dd.ipc import messages
+
+    run_dir = tmp_path / ("r" * max(1, 91 - len(str(tmp_path))))  # 92 bytes: the worker socket fits, not this
+    run_dir.mkdir()
+    assert endpoints.worker_socket(run_dir, "m", 0)  # fits
+
+    async def scenario() -> str:
+        dispatcher = Dispatcher(run_dir, lambda model: 1)
+        assert dispatcher.reply_path is None
+        await dispatcher.start()
+        try:
+            return messages.Ping.FromString(dispatcher._ping(time.time())).reply_to
+        finally:
+            await dispatcher.close()
+
+    assert asyncio.run(scenario()) == ""
+    assert list(run_dir.iterdir()) == []
