@@ -49,7 +49,7 @@ def test_once_a_route_is_up_every_reply_takes_it(tmp_path: Path) -> None:
     assert direct == 20, f"{20 - direct} of 20 replies went through the worker's I/O thread with the route up"
 
 
-def test_a_dead_frontends_reply_socket_is_removed_by_the_next_frontend(tmp_path: Path) -> None:
+def test_reply_sockets_of_dead_frontends_are_removed_those_of_live_ones_kept(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     dead = endpoints.frontend_reply_socket(run_dir, b"fe-999999999")  # no such process
