@@ -191,6 +191,10 @@ class Worker:
             self.stop.set()
             self.batcher.close()
             infer_thread.join(timeout=self.server.grace_s + 5)
+            if not infer_thread.is_alive():
+                # Its reply sockets, should it have died without closing them: an open socket keeps the
+                # context's term() below waiting for ever (a worker alive, deaf, never restarted).
+                self.routes.close()
             # Flush the replies the inference thread produced while stopping.
             self._forward_replies(router, replies)
             router.close(linger=100)

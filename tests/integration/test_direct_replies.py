@@ -84,3 +84,51 @@ def test_a_run_dir_too_long_for_the_reply_socket_keeps_the_old_way(tmp_path: Pat
 
     assert asyncio.run(scenario()) == ""
     assert list(run_dir.iterdir()) == []
+
+
+def test_a_worker_whose_inference_thread_died_after_direct_replies_exits_and_comes_back(tmp_path: Path) -> None:
+    """The inference thread owns its reply sockets to the frontends. Should it die (here: its engine fails
+    to prepare a new frontend's ring, outside any batch), the worker must still exit for a restart: sockets
+    left open would keep ZeroMQ's context from terminating, and the process would hang, alive and deaf."""
+    import json
+
+    import numpy as np
+    import psutil
+
+    from dd.frontend.dispatcher import Dispatcher
+    from dd.ipc.shm_ring import ShmRing, segment_name
+    from dd.proto.deep_detection.v1 import detector_pb2 as pb
+    from tests.faults import detect, wait_for
+
+    folder = tmp_path / "dying"
+    folder.mkdir()
+    (folder / "categories.txt").write_text("a\n")
+    (folder / "node_config.json").write_text(json.dumps({
+        "DETECTION_TYPE": "RGBPrepareFailsAfterServing", "ENGINE": "tests.dying_engine:PrepareFailsAfterServing",
+        "CATEGORY_FILE": "categories.txt", "SCORE_THRESH_TEST": 0.0, "DEVICES": "cpu"}))
+    img = np.zeros((48, 64, 3), np.uint8)
+    request = pb.DetectRequest(model="dying", color=pb.Image(encoding=pb.Image.RAW, shape=[48, 64, 3],
+                                                             dtype=pb.UINT8, data=img.tobytes()))
+    with Server(folder) as srv:
+        srv.start().wait_serving(120)
+        worker = wait_for(lambda: srv.worker("dying", 0), 60, "the worker")
+        detect(srv.target, request)  # answered: the worker's inference thread holds its route to the frontend
+
+        async def new_ring() -> None:  # a new frontend's ring for the worker to prepare: its engine fails
+            ring = ShmRing.create(segment_name(srv.tag, "test"), 1, 1 << 16)
+            dispatcher = Dispatcher(srv.run_dir, lambda model: 1, ring=ring.name)  # named in its pings
+            try:
+                await dispatcher.start()
+                await asyncio.to_thread(psutil.wait_procs, [worker], 60)
+            finally:
+                await dispatcher.close()
+                ring.close()
+                ring.unlink()
+
+        asyncio.run(new_ring())
+        assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE, (
+            f"the worker whose inference thread died is still running after 60 s\n{srv.log()}")
+        assert "the inference thread died; exiting for a restart" in srv.log()
+        wait_for(lambda: (w := srv.worker("dying", 0)) is not None and w.pid != worker.pid, 60, "the restart")
+        srv.wait_serving(120)
+        assert detect(srv.target, request).model == "dying"
