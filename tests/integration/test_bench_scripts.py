@@ -531,3 +531,15 @@ def test_cpu_delta_reports_each_frontend_apart_and_counts_it_once() -> None:
     assert out["cores_busy"] == {"frontend": 1.5, "worker": 0.5, "client": 0.5}
     assert out["frontend_processes"] == {"busiest_ms_per_image": 25.0, "idlest_ms_per_image": 5.0,
                                          "cores_each": [0.25, 1.25]}
+
+
+def test_bench_idle_gaps_times_the_decode_after_each_kind_of_gap(tmp_path: Path) -> None:
+    """Its CPU part (--no-engine: the engine rows, the GPU kernels and the clocks need a GPU): one median per
+    kind of gap for the frontend's decode, in the table and the JSON."""
+    out = _run([str(SCRIPTS / "bench_idle_gaps.py"), "--no-engine", "--calls", "3", "--rounds", "1", "--gap-ms", "2",
+                "--json", str(tmp_path / "idle.json")], timeout=240)
+    summary = json.loads((tmp_path / "idle.json").read_text())
+    (decode,) = summary.values()
+    assert list(decode) == ["back to back", "after 2 ms idle", "after 2 ms spinning"]
+    assert all(ms > 0 for ms in decode.values())
+    assert "| frontend decode (client library's JPEG + PNG, as rows) |" in out
