@@ -111,6 +111,7 @@ class Dispatcher:
         self.identity = f"fe-{os.getpid()}".encode()
         self.reply_path = endpoints.frontend_reply_socket(run_dir, self.identity)
         self._replies: zmq.asyncio.Socket | None = None
+        self._reply_to = ""  # the reply socket's address named in pings, once it is bound
         self.links: dict[Path, WorkerLink] = {}
         self._by_name: dict[bytes, WorkerLink] = {}  # a link by its worker's name (a direct reply's first frame)
         self.direct_replies = 0  # replies that came on the reply socket (the others came through the DEALERs)
@@ -140,6 +141,7 @@ class Dispatcher:
             replies.bind(endpoints.ipc_address(self.reply_path))
             os.chmod(self.reply_path, 0o600)
             self._replies = replies
+            self._reply_to = endpoints.ipc_address(self.reply_path)
             self._tasks.append(asyncio.create_task(self._replies_loop(replies), name="replies"))
         else:
             log.info("the run directory %s is too long a path for this frontend's reply socket: replies come "
@@ -163,9 +165,9 @@ class Dispatcher:
             link.sock.close(linger=0)
             if link.monitor is not None:
                 link.monitor.close(linger=0)
-        if self._replies is not None and self.reply_path is not None:
+        if self._replies is not None:
             self._replies.close(linger=0)
-            self.reply_path.unlink(missing_ok=True)
+            self.reply_path.unlink(missing_ok=True)  # type: ignore[union-attr] - bound, so not None
         self.ctx.term()
 
     # -- state queries ---------------------------------------------------------------------
@@ -249,8 +251,7 @@ class Dispatcher:
             await asyncio.sleep(PING_INTERVAL_S)
 
     def _ping(self, now: float) -> bytes:
-        reply_to = endpoints.ipc_address(self.reply_path) if self._replies is not None and self.reply_path else ""
-        return messages.Ping(sent_at=now, ring=self.ring, reply_to=reply_to).SerializeToString()
+        return messages.Ping(sent_at=now, ring=self.ring, reply_to=self._reply_to).SerializeToString()
 
     async def _monitor_loop(self, link: WorkerLink, monitor: zmq.asyncio.Socket) -> None:
         try:

@@ -87,7 +87,7 @@ class Outcome:
 
 # A traced request's hops, in the order it passes them: the frontend admitted it (its message parsed),
 # its images were decoded into the slot, it was sent to a worker; the worker's I/O thread accepted it,
-# its batch left the worker's queue, the worker handed the encoded reply to its I/O thread; the reply
+# its batch left the worker's queue, the worker's inference thread sent the encoded reply; the reply
 # reached this frontend. Protocol adapters add their own before and after (when the handler started,
 # when it returned the response to gRPC).
 HOPS = ("received", "decoded", "dispatched", "accepted", "batch_started", "replied", "arrived")
