@@ -244,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             from dd.supervisor import visible_gpus
 
             gpu = 0 if visible_gpus() else -1
-        device = pin_process(gpu, cpus)
-        _set_torch_threads(server.torch_threads or (len(cpus) if cpus else 0))
+        device = pin_process(gpu, cpus, server.torch_threads)
         run_dir = prepare_run_dir(run_dir)
         return Worker(match[0], server, args.index, run_dir, device, args.parent_pid).run()
 
@@ -299,10 +298,3 @@ def _parse_cpus(text: str | None) -> list[int] | None:
     return parse_cpulist(text)
 
 
-def _set_torch_threads(n: int) -> None:
-    """Bounds intra-op threads before torch starts its pool (workers sharing a CPU must not oversubscribe)."""
-    if n > 0:
-        import os
-
-        os.environ.setdefault("OMP_NUM_THREADS", str(n))
-        logging.getLogger("dd").debug("torch threads: %d", n)

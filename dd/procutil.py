@@ -151,6 +151,17 @@ def parse_cpulist(text: str) -> list[int]:
     return cpus
 
 
+def format_cpulist(cpus: list[int]) -> str:
+    """parse_cpulist's inverse for sorted cores: "0-3,8" for [0, 1, 2, 3, 8] (a host's 128 cores in a log line)."""
+    runs: list[list[int]] = []
+    for c in cpus:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+
+
 def process_argv(proc: "psutil.Process") -> list[str]:  # noqa: F821 - psutil is imported by the caller
     """A process's command line, with a worker forked by the zygote (dd/zygote.py) shown as
     `python -m dd worker`: its own command line is the zygote's, its process name says "dd-worker"

@@ -84,6 +84,20 @@ def test_demo_model_mask_ap50_through_server(demo_server: ServerProcess, name: s
         f"{threshold} on {SCENES} held-out scenes ({op}): too many false detections for its threshold")
 
 
+def test_each_cpu_worker_runs_as_many_torch_threads_as_it_has_cores(demo_server: ServerProcess) -> None:
+    """The workers are forked from the zygote with torch imported: the pool torch sized there must be
+    resized to the cores each is pinned to (two threads spinning on one core made every demo request
+    9x slower). Read from the workers' own report of what torch runs with."""
+    from dd.procutil import parse_cpulist
+
+    demo_server.wait_workers_ready({name: 1 for name in PRESENT})
+    found = re.findall(r"\[worker-([\w.-]+)\] worker pid \d+ on cores ([\d,-]+) with (\d+) CPU thread",
+                       demo_server.log())
+    assert sorted(w for w, _, _ in found) == sorted(f"{name}.0" for name in PRESENT), demo_server.log()[-3000:]
+    for worker, cores, threads in found:
+        assert int(threads) == len(parse_cpulist(cores)), (worker, cores, threads)
+
+
 def readme_python() -> str:
     """The README's Python example: its one ```python block that talks to a server."""
     blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(), re.S)
