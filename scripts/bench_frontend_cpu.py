@@ -15,6 +15,12 @@ raw (4.6 MB), jpeg+png (the standard request, ~1 MB), jpeg+zstd.
 depth rows, as the fast engine on a GPU does, so the frontend sends a PNG depth as its inflated rows
 (dd/frontend/png_depth.py) instead of decoding it; the worker then reconstructs them with numpy (on a
 GPU that is device work). Run with and without it to see the frontend's share of the standard request.
+
+--floor also serves each kind's requests from a bare grpc.aio server in a process of its own
+(scripts/bench_grpc_transport.py's: a client stream of one message, parsed as a DetectRequest, answered
+with a response of the size the frontend sent back; glibc's allocator set as the frontend sets it) and
+reads that process's CPU per call: what any
+Python gRPC server pays for the same messages, against the frontend's "rest".
 """
 
 from __future__ import annotations
@@ -118,6 +124,41 @@ def decode_cpu_ms(request, repeats: int, png_rows: bool = False) -> float:
     return (time.process_time() - t0) / repeats * 1e3
 
 
+def floor_cpu_ms(requests: list, response_bytes: int, calls: int) -> float:
+    """A bare grpc.aio server's CPU ms per call for these DetectRequests and a response of response_bytes
+    (bench_grpc_transport.serve with the Detector protobufs), the calls made as the timed ones above."""
+    import multiprocessing as mp
+
+    import grpc
+    import psutil
+
+    from bench_grpc_transport import BASE, serve
+    from dd.proto.deep_detection.v1 import detector_pb2 as pb
+
+    ctx = mp.get_context("spawn")
+    port, ready = free_port(), ctx.Event()
+    proc = ctx.Process(target=serve, args=(port, {"protobuf": True, "allocator": True}, response_bytes, ready),
+                       daemon=True)
+    proc.start()
+    try:
+        if not ready.wait(60):
+            raise SystemExit("the bare gRPC server did not start")
+        with grpc.insecure_channel(f"127.0.0.1:{port}", BASE) as ch:
+            method = ch.unary_unary("/bench.S/M", request_serializer=pb.DetectRequest.SerializeToString,
+                                    response_deserializer=pb.DetectResponse.FromString)
+            for r in requests * 3:  # warm-up, as for the frontend
+                method(r, timeout=30)
+            t = psutil.Process(proc.pid).cpu_times()
+            before = t.user + t.system
+            for i in range(calls):
+                method(requests[i % len(requests)], timeout=30)
+            t = psutil.Process(proc.pid).cpu_times()
+            return (t.user + t.system - before) / calls * 1e3
+    finally:
+        proc.terminate()
+        proc.join(30)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=200, help="requests per kind, one at a time")
@@ -134,6 +175,8 @@ def main() -> int:
     ap.add_argument("--native", action="store_true", help="with --py-spy: C/C++ frames too")
     ap.add_argument("--threads", action="store_true",
                     help="also the frontend's CPU per request by thread (Linux: by the names in /proc)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also a bare grpc.aio server's CPU per call for the same messages (the docstring)")
     ap.add_argument("--server-repo", metavar="DIR", type=Path, default=REPO,
                     help="serve the `dd` of this checkout (e.g. a `git worktree` of an older commit, for a "
                          "before/after comparison); requests are built by this one")
@@ -176,11 +219,12 @@ def main() -> int:
                 spy = _py_spy(serve.pid, args.py_spy / f"{kind}.txt", args.native) if args.py_spy else None
                 before = cpu_by_role(serve.pid)
                 threads_before = _frontend_threads(serve.pid) if args.threads else {}
-                lat = []
+                lat, resp_bytes = [], []
                 for i in range(args.requests):
                     t0 = time.perf_counter()
-                    stub.Detect(reqs[i % len(reqs)], timeout=30)
+                    resp = stub.Detect(reqs[i % len(reqs)], timeout=30)
                     lat.append((time.perf_counter() - t0) * 1e3)
+                    resp_bytes.append(resp.ByteSize())
                 after = cpu_by_role(serve.pid)
                 if args.threads:
                     threads_after = _frontend_threads(serve.pid)
@@ -193,7 +237,9 @@ def main() -> int:
                        for role in ("frontend", "worker")}
                 dec = statistics.median(decode_cpu_ms(r, 10, args.png_rows) for r in reqs)
                 size = statistics.mean(r.ByteSize() for r in reqs) / 2**20
-                rows.append((kind, size, per["frontend"], dec, per["frontend"] - dec, per["worker"],
+                floor = (floor_cpu_ms(reqs, int(statistics.median(resp_bytes)), args.requests)
+                         if args.floor else float("nan"))
+                rows.append((kind, size, per["frontend"], dec, per["frontend"] - dec, floor, per["worker"],
                              statistics.median(lat), _frontend_rss_mib(serve.pid)))
     finally:
         serve.terminate()
@@ -201,10 +247,11 @@ def main() -> int:
     print(f"{args.requests} requests per kind at concurrency 1, {args.width}x{args.height} RGB-D, null engine "
           f"({args.instances} instances with RLE masks{', PNG depth sent as rows' if args.png_rows else ''}), "
           "1 frontend")
-    print("| request | MB | frontend CPU ms/req | of which decode | rest | worker CPU ms/req | p50 ms | frontend RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for kind, size, fe, dec, rest, wk, p50, rss in rows:
-        print(f"| {kind} | {size:.2f} | {fe:.1f} | {dec:.1f} | {rest:.1f} | {wk:.1f} | {p50:.1f} | {rss:.0f} |")
+    print("| request | MB | frontend CPU ms/req | of which decode | rest | bare gRPC server CPU ms/req | worker CPU ms/req "
+          "| p50 ms | frontend RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for kind, size, fe, dec, rest, floor, wk, p50, rss in rows:
+        print(f"| {kind} | {size:.2f} | {fe:.2f} | {dec:.2f} | {rest:.2f} | {floor:.2f} | {wk:.2f} | {p50:.1f} | {rss:.0f} |")
     if args.py_spy:
         for kind in args.kinds:
             raw = args.py_spy / f"{kind}.txt"

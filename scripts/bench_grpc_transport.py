@@ -5,7 +5,10 @@ A grpc.aio server in a process of its own answers a client stream of one message
 Detect does) with fixed response bytes; a grpc.aio client in this process sends request bytes of
 the standard request's size and times each call at concurrency 1, no protobuf either side (bytes
 through). Each option set is served and called twice, the rounds interleaved, so that a noisy
-machine shows as a spread between a set's two rounds. Prints p50 ms per set and round (a handler that waits: minus its wait).
+machine shows as a spread between a set's two rounds. Prints p50 ms per set and round (a handler that waits: minus its wait),
+and the server process's CPU per call (user + system, psutil, over the timed calls): the floor of what any
+Python gRPC server pays per request of this size, against which `bench_frontend_cpu.py`'s "rest" (a
+frontend's CPU per request less its decode) is read.
 
     python scripts/bench_grpc_transport.py --calls 300
 """
@@ -43,6 +46,7 @@ SETS = {
     "Detector protobufs, the client library": {"protobuf": True, "client": "library"},
     "Detector protobufs, the client library, 1 connection": {"protobuf": True, "client": "library", "connections": 1},
     "Detector protobufs, handler waits 8 ms": {"protobuf": True, "wait_ms": 8.0},
+    "Detector protobufs, the frontend's allocator": {"protobuf": True, "allocator": True},
 }
 BASE = [("grpc.max_send_message_length", 64 * MB), ("grpc.max_receive_message_length", 64 * MB)]
 
@@ -70,6 +74,11 @@ def serve(port: int, variant: dict, response_bytes: int, ready) -> None:  # noqa
         from dd.proto.deep_detection.v1 import detector_pb2 as pb
 
         parse = pb.DetectRequest.FromString
+
+    if variant.get("allocator"):  # glibc's thresholds as a frontend sets them (dd.procutil)
+        from dd.procutil import return_large_allocations
+
+        return_large_allocations()
 
     async def main() -> None:
         if variant.get("frontend_server"):  # as dd.frontend.server builds its server
@@ -102,7 +111,15 @@ def serve(port: int, variant: dict, response_bytes: int, ready) -> None:  # noqa
     asyncio.run(main())
 
 
-async def call(port: int, variant: dict, request_bytes: int, calls: int) -> list[float]:
+def _cpu_s(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+async def call(port: int, variant: dict, request_bytes: int, calls: int, server_pid: int) -> tuple[list[float], float]:
+    """p50s of `calls` timed calls, and the server's CPU ms per timed call."""
     import grpc
 
     options, body, kw, finish = variant.get("options", []), os.urandom(request_bytes), {}, (lambda r: r)
@@ -125,23 +142,25 @@ async def call(port: int, variant: dict, request_bytes: int, calls: int) -> list
             client._conns.stubs[conn].Detect = channel.unary_unary("/bench.S/M", **kw)
         for _ in range(30):
             await client.detect_request(body)
-        lat = []
+        lat, cpu0 = [], _cpu_s(server_pid)
         for _ in range(calls):
             t0 = time.perf_counter()
             await client.detect_request(body)
             lat.append((time.perf_counter() - t0) * 1e3)
+        cpu = (_cpu_s(server_pid) - cpu0) / calls * 1e3
         await client.close()
-        return lat
+        return lat, cpu
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=BASE + options) as channel:
         method = channel.unary_unary("/bench.S/M", **kw)
         for _ in range(30):
             finish(await method(body))
-        lat = []
+        lat, cpu0 = [], _cpu_s(server_pid)
         for _ in range(calls):
             t0 = time.perf_counter()
             finish(await method(body))
             lat.append((time.perf_counter() - t0) * 1e3)
-    return lat
+        cpu = (_cpu_s(server_pid) - cpu0) / calls * 1e3
+    return lat, cpu
 
 
 def main() -> None:
@@ -155,6 +174,7 @@ def main() -> None:
     args = ap.parse_args()
     sizes = {"standard": (args.request_bytes, args.response_bytes), "1 KB each way": (1024, 1024)}
     out: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, dict[str, float]] = {}
     ctx = mp.get_context("spawn")
     for rnd in range(args.rounds):
         for size, (req_b, resp_b) in sizes.items():
@@ -166,20 +186,26 @@ def main() -> None:
                 proc.start()
                 ready.wait(60)
                 try:
-                    lat = asyncio.run(call(port, variant, req_b, args.calls))
+                    lat, cpu_ms = asyncio.run(call(port, variant, req_b, args.calls, proc.pid))
                 finally:
                     proc.terminate()
                     proc.join()
                 key = f"{size}, {name}"
                 lat = [x - variant.get("wait_ms", 0.0) for x in lat]
                 out.setdefault(key, {})[f"round {rnd + 1}"] = lat
-                print(f"{key:<45} round {rnd + 1}: p50 {statistics.median(lat):.3f} ms", flush=True)
-    print(f"\n{'sizes, options':<45}" + "".join(f"{'p50 ms, round ' + str(r + 1):>18}" for r in range(args.rounds)))
+                cpu.setdefault(key, {})[f"round {rnd + 1}"] = cpu_ms
+                print(f"{key:<45} round {rnd + 1}: p50 {statistics.median(lat):.3f} ms, server CPU {cpu_ms:.3f} ms/call",
+                      flush=True)
+    rounds_ = range(args.rounds)
+    print(f"\n{'sizes, options':<45}" + "".join(f"{'p50 ms, round ' + str(r + 1):>18}" for r in rounds_)
+          + "".join(f"{'CPU ms, round ' + str(r + 1):>18}" for r in rounds_))
     for key, rounds in out.items():
-        print(f"{key:<45}" + "".join(f"{statistics.median(v):>18.3f}" for v in rounds.values()))
+        print(f"{key:<45}" + "".join(f"{statistics.median(v):>18.3f}" for v in rounds.values())
+              + "".join(f"{v:>18.3f}" for v in cpu[key].values()))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({k: {r: statistics.median(v) for r, v in rounds.items()} for k, rounds in out.items()}, f, indent=1)
+            json.dump({k: {r: {"p50_ms": statistics.median(v), "server_cpu_ms": cpu[k][r]} for r, v in rounds.items()}
+                       for k, rounds in out.items()}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -543,3 +543,34 @@ def test_bench_idle_gaps_times_the_decode_after_each_kind_of_gap(tmp_path: Path)
     assert list(decode) == ["back to back", "after 2 ms idle", "after 2 ms spinning"]
     assert all(ms > 0 for ms in decode.values())
     assert "| frontend decode (client library's JPEG + PNG, as rows) |" in out
+
+
+def test_bench_grpc_transport_prints_each_sets_p50_and_the_servers_cpu(tmp_path: Path) -> None:
+    """The bare gRPC server's CPU per call is the floor the frontend's "rest" is read against."""
+    out_json = tmp_path / "t.json"
+    skip = [name for name in __import__("bench_grpc_transport").SETS
+            if name not in ("defaults", "Detector protobufs, the frontend's allocator")]
+    out = _run(["scripts/bench_grpc_transport.py", "--calls", "5", "--rounds", "1", "--request-bytes", "20000",
+                "--response-bytes", "5000", "--json", str(out_json), "--skip", *skip], timeout=180)
+    got = json.loads(out_json.read_text())
+    assert set(got) == {"standard, defaults", "standard, Detector protobufs, the frontend's allocator",
+                        "1 KB each way, defaults"}, out
+    for key, rounds in got.items():
+        assert rounds["round 1"]["p50_ms"] > 0 and rounds["round 1"]["server_cpu_ms"] >= 0, (key, out)
+
+
+def test_floor_cpu_ms_serves_the_requests_from_a_bare_server_and_stops_it() -> None:
+    import numpy as np
+    import psutil
+
+    from dd.client import make_request
+
+    reqs = [make_request(np.zeros((48, 64, 3), np.uint8), np.zeros((48, 64), np.uint16), encoding="raw")]
+    def servers() -> set[int]:  # multiprocessing's resource tracker, started once, is no server
+        return {p.pid for p in psutil.Process().children() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                and "resource_tracker" not in " ".join(p.cmdline())}
+
+    before = servers()
+    cpu = bench_frontend_cpu.floor_cpu_ms(reqs, 2000, calls=5)
+    assert cpu > 0
+    assert not servers() - before
