@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Callable
 
 import zmq
-import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from dd.frontend.errors import ServeError, Status
+from dd.frontend.loop_socket import LoopSocket
 from dd.ipc import endpoints, messages
 from dd.metrics import Recorder
 
@@ -71,7 +71,7 @@ class WorkerLink:
     model: str
     index: int
     path: Path
-    sock: zmq.asyncio.Socket
+    sock: LoopSocket
     max_inflight: int
     inflight: dict[int, asyncio.Future] = field(default_factory=dict)
     incarnation: str = ""
@@ -83,10 +83,9 @@ class WorkerLink:
     device: str = ""
     gpu_jpeg: bool = False  # its engine decodes JPEGs on a GPU (Pong.gpu_jpeg)
     gpu_png_rows: bool = False  # its engine reconstructs 16-bit PNG depth rows on a GPU (Pong.gpu_png_rows)
-    tasks: list[asyncio.Task] = field(default_factory=list)
-    # Its socket's event monitor; closed by its task, and by close() where the task never ran (closed
-    # right after the link was made), else the context's term() would wait for it for ever.
-    monitor: zmq.asyncio.Socket | None = None
+    # Its socket's event monitor (connected, disconnected); closed with the link, else the context's
+    # term() would wait for it for ever.
+    monitor: LoopSocket | None = None
 
     @property
     def name(self) -> str:
@@ -107,10 +106,10 @@ class Dispatcher:
         self.recorder = recorder or Recorder()
         self._max_inflight = max_inflight
         self._on_change = on_change or (lambda: None)
-        self.ctx = zmq.asyncio.Context()
+        self.ctx = zmq.Context()
         self.identity = f"fe-{os.getpid()}".encode()
         self.reply_path = endpoints.frontend_reply_socket(run_dir, self.identity)
-        self._replies: zmq.asyncio.Socket | None = None
+        self._replies: LoopSocket | None = None
         self._reply_to = ""  # the reply socket's address named in pings, once it is bound
         self.links: dict[Path, WorkerLink] = {}
         self._by_name: dict[bytes, WorkerLink] = {}  # a link by its worker's name (a direct reply's first frame)
@@ -140,9 +139,8 @@ class Dispatcher:
             self.reply_path.unlink(missing_ok=True)  # a previous frontend's of this pid
             replies.bind(endpoints.ipc_address(self.reply_path))
             os.chmod(self.reply_path, 0o600)
-            self._replies = replies
+            self._replies = LoopSocket(replies, self._on_reply)
             self._reply_to = endpoints.ipc_address(self.reply_path)
-            self._tasks.append(asyncio.create_task(self._replies_loop(replies), name="replies"))
         else:
             log.info("the run directory %s is too long a path for this frontend's reply socket: replies come "
                      "through the workers' sockets (a shorter --run-dir saves each about 0.2 ms)", self.run_dir)
@@ -155,18 +153,16 @@ class Dispatcher:
         for t in self._tasks:
             t.cancel()
         for link in self.links.values():
-            for t in link.tasks:
-                t.cancel()
             for fut in link.inflight.values():
                 if not fut.done():
                     fut.set_result(Reply("UNAVAILABLE", "frontend is shutting down", None))
-        await asyncio.gather(*self._tasks, *(t for l in self.links.values() for t in l.tasks), return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for link in self.links.values():
-            link.sock.close(linger=0)
+            link.sock.close()
             if link.monitor is not None:
-                link.monitor.close(linger=0)
+                link.monitor.close()
         if self._replies is not None:
-            self._replies.close(linger=0)
+            self._replies.close()
             self.reply_path.unlink(missing_ok=True)  # type: ignore[union-attr] - bound, so not None
         self.ctx.term()
 
@@ -217,10 +213,11 @@ class Dispatcher:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(endpoints.ipc_address(path))
-        link = WorkerLink(model, index, path, sock, self._max_inflight(model), monitor=monitor)
+        # The callbacks run from the loop, once `link` is bound.
+        link = WorkerLink(model, index, path, LoopSocket(sock, lambda frames: self._on_link_frames(link, frames)),
+                          self._max_inflight(model),
+                          monitor=LoopSocket(monitor, lambda frames: self._on_monitor_event(link, frames)))
         self._by_name[link.name.encode()] = link
-        link.tasks.append(asyncio.create_task(self._recv_loop(link), name=f"recv-{link.name}"))
-        link.tasks.append(asyncio.create_task(self._monitor_loop(link, monitor), name=f"monitor-{link.name}"))
         self.links[path] = link
         log.info("found worker %s at %s", link.name, path)
 
@@ -243,7 +240,7 @@ class Dispatcher:
             for link in list(self.links.values()):
                 if link.connected:
                     try:
-                        await link.sock.send_multipart([messages.PING, ping], flags=zmq.NOBLOCK)
+                        link.sock.send([messages.PING, ping])
                     except zmq.Again:
                         pass
                 if link.ready and now - link.last_pong > DEAD_AFTER_S:
@@ -253,19 +250,18 @@ class Dispatcher:
     def _ping(self, now: float) -> bytes:
         return messages.Ping(sent_at=now, ring=self.ring, reply_to=self._reply_to).SerializeToString()
 
-    async def _monitor_loop(self, link: WorkerLink, monitor: zmq.asyncio.Socket) -> None:
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_CONNECTED:
-                    link.connected = True
-                    link.last_pong = time.time()
-                    await link.sock.send_multipart([messages.PING, self._ping(time.time())])
-                elif event["event"] == zmq.EVENT_DISCONNECTED:
-                    link.connected = False
-                    self._lost(link, "its socket closed")
-        finally:
-            monitor.close(linger=0)
+    def _on_monitor_event(self, link: WorkerLink, frames: list[bytes]) -> None:
+        event = parse_monitor_message(frames)
+        if event["event"] == zmq.EVENT_CONNECTED:
+            link.connected = True
+            link.last_pong = time.time()
+            try:
+                link.sock.send([messages.PING, self._ping(time.time())])
+            except zmq.Again:  # gone again at once: its DISCONNECTED follows; the ping loop retries
+                pass
+        elif event["event"] == zmq.EVENT_DISCONNECTED:
+            link.connected = False
+            self._lost(link, "its socket closed")
 
     def _lost(self, link: WorkerLink, why: str) -> None:
         """The worker behind `link` is gone: hand its requests back to their callers for a retry."""
@@ -281,27 +277,24 @@ class Dispatcher:
         link.inflight.clear()
         self._changed_soon()
 
-    async def _recv_loop(self, link: WorkerLink) -> None:
-        while True:
-            frames = await link.sock.recv_multipart()
-            try:
-                self._on_message(link, frames)
-            except Exception:  # noqa: BLE001 - a malformed frame must not stop this loop
-                log.exception("bad message from worker %s (%d frame(s)); ignored", link.name, len(frames))
+    def _on_link_frames(self, link: WorkerLink, frames: list[bytes]) -> None:
+        """A message on a worker's own socket: a pong, or a reply that did not come the direct way."""
+        try:
+            self._on_message(link, frames)
+        except Exception:  # noqa: BLE001 - a malformed frame must not stop the reading
+            log.exception("bad message from worker %s (%d frame(s)); ignored", link.name, len(frames))
 
-    async def _replies_loop(self, replies: zmq.asyncio.Socket) -> None:
-        """The replies workers send to this frontend's reply socket: [worker name, R, envelope, body]."""
-        while True:
-            frames = await replies.recv_multipart()
-            link = self._by_name.get(frames[0]) if frames else None
-            if link is None:
-                log.warning("a reply from an unknown worker %r on the reply socket; dropped", frames[:1])
-                continue
-            self.direct_replies += 1
-            try:
-                self._on_message(link, frames[1:])
-            except Exception:  # noqa: BLE001 - a malformed frame must not stop this loop
-                log.exception("bad message from worker %s (%d frame(s)); ignored", link.name, len(frames))
+    def _on_reply(self, frames: list[bytes]) -> None:
+        """A reply a worker sent to this frontend's reply socket: [worker name, R, envelope, body]."""
+        link = self._by_name.get(frames[0]) if frames else None
+        if link is None:
+            log.warning("a reply from an unknown worker %r on the reply socket; dropped", frames[:1])
+            return
+        self.direct_replies += 1
+        try:
+            self._on_message(link, frames[1:])
+        except Exception:  # noqa: BLE001 - a malformed frame must not stop the reading
+            log.exception("bad message from worker %s (%d frame(s)); ignored", link.name, len(frames))
 
     def _on_message(self, link: WorkerLink, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -445,7 +438,7 @@ class Dispatcher:
             link.inflight[req.id] = fut
             req.dispatched_at = time.time()
             try:
-                await link.sock.send_multipart([messages.INFER, req.SerializeToString()], flags=zmq.NOBLOCK)
+                link.sock.send([messages.INFER, req.SerializeToString()])
             except zmq.Again:  # never sent: not an attempt
                 link.inflight.pop(req.id, None)
                 link.connected = False

@@ -574,3 +574,10 @@ def test_floor_cpu_ms_serves_the_requests_from_a_bare_server_and_stops_it() -> N
     cpu = bench_frontend_cpu.floor_cpu_ms(reqs, 2000, calls=5)
     assert cpu > 0
     assert not servers() - before
+
+
+def test_bench_loop_socket_times_both_ways() -> None:
+    out = _run(["scripts/bench_loop_socket.py", "--round-trips", "20", "--rounds", "1"], timeout=120)
+    rows = {line.split("|")[1].strip(): float(line.split("|")[2].split()[0])
+            for line in out.splitlines() if line.startswith("| ") and "way" not in line}
+    assert set(rows) == {"zmq.asyncio", "LoopSocket"} and all(v > 0 for v in rows.values()), out
