@@ -474,7 +474,7 @@ class ServerConfig:
     default_timeout_s: float = 30.0
     grace_s: float = 10.0
     max_inflight_per_worker: int = 0  # 0: 2 x MAX_BATCH_SIZE
-    torch_threads: int = 0  # 0: the cores the worker is pinned to
+    torch_threads: int = 0  # 0: OMP_NUM_THREADS if set, else the cores the worker is pinned to (dd.worker.server)
     log_level: str = "INFO"
     # Requests one frontend admits at once (waiting for a slot, decoding, or at a worker). Beyond it
     # a request is refused at once with RESOURCE_EXHAUSTED, so memory stays bounded under any load:

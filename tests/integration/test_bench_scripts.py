@@ -571,8 +571,8 @@ def test_floor_cpu_ms_serves_the_requests_from_a_bare_server_and_stops_it() -> N
                 and "resource_tracker" not in " ".join(p.cmdline())}
 
     before = servers()
-    cpu = bench_frontend_cpu.floor_cpu_ms(reqs, 2000, calls=5)
-    assert cpu > 0
+    cpu = bench_frontend_cpu.floor_cpu_ms(reqs, 2000, calls=5)  # raises if a call fails
+    assert cpu >= 0.0  # five tiny calls may cost less than the CPU clock's tick: 0 is a fair reading
     assert not servers() - before
 
 
