@@ -36,7 +36,8 @@ def _child(configured: int, env: dict[str, str] | None = None) -> tuple[int, int
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to pin to fewer than torch saw")
 def test_pinned_to_one_core_torch_uses_one_thread() -> None:
     before, after, env = _child(0)
-    assert before >= 2, "torch saw one core before the pinning: nothing to show"
+    if before < 2:
+        pytest.skip("torch chose one thread before the pinning (one physical core): nothing to show")
     assert (after, env) == (1, "1")
 
 
