@@ -19,8 +19,8 @@ GPU that is device work). Run with and without it to see the frontend's share of
 --floor also serves each kind's requests from a bare grpc.aio server in a process of its own
 (scripts/bench_grpc_transport.py's: a client stream of one message, parsed as a DetectRequest, answered
 with a response of the size the frontend sent back; glibc's allocator set as the frontend sets it) and
-reads that process's CPU per call: what any
-Python gRPC server pays for the same messages, against the frontend's "rest".
+reads that process's CPU per call: what any Python gRPC server pays for the same messages, against the
+frontend's "rest".
 """
 
 from __future__ import annotations
@@ -130,9 +130,8 @@ def floor_cpu_ms(requests: list, response_bytes: int, calls: int) -> float:
     import multiprocessing as mp
 
     import grpc
-    import psutil
 
-    from bench_grpc_transport import BASE, serve
+    from bench_grpc_transport import BASE, cpu_s, serve
     from dd.proto.deep_detection.v1 import detector_pb2 as pb
 
     ctx = mp.get_context("spawn")
@@ -148,12 +147,10 @@ def floor_cpu_ms(requests: list, response_bytes: int, calls: int) -> float:
                                     response_deserializer=pb.DetectResponse.FromString)
             for r in requests * 3:  # warm-up, as for the frontend
                 method(r, timeout=30)
-            t = psutil.Process(proc.pid).cpu_times()
-            before = t.user + t.system
+            before = cpu_s(proc.pid)
             for i in range(calls):
                 method(requests[i % len(requests)], timeout=30)
-            t = psutil.Process(proc.pid).cpu_times()
-            return (t.user + t.system - before) / calls * 1e3
+            return (cpu_s(proc.pid) - before) / calls * 1e3
     finally:
         proc.terminate()
         proc.join(30)

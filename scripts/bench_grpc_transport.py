@@ -111,7 +111,8 @@ def serve(port: int, variant: dict, response_bytes: int, ready) -> None:  # noqa
     asyncio.run(main())
 
 
-def _cpu_s(pid: int) -> float:
+def cpu_s(pid: int) -> float:
+    """A process's CPU seconds so far (user + system)."""
     import psutil
 
     t = psutil.Process(pid).cpu_times()
@@ -142,24 +143,24 @@ async def call(port: int, variant: dict, request_bytes: int, calls: int, server_
             client._conns.stubs[conn].Detect = channel.unary_unary("/bench.S/M", **kw)
         for _ in range(30):
             await client.detect_request(body)
-        lat, cpu0 = [], _cpu_s(server_pid)
+        lat, cpu0 = [], cpu_s(server_pid)
         for _ in range(calls):
             t0 = time.perf_counter()
             await client.detect_request(body)
             lat.append((time.perf_counter() - t0) * 1e3)
-        cpu = (_cpu_s(server_pid) - cpu0) / calls * 1e3
+        cpu = (cpu_s(server_pid) - cpu0) / calls * 1e3
         await client.close()
         return lat, cpu
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=BASE + options) as channel:
         method = channel.unary_unary("/bench.S/M", **kw)
         for _ in range(30):
             finish(await method(body))
-        lat, cpu0 = [], _cpu_s(server_pid)
+        lat, cpu0 = [], cpu_s(server_pid)
         for _ in range(calls):
             t0 = time.perf_counter()
             finish(await method(body))
             lat.append((time.perf_counter() - t0) * 1e3)
-        cpu = (_cpu_s(server_pid) - cpu0) / calls * 1e3
+        cpu = (cpu_s(server_pid) - cpu0) / calls * 1e3
     return lat, cpu
 
 
