@@ -16,6 +16,7 @@ client's region), then client + transport (p50 - total) and frontend + hand-offs
 
     python scripts/bench_client_shm.py --requests 300
     python scripts/bench_client_shm.py --requests 300 --engine fast      # on a GPU: the fastest local path
+    python scripts/bench_client_shm.py --engine fast --fast-options '{"input_graphs": false}'
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ def main() -> None:
                     help="null: the transport alone; fast/torchvision: a random R50-FPN RGB-D model with 100 "
                          "detections (scripts/bench_serve.py's), on --device")
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--fast-options", default="{}", help='the fast engine\'s ENGINE_OPTIONS beside the steady ones, '
+                    'JSON (e.g. \'{"input_graphs": false}\')')
     args = ap.parse_args()
 
     import grpc
@@ -112,7 +115,8 @@ def main() -> None:
         sys.path.insert(0, str(REPO / "scripts"))
         from bench_serve import STEADY_FAST, make_model
 
-        folder = make_model(tmp, args.engine, "r50", 1, args.height, args.width, 100, 800, fast_options=STEADY_FAST)
+        folder = make_model(tmp, args.engine, "r50", 1, args.height, args.width, 100, 800,
+                            fast_options={**STEADY_FAST, **json.loads(args.fast_options)})
     model = json.loads((folder / "node_config.json").read_text()).get("NAME", folder.name)
     port = free_port()
     log = open(tmp / "serve.log", "wb")

@@ -67,6 +67,8 @@ FAST_OPTIONS: dict[str, Option] = {
     "allow_cpu": Option(bool, False, "run on a CPU (tests): no graphs, no fp16, no Triton kernels"),
     "fp16": Option(bool, True, "half-precision backbone and RPN head"),
     "cuda_graphs": Option(bool, True, "replay one CUDA graph per canvas and batch bucket"),
+    "input_graphs": Option(bool, True, "prepare a batch of one input size and depth kind with one CUDA graph "
+                                       "(with cuda_graphs)"),
     "pin_memory": Option(bool, True, "page-locked input copies"),
     "fixed_shapes": Option(bool, True, "false runs the older op-by-op path"),
     "pre_nms_topk": Option(int, 1024, "detection candidates entering the class-wise NMS (4096 without fixed_shapes)"),

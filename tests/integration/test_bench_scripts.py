@@ -545,6 +545,27 @@ def test_bench_idle_gaps_times_the_decode_after_each_kind_of_gap(tmp_path: Path)
     assert "| frontend decode (client library's JPEG + PNG, as rows) |" in out
 
 
+def test_bench_input_graphs_reads_the_gpus_busy_and_idle_time_per_call(tmp_path: Path) -> None:
+    """Its trace reading (the timing needs a GPU): kernels are given to the call whose range holds their
+    launch, and each call's busy time, span and idle time within the span come out as medians per mode."""
+    import bench_input_graphs
+
+    def kernel(corr: int, ts: float, dur: float) -> list[dict]:
+        return [{"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ph": "X", "ts": ts - 5, "dur": 2,
+                 "args": {"correlation": corr}},
+                {"cat": "kernel", "name": "k", "ph": "X", "ts": ts, "dur": dur, "args": {"correlation": corr}}]
+
+    events = [{"cat": "user_annotation", "name": "call|a|0", "ph": "X", "ts": 0, "dur": 100},
+              {"cat": "user_annotation", "name": "call|b|0", "ph": "X", "ts": 200, "dur": 100},
+              *kernel(1, 10, 20), *kernel(2, 50, 10),  # a: busy 30 of a 50 us span
+              *kernel(3, 210, 40), {"cat": "cpu_op", "name": "aten::add", "ph": "X", "ts": 220, "dur": 3}]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    got = bench_input_graphs.kernel_spans(trace, "call|")
+    assert got == {"a": {"kernels": 2, "GPU busy us": 30, "span us": 50, "GPU idle in span us": 20},
+                   "b": {"kernels": 1, "GPU busy us": 40, "span us": 40, "GPU idle in span us": 0}}
+
+
 def test_bench_grpc_transport_prints_each_sets_p50_and_the_servers_cpu(tmp_path: Path) -> None:
     """The bare gRPC server's CPU per call is the floor the frontend's "rest" is read against."""
     out_json = tmp_path / "t.json"

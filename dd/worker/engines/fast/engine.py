@@ -33,11 +33,13 @@ full-image tensor, which pycocotools then scans pixel by pixel. Here:
   and detectron2 pad an image batched with larger ones, and its answers may
   differ slightly: features within reach of the extra padding, and RPN
   anchors over it, change;
-- preprocessing runs eagerly before the replay, per group of equal input size
+- preprocessing runs before the replay, per group of equal input size
   (convert, normalise, resize: elementwise ops, interpolate, PIL's taps;
   nothing planned or compiled per size), from the shared-memory slot copied
   through a pinned (page-locked) mapping or a batch's JPEGs decoded by nvJPEG,
-  written into each image's slot of the canvas;
+  written into each image's slot of the canvas; a batch of one input size and
+  depth kind replays it as a graph of its own (input_graphs.py), since its
+  dozens of small kernels otherwise leave the GPU waiting for the host;
 - backbone, FPN and RPN head run in fp16, channels-last, batch norm folded and
   a ResNet's ReLUs, residual adds and downsample biases inside cuDNN's
   convolutions, the RPN head's conv + ReLU as one (fused_blocks.py); the FPN's
@@ -75,6 +77,7 @@ fixed_shapes (true), nms_iterations (24), fold_batchnorm (true; GPU only),
 fuse_conv_relu (true; ReLUs, residual adds and biases in cuDNN's convolutions,
 GPU only, needs fold_batchnorm), triton_fpn (true; GPU only), triton_nms (true;
 GPU only), triton_roi_align (true; GPU only), class_mask_head (true),
+input_graphs (true; GPU only, with cuda_graphs and fixed_shapes),
 pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
 8, ...] up to MAX_BATCH_SIZE), buckets_at_load (all; the others captured in
 the background), warmup_sizes ([[H, W], ...] input sizes whose canvases are
@@ -120,6 +123,8 @@ from dd.worker.engines.fast.depthwise import native_depthwise
 from dd.worker.engines.fast.fixed_shapes import FixedShapeHeads, large_enough, rpn_min_size
 from dd.worker.engines.fast.fused_blocks import fuse_conv_relu_pairs, fuse_fpn, fuse_resnet_blocks
 from dd.worker.engines.fast.graph_cache import GraphCache
+from dd.worker.engines.fast.input_graphs import PNG_ROWS, InputGraph, copy_in, input_key
+from dd.worker.engines.fast.input_graphs import buffers as input_buffers
 from dd.worker.engines.fast.mask_head import ClassMaskHead
 from dd.worker.engines.fast.odd_size import odd_warmup_size
 from dd.worker.engines.jpeg_decode import decode_to_device
@@ -128,7 +133,7 @@ from dd.worker.engines.fast.pil_resize import PilBilinear
 from dd.worker.engines.kernels.switch import KernelSwitch
 from dd.worker.engines.pinned import PinnedMappings
 from dd.worker.engines.png_unfilter import depth_dtype as depth_dtype_of
-from dd.worker.engines.png_unfilter import depth_to_device, depths_into, host_array
+from dd.worker.engines.png_unfilter import depth_to_device, depths_into, host_array, unfilter_rows
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +289,13 @@ class FastMaskRCNN(Engine):
         self._fixed_graphs: dict[tuple[Any, ...], _FixedGraph] = {}
         self._ratios: dict[tuple[int, ...], torch.Tensor] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs and self.fixed else None
+        # A batch of one size and depth kind is prepared for the network by one graph (input_graphs.py).
+        self.input_graphs = self.use_graphs and self.fixed and bool(opts.get("input_graphs", True))
+        self._input_pool = torch.cuda.graph_pool_handle() if self.input_graphs else None
+        self._input_buffers: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._input_captures_at_load = [0, 0.0]  # count, seconds: for the load's log line
         # Shapes not captured at load are served op by op while a background thread captures them.
-        self._graph_cache: GraphCache[_FixedGraph] = GraphCache(
+        self._graph_cache: GraphCache[_FixedGraph | InputGraph] = GraphCache(
             self._capture, background=bool(opts.get("background_capture", True)), describe=self._describe)
         # Images redone on the dynamic path (NMS not settled, or top-k too small): for benchmarks and logs.
         self.redone_images = 0
@@ -306,7 +316,10 @@ class FastMaskRCNN(Engine):
             for b in batches:
                 dummy = [EngineInput(np.zeros((h, w, 3), np.uint8),
                                      np.zeros((h, w), np.uint16) if cfg.input_kind == "rgbd" else None, 1.0)] * b
-                self.infer(dummy)
+                self.infer(dummy)  # captures the network's graph and the input graph for depth pixels
+                if self.input_graphs and cfg.input_kind == "rgbd" and self.unfilters_png_rows:
+                    # and for depth as PNG rows, which the frontends send this engine
+                    self._graph_cache.capture_now(("inputs", b, *self.canvas_for([(h, w)]), h, w, PNG_ROWS))
         self.redone_images = 0  # blank warm-up images tie everywhere and are redone; count real ones only
         if self.fixed and bool(opts.get("warmup_odd_size", cuda)):
             self._warm_odd_size(sizes)
@@ -325,8 +338,8 @@ class FastMaskRCNN(Engine):
             self._graph_cache.get(key)  # queued unless captured already
         done = time.perf_counter()
         log.info("fast engine loaded in %.1f s: weights and model %.1f s, fusing and kernels %.1f s, "
-                 "warm-up and graph captures %.1f s", done - t_start, t_built - t_start,
-                 t_prepared - t_built, done - t_prepared)
+                 "warm-up and graph captures %.1f s (of which %d input graphs %.2f s)", done - t_start,
+                 t_built - t_start, t_prepared - t_built, done - t_prepared, *self._input_captures_at_load)
 
     def _buckets_at_load(self, given: list[Any]) -> list[int]:
         wanted = sorted({int(b) for b in given})
@@ -793,9 +806,9 @@ class FastMaskRCNN(Engine):
             if entry is None:
                 entry = self._fixed_graphs[key] = _FixedGraph(*self._static_inputs(key), {}, None)
             return entry
-        if not self._loaded:
-            return self._graph_cache.capture_now(key)
-        return self._graph_cache.get(key)
+        entry = self._graph_cache.capture_now(key) if not self._loaded else self._graph_cache.get(key)
+        assert entry is None or isinstance(entry, _FixedGraph)
+        return entry
 
     def _static_inputs(self, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zeros on the canvas, each slot's numbers those of an image filling the canvas (the capture's
@@ -808,11 +821,21 @@ class FastMaskRCNN(Engine):
         return x, rows.to(self.dev), torch.zeros((), dtype=torch.float32, device=self.dev)
 
     def _describe(self, key: tuple[Any, ...]) -> str:
+        if key[0] == "inputs":
+            _, bucket, ch, cw, h, w, kind = key
+            depth = "" if kind is None else f" + depth as {kind}"
+            return f"the input preparation for {bucket} image(s) of {w}x{h}{depth} on the {cw}x{ch} canvas"
         bucket, ch, cw = key
-        return f"{bucket} image(s) on the {cw}x{ch} canvas"
+        return f"the network for {bucket} image(s) on the {cw}x{ch} canvas"
 
     @torch.inference_mode()
-    def _capture(self, key: tuple[Any, ...]) -> _FixedGraph:
+    def _capture(self, key: tuple[Any, ...]) -> _FixedGraph | InputGraph:
+        """The network's graph for (bucket, canvas), or an input graph (a key starting "inputs")."""
+        if key[0] == "inputs":
+            return self._capture_inputs(key)
+        return self._capture_network(key)
+
+    def _capture_network(self, key: tuple[Any, ...]) -> _FixedGraph:
         """Warm-up runs and one capture on a stream of its own. At load it runs in the engine's thread
         into the shared pool; later in the capture thread (GraphCache), into a pool of its own, while the
         engine's thread keeps serving on the default stream (it waits only while the graph records:
@@ -838,7 +861,7 @@ class FastMaskRCNN(Engine):
             graph.replay()
         stream.synchronize()
         if not background:
-            log.info("captured the network for %s in %.1f s (warm-up runs %.1f s)", self._describe(key),
+            log.info("captured %s in %.1f s (warm-up runs %.1f s)", self._describe(key),
                      time.perf_counter() - t0, warmed)
         return _FixedGraph(x, sizes, threshold, out, graph)
 
@@ -870,6 +893,8 @@ class FastMaskRCNN(Engine):
         larger image may have left values there: cleared where _FixedGraph.written says); then every image's numbers (canvases.image_row) in
         one copy. Plain torch operations (elementwise, interpolate, PIL's taps): nothing here compiles
         or is planned per size. Slots past the batch keep what they had: their answers are not read."""
+        if self._write_through_graph(items, g):
+            return
         cfg = self.config
         colors: dict[int, torch.Tensor] = {}
         encoded = [i for i, it in enumerate(items) if isinstance(it.color, EncodedImage)]
@@ -918,6 +943,85 @@ class FastMaskRCNN(Engine):
         if self.dev.type == "cuda":  # from PyTorch's caching host allocator: not reused before the copy ran
             src = src.pin_memory()
         g.sizes[:len(items)].copy_(src, non_blocking=True)
+
+    def _write_through_graph(self, items: list[EngineInput], g: _FixedGraph) -> bool:
+        """_write_inputs' work as one replay where the batch has an input graph (input_graphs.py): each image
+        copied into the graph's buffers, then the graph prepares every slot of the bucket. False where the
+        batch has none (yet): mixed sizes or depth kinds, JPEGs for nvJPEG, no network graph, or its
+        input graph still being captured."""
+        if not self.input_graphs or g.graph is None:
+            return False
+        colors = [it.color for it in items]
+        depths = [it.depth for it in items]
+        rgbd = self.config.input_kind == "rgbd"
+        key = input_key(colors, depths, rgbd)
+        if key is None:
+            return False
+        bucket, ch, cw = g.x.shape[0], g.x.shape[-2], g.x.shape[-1]
+        full = ("inputs", bucket, ch, cw, *key)
+        entry = self._graph_cache.capture_now(full) if not self._loaded else self._graph_cache.get(full)
+        if entry is None:
+            return False
+        assert isinstance(entry, InputGraph)
+        for it in items:
+            self._pin_source(it.color)  # type: ignore[arg-type]
+            if rgbd:
+                self._pin_source(host_array(it.depth))  # type: ignore[arg-type]
+        copy_in(entry, colors, depths if rgbd else [])  # type: ignore[arg-type]
+        entry.graph.replay()
+        entry.replays += 1
+        g.written[:] = [entry.resized] * bucket  # every slot: the graph zeroed the rest of each
+        return True
+
+    def _prepare_slots(self, color: torch.Tensor, depth: torch.Tensor | None, kind: str | None,
+                       x: torch.Tensor, sizes: torch.Tensor, rows: torch.Tensor, rh: int, rw: int) -> None:
+        """What an input graph records: every slot of `x` (the network's canvas) prepared from the static
+        buffers as _write_inputs prepares an image (the same operations), the rest of each slot zero,
+        and each image's numbers (`rows`, on the device) into `sizes`."""
+        if depth is not None and kind == PNG_ROWS:
+            depth = unfilter_rows(depth, color.shape[2])
+        x[:, :, :rh, :rw] = self._resized(color, depth, rh, rw)
+        x[:, :, rh:, :].zero_()
+        x[:, :, :rh, rw:].zero_()
+        sizes.copy_(rows)
+
+    @torch.inference_mode()
+    def _capture_inputs(self, key: tuple[Any, ...]) -> InputGraph:
+        """An input graph (input_graphs.py): one warm-up run into scratch (the network may be reading its
+        canvas meanwhile), then the capture, on a stream of their own, into the input graphs' pool. Not
+        through torch.cuda.graph, which synchronises the device and collects garbage first (tens of ms
+        during which serving would wait: GraphCache.recording)."""
+        _, bucket, ch, cw, h, w, kind = key
+        t0 = time.perf_counter()
+        net = self._graph_cache.ready((bucket, ch, cw))
+        if not isinstance(net, _FixedGraph) or net.graph is None:
+            raise RuntimeError("the network's graph for this bucket and canvas is not there")
+        torch.cuda.set_device(self.dev)
+        cfg = self.config
+        rh, rw = self.semantics.resized_size(h, w, cfg.min_size, cfg.max_size)
+        shared = self._input_buffers.get((h, w, kind))
+        if shared is None or shared[0].shape[0] < bucket:
+            shared = self._input_buffers[(h, w, kind)] = input_buffers(max(bucket, self.buckets[-1]), h, w, kind,
+                                                                        self.dev)
+        color, depth = shared[0][:bucket], None if shared[1] is None else shared[1][:bucket]
+        rows = torch.from_numpy(np.tile(image_row(h, w, rh, rw), (bucket, 1))).to(self.dev)
+        stream = torch.cuda.Stream(self.dev)
+        stream.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.cuda.stream(stream):  # PIL's taps, kernels' first launches: outside the capture
+            self._prepare_slots(color, depth, kind, torch.empty_like(net.x), torch.empty_like(net.sizes), rows,
+                                rh, rw)
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with self._graph_cache.recording, torch.cuda.stream(stream):
+            graph.capture_begin(pool=self._input_pool, capture_error_mode="thread_local")
+            try:
+                self._prepare_slots(color, depth, kind, net.x, net.sizes, rows, rh, rw)
+            finally:
+                graph.capture_end()
+        if not self._loaded:
+            self._input_captures_at_load[0] += 1
+            self._input_captures_at_load[1] += time.perf_counter() - t0
+        return InputGraph(color, depth, (rh, rw), graph, inputs=(rows,))
 
     def _collect(self, out: dict[str, torch.Tensor], n: int, want_masks: bool) -> _Answers:
         """The batch's answers out of the network's outputs (a graph's are overwritten by its next

@@ -35,6 +35,7 @@ class GraphCache(Generic[Entry]):
 
     def __init__(self, capture: Callable[[Hashable], Entry], background: bool = True,
                  describe: Callable[[Hashable], str] = str) -> None:
+        """describe(key) names what a key's capture makes, for the logs ("the network for ...")."""
         self._capture = capture
         self.background = background
         self._describe = describe
@@ -59,6 +60,10 @@ class GraphCache(Generic[Entry]):
             with self._lock:
                 self._ready[key] = entry
         return entry
+
+    def ready(self, key: Hashable) -> Entry | None:
+        """The entry for `key` if it has been captured, else None (nothing is queued)."""
+        return self._ready.get(key)
 
     def get(self, key: Hashable) -> Entry | None:
         """The entry for `key`, or None: serve this call without a graph (its capture is on its way)."""
@@ -125,8 +130,8 @@ class GraphCache(Generic[Entry]):
             try:
                 entry = self._capture(key)
             except Exception as exc:  # noqa: BLE001 - that shape stays on the op-by-op path; serving goes on
-                log.warning("cannot capture the network for %s in the background (%s: %s); requests of that "
-                            "shape keep running op by op", self._describe(key), type(exc).__name__, exc)
+                log.warning("cannot capture %s in the background (%s: %s); requests of that shape keep "
+                            "running op by op", self._describe(key), type(exc).__name__, exc)
                 with self._lock:
                     self._failed.add(key)
                     self._discard(key)
@@ -137,8 +142,8 @@ class GraphCache(Generic[Entry]):
                 self._discard(key)
                 self.captured_in_background += 1
                 self._wake.notify_all()
-            log.info("captured the network for %s in the background in %.1f s; its requests were served op "
-                     "by op meanwhile", self._describe(key), time.perf_counter() - t0)
+            log.info("captured %s in the background in %.1f s; its requests were served op by op meanwhile",
+                     self._describe(key), time.perf_counter() - t0)
 
     def _discard(self, key: Hashable) -> None:
         if key in self._queued:  # close() may have emptied the queue meanwhile
