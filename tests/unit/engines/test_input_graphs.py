@@ -6,6 +6,7 @@ captured in the background."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,39 @@ def test_images_are_copied_into_their_slots() -> None:
     pixels = buffers(2, 3, 5, "<u2", cpu)[1]
     assert pixels is not None and pixels.dtype == torch.uint16 and pixels.shape == (2, 3, 5)
     assert buffers(2, 3, 5, None, cpu)[1] is None
+
+
+def test_a_capture_that_fails_at_load_leaves_the_inputs_op_by_op(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """An input graph is an optimisation: where one cannot be captured at load (an operation CUDA will not
+    record, say), the engine warns, prepares its inputs op by op, and loads. On the CPU, with the capture
+    made to fail and a network graph stood in for."""
+    from dd.config import load_model_config
+    from dd.models.model_folder import random_model_folder
+    from dd.worker.engines.fast.engine import FastMaskRCNN
+
+    cfg = load_model_config(random_model_folder(tmp_path / "m", input_kind="rgbd", seed=1, min_size=64,
+                                                max_size=96))
+    engine = FastMaskRCNN(dataclasses.replace(cfg, engine_options={"allow_cpu": True}), "cpu")
+    engine.load()
+    assert not engine.input_graphs, "no CUDA graphs on the CPU"
+    engine._loaded, engine.input_graphs = False, True  # as at load on a GPU
+    tried = []
+
+    def fail(key: tuple) -> None:
+        tried.append(key)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    engine._capture_inputs = fail  # type: ignore[method-assign]
+    g = engine._fixed_graph(1, engine.canvas_for([(48, 64)]))
+    g.graph = object()  # type: ignore[assignment]  # a captured network
+    items = [EngineInput(np.zeros((48, 64, 3), np.uint8), np.zeros((48, 64), np.uint16), 0.5)]
+    with caplog.at_level(logging.WARNING, logger="dd.worker.engines.fast.engine"):
+        assert engine._write_through_graph(items, g) is False
+        assert engine._write_through_graph(items, g) is False
+    assert not engine.input_graphs and len(tried) == 1
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "the input preparation for 1 image(s) of 64x48" in warning and "op by op" in warning
 
 
 def _same(want, got, what: str) -> None:

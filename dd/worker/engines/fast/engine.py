@@ -319,7 +319,7 @@ class FastMaskRCNN(Engine):
                 self.infer(dummy)  # captures the network's graph and the input graph for depth pixels
                 if self.input_graphs and cfg.input_kind == "rgbd" and self.unfilters_png_rows:
                     # and for depth as PNG rows, which the frontends send this engine
-                    self._graph_cache.capture_now(("inputs", b, *self.canvas_for([(h, w)]), h, w, PNG_ROWS))
+                    self._input_graph(("inputs", b, *self.canvas_for([(h, w)]), h, w, PNG_ROWS))
         self.redone_images = 0  # blank warm-up images tie everywhere and are redone; count real ones only
         if self.fixed and bool(opts.get("warmup_odd_size", cuda)):
             self._warm_odd_size(sizes)
@@ -958,11 +958,9 @@ class FastMaskRCNN(Engine):
         if key is None:
             return False
         bucket, ch, cw = g.x.shape[0], g.x.shape[-2], g.x.shape[-1]
-        full = ("inputs", bucket, ch, cw, *key)
-        entry = self._graph_cache.capture_now(full) if not self._loaded else self._graph_cache.get(full)
+        entry = self._input_graph(("inputs", bucket, ch, cw, *key))
         if entry is None:
             return False
-        assert isinstance(entry, InputGraph)
         for it in items:
             self._pin_source(it.color)  # type: ignore[arg-type]
             if rgbd:
@@ -972,6 +970,20 @@ class FastMaskRCNN(Engine):
         entry.replays += 1
         g.written[:] = [entry.resized] * bucket  # every slot: the graph zeroed the rest of each
         return True
+
+    def _input_graph(self, key: tuple[Any, ...]) -> InputGraph | None:
+        """The input graph for `key`: captured now at load, else from the cache (None while it is captured in
+        the background). A capture that fails at load turns input graphs off with a warning: the inputs are
+        then prepared op by op, as before them, rather than the model failing to load."""
+        try:
+            entry = self._graph_cache.capture_now(key) if not self._loaded else self._graph_cache.get(key)
+        except Exception as exc:  # noqa: BLE001 - an optimisation; the op-by-op preparation serves
+            log.warning("cannot capture %s (%s: %s); this engine prepares its inputs op by op (ENGINE_OPTIONS "
+                        "input_graphs false says so without trying)", self._describe(key), type(exc).__name__, exc)
+            self.input_graphs = False
+            return None
+        assert entry is None or isinstance(entry, InputGraph)
+        return entry
 
     def _prepare_slots(self, color: torch.Tensor, depth: torch.Tensor | None, kind: str | None,
                        x: torch.Tensor, sizes: torch.Tensor, rows: torch.Tensor, rh: int, rw: int) -> None:
