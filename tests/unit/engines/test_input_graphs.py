@@ -177,3 +177,42 @@ def test_input_graphs_give_the_op_by_op_answers(request: pytest.FixtureRequest) 
         check(what, batch)
     assert replays() == before + 3, "each batch of one size and depth kind ran through an input graph"
     assert sum(e.replays for e in plain._graph_cache._ready.values() if isinstance(e, InputGraph)) == 0
+
+
+@pytest.mark.gpu
+def test_a_detectron2_rgb_models_pil_resize_runs_in_the_input_graph(tmp_path: Path,
+                                                                   request: pytest.FixtureRequest) -> None:
+    """detectron2 resizes an RGB image as PIL resizes uint8 (pil_resize.py: a pass of taps per axis, the
+    most kernels of any preparation): recorded in an input graph, the network input is the same bit for
+    bit as op by op, and so are the answers."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from dd.config import load_model_config
+    from dd.worker.engines.fast.engine import FastMaskRCNN
+    from tests.conftest import scene
+    from tests.d2_folders import write_d2_folder
+
+    cfg = load_model_config(write_d2_folder(tmp_path / "d2-rgb", kind="rgb"))
+    engines = {}
+    for graphs in (True, False):
+        engine = FastMaskRCNN(dataclasses.replace(cfg, engine="fast", engine_options={
+            "warmup_sizes": [[233, 347]], "input_graphs": graphs, "max_canvases_at_load": True}), "cuda:0")
+        engine.load()
+        request.addfinalizer(engine.close)
+        engines[graphs] = engine
+    graphed, plain = engines[True], engines[False]
+    assert graphed._pil is not None, "a detectron2 RGB model resizes as PIL does"
+    colors = [scene(k, 233, 347)[0] for k in range(4)]
+    before = sum(e.replays for e in graphed._graph_cache._ready.values() if isinstance(e, InputGraph))
+    for n in (1, 2, 3):
+        batch = [EngineInput(c, None, 0.0) for c in colors[:n]]
+        answers = []
+        inputs = []
+        for engine in (plain, graphed):
+            answers.append(engine.infer(batch))
+            bucket = next(b for b in engine.buckets if b >= n)
+            g = engine._graph_cache.ready((bucket, *engine.canvas_for([(233, 347)])))
+            inputs.append((g.x[:n].clone(), g.sizes[:n].clone()))
+        assert torch.equal(inputs[0][0], inputs[1][0]) and torch.equal(inputs[0][1], inputs[1][1]), n
+        _same(answers[0], answers[1], f"{n} image(s)")
+    assert sum(e.replays for e in graphed._graph_cache._ready.values() if isinstance(e, InputGraph)) == before + 3
