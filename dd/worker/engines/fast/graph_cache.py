@@ -9,10 +9,15 @@ served at once on the same network run op by op (about 3x a replay, no stall), w
 one background thread captures its graph; later requests replay it. A capture that
 fails leaves that shape on the op-by-op path for good, with one warning.
 
+The fast engine keeps its input graphs here too (input_graphs.py: the preparation of a
+batch of one input size and depth kind, keyed by bucket, canvas, size and depth kind),
+captured the same way: a batch whose input graph is on its way is prepared op by op.
+
 The cache is generic (keys and a capture function), so that its threading is tested
-on the CPU without CUDA; the engine supplies a capture function that records on its own
-stream in CUDA's thread-local capture mode, so the serving thread may keep launching
-work while a capture is under way.
+on the CPU without CUDA; the engine supplies a capture function that warms up and records
+on a stream of its own, so the serving thread keeps launching work while a capture warms
+up, and waits (`recording`) only while a graph records: the network's in CUDA's global
+capture mode, in which another thread's device-wide calls would break the capture.
 """
 
 from __future__ import annotations
