@@ -9,7 +9,7 @@ same made-up detections `--encodes` times per protocol and prints the median; th
 alternate (A B A B ...) so that a busy machine hurts each alike. No GPU needed.
 
     git worktree add /tmp/before HEAD~1
-    python scripts/bench_encode.py --checkout before=/tmp/before --checkout after=. --rounds 10
+    python scripts/bench_encode.py --checkout before=/tmp/before --checkout after=. --rounds 10 [--rle-text]
 """
 
 from __future__ import annotations
@@ -34,15 +34,17 @@ from dd.procutil import return_large_allocations
 return_large_allocations()
 import numpy as np
 from dd.worker.encoders import EncodeContext, Timings, encoder_for
-from dd.worker.engines.base import Detections
+from dd.worker.engines.base import Detections, RleText
 
-cases, protocols, encodes = json.loads(sys.argv[1])
+cases, protocols, encodes, rle_text = json.loads(sys.argv[1])
 out = {}
 for n, mask_bytes in cases:
     rng = np.random.default_rng(n * 7919 + mask_bytes)
     det = Detections(rng.uniform(0, 700, (n, 4)).astype(np.float32), rng.uniform(0.05, 1, n).astype(np.float32),
                      rng.integers(1, 3, n), None,
                      [bytes(rng.integers(48, 111, mask_bytes).astype(np.uint8)) for _ in range(n)])
+    if rle_text:  # the strings back to back in one buffer, as the fast engine reads them back
+        det.rle = RleText(np.frombuffer(b"".join(det.rle), np.uint8), [k * mask_bytes for k in range(n + 1)])
     for protocol in protocols:
         encode = encoder_for(protocol)
         times = []
@@ -66,10 +68,13 @@ def main() -> int:
     ap.add_argument("--protocols", nargs="+", default=["detector_v1", "kserve_v2"])
     ap.add_argument("--cases", nargs="+", default=["100x6000", "100x300", "20x300"],
                     help="INSTANCESxMASK_BYTES: instances per response and bytes of each mask's RLE")
+    ap.add_argument("--rle-text", action="store_true",
+                    help="the masks' strings in one buffer (RleText), as the fast engine gives them; "
+                         "default a list of bytes, as the CPU engines do")
     args = ap.parse_args()
     checkouts = [(c.partition("=")[0], Path(c.partition("=")[2]).resolve()) for c in args.checkout] or [("this", REPO)]
     cases = [[int(x) for x in c.split("x")] for c in args.cases]
-    spec = json.dumps([cases, args.protocols, args.encodes])
+    spec = json.dumps([cases, args.protocols, args.encodes, args.rle_text])
     medians: dict[str, dict[str, list[float]]] = {name: {} for name, _ in checkouts}
     for _ in range(args.rounds):
         for name, path in checkouts:

@@ -23,6 +23,7 @@ generated detections.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Sequence
 
@@ -63,10 +64,13 @@ def _varints(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ((groups & 0x7F) | (more << 7)).astype(np.uint8), keep
 
 
-def _class_prefix(label: int, categories: tuple[str, ...]) -> bytes:
-    """Instance.class_id and class_name, as protobuf writes them (either left out when empty)."""
+@functools.lru_cache(maxsize=4096)
+def _class_prefix(label: int, categories: tuple[str, ...]) -> np.ndarray:
+    """Instance.class_id and class_name, as protobuf writes them (either left out when empty), as uint8:
+    the same for every instance of a class, so made once per class and model (a protobuf message per
+    call cost more than the rest of a class's columns)."""
     name = categories[label - 1] if 0 < label <= len(categories) else str(label)
-    return pb.Instance(class_id=label, class_name=name).SerializeToString()
+    return np.frombuffer(pb.Instance(class_id=label, class_name=name).SerializeToString(), np.uint8)
 
 
 def _fixed32s(tags: list[int], values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,17 +86,17 @@ def _fixed32s(tags: list[int], values: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def instances_bytes(det: Detections, categories: tuple[str, ...], height: int, width: int,
-                    counts: Sequence[bytes | memoryview] | None) -> bytes:
+                    counts: Sequence[bytes | memoryview] | None, lengths: np.ndarray | None = None) -> bytes:
     """The DetectResponse.instances fields of these detections, serialized: each instance's class,
     score, box and mask (with `counts`, its RLE string, as Mask.counts with the image's size; without,
-    a mask of format NONE)."""
+    a mask of format NONE). lengths: the strings' lengths where the caller has them (RleText.lengths)."""
     n = len(det.scores)
     if n == 0:
         return b""
     ones = np.ones((n, 1), bool)
     # class_id and class_name: one prefix per label, in columns as wide as the longest
     labels = np.asarray(det.labels).astype(np.int64, copy=False)
-    prefixes = {int(u): np.frombuffer(_class_prefix(int(u), categories), np.uint8) for u in np.unique(labels)}
+    prefixes = {int(u): _class_prefix(int(u), categories) for u in np.unique(labels)}
     cls = np.zeros((n, max(len(p) for p in prefixes.values())), np.uint8)
     cls_on = np.zeros(cls.shape, bool)
     for label, prefix in prefixes.items():
@@ -109,7 +113,10 @@ def instances_bytes(det: Detections, categories: tuple[str, ...], height: int, w
     # the mask: its tag and length, its format and size, then the counts' tag and length (the counts follow)
     mask_head = np.frombuffer((pb.Mask(format=pb.RLE, height=height, width=width) if counts is not None
                                else pb.Mask(format=pb.NONE)).SerializeToString(), np.uint8)
-    clen = np.fromiter((len(c) for c in counts), np.int64, n) if counts is not None else np.zeros(n, np.int64)
+    if counts is None:
+        clen = np.zeros(n, np.int64)
+    else:
+        clen = np.fromiter((len(c) for c in counts), np.int64, n) if lengths is None else lengths
     has_counts = clen > 0
     counts_len, counts_len_on = _varints(clen)
     counts_len_on &= has_counts[:, None]
@@ -163,11 +170,13 @@ def encode(det: Detections, ctx: EncodeContext) -> bytes:
     with_masks = ctx.mask_format == pb.RLE and (det.masks is not None or det.rle is not None)
     counts = (det.rle if det.rle is not None else rle_encode(det.masks)) if with_masks else None
     head = pb.DetectResponse(request_id=ctx.request_id, model=ctx.model, height=ctx.height, width=ctx.width)
-    rle_bytes = (sum(counts.lengths()) if isinstance(counts, RleText) else sum(len(c) for c in counts)
+    rle_bytes = (counts.nbytes() if isinstance(counts, RleText) else sum(len(c) for c in counts)
                  ) if counts is not None else 0
     if rle_bytes >= WIRE_FROM_BYTES:
-        instances = instances_bytes(det, ctx.categories, ctx.height, ctx.width,
-                                    counts.views() if isinstance(counts, RleText) else counts)
+        if isinstance(counts, RleText):
+            instances = instances_bytes(det, ctx.categories, ctx.height, ctx.width, counts.views(), counts.lengths())
+        else:
+            instances = instances_bytes(det, ctx.categories, ctx.height, ctx.width, counts)
     else:
         add_instances(head, det, ctx.categories, ctx.height, ctx.width,
                       list(counts) if isinstance(counts, RleText) else counts)

@@ -99,9 +99,13 @@ class RleText(Sequence[bytes]):
         b = self._bounds
         return [self._data[b[k]:b[k + 1]] for k in range(len(b) - 1)]
 
-    def lengths(self) -> list[int]:
-        b = self._bounds
-        return [b[k + 1] - b[k] for k in range(len(b) - 1)]
+    def lengths(self) -> np.ndarray:
+        """Each string's length (int64), from the bounds at once: an encoder needs them all."""
+        return np.diff(np.asarray(self._bounds, dtype=np.int64))
+
+    def nbytes(self) -> int:
+        """The strings' bytes together."""
+        return self._bounds[-1] - self._bounds[0]
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, (RleText, list, tuple)):

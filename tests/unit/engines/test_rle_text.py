@@ -20,7 +20,7 @@ def test_it_reads_as_the_list_of_bytes() -> None:
     text = _text(STRINGS)
     assert len(text) == 4 and list(text) == STRINGS and text == STRINGS and text == tuple(STRINGS)
     assert [text[i] for i in range(4)] == STRINGS and text[-1] == b"PP1" and isinstance(text[2], bytes)
-    assert [bytes(v) for v in text.views()] == STRINGS and text.lengths() == [1, 0, 5, 3]
+    assert [bytes(v) for v in text.views()] == STRINGS and text.lengths().tolist() == [1, 0, 5, 3] and text.nbytes() == 9
     with pytest.raises(IndexError):
         text[4]
     assert text != STRINGS[:3] and text != [b"1", b"", b"52203", b"PP1"]
