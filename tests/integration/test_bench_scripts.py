@@ -308,14 +308,16 @@ def test_busy_main_thread_leaves_out_samples_waiting_in_epoll(tmp_path: Path) ->
     assert "60.0%" in lines[2] and "read_one" in lines[2] and "40.0%" in lines[3] and "_admit" in lines[3]
 
 
-def test_bench_encode_times_each_protocol_for_each_checkout() -> None:
+@pytest.mark.parametrize("strings", [[], ["--rle-text"]], ids=["list", "rle-text"])
+def test_bench_encode_times_each_protocol_for_each_checkout(strings: list[str]) -> None:
     out = _run(["scripts/bench_encode.py", "--checkout", f"a={REPO}", "--checkout", f"b={REPO}", "--rounds", "1",
-                "--encodes", "2", "--cases", "3x10"], timeout=120)
+                "--encodes", "2", "--cases", "3x10", "20x4000", *strings], timeout=120)
     lines = out.splitlines()
     assert lines[1] == "| protocol, instances x mask bytes | a | b |", out
     for protocol in ("detector_v1", "kserve_v2"):  # a time in each checkout's column, whatever the machine's load
-        row = next(ln for ln in lines if ln.startswith(f"| {protocol} 3 x 10 B | "))
-        assert len(re.findall(r"\| \d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", row)) == 2, row
+        for case in ("3 x 10 B", "20 x 4000 B"):  # protobuf's way, and the wire format written directly
+            row = next(ln for ln in lines if ln.startswith(f"| {protocol} {case} | "))
+            assert len(re.findall(r"\| \d+\.\d{3} \(\d+\.\d{3}-\d+\.\d{3}\)", row)) == 2, row
 
 
 @pytest.mark.slow
