@@ -90,9 +90,24 @@ def instances_bytes(det: Detections, categories: tuple[str, ...], height: int, w
     """The DetectResponse.instances fields of these detections, serialized: each instance's class,
     score, box and mask (with `counts`, its RLE string, as Mask.counts with the image's size; without,
     a mask of format NONE). lengths: the strings' lengths where the caller has them (RleText.lengths)."""
+    return b"".join(instance_pieces(det, categories, height, width, counts, lengths))
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_head(height: int, width: int, rle: bool) -> np.ndarray:
+    """Mask.format, height and width as protobuf writes them (the same for every instance of an image)."""
+    mask = pb.Mask(format=pb.RLE, height=height, width=width) if rle else pb.Mask(format=pb.NONE)
+    return np.frombuffer(mask.SerializeToString(), np.uint8)
+
+
+def instance_pieces(det: Detections, categories: tuple[str, ...], height: int, width: int,
+                    counts: Sequence[bytes | memoryview] | None, lengths: np.ndarray | None = None
+                    ) -> list[bytes | memoryview]:
+    """instances_bytes as the pieces to join (each instance's fields up to its RLE string, then the string):
+    encode joins them with the fields around them, so that the RLE is copied once."""
     n = len(det.scores)
     if n == 0:
-        return b""
+        return []
     ones = np.ones((n, 1), bool)
     # class_id and class_name: one prefix per label, in columns as wide as the longest
     labels = np.asarray(det.labels).astype(np.int64, copy=False)
@@ -111,8 +126,7 @@ def instances_bytes(det: Detections, categories: tuple[str, ...], height: int, w
     box_head[:, 0] = _BOX
     box_head[:, 1] = box_len
     # the mask: its tag and length, its format and size, then the counts' tag and length (the counts follow)
-    mask_head = np.frombuffer((pb.Mask(format=pb.RLE, height=height, width=width) if counts is not None
-                               else pb.Mask(format=pb.NONE)).SerializeToString(), np.uint8)
+    mask_head = _mask_head(height, width, counts is not None)
     if counts is None:
         clen = np.zeros(n, np.int64)
     else:
@@ -137,7 +151,7 @@ def instances_bytes(det: Detections, categories: tuple[str, ...], height: int, w
     pieces[0::2] = [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
     if counts is not None:
         pieces[1::2] = counts
-    return b"".join(pieces)
+    return pieces
 
 
 def add_instances(resp: pb.DetectResponse, det: Detections, categories: tuple[str, ...], height: int,
@@ -174,18 +188,18 @@ def encode(det: Detections, ctx: EncodeContext) -> bytes:
                  ) if counts is not None else 0
     if rle_bytes >= WIRE_FROM_BYTES:
         if isinstance(counts, RleText):
-            instances = instances_bytes(det, ctx.categories, ctx.height, ctx.width, counts.views(), counts.lengths())
+            pieces = instance_pieces(det, ctx.categories, ctx.height, ctx.width, counts.views(), counts.lengths())
         else:
-            instances = instances_bytes(det, ctx.categories, ctx.height, ctx.width, counts)
+            pieces = instance_pieces(det, ctx.categories, ctx.height, ctx.width, counts)
     else:
         add_instances(head, det, ctx.categories, ctx.height, ctx.width,
                       list(counts) if isinstance(counts, RleText) else counts)
-        instances = b""
+        pieces = []
     t = ctx.timings
     t.encode_us = int((time.perf_counter() - t0) * 1e6)
     t.total_us = max(0, int((time.time() - ctx.received_at) * 1e6)) if ctx.received_at else 0
     tail = pb.DetectResponse(worker=ctx.worker, timing=pb.Timing(
         queued_us=t.queue_us, decode_us=t.decode_us, inference_us=t.inference_us, postprocess_us=t.encode_us,
         total_us=t.total_us, batch_size=t.batch_size))
-    # Fields 1-5 (the instances through protobuf, or written here), then 6-7: protobuf's order.
-    return b"".join((head.SerializeToString(), instances, tail.SerializeToString()))
+    # Fields 1-5 (the instances through protobuf, or written here), then 6-7: protobuf's order; one join.
+    return b"".join([head.SerializeToString(), *pieces, tail.SerializeToString()])
