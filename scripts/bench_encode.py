@@ -34,7 +34,7 @@ from dd.procutil import return_large_allocations
 return_large_allocations()
 import numpy as np
 from dd.worker.encoders import EncodeContext, Timings, encoder_for
-from dd.worker.engines.base import Detections, RleText
+from dd.worker.engines.base import Detections
 
 cases, protocols, encodes, rle_text = json.loads(sys.argv[1])
 out = {}
@@ -44,6 +44,7 @@ for n, mask_bytes in cases:
                      rng.integers(1, 3, n), None,
                      [bytes(rng.integers(48, 111, mask_bytes).astype(np.uint8)) for _ in range(n)])
     if rle_text:  # the strings back to back in one buffer, as the fast engine reads them back
+        from dd.worker.engines.base import RleText  # a checkout older than RleText can still run the lists
         det.rle = RleText(np.frombuffer(b"".join(det.rle), np.uint8), [k * mask_bytes for k in range(n + 1)])
     for protocol in protocols:
         encode = encoder_for(protocol)
