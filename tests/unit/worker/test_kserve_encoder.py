@@ -18,7 +18,7 @@ from dd.worker.core import WorkerCore, WorkItem
 from dd.worker.encoders import EncodeContext, Timings, encoder_for
 from dd.worker.encoders.kserve_v2 import OUTPUTS, bytes_tensor, encode
 from dd.worker.engines import load_engine
-from dd.worker.engines.base import Detections
+from dd.worker.engines.base import Detections, RleText
 from tests import tritonclient_env
 
 HERE = Path(__file__).resolve().parents[2]
@@ -91,6 +91,19 @@ def test_an_engines_own_rle_is_used_as_it_is() -> None:
     det.masks, det.rle = None, [b"abc", b"de"]
     t = _tensors(pb.ModelInferResponse.FromString(encode(det, _ctx(("masks",)))))
     assert t["masks"][2] == bytes_tensor([b"abc", b"de"])
+
+
+@pytest.mark.parametrize("strings", [[b"abc", b"", b"de" * 300], [], [b"x"]], ids=["three", "none", "one"])
+def test_an_engines_rle_in_one_buffer_gives_the_same_tensor(strings: list[bytes]) -> None:
+    """The fast engine's strings come in one buffer (RleText): the tensor is byte for byte a list's."""
+    text = RleText(np.frombuffer(b"".join(strings) or b"\0", np.uint8)[:sum(map(len, strings))],
+                   np.cumsum([0] + [len(x) for x in strings]).tolist())
+    assert bytes_tensor(text) == bytes_tensor(strings)
+    assert _split_bytes(bytes_tensor(text)) == strings
+    n = len(strings)
+    det = Detections(np.zeros((n, 4), np.float32), np.ones(n, np.float32), np.ones(n, np.int64), None, text)
+    as_list = Detections(det.boxes, det.scores, det.labels, None, list(strings))
+    assert encode(det, _ctx(("masks", "boxes"))) == encode(as_list, _ctx(("masks", "boxes")))
 
 
 def test_masks_asked_for_but_not_computed_is_an_error_not_an_empty_answer() -> None:
