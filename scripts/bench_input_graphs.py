@@ -30,17 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def timed_calls(fn, calls: int, gap_s: float) -> list[float]:  # noqa: ANN001
-    out = []
-    for _ in range(calls):
-        if gap_s:
-            time.sleep(gap_s)
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
-
-
 def kernel_spans(trace_path: Path, prefix: str) -> dict[str, dict[str, float]]:
     """Per record_function range named prefix|mode|i: medians over each mode's calls (us) of the kernels'
     summed time, their span and the GPU's idle time inside it."""
@@ -79,8 +68,7 @@ def main() -> int:
     ap.add_argument("--out", default="", help="a folder for the profile's trace")
     args = ap.parse_args()
 
-    import torch
-
+    from bench_idle_gaps import timed
     from bench_serve import STEADY_FAST, make_model
     from dd.config import load_model_config
     from dd.png_rows import PngRows
@@ -118,13 +106,14 @@ def main() -> int:
         if not same:
             return 1
     for (label, _), item in items.items():
-        timed_calls(lambda: engines[label].infer(item), 20, 0.0)
+        timed(lambda: engines[label].infer(item), 20)
     ms: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for (label, kind), item in items.items():
             for gap in (0.0, args.gap_ms / 1e3):
                 key = f"{kind} | {label} | {'back to back' if not gap else f'after {args.gap_ms:g} ms idle'}"
-                ms.setdefault(key, []).extend(timed_calls(lambda: engines[label].infer(item), args.calls, gap))
+                sleep = (lambda s=gap: time.sleep(s)) if gap else None
+                ms.setdefault(key, []).extend(timed(lambda: engines[label].infer(item), args.calls, sleep))
     print(f"\n## The engine at batch 1, wall ms ({args.rounds} rounds x {args.calls} calls; median, p10-p90)\n")
     print("| depth | inputs prepared | calls | median | p10-p90 |\n|---|---|---|---|---|")
     for key, v in ms.items():

@@ -291,10 +291,7 @@ class Dispatcher:
             log.warning("a reply from an unknown worker %r on the reply socket; dropped", frames[:1])
             return
         self.direct_replies += 1
-        try:
-            self._on_message(link, frames[1:])
-        except Exception:  # noqa: BLE001 - a malformed frame must not stop the reading
-            log.exception("bad message from worker %s (%d frame(s)); ignored", link.name, len(frames))
+        self._on_link_frames(link, frames[1:])
 
     def _on_message(self, link: WorkerLink, frames: list[bytes]) -> None:
         if len(frames) < 2:
