@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The fast engine at batch 1 with and without input graphs (ENGINE_OPTIONS input_graphs), in one process.
+"""The fast engine at batch 1 with and without input graphs (ENGINE_OPTIONS input_graphs), or another of its
+on/off options (--option graph_masks: the masks pasted inside the network's graph), in one process.
 
 Two engines of the same R50-FPN RGB-D model (random weights, 1280x720), one preparing its inputs op by op and
 one through input graphs, run the same image interleaved: back to back, and each call after --gap-ms asleep
@@ -10,6 +11,7 @@ with torch.profiler and prints, per call, the kernels' summed GPU time, the span
 start to the last one's end, and the GPU's idle time inside that span (the host not keeping up).
 
     python scripts/bench_input_graphs.py --calls 60 --rounds 3 --profile
+    python scripts/bench_input_graphs.py --option graph_masks --batch 1 16 --calls 60 --rounds 3 --profile
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def main() -> int:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default="", help="a folder for the profile's trace")
+    ap.add_argument("--option", default="input_graphs", choices=["input_graphs", "graph_masks"],
+                    help="the boolean ENGINE_OPTION compared on and off")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (the same image repeated)")
     args = ap.parse_args()
 
     from bench_idle_gaps import timed
@@ -78,14 +83,17 @@ def main() -> int:
 
     h, w = 720, 1280
     scene = generate_scene(5000, w, h)
-    cfg = load_model_config(make_model(Path(tempfile.mkdtemp(prefix="dd-ig-")), "fast", "r50", 1, h, w, 100, 800,
-                                       fast_options=STEADY_FAST))
+    cfg = load_model_config(make_model(Path(tempfile.mkdtemp(prefix="dd-ig-")), "fast", "r50", max(args.batch), h, w,
+                                       100, 800, fast_options=STEADY_FAST))
+    on, off = {"input_graphs": ("input graphs", "op by op"),
+               "graph_masks": ("masks in the graph", "masks after the graph")}[args.option]
     engines = {}
-    for label, opts in (("input graphs", {}), ("op by op", {"input_graphs": False})):
+    for label, opts in ((on, {}), (off, {args.option: False})):
         t0 = time.perf_counter()
         engines[label] = load_engine(dataclasses.replace(cfg, engine_options={**cfg.engine_options, **opts}),
                                      args.device)
         print(f"{label}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
+        assert engines[label]._graph_cache.wait_idle(300)  # no background capture beside the other engine
     items = {}
     for label, engine in engines.items():  # a mapping each: one mapping is page-locked once per process
         mm = mmap.mmap(-1, h * w * 3 + h * (1 + 2 * w) + h * w * 2)
@@ -97,14 +105,20 @@ def main() -> int:
         depth = np.ndarray((h, w), np.uint16, buffer=mm, offset=h * w * 3 + rows.nbytes)
         depth[:] = scene.depth
         engine.prepare_input_memory(mm)
-        items[(label, "PNG rows")] = [EngineInput(color, PngRows(rows, h, w), cfg.score_threshold)]
-        items[(label, "raw")] = [EngineInput(color, depth, cfg.score_threshold)]
-    for kind in ("PNG rows", "raw"):
-        a, b = (engines[label].infer(items[(label, kind)])[0] for label in engines)
-        same = np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores) and a.rle == b.rle
-        print(f"depth as {kind}: the same answers both ways: {same} ({len(a.scores)} instances)", flush=True)
+        for n in args.batch:
+            items[(label, f"PNG rows x{n}")] = [EngineInput(color, PngRows(rows, h, w), cfg.score_threshold)] * n
+            if args.option == "input_graphs":
+                items[(label, f"raw x{n}")] = [EngineInput(color, depth, cfg.score_threshold)] * n
+    for kind in sorted({k for _, k in items}):
+        a, b = (engines[label].infer(items[(label, kind)]) for label in engines)
+        same = all(np.array_equal(x.boxes, y.boxes) and np.array_equal(x.scores, y.scores) and x.rle == y.rle
+                   for x, y in zip(a, b))
+        print(f"depth as {kind}: the same answers both ways: {same} ({len(a[0].scores)} instances)", flush=True)
         if not same:
             return 1
+    for label, engine in engines.items():
+        print(f"{label}: batches whose masks were over the graph's capacity so far: "
+              f"{getattr(engine, 'masks_over_capacity', 0)}", flush=True)
     for (label, _), item in items.items():
         timed(lambda: engines[label].infer(item), 20)
     ms: dict[str, list[float]] = {}
@@ -114,8 +128,8 @@ def main() -> int:
                 key = f"{kind} | {label} | {'back to back' if not gap else f'after {args.gap_ms:g} ms idle'}"
                 sleep = (lambda s=gap: time.sleep(s)) if gap else None
                 ms.setdefault(key, []).extend(timed(lambda: engines[label].infer(item), args.calls, sleep))
-    print(f"\n## The engine at batch 1, wall ms ({args.rounds} rounds x {args.calls} calls; median, p10-p90)\n")
-    print("| depth | inputs prepared | calls | median | p10-p90 |\n|---|---|---|---|---|")
+    print(f"\n## The engine, wall ms ({args.rounds} rounds x {args.calls} calls; median, p10-p90)\n")
+    print(f"| depth, batch | {args.option} | calls | median | p10-p90 |\n|---|---|---|---|---|")
     for key, v in ms.items():
         kind, label, mode = key.split(" | ")
         q = np.percentile(v, [10, 50, 90])
@@ -127,7 +141,7 @@ def main() -> int:
         out.mkdir(parents=True, exist_ok=True)
         rows_print = []
         for label, engine in engines.items():
-            item = items[(label, "PNG rows")]
+            item = items[(label, f"PNG rows x{args.batch[0]}")]
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 for mode, gap in (("back to back", 0.0), ("after idle", args.gap_ms / 1e3)):
                     for i in range(20):
@@ -139,8 +153,8 @@ def main() -> int:
             prof.export_chrome_trace(str(trace))
             for mode, s in kernel_spans(trace, "call|").items():
                 rows_print.append(f"| {label} | {mode} | " + " | ".join(f"{v:.0f}" for v in s.values()) + " |")
-        print("\n## Depth as PNG rows, profiled (torch.profiler; medians of 20 calls, us)\n")
-        print("| inputs prepared | calls | kernels | GPU busy | span first kernel to last | GPU idle in the span |")
+        print(f"\n## Depth as PNG rows, batch {args.batch[0]}, profiled (torch.profiler; medians of 20 calls, us)\n")
+        print(f"| {args.option} | calls | kernels | GPU busy | span first kernel to last | GPU idle in the span |")
         print("|---|---|---|---|---|---|")
         print("\n".join(rows_print))
         print(f"\ntraces in {out}")

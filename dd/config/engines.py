@@ -69,6 +69,11 @@ FAST_OPTIONS: dict[str, Option] = {
     "cuda_graphs": Option(bool, True, "replay one CUDA graph per canvas and batch bucket"),
     "input_graphs": Option(bool, True, "prepare a batch of one input size and depth kind with one CUDA graph "
                                        "(with cuda_graphs)"),
+    "graph_masks": Option(bool, True, "paste the masks and make their RLE inside the network's CUDA graph (with "
+                                      "cuda_graphs and fixed_shapes)"),
+    "mask_changes": Option(float, 0.5, "with graph_masks: the changes of value along the masks' columns one image "
+                                       "may have, per pixel of its canvas; a batch with more is pasted after "
+                                       "the graph"),
     "pin_memory": Option(bool, True, "page-locked input copies"),
     "fixed_shapes": Option(bool, True, "false runs the older op-by-op path"),
     "pre_nms_topk": Option(int, 1024, "detection candidates entering the class-wise NMS (4096 without fixed_shapes)"),

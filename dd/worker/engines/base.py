@@ -94,6 +94,17 @@ class RleText(Sequence[bytes]):
     def __iter__(self) -> Iterator[bytes]:
         return (bytes(v) for v in self.views())
 
+    def take(self, index: np.ndarray) -> "RleText":
+        """The strings at these increasing positions: a view where they are consecutive (the usual case,
+        an image's kept detections), else a copy of them."""
+        if len(index) == 0:
+            return RleText(self._data[:0], [0])
+        lo, hi = int(index[0]), int(index[-1]) + 1
+        if hi - lo == len(index):
+            return self[lo:hi]
+        picked = [self._data[self._bounds[k]:self._bounds[k + 1]] for k in index.tolist()]
+        return RleText(b"".join(picked), _offsets([len(v) for v in picked]))
+
     def views(self) -> list[memoryview]:
         """Each string as a view of the buffer (valid while this object or the view lives)."""
         b = self._bounds

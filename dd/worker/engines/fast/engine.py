@@ -50,10 +50,13 @@ full-image tensor, which pycocotools then scans pixel by pixel. Here:
   (kernels/roi_align.py); the box head under fp16 autocast; the mask head
   computes only each detection's own class, biases and ReLUs fused
   (mask_head.py);
-- the host learns the counts once per batch; masks are pasted (one ragged
-  Triton kernel, kernels/paste.py) and encoded as COCO RLE strings (kernels/rle.py)
-  for all instances of the batch together, on the GPU (masks.py), so only the
-  strings' characters come back.
+- masks are pasted and encoded as COCO RLE strings for every detection of
+  the batch inside the same graph (kernels/fixed_rle.py: the sizes live on
+  the device, the buffers have capacities from the canvas, ENGINE_OPTIONS
+  mask_changes), so the host reads back the strings' bounds and characters
+  and nothing else; a batch over those capacities (or with graph_masks
+  off) has its kept detections' masks pasted after the graph (one ragged
+  Triton kernel, kernels/paste.py, and kernels/rle.py, through masks.py).
 
 An image whose NMS did not settle within the graph's iterations, or whose
 class-wise NMS would have needed more than the top-k candidates, is redone on
@@ -78,6 +81,7 @@ fuse_conv_relu (true; ReLUs, residual adds and biases in cuDNN's convolutions,
 GPU only, needs fold_batchnorm), triton_fpn (true; GPU only), triton_nms (true;
 GPU only), triton_roi_align (true; GPU only), class_mask_head (true),
 input_graphs (true; GPU only, with cuda_graphs and fixed_shapes),
+graph_masks (true; GPU only, with fixed_shapes), mask_changes (0.5),
 pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
 8, ...] up to MAX_BATCH_SIZE), buckets_at_load (all; the others captured in
 the background), warmup_sizes ([[H, W], ...] input sizes whose canvases are
@@ -115,7 +119,8 @@ from torchvision.ops import boxes as box_ops
 from dd.models.build import build_loaded_model
 from dd.models.semantics import TORCHVISION, Semantics
 from dd.png_rows import PngRows
-from dd.worker.engines.base import Detections, EncodedImage, Engine, EngineInput, EngineUnavailable, image_size
+from dd.worker.engines.base import (Detections, EncodedImage, Engine, EngineInput, EngineUnavailable, RleText,
+                                    image_size)
 from dd.worker.engines.fast.batchnorm_fold import fold_batchnorm
 from dd.worker.engines.fast.canvases import (ROW, Canvas, canvas_of, default_canvases, enclosing, image_row, padded,
                                              parse_canvases, pick_canvas)
@@ -130,12 +135,16 @@ from dd.worker.engines.fast.odd_size import odd_warmup_size
 from dd.worker.engines.jpeg_decode import decode_to_device
 from dd.worker.engines.masks import paste_and_encode
 from dd.worker.engines.fast.pil_resize import PilBilinear
+from dd.worker.engines.kernels import fixed_rle
 from dd.worker.engines.kernels.switch import KernelSwitch
 from dd.worker.engines.pinned import PinnedMappings
 from dd.worker.engines.png_unfilter import depth_dtype as depth_dtype_of
 from dd.worker.engines.png_unfilter import depth_to_device, depths_into, host_array, unfilter_rows
 
 log = logging.getLogger(__name__)
+
+_GRAPH_MASKS = KernelSwitch("paste and RLE kernels for the graph", "pasting masks after the graph instead",
+                            fixed_rle.available)
 
 
 def resized_size(h: int, w: int, min_size: int, max_size: int) -> tuple[int, int]:
@@ -184,6 +193,10 @@ class _Answers:
     probs: torch.Tensor | None  # n x d x M x M mask probabilities; None when no masks are wanted
     detections: int  # d: detections per image
     ready: "torch.cuda.Event | None"
+    # With graph_masks: the strings the graph made for every detection slot of the bucket (fixed_rle.encode's
+    # head, on its way to page-locked memory, and its text, copied on the device), and its capacities.
+    rle_head: torch.Tensor | None = None
+    rle_text: torch.Tensor | None = None
 
 
 def _shape_key(item: EngineInput) -> tuple[int, int, str | None]:
@@ -294,6 +307,15 @@ class FastMaskRCNN(Engine):
         self._input_pool = torch.cuda.graph_pool_handle() if self.input_graphs else None
         self._input_buffers: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._input_captures_at_load = [0, 0.0]  # count, seconds: for the load's log line
+        # A batch's masks pasted and encoded inside its network's graph (kernels/fixed_rle.py), within
+        # capacities per image from its canvas: mask_changes x the canvas's pixels of changes, and change
+        # slots (the boxes' areas) for 32 canvases. A batch that needs more is pasted after the graph.
+        self.graph_masks = cuda and self.fixed and bool(opts.get("graph_masks", True)) and _GRAPH_MASKS.on
+        self.mask_changes = float(opts.get("mask_changes", 0.5))
+        if not self.mask_changes > 0:
+            raise ValueError(f"ENGINE_OPTIONS mask_changes must be positive, not {self.mask_changes}")
+        self._programs = 4 * torch.cuda.get_device_properties(self.dev).multi_processor_count if cuda else 4
+        self.masks_over_capacity = 0  # batches whose masks did not fit (benchmarks and logs)
         # Shapes not captured at load are served op by op while a background thread captures them.
         self._graph_cache: GraphCache[_FixedGraph | InputGraph] = GraphCache(
             self._capture, background=bool(opts.get("background_capture", True)), describe=self._describe)
@@ -758,7 +780,36 @@ class FastMaskRCNN(Engine):
         # Everything the host needs to know, in one tensor: one copy, one sync.
         summary = torch.cat([boxes.flatten(1), det["scores"], det["labels"].float(), valid.float(),
                              exact.float()[:, None]], 1)
-        return {"summary": summary, "probs": probs}
+        out = {"summary": summary, "probs": probs}
+        if self.graph_masks:
+            strings = self._encode_masks(probs, boxes, valid, sizes, canvas)
+            if strings is not None:
+                out["rle_head"], out["rle_text"] = strings
+        return out
+
+    def _capacity(self, bucket: int, canvas: Canvas) -> tuple[int, int]:
+        """fixed_rle.encode's capacities (changes, tiles) for a bucket on a canvas."""
+        pixels = canvas[0] * canvas[1]
+        return (bucket * max(int(self.mask_changes * pixels), 1),
+                bucket * max(32 * pixels // fixed_rle.BLOCK, 1))
+
+    def _encode_masks(self, probs: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, sizes: torch.Tensor,
+                      canvas: Canvas) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every detection slot's mask pasted at its image's input size and encoded (fixed_rle.encode), in
+        the graph. None where the kernels cannot run here (logged once; the masks are then pasted after
+        the graph, as without graph_masks)."""
+        b, d = probs.shape[:2]
+        changes, tiles = self._capacity(b, canvas)
+        heights, widths = sizes[:, 6].repeat_interleave(d), sizes[:, 7].repeat_interleave(d)
+
+        def encode() -> tuple[torch.Tensor, torch.Tensor]:
+            return fixed_rle.encode(probs.flatten(0, 1), boxes.flatten(0, 1), valid.flatten(), heights, widths,
+                                    self.config.mask_threshold, changes, tiles, rule=self.semantics.paste,
+                                    programs=self._programs)
+        strings = _GRAPH_MASKS.run(encode, lambda: None, on=probs)
+        if strings is None:
+            self.graph_masks = False
+        return strings
 
     def _ratio(self, h: int, w: int, rh: int, rw: int) -> torch.Tensor:
         """Back to input pixels with torchvision's arithmetic (float32 ratios of the sizes), for the
@@ -1045,9 +1096,14 @@ class FastMaskRCNN(Engine):
         summary = torch.empty(out["summary"][:n].shape, dtype=out["summary"].dtype, pin_memory=True)
         summary.copy_(out["summary"][:n], non_blocking=True)
         probs = out["probs"][:n].clone() if want_masks else None
+        head = text = None
+        if want_masks and "rle_head" in out:
+            head = torch.empty(out["rle_head"].shape, dtype=torch.int64, pin_memory=True)
+            head.copy_(out["rle_head"], non_blocking=True)
+            text = out["rle_text"].clone()  # the text's size is not known yet: all of it, device to device
         ready = torch.cuda.Event(blocking=self.blocking)
         ready.record()
-        return _Answers(summary, probs, d, ready)
+        return _Answers(summary, probs, d, ready, head, text)
 
     def _fixed_results(self, items: list[EngineInput], want_masks: bool, answers: _Answers) -> list[Detections]:
         """Waits for the network, then reads its answers, pastes the masks and makes their RLE (one
@@ -1074,7 +1130,7 @@ class FastMaskRCNN(Engine):
                                     row[5 * d:6 * d][keep].astype(np.int64), None, [] if want_masks else None)
             if len(keep):
                 by_size.setdefault(size, []).append((i, keep))
-        if want_masks and by_size:
+        if want_masks and by_size and not self._strings_from_graph(answers, results, by_size):
             assert answers.probs is not None
             flat = answers.probs.flatten(0, 1)
             side = self._paste_stream
@@ -1107,6 +1163,35 @@ class FastMaskRCNN(Engine):
                 for i, det in zip(idx, self._infer_dynamic([items[i] for i in idx], h, w, want_masks)):
                     results[i] = det
         return results  # type: ignore[return-value]
+
+    def _strings_from_graph(self, answers: _Answers, results: list[Detections | None],
+                            by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]]) -> bool:
+        """Each kept detection's string from those the graph made (graph_masks): the text is read back in
+        one copy, on the paste stream (the serving stream may hold the next batch's network). False where
+        there are none, or where the batch did not fit their capacities (then the caller pastes it)."""
+        if answers.rle_head is None or answers.rle_text is None:
+            return False
+        head = answers.rle_head.numpy()
+        if not fixed_rle.fits(head):
+            before, self.masks_over_capacity = self.masks_over_capacity, self.masks_over_capacity + 1
+            if before == 0 or before // 1000 != self.masks_over_capacity // 1000:
+                n = len(head) - fixed_rle.HEAD_EXTRA - 1
+                log.warning("%d batch(es) so far had masks with more changes than the graph holds (this one: "
+                            "%d changes, %d slots' tiles, for %d and %d); they are pasted after the graph, "
+                            "which is slower: raise ENGINE_OPTIONS mask_changes (now %g) if that is frequent",
+                            self.masks_over_capacity, head[n + 1], head[n + 2], head[n + 3], head[n + 4],
+                            self.mask_changes)
+            return False
+        n = len(head) - fixed_rle.HEAD_EXTRA - 1
+        side = self._paste_stream
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            text = answers.rle_text[:int(head[n])].cpu().numpy()
+        strings = RleText(text, head[:n + 1].tolist())
+        d = answers.detections
+        for picked in by_size.values():
+            for i, keep in picked:
+                results[i].rle = strings.take(keep + i * d)  # type: ignore[union-attr]
+        return True
 
     # -- the dynamic path: op by op, torchvision's shapes ---------------------------------------
     def _infer_dynamic(self, items: list[EngineInput], h: int, w: int, want_masks: bool) -> list[Detections]:

@@ -135,20 +135,23 @@ if triton is not None:
         value = a * (sy * ex) + b * (sy * wx) + c * (ny * ex) + d * (ny * wx)
         return inside & (value >= threshold)
 
-    # One compilation for all sizes and detection counts: the fields sit after the n int64 offsets, so
-    # their pointer's 16-byte alignment follows n's parity (specialization.py).
-    @triton.jit(do_not_specialize=["fields_ptr", "floats_ptr", "n", "height", "width", "step"])
-    def _paste_kernel(masks_ptr, offsets_ptr, fields_ptr, floats_ptr, out_ptr, n, height, width, threshold, step,
-                      M: tl.constexpr, BLOCK: tl.constexpr, D2: tl.constexpr):
-        t = tl.program_id(0)
-        # The tile's instance: the last i with first_tile[i] <= t (binary search; step is the largest
-        # power of two <= n, and first_tile is nondecreasing, first_tile[0] = 0).
+    @triton.jit
+    def _tile_instance(fields_ptr, n, t, step):
+        """The instance whose slots tile t covers: the last i with first_tile[i] <= t (a binary search;
+        step is the largest power of two <= n, and first_tile, fields row 6, is nondecreasing from 0)."""
         i = 0
         while step > 0:
             cand = i + step
             go = (cand < n) & (tl.load(fields_ptr + 6 * n + tl.minimum(cand, n - 1)) <= t)
             i = tl.where(go, cand, i)
             step = step // 2
+        return i
+
+    @triton.jit
+    def _tile_changes(masks_ptr, fields_ptr, floats_ptr, n, i, t, height, width, threshold,
+                      M: tl.constexpr, BLOCK: tl.constexpr, D2: tl.constexpr):
+        """Tile t of instance i: its slots' indices within the instance (e), which of them exist
+        (valid), their column and row, and whether the pasted mask changes value there (change)."""
         x0 = tl.load(fields_ptr + 0 * n + i)
         y0 = tl.load(fields_ptr + 1 * n + i)
         h = tl.load(fields_ptr + 2 * n + i)
@@ -156,7 +159,6 @@ if triton is not None:
         need_h = tl.load(fields_ptr + 4 * n + i)
         need_w = tl.load(fields_ptr + 5 * n + i)
         first_tile = tl.load(fields_ptr + 6 * n + i)
-        offset = tl.load(offsets_ptr + i)  # int64, as the out pointer's arithmetic
         slots = need_h + 1
         e = (t - first_tile) * BLOCK + tl.arange(0, BLOCK)  # the tile's slots, within the instance
         valid = e < need_w * slots
@@ -190,7 +192,19 @@ if triton is not None:
             lx0 = 1.0 - lx1
             now = _pasted(base, row, need_h, y0, height, scale_y, ix0, ix1, lx0, lx1, ok, threshold, M)
             above = _pasted(base, row - 1, need_h, y0, height, scale_y, ix0, ix1, lx0, lx1, ok, threshold, M)
-        tl.store(out_ptr + offset + e, (now != above).to(tl.uint8), mask=valid)
+        return e, valid, col, row, valid & (now != above)
+
+    # One compilation for all sizes and detection counts: the fields sit after the n int64 offsets, so
+    # their pointer's 16-byte alignment follows n's parity (specialization.py).
+    @triton.jit(do_not_specialize=["fields_ptr", "floats_ptr", "n", "height", "width", "step"])
+    def _paste_kernel(masks_ptr, offsets_ptr, fields_ptr, floats_ptr, out_ptr, n, height, width, threshold, step,
+                      M: tl.constexpr, BLOCK: tl.constexpr, D2: tl.constexpr):
+        t = tl.program_id(0)
+        i = _tile_instance(fields_ptr, n, t, step)
+        offset = tl.load(offsets_ptr + i)  # int64, as the out pointer's arithmetic
+        e, valid, _, _, change = _tile_changes(masks_ptr, fields_ptr, floats_ptr, n, i, t, height, width,
+                                               threshold, M, BLOCK, D2)
+        tl.store(out_ptr + offset + e, change.to(tl.uint8), mask=valid)
 
     @triton.jit(do_not_specialize=["fields_ptr", "k", "n", "height", "step"])
     def _position_kernel(hits_ptr, offsets_ptr, fields_ptr, inst_ptr, pos_ptr, k, n, height, step,
