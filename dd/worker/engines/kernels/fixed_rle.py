@@ -318,6 +318,6 @@ def encode(masks: torch.Tensor, boxes: torch.Tensor, valid: torch.Tensor, height
                                text.numel(), BLOCK=RUN_BLOCK, PROGRAMS=programs, num_warps=NUM_WARPS)
     head[n + 1:n + 2].copy_(change_total)
     head[n + 2:n + 3].copy_(tile_total)
-    head[n + 3] = changes  # constants: a fill in the graph
-    head[n + 4] = tiles
+    head[n + 3:n + 4].fill_(changes)  # constants: fills in the graph
+    head[n + 4:n + 5].fill_(tiles)
     return head, text
