@@ -94,6 +94,10 @@ def main() -> int:
                                      args.device)
         print(f"{label}: loaded in {time.perf_counter() - t0:.1f} s", flush=True)
         assert engines[label]._graph_cache.wait_idle(300)  # no background capture beside the other engine
+        if args.device.startswith("cuda"):
+            import torch
+            print(f"{label}: GPU memory reserved by this process after its load {torch.cuda.memory_reserved() / 2**30:.2f}"
+                  " GiB", flush=True)
     items = {}
     for label, engine in engines.items():  # a mapping each: one mapping is page-locked once per process
         mm = mmap.mmap(-1, h * w * 3 + h * (1 + 2 * w) + h * w * 2)

@@ -71,7 +71,7 @@ FAST_OPTIONS: dict[str, Option] = {
                                        "(with cuda_graphs)"),
     "graph_masks": Option(bool, True, "paste the masks and make their RLE inside the network's CUDA graph (with "
                                       "cuda_graphs and fixed_shapes)"),
-    "mask_changes": Option(float, 0.5, "with graph_masks: the changes of value along the masks' columns one image "
+    "mask_changes": Option(float, 0.75, "with graph_masks: the changes of value along the masks' columns one image "
                                        "may have, per pixel of its canvas; a batch with more is pasted after "
                                        "the graph"),
     "pin_memory": Option(bool, True, "page-locked input copies"),
