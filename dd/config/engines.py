@@ -71,6 +71,9 @@ FAST_OPTIONS: dict[str, Option] = {
                                        "(with cuda_graphs)"),
     "graph_masks": Option(bool, True, "paste the masks and make their RLE inside the network's CUDA graph (with "
                                       "cuda_graphs and fixed_shapes)"),
+    "graph_masks_max_bucket": Option(int, 4, "with graph_masks: the largest batch bucket whose graph pastes the masks "
+                                             "(larger batches paste them after the graph, beside the next batch's "
+                                             "network)"),
     "mask_changes": Option(float, 0.75, "with graph_masks: the changes of value along the masks' columns one image "
                                        "may have, per pixel of its canvas; a batch with more is pasted after "
                                        "the graph"),

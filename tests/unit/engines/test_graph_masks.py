@@ -152,8 +152,9 @@ def test_graph_masks_give_the_answers_of_the_paste_after_the_graph(request: pyte
 
     cfg = load_model_config(DEMO, name="demo-rgbd")
     engines = _engines(cfg, {"warmup_sizes": [[480, 640]], "max_canvases_at_load": True},
-                       {"plain": {"graph_masks": False}, "graph": {}, "small": {"mask_changes": 1e-4}}, request)
-    plain, graphed, small = engines["plain"], engines["graph"], engines["small"]
+                       {"plain": {"graph_masks": False}, "graph": {}, "small": {"mask_changes": 1e-4},
+                        "upto2": {"graph_masks_max_bucket": 2}}, request)
+    plain, graphed, small, upto2 = engines["plain"], engines["graph"], engines["small"], engines["upto2"]
     assert graphed.graph_masks and not plain.graph_masks
     scenes = [generate_scene(7100 + k, 640, 480) for k in range(4)] + [generate_scene(7200, 600, 400)]
     items = [EngineInput(s.color, s.depth, cfg.score_threshold) for s in scenes]
@@ -164,12 +165,15 @@ def test_graph_masks_give_the_answers_of_the_paste_after_the_graph(request: pyte
     _count_graph_strings(graphed, took)
     over: list[bool] = []
     _count_graph_strings(small, over)
+    mixed: list[bool] = []
+    _count_graph_strings(upto2, mixed)
     with caplog.at_level(logging.WARNING):
         for what, batch in cases:
             want = plain.infer(batch)
             assert sum(len(d.scores) for d in want) > 0, what
             _same(want, graphed.infer(batch), what)
             _same(want, small.infer(batch), f"{what}, over the capacity")
+            _same(want, upto2.infer(batch), f"{what}, graph masks up to bucket 2")
             # The pipelined worker's way: the next batch started before this one is finished.
             first, second = graphed.start(batch), graphed.start(items[:1])
             _same(want, first(), f"{what}, started before the next")
@@ -177,6 +181,8 @@ def test_graph_masks_give_the_answers_of_the_paste_after_the_graph(request: pyte
     assert took and all(took), "every batch took its strings from the graph"
     assert not any(over) and small.masks_over_capacity == len(over)
     assert graphed.masks_over_capacity == 0
+    # Batches of 3 and 4 images run in the bucket of 4: their masks pasted after its graph, the others' in theirs.
+    assert mixed == [len(batch) <= 2 for _, batch in cases] and upto2.masks_over_capacity == 0
     assert any("raise ENGINE_OPTIONS mask_changes" in r.getMessage() for r in caplog.records)
 
 

@@ -81,7 +81,8 @@ fuse_conv_relu (true; ReLUs, residual adds and biases in cuDNN's convolutions,
 GPU only, needs fold_batchnorm), triton_fpn (true; GPU only), triton_nms (true;
 GPU only), triton_roi_align (true; GPU only), class_mask_head (true),
 input_graphs (true; GPU only, with cuda_graphs and fixed_shapes),
-graph_masks (true; GPU only, with fixed_shapes), mask_changes (0.75),
+graph_masks (true; GPU only, with fixed_shapes), graph_masks_max_bucket (4),
+mask_changes (0.75),
 pre_nms_topk (1024 with fixed shapes, 4096 without), batch_buckets ([1, 2, 4,
 8, ...] up to MAX_BATCH_SIZE), buckets_at_load (all; the others captured in
 the background), warmup_sizes ([[H, W], ...] input sizes whose canvases are
@@ -312,6 +313,9 @@ class FastMaskRCNN(Engine):
         # slots (the boxes' areas) for 32 canvases. A batch that needs more is pasted after the graph.
         self.graph_masks = cuda and self.fixed and bool(opts.get("graph_masks", True)) and _GRAPH_MASKS.on
         self.mask_changes = float(opts.get("mask_changes", 0.75))
+        # Only up to this batch bucket: a larger batch's host work after the graph is shared by its images and
+        # overlaps the next batch's network, which the masks' GPU work inside the graph would delay instead.
+        self.graph_masks_max_bucket = int(opts.get("graph_masks_max_bucket", 4))
         if not self.mask_changes > 0:
             raise ValueError(f"ENGINE_OPTIONS mask_changes must be positive, not {self.mask_changes}")
         self._programs = 4 * torch.cuda.get_device_properties(self.dev).multi_processor_count if cuda else 4
@@ -781,7 +785,7 @@ class FastMaskRCNN(Engine):
         summary = torch.cat([boxes.flatten(1), det["scores"], det["labels"].float(), valid.float(),
                              exact.float()[:, None]], 1)
         out = {"summary": summary, "probs": probs}
-        if self.graph_masks:
+        if self.graph_masks and n <= self.graph_masks_max_bucket:
             strings = self._encode_masks(probs, boxes, valid, sizes, canvas)
             if strings is not None:
                 out["rle_head"], out["rle_text"] = strings
