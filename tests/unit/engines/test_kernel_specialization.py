@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton")
 from dd.worker.engines.kernels import specialization  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
-MODULES = ("roi_align", "suppression", "paste", "rle", "channels_last")
+MODULES = ("roi_align", "suppression", "paste", "rle", "channels_last", "fixed_rle")
 
 
 def kernels() -> dict[str, object]:
@@ -68,7 +68,7 @@ from triton.backends.compiler import BaseBackend
 from triton.runtime.jit import native_specialize_impl
 
 from dd.worker.engines import masks
-from dd.worker.engines.kernels import channels_last, paste, rle, roi_align, suppression
+from dd.worker.engines.kernels import channels_last, fixed_rle, paste, rle, roi_align, suppression
 from dd.worker.engines.kernels.specialization import not_specialized
 
 keys = {}
@@ -95,7 +95,9 @@ for module, attr in [(roi_align, "_roi_align_kernel"), (suppression, "_suppressi
                      (paste, "_paste_kernel"), (paste, "_position_kernel"), (rle, "_mark_kernel"),
                      (rle, "_compact_kernel"), (rle, "_run_kernel"), (rle, "_write_kernel"),
                      (channels_last, "_bias_add_kernel"), (channels_last, "_upsample_add_kernel"),
-                     (channels_last, "_max_pool_kernel")]:
+                     (channels_last, "_max_pool_kernel")] + [
+        (fixed_rle, k) for k in ("_count_kernel", "_emit_kernel", "_mark_kernel", "_compact_kernel", "_run_kernel",
+                                 "_write_kernel")]:
     Recorder(module, attr)
 
 g = torch.Generator().manual_seed(0)
@@ -135,6 +137,11 @@ for CASE in CASES:
         probs = torch.rand(D, 28, 28, generator=g)
         inst, pos = masks.paste_transitions(probs, dets, H, W, 0.5, kernel=True, rule=rule)
         rle.strings(inst, pos, D, H, W, presorted=True)
+        # The same inside a graph: B images' D slots each, capacities from the canvas as the engine's.
+        n = B * D
+        fixed_rle.encode(torch.rand(n, 28, 28, generator=g), torch.from_numpy(np.tile(dets, (B, 1))),
+                         torch.ones(n, dtype=torch.bool), torch.full((n,), float(H)), torch.full((n,), float(W)),
+                         0.5, B * int(0.75 * H * W), B * max(32 * H * W // 1024, 1), rule=rule, programs=4)
 
 print(json.dumps(keys))
 """

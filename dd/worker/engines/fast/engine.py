@@ -50,13 +50,16 @@ full-image tensor, which pycocotools then scans pixel by pixel. Here:
   (kernels/roi_align.py); the box head under fp16 autocast; the mask head
   computes only each detection's own class, biases and ReLUs fused
   (mask_head.py);
-- masks are pasted and encoded as COCO RLE strings for every detection of
-  the batch inside the same graph (kernels/fixed_rle.py: the sizes live on
-  the device, the buffers have capacities from the canvas, ENGINE_OPTIONS
-  mask_changes), so the host reads back the strings' bounds and characters
-  and nothing else; a batch over those capacities (or with graph_masks
-  off) has its kept detections' masks pasted after the graph (one ragged
-  Triton kernel, kernels/paste.py, and kernels/rle.py, through masks.py).
+- in a batch of up to graph_masks_max_bucket images, masks are pasted and
+  encoded as COCO RLE strings for every detection slot inside the same
+  graph (kernels/fixed_rle.py: the sizes live on the device, the buffers
+  have capacities from the canvas, ENGINE_OPTIONS mask_changes), so the host
+  reads back the strings' bounds and characters and nothing else; a larger
+  batch (whose paste then overlaps the next batch's network), one over
+  those capacities, or any with graph_masks off has its kept detections'
+  masks pasted after the graph (one ragged Triton kernel, kernels/paste.py,
+  and kernels/rle.py, through masks.py), only the strings' characters
+  coming back.
 
 An image whose NMS did not settle within the graph's iterations, or whose
 class-wise NMS would have needed more than the top-k candidates, is redone on
@@ -195,7 +198,8 @@ class _Answers:
     detections: int  # d: detections per image
     ready: "torch.cuda.Event | None"
     # With graph_masks: the strings the graph made for every detection slot of the bucket (fixed_rle.encode's
-    # head, on its way to page-locked memory, and its text, copied on the device), and its capacities.
+    # head, with the capacities and what the batch needed, on its way to page-locked memory, and its text,
+    # copied on the device).
     rle_head: torch.Tensor | None = None
     rle_text: torch.Tensor | None = None
 

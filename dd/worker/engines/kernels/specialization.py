@@ -31,6 +31,13 @@ COUNT = "follows the number of boxes or detections"
 _LOOP = "a loop or mask bound, no vectorised access"
 _LEVEL_SIZE = f"{SIZE} (a level's height or width); {_LOOP}: only clamps sample indices and masks samples"
 
+# fixed_rle's kernels run inside a graph per batch bucket and canvas; their sizes are capacities and
+# detection slots, fixed per graph but different between graphs, and the device's own counts.
+_CAP = f"{BATCH} and {SIZE} (a capacity of the graph's bucket and canvas); a loop or mask bound"
+_SLOTS = f"{BATCH} (the bucket's detection slots); the fields' row length, a bound, scalar loads"
+_STEP = f"{BATCH} (the largest power of two <= the slots); a loop counter"
+_TOTAL_VIEW = "the last element of a cumsum over the slots: its alignment follows their parity; one scalar load"
+
 # kernel ("module:function" under dd.worker.engines.kernels) -> argument -> why it is not specialized
 NOT_SPECIALIZED: dict[str, dict[str, str]] = {
     "roi_align:_roi_align_kernel": {
@@ -74,6 +81,15 @@ NOT_SPECIALIZED: dict[str, dict[str, str]] = {
         "count": f"{COUNT}; a bound",
         "text_at": f"{COUNT} (8 * (instances + 1)); the text's byte offset, byte stores",
     },
+    **{f"fixed_rle:{k}": args for k, args in {
+        "_count_kernel": {"tiles_ptr": _TOTAL_VIEW, "n": _SLOTS, "tiles_cap": _CAP, "step": _STEP},
+        "_emit_kernel": {"tiles_ptr": _TOTAL_VIEW, "n": _SLOTS, "tiles_cap": _CAP, "changes_cap": _CAP,
+                         "step": _STEP},
+        "_mark_kernel": {"changes_cap": _CAP, "n": _SLOTS},
+        "_compact_kernel": {"changes_cap": _CAP, "count": _SLOTS, "step": _CAP},
+        "_run_kernel": {"changes_cap": _CAP, "count": _SLOTS, "n": _SLOTS, "step": _STEP},
+        "_write_kernel": {"changes_cap": _CAP, "count": _SLOTS, "text_cap": _CAP},
+    }.items()},
     "channels_last:_bias_add_kernel": {
         "rows": f"{SIZE} and {BATCH} (N * H * W); masks pixel rows, while the vectorised axis is C",
     },
@@ -93,6 +109,9 @@ _FRESH = "a freshly allocated tensor (torch's allocators align to at least 64 by
 _CL_STRIDE = ("channels-last levels (the engine's): a multiple of C (256), so divisible by 16 at every size, "
               "and that divisibility is what lets a program's channel loads vectorise; contiguous (NCHW) "
               "levels would compile one variant per divisibility of H, W and H * W")
+
+_SAME = "the fields' float32 view: the same fresh buffer"
+_FLOAT = "a float: Triton never specializes floats"
 
 # kernel -> argument -> why it stays specialized (pointers: on 16-byte alignment; integers: on == 1, % 16)
 SPECIALIZED: dict[str, dict[str, str]] = {
@@ -128,6 +147,17 @@ SPECIALIZED: dict[str, dict[str, str]] = {
     "rle:_run_kernel": {"kept_ptr": _FRESH, "run_start_ptr": _FRESH, "value_ptr": _FRESH, "chars_ptr": _FRESH},
     "rle:_write_kernel": {"value_ptr": _FRESH, "chars_ptr": _FRESH, "ends_ptr": _FRESH, "run_start_ptr": _FRESH,
                           "text_ptr": _FRESH, "bounds_ptr": "the start of the same buffer as text_ptr"},
+    **{f"fixed_rle:{k}": {arg: _FRESH for arg in args} | extra for k, args, extra in (
+        ("_count_kernel", ("masks_ptr", "fields_ptr", "counts_ptr"), {"floats_ptr": _SAME, "threshold": _FLOAT}),
+        ("_emit_kernel", ("masks_ptr", "fields_ptr", "ends_ptr", "inst_ptr", "pos_ptr"),
+         {"floats_ptr": _SAME, "threshold": _FLOAT}),
+        ("_mark_kernel", ("inst_ptr", "pos_ptr", "fields_ptr", "count_ptr", "keep_ptr"), {}),
+        ("_compact_kernel", ("inst_ptr", "pos_ptr", "keep_ptr", "rank_ptr", "count_ptr", "kept_ptr",
+                             "run_start_ptr"), {}),
+        ("_run_kernel", ("kept_ptr", "run_start_ptr", "fields_ptr", "count_ptr", "value_ptr", "chars_ptr"), {}),
+        ("_write_kernel", ("value_ptr", "chars_ptr", "ends_ptr", "run_start_ptr", "count_ptr", "text_ptr",
+                           "bounds_ptr"), {}),
+    )},
     "channels_last:_bias_add_kernel": {
         "x_ptr": f"{_FRESH} (a convolution's output)", "b_ptr": "a parameter: aligned",
         "C": "the layer's channel count: fixed for a model; % 16 lets the channel accesses vectorise",
