@@ -96,8 +96,9 @@ def main() -> int:
         assert engines[label]._graph_cache.wait_idle(300)  # no background capture beside the other engine
         if args.device.startswith("cuda"):
             import torch
-            print(f"{label}: GPU memory reserved by this process after its load {torch.cuda.memory_reserved() / 2**30:.2f}"
-                  " GiB", flush=True)
+            reserved = torch.cuda.memory_reserved() / 2**30
+            print(f"{label}: GPU memory reserved by this process once this engine is loaded too: {reserved:.2f} GiB",
+                  flush=True)
     items = {}
     for label, engine in engines.items():  # a mapping each: one mapping is page-locked once per process
         mm = mmap.mmap(-1, h * w * 3 + h * (1 + 2 * w) + h * w * 2)
