@@ -3,7 +3,9 @@
 On the CPU, in Triton's interpreter: for a batch of images of different sizes, every detection slot's
 string is the one masks.paste_and_encode gives for that image (torchvision's and detectron2's paste rules,
 boxes across the edges, an empty and a speckled mask), a slot that is not valid gets an empty mask's
-string, and a batch over a capacity is reported as such. On a GPU (gpu marker): the engine with
+string, and a batch over a capacity is reported as such. The engine's host side, on the CPU: each image
+takes its kept slots' strings, and a batch over a capacity (changes, tiles, or the text's) is counted,
+warned about and left to the paste after the graph. On a GPU (gpu marker): the engine with
 graph_masks gives exactly the answers it gives without, takes the strings from the graph, and pastes a
 batch over the capacities after the graph instead, with a warning.
 """
@@ -110,6 +112,62 @@ def test_taking_strings_views_consecutive_ones_and_copies_others() -> None:
     assert list(view) == [b"bbb", b"c"] and view.views()[0].obj is strings.views()[0].obj
     assert list(strings.take(np.array([0, 3]))) == [b"aa", b"dddd"]
     assert list(strings.take(np.array([], np.int64))) == []
+
+
+def _graph_answers(strings: list[list[bytes]], needed: tuple[int, int], capacity: tuple[int, int]):
+    """An _Answers as a graph leaves it: every slot's string in one text, the head with the bounds, what the
+    batch needed and the capacities (fixed_rle.encode's layout)."""
+    from dd.worker.engines.fast.engine import _Answers
+    from dd.worker.engines.kernels import fixed_rle
+
+    flat = [x for image in strings for x in image]
+    bounds = np.concatenate([[0], np.cumsum([len(x) for x in flat])])
+    head = np.concatenate([bounds, needed, capacity]).astype(np.int64)
+    assert len(head) == len(flat) + 1 + fixed_rle.HEAD_EXTRA
+    text = torch.from_numpy(np.frombuffer(b"".join(flat) + b"\0" * 16, np.uint8).copy())
+    return _Answers(torch.zeros(len(strings), 1), None, len(strings[0]), None, torch.from_numpy(head), text)
+
+
+def test_each_image_takes_its_kept_slots_strings_and_a_batch_over_capacity_is_pasted_after(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The engine's side of graph_masks on the host (the GPU tests run all of it): each image's kept
+    detections take their slots' strings; a batch that did not fit is counted, warned about, and left to
+    the paste after the graph."""
+    from types import SimpleNamespace
+
+    from dd.worker.engines.base import Detections
+    from dd.worker.engines.fast.engine import FastMaskRCNN
+
+    engine = SimpleNamespace(_paste_stream=None, masks_over_capacity=0, mask_changes=0.75)
+    strings = [[b"a0", b"a11", b"a222"], [b"b0", b"b11", b"b222"]]
+    results = [Detections(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), None, []) for _ in range(2)]
+    by_size = {(40, 50): [(0, np.array([0, 1, 2]))], (30, 20): [(1, np.array([0, 2]))]}
+    took = FastMaskRCNN._strings_from_graph(engine, _graph_answers(strings, (90, 9), (100, 10)), results, by_size)
+    assert took and list(results[0].rle) == strings[0] and list(results[1].rle) == [b"b0", b"b222"]
+    assert isinstance(results[0].rle, RleText) and engine.masks_over_capacity == 0
+    for needed in ((101, 9), (90, 11)):  # more changes, more tiles than the graph holds
+        with caplog.at_level(logging.WARNING):
+            assert not FastMaskRCNN._strings_from_graph(engine, _graph_answers(strings, needed, (100, 10)), results,
+                                                        by_size)
+    assert engine.masks_over_capacity == 2
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "1 batch(es) so far" in warning and "raise ENGINE_OPTIONS mask_changes (now 0.75)" in warning
+    assert FastMaskRCNN._strings_from_graph(engine, _graph_answers(strings, (100, 10), (100, 10)), results, by_size)
+    # The text's own capacity: 3 bytes per change and 7 per slot (fixed_rle.text_capacity).
+    long = [[b"x" * 40] * 3, [b"y" * 40] * 3]
+    assert not FastMaskRCNN._strings_from_graph(engine, _graph_answers(long, (10, 1), (20, 10)), results, by_size)
+    assert engine.masks_over_capacity == 3
+
+
+def test_a_non_positive_mask_changes_is_refused_at_load() -> None:
+    from dd.config import load_model_config
+    from dd.worker.engines.fast.engine import FastMaskRCNN
+
+    cfg = load_model_config(DEMO, name="demo-rgbd")
+    engine = FastMaskRCNN(dataclasses.replace(cfg, engine="fast", engine_options={"allow_cpu": True,
+                                                                                  "mask_changes": 0}), "cpu")
+    with pytest.raises(ValueError, match="mask_changes must be positive"):
+        engine.load()
 
 
 def _same(want, got, what: str) -> None:
