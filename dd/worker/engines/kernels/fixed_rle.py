@@ -22,11 +22,11 @@ For N instances (a batch's detection slots, valid or not) with their images' own
      on the device and each instance's own image size: _mark_kernel, cumsum, _compact_kernel,
      _run_kernel, cumsum, _write_kernel.
 
-Capacities: `changes` (all instances' changes together) and `tiles`; what the batch needed is returned
-beside the bounds, so the caller sees when it did not fit (then the strings are not complete, and it
-pastes that batch the other way). The strings are pycocotools' exactly (tests/unit/engines/
-test_graph_masks.py compares them with masks.paste_and_encode in Triton's interpreter, and on a GPU the
-engine's answers with and without them).
+Capacities: `changes` (all instances' changes together), `tiles`, and the text's bytes from the changes
+(text_capacity); what the batch needed is returned beside the bounds, so the caller sees when it did not
+fit (then the strings are not complete, and it pastes that batch the other way). The strings are
+pycocotools' exactly (tests/unit/engines/test_graph_masks.py compares them with masks.paste_and_encode in
+Triton's interpreter, and on a GPU the engine's answers with and without them).
 """
 
 from __future__ import annotations
