@@ -69,8 +69,8 @@ FAST_OPTIONS: dict[str, Option] = {
     "cuda_graphs": Option(bool, True, "replay one CUDA graph per canvas and batch bucket"),
     "input_graphs": Option(bool, True, "prepare a batch of one input size and depth kind with one CUDA graph "
                                        "(with cuda_graphs)"),
-    "graph_masks": Option(bool, True, "paste the masks and make their RLE inside the network's CUDA graph (with "
-                                      "cuda_graphs and fixed_shapes)"),
+    "graph_masks": Option(bool, True, "paste the masks and make their RLE inside the network's CUDA graph (GPU "
+                                      "only, with fixed_shapes)"),
     "graph_masks_max_bucket": Option(int, 4, "with graph_masks: the largest batch bucket whose graph pastes the masks "
                                              "(larger batches paste them after the graph, beside the next batch's "
                                              "network)"),
