@@ -85,6 +85,17 @@ for rule in ("torchvision", "detectron2"):
         assert all(strings[k * d + i] == empty for i in np.flatnonzero(~valid[own].numpy())), (rule, k)
     print(rule, "ok")
 
+# One instance (the binary searches' shortest), on images one pixel high or wide.
+for h, w in ((1, 5), (7, 1)):
+    for rule in ("torchvision", "detectron2"):
+        one = torch.rand(1, 14, 14, generator=g)
+        box = torch.tensor([[0.4, 0.2, min(w, 3.0), min(h, 2.0)]])
+        head, text = fixed_rle.encode(one, box, torch.ones(1, dtype=torch.bool), torch.tensor([float(h)]),
+                                      torch.tensor([float(w)]), 0.5, 100, 10, rule=rule, programs=2)
+        head = head.numpy()
+        assert fixed_rle.fits(head)
+        assert [bytes(text[:head[1]].numpy())] == list(paste_and_encode(one, box.numpy(), h, w, 0.5, rule=rule))
+
 # Over a capacity: reported, whichever it is.
 for changes, tiles in ((50, 2000), (20000, 3)):
     head, _ = fixed_rle.encode(masks, boxes, valid, heights, widths, 0.5, changes=changes, tiles=tiles, programs=2)
