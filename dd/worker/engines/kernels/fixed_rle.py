@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from dd.worker.engines.kernels import paste as paste_kernel
+from dd.worker.engines.kernels import rle as rle_kernel
 
 try:
     import triton
@@ -52,6 +53,26 @@ HEAD_EXTRA = 4  # the head's values after the bounds: changes and tiles needed, 
 if triton is not None:
     _tile_instance = paste_kernel._tile_instance
     _tile_changes = paste_kernel._tile_changes
+    _marks, _run_starts, _run_instance = rle_kernel._marks, rle_kernel._run_starts, rle_kernel._run_instance
+    _run_value, _write_run, _bounds = rle_kernel._run_value, rle_kernel._write_run, rle_kernel._bounds
+
+    @triton.jit
+    def _tile(masks_ptr, fields_ptr, floats_ptr, n, t, threshold, step,
+              M: tl.constexpr, BLOCK: tl.constexpr, D2: tl.constexpr):
+        """Tile t: its instance, that instance's image height, the slots' columns and rows, and where the
+        pasted mask changes value (paste._tile_changes at the instance's own image size)."""
+        i = _tile_instance(fields_ptr, n, t, step)
+        height = tl.load(fields_ptr + 11 * n + i)
+        width = tl.load(fields_ptr + 12 * n + i)
+        _, _, col, row, change = _tile_changes(masks_ptr, fields_ptr, floats_ptr, n, i, t, height, width,
+                                               threshold, M, BLOCK, D2)
+        return i, height, col, row, change
+
+    @triton.jit
+    def _total(fields_ptr, n, i, ok):
+        """Instance i's image height * width (int64), where its last run ends."""
+        return (tl.load(fields_ptr + 11 * n + i, mask=ok, other=0).to(tl.int64)
+                * tl.load(fields_ptr + 12 * n + i, mask=ok, other=0))
 
     @triton.jit(do_not_specialize=["tiles_ptr", "n", "tiles_cap", "step"])
     def _count_kernel(masks_ptr, fields_ptr, floats_ptr, tiles_ptr, counts_ptr, n, tiles_cap, threshold, step,
@@ -59,11 +80,7 @@ if triton is not None:
         """counts[t]: the changes in tile t, for every tile the plan counted (within the capacity)."""
         tiles = tl.minimum(tl.load(tiles_ptr), tiles_cap).to(tl.int32)
         for t in range(tl.program_id(0), tiles, PROGRAMS):
-            i = _tile_instance(fields_ptr, n, t, step)
-            height = tl.load(fields_ptr + 11 * n + i)
-            width = tl.load(fields_ptr + 12 * n + i)
-            _, _, _, _, change = _tile_changes(masks_ptr, fields_ptr, floats_ptr, n, i, t, height, width,
-                                               threshold, M, BLOCK, D2)
+            _, _, _, _, change = _tile(masks_ptr, fields_ptr, floats_ptr, n, t, threshold, step, M, BLOCK, D2)
             tl.store(counts_ptr + t, tl.sum(change.to(tl.int32), 0))
 
     @triton.jit(do_not_specialize=["tiles_ptr", "n", "tiles_cap", "changes_cap", "step"])
@@ -74,11 +91,8 @@ if triton is not None:
         of the counts) in tile order: by instance, then column-major position."""
         tiles = tl.minimum(tl.load(tiles_ptr), tiles_cap).to(tl.int32)
         for t in range(tl.program_id(0), tiles, PROGRAMS):
-            i = _tile_instance(fields_ptr, n, t, step)
-            height = tl.load(fields_ptr + 11 * n + i)
-            width = tl.load(fields_ptr + 12 * n + i)
-            _, _, col, row, change = _tile_changes(masks_ptr, fields_ptr, floats_ptr, n, i, t, height, width,
-                                                   threshold, M, BLOCK, D2)
+            i, height, col, row, change = _tile(masks_ptr, fields_ptr, floats_ptr, n, t, threshold, step, M,
+                                                BLOCK, D2)
             c = change.to(tl.int32)
             local = tl.cumsum(c, 0)  # inclusive: this change's rank within the tile
             at = tl.load(ends_ptr + t).to(tl.int64) - tl.sum(c, 0) + local - 1
@@ -88,28 +102,19 @@ if triton is not None:
             tl.store(inst_ptr + at, tl.zeros_like(c) + i, mask=ok)
             tl.store(pos_ptr + at, x * height + y, mask=ok)
 
+    # The RLE: rle.py's steps (its arithmetic, shared), with the changes' count read on the device, persistent
+    # programs, and each instance's own image size.
     @triton.jit(do_not_specialize=["changes_cap", "n"])
     def _mark_kernel(inst_ptr, pos_ptr, fields_ptr, count_ptr, keep_ptr, changes_cap, n,
                      BLOCK: tl.constexpr, PROGRAMS: tl.constexpr):
-        """keep[j] = 1 where change j makes a mark (rle._mark_kernel), with each instance's own
-        height * width; the changes' number read on the device."""
+        """keep[j] = 1 where change j makes a mark (rle._mark_kernel)."""
         t = tl.minimum(tl.load(count_ptr), changes_cap).to(tl.int32)
         for b in range(tl.program_id(0), tl.cdiv(t, BLOCK), PROGRAMS):
             j = (b * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
             ok = j < t
             inst = tl.load(inst_ptr + j, mask=ok, other=0)
             pos = tl.load(pos_ptr + j, mask=ok, other=0)
-            has_prev = ok & (j > 0)
-            prev_inst = tl.load(inst_ptr + j - 1, mask=has_prev, other=0)
-            prev_pos = tl.load(pos_ptr + j - 1, mask=has_prev, other=0)
-            has_next = j + 1 < t
-            next_inst = tl.load(inst_ptr + j + 1, mask=has_next, other=0)
-            next_pos = tl.load(pos_ptr + j + 1, mask=has_next, other=0)
-            total = tl.load(fields_ptr + 11 * n + inst, mask=ok, other=0) * tl.load(fields_ptr + 12 * n + inst,
-                                                                                    mask=ok, other=0)
-            same_prev = has_prev & (prev_inst == inst) & (prev_pos == pos)
-            same_next = has_next & (next_inst == inst) & (next_pos == pos)
-            keep = ok & (pos < total) & (same_prev == 0) & (same_next == 0)
+            keep = _marks(inst_ptr, pos_ptr, j, ok, t, inst, pos, _total(fields_ptr, n, inst, ok))
             tl.store(keep_ptr + j, keep.to(tl.int8), mask=ok)
 
     @triton.jit(do_not_specialize=["changes_cap", "count", "step"])
@@ -127,50 +132,19 @@ if triton is not None:
         for b in range(tl.program_id(0), tl.cdiv(count + 1, BLOCK), PROGRAMS):
             i = (b * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)  # instances
             on = i <= count
-            p = tl.zeros([BLOCK], tl.int64)  # the number of changes of instances below i
-            s = step
-            while s > 0:
-                cand = p + s
-                inside = on & (cand <= t)
-                go = inside & (tl.load(inst_ptr + tl.minimum(cand, t) - 1, mask=inside, other=0) < i)
-                p = tl.where(go, cand, p)
-                s = s // 2
-            before = tl.load(rank_ptr + tl.maximum(p - 1, 0), mask=on & (p > 0), other=0)
-            tl.store(run_start_ptr + i, tl.where(p > 0, before, 0) + i, mask=on)
+            tl.store(run_start_ptr + i, _run_starts(inst_ptr, rank_ptr, i, on, t, step, BLOCK), mask=on)
 
     @triton.jit(do_not_specialize=["changes_cap", "count", "n", "step"])
     def _run_kernel(kept_ptr, run_start_ptr, fields_ptr, count_ptr, value_ptr, chars_ptr, changes_cap, count, n,
                     step, BLOCK: tl.constexpr, PROGRAMS: tl.constexpr):
-        """For every run slot, pycocotools' value and its number of characters (rle._run_kernel; each
-        instance's last run ends at its own image's height * width)."""
+        """For every run slot, pycocotools' value and its number of characters (rle._run_kernel)."""
         runs = tl.minimum(tl.load(count_ptr), changes_cap).to(tl.int32) + count
         for b in range(tl.program_id(0), tl.cdiv(runs, BLOCK), PROGRAMS):
             r = (b * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
             ok = r < runs
-            i = tl.zeros([BLOCK], tl.int64)
-            s = step
-            while s > 0:
-                cand = i + s
-                go = (cand <= count) & (tl.load(run_start_ptr + tl.minimum(cand, count)) <= r)
-                i = tl.where(go, cand, i)
-                s = s // 2
-            real = ok & (i < count)
-            first = tl.load(run_start_ptr + i, mask=ok, other=0)
-            after = tl.load(run_start_ptr + tl.minimum(i + 1, count), mask=real, other=0)
-            base = first - i
-            nk = after - first - 1
-            q = r - first
-            at = kept_ptr + base + q
-            total = (tl.load(fields_ptr + 11 * n + i, mask=real, other=0).to(tl.int64)
-                     * tl.load(fields_ptr + 12 * n + i, mask=real, other=0))
-            end = tl.where(q < nk, tl.load(at, mask=real & (q < nk), other=0).to(tl.int64), total)
-            begin = tl.load(at - 1, mask=real & (q > 0), other=0).to(tl.int64)
-            back = (tl.load(at - 2, mask=real & (q > 2), other=0).to(tl.int64)
-                    - tl.load(at - 3, mask=real & (q > 2), other=0))
-            x = tl.where(real, end - begin - back, 0)
-            y = tl.where(x < 0, -x - 1, x)
-            chars = (1 + (y >= 1 << 4).to(tl.int32) + (y >= 1 << 9).to(tl.int32) + (y >= 1 << 14).to(tl.int32)
-                     + (y >= 1 << 19).to(tl.int32) + (y >= 1 << 24).to(tl.int32) + (y >= 1 << 29).to(tl.int32))
+            i = _run_instance(run_start_ptr, r, count, step, BLOCK)
+            x, chars, real = _run_value(kept_ptr, run_start_ptr, r, ok, i, count,
+                                        _total(fields_ptr, n, i, ok & (i < count)))
             tl.store(value_ptr + r, x, mask=ok)
             tl.store(chars_ptr + r, tl.where(real, chars, 0).to(tl.int8), mask=ok)
 
@@ -186,16 +160,11 @@ if triton is not None:
             x = tl.load(value_ptr + r, mask=ok, other=0)
             nc = tl.load(chars_ptr + r, mask=ok, other=0).to(tl.int32)
             end = tl.load(ends_ptr + r, mask=ok, other=0).to(tl.int64)  # inclusive cumsum of the characters
-            out = text_ptr + end - nc
-            for g in tl.static_range(7):
-                group = ((x >> (5 * g)) & 0x1F) + tl.where(g < nc - 1, 0x20, 0) + 48
-                tl.store(out + g, group.to(tl.uint8), mask=ok & (g < nc) & (end - nc + g < text_cap))
+            _write_run(text_ptr + end - nc, x, nc, ok, text_cap - (end - nc))
         for b in range(tl.program_id(0), tl.cdiv(count + 1, BLOCK), PROGRAMS):
             i = (b * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
             on = i <= count
-            first = tl.load(run_start_ptr + i, mask=on, other=0)
-            start = tl.load(ends_ptr + tl.maximum(first - 1, 0), mask=on & (first > 0), other=0).to(tl.int64)
-            tl.store(bounds_ptr + i, tl.where(first > 0, start, 0), mask=on)
+            tl.store(bounds_ptr + i, _bounds(ends_ptr, run_start_ptr, i, on), mask=on)
 
 
 def available() -> bool:

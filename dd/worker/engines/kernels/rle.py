@@ -62,14 +62,11 @@ MAX_PIXELS = 1 << 32  # pycocotools' counts are uint32; the kernels' values fit 
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["t", "total"])
-    def _mark_kernel(inst_ptr, pos_ptr, keep_ptr, t, total, BLOCK: tl.constexpr):
-        """keep[j] = 1 where change j (sorted) makes a mark: below height * width, and neither of its
-        neighbours is the same (instance, position)."""
-        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        ok = j < t
-        inst = tl.load(inst_ptr + j, mask=ok, other=0)
-        pos = tl.load(pos_ptr + j, mask=ok, other=0)
+    # The steps' arithmetic, shared with fixed_rle.py's kernels (the same strings inside a CUDA graph).
+    @triton.jit
+    def _marks(inst_ptr, pos_ptr, j, ok, t, inst, pos, total):
+        """Which of the sorted changes j (inst, pos loaded; t of them) make a mark: below their image's
+        height * width (total), and neither neighbour is the same (instance, position)."""
         has_prev = ok & (j > 0)
         prev_inst = tl.load(inst_ptr + j - 1, mask=has_prev, other=0)
         prev_pos = tl.load(pos_ptr + j - 1, mask=has_prev, other=0)
@@ -78,7 +75,83 @@ if triton is not None:
         next_pos = tl.load(pos_ptr + j + 1, mask=has_next, other=0)
         same_prev = has_prev & (prev_inst == inst) & (prev_pos == pos)
         same_next = has_next & (next_inst == inst) & (next_pos == pos)
-        keep = ok & (pos < total) & (same_prev == 0) & (same_next == 0)
+        return ok & (pos < total) & (same_prev == 0) & (same_next == 0)
+
+    @triton.jit
+    def _run_starts(inst_ptr, rank_ptr, i, on, t, step, BLOCK: tl.constexpr):
+        """run_start[i] for instances i: the number of kept changes of instances below i, plus i (a binary
+        search over the t sorted instance ids; step: the largest power of two <= t, or 0)."""
+        p = tl.zeros([BLOCK], tl.int64)  # the number of changes of instances below i
+        s = step
+        while s > 0:
+            cand = p + s
+            inside = on & (cand <= t)
+            go = inside & (tl.load(inst_ptr + tl.minimum(cand, t) - 1, mask=inside, other=0) < i)
+            p = tl.where(go, cand, p)
+            s = s // 2
+        before = tl.load(rank_ptr + tl.maximum(p - 1, 0), mask=on & (p > 0), other=0)
+        return tl.where(p > 0, before, 0) + i
+
+    @triton.jit
+    def _run_instance(run_start_ptr, r, count, step, BLOCK: tl.constexpr):
+        """Run slot r's instance: the last i in [0, count] with run_start[i] <= r (step: the largest power of
+        two <= count; run_start[0] = 0); i == count for the slots past the last run."""
+        i = tl.zeros([BLOCK], tl.int64)
+        s = step
+        while s > 0:
+            cand = i + s
+            go = (cand <= count) & (tl.load(run_start_ptr + tl.minimum(cand, count)) <= r)
+            i = tl.where(go, cand, i)
+            s = s // 2
+        return i
+
+    @triton.jit
+    def _run_value(kept_ptr, run_start_ptr, r, ok, i, count, total):
+        """Run slot r of instance i (_run_instance): pycocotools' value x, its number of characters, and
+        whether the slot is a run; total: the instance's height * width, where its last run ends."""
+        real = ok & (i < count)
+        first = tl.load(run_start_ptr + i, mask=ok, other=0)
+        after = tl.load(run_start_ptr + tl.minimum(i + 1, count), mask=real, other=0)
+        base = first - i  # the instance's first kept change
+        n = after - first - 1  # its kept changes: runs 0 .. n - 1 end at them, run n at height * width
+        q = r - first  # the run's index in the instance's RLE
+        at = kept_ptr + base + q
+        end = tl.where(q < n, tl.load(at, mask=real & (q < n), other=0).to(tl.int64), total)
+        begin = tl.load(at - 1, mask=real & (q > 0), other=0).to(tl.int64)
+        # From the fourth run on, less the count of the run two before: it lies between kept changes
+        # q - 3 and q - 2 (q - 2 < n).
+        back = (tl.load(at - 2, mask=real & (q > 2), other=0).to(tl.int64)
+                - tl.load(at - 3, mask=real & (q > 2), other=0))
+        x = tl.where(real, end - begin - back, 0)
+        y = tl.where(x < 0, -x - 1, x)
+        chars = (1 + (y >= 1 << 4).to(tl.int32) + (y >= 1 << 9).to(tl.int32) + (y >= 1 << 14).to(tl.int32)
+                 + (y >= 1 << 19).to(tl.int32) + (y >= 1 << 24).to(tl.int32) + (y >= 1 << 29).to(tl.int32))
+        return x, chars, real
+
+    @triton.jit
+    def _write_run(out, x, n, ok, room):
+        """A run's n characters of value x at out (5-bit groups, low first, 48 + group, 0x20 on all but the
+        last), at most `room` of them (what fits in the text)."""
+        for g in tl.static_range(7):
+            group = ((x >> (5 * g)) & 0x1F) + tl.where(g < n - 1, 0x20, 0) + 48
+            tl.store(out + g, group.to(tl.uint8), mask=ok & (g < n) & (g < room))
+
+    @triton.jit
+    def _bounds(ends_ptr, run_start_ptr, i, on):
+        """Where instance i's string starts in the text (ends: inclusive cumsum of the runs' characters)."""
+        first = tl.load(run_start_ptr + i, mask=on, other=0)
+        start = tl.load(ends_ptr + tl.maximum(first - 1, 0), mask=on & (first > 0), other=0).to(tl.int64)
+        return tl.where(first > 0, start, 0)
+
+    @triton.jit(do_not_specialize=["t", "total"])
+    def _mark_kernel(inst_ptr, pos_ptr, keep_ptr, t, total, BLOCK: tl.constexpr):
+        """keep[j] = 1 where change j (sorted) makes a mark: below height * width, and neither of its
+        neighbours is the same (instance, position)."""
+        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = j < t
+        inst = tl.load(inst_ptr + j, mask=ok, other=0)
+        pos = tl.load(pos_ptr + j, mask=ok, other=0)
+        keep = _marks(inst_ptr, pos_ptr, j, ok, t, inst, pos, total)
         tl.store(keep_ptr + j, keep.to(tl.int8), mask=ok)
 
     @triton.jit(do_not_specialize=["t", "count", "step"])
@@ -95,17 +168,7 @@ if triton is not None:
         if pid.to(tl.int64) * BLOCK <= count:
             i = j  # this program's instances
             on = i <= count
-            # p = the number of changes of instances below i (step: the largest power of two <= t, or 0).
-            p = tl.zeros([BLOCK], tl.int64)
-            s = step
-            while s > 0:
-                cand = p + s
-                inside = on & (cand <= t)
-                go = inside & (tl.load(inst_ptr + tl.minimum(cand, t) - 1, mask=inside, other=0) < i)
-                p = tl.where(go, cand, p)
-                s = s // 2
-            before = tl.load(rank_ptr + tl.maximum(p - 1, 0), mask=on & (p > 0), other=0)
-            tl.store(run_start_ptr + i, tl.where(p > 0, before, 0) + i, mask=on)
+            tl.store(run_start_ptr + i, _run_starts(inst_ptr, rank_ptr, i, on, t, step, BLOCK), mask=on)
 
     @triton.jit(do_not_specialize=["runs", "count", "total", "step"])
     def _run_kernel(kept_ptr, run_start_ptr, value_ptr, chars_ptr, runs, count, total, step,
@@ -113,31 +176,8 @@ if triton is not None:
         """For every run slot, pycocotools' value x and its number of characters (0 past the last run)."""
         r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = r < runs
-        # The slot's instance: the last i in [0, count] with run_start[i] <= r (step: the largest power of
-        # two <= count; run_start[0] = 0); i == count for the slots past the last run.
-        i = tl.zeros([BLOCK], tl.int64)
-        s = step
-        while s > 0:
-            cand = i + s
-            go = (cand <= count) & (tl.load(run_start_ptr + tl.minimum(cand, count)) <= r)
-            i = tl.where(go, cand, i)
-            s = s // 2
-        real = ok & (i < count)
-        first = tl.load(run_start_ptr + i, mask=ok, other=0)
-        after = tl.load(run_start_ptr + tl.minimum(i + 1, count), mask=real, other=0)
-        base = first - i  # the instance's first kept change
-        n = after - first - 1  # its kept changes: runs 0 .. n - 1 end at them, run n at height * width
-        q = r - first  # the run's index in the instance's RLE
-        at = kept_ptr + base + q
-        end = tl.where(q < n, tl.load(at, mask=real & (q < n), other=0), total)
-        begin = tl.load(at - 1, mask=real & (q > 0), other=0)
-        # From the fourth run on, less the count of the run two before: it lies between kept changes
-        # q - 3 and q - 2 (q - 2 < n).
-        back = tl.load(at - 2, mask=real & (q > 2), other=0) - tl.load(at - 3, mask=real & (q > 2), other=0)
-        x = tl.where(real, end - begin - back, 0)
-        y = tl.where(x < 0, -x - 1, x)
-        chars = (1 + (y >= 1 << 4).to(tl.int32) + (y >= 1 << 9).to(tl.int32) + (y >= 1 << 14).to(tl.int32)
-                 + (y >= 1 << 19).to(tl.int32) + (y >= 1 << 24).to(tl.int32) + (y >= 1 << 29).to(tl.int32))
+        i = _run_instance(run_start_ptr, r, count, step, BLOCK)
+        x, chars, real = _run_value(kept_ptr, run_start_ptr, r, ok, i, count, total)
         tl.store(value_ptr + r, x, mask=ok)
         tl.store(chars_ptr + r, tl.where(real, chars, 0), mask=ok)
 
@@ -152,16 +192,11 @@ if triton is not None:
         x = tl.load(value_ptr + r, mask=ok, other=0)
         n = tl.load(chars_ptr + r, mask=ok, other=0)
         end = tl.load(ends_ptr + r, mask=ok, other=0)  # inclusive cumsum of the character counts
-        out = text_ptr + text_at + end - n
-        for g in tl.static_range(7):
-            group = ((x >> (5 * g)) & 0x1F) + tl.where(g < n - 1, 0x20, 0) + 48
-            tl.store(out + g, group.to(tl.uint8), mask=ok & (g < n))
+        _write_run(text_ptr + text_at + end - n, x, n, ok, n)  # the buffer holds every run's characters
         if pid.to(tl.int64) * BLOCK <= count:
             i = r  # this program's instances
             on = i <= count
-            first = tl.load(run_start_ptr + i, mask=on, other=0)
-            start = tl.load(ends_ptr + tl.maximum(first - 1, 0), mask=on & (first > 0), other=0)
-            tl.store(bounds_ptr + i, tl.where(first > 0, start, 0), mask=on)
+            tl.store(bounds_ptr + i, _bounds(ends_ptr, run_start_ptr, i, on), mask=on)
 
 
 def available() -> bool:
