@@ -16,6 +16,11 @@ from pathlib import Path
 # The fast engine's Triton kernels as a load compiles them (written by preload.py --record).
 MANIFEST = Path(__file__).resolve().parent / "worker" / "engines" / "kernels" / "manifest.json"
 
+# Triton's key of itself: the hash of its own sources and library that every lookup in its kernel cache
+# starts with, computed once per process (functools.lru_cache). The zygote computes it beside its imports
+# (dd.zygote, `beside`) so that the workers forked from it skip it.
+TRITON_SELF_KEY = "triton.runtime.cache:triton_key"
+
 
 def triton_cache_dir() -> Path:
     """Where Triton keeps its compiled kernels: TRITON_CACHE_DIR, else TRITON_HOME (or home)/.triton/cache."""

@@ -41,7 +41,7 @@ from dd.config.engines import spec_for
 from dd.ipc import endpoints
 from dd.ipc.client_segments import remove_registrations
 from dd.ipc.shm_ring import SHM_DIR, check_shm_capacity, remove_stale_segments, ring_size
-from dd.kernel_cache import manifest_applies, marker
+from dd.kernel_cache import TRITON_SELF_KEY, manifest_applies, marker
 from dd import metrics
 from dd.procutil import LOG_NAME_ENV, parse_cpulist, prefetch_files
 from dd.zygote import Zygote, ZygoteProcess, worker_preload
@@ -277,7 +277,7 @@ class Supervisor:
         except OSError as exc:
             log.debug("cannot write the process table: %s", exc)
 
-    def _start_zygote(self) -> None:
+    def _start_zygote(self, plans: list[WorkerPlan]) -> None:
         """Workers are forked from a process that has imported torch and their engines, so that a worker
         restarted after a crash skips its imports (about 7 s of a 10 s start on an H200 host).
 
@@ -288,15 +288,17 @@ class Supervisor:
             spec = spec_for(m.engine)
             if spec is not None and ":" in spec.target:
                 modules.append(spec.target.partition(":")[0])
+        # The fast engine's first kernel on a GPU would hash Triton itself: done once, beside the imports.
+        beside = [TRITON_SELF_KEY] if kernel_preload_gpu(self.models, plans) is not None else []
         try:
-            self._zygote = Zygote(worker_preload(modules), dict(os.environ))
+            self._zygote = Zygote(worker_preload(modules), dict(os.environ), beside=beside)
         except Exception as exc:  # noqa: BLE001 - workers start the usual way, only slower
             log.warning("cannot start the worker zygote (%s); workers start as new processes", exc)
             self._zygote = None
             return
         self._zygote_started = time.monotonic()
-        log.info("started the worker zygote (pid %d), importing %s", self._zygote.proc.pid,
-                 ", ".join(self._zygote.preload))
+        log.info("started the worker zygote (pid %d), importing %s%s", self._zygote.proc.pid,
+                 ", ".join(self._zygote.preload), "".join(f"; {b} beside" for b in beside))
 
     def _start_kernel_preload(self, plans: list[WorkerPlan]) -> None:
         """Compiles the fast engine's Triton kernels into Triton's cache, in processes of their own, while the
@@ -381,7 +383,7 @@ class Supervisor:
         prefetch_files([m.weights for m in self.models if m.weights is not None])
         # The zygote first, then the frontends while it imports, then the workers (forked once it is ready).
         if plans and self.cfg.fork_workers:
-            self._start_zygote()
+            self._start_zygote(plans)
         self._start_kernel_preload(plans)
         for c in sorted(self.children, key=lambda c: c.failure_file is not None):
             self._spawn(c)

@@ -9,6 +9,14 @@ its CUDA_VISIBLE_DEVICES is set), and asks it to fork each worker. The child sta
 imports done. The imports themselves are on the path start -> SERVING: they run without the cyclic GC,
 and without torch._dynamo (dd.lazy_dynamo; scripts/bench_imports.py times them).
 
+Beside its imports the zygote may run calls whose results its children should inherit (`beside`,
+"module:function"): each in a thread of its own, started before the imports and joined before the first
+fork (a fork must not copy a thread half-way). The one used: Triton's key of itself
+(dd.kernel_cache.TRITON_SELF_KEY), a hash of its sources and its 0.5 GB library that a worker otherwise
+computes at its first kernel (0.4-0.5 s of the load on an H200 host, S19-1); Triton caches it in the process
+(functools.lru_cache), so every worker forked after it finds it there. The hash reads files and hashes in
+C with the GIL released, so it runs beside torch's import at no cost to it (scripts/bench_imports.py).
+
 Protocol (JSON lines): the supervisor writes {"spawn": id, "argv": [python, "-m", module,
 ...], "env": {...}, "log": path or null} to the zygote's stdin; the zygote answers
 {"spawned": id, "pid": pid} (or {"spawned": id, "error": why}) and, when a child ends,
@@ -47,7 +55,35 @@ def worker_preload(engine_modules: list[str]) -> list[str]:
 
 
 # -- the zygote process -------------------------------------------------------------------------
-def serve(preload: list[str], parent_pid: int) -> int:
+def start_beside(calls: list[str]) -> list[threading.Thread]:
+    """Runs each "module:function" in a thread of its own. The module is imported here, in the calling
+    thread (imports of one module from two threads at once can deadlock on its lock); only the call runs in
+    the thread. A call that fails costs nothing but itself: whoever needs its result computes it later."""
+    threads = []
+    for spec in calls:
+        module, _, func = spec.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError) as exc:  # not installed, or another version: done without
+            log.debug("zygote: no %s here (%s)", spec, exc)
+            continue
+
+        def call(fn=fn, spec=spec) -> None:  # noqa: ANN001
+            t0 = time.monotonic()
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - the children compute it themselves then
+                log.warning("zygote: %s failed beside the imports (%s: %s)", spec, type(exc).__name__, exc)
+                return
+            log.debug("zygote: %s took %.2f s beside the imports", spec, time.monotonic() - t0)
+
+        thread = threading.Thread(target=call, name=f"beside-{func}", daemon=True)
+        thread.start()
+        threads.append(thread)
+    return threads
+
+
+def serve(preload: list[str], parent_pid: int, beside: list[str] | None = None) -> int:
     global _proto
     from dd.procutil import die_with_parent
 
@@ -60,6 +96,7 @@ def serve(preload: list[str], parent_pid: int) -> int:
     # out of every later collection, the zygote's and its children's, as the gc module's documentation advises
     # before fork without exec) so that a worker's collections scan only its own objects.
     gc.disable()
+    threads = start_beside(beside or [])
     for name in preload:
         try:
             importlib.import_module(name)
@@ -67,6 +104,8 @@ def serve(preload: list[str], parent_pid: int) -> int:
             log.debug("zygote: %s is not installed (%s)", name, exc)
         except Exception as exc:  # noqa: BLE001 - a child imports it again itself and reports the error
             log.warning("zygote: cannot preload %s (%s: %s)", name, type(exc).__name__, exc)
+    for thread in threads:
+        thread.join()
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():  # pragma: no cover - a preloaded module broke the rule
         _write({"fatal": "a preloaded module initialised CUDA; workers cannot be forked from here"})
@@ -181,10 +220,13 @@ class Zygote:
     Creating one starts the process and returns at once: the supervisor starts the frontends while the
     zygote imports (the longest step of a start). spawn() waits for the imports first (wait_ready)."""
 
-    def __init__(self, preload: list[str], env: dict[str, str], start_timeout_s: float = 120.0) -> None:
+    def __init__(self, preload: list[str], env: dict[str, str], start_timeout_s: float = 120.0,
+                 beside: list[str] | None = None) -> None:
         self.preload = preload
+        self.beside = list(beside or [])
+        flags = [arg for spec in self.beside for arg in ("--beside", spec)]
         self.proc = subprocess.Popen([sys.executable, "-m", "dd.zygote", "--parent-pid", str(os.getpid()),
-                                      *preload], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+                                      *flags, *preload], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self._exited: dict[int, int] = {}
         self._spawned: dict[int, dict] = {}
         self._next = 0
@@ -314,11 +356,16 @@ class ZygoteProcess:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] != ["--parent-pid"]:
-        print("usage: python -m dd.zygote --parent-pid PID [MODULE ...]", file=sys.stderr)
+    if args[:1] != ["--parent-pid"] or len(args) < 2:
+        print("usage: python -m dd.zygote --parent-pid PID [--beside MODULE:FUNCTION ...] [MODULE ...]",
+              file=sys.stderr)
         return 2
+    parent, rest, beside = int(args[1]), args[2:], []
+    while rest[:1] == ["--beside"] and len(rest) >= 2:
+        beside.append(rest[1])
+        rest = rest[2:]
     logging.basicConfig(level=logging.WARNING, format="zygote: %(message)s")
-    return serve(args[2:], int(args[1]))
+    return serve(rest, parent, beside)
 
 
 if __name__ == "__main__":

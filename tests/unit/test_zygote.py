@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -94,6 +96,66 @@ def test_starting_a_zygote_does_not_wait_for_its_imports(tmp_path: Path) -> None
         gate.touch()
         proc = z.spawn(child_argv(tmp_path / "r.json"), dict(os.environ, PYTHONPATH=str(REPO)), None)
         assert read_report(tmp_path / "r.json")["ppid"] == z.proc.pid
+        proc.kill()
+        proc.wait(30)
+    finally:
+        z.close()
+
+
+def test_children_inherit_what_the_zygote_computed_beside_its_imports(tmp_path: Path) -> None:
+    """`beside` calls run in threads of their own while the zygote imports, and are finished before it
+    forks: a child finds the result cached (issue #18, start-up: Triton's key of itself, 0.4-0.5 s of a
+    worker's load otherwise). A call that fails, or whose module is missing, costs only itself."""
+    gate = tmp_path / "gate"
+    env = dict(os.environ, PYTHONPATH=str(REPO), DD_TEST_BESIDE_GATE=str(gate))
+    z = Zygote(["colorsys"], env, beside=["no_such_module_here:f", "tests.zygote_beside:boom",
+                                          "tests.zygote_beside:key"])
+    try:
+        from tests.faults import wait_for
+
+        wait_for(lambda: (tmp_path / "gate.waiting").exists(), 60, "the call beside the imports to begin")
+
+        def open_gate() -> None:  # once a child reported (it was forked before the call ended), or after 1 s
+            until = time.monotonic() + 1.0
+            while time.monotonic() < until and not (tmp_path / "r.json").exists():
+                time.sleep(0.01)
+            gate.touch()
+
+        opener = threading.Thread(target=open_gate)
+        opener.start()
+        # Asked while the call is still held open: the zygote forks only once it has ended.
+        proc = z.spawn(child_argv(tmp_path / "r.json", "--cached", "tests.zygote_beside:key"), env, None)
+        opener.join()
+        report = read_report(tmp_path / "r.json")
+        assert report["cached"]["tests.zygote_beside:key"] == {"entries": 1, "value": "beside-key"}
+        proc.kill()
+        proc.wait(30)
+    finally:
+        z.close()
+
+
+def test_without_beside_calls_a_child_computes_for_itself(zygote: Zygote, tmp_path: Path) -> None:
+    """The control for the test above: the same child, from a zygote asked for nothing beside."""
+    proc = zygote.spawn(child_argv(tmp_path / "r.json", "--cached", "tests.zygote_beside:key"),
+                        dict(os.environ, PYTHONPATH=str(REPO)), None)
+    assert read_report(tmp_path / "r.json")["cached"]["tests.zygote_beside:key"] == {"entries": 0, "value": None}
+    proc.kill()
+    proc.wait(30)
+
+
+def test_triton_key_is_inherited_from_the_zygote(tmp_path: Path) -> None:
+    """The real call the supervisor asks for where a fast engine runs on a GPU: Triton's key of itself."""
+    pytest.importorskip("triton")
+    from dd.kernel_cache import TRITON_SELF_KEY
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    z = Zygote(["colorsys"], env, beside=[TRITON_SELF_KEY])
+    try:
+        proc = z.spawn(child_argv(tmp_path / "r.json", "--cached", TRITON_SELF_KEY), env, None)
+        got = read_report(tmp_path / "r.json")["cached"][TRITON_SELF_KEY]
+        import triton
+
+        assert got["entries"] == 1 and got["value"].startswith(triton.__version__)
         proc.kill()
         proc.wait(30)
     finally:
