@@ -245,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
 
             gpu = 0 if visible_gpus() else -1
         device = pin_process(gpu, cpus, server.torch_threads)
+        if device.startswith("cuda"):  # the context while the engine builds its model on the CPU
+            from dd.worker.cuda_context import create_ahead
+
+            create_ahead(0)
         run_dir = prepare_run_dir(run_dir)
         return Worker(match[0], server, args.index, run_dir, device, args.parent_pid).run()
 

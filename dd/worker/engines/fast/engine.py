@@ -247,11 +247,14 @@ class FastMaskRCNN(Engine):
         self.blocking = cuda and bool(opts.get("blocking_sync", False))
         if self.blocking:
             self._blocking_sync()
+        t_start = time.perf_counter()
+        # Built on the CPU before the first CUDA call: the worker creates the GPU's context meanwhile
+        # (dd/worker/cuda_context.py).
+        model = build_loaded_model(self.config).eval()
         # A batch's masks are pasted on a stream of their own, at high priority, while the next batch's
         # network runs on the serving stream (start, _fixed_results).
         self._paste_stream = torch.cuda.Stream(self.dev, priority=-1) if cuda else None
-        t_start = time.perf_counter()
-        self.model = build_loaded_model(self.config).eval().to(self.dev)
+        self.model = model.to(self.dev)
         t_built = time.perf_counter()
         # The inference rules the weights were trained with: torchvision's, or detectron2's.
         self.semantics: Semantics = getattr(self.model, "semantics", TORCHVISION)
