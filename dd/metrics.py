@@ -301,30 +301,41 @@ class _TritonNames:
 class GpuCollector:
     """nv_gpu_utilization, nv_gpu_memory_used_bytes and nv_gpu_memory_total_bytes per
     GPU (label gpu_uuid), read from NVML at each scrape. Without NVML (no driver,
-    no GPU, no pynvml) it exports nothing and says so once in the log."""
+    no GPU, no pynvml) it exports nothing and says so once in the log.
+
+    NVML is loaded at the first scrape, not here: the supervisor creates this before it starts anything
+    else, and loading NVML (0.1 s on an H200 host, S19-1) would hold up every start."""
 
     def __init__(self, gpus: Sequence[int] | None = None, nvml: Any = None) -> None:
         self._gpus = None if gpus is None else list(gpus)
-        self._nvml = nvml if nvml is not None else _load_nvml()
+        self._nvml = nvml
+        self._loaded = nvml is not None
         self._lock = threading.Lock()
         self._warned: set[int] = set()
 
     @property
     def available(self) -> bool:
-        return self._nvml is not None
+        with self._lock:
+            return self._load() is not None
+
+    def _load(self) -> Any:
+        """NVML, loaded once (under self._lock)."""
+        if not self._loaded:
+            self._nvml, self._loaded = _load_nvml(), True
+        return self._nvml
 
     def _devices(self) -> Iterable[int]:
         return self._gpus if self._gpus is not None else range(self._nvml.nvmlDeviceGetCount())
 
     def collect(self) -> Iterator[Any]:
-        if self._nvml is None:
-            return
         from prometheus_client.core import GaugeMetricFamily
         util = GaugeMetricFamily(GPU_UTILIZATION, "GPU utilization rate (0.0 - 1.0)", labels=["gpu_uuid"])
         used = GaugeMetricFamily(GPU_MEMORY_USED_BYTES, "Used GPU memory, in bytes", labels=["gpu_uuid"])
         total = GaugeMetricFamily(GPU_MEMORY_TOTAL_BYTES, "Total GPU memory, in bytes", labels=["gpu_uuid"])
-        nvml = self._nvml
         with self._lock:  # the HTTP server answers scrapes on several threads
+            nvml = self._load()
+            if nvml is None:
+                return
             for index in self._devices():
                 try:
                     handle = nvml.nvmlDeviceGetHandleByIndex(index)

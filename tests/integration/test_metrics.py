@@ -337,6 +337,18 @@ def test_gpu_metrics_only_for_the_gpus_served() -> None:
     assert {uuid for _, uuid in got} == {"GPU-bbbb"}
 
 
+def test_nvml_is_loaded_at_the_first_scrape_not_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The supervisor creates the collector before it starts the zygote: NVML's load (0.1 s) waits for a
+    scrape instead of holding up every start (issue #18, start-up)."""
+    loads = []
+    monkeypatch.setattr(metrics, "_load_nvml", lambda: loads.append(1) or FakeNvml(GPUS))
+    collector = GpuCollector()
+    assert loads == []
+    assert {uuid for _, uuid in gpu_samples(collector)} == {"GPU-aaaa", "GPU-bbbb", "GPU-cccc"}
+    gpu_samples(collector)
+    assert loads == [1]
+
+
 def test_no_nvml_exports_no_gpu_metrics_and_raises_nothing(multiproc_dir: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # nvidia-ml-py not installed
