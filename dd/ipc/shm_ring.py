@@ -105,7 +105,7 @@ def _allocate_pages(fd: int, size: int, name: str) -> None:
 
     Why: a GPU worker page-locks each ring before it says it is ready, and page-locking a fresh segment
     allocated and zeroed every page in the worker's thread: 280 ms for four rings of 128 MiB on an H200
-    host against 25 ms once they are allocated (S19-4). A frontend's ring exists seconds before its worker
+    host against 25 ms once they are allocated (S19-5). A frontend's ring exists seconds before its worker
     needs it, so the frontend does it, in this thread, while it starts (0.5 ms a MiB on the CI box). The
     pages are also reserved: a /dev/shm that fills up later can no longer stop a frontend with SIGBUS at
     its first large image. posix_fallocate releases the GIL and keeps the contents (zeros; the header)."""
@@ -192,7 +192,7 @@ class ShmRing:
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             # A worker's page tables for the whole ring, filled here (the I/O thread, at the frontend's first
             # ping, while the engine loads; the GIL is released) rather than when the engine page-locks the
-            # ring before it is ready (S19-5: 0.15-0.20 s for four 128 MiB rings whose pages were allocated).
+            # ring before it is ready (S19-6: 0.15-0.20 s for four 128 MiB rings whose pages were allocated).
             flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if writable else 0)
             mm = mmap.mmap(fd, size, flags, prot)
         finally:
