@@ -175,9 +175,10 @@ class ShmRing:
         return ring
 
     @classmethod
-    def attach(cls, name: str, writable: bool = True) -> "ShmRing":
+    def attach(cls, name: str, writable: bool = True, populate: bool = False) -> "ShmRing":
         """Maps an existing ring. Workers map it writable (CUDA registers it as pinned memory);
-        observers (ring_usage) read only."""
+        observers (ring_usage) read only. populate: the page tables of the whole ring filled now
+        (MAP_POPULATE), for a worker whose engine page-locks it before it says it is ready."""
         if not valid_segment_name(name):
             raise RingError(f"{name!r} is not a deep-detection ring name (dd-<run>-<role>-<pid>)")
         path = SHM_DIR / name
@@ -190,10 +191,11 @@ class ShmRing:
             if size < _HEADER.size:
                 raise RingError(f"shared memory segment {name!r} is too small to be a ring")
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            # A worker's page tables for the whole ring, filled here (the I/O thread, at the frontend's first
-            # ping, while the engine loads; the GIL is released) rather than when the engine page-locks the
-            # ring before it is ready (S19-6: 0.15-0.20 s for four 128 MiB rings whose pages were allocated).
-            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if writable else 0)
+            # A GPU worker's page tables for the whole ring, filled here (its I/O thread, at the frontend's
+            # first ping, while the engine loads; the GIL is released) rather than when the engine page-locks
+            # the ring before it is ready (S19-6: 0.15-0.20 s for four 128 MiB rings whose pages were
+            # allocated; S19-7: 0.02-0.04 s with this). A CPU worker touches only the slots it reads.
+            flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
             mm = mmap.mmap(fd, size, flags, prot)
         finally:
             os.close(fd)

@@ -347,7 +347,7 @@ class Worker:
         for the inference thread to have the engine prepare (page-lock) it before its first batch."""
         ring = self.rings.get(name)
         if ring is None:
-            ring = ShmRing.attach(name)
+            ring = ShmRing.attach(name, populate=self.device.startswith("cuda"))  # page-locked before use
             self.rings[name] = ring
             self._to_prepare.put(ring)
             self._forget_dead_rings()

@@ -190,16 +190,19 @@ def _resident_kib(path: str) -> int:
     return total
 
 
-def test_a_worker_maps_a_ring_with_its_page_tables_filled() -> None:
-    """A worker attaches a ring at its frontend's first ping, while its engine loads; its page tables are
-    filled then (MAP_POPULATE) rather than when the engine page-locks the ring before it is ready (S19-6).
-    An observer's read-only mapping is not filled."""
+def test_a_gpu_worker_maps_a_ring_with_its_page_tables_filled() -> None:
+    """A worker attaches a ring at its frontend's first ping, while its engine loads; a GPU worker's page
+    tables are filled then (MAP_POPULATE) rather than when the engine page-locks the ring before it is ready
+    (S19-6). An observer's read-only mapping is not filled, nor a CPU worker's (it touches the slots it reads)."""
     name = segment_name(TAG, "fe")
     (SHM_DIR / name).unlink(missing_ok=True)
     r = ShmRing.create(name, slots=4, slot_bytes=4 << 20)
     try:
         r.populating.join(60)
-        worker = ShmRing.attach(name)
+        cpu_worker = ShmRing.attach(name)
+        assert _resident_kib(str(SHM_DIR / name)) < 64
+        cpu_worker.close()
+        worker = ShmRing.attach(name, populate=True)
         assert _resident_kib(str(SHM_DIR / name)) >= ring_size(4, 4 << 20) // 1024  # the worker's, whole
         observer = ShmRing.attach(name, writable=False)
         worker.close()
