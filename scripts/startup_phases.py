@@ -8,6 +8,9 @@ times of its log lines: the phases below, in seconds after `serve` was started. 
 alternate (A B A B ...) so that a busy machine hurts each alike; medians are printed.
 
     python scripts/startup_phases.py --model /tmp/m/null --runs 7 --checkout before=/tmp/old --checkout after=.
+    # a GPU host, the benchmarks' R50-FPN RGB-D folder on the fast engine, four frontends of 128 MiB rings:
+    python scripts/startup_phases.py --bench-model r50 --frontends 4 --slot-mb 8 --ring-slots 16 --runs 5 \
+        --checkout before=/tmp/old --checkout after=.
 
 The gaps it prints are the waits that are not work: `discover` (a worker's socket bound -> a frontend
 found it), `ready` (the worker loaded its engine -> a frontend heard it), `serving` (-> health said
@@ -37,18 +40,20 @@ PHASES = {
     "zygote_started": ("zygote_started", None), "first_frontend_started": ("started", "frontend"),
     "zygote_ready": ("zygote_ready", None), "worker_started": ("started", "worker"),
     "worker_listening": ("worker_listening", None), "worker_loaded": ("worker_loaded", None),
-    "found_worker": ("found_worker", None), "ready_at_frontend": ("ready_at_frontend", None),
+    "found_worker": ("found_worker", None), "rings_prepared": ("rings_prepared", None),
+    "ready_at_frontend": ("ready_at_frontend", None),
 }
 GAPS = {"first_spawn": (None, "first_child_started"), "discover": ("worker_listening", "found_worker"),
         "ready": ("worker_loaded", "ready_at_frontend"), "serving": ("ready_at_frontend", "serving")}
 
 
-def one_run(checkout: Path, model: Path, frontends: int, timeout: float, log_path: Path) -> dict:
+def one_run(checkout: Path, model: Path, frontends: int, timeout: float, log_path: Path,
+            slot_mb: float = 4, ring_slots: int = 8) -> dict:
     port = free_port()
     run_dir = Path(tempfile.mkdtemp(prefix="ddphase-", dir="/tmp")) / "run"
     argv = [sys.executable, "-m", "dd", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
             "--frontends", str(frontends), "--run-dir", str(run_dir), "--metrics-port", "0",
-            "--slot-mb", "4", "--ring-slots", "8"]
+            "--slot-mb", str(slot_mb), "--ring-slots", str(ring_slots)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])))
     with open(log_path, "wb") as log:
         wall, t0 = time.time(), time.perf_counter()
@@ -83,7 +88,14 @@ def median(values: list[float]) -> float | None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, type=Path, help="a model folder or repository to serve")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="a model folder or repository to serve")
+    which.add_argument("--bench-model", choices=["r50", "small"],
+                       help="the benchmarks' random RGB-D folder (bench_serve.make_model: MAX_BATCH_SIZE 8, "
+                            "warm-up 1280x720, 100 detections), made in a temporary folder")
+    ap.add_argument("--engine", default="fast", help="--bench-model's engine (fast on a GPU; torchvision, null)")
+    ap.add_argument("--slot-mb", type=float, default=4)
+    ap.add_argument("--ring-slots", type=int, default=8)
     ap.add_argument("--checkout", action="append", required=True, help="NAME=PATH of a checkout (repeat)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--frontends", type=int, default=1)
@@ -91,13 +103,19 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="folder for startup_phases.json and the servers' logs")
     args = ap.parse_args()
     checkouts = dict(c.split("=", 1) for c in args.checkout)
+    model = args.model
+    if model is None:
+        from bench_serve import make_model
+
+        model = make_model(Path(tempfile.mkdtemp(prefix="startup-phases-model-")), args.engine, args.bench_model,
+                           8, 720, 1280, 100, 800)
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="startup-phases-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {name: [] for name in checkouts}
     for i in range(args.runs):
         for name, path in checkouts.items():
-            r = one_run(Path(path).resolve(), args.model.resolve(), args.frontends, args.timeout,
-                        out_dir / f"{name}-{i}.log")
+            r = one_run(Path(path).resolve(), model.resolve(), args.frontends, args.timeout,
+                        out_dir / f"{name}-{i}.log", args.slot_mb, args.ring_slots)
             runs[name].append(r)
             print(name, json.dumps(r), flush=True)
     summary = {}
