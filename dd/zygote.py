@@ -68,6 +68,9 @@ def start_beside(calls: list[str]) -> list[threading.Thread]:
         except (ImportError, AttributeError) as exc:  # not installed, or another version: done without
             log.debug("zygote: no %s here (%s)", spec, exc)
             continue
+        except Exception as exc:  # noqa: BLE001 - a broken install: the preload reports it, if it matters
+            log.warning("zygote: cannot import %s (%s: %s)", spec, type(exc).__name__, exc)
+            continue
 
         def call(fn=fn, spec=spec) -> None:  # noqa: ANN001
             t0 = time.monotonic()

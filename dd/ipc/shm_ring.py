@@ -168,7 +168,11 @@ class ShmRing:
             path.unlink(missing_ok=True)
             raise
         _HEADER.pack_into(mm, 0, MAGIC, VERSION, slots, slot_bytes, _data_offset(slots), os.getpid())
-        ring = cls(name, mm, owner=True)
+        try:
+            ring = cls(name, mm, owner=True)
+        except BaseException:
+            os.close(fd)
+            raise
         ring.populating = threading.Thread(target=_allocate_pages, args=(fd, size, name), daemon=True,
                                            name="ring-pages")
         ring.populating.start()  # owns fd from here

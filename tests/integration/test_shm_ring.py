@@ -199,8 +199,11 @@ def test_a_gpu_worker_maps_a_ring_with_its_page_tables_filled() -> None:
     r = ShmRing.create(name, slots=4, slot_bytes=4 << 20)
     try:
         r.populating.join(60)
+        # Not filled: the header's pages and what the kernel maps around a fault (fault_around_bytes, 64 KiB
+        # by default; a huge page, 2 MiB, where /dev/shm has them), far from the ring's 16 MiB.
+        little = ring_size(4, 4 << 20) // 1024 // 4
         cpu_worker = ShmRing.attach(name)
-        assert _resident_kib(str(SHM_DIR / name)) < 64
+        assert _resident_kib(str(SHM_DIR / name)) < little
         cpu_worker.close()
         worker = ShmRing.attach(name, populate=True)
         assert _resident_kib(str(SHM_DIR / name)) >= ring_size(4, 4 << 20) // 1024  # the worker's, whole
@@ -208,7 +211,7 @@ def test_a_gpu_worker_maps_a_ring_with_its_page_tables_filled() -> None:
         worker.close()
         r.close()
         assert worker.mapping.closed and r.mapping.closed
-        assert _resident_kib(str(SHM_DIR / name)) < 64  # the observer's: the header it read
+        assert _resident_kib(str(SHM_DIR / name)) < little  # the observer's: the header it read
         observer.close()
     finally:
         r.close()
