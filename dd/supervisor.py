@@ -74,6 +74,12 @@ def kernel_preload_gpu(models: list[ModelConfig], plans: list[WorkerPlan]) -> in
     return next((p.gpu for p in plans if p.gpu is not None and p.model in fast), None)
 
 
+def zygote_beside(models: list[ModelConfig], plans: list[WorkerPlan]) -> list[str]:
+    """What the zygote computes beside its imports for its workers (dd.zygote, `beside`): Triton's key of
+    itself where a fast-engine worker has a GPU, whose first kernel would otherwise compute it."""
+    return [TRITON_SELF_KEY] if kernel_preload_gpu(models, plans) is not None else []
+
+
 def gpu_model(index: int) -> str:
     """The model of the GPU CUDA numbers `index` in PCI bus order ("NVIDIA H200"), from the driver's
     /proc files (no CUDA here); "" where they do not say."""
@@ -288,8 +294,7 @@ class Supervisor:
             spec = spec_for(m.engine)
             if spec is not None and ":" in spec.target:
                 modules.append(spec.target.partition(":")[0])
-        # The fast engine's first kernel on a GPU would hash Triton itself: done once, beside the imports.
-        beside = [TRITON_SELF_KEY] if kernel_preload_gpu(self.models, plans) is not None else []
+        beside = zygote_beside(self.models, plans)
         try:
             self._zygote = Zygote(worker_preload(modules), dict(os.environ), beside=beside)
         except Exception as exc:  # noqa: BLE001 - workers start the usual way, only slower

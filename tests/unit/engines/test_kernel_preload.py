@@ -128,3 +128,16 @@ def test_the_supervisor_compiles_ahead_on_the_first_fast_engine_workers_gpu() ->
     assert kernel_preload_gpu(models, plans) == 3
     assert kernel_preload_gpu(models, plans[:2]) is None  # the fast engine's workers on the CPU only
     assert kernel_preload_gpu(models[:1], plans) is None  # no fast engine
+
+
+def test_the_zygote_hashes_triton_beside_its_imports_only_for_a_fast_engine_on_a_gpu() -> None:
+    from types import SimpleNamespace
+
+    from dd.kernel_cache import TRITON_SELF_KEY
+    from dd.supervisor import WorkerPlan, zygote_beside
+
+    models = [SimpleNamespace(name="tv", engine="torchvision"), SimpleNamespace(name="fast", engine="fast")]
+    plans = [WorkerPlan("tv", 0, 0, []), WorkerPlan("fast", 0, None, []), WorkerPlan("fast", 1, 3, [])]
+    assert zygote_beside(models, plans) == [TRITON_SELF_KEY]
+    assert zygote_beside(models, plans[:2]) == []  # the fast engine on the CPU: no Triton kernel runs
+    assert zygote_beside(models[:1], plans) == []  # a torchvision engine on a GPU: none either

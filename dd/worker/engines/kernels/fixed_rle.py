@@ -167,12 +167,8 @@ if triton is not None:
             tl.store(bounds_ptr + i, _bounds(ends_ptr, run_start_ptr, i, on), mask=on)
 
 
-def available() -> bool:
-    return triton is not None
-
-
-def _pow2_floor(v: int) -> int:
-    return 1 << (v.bit_length() - 1) if v > 0 else 0
+available = rle_kernel.available  # the same kernels' needs: Triton
+_pow2_floor = rle_kernel._pow2_floor
 
 
 def text_capacity(changes: int, n: int) -> int:
