@@ -14,6 +14,9 @@ from pathlib import Path
 from dd.logsafe import RepeatFilter
 
 PR_SET_PDEATHSIG = 1
+# `deep-detection`'s exit status for a configuration error: a child that exits with it is not restarted
+# (it would fail the same way); the supervisor stops and says why.
+EXIT_CONFIG = 2
 # Set by the supervisor for each child: the name of its log file under --log-dir (NAME.log).
 LOG_NAME_ENV = "DD_LOG_NAME"
 

@@ -42,8 +42,9 @@ from dd.ipc import endpoints
 from dd.ipc.client_segments import remove_registrations
 from dd.ipc.shm_ring import SHM_DIR, check_shm_capacity, remove_stale_segments, ring_size
 from dd.kernel_cache import TRITON_SELF_KEY, manifest_applies, marker
+from dd.listen_address import UNIX_PREFIX, free_port, listen_problem
 from dd import metrics
-from dd.procutil import LOG_NAME_ENV, parse_cpulist, prefetch_files
+from dd.procutil import EXIT_CONFIG, LOG_NAME_ENV, parse_cpulist, prefetch_files
 from dd.zygote import Zygote, ZygoteProcess, worker_preload
 
 log = logging.getLogger("dd.supervisor")
@@ -194,6 +195,7 @@ class Supervisor:
         self._force = False
         self._lock_fd: int | None = None
         self._fatal = ""
+        self._config_problem = ""  # a frontend exited with EXIT_CONFIG: stop, and say this
         self._zygote: Zygote | None = None
         self._preload: subprocess.Popen | None = None  # compiling Triton kernels ahead (_start_kernel_preload)
         self._zygote_started = 0.0
@@ -234,6 +236,7 @@ class Supervisor:
         except Exception:
             self._release_run_dir()
             raise
+        self._check_ports()
         warning = open_port_warning(self.cfg)
         if warning:
             log.warning("%s", warning)
@@ -369,6 +372,7 @@ class Supervisor:
                             "serving with %d (give it more room, or lower --slot-mb / --ring-slots)",
                             want, SHM_DIR, fits, fits)
             self.cfg.frontends = min(want, fits)
+        self._choose_port()
         self._prepare()
         self._start_metrics(plans)
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -402,9 +406,41 @@ class Supervisor:
                 time.sleep(0.1)
         finally:
             self._shutdown()
+        if self._config_problem:
+            raise ConfigError(self._config_problem)
         if self._fatal:
             raise LoadFailed(self._fatal)
         return 0
+
+    def _choose_port(self) -> None:
+        """`--port 0`: one port the kernel chooses now, for every frontend (each asking for port 0 would
+        listen on a port of its own), and the run directory named for it."""
+        if self.cfg.port or self.cfg.host.startswith(UNIX_PREFIX):
+            return
+        try:
+            self.cfg.port = free_port(self.cfg.host)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {self.cfg.host} (--port 0): {exc.strerror or exc}; "
+                              "check --host") from None
+        if not self.cfg.run_dir:
+            self.run_dir = self.cfg.resolved_run_dir()
+        log.info("--port 0: listening on port %d, which the kernel chose", self.cfg.port)
+
+    def _listen_problem(self, shared: bool) -> str | None:
+        ports = [("--port", self.cfg.port), ("--kserve-port", self.cfg.kserve_port)]
+        for flag, port in (p for p in ports if p[1]):
+            problem = listen_problem(self.cfg.host, port, flag, shared=shared)
+            if problem:
+                return problem
+        return None
+
+    def _check_ports(self) -> None:
+        """Before any frontend starts, the gRPC ports must be free: taken by anyone, another deep-detection
+        server of this user included (which the frontends would otherwise share them with), it is an error."""
+        problem = self._listen_problem(shared=False)
+        if problem:
+            self._release_run_dir()
+            raise ConfigError(problem)
 
     def _start_metrics(self, plans: list[WorkerPlan]) -> None:
         """The Prometheus endpoint (--metrics-port), before any child starts: the children inherit
@@ -451,6 +487,14 @@ class Supervisor:
             if rc is None:
                 continue
             ran = now - c.started_at
+            if rc == EXIT_CONFIG and c.failure_file is None:  # a frontend that cannot listen, or cannot start
+                self._config_problem = (self._listen_problem(shared=True) or
+                                        f"{c.name} (pid {c.proc.pid}) stopped on a configuration error; "
+                                        "its log above says which")
+                log.error("%s; stopping", self._config_problem)
+                self._stop = True
+                c.proc = None
+                return
             c.failures = 1 if ran > STABLE_AFTER_S else c.failures + 1
             delay = RESTART_BACKOFF_S[min(c.failures, len(RESTART_BACKOFF_S)) - 1]
             log.warning("%s (pid %d) exited with %s after %.1f s; restarting in %.1f s",

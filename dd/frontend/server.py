@@ -23,6 +23,7 @@ client sent is echoed or logged unclipped (dd.logsafe).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import resource
@@ -44,8 +45,9 @@ from dd.frontend.requests import RequestPath
 from dd.frontend.slots import SlotPool
 from dd.ipc import endpoints
 from dd.ipc.shm_ring import ShmRing, remove_stale_segments, segment_name
+from dd.listen_address import CannotListen, listen_problem
 from dd.metrics import Recorder
-from dd.procutil import die_with_parent, parent_alive, return_large_allocations
+from dd.procutil import EXIT_CONFIG, die_with_parent, parent_alive, return_large_allocations
 
 log = logging.getLogger("dd.frontend")
 
@@ -96,6 +98,10 @@ class Frontend:
         else:
             loop.add_signal_handler(signal.SIGINT, stop.set)
         interceptors = [TokenAuth(read_token(self.cfg.auth_token_file))] if self.cfg.auth_token_file else []
+        for flag, port in self._ports():  # before anything is created: a port that cannot be had ends it
+            problem = listen_problem(self.cfg.host, port, flag, shared=True)
+            if problem:
+                raise CannotListen(problem)
         remove_stale_segments(self.tag, only_dead=True)
         endpoints.remove_reply_sockets(self.run_dir, only_dead=True)
         self.ring = ShmRing.create(segment_name(self.tag, "fe"), self.cfg.ring_slots, self.cfg.slot_bytes())
@@ -121,14 +127,20 @@ class Frontend:
                                    else adapter.handlers(self.requests)) for adapter in ADAPTERS}
         creds = server_credentials(self.cfg)
         address = f"{self.cfg.host}:{self.cfg.port}"
-        self._add_services(server, ADAPTERS, handlers, address, creds)
         servers = [server]
-        if self.cfg.kserve_port:  # KServe alone, as Triton's own gRPC port: its service, health, reflection
-            kserver = grpc.aio.server(interceptors=interceptors, options=self._grpc_options(),
-                                      maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
-            self._add_services(kserver, KSERVE_ADAPTERS, handlers, f"{self.cfg.host}:{self.cfg.kserve_port}", creds,
-                               "--kserve-port")
-            servers.append(kserver)
+        try:
+            self._add_services(server, ADAPTERS, handlers, address, creds)
+            if self.cfg.kserve_port:  # KServe alone, as Triton's own gRPC port: its service, health, reflection
+                kserver = grpc.aio.server(interceptors=interceptors, options=self._grpc_options(),
+                                          maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
+                servers.append(kserver)
+                self._add_services(kserver, KSERVE_ADAPTERS, handlers, f"{self.cfg.host}:{self.cfg.kserve_port}",
+                                   creds, "--kserve-port")
+        except CannotListen:  # taken since the check above
+            self.requests.close()
+            self.ring.close()
+            self.ring.unlink()
+            raise
         await self.dispatcher.start()
         for s in servers:
             await s.start()
@@ -174,9 +186,12 @@ class Frontend:
         reflection.enable_server_reflection(
             [*(n for a in adapters for n in a.SERVICE_NAMES), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], server)
-        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-        if port == 0:
-            raise RuntimeError(f"cannot listen on {address} ({flag})")
+        listen(server, address, creds, flag)
+
+    def _ports(self) -> list[tuple[str, int]]:
+        """(flag, port) of each port this frontend listens on."""
+        ports = [("--port", self.cfg.port), ("--kserve-port", self.cfg.kserve_port)]
+        return [(flag, port) for flag, port in ports if port]
 
     def _grpc_options(self) -> list[tuple[str, int]]:
         return grpc_options(self.cfg)
@@ -207,7 +222,27 @@ class Frontend:
 
 
 def run_frontend(models: list[ModelConfig], server: ServerConfig, run_dir: Path, parent_pid: int | None) -> int:
-    return asyncio.run(Frontend(models, server, run_dir, parent_pid).serve())
+    """The frontend's exit status: 0 once stopped, EXIT_CONFIG (one line logged) if it cannot listen."""
+    try:
+        return asyncio.run(Frontend(models, server, run_dir, parent_pid).serve())
+    except CannotListen as exc:
+        log.error("frontend: %s", exc)
+    # gRPC's servers are in the exception's reference cycle: freed now, while gRPC's threads can still
+    # run, rather than by the collector at exit (grpc/grpc#22365: that can hang).
+    gc.collect()
+    return EXIT_CONFIG
+
+
+def listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None, flag: str) -> None:
+    """`server` listens on `address` (HOST:PORT), or CannotListen says why not."""
+    try:  # gRPC raises RuntimeError where it cannot bind (older releases return port 0)
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        host, _, number = address.rpartition(":")
+        raise CannotListen(listen_problem(host, int(number), flag, shared=True)
+                           or f"cannot listen on {address} ({flag}); gRPC's log above says why")
 
 
 def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:

@@ -1,0 +1,103 @@
+"""Whether a server can listen on HOST:PORT, and why not, asked before anything serves there.
+
+gRPC reports a port it cannot bind as "Failed to bind to address" (older releases: a port number
+of 0) and keeps the reason for its debug log. A frontend that failed so was restarted by the
+supervisor again and again, each time with a traceback, while `serve` had already said it was
+serving. Binding a socket here first gives the reason (in use, not an address of this machine, a
+privileged port) in words the user can act on, and lets a frontend and the supervisor stop instead.
+
+Frontends share their port (gRPC sets SO_REUSEPORT), so the question has two forms: before any
+frontend starts, the supervisor asks without SO_REUSEPORT, and then any listener on the port is in
+the way, another deep-detection server of the same user included (which would otherwise share it
+and answer half of the calls); a frontend asks with it, so that its sibling frontends are not.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+from dd.config.errors import ConfigError
+
+UNIX_PREFIX = "unix:"
+
+
+class CannotListen(ConfigError):
+    """A port this process was to listen on cannot be had; restarting will not change that."""
+
+
+def _addresses(host: str, port: int) -> list[tuple]:
+    """What gRPC binds for HOST:PORT: every address the name resolves to (bracketed IPv6 unwrapped)."""
+    name = host.strip()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    return socket.getaddrinfo(name or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+
+
+def _bind(family: int, address: tuple, shared: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: connections in TIME_WAIT do not count
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # gRPC's sockets are dual-stack
+        sock.bind(address)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _reason(host: str, port: int, flag: str, exc: OSError) -> str:
+    where = f"cannot listen on {host}:{port} ({flag})"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"{where}: the port is in use by another program (`ss -ltnp 'sport = :{port}'` names it); "
+                f"stop it, or choose another {flag}")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return (f"{where}: {host} is not an address of this machine; give --host one of its own addresses, "
+                "0.0.0.0 (every IPv4 address) or [::] (every address)")
+    if exc.errno == errno.EACCES:
+        return (f"{where}: ports below 1024 need root or the CAP_NET_BIND_SERVICE capability; "
+                f"choose a port from 1024 up")
+    return f"{where}: {exc.strerror or exc}"
+
+
+def listen_problem(host: str, port: int, flag: str = "--port", *, shared: bool = False) -> str | None:
+    """Why a server cannot listen on HOST:PORT, in words for the user, or None if it can.
+
+    shared: bind as a frontend does, with SO_REUSEPORT (only a listener that does not share the port,
+    or another user's, is in the way). A name that resolves to several addresses (localhost: 127.0.0.1
+    and ::1) is a problem if any of them is taken by someone else, since clients may reach that one;
+    an address family this machine lacks (::1 without IPv6) is not, as long as one address binds.
+    """
+    if host.startswith(UNIX_PREFIX):
+        return None  # a socket file: gRPC's own error names the path
+    try:
+        infos = _addresses(host, port)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"cannot listen on {host}:{port} ({flag}): the host name does not resolve ({exc}); check --host"
+    bound: list[socket.socket] = []
+    failures: list[OSError] = []
+    try:
+        for family, _, _, _, address in infos:
+            try:
+                bound.append(_bind(family, address, shared))
+            except OSError as exc:
+                failures.append(exc)
+    finally:
+        for sock in bound:
+            sock.close()
+    in_use = [f for f in failures if f.errno == errno.EADDRINUSE]
+    if in_use:
+        return _reason(host, port, flag, in_use[0])
+    if failures and not bound:
+        return _reason(host, port, flag, failures[0])
+    return None
+
+
+def free_port(host: str) -> int:
+    """A port nobody listens on at HOST now, from the kernel's ephemeral range (for `--port 0`)."""
+    family, _, _, _, address = _addresses(host, 0)[0]
+    with _bind(family, address, shared=False) as sock:
+        return sock.getsockname()[1]
