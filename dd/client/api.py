@@ -255,7 +255,13 @@ class DetectorClient:
 
 
 class AsyncDetectorClient:
-    """asyncio client, for many concurrent requests from one thread."""
+    """asyncio client, for many concurrent requests from one thread.
+
+    A program whose `asyncio.run` ends with an exception should call `gc.collect()` after it, before
+    exiting: the exception's traceback holds the channels in a reference cycle, and gRPC releases
+    (1.66 here) freeing them at interpreter exit can hang there (grpc/grpc#22365; the client command
+    does so, dd.client.cli.release_grpc_aio).
+    """
 
     def __init__(self, target: str = "localhost:50051", *, timeout: float = 30.0, max_message_mb: float = 64.0,
                  credentials: grpc.ChannelCredentials | None = None, token: str | None = None,
