@@ -77,17 +77,14 @@ def listen_problem(host: str, port: int, flag: str = "--port", *, shared: bool =
         infos = _addresses(host, port)
     except (socket.gaierror, UnicodeError) as exc:
         return f"cannot listen on {host}:{port} ({flag}): the host name does not resolve ({exc}); check --host"
-    bound: list[socket.socket] = []
+    bound = 0
     failures: list[OSError] = []
-    try:
-        for family, _, _, _, address in infos:
-            try:
-                bound.append(_bind(family, address, shared))
-            except OSError as exc:
-                failures.append(exc)
-    finally:
-        for sock in bound:
-            sock.close()
+    for family, _, _, _, address in infos:  # one at a time: 0.0.0.0 and a dual-stack :: would overlap
+        try:
+            _bind(family, address, shared).close()
+            bound += 1
+        except OSError as exc:
+            failures.append(exc)
     in_use = [f for f in failures if f.errno == errno.EADDRINUSE]
     if in_use:
         return _reason(host, port, flag, in_use[0])

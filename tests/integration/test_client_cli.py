@@ -208,7 +208,7 @@ def test_every_encoding_gets_the_same_answers(null_server: ServerProcess, tmp_pa
     assert r.returncode == 2 and "invalid choice: 'png'" in r.stderr, r.stderr
 
 
-def test_an_error_leaves_no_grpc_channel_for_exit_to_free(tmp_path: Path) -> None:
+def test_an_error_leaves_no_grpc_channel_for_exit_to_free() -> None:
     """The command's error path frees its gRPC asyncio channels before it returns.
 
     Left in the cycle an error inside asyncio.run makes, they were freed by the collector at
