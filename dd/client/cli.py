@@ -183,8 +183,15 @@ def check_depth(items: list[Item], model: str, single: bool, rgb_models: list[st
 
 # -- talking to the server -----------------------------------------------------------------------
 
+_URL_SCHEMES = ("http://", "https://", "grpc://", "grpcs://")  # not gRPC targets (those are dns:///, unix:, ...)
+
+
 def _target(server: str) -> str:
     server = server.strip()
+    if server.lower().startswith(_URL_SCHEMES):
+        scheme, _, rest = server.partition("://")
+        tls = " and --tls-ca for TLS" if scheme.lower() in ("https", "grpcs") else ""
+        raise ClientError(f"--server takes HOST:PORT, not a URL: try --server {rest.rstrip('/')}{tls}")
     if server.startswith("[") or server.count(":") == 1 or "://" in server:
         return server
     return f"{server}:50051"  # a bare host name (or an IPv6 address, which then needs [brackets])
@@ -430,8 +437,8 @@ def run(args: argparse.Namespace) -> int:
         return _usage("--timeout must be a positive number of seconds")
     from dd.client.coco import CocoError
 
-    target = _target(args.server)
     try:
+        target = _target(args.server)
         status = asyncio.run(_detect_all(args, target))
     except (ClientError, CocoError) as exc:
         status = _usage(str(exc))

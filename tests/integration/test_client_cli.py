@@ -170,6 +170,13 @@ def test_missing_server_says_where_and_what_to_run(tmp_path: Path) -> None:
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_url_for_the_server_says_what_to_give_instead() -> None:
+    r = client(RGBD, "--server", "https://detector.local:50051/")
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("deep-detection client: --server takes HOST:PORT, not a URL: try --server "
+                                "detector.local:50051 and --tls-ca for TLS"), r.stderr
+
+
 def test_no_images_says_where_it_looked(null_server: ServerProcess, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
