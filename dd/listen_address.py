@@ -10,12 +10,16 @@ Frontends share their port (gRPC sets SO_REUSEPORT), so the question has two for
 frontend starts, the supervisor asks without SO_REUSEPORT, and then any listener on the port is in
 the way, another deep-detection server of the same user included (which would otherwise share it
 and answer half of the calls); a frontend asks with it, so that its sibling frontends are not.
+A Unix socket (`unix:PATH`) is one frontend's; there the question is whether a live server accepts on
+the file, since gRPC would remove it and bind in its place.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import stat
 
 from dd.config.errors import ConfigError
 
@@ -72,7 +76,7 @@ def listen_problem(host: str, port: int, flag: str = "--port", *, shared: bool =
     an address family this machine lacks (::1 without IPv6) is not, as long as one address binds.
     """
     if host.startswith(UNIX_PREFIX):
-        return None  # a socket file: gRPC's own error names the path
+        return _unix_problem(host)
     try:
         infos = _addresses(host, port)
     except (socket.gaierror, UnicodeError) as exc:
@@ -91,6 +95,39 @@ def listen_problem(host: str, port: int, flag: str = "--port", *, shared: bool =
     if failures and not bound:
         return _reason(host, port, flag, failures[0])
     return None
+
+
+def unix_path(host: str) -> str:
+    """The file of a unix:PATH or unix:///PATH address (gRPC's two spellings)."""
+    path = host[len(UNIX_PREFIX):]
+    return path[2:] if path.startswith("///") else path
+
+
+def _unix_problem(host: str) -> str | None:
+    """gRPC removes a socket file in its way before it binds: one that a live server still accepts on
+    would be taken from it, so that one is the problem (a stale one, refusing connections, is not)."""
+    path = unix_path(host)
+    where = f"cannot listen on {host}"
+    if not path:
+        return f"{where}: no path after 'unix:'; give --host unix:/run/deep-detection.sock, say"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"{where}: the folder {folder} does not exist; create it, or choose another path"
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{where}: {exc.strerror or exc}"
+    if not stat.S_ISSOCK(mode):
+        return f"{where}: {path} exists and is not a socket; remove it, or choose another path"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return None  # nobody accepts on it: a stale file, which gRPC replaces
+    return (f"{where}: a server is listening on {path} (another deep-detection server?); stop it, or choose "
+            "another path")
 
 
 def free_port(host: str) -> int:

@@ -396,8 +396,8 @@ class Supervisor:
         self._start_kernel_preload(plans)
         for c in sorted(self.children, key=lambda c: c.failure_file is not None):
             self._spawn(c)
-        log.info("serving %s on %s:%d with %d worker(s) and %d frontend(s); run directory %s",
-                 ", ".join(m.name for m in self.models), self.cfg.host, self.cfg.port, len(plans),
+        log.info("serving %s on %s with %d worker(s) and %d frontend(s); run directory %s",
+                 ", ".join(m.name for m in self.models), self.cfg.listen_address(), len(plans),
                  self.cfg.resolved_frontends(), self.run_dir)
         try:
             while not self._stop:
@@ -427,6 +427,8 @@ class Supervisor:
         log.info("--port 0: listening on port %d, which the kernel chose", self.cfg.port)
 
     def _listen_problem(self, shared: bool) -> str | None:
+        if self.cfg.unix_socket():
+            return listen_problem(self.cfg.host, 0, "--host")
         ports = [("--port", self.cfg.port), ("--kserve-port", self.cfg.kserve_port)]
         for flag, port in (p for p in ports if p[1]):
             problem = listen_problem(self.cfg.host, port, flag, shared=shared)

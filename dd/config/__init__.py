@@ -542,11 +542,21 @@ class ServerConfig:
         (BENCHMARKS.md, session 9)."""
         if self.frontends > 0:
             return self.frontends
+        if self.unix_socket():
+            return 1  # a socket file is one process's: frontends cannot share it as they share a TCP port
         try:
             cores = len(os.sched_getaffinity(0))
         except (AttributeError, OSError):  # not Linux
             cores = os.cpu_count() or 2
         return max(1, min(32, cores // 2 - max(workers, 1) + 1))
+
+    def unix_socket(self) -> bool:
+        """`host` is a Unix socket (unix:PATH): gRPC listens on that file, and `port` is not used."""
+        return self.host.startswith("unix:")
+
+    def listen_address(self, port: int | None = None) -> str:
+        """What gRPC listens on: HOST:PORT (`port` by default), or the unix:PATH itself."""
+        return self.host if self.unix_socket() else f"{self.host}:{self.port if port is None else port}"
 
     def slot_bytes(self) -> int:
         """One ring slot holds one color image (3 bytes a pixel) and one depth image (up to 4)."""
@@ -576,6 +586,13 @@ class ServerConfig:
                             "another port, or 0")
         if self.frontends < 0:
             problems.append("frontends must be >= 0 (0: from the cores)")
+        if self.unix_socket() and self.frontends > 1:
+            problems.append(f"a Unix socket ({self.host}) is served by one frontend (frontends share a TCP port, not a "
+                            f"socket file), got frontends {self.frontends}: give --frontends 1, or a TCP --host such "
+                            "as 127.0.0.1 for more")
+        if self.unix_socket() and self.kserve_port:
+            problems.append(f"kserve_port is a TCP port, and the host is a Unix socket ({self.host}): the socket serves "
+                            "KServe v2 already; leave --kserve-port out")
         if not 1 <= self.ring_slots <= 4096:
             problems.append(f"ring_slots must be in [1, 4096], got {self.ring_slots}")
         if self.max_message_mb <= 0:

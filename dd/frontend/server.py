@@ -126,7 +126,7 @@ class Frontend:
         handlers = {adapter: tuple(adapter.handlers(self.requests, shm=self.client_shm) if adapter is kserve_v2
                                    else adapter.handlers(self.requests)) for adapter in ADAPTERS}
         creds = server_credentials(self.cfg)
-        address = f"{self.cfg.host}:{self.cfg.port}"
+        address = self.cfg.listen_address()
         servers = [server]
         try:
             self._add_services(server, ADAPTERS, handlers, address, creds)
@@ -134,7 +134,7 @@ class Frontend:
                 kserver = grpc.aio.server(interceptors=interceptors, options=self._grpc_options(),
                                           maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
                 servers.append(kserver)
-                self._add_services(kserver, KSERVE_ADAPTERS, handlers, f"{self.cfg.host}:{self.cfg.kserve_port}",
+                self._add_services(kserver, KSERVE_ADAPTERS, handlers, self.cfg.listen_address(self.cfg.kserve_port),
                                    creds, "--kserve-port")
         except CannotListen:  # taken since the check above
             self.requests.close()
@@ -190,6 +190,8 @@ class Frontend:
 
     def _ports(self) -> list[tuple[str, int]]:
         """(flag, port) of each port this frontend listens on."""
+        if self.cfg.unix_socket():
+            return [("--host", 0)]  # the socket file alone (listen_problem's unix: case)
         ports = [("--port", self.cfg.port), ("--kserve-port", self.cfg.kserve_port)]
         return [(flag, port) for flag, port in ports if port]
 
@@ -240,7 +242,7 @@ def listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials 
     except RuntimeError:
         port = 0
     if port == 0:
-        host, _, number = address.rpartition(":")
+        host, _, number = (address, "", "0") if address.startswith("unix:") else address.rpartition(":")
         raise CannotListen(listen_problem(host, int(number), flag, shared=True)
                            or f"cannot listen on {address} ({flag}); gRPC's log above says why")
 

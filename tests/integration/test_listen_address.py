@@ -136,7 +136,6 @@ def test_listen_problem_lets_a_frontend_share_its_port_but_not_a_new_server() ->
         assert listen_problem("127.0.0.1", port, shared=True) is None
         assert "in use" in (listen_problem("127.0.0.1", port, shared=False) or "")
     assert listen_problem("127.0.0.1", port) is None  # closed: free again
-    assert listen_problem("unix:/tmp/x.sock", 0) is None  # a socket file is gRPC's to check
     assert "does not resolve" in (listen_problem("no-such-host.invalid", 50051) or "")
 
 
@@ -184,3 +183,71 @@ def test_the_supervisor_stops_on_a_frontend_that_exits_with_a_configuration_erro
     assert sup._stop
     assert sup._config_problem.startswith(f"cannot listen on 127.0.0.1:{port} (--port): the port is in use")
     assert frontend.proc is None and worker.restart_at > 0  # the worker was put down for a restart
+
+
+def test_a_unix_socket_serves_through_one_frontend_and_is_not_taken_by_a_second_server(model: Path,
+                                                                                       tmp_path: Path) -> None:
+    """`--host unix:PATH` listens on PATH (it listened on "PATH:50051" before, where no client looked), with
+    one frontend when the count is left to the cores (a socket file cannot be shared as a TCP port is)."""
+    import grpc
+    import numpy as np
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from dd.client import DetectorClient
+
+    sock = tmp_path / "dd.sock"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "dd", "serve", str(model), "--host", f"unix:{sock}",
+                                 "--run-dir", str(tmp_path / "run"), "--metrics-port", "0", "--slot-mb", "1",
+                                 "--ring-slots", "4"], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    try:
+        def serving() -> bool:
+            assert proc.poll() is None, log.read_text()
+            with grpc.insecure_channel(f"unix:{sock}") as ch:
+                try:
+                    return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status \
+                        == health_pb2.HealthCheckResponse.SERVING
+                except grpc.RpcError:
+                    return False
+
+        wait_for(serving, 120, "SERVING on the socket", interval=0.2)
+        with DetectorClient(f"unix:{sock}", timeout=30) as client:
+            result = client.detect(np.zeros((48, 64, 3), np.uint8), np.full((48, 64), 1000, np.uint16))
+        assert len(result.instances) == 4  # the null model's
+        assert f"serving null on unix:{sock} with 1 worker(s) and 1 frontend(s)" in log.read_text()
+        second = serve(model, tmp_path / "second-run", "--host", f"unix:{sock}")
+        assert second.returncode == 2, second.stderr
+        assert f"a server is listening on {sock}" in second.stderr, second.stderr
+        assert serving()  # the first one still has its socket
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert not sock.exists()  # gRPC removes it at stop
+
+
+def test_a_unix_socket_refuses_more_frontends_and_a_kserve_port(model: Path, tmp_path: Path) -> None:
+    host = f"unix:{tmp_path / 'dd.sock'}"
+    r = serve(model, tmp_path / "run", "--host", host, "--frontends", "2")
+    assert r.returncode == 2 and "is served by one frontend" in r.stderr and "--frontends 1" in r.stderr, r.stderr
+    r = serve(model, tmp_path / "run", "--host", host, "--kserve-port", str(free_port()))
+    assert r.returncode == 2 and "leave --kserve-port out" in r.stderr, r.stderr
+
+
+def test_listen_problem_on_unix_paths(tmp_path: Path) -> None:
+    """A stale socket file is no problem (gRPC replaces it); a live one, a plain file or a missing folder are."""
+    stale = tmp_path / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # bound, never listening, then closed: the file stays
+    assert stale.exists() and listen_problem(f"unix:{stale}", 0) is None
+    assert listen_problem(f"unix://{stale}", 0) is None  # gRPC's unix:///ABSOLUTE spelling
+    live = tmp_path / "live.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(live))
+        s.listen()
+        assert "a server is listening on" in (listen_problem(f"unix:{live}", 0) or "")
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    assert "is not a socket" in (listen_problem(f"unix:{plain}", 0) or "")
+    assert "does not exist" in (listen_problem(f"unix:{tmp_path / 'no' / 'dd.sock'}", 0) or "")
