@@ -42,7 +42,7 @@ from dd.ipc import endpoints
 from dd.ipc.client_segments import remove_registrations
 from dd.ipc.shm_ring import SHM_DIR, check_shm_capacity, remove_stale_segments, ring_size
 from dd.kernel_cache import TRITON_SELF_KEY, manifest_applies, marker
-from dd.listen_address import UNIX_PREFIX, free_port, listen_problem
+from dd.listen_address import free_port, listen_problem
 from dd import metrics
 from dd.procutil import EXIT_CONFIG, LOG_NAME_ENV, parse_cpulist, prefetch_files
 from dd.zygote import Zygote, ZygoteProcess, worker_preload
@@ -415,7 +415,7 @@ class Supervisor:
     def _choose_port(self) -> None:
         """`--port 0`: one port the kernel chooses now, for every frontend (each asking for port 0 would
         listen on a port of its own), and the run directory named for it."""
-        if self.cfg.port or self.cfg.host.startswith(UNIX_PREFIX):
+        if self.cfg.port or self.cfg.unix_socket():
             return
         try:
             self.cfg.port = free_port(self.cfg.host)
