@@ -1,7 +1,8 @@
 """A port that cannot be listened on: `serve` and `frontend` say why in one line and stop.
 
 Before, the supervisor said it was serving, and each frontend failed to bind with a traceback and
-was restarted for ever. Also: `--port 0` gives every frontend one port, chosen once.
+was restarted for ever. Also: `--port 0` gives every frontend one port, chosen once, and `--host unix:PATH`
+listens on PATH through one frontend.
 """
 
 from __future__ import annotations
