@@ -204,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             from dd.frontend.auth import check_security
 
             check_security(server)
+        if server.log_dir:  # created here, so that a bad one is one line, not a traceback from the logging setup
+            try:
+                os.makedirs(server.log_dir, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create the log folder {server.log_dir} ({exc.strerror or exc}); choose "
+                                  "another --log-dir") from None
     except ConfigError as exc:
         print(f"deep-detection: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -235,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(m.name for m in models)}", file=sys.stderr)
             return 2
         setup_logging(server.log_level, f"worker-{args.model}.{args.index}", server.log_dir, **logs)
-        from dd.ipc.endpoints import prepare_run_dir
+        from dd.ipc.endpoints import EndpointError, prepare_run_dir
         from dd.worker.server import Worker, pin_process
 
         cpus = _parse_cpus(args.cpus)
@@ -249,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
             from dd.worker.cuda_context import create_ahead
 
             create_ahead(0)
-        run_dir = prepare_run_dir(run_dir)
+        try:
+            run_dir = prepare_run_dir(run_dir)
+        except EndpointError as exc:
+            print(f"deep-detection: {exc}", file=sys.stderr)
+            return 2
         return Worker(match[0], server, args.index, run_dir, device, args.parent_pid).run()
 
     if args.command == "frontend":
@@ -257,10 +267,15 @@ def main(argv: list[str] | None = None) -> int:
 
         lower_priority(server.frontend_nice)  # before the frontend starts its threads: they inherit it
         setup_logging(server.log_level, "frontend", server.log_dir, **logs)
-        from dd.ipc.endpoints import prepare_run_dir
+        from dd.ipc.endpoints import EndpointError, prepare_run_dir
         from dd.frontend.server import run_frontend
 
-        return run_frontend(models, server, prepare_run_dir(run_dir), args.parent_pid)
+        try:
+            run_dir = prepare_run_dir(run_dir)
+        except EndpointError as exc:
+            print(f"deep-detection: {exc}", file=sys.stderr)
+            return 2
+        return run_frontend(models, server, run_dir, args.parent_pid)
     parser.error(f"unknown command {args.command}")
     return 2
 

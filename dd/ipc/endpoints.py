@@ -29,8 +29,14 @@ class EndpointError(RuntimeError):
 def prepare_run_dir(path: Path) -> Path:
     """Creates the run directory private to this user (0700), or checks an existing one is."""
     path = path.resolve() if path.exists() else path
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = path.stat()
+    except FileExistsError:
+        raise EndpointError(f"run directory {path} is a file, not a folder; choose another --run-dir") from None
+    except OSError as exc:
+        raise EndpointError(f"cannot create the run directory {path} ({exc.strerror or exc}); choose another "
+                            "--run-dir") from None
     if st.st_uid != os.getuid():
         raise EndpointError(f"run directory {path} belongs to uid {st.st_uid}, not to this user; choose another --run-dir")
     if stat.S_IMODE(st.st_mode) != 0o700:

@@ -12,7 +12,7 @@ import pytest
 from dd.cli import _server_config, build_parser
 from dd.config import ConfigError, ServerConfig, load_server_config
 from tests.faults import null_model
-from tests.serverproc import REPO
+from tests.serverproc import REPO, free_port
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -137,6 +137,25 @@ def test_too_little_shared_memory_is_refused_and_leaves_nothing(tmp_path: Path) 
     res = _serve(str(model), "--slot-mb", "1000000", "--ring-slots", "4096", "--port", "0", "--run-dir", str(run_dir))
     assert res.returncode == 2 and "--shm-size" in res.stderr, res.stderr
     assert not run_dir.exists(), "the run directory and its lock are removed again"
+
+
+def test_unusable_run_and_log_folders_are_one_line(tmp_path: Path) -> None:
+    """A --run-dir or --log-dir that is a file (or lies under one) is one line and status 2, not a traceback,
+    for `serve` and for a frontend run alone."""
+    model = null_model(tmp_path / "m")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = {("serve", "--run-dir", str(a_file)): f"run directory {a_file} is a file, not a folder",
+             ("serve", "--run-dir", str(a_file / "run")): f"cannot create the run directory {a_file / 'run'}",
+             ("serve", "--log-dir", str(a_file)): f"cannot create the log folder {a_file}",
+             ("frontend", "--run-dir", str(a_file)): f"run directory {a_file} is a file, not a folder"}
+    for (command, *flags), message in cases.items():
+        res = subprocess.run([sys.executable, "-m", "dd", command, str(model), "--port", str(free_port()),
+                              "--metrics-port", "0",
+                              *flags], capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert res.returncode == 2, (command, flags, res.stderr)
+        assert message in res.stderr and "Traceback" not in res.stderr, (command, flags, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1, (command, flags, res.stderr)
 
 
 def test_serve_without_path_names_a_bad_node_config_file(tmp_path: Path) -> None:
