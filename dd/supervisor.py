@@ -427,14 +427,8 @@ class Supervisor:
         log.info("--port 0: listening on port %d, which the kernel chose", self.cfg.port)
 
     def _listen_problem(self, shared: bool) -> str | None:
-        if self.cfg.unix_socket():
-            return listen_problem(self.cfg.host, 0, "--host")
-        ports = [("--port", self.cfg.port), ("--kserve-port", self.cfg.kserve_port)]
-        for flag, port in (p for p in ports if p[1]):
-            problem = listen_problem(self.cfg.host, port, flag, shared=shared)
-            if problem:
-                return problem
-        return None
+        problems = (listen_problem(self.cfg.host, port, flag, shared=shared) for flag, port in self.cfg.listen_ports())
+        return next((p for p in problems if p), None)
 
     def _check_ports(self) -> None:
         """Before any frontend starts, the gRPC ports must be free: taken by anyone, another deep-detection

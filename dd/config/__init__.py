@@ -558,6 +558,13 @@ class ServerConfig:
         """What gRPC listens on: HOST:PORT (`port` by default), or the unix:PATH itself."""
         return self.host if self.unix_socket() else f"{self.host}:{self.port if port is None else port}"
 
+    def listen_ports(self) -> list[tuple[str, int]]:
+        """(flag, port) of each port the frontends listen on, for messages and checks (dd.listen_address);
+        a Unix socket is its file alone (port 0, unused)."""
+        if self.unix_socket():
+            return [("--host", 0)]
+        return [(flag, port) for flag, port in (("--port", self.port), ("--kserve-port", self.kserve_port)) if port]
+
     def slot_bytes(self) -> int:
         """One ring slot holds one color image (3 bytes a pixel) and one depth image (up to 4)."""
         if self.slot_mb > 0:
@@ -591,8 +598,8 @@ class ServerConfig:
                             f"socket file), got frontends {self.frontends}: give --frontends 1, or a TCP --host such "
                             "as 127.0.0.1 for more")
         if self.unix_socket() and self.kserve_port:
-            problems.append(f"kserve_port is a TCP port, and the host is a Unix socket ({self.host}): the socket serves "
-                            "KServe v2 already; leave --kserve-port out")
+            problems.append(f"kserve_port is a TCP port, and the host is a Unix socket ({self.host}): the socket "
+                            "serves KServe v2 already; leave --kserve-port out")
         if not 1 <= self.ring_slots <= 4096:
             problems.append(f"ring_slots must be in [1, 4096], got {self.ring_slots}")
         if self.max_message_mb <= 0:

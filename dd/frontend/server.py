@@ -98,7 +98,7 @@ class Frontend:
         else:
             loop.add_signal_handler(signal.SIGINT, stop.set)
         interceptors = [TokenAuth(read_token(self.cfg.auth_token_file))] if self.cfg.auth_token_file else []
-        for flag, port in self._ports():  # before anything is created: a port that cannot be had ends it
+        for flag, port in self.cfg.listen_ports():  # before anything is created: a port that cannot be had ends it
             problem = listen_problem(self.cfg.host, port, flag, shared=True)
             if problem:
                 raise CannotListen(problem)
@@ -126,16 +126,14 @@ class Frontend:
         handlers = {adapter: tuple(adapter.handlers(self.requests, shm=self.client_shm) if adapter is kserve_v2
                                    else adapter.handlers(self.requests)) for adapter in ADAPTERS}
         creds = server_credentials(self.cfg)
-        address = self.cfg.listen_address()
         servers = [server]
         try:
-            self._add_services(server, ADAPTERS, handlers, address, creds)
+            self._add_services(server, ADAPTERS, handlers, self.cfg.port, creds)
             if self.cfg.kserve_port:  # KServe alone, as Triton's own gRPC port: its service, health, reflection
                 kserver = grpc.aio.server(interceptors=interceptors, options=self._grpc_options(),
                                           maximum_concurrent_rpcs=self.cfg.max_concurrent_calls)
                 servers.append(kserver)
-                self._add_services(kserver, KSERVE_ADAPTERS, handlers, self.cfg.listen_address(self.cfg.kserve_port),
-                                   creds, "--kserve-port")
+                self._add_services(kserver, KSERVE_ADAPTERS, handlers, self.cfg.kserve_port, creds, "--kserve-port")
         except CannotListen:  # taken since the check above
             self.requests.close()
             self.ring.close()
@@ -148,7 +146,7 @@ class Frontend:
         security = ("mutual TLS" if self.cfg.tls_client_ca else "TLS" if creds else "plaintext") + \
             (", bearer token" if interceptors else ", no authentication")
         log.info("frontend pid %d serving %s on %s, %s (ring %s: %d slots of %.1f MiB)", os.getpid(),
-                 ", ".join(self.models), address, security, self.ring.name, self.ring.slots,
+                 ", ".join(self.models), self.cfg.listen_address(), security, self.ring.name, self.ring.slots,
                  self.ring.slot_bytes / 2**20)
 
         grace = self.cfg.grace_s
@@ -177,23 +175,16 @@ class Frontend:
         log.info("frontend stopped")
         return 0
 
-    def _add_services(self, server: grpc.aio.Server, adapters: tuple, handlers: dict, address: str,
+    def _add_services(self, server: grpc.aio.Server, adapters: tuple, handlers: dict, port: int,
                       creds: grpc.ServerCredentials | None, flag: str = "--port") -> None:
-        """The adapters' services, health and reflection on `server`, listening on `address`."""
+        """The adapters' services, health and reflection on `server`, listening on `port` of the host."""
         for adapter in adapters:
             server.add_generic_rpc_handlers(handlers[adapter])
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [*(n for a in adapters for n in a.SERVICE_NAMES), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME], server)
-        listen(server, address, creds, flag)
-
-    def _ports(self) -> list[tuple[str, int]]:
-        """(flag, port) of each port this frontend listens on."""
-        if self.cfg.unix_socket():
-            return [("--host", 0)]  # the socket file alone (listen_problem's unix: case)
-        ports = [("--port", self.cfg.port), ("--kserve-port", self.cfg.kserve_port)]
-        return [(flag, port) for flag, port in ports if port]
+        listen(server, self.cfg, port, creds, flag)
 
     def _grpc_options(self) -> list[tuple[str, int]]:
         return grpc_options(self.cfg)
@@ -235,15 +226,16 @@ def run_frontend(models: list[ModelConfig], server: ServerConfig, run_dir: Path,
     return EXIT_CONFIG
 
 
-def listen(server: grpc.aio.Server, address: str, creds: grpc.ServerCredentials | None, flag: str) -> None:
-    """`server` listens on `address` (HOST:PORT), or CannotListen says why not."""
+def listen(server: grpc.aio.Server, cfg: ServerConfig, port: int, creds: grpc.ServerCredentials | None,
+           flag: str) -> None:
+    """`server` listens on `port` of cfg's host (a unix: host: its socket file), or CannotListen says why not."""
+    address = cfg.listen_address(port)
     try:  # gRPC raises RuntimeError where it cannot bind (older releases return port 0)
-        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     except RuntimeError:
-        port = 0
-    if port == 0:
-        host, _, number = (address, "", "0") if address.startswith("unix:") else address.rpartition(":")
-        raise CannotListen(listen_problem(host, int(number), flag, shared=True)
+        bound = 0
+    if bound == 0:
+        raise CannotListen(listen_problem(cfg.host, port, flag, shared=True)
                            or f"cannot listen on {address} ({flag}); gRPC's log above says why")
 
 

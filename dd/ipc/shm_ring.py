@@ -106,7 +106,7 @@ def _allocate_pages(fd: int, size: int, name: str) -> None:
     Why: a GPU worker page-locks each ring before it says it is ready, and page-locking a fresh segment
     allocated and zeroed every page in the worker's thread: 280 ms for four rings of 128 MiB on an H200
     host against 25 ms once they are allocated (S19-5). A frontend's ring exists seconds before its worker
-    needs it, so the frontend does it, in this thread, while it starts (0.5 ms a MiB on the CI box). The
+    needs it, so the frontend does it in a thread of its own while it starts (0.5 ms a MiB on the CI box). The
     pages are also reserved: a /dev/shm that fills up later can no longer stop a frontend with SIGBUS at
     its first large image. posix_fallocate releases the GIL and keeps the contents (zeros; the header)."""
     t0 = time.perf_counter()

@@ -108,11 +108,12 @@ def test_a_port_taken_after_the_check_is_still_explained() -> None:
     CannotListen with the reason, whichever way this gRPC release reports it (an exception or port 0)."""
     import grpc
 
+    from dd.config import ServerConfig
     from dd.frontend.server import listen
 
-    async def bind(address: str) -> str:
+    async def bind(port: int) -> str:
         try:
-            listen(grpc.aio.server(), address, None, "--port")
+            listen(grpc.aio.server(), ServerConfig(host="127.0.0.1", port=port), port, None, "--port")
         except CannotListen as exc:
             return str(exc)
         return ""
@@ -121,7 +122,7 @@ def test_a_port_taken_after_the_check_is_still_explained() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        message = asyncio.run(bind(f"127.0.0.1:{port}"))
+        message = asyncio.run(bind(port))
     gc.collect()  # the aio server, while gRPC's threads can still run (dd.client.cli.release_grpc_aio)
     assert message.startswith(f"cannot listen on 127.0.0.1:{port} (--port): the port is in use"), message
 
