@@ -60,6 +60,32 @@ def kernel_spans(trace_path: Path, prefix: str) -> dict[str, dict[str, float]]:
     return {m: {k: statistics.median(v) for k, v in s.items()} for m, s in stats.items()}
 
 
+def differences(a: list, b: list, height: int, width: int) -> str:
+    """Where two engines' answers to the same batch differ: per image, the instances whose boxes, scores or
+    RLE strings differ, and for the strings, whether they decode (pycocotools) to different masks."""
+    from pycocotools import mask as mask_util
+
+    lines = []
+    for k, (x, y) in enumerate(zip(a, b)):
+        if len(x.scores) != len(y.scores):
+            lines.append(f"image {k}: {len(x.scores)} against {len(y.scores)} instances")
+            continue
+        boxes = np.flatnonzero(np.any(x.boxes != y.boxes, axis=1))
+        scores = np.flatnonzero(x.scores != y.scores)
+        strings = [i for i in range(len(x.scores)) if x.rle[i] != y.rle[i]]
+        pixels = []
+        for i in strings[:5]:
+            try:
+                m = [mask_util.decode({"size": [height, width], "counts": bytes(r[i])}) for r in (x.rle, y.rle)]
+                pixels.append(f"{i}: {int(np.count_nonzero(m[0] != m[1]))} pixels")
+            except Exception as exc:  # noqa: BLE001 - a string that does not decode is the finding
+                pixels.append(f"{i}: does not decode ({exc})")
+        lines.append(f"image {k}: boxes differ in {len(boxes)}, scores in {len(scores)} (max diff "
+                     f"{float(np.max(np.abs(x.scores - y.scores))) if len(x.scores) else 0:.3g}), strings in "
+                     f"{len(strings)} of {len(x.scores)}; masks of the first: {', '.join(pixels) or '-'}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--calls", type=int, default=60)
@@ -120,6 +146,7 @@ def main() -> int:
                    for x, y in zip(a, b))
         print(f"depth as {kind}: the same answers both ways: {same} ({len(a[0].scores)} instances)", flush=True)
         if not same:
+            print(differences(a, b, h, w), flush=True)
             return 1
     for label, engine in engines.items():
         print(f"{label}: batches whose masks were over the graph's capacity so far: "

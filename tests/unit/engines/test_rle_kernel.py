@@ -7,7 +7,7 @@ image, there against pycocotools' strings of the counts), counts smaller than th
 (negative deltas), keys past 2**32, one instance, none, many without a change, small programs (each kernel's blocks and
 binary searches across program edges), sorted and unsorted input, and masks pasted into boxes by
 either paste path, end to end through paste_and_encode. The fallback to the torch path, where the
-kernels cannot run, is checked here."""
+kernels cannot run, is checked here. On a GPU (gpu marker) the same cases run compiled."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[3]
 
 SCRIPT = r"""
+import os
+
 import numpy as np
 import torch
 from pycocotools import mask as mask_util
@@ -35,6 +37,8 @@ from dd.worker.engines.masks import rle_encode
 from dd.worker.engines import masks as mask_rle
 from dd.worker.engines.kernels import rle as rle_kernel
 from dd.worker.engines.masks import _rle_strings_torch, paste_transitions, rle_strings
+
+DEV = torch.device(os.environ.get("DD_TEST_DEVICE", "cpu"))  # cpu: the kernels in Triton's interpreter
 
 
 def coco(masks):
@@ -68,8 +72,8 @@ def check(name, masks, blocks=(None, 64)):
     want = coco(masks)
     rng = np.random.default_rng(len(name))
     for style in (flat_changes, column_changes):
-        inst, pos = (torch.from_numpy(np.ascontiguousarray(a)).long() for a in style(masks))
-        order = torch.from_numpy(rng.permutation(len(inst)))
+        inst, pos = (torch.from_numpy(np.ascontiguousarray(a)).long().to(DEV) for a in style(masks))
+        order = torch.from_numpy(rng.permutation(len(inst))).to(DEV)
         assert _rle_strings_torch(inst, pos, n, height, width, presorted=True) == want, (name, style)
         assert _rle_strings_torch(inst[order], pos[order], n, height, width) == want, (name, style)
         assert rle_strings(inst, pos, n, height, width, presorted=True, kernel=True) == want, (name, style)
@@ -115,7 +119,7 @@ sparse[::7, 5, 5] = 1  # more instances than changes (bounds past the last run),
 check("sparse", sparse, blocks=(None, 16))
 
 # No instances.
-empty = torch.zeros(0, dtype=torch.int64)
+empty = torch.zeros(0, dtype=torch.int64, device=DEV)
 assert rle_strings(empty, empty, 0, height, width, kernel=True) == []
 assert rle_kernel.strings(empty, empty, 0, height, width) == []
 
@@ -142,10 +146,10 @@ for k in (2, 3):
         masks[k, y:y + rng.integers(1, 400), x:x + rng.integers(1, 300)] ^= 1
 want = coco(masks)
 for style in (flat_changes, column_changes):
-    inst, pos = (torch.from_numpy(np.ascontiguousarray(a)).long() for a in style(masks))
+    inst, pos = (torch.from_numpy(np.ascontiguousarray(a)).long().to(DEV) for a in style(masks))
     assert rle_strings(inst, pos, 4, height, width, presorted=True, kernel=True) == want, style
     inst = inst + 1000  # instances 1000 to 1003 of 1004: keys past 2**32
-    order = torch.from_numpy(rng.permutation(len(inst)))
+    order = torch.from_numpy(rng.permutation(len(inst))).to(DEV)
     got = rle_strings(inst[order], pos[order], 1004, height, width, kernel=True)
     assert got[1000:] == want and got[:1000] == [coco(np.zeros((1, height, width), np.uint8))[0]] * 1000
 
@@ -171,10 +175,10 @@ for i in range(12):
     sizes |= {int(b).bit_length() // 5 + 1 for b in y}  # their numbers of characters
     negative |= bool((x < 0).any())
 assert sizes == set(range(1, 8)) and negative
-inst, pos = torch.tensor(inst), torch.tensor(pos)
+inst, pos = torch.tensor(inst, device=DEV), torch.tensor(pos, device=DEV)
 assert rle_strings(inst, pos, 12, height, width, kernel=True) == want
 assert _rle_strings_torch(inst, pos, 12, height, width) == want
-order = torch.from_numpy(np.lexsort((pos.numpy(), inst.numpy())))
+order = torch.from_numpy(np.lexsort((pos.cpu().numpy(), inst.cpu().numpy()))).to(DEV)
 assert rle_strings(inst[order], pos[order], 12, height, width, presorted=True, kernel=True) == want
 assert rle_kernel.strings(inst[order], pos[order], 12, height, width, presorted=True, block=16) == want
 
@@ -195,6 +199,7 @@ boxes[0] = torch.tensor([0.0, 0.0, width, height])  # as large as the image
 masks[0] = 2.0  # full: runs that reach the image's last row and wrap, to the last pixel
 masks[1] = -1.0  # empty
 want = rle_encode((paste_masks_in_image(masks[:, None], boxes, (height, width), padding=1)[:, 0] >= 0.5).numpy())
+masks, boxes = masks.to(DEV), boxes.to(DEV)
 inst, pos = paste_transitions(masks, boxes, height, width, kernel=True)
 key = inst * (height * width + 1) + pos
 assert bool((key[1:] >= key[:-1]).all())  # the paste kernel's order: what presorted=True relies on
@@ -217,10 +222,25 @@ print("ok")
 """
 
 
-def test_triton_rle_kernels_match_pycocotools_and_torch_path() -> None:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+def _run_script(**env: str) -> None:
+    path = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), **env)
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_triton_rle_kernels_match_pycocotools_and_torch_path() -> None:
+    _run_script(TRITON_INTERPRET="1")
+
+
+@pytest.mark.gpu
+def test_rle_kernels_compiled_for_the_gpu_match_pycocotools() -> None:
+    """The same cases compiled for the GPU: the interpreter does not run the code the GPU runs (a refactor
+    of the write step passed it and wrote other strings than pycocotools' on an H200: BENCHMARKS.md,
+    session 21)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    _run_script(DD_TEST_DEVICE="cuda:0")
 
 
 def _changes() -> tuple[torch.Tensor, torch.Tensor, list[bytes], int, int]:
