@@ -135,9 +135,7 @@ class Frontend:
                 servers.append(kserver)
                 self._add_services(kserver, KSERVE_ADAPTERS, handlers, self.cfg.kserve_port, creds, "--kserve-port")
         except CannotListen:  # taken since the check above
-            self.requests.close()
-            self.ring.close()
-            self.ring.unlink()
+            self._release()
             raise
         await self.dispatcher.start()
         for s in servers:
@@ -167,13 +165,18 @@ class Frontend:
                  self.requests.pending, grace)
         await asyncio.gather(*(s.stop(grace) for s in servers))
         await self.dispatcher.close()
+        self._release()
+        log.info("frontend stopped")
+        return 0
+
+    def _release(self) -> None:
+        """The request path, the ring (unlinked: no frontend outlives its ring) and this process's client
+        shared-memory mappings (the supervisor removes the registrations)."""
         self.requests.close()
         self.ring.close()
         self.ring.unlink()
         if self.client_shm is not None:
-            self.client_shm.close()  # this process's mappings; the supervisor removes the registrations
-        log.info("frontend stopped")
-        return 0
+            self.client_shm.close()
 
     def _add_services(self, server: grpc.aio.Server, adapters: tuple, handlers: dict, port: int,
                       creds: grpc.ServerCredentials | None, flag: str = "--port") -> None:
